@@ -1,0 +1,37 @@
+"""Small helpers shared by the CLI commands: result tables and JSON output."""
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+
+def table(rows: Iterable[Iterable[Any]], header: Iterable[str]) -> str:
+    """A plain-text table with aligned columns (markdown-compatible)."""
+    rows = [[_fmt(c) for c in r] for r in rows]
+    header = list(header)
+    widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h)) for i, h in enumerate(header)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(r) for r in rows)])
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def eval_rows(results: dict) -> list[list[Any]]:
+    """Rows (task, metric, value, chance) for a results dict from clipforge.evaluation."""
+    rows = []
+    for task, r in results.get("zero_shot", {}).items():
+        rows.append([f"zero-shot {task} ({r['num_classes']} classes)", "top-1", r["top1"], r["chance_top1"]])
+    for name, r in results.get("retrieval", {}).items():
+        rows.append([f"retrieval {name} image->text", "R@1", r["i2t_R@1"], r["i2t_R@1_chance"]])
+        rows.append([f"retrieval {name} text->image", "R@1", r["t2i_R@1"], r["t2i_R@1_chance"]])
+        rows.append([f"retrieval {name} image->text", "R@5", r["i2t_R@5"], None])
+        rows.append([f"retrieval {name} text->image", "R@5", r["t2i_R@5"], None])
+    return [[a, b, c, "" if d is None else d] for a, b, c, d in rows]
+
+
+def dump_json(obj: Any) -> str:
+    return json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o))

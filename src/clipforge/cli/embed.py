@@ -1,0 +1,82 @@
+"""``clipforge embed``: images or texts to normalized embeddings in .npy or .parquet."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a run directory or a checkpoint/model directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", nargs="+", help="image files or directories (searched for .png/.jpg/.jpeg/.webp/.bmp/.gif)")
+    src.add_argument("--texts", nargs="+", help="texts to embed")
+    src.add_argument("--text-file", help="a file with one text per line")
+    p.add_argument("--out", required=True, help="output file: .npy (array [N, d]) or .parquet (columns: item, embedding)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (they are listed) instead of stopping")
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def _expand(paths: list[str]) -> list[Path]:
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out.extend(sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            out.append(p)
+    return out
+
+
+def run(args) -> int:
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from ..evaluation import encode_texts
+    from ..images import ImageLoadError, load_image
+    from ..models import load_model
+    from ..tokenizer import get_tokenizer
+    from ..transforms import image_transform
+
+    out = Path(args.out)
+    if out.suffix not in (".npy", ".parquet"):
+        raise ValueError(f"--out must end in .npy or .parquet, got '{out.name}'")
+    model = load_model(args.model)
+    if args.images:
+        import torch
+
+        transform = image_transform(model.image_size)
+        files, keys, chunks, bad = _expand(args.images), [], [], []
+        if not files:
+            raise FileNotFoundError(f"no images found in {args.images}")
+        for i in tqdm(range(0, len(files), args.batch_size), desc="embed images", unit="batch"):
+            pixels = []
+            for f in files[i : i + args.batch_size]:
+                try:
+                    pixels.append(transform(load_image(f)))
+                    keys.append(str(f))
+                except ImageLoadError as e:
+                    if not args.skip_bad:
+                        raise ValueError(f"{e} (pass --skip-bad to skip unreadable images)") from None
+                    bad.append(str(f))
+            if pixels:
+                with torch.no_grad():
+                    chunks.append(model.encode_image(torch.stack(pixels)).float())
+        emb = torch.cat(chunks).numpy() if chunks else np.zeros((0, model.cfg.embed_dim), np.float32)
+        if bad:
+            print(f"skipped {len(bad)} unreadable images: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+    else:
+        keys = args.texts or [l.rstrip("\n") for l in open(args.text_file, encoding="utf-8") if l.strip()]
+        emb = encode_texts(model, keys, get_tokenizer(model.context_length), args.batch_size).numpy()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        np.save(out, emb.astype(np.float32))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table({"item": keys, "embedding": pa.array(list(emb.astype(np.float32)), type=pa.list_(pa.float32()))})
+        pq.write_table(table, out)
+    print(f"wrote {emb.shape[0]} embeddings of dimension {emb.shape[1]} to {out}")
+    return 0

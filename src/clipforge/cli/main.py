@@ -1,0 +1,67 @@
+"""The ``clipforge`` command line: demo, train, eval, embed.
+
+Each subcommand lives in its own module and is imported only when it runs, so ``--help``
+answers instantly.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "demo": ("clipforge.cli.demo", "train the tiny model on the built-in shapes data and show what it learned (~2.5 min)"),
+    "train": ("clipforge.cli.train", "train a model from a config file and key=value overrides"),
+    "eval": ("clipforge.cli.evaluate", "evaluate a trained model: zero-shot classification and retrieval"),
+    "embed": ("clipforge.cli.embed", "turn images or texts into embeddings (.npy or .parquet)"),
+}
+
+EPILOG = """\
+first steps:
+  clipforge demo                       # train + evaluate a tiny CLIP on procedural shapes, no download
+  clipforge train out_dir=runs/a steps=2000
+  clipforge eval runs/a                # zero-shot and retrieval on held-out shapes splits
+  clipforge embed runs/a --texts "a red circle" "two blue squares" --out emb.npy
+
+Run 'clipforge COMMAND --help' for the options of one command.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clipforge",
+        description="clipforge: contrastive language-image pre-training (CLIP) and the methods that improved it.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from clipforge import __version__
+
+    parser.add_argument("--version", action="version", version=f"clipforge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        # user errors: one clear line instead of a traceback
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"clipforge {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""``clipforge train``: train a model from a YAML config plus key=value overrides."""
+from __future__ import annotations
+
+import argparse
+
+HELP = """\
+Every field of the training config can be set in a YAML file (--config) and/or as
+key=value overrides; overrides win. Common ones:
+  model=tiny                 architecture (tiny, ViT-B-32, ViT-B-16, ViT-L-14)
+  steps=2000 batch_size=128  optimizer steps and global batch size
+  lr=1e-3 warmup_steps=100   peak learning rate and linear warmup (then cosine)
+  accum_steps=2              split each batch into micro-batches (exact full-batch loss)
+  precision=bf16             bf16 autocast (fast on CPU) or fp32
+  loss={clip:1.0}            loss terms and weights; loss={siglip:1.0} needs
+                             model_overrides.init_logit_bias=-10
+  out_dir=runs/exp1          where metrics.jsonl, config.yaml and checkpoints go
+  resume=latest              continue exactly where the run in out_dir stopped
+  max_seconds=300            stop (and checkpoint) after this much training time
+  data.train_size=20000      number of training samples
+Print the full config with --print-config.
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = HELP
+    p.add_argument("--config", help="YAML file with training config fields")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--no-eval", action="store_true", help="skip evaluation (at eval_every and at the end)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=500 lr=5e-4")
+
+
+def run(args) -> int:
+    from ..evaluation import evaluate_shapes
+    from ..train import load_config, train
+    from ..train.config import to_yaml
+    from .common import eval_rows, table
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(to_yaml(cfg))
+        return 0
+    evaluate = None
+    if not args.no_eval and cfg.data.dataset == "shapes":
+        evaluate = lambda model, tok: evaluate_shapes(model, tok, size=cfg.data.eval_size)
+    result = train(cfg, evaluate=evaluate)
+    print(f"trained {result.step} steps, {result.samples_per_second:.0f} samples/s, checkpoints in {cfg.out_dir}/checkpoints")
+    if result.eval:
+        print(table(eval_rows(result.eval), ["task", "metric", "value", "chance"]))
+    return 0

@@ -1,0 +1,39 @@
+"""Encode images and texts in batches, in eval mode, without gradients."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ..transforms import image_transform, normalize_batch
+
+
+@torch.no_grad()
+def encode_texts(model, texts: Sequence[str], tokenizer: Callable, batch_size: int = 256) -> Tensor:
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(texts), batch_size):
+        ids = tokenizer(list(texts[i : i + batch_size]))
+        out.append(model.encode_text(ids).float())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, model.cfg.embed_dim)
+
+
+@torch.no_grad()
+def encode_images(model, images: Sequence, batch_size: int = 256) -> Tensor:
+    """``images``: uint8 tensors [3, H, W] at the model's size, or anything the eval transform accepts."""
+    was_training = model.training
+    model.eval()
+    transform = image_transform(model.image_size, is_train=False)
+    out = []
+    for i in range(0, len(images), batch_size):
+        chunk = images[i : i + batch_size]
+        if all(isinstance(im, Tensor) and im.dtype == torch.uint8 for im in chunk):
+            pixels = normalize_batch(torch.stack(list(chunk)))
+        else:
+            pixels = torch.stack([transform(im) for im in chunk])
+        out.append(model.encode_image(pixels).float())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, model.cfg.embed_dim)

@@ -1,0 +1,28 @@
+"""Gathering features across processes for the global contrastive loss.
+
+With ``world_size == 1`` every function returns its input unchanged, so terms are written
+once and work both on one CPU and under ``torch.distributed``. Gradients flow through the
+gather (``torch.distributed.nn.all_gather``), which is what the global loss needs: every
+process's features receive gradient from every other process's logits.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def gather(x: Tensor, rank: int = 0, world_size: int = 1) -> Tensor:
+    """Concatenate ``x`` ([B, ...]) from all processes along dim 0, keeping gradients."""
+    if world_size <= 1:
+        return x
+    import torch.distributed as dist
+    import torch.distributed.nn as dist_nn
+
+    if not dist.is_initialized():
+        raise RuntimeError("world_size > 1 but torch.distributed is not initialized")
+    return torch.cat(dist_nn.all_gather(x.contiguous()), dim=0)
+
+
+def local_offset(batch_size: int, rank: int) -> int:
+    """Index of this process's first sample in the gathered (global) batch."""
+    return batch_size * rank

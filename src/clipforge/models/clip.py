@@ -1,0 +1,65 @@
+"""The CLIP dual encoder: an image tower and a text tower projected into one space.
+
+``forward(images, texts)`` returns a dict with normalized ``image_features`` and
+``text_features``, the exponentiated ``logit_scale`` (clamped at ``max_logit_scale``) and
+``logit_bias`` (None unless the config sets ``init_logit_bias``, as SigLIP does).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import CLIPConfig
+from .text import TextTransformer
+from .vision import VisionTransformer
+
+
+class CLIP(nn.Module):
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.visual = VisionTransformer(cfg.vision, cfg.embed_dim)
+        self.text = TextTransformer(cfg.text, cfg.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias))) if cfg.init_logit_bias is not None else None
+
+    @property
+    def image_size(self) -> int:
+        return self.cfg.vision.image_size
+
+    @property
+    def context_length(self) -> int:
+        return self.cfg.text.context_length
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in backward to trade compute for memory."""
+        self.visual.transformer.grad_checkpointing = enable
+        self.text.transformer.grad_checkpointing = enable
+
+    def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
+        x = self.visual(images)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, ids: Tensor, normalize: bool = True) -> Tensor:
+        x = self.text(ids)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def scale(self) -> Tensor:
+        return self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
+
+    def forward(self, images: Tensor | None = None, texts: Tensor | None = None) -> dict[str, Tensor | None]:
+        return {
+            "image_features": self.encode_image(images) if images is not None else None,
+            "text_features": self.encode_text(texts) if texts is not None else None,
+            "logit_scale": self.scale(),
+            "logit_bias": self.logit_bias,
+        }
+
+    def no_weight_decay_names(self) -> set[str]:
+        """Parameters that AdamW should not decay: norms, biases, embeddings, scale and bias."""
+        names = set()
+        for name, p in self.named_parameters():
+            if p.ndim < 2 or "embedding" in name or name in {"logit_scale", "logit_bias"}:
+                names.add(name)
+        return names

@@ -1,0 +1,63 @@
+"""Text Transformer tower (CLIP's GPT-style encoder).
+
+token embedding + positional embedding -> causal pre-LN blocks -> ln_final -> pooling at
+the end-of-text token -> projection. With the causal mask, the end-of-text position never
+sees the padding after it, so padding (any context length) does not change an embedding.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .config import TextConfig
+from .transformer import Transformer
+
+
+class TextTransformer(nn.Module):
+    def __init__(self, cfg: TextConfig, output_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.ln_eps)
+        self.ln_final = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.proj = nn.Parameter(torch.empty(cfg.width, output_dim))
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.proj, std=cfg.width**-0.5)
+        self.transformer.init_weights()
+
+    def forward_tokens(self, ids: Tensor) -> Tensor:
+        """All token states after ln_final: [B, L, width]."""
+        if ids.ndim != 2:
+            raise ValueError(f"expected token ids of shape [B, L], got {tuple(ids.shape)}")
+        n = ids.shape[1]
+        if n > self.cfg.context_length:
+            raise ValueError(
+                f"token sequence of length {n} exceeds the model's context length {self.cfg.context_length}; "
+                f"tokenize with context_length={self.cfg.context_length}"
+            )
+        x = self.token_embedding(ids) + self.positional_embedding[:n].to(self.token_embedding.weight.dtype)
+        if self.cfg.causal:
+            x = self.transformer(x, is_causal=True)
+        else:  # bidirectional: mask the padding keys instead
+            keep = (ids != self.cfg.pad_token_id)[:, None, None, :]
+            x = self.transformer(x, attn_mask=keep)
+        return self.ln_final(x)
+
+    def eot_index(self, ids: Tensor) -> Tensor:
+        """Position of the first end-of-text token (last position when the text has none)."""
+        is_eot = ids == self.cfg.eot_token_id
+        first = is_eot.int().argmax(dim=1)
+        return torch.where(is_eot.any(dim=1), first, torch.full_like(first, ids.shape[1] - 1))
+
+    def pool(self, tokens: Tensor, ids: Tensor) -> Tensor:
+        if self.cfg.pool == "eot":
+            return tokens[torch.arange(tokens.shape[0], device=tokens.device), self.eot_index(ids)]
+        if self.cfg.pool == "first":
+            return tokens[:, 0]
+        mask = (ids != self.cfg.pad_token_id).unsqueeze(-1).to(tokens.dtype)
+        return (tokens * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.pool(self.forward_tokens(ids), ids) @ self.proj

@@ -1,0 +1,99 @@
+"""Typed configuration of a training run.
+
+Dataclasses validated by OmegaConf's structured configs: a YAML file supplies any subset of
+fields and ``key=value`` overrides on the command line (``lr=3e-4 data.train_size=50000
+loss.siglip=1.0``) are merged on top, with type checking and a clear error for unknown keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "shapes"
+    train_size: int = 20_000  # number of training samples (shapes renders them deterministically)
+    eval_size: int = 500  # samples per evaluation split
+    seed: int = 0  # data seed (scene sampling); the run seed drives order and augmentation
+    num_workers: int = 0  # DataLoader workers; 0 keeps both cores for compute on small machines
+    augment: bool = False  # random resized crop / flip / jitter for images that go through PIL
+
+
+@dataclass
+class TrainConfig:
+    model: str = "tiny"
+    model_overrides: Dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    # loss terms and their weights, e.g. {"clip": 1.0} or {"siglip": 1.0}; see clipforge.losses.available()
+    loss: Dict[str, Any] = field(default_factory=lambda: {"clip": 1.0})
+    batch_size: int = 128
+    accum_steps: int = 1  # micro-batches per optimizer step (features cached: exact full-batch loss)
+    steps: int = 1000  # optimizer steps
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    grad_clip: Optional[float] = 1.0  # max global grad norm; null disables
+    precision: str = "bf16"  # bf16 autocast (about 4x faster matmuls on modern CPUs) or fp32
+    seed: int = 0
+    grad_checkpointing: bool = False
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end
+    save_every: int = 250  # checkpoint every N steps (and at the end)
+    keep_checkpoints: int = 2
+    out_dir: str = "runs/default"
+    resume: Optional[str] = None  # "latest" or a checkpoint directory
+    max_seconds: Optional[float] = None  # stop (and checkpoint) after this much training time
+    stop_at: Optional[int] = None  # pause (and checkpoint) at this step; the schedule still spans `steps`
+    progress: bool = True
+
+    def validate(self) -> "TrainConfig":
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got '{self.precision}'")
+        for name, value in {"batch_size": self.batch_size, "accum_steps": self.accum_steps, "steps": self.steps}.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.batch_size % self.accum_steps:
+            raise ValueError(f"batch_size {self.batch_size} must be divisible by accum_steps {self.accum_steps}")
+        if len(self.betas) != 2:
+            raise ValueError(f"betas needs two values, got {self.betas}")
+        if not self.loss:
+            raise ValueError("loss needs at least one term, e.g. loss={clip: 1.0}")
+        return self
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults <- YAML file <- ``key=value`` overrides, type-checked against :class:`TrainConfig`."""
+    schema = OmegaConf.structured(TrainConfig)
+    try:
+        merged = schema
+        if path is not None:
+            if not Path(path).exists():
+                raise FileNotFoundError(f"config file '{path}' does not exist")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ValueError(f"overrides must look like key=value, got {bad}")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        cfg: TrainConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ValueError(f"invalid training config: {e}".split("\n    full_key")[0]) from None
+    return cfg.validate()
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)

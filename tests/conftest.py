@@ -1,0 +1,29 @@
+import os
+
+import pytest
+import torch
+
+# Keep the suite's thread count predictable on small CI machines.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """A very small training config: seconds per run, not minutes."""
+    from clipforge.train import DataConfig, TrainConfig
+
+    return TrainConfig(
+        model="tiny",
+        model_overrides={"embed_dim": 32, "vision": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "heads": 2},
+                         "text": {"context_length": 16, "width": 32, "layers": 1, "heads": 2}},
+        data=DataConfig(train_size=256, eval_size=32),
+        batch_size=32,
+        steps=12,
+        lr=2e-3,
+        warmup_steps=2,
+        save_every=4,
+        log_every=1,
+        out_dir=str(tmp_path / "run"),
+        progress=False,
+        precision="fp32",
+    )

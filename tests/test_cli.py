@@ -1,0 +1,84 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from clipforge.cli.main import main
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for cmd in ("demo", "train", "eval", "embed"):
+        assert cmd in out
+
+
+@pytest.mark.parametrize("cmd", ["demo", "train", "eval", "embed"])
+def test_each_command_has_help(cmd, capsys):
+    with pytest.raises(SystemExit):
+        main([cmd, "--help"])
+    assert "usage: clipforge " + cmd in capsys.readouterr().out
+
+
+def test_console_script_installed():
+    out = subprocess.run([sys.executable, "-m", "clipforge.cli.main", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and "clipforge" in out.stdout
+
+
+SMALL = ["model_overrides={embed_dim: 32, vision: {image_size: 32, patch_size: 8, width: 32, layers: 1, heads: 2}, "
+         "text: {context_length: 16, width: 32, layers: 1, heads: 2}}", "data.train_size=128", "data.eval_size=24",
+         "batch_size=32", "steps=4", "warmup_steps=1", "progress=false", "precision=fp32"]
+
+
+def test_train_eval_embed_roundtrip(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", f"out_dir={run}", *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "zero-shot object" in out and "chance" in out
+    assert main(["eval", str(run), "--size", "24", "--json", "--out", str(tmp_path / "r.json")]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(res) == {"zero_shot", "retrieval"}
+    assert json.loads((tmp_path / "r.json").read_text())["zero_shot"]["object"]["confusion_matrix"]
+    assert main(["embed", str(run), "--texts", "a red circle", "two blue squares", "--out", str(tmp_path / "t.npy")]) == 0
+    emb = np.load(tmp_path / "t.npy")
+    assert emb.shape == (2, 32) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    # images: a directory with one good and one corrupt image
+    from PIL import Image
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    Image.new("RGB", (40, 50), (200, 10, 10)).save(imgs / "good.png")
+    (imgs / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    assert main(["embed", str(run), "--images", str(imgs), "--out", str(tmp_path / "i.npy")]) == 2
+    assert "broken.jpg" in capsys.readouterr().err
+    assert main(["embed", str(run), "--images", str(imgs), "--skip-bad", "--out", str(tmp_path / "i.parquet")]) == 0
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "i.parquet")
+    assert table.num_rows == 1 and table.column("item")[0].as_py().endswith("good.png")
+
+
+def test_train_bad_override_is_one_clear_line(capsys):
+    assert main(["train", "stepz=3"]) == 2
+    err = capsys.readouterr().err
+    assert "stepz" in err and "Traceback" not in err
+
+
+def test_eval_missing_model_dir(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "nowhere")]) == 2
+    assert "model_config.json" in capsys.readouterr().err
+
+
+def test_demo_json_smoke(tmp_path, capsys):
+    """The demo end to end with a tiny time budget: the JSON line has every promised key."""
+    assert main(["demo", "--seconds", "4", "--train-size", "512", "--eval-size", "40", "--out", str(tmp_path / "d"),
+                 "--json", "--quiet"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    res = json.loads(last)
+    for key in ("zero_shot_top1", "zero_shot_chance", "retrieval_i2t_r1", "retrieval_t2i_r1", "samples_per_second", "train_seconds"):
+        assert key in res
+    assert res["zero_shot_chance"] == pytest.approx(1 / 30)
+    assert res["train_seconds"] < 15

@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+
+from clipforge.data import COLORS, HELDOUT_PAIRS, LABEL_VIEWS, SHAPES, ShapesDataset, ShapesGenerator, build_dataset
+
+
+def test_deterministic_by_seed():
+    a, b = ShapesGenerator("train", seed=1).sample(7), ShapesGenerator("train", seed=1).sample(7)
+    assert np.array_equal(a.image, b.image) and a.captions == b.captions
+    c = ShapesGenerator("train", seed=2).sample(7)
+    assert not np.array_equal(a.image, c.image)
+
+
+def test_train_never_contains_heldout_pairs_and_compositional_only_does():
+    g = ShapesGenerator("train", seed=0)
+    for i in range(400):
+        for obj in g.sample(i).objects:
+            assert (obj.color, obj.shape) not in HELDOUT_PAIRS
+    g = ShapesGenerator("compositional", seed=0)
+    for i in range(50):
+        s = g.sample(i)
+        assert len(s.objects) == 1 and (s.objects[0].color, s.objects[0].shape) in HELDOUT_PAIRS
+
+
+def test_captions_state_the_ground_truth():
+    g = ShapesGenerator("counting", seed=0)
+    for i in range(40):
+        s = g.sample(i)
+        n = len(s.objects)
+        word = ["one", "two", "three", "four"][n - 1]
+        obj = s.objects[0]
+        assert all(word in c and obj.color in c and obj.shape in c for c in s.captions)
+        assert s.labels["count"] == n - 1
+        assert all(word not in neg for neg in s.negatives["count"])
+    g = ShapesGenerator("relations", seed=0)
+    for i in range(40):
+        s = g.sample(i)
+        a, b = s.objects
+        cap = s.captions[0]
+        if " left of " in cap:
+            assert a.x < b.x
+        elif " right of " in cap:
+            assert a.x > b.x
+        elif " above " in cap:
+            assert a.y < b.y
+        else:
+            assert a.y > b.y
+
+
+def test_image_really_contains_the_colors():
+    g = ShapesGenerator("compositional", seed=0, image_size=64)
+    for i in range(10):
+        s = g.sample(i)
+        target = np.array(COLORS[s.objects[0].color])
+        dist = np.abs(s.image.reshape(-1, 3).astype(int) - target).sum(axis=1)
+        assert (dist < 30).sum() > 20  # a solid patch of the stated color
+
+
+def test_label_views_and_dataset_items():
+    assert LABEL_VIEWS["object"]["classes"][0] == f"{list(COLORS)[0]} {SHAPES[0]}"
+    ds = build_dataset("shapes", split="val", size=16, image_size=32)
+    item = ds[3]
+    assert item["image"].shape == (3, 32, 32) and item["image"].dtype.is_floating_point is False
+    assert isinstance(item["captions"], list) and item["captions"]
+    lazy = ShapesDataset("val", size=16, image_size=32, cache=False)
+    assert (lazy[3]["image"] == item["image"]).all()
+    with pytest.raises(IndexError):
+        ds[16]
+    with pytest.raises(ValueError, match="unknown shapes split"):
+        ShapesGenerator("bogus")
