@@ -1,8 +1,11 @@
-"""Peak extra memory and agreement of the chunked CLIP/SigLIP losses vs the dense ones.
+"""Peak extra memory and time of the chunked CLIP/SigLIP losses, and their agreement with the dense ones.
 
-Each case runs forward + backward in a fresh subprocess; the reported memory is the growth of
-the process's peak resident set (``ru_maxrss``) over its value once the inputs exist, i.e.
-what the loss itself needs on top of the features.
+Each case (loss, batch, dense or chunked) runs forward + backward in a fresh subprocess. The
+reported memory is the growth of the process's peak resident set (``ru_maxrss``) over its value
+once the inputs exist (features, their gradient buffers, scale and bias) and the kernels are
+loaded: what the loss itself needs on top of the features. Wherever the dense loss is run
+(B <= --dense-batch), the chunked case is compared with it on the value and on the full
+gradients of the features, the scale and the bias (max absolute difference).
 
     python benchmarks/bench_loss_memory.py [--batch 32768] [--dim 512] [--chunk 1024] [--dense-batch 8192]
 """
@@ -13,21 +16,25 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 
-def case(kind: str, mode: str, batch: int, dim: int, chunk: int) -> dict:
+def case(kind: str, mode: str, batch: int, dim: int, chunk: int, threads: int, save: str) -> dict:
     import torch
 
     from clipforge.losses import clip_loss, siglip_loss
 
-    torch.manual_seed(0)
-    x = torch.nn.functional.normalize(torch.randn(batch, dim), dim=-1).requires_grad_()
-    y = torch.nn.functional.normalize(torch.randn(batch, dim), dim=-1).requires_grad_()
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(batch, dim, generator=g), dim=-1).requires_grad_()
+    y = torch.nn.functional.normalize(torch.randn(batch, dim, generator=g), dim=-1).requires_grad_()
     t, b = torch.tensor(10.0, requires_grad=True), torch.tensor(-10.0, requires_grad=True)
     x.grad, y.grad = torch.zeros_like(x), torch.zeros_like(y)  # gradient buffers count as inputs
     small = torch.randn(8, dim)
-    clip_loss(small, small, 1.0), siglip_loss(small, small, 1.0, 0.0)  # load kernels before measuring
+    clip_loss(small, small, 1.0, chunk_size=4), siglip_loss(small, small, 1.0, 0.0, chunk_size=4)  # load kernels
+    clip_loss(small, small, 1.0), siglip_loss(small, small, 1.0, 0.0)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     c = chunk if mode == "chunked" else None
@@ -35,16 +42,26 @@ def case(kind: str, mode: str, batch: int, dim: int, chunk: int) -> dict:
     loss.backward()
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"loss": float(loss), "extra_mib": (peak - base) / 1024, "seconds": seconds,
-            "gx": x.grad[:4].tolist(), "gt": float(t.grad)}
+    torch.save({"loss": loss.detach(), "x": x.grad, "y": y.grad, "t": t.grad, "b": b.grad}, save)
+    return {"loss": float(loss), "extra_gib": (peak - base) / 2**20, "seconds": seconds}
 
 
-def run(kind, mode, batch, dim, chunk):
-    out = subprocess.run([sys.executable, __file__, "--_case", kind, mode, str(batch), str(dim), str(chunk)],
-                         capture_output=True, text=True)
+def run(kind, mode, batch, dim, chunk, threads, save):
+    argv = [sys.executable, __file__, "--_case", kind, mode, str(batch), str(dim), str(chunk), str(threads), save]
+    out = subprocess.run(argv, capture_output=True, text=True)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def max_diffs(a: str, b: str) -> str:
+    import torch
+
+    ra, rb = torch.load(a), torch.load(b)
+    value = float((ra["loss"] - rb["loss"]).abs())
+    grads = max(float((ra[k] - rb[k]).abs().max()) for k in ("x", "y", "t") if ra[k] is not None)
+    bias = "" if ra["b"] is None else f", bias {float((ra['b'] - rb['b']).abs()):.1e}"
+    return f"{value:.1e}, {grads:.1e}{bias}"
 
 
 def main():
@@ -53,30 +70,32 @@ def main():
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--chunk", type=int, default=1024)
     ap.add_argument("--dense-batch", type=int, default=8192, help="largest batch at which the dense loss is also run")
-    ap.add_argument("--_case", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--_case", nargs=7, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._case:
-        kind, mode, batch, dim, chunk = args._case
-        print(json.dumps(case(kind, mode, int(batch), int(dim), int(chunk))))
+        kind, mode, batch, dim, chunk, threads, save = args._case
+        print(json.dumps(case(kind, mode, int(batch), int(dim), int(chunk), int(threads), save)))
         return
-    print(f"d={args.dim}, chunk={args.chunk}, fp32, forward+backward; extra = peak RSS growth over the inputs\n")
-    print("| loss | B | mode | extra peak memory | seconds | loss value | max abs diff vs dense (loss, grad) |")
+    print(f"d={args.dim}, chunk={args.chunk}, fp32, forward+backward, {args.threads} threads; "
+          "extra = peak RSS growth over the inputs\n")
+    print("| loss | B | mode | extra peak memory | seconds | loss value | max abs diff vs dense (loss, grads) |")
     print("|---|---:|---|---:|---:|---:|---|")
-    for kind in ("clip", "siglip"):
-        for batch in (args.dense_batch, args.batch):
-            dense = run(kind, "dense", batch, args.dim, args.chunk) if batch <= args.dense_batch else None
-            chunked = run(kind, "chunked", batch, args.dim, args.chunk)
-            for mode, r in (("dense", dense), ("chunked", chunked)):
-                if r is None:
-                    continue
-                if "error" in r:
-                    print(f"| {kind} | {batch} | {mode} | failed: {r['error']} | | | |")
-                    continue
-                diff = ""
-                if mode == "chunked" and dense and "error" not in dense:
-                    gdiff = max(abs(a - b) for ra, rb in zip(r["gx"], dense["gx"]) for a, b in zip(ra, rb))
-                    diff = f"{abs(r['loss'] - dense['loss']):.1e}, {gdiff:.1e}"
-                print(f"| {kind} | {batch} | {mode} | {r['extra_mib'] / 1024:.2f} GiB | {r['seconds']:.1f} | {r['loss']:.5f} | {diff} |")
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in ("clip", "siglip"):
+            for batch in sorted({args.dense_batch, args.batch}):
+                modes = ("dense", "chunked") if batch <= args.dense_batch else ("chunked",)
+                results = {m: run(kind, m, batch, args.dim, args.chunk, args.threads, str(Path(tmp) / f"{m}.pt"))
+                           for m in modes}
+                for mode, r in results.items():
+                    if "error" in r:
+                        print(f"| {kind} | {batch} | {mode} | failed: {r['error']} | | | |")
+                        continue
+                    diff = ""
+                    if mode == "chunked" and "error" not in results.get("dense", {"error": 1}):
+                        diff = max_diffs(str(Path(tmp) / "chunked.pt"), str(Path(tmp) / "dense.pt"))
+                    print(f"| {kind} | {batch} | {mode} | {r['extra_gib']:.2f} GiB | {r['seconds']:.1f} | "
+                          f"{r['loss']:.5f} | {diff} |", flush=True)
 
 
 if __name__ == "__main__":

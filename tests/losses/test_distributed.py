@@ -15,9 +15,11 @@ from clipforge.losses import LossInputs
 TERMS = [("clip", {}), ("clip", {"chunk_size": 3}), ("siglip", {}), ("siglip", {"chunk_size": 2}), ("cwcl", {}),
          ("uniformity", {}), ("cloob", {}), ("symile", {}), ("hard_negative", {}), ("simclr", {}), ("m2mix", {}),
          ("tic", {}), ("multi_positive", {}), ("hqclip", {}), ("alip", {}), ("norton", {"iters": 10}),
+         ("multi_positive", {"mode": "per_slot"}), ("norton", {"iters": 10, "bucket_quantile": 0.3, "lse_weight": 0.0}),
          ("dreamlip_grouping", {}), ("distill_kl", {"teacher_scale": 10.0}), ("hycd", {"teacher_scale": 10.0}),
          ("counting", {}), ("alignment", {}), ("rafa", {}), ("protoclip", {"num_prototypes": 4}), ("degla_igc", {}),
-         ("degla_tgc", {}), ("feature_distill", {}),
+         ("degla_tgc", {}), ("dclip", {}), ("hard_negative", {"scope": "batch"}), ("ema_distill", {"negatives": True}),
+         ("distill_kl", {"teacher": "ema", "teacher_scale": 5.0}),
          ("mlcd", {"centers": torch.randn(5, 6, generator=torch.Generator().manual_seed(9)), "num_labels": 2})]
 WORLD, LOCAL, DIM = 2, 4, 6
 
@@ -28,7 +30,9 @@ def batch(seed=0):
     return {"img": f(WORLD * LOCAL, DIM), "txt": f(WORLD * LOCAL, DIM), "third": f(WORLD * LOCAL, DIM),
             "neg": f(WORLD * LOCAL, 2, DIM), "view2": f(WORLD * LOCAL, DIM), "pos": f(WORLD * LOCAL, 2, DIM),
             "pos_mask": torch.arange(WORLD * LOCAL * 2).reshape(-1, 2) % 3 != 1, "syn": f(WORLD * LOCAL, DIM),
-            "tokens": f(WORLD * LOCAL, 3, DIM), "words": f(WORLD * LOCAL, 2, DIM), "teacher": f(2, WORLD * LOCAL, DIM)}
+            "tokens": f(WORLD * LOCAL, 3, DIM), "words": f(WORLD * LOCAL, 2, DIM), "teacher": f(2, WORLD * LOCAL, DIM),
+            "count_mask": torch.tensor([True, False, True, True, False, False, True, False]),  # 3 vs 1 per rank
+            "neg_mask": torch.arange(WORLD * LOCAL * 2).reshape(-1, 2) % 5 != 2}
 
 
 def inputs_for(data, sl, rank, world):
@@ -40,7 +44,10 @@ def inputs_for(data, sl, rank, world):
              "positive_text_mask": data["pos_mask"][sl], "short_tag_features": data["syn"][sl],
              "synthetic_text_features": data["syn"][sl]}
     extra.update({"teacher_image_features": data["teacher"][:, sl], "teacher_text_features": data["teacher"].flip(0)[:, sl],
-                  "count_negative_text_features": data["syn"][sl], "rafa_reference": data["view2"][sl]})
+                  "count_negative_text_features": data["syn"][sl], "rafa_reference": data["view2"][sl],
+                  "count_mask": data["count_mask"][sl], "negative_text_mask": data["neg_mask"][sl],
+                  "ema_image_features": data["view2"][sl], "ema_text_features": data["third"][sl],
+                  "ema_negative_text_features": data["neg"].flip(0)[sl]})
     li = LossInputs(img, txt, torch.tensor(3.0, dtype=torch.float64), torch.tensor(-1.0, dtype=torch.float64),
                     image_tokens=tokens, text_tokens=words, extra=extra, rank=rank,
                     world_size=world)

@@ -11,31 +11,6 @@ from typing import Any, Mapping
 from .base import CompositeLoss, LossInputs
 from .registry import LOSSES, available, build, register
 
-# importing a module registers its terms
-from .clip import ClipLoss, clip_loss
-from .siglip import SigLipLoss, siglip_loss
-
-# one module per method
-from .caption import CaptionLoss, caption_loss
-from .cloob import CloobLoss, cloob_loss
-from .cwcl import CwclLoss, cwcl_loss
-from .distill import EMATeacher, distill_kl_loss, feature_distill_loss, hycd_loss
-from .gap import alignment_loss, uniformity_loss
-from .hard_negatives import counting_loss, hard_negative_loss
-from .m2mix import m2mix_loss, slerp
-from .mlcd import mlcd_loss
-from .multi_positive import multi_positive_loss
-from .rafa import rafa_loss
-from .simclr import nt_xent
-from .symile import symile_loss
-from .tic import tic_loss
-from .protoclip import protoclip_loss
-from .alip import alip_loss
-from .degla import grounded_contrast
-from .hqclip import hqclip_loss
-from .dreamlip import dreamlip_grouping_loss
-from .norton import norton_loss, sinkhorn_log
-
 
 def build_composite(spec: Mapping[str, Any]) -> CompositeLoss:
     """Build a weighted sum from ``{name: weight}`` or ``{name: {"weight": w, **options}}``."""
@@ -51,12 +26,56 @@ def build_composite(spec: Mapping[str, Any]) -> CompositeLoss:
     return CompositeLoss(terms, weights)
 
 
-__all__ = [
-    "LossInputs", "CompositeLoss", "LOSSES", "available", "build", "build_composite", "register",
-    "clip_loss", "siglip_loss", "ClipLoss", "SigLipLoss",
-    "caption_loss", "cloob_loss", "cwcl_loss", "distill_kl_loss", "feature_distill_loss", "hycd_loss", "EMATeacher",
-    "alignment_loss", "uniformity_loss", "counting_loss", "hard_negative_loss", "m2mix_loss", "slerp", "mlcd_loss",
-    "multi_positive_loss", "rafa_loss", "nt_xent", "symile_loss", "tic_loss", "CaptionLoss", "CloobLoss", "CwclLoss",
-    "protoclip_loss", "alip_loss", "grounded_contrast", "hqclip_loss", "dreamlip_grouping_loss", "norton_loss",
-    "sinkhorn_log",
-]
+__all__ = ["LossInputs", "CompositeLoss", "LOSSES", "available", "build", "build_composite", "register"]
+
+# importing a module registers its terms
+# --- group A terms (one module per method) ---
+from .clip import ClipConfig, ClipLoss, clip_loss  # noqa: E402  (group A: CLIP/SigLIP and contrastive variants)
+from .siglip import SigLipConfig, SigLipLoss, siglip_loss  # noqa: E402
+from .chunked import chunked_clip_loss, chunked_pairwise_sigmoid, chunked_row_cross_entropy  # noqa: E402
+from .cloob import CloobConfig, CloobLoss, cloob_loss  # noqa: E402
+from .cwcl import CwclConfig, CwclLoss, cwcl_loss  # noqa: E402
+from .gap import AlignmentLoss, UniformityLoss, alignment_loss, uniformity_loss  # noqa: E402
+from .m2mix import M2MixConfig, M2MixLoss, m2mix_loss, slerp  # noqa: E402
+from .rafa import RafaConfig, RafaLoss, rafa_loss  # noqa: E402
+from .simclr import SimclrConfig, SimclrLoss, nt_xent  # noqa: E402
+from .symile import SymileConfig, SymileLoss, symile_loss  # noqa: E402
+
+__all__ += ["ClipConfig", "ClipLoss", "clip_loss", "SigLipConfig", "SigLipLoss", "siglip_loss", "chunked_clip_loss",
+            "chunked_pairwise_sigmoid", "chunked_row_cross_entropy", "CloobConfig", "CloobLoss", "cloob_loss",
+            "CwclConfig", "CwclLoss", "cwcl_loss", "AlignmentLoss", "UniformityLoss", "alignment_loss",
+            "uniformity_loss", "M2MixConfig", "M2MixLoss", "m2mix_loss", "slerp", "RafaConfig", "RafaLoss", "rafa_loss",
+            "SimclrConfig", "SimclrLoss", "nt_xent", "SymileConfig", "SymileLoss", "symile_loss"]
+# --- end group A ---
+
+# --- group B terms (one module per method) ---
+from .alip import AlipLoss, alip_loss  # noqa: E402  (group B: clustering, transport, multi-positive, captioning)
+from .caption import CaptionLoss, caption_loss  # noqa: E402
+from .dreamlip import DreamlipGroupingLoss, dreamlip_grouping_loss  # noqa: E402
+from .kmeans import kmeans  # noqa: E402
+from .mlcd import MlcdLoss, cluster_centers, mlcd_loss  # noqa: E402
+from .multi_positive import MultiPositiveLoss, multi_positive_loss  # noqa: E402
+from .norton import NortonConfig, NortonLoss, norton_loss, sinkhorn_log  # noqa: E402
+from .protoclip import ProtoClipConfig, ProtoClipLoss, protoclip_loss  # noqa: E402
+from .tic import TicLoss, tic_loss  # noqa: E402
+
+__all__ += ["AlipLoss", "alip_loss", "CaptionLoss", "caption_loss", "DreamlipGroupingLoss", "dreamlip_grouping_loss",
+            "kmeans", "MlcdLoss", "cluster_centers", "mlcd_loss", "MultiPositiveLoss", "multi_positive_loss",
+            "NortonConfig", "NortonLoss", "norton_loss", "sinkhorn_log", "ProtoClipConfig", "ProtoClipLoss",
+            "protoclip_loss", "TicLoss", "tic_loss"]
+# --- end group B ---
+
+# --- group C terms ---
+from .counting import counting_loss  # noqa: E402  (group C: hard negatives and distillation)
+from .dclip import cosine_distill_loss, dclip_loss  # noqa: E402
+from .degla import grounded_contrast  # noqa: E402
+from .distill_kl import distill_kl_loss  # noqa: E402
+from .ema import EMATeacher, ema_distill_loss  # noqa: E402
+from .hard_negative import hard_negative_loss  # noqa: E402
+from .hqclip import hqclip_loss  # noqa: E402
+from .hycd import hycd_loss  # noqa: E402
+from .teachers import teacher_list  # noqa: E402
+
+__all__ += ["counting_loss", "cosine_distill_loss", "dclip_loss", "grounded_contrast", "distill_kl_loss", "EMATeacher",
+            "ema_distill_loss", "hard_negative_loss", "hqclip_loss", "hycd_loss", "teacher_list"]
+# --- end group C ---

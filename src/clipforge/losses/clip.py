@@ -1,27 +1,45 @@
 """CLIP's symmetric InfoNCE loss.
 
 Radford et al., "Learning Transferable Visual Models From Natural Language Supervision"
-(2021). With normalized image features x_i, text features y_j and temperature multiplier
-t, the logits are s_ij = t * <x_i, y_j>. The loss is the mean of the image-to-text and
-text-to-image cross-entropies with the matching pair as the target:
+(2021). With normalized image features x_i, text features y_j and the temperature multiplier
+t (already exponentiated), the logits are s_ij = t x_i·y_j. Each image must pick its own
+caption among the batch's captions and each caption its own image; the loss is the mean of
+the two cross-entropies:
 
-    L = 1/2 * [ -1/B sum_i log softmax_j(s_ij)[i]  -  1/B sum_j log softmax_i(s_ij)[j] ]
+    L = 1/2 [ -1/B sum_i log softmax_j(s_ij)[i]  -  1/B sum_j log softmax_i(s_ij)[j] ]
 
-Label smoothing eps replaces the one-hot target with (1 - eps) one-hot + eps / B.
+Label smoothing eps replaces each one-hot target by (1 - eps) one-hot + eps / B (the same
+convention as ``torch.nn.functional.cross_entropy``).
 
-``chunk_size`` switches to the exact memory-efficient form of :mod:`.chunked`: the same
-value and gradients without ever holding the B x B logits.
+``chunk_size`` switches to the exact memory-efficient form of :mod:`.chunked`: the same value
+and gradients with O(B·d + chunk·B) extra memory, never holding the B x B logits.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import LossInputs
-from .chunked import chunked_row_cross_entropy
+from .chunked import chunked_clip_loss, chunked_row_cross_entropy
 from .gather import gather, local_offset
 from .registry import register
+from .validate import check_pairs, parse_options
+
+
+@dataclass
+class ClipConfig:
+    label_smoothing: float = 0.0  # eps in [0, 1)
+    chunk_size: int | None = None  # rows per block of the exact chunked form; None: dense logits
+
+    def __post_init__(self):
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"clip label_smoothing must lie in [0, 1), got {self.label_smoothing}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"clip chunk_size must be a positive number of rows (or null for dense), "
+                             f"got {self.chunk_size}")
 
 
 def clip_loss(
@@ -31,10 +49,10 @@ def clip_loss(
     label_smoothing: float = 0.0,
     chunk_size: int | None = None,
 ) -> Tensor:
-    """Symmetric InfoNCE on L2-normalized features; ``logit_scale`` is already exponentiated."""
+    """Symmetric InfoNCE on L2-normalized [B, d] features; ``logit_scale`` is already exponentiated."""
+    check_pairs(image_features, text_features, "clip_loss")
     if chunk_size:
-        return 0.5 * (chunked_row_cross_entropy(image_features, text_features, logit_scale, 0, label_smoothing, chunk_size)
-                      + chunked_row_cross_entropy(text_features, image_features, logit_scale, 0, label_smoothing, chunk_size))
+        return chunked_clip_loss(image_features, text_features, logit_scale, label_smoothing, chunk_size)
     logits = logit_scale * image_features @ text_features.t()
     labels = torch.arange(logits.shape[0], device=logits.device)
     loss_i = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
@@ -44,30 +62,31 @@ def clip_loss(
 
 @register("clip")
 class ClipLoss(nn.Module):
-    """Registered term for :func:`clip_loss`, global over all processes.
+    """Registered term for :func:`clip_loss` (options: the fields of :class:`ClipConfig`).
 
-    Each process scores its local images against all gathered texts (and its local texts
-    against all gathered images); targets are offset by the process's position in the
-    global batch. On one process this is exactly :func:`clip_loss`. ``chunk_size`` (e.g.
-    1024) computes it exactly in O(B·d + chunk·B) memory.
+    Across processes each one scores its local images against all gathered texts and its
+    local texts against all gathered images, targets offset by its position in the global
+    batch (OpenCLIP's ``local_loss`` with gradients through the gather); the mean over
+    processes is the global-batch loss. On one process this is exactly :func:`clip_loss`.
     """
 
-    def __init__(self, label_smoothing: float = 0.0, chunk_size: int | None = None):
+    def __init__(self, **options):
         super().__init__()
-        self.label_smoothing, self.chunk_size = label_smoothing, chunk_size
+        self.cfg = parse_options(ClipConfig, options, "clip")
 
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
         img, txt, scale = inputs.image_features, inputs.text_features, inputs.logit_scale
+        eps, chunk = self.cfg.label_smoothing, self.cfg.chunk_size
         if inputs.world_size <= 1:
-            return {"loss": clip_loss(img, txt, scale, self.label_smoothing, self.chunk_size)}
+            return {"loss": clip_loss(img, txt, scale, eps, chunk)}
+        check_pairs(img, txt, "clip")
         all_img = gather(img, inputs.rank, inputs.world_size)
         all_txt = gather(txt, inputs.rank, inputs.world_size)
         offset = local_offset(img.shape[0], inputs.rank)
-        if self.chunk_size:
-            return {"loss": 0.5 * (
-                chunked_row_cross_entropy(img, all_txt, scale, offset, self.label_smoothing, self.chunk_size)
-                + chunked_row_cross_entropy(txt, all_img, scale, offset, self.label_smoothing, self.chunk_size))}
+        if chunk:
+            return {"loss": 0.5 * (chunked_row_cross_entropy(img, all_txt, scale, offset, eps, chunk)
+                                   + chunked_row_cross_entropy(txt, all_img, scale, offset, eps, chunk))}
         labels = torch.arange(img.shape[0], device=img.device) + offset
-        loss_i = F.cross_entropy(scale * img @ all_txt.t(), labels, label_smoothing=self.label_smoothing)
-        loss_t = F.cross_entropy(scale * txt @ all_img.t(), labels, label_smoothing=self.label_smoothing)
+        loss_i = F.cross_entropy(scale * img @ all_txt.t(), labels, label_smoothing=eps)
+        loss_t = F.cross_entropy(scale * txt @ all_img.t(), labels, label_smoothing=eps)
         return {"loss": 0.5 * (loss_i + loss_t)}

@@ -10,6 +10,10 @@ its own negative descriptions; both of its positives are targets with weight 1/2
     L_i2t = mean_i -1/2 [ log softmax(t x_i·C)[y_i] + log softmax(t x_i·C)[s_i] ],  C = {y_j} ∪ {s_j} ∪ {n_ik}
     L_t2i = mean over texts u in {y_i, s_i} of CE(t u·x, i)
     L = (L_i2t + L_t2i) / 2
+
+This is our reading of the paper's "negative descriptions and short tags as additional
+supervised signals" in contrastive form (we could check the abstract, not the paper's code):
+tags enter as second positives rather than through a separate tag-classification head.
 """
 from __future__ import annotations
 
@@ -25,7 +29,11 @@ from .registry import register
 def hqclip_loss(image_features: Tensor, text_features: Tensor, tag_features: Tensor, logit_scale,
                 negatives: Tensor | None = None, negative_mask: Tensor | None = None, all_images: Tensor | None = None,
                 all_texts: Tensor | None = None, all_tags: Tensor | None = None, offset: int = 0) -> Tensor:
-    """Local rows; ``all_*`` are the gathered candidates (default: the local batch), this process's at ``offset``."""
+    """HQ-CLIP's contrast with short-tag positives and negative descriptions: image i scores
+    every description and tag (plus its own negative descriptions) and splits its target
+    evenly between y_i and s_i; each description and tag must find its image (module docstring).
+
+    Local rows; ``all_*`` are the gathered candidates (default: the local batch), this process's at ``offset``."""
     b = image_features.shape[0]
     all_images = image_features if all_images is None else all_images
     all_texts = text_features if all_texts is None else all_texts
@@ -48,6 +56,8 @@ def hqclip_loss(image_features: Tensor, text_features: Tensor, tag_features: Ten
 
 @register("hqclip")
 class HqClipLoss(nn.Module):
+    """Registered :func:`hqclip_loss`, global over the gathered batch; negative descriptions optional."""
+
     extra_keys = ("short_tag_features",)
 
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:

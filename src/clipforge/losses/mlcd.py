@@ -1,17 +1,23 @@
-"""MLCD: multi-label cluster discrimination (An et al., "Multi-label Cluster Discrimination
-for Visual Representation Learning", 2024).
+"""MLCD: multi-label cluster discrimination (An et al., "Multi-label Cluster Discrimination for
+Visual Representation Learning", ECCV 2024).
 
-The training set is clustered offline into K centers w_k (unit vectors). Each sample's
-labels are its l nearest centers P (several, because an image holds several concepts);
-every other center is a negative. With cosine scores s_k = f·w_k, scale gamma and margin
-m, the loss keeps the positive and negative terms separate (so many positives do not
-compete with each other in one softmax):
+Offline, the training set's embeddings are clustered into K centers w_k (unit vectors;
+:func:`cluster_centers` runs k-means for that). Each sample's labels are its l nearest
+centers Omega_p (an image shows several concepts, so several clusters are positives); every
+other center is a negative, Omega_n. With cosine scores s_k = f·w_k, scale gamma and margin m
+on the positive scores, the loss keeps the positive and the negative classes in two separate
+log-sum-exp terms, so that the positives do not compete with each other in one softmax and
+the decision boundary sits at s = m for positives and s = 0 for negatives:
 
-    L = log(1 + sum_{k in P} exp(-gamma (s_k - m))) + log(1 + sum_{k not in P} exp(gamma s_k))
+    L = log(1 + sum_{k in Omega_p} exp(-gamma (s_k - m))) + log(1 + sum_{k in Omega_n} exp(gamma s_k))
 
-averaged over the batch. Centers come from the option ``centers`` (a buffer, checkpointed
-with the term) or ``extra["cluster_centers"]``; labels from ``extra["cluster_labels"]``
-([B, l] indices) or, when absent, the l centers nearest to each (detached) feature.
+averaged over the batch. ``negative_ratio`` < 1 keeps a random fraction of the negative
+classes per step (the paper's negative-class sampling for a million centers); the positives
+of the batch are always kept.
+
+Inputs: centers from the option ``centers`` (a buffer, checkpointed with the term) or
+``extra["cluster_centers"]`` [K, d]; labels from ``extra["cluster_labels"]`` [B, l] (indices,
+-1 = padding) or, when absent, the l centers nearest to each detached feature.
 """
 from __future__ import annotations
 
@@ -20,31 +26,73 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import LossInputs
+from .kmeans import kmeans
 from .registry import register
 
 
+def cluster_centers(features: Tensor, num_centers: int, iters: int = 20, seed: int = 0) -> Tensor:
+    """Offline clustering step: k-means on normalized features, centers back on the unit sphere."""
+    centroids, _ = kmeans(F.normalize(features.detach().float(), dim=-1), num_centers, iters, seed)
+    return F.normalize(centroids, dim=-1)
+
+
 def nearest_centers(features: Tensor, centers: Tensor, num_labels: int) -> Tensor:
+    """The ``num_labels`` centers of highest cosine similarity to each (detached) feature: [B, l]."""
+    if not 1 <= num_labels <= centers.shape[0]:
+        raise ValueError(f"mlcd num_labels must be between 1 and the number of centers ({centers.shape[0]}), "
+                         f"got {num_labels}")
     return (features.detach() @ centers.t()).topk(num_labels, dim=-1).indices
 
 
-def mlcd_loss(features: Tensor, centers: Tensor, labels: Tensor, scale: float = 32.0, margin: float = 0.2) -> Tensor:
-    scores = features @ F.normalize(centers, dim=-1).t()  # [B, K]
-    pos = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, labels, True)
-    zero = torch.zeros(scores.shape[0], 1, dtype=scores.dtype, device=scores.device)
-    pos_term = torch.logsumexp(torch.cat([zero, (-scale * (scores - margin)).masked_fill(~pos, float("-inf"))], 1), 1)
-    neg_term = torch.logsumexp(torch.cat([zero, (scale * scores).masked_fill(pos, float("-inf"))], 1), 1)
-    return (pos_term + neg_term).mean()
+def _log1p_sum_exp(z: Tensor, keep: Tensor) -> Tensor:
+    """log(1 + sum_k exp(z_k)) over the kept entries of each row, stable."""
+    zero = torch.zeros(z.shape[0], 1, dtype=z.dtype, device=z.device)
+    return torch.logsumexp(torch.cat([zero, z.masked_fill(~keep, float("-inf"))], dim=1), dim=1)
+
+
+def mlcd_loss(features: Tensor, centers: Tensor, labels: Tensor, scale: float = 32.0, margin: float = 0.2,
+              negative_ratio: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+    """The MLCD loss (module docstring) of normalized ``features`` [B, d] against ``centers`` [K, d]."""
+    if features.ndim != 2 or centers.ndim != 2 or features.shape[1] != centers.shape[1]:
+        raise ValueError(f"mlcd needs features [B, d] and centers [K, d], got {tuple(features.shape)} and "
+                         f"{tuple(centers.shape)}")
+    if labels.ndim != 2 or labels.shape[0] != features.shape[0] or labels.dtype.is_floating_point:
+        raise ValueError(f"mlcd cluster labels must be integer indices [B, l] with B = {features.shape[0]}, "
+                         f"got {tuple(labels.shape)} {labels.dtype}")
+    k = centers.shape[0]
+    if labels.numel() and (labels.max() >= k or labels.min() < -1):
+        raise ValueError(f"mlcd cluster labels must lie in [0, {k}) (or -1 for padding)")
+    if not 0 < negative_ratio <= 1:
+        raise ValueError(f"mlcd negative_ratio must be in (0, 1], got {negative_ratio}")
+    scores = features @ F.normalize(centers, dim=-1).t()  # [B, K] cosine
+    pos = torch.zeros_like(scores, dtype=torch.bool)
+    pos.scatter_(1, labels.clamp(min=0), labels >= 0)
+    neg = ~pos
+    if negative_ratio < 1:
+        sampled = torch.rand(k, generator=generator, device="cpu").to(scores.device) < negative_ratio
+        neg = neg & (sampled | pos.any(0))[None]  # the batch's positive classes stay in every row's negatives
+    return (_log1p_sum_exp(-scale * (scores - margin), pos) + _log1p_sum_exp(scale * scores, neg)).mean()
 
 
 @register("mlcd")
 class MlcdLoss(nn.Module):
+    """Registered :func:`mlcd_loss` on the image (or text) features.
+
+    Options: ``centers`` [K, d] (kept as a buffer; else ``extra["cluster_centers"]``),
+    ``num_labels`` l (3), ``scale`` gamma (32), ``margin`` m (0.2), ``negative_ratio`` (1.0),
+    ``modality`` ("image" or "text").
+    """
+
     def __init__(self, centers: Tensor | None = None, num_labels: int = 3, scale: float = 32.0, margin: float = 0.2,
-                 modality: str = "image"):
+                 negative_ratio: float = 1.0, modality: str = "image"):
         super().__init__()
         if modality not in ("image", "text"):
-            raise ValueError(f"modality must be 'image' or 'text', got {modality!r}")
-        self.num_labels, self.scale, self.margin, self.modality = num_labels, scale, margin, modality
-        self.register_buffer("centers", None if centers is None else F.normalize(torch.as_tensor(centers).float(), dim=-1))
+            raise ValueError(f"mlcd modality must be 'image' or 'text', got {modality!r}")
+        self.num_labels, self.scale, self.margin = num_labels, scale, margin
+        self.negative_ratio, self.modality = negative_ratio, modality
+        centers = None if centers is None else F.normalize(torch.as_tensor(centers).float(), dim=-1)
+        self.register_buffer("centers", centers)
+        self.extra_keys = ("cluster_centers",) if centers is None else ()
 
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
         feats = inputs.image_features if self.modality == "image" else inputs.text_features
@@ -53,4 +101,4 @@ class MlcdLoss(nn.Module):
         labels = inputs.extra.get("cluster_labels")
         if labels is None:
             labels = nearest_centers(feats, centers, self.num_labels)
-        return {"loss": mlcd_loss(feats, centers, labels, self.scale, self.margin)}
+        return {"loss": mlcd_loss(feats, centers, labels, self.scale, self.margin, self.negative_ratio)}

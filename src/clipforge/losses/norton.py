@@ -1,110 +1,181 @@
-"""Norton: optimal-transport alignment for noisy correspondence (Lin et al., "Multi-granularity
-Correspondence Learning from Long-term Noisy Videos", ICLR 2024).
+"""Norton: optimal transport for noisy correspondence between sequences (Lin et al.,
+"Multi-granularity Correspondence Learning from Long-term Noisy Videos", ICLR 2024).
 
-Sample i is a sequence of units (video clips, or image patches: ``image_tokens`` [B, N, d]);
-text j is a sequence of units (captions of a paragraph, or words: ``text_tokens`` [B, L, d]
-with ``text_mask`` [B, L]). Unit similarities sim_ij[n, l] = u_in·w_jl.
+Sample i is a sequence of units u_i1..u_iN (``image_tokens`` [B, N, d]: image patches, or the
+clips of a video) and text j a sequence w_j1..w_jL (``text_tokens`` [B, L, d] with
+``text_mask`` [B, L]: words, or the captions of a paragraph). Unit similarities are
+C_ij[n, l] = u_in·w_jl (tokens are L2-normalized here). The pair score s_ij mixes two
+alignments, and the contrast over the batch uses targets rectified for faulty negatives.
 
-- Sequence similarity by entropic optimal transport (log-domain Sinkhorn, eps): the plan Q_ij
-  between the N units of i and the L units of j, with uniform marginals, gives
-  score_ij = sum_{n,l} Q_ij[n, l] sim_ij[n, l] / sum_{n,l} Q_ij[n, l].
-- Alignable prompt bucket: one extra row and column of constant similarity ``bucket`` join
-  the cost matrix before Sinkhorn; a unit that matches nothing better than the bucket sends
-  its mass there and drops out of the score (irrelevant clips, captions about nothing visible).
-- Soft-maximum: ``aggregation="softmax"`` replaces OT by Norton's fine-grained operator,
-  score_ij = 1/2 [ mean_l alpha·logsumexp_n(sim/alpha) + mean_n alpha·logsumexp_l(sim/alpha) ],
-  a smooth max that lets every word find its best unit.
-- Faulty negatives: another pair in the batch may truly match. Targets are rectified by a
-  batch-level transport plan P = Sinkhorn(scores / eps_batch) (rows normalized):
-  T = (1 - beta) I + beta P, and L = 1/2 [CE(t·scores, T) + CE(t·scoresᵀ, Tᵀ)] with soft targets.
+1. Optimal transport with an alignable prompt bucket. Entropic OT (log-domain Sinkhorn,
+   smoothness eps) between the units of i and of j on the similarity C_ij, with one extra row
+   and column of constant similarity p (the bucket). As in Norton (after SuperGlue's dustbin)
+   every real unit has mass 1/(N+M) (M = valid words of j), the bucket row has M/(N+M) and the
+   bucket column N/(N+M), so the bucket can absorb any unit that matches nothing better
+   than p: background patches, stop words, clips that no caption describes. Then
 
-With beta = 0, no bucket and one unit per side this is exactly the CLIP loss.
+       s^OT_ij = sum_{n,l} Q_ij[n, l] C_ij[n, l] / sum_{n,l} Q_ij[n, l]     (real units only)
+
+   p is ``bucket`` or, with ``bucket_quantile`` q, Norton's choice: the q-quantile of the
+   matched pairs' unit similarities {C_ii[n, l]}. As in Norton the plan is a constant for
+   the gradient (``plan_grad=True`` backpropagates through the Sinkhorn iterations instead).
+2. Soft-maximum (log-sum-exp) operator for token-level similarity, Norton's fine-grained
+   alignment: every word finds its soft-best unit and every unit its soft-best word,
+
+       s^LSE_ij = 1/2 [ mean_l alpha log sum_n exp(C_ij[n,l]/alpha) + mean_n alpha log sum_l exp(C_ij[n,l]/alpha) ]
+
+   and s_ij = (1 - lse_weight) s^OT_ij + lse_weight s^LSE_ij (Norton averages its coarse and
+   fine-grained similarities with equal weight: lse_weight = 0.5).
+3. Faulty negatives: another text of the batch may truly match sample i. The targets are
+   rectified by a transport plan over the batch, P = Sinkhorn(t s / target_eps) with uniform
+   marginals, rows rescaled to sum to 1 and held constant:
+
+       T = (1 - beta) I + beta P,    L = 1/2 [ mean_i CE(T_i., softmax_j t s_ij) + mean_j CE(T_.j, softmax_i t s_ij) ]
+
+With beta = 0, no bucket, lse_weight = 0 and one unit per sequence, s_ij = u_i·w_j and L is
+the CLIP loss. Memory: the unit similarities of all pairs, B^2 N L numbers (Norton's cost too).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import LossInputs
 from .gather import gather
 from .registry import register
 
+MASKED = -1e4  # similarity of padded words: never chosen, yet finite for the log-domain iterations
+
+
+@dataclass
+class NortonConfig:
+    bucket: float | None = 0.0  # similarity p of the alignable prompt bucket; None: no bucket
+    bucket_quantile: float | None = None  # Norton's prompt ratio: p = this quantile of the matched pairs' similarities
+    eps: float = 0.1  # entropic smoothness of the token-level transport
+    iters: int = 50  # Sinkhorn iterations
+    lse_weight: float = 0.5  # weight of the soft-maximum score against the transport score
+    alpha: float = 0.1  # temperature of the soft maximum
+    beta: float = 0.3  # weight of the transport plan in the rectified targets
+    target_eps: float = 1.0  # smoothness of the batch-level plan, on the logits
+    plan_grad: bool = False  # backpropagate through the token-level Sinkhorn iterations
+
+    def __post_init__(self):
+        if not 0 <= self.lse_weight <= 1 or not 0 <= self.beta <= 1:
+            raise ValueError(f"norton lse_weight and beta must lie in [0, 1], got {self.lse_weight}, {self.beta}")
+        if min(self.eps, self.alpha, self.target_eps) <= 0 or self.iters < 1:
+            raise ValueError("norton eps, alpha and target_eps must be > 0 and iters >= 1")
+        if self.bucket_quantile is not None and not 0 <= self.bucket_quantile <= 1:
+            raise ValueError(f"norton bucket_quantile must lie in [0, 1], got {self.bucket_quantile}")
+
 
 def sinkhorn_log(scores: Tensor, log_a: Tensor, log_b: Tensor, eps: float, iters: int) -> Tensor:
-    """Entropic OT plan maximizing <Q, scores> with marginals exp(log_a), exp(log_b); batched over leading dims."""
+    """Entropic OT plan maximizing <Q, scores> + eps H(Q) with marginals exp(log_a) [..., n] and
+    exp(log_b) [..., m], by Sinkhorn iterations in the log domain; batched over leading dims."""
     k = scores / eps
-    log_u = torch.zeros_like(log_a)
-    log_v = torch.zeros_like(log_b)
+    log_u, log_v = torch.zeros_like(log_a), torch.zeros_like(log_b)
     for _ in range(iters):
         log_u = log_a - torch.logsumexp(k + log_v.unsqueeze(-2), dim=-1)
         log_v = log_b - torch.logsumexp(k + log_u.unsqueeze(-1), dim=-2)
     return torch.exp(k + log_u.unsqueeze(-1) + log_v.unsqueeze(-2))
 
 
-def _uniform_log(mask: Tensor) -> Tensor:
-    """log of uniform weights over the True entries of ``mask`` (-inf elsewhere)."""
-    w = mask.to(torch.get_default_dtype() if not mask.is_floating_point() else mask.dtype)
-    return torch.log(w / w.sum(-1, keepdim=True))
+def unit_similarities(units: Tensor, words: Tensor) -> Tensor:
+    """C[i, j, n, l] = u_in·w_jl for every pair of the batch: [B, B, N, L]."""
+    return torch.einsum("ind,jld->ijnl", units, words)
 
 
-def ot_sequence_scores(units: Tensor, words: Tensor, word_mask: Tensor | None = None, bucket: float | None = 0.0,
-                       eps: float = 0.1, iters: int = 50) -> Tensor:
-    """score[i, j] for all pairs: OT-weighted unit similarity with an optional alignable prompt bucket."""
-    b, n, d = units.shape
-    _, l, _ = words.shape
-    word_mask = torch.ones(b, l, dtype=torch.bool, device=units.device) if word_mask is None else word_mask.bool()
-    sim = torch.einsum("ind,jld->ijnl", units, words)  # [B, B, N, L]
-    row_mask = torch.ones(b, b, n, dtype=torch.bool, device=units.device)
-    col_mask = word_mask[None].expand(b, b, l)
-    if bucket is not None:
-        sim = torch.cat([sim, torch.full((b, b, 1, l), bucket, dtype=sim.dtype, device=sim.device)], dim=2)
-        sim = torch.cat([sim, torch.full((b, b, n + 1, 1), bucket, dtype=sim.dtype, device=sim.device)], dim=3)
-        row_mask = torch.cat([row_mask, row_mask[..., :1]], dim=-1)
-        col_mask = torch.cat([col_mask, col_mask[..., :1] | True], dim=-1)
-    cost = sim.masked_fill(~col_mask.unsqueeze(-2), -1e4)
-    log_a = _uniform_log(row_mask).to(sim.dtype)
-    log_b = _uniform_log(col_mask).to(sim.dtype)
-    q = sinkhorn_log(cost, log_a, log_b, eps, iters)
-    if bucket is not None:
-        q, sim = q[..., :n, :l], sim[..., :n, :l]
-    q = q * word_mask[None, :, None, :]
-    return (q * sim).sum((-1, -2)) / q.sum((-1, -2)).clamp(min=1e-12)
+def bucket_marginals(n: int, word_mask: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """log marginals [B, N+1] of the units and [B, L+1] of the words (per text j) with the prompt bucket
+    last: 1/(N+M) per real unit, M/(N+M) and N/(N+M) for the bucket (M = valid words; padding: 0)."""
+    m = word_mask.sum(-1, keepdim=True).to(dtype)  # [B, 1]
+    total = n + m
+    rows = torch.cat([torch.ones(word_mask.shape[0], n, dtype=dtype, device=word_mask.device) / total, m / total], 1)
+    cols = torch.cat([word_mask.to(dtype) / total, n / total], 1)
+    return rows.log(), cols.log()
 
 
-def soft_maximum_scores(units: Tensor, words: Tensor, word_mask: Tensor | None = None, alpha: float = 0.1) -> Tensor:
-    b, l = words.shape[0], words.shape[1]
-    word_mask = torch.ones(b, l, dtype=torch.bool, device=units.device) if word_mask is None else word_mask.bool()
-    sim = torch.einsum("ind,jld->ijnl", units, words)
-    m = word_mask[None, :, None, :]
-    per_word = alpha * torch.logsumexp(sim / alpha, dim=2)  # [B, B, L]: each word's soft-best unit
+def ot_scores(units: Tensor, words: Tensor, word_mask: Tensor, bucket: Tensor | None, eps: float, iters: int,
+              plan_grad: bool = False) -> Tensor:
+    """s^OT[i, j]: transport-weighted mean unit similarity, with the prompt bucket when ``bucket`` is given."""
+    b, n, l = units.shape[0], units.shape[1], words.shape[1]
+    sim = unit_similarities(units, words)
+    cost = sim.masked_fill(~word_mask[None, :, None, :], MASKED)
+    if bucket is None:
+        log_a = torch.full((b, b, n), -math.log(n), dtype=sim.dtype, device=sim.device)
+        log_b = (word_mask.to(sim.dtype) / word_mask.sum(-1, keepdim=True)).log()[None].expand(b, b, l)
+    else:
+        p = bucket.to(sim.dtype)
+        cost = torch.cat([cost, p.expand(b, b, n, 1)], dim=3)
+        cost = torch.cat([cost, p.expand(b, b, 1, l + 1)], dim=2)
+        rows, cols = bucket_marginals(n, word_mask, sim.dtype)
+        log_a, log_b = rows[None].expand(b, b, n + 1), cols[None].expand(b, b, l + 1)
+    with torch.set_grad_enabled(plan_grad and torch.is_grad_enabled()):
+        plan = sinkhorn_log(cost if plan_grad else cost.detach(), log_a, log_b, eps, iters)
+    q = plan[..., :n, :l] * word_mask[None, :, None, :]
+    return (q * sim).sum((-1, -2)) / q.sum((-1, -2)).clamp(min=1e-30)
+
+
+def soft_maximum_scores(units: Tensor, words: Tensor, word_mask: Tensor, alpha: float) -> Tensor:
+    """s^LSE[i, j]: mean over words of the soft-max over units and over units of the soft-max over words."""
+    sim = unit_similarities(units, words) / alpha
+    valid = word_mask[None, :, None, :]
+    per_word = alpha * torch.logsumexp(sim, dim=2)  # [B, B, L]
     per_word = (per_word * word_mask[None]).sum(-1) / word_mask.sum(-1)[None]
-    per_unit = alpha * torch.logsumexp((sim / alpha).masked_fill(~m, float("-inf")), dim=3).mean(-1)
+    per_unit = (alpha * torch.logsumexp(sim.masked_fill(~valid, float("-inf")), dim=3)).mean(-1)
     return 0.5 * (per_word + per_unit)
 
 
-def rectified_targets(scores: Tensor, beta: float, eps: float = 0.05, iters: int = 50) -> Tensor:
-    b = scores.shape[0]
-    eye = torch.eye(b, dtype=scores.dtype, device=scores.device)
+def rectified_targets(logits: Tensor, beta: float, eps: float = 1.0, iters: int = 50) -> Tensor:
+    """T = (1 - beta) I + beta P with P the batch transport plan of the (detached) logits, rows summing to 1."""
+    b = logits.shape[0]
+    eye = torch.eye(b, dtype=logits.dtype, device=logits.device)
     if beta == 0:
         return eye
-    uniform = torch.full((b,), -math.log(b), dtype=scores.dtype, device=scores.device)
-    plan = sinkhorn_log(scores.detach(), uniform, uniform, eps, iters)
-    plan = plan / plan.sum(-1, keepdim=True)
-    return (1 - beta) * eye + beta * plan
+    uniform = torch.full((b,), -math.log(b), dtype=logits.dtype, device=logits.device)
+    plan = sinkhorn_log(logits.detach(), uniform, uniform, eps, iters)
+    return (1 - beta) * eye + beta * plan / plan.sum(-1, keepdim=True)
 
 
-def norton_loss(units: Tensor, words: Tensor, logit_scale, word_mask: Tensor | None = None, bucket: float | None = 0.0,
-                beta: float = 0.3, eps: float = 0.1, aggregation: str = "ot", alpha: float = 0.1, iters: int = 50) -> Tensor:
-    if aggregation == "ot":
-        scores = ot_sequence_scores(units, words, word_mask, bucket, eps, iters)
-    elif aggregation == "softmax":
-        scores = soft_maximum_scores(units, words, word_mask, alpha)
-    else:
-        raise ValueError(f"aggregation must be 'ot' or 'softmax', got {aggregation!r}")
-    targets = rectified_targets(scores, beta)
-    logits = logit_scale * scores
+def matched_quantile(units: Tensor, words: Tensor, word_mask: Tensor, q: float) -> Tensor:
+    """Norton's bucket value: the q-quantile of the unit similarities of the matched pairs (i, i), detached."""
+    sim = torch.einsum("ind,ild->inl", units.detach(), words.detach())
+    return torch.quantile(sim[word_mask[:, None, :].expand_as(sim)], q)
+
+
+def norton_scores(units: Tensor, words: Tensor, word_mask: Tensor | None = None,
+                  cfg: NortonConfig | None = None) -> Tensor:
+    """The pair scores s[i, j] of step 1 and 2 (module docstring)."""
+    cfg = cfg or NortonConfig()
+    if units.ndim != 3 or words.ndim != 3 or units.shape[0] != words.shape[0] or units.shape[2] != words.shape[2]:
+        raise ValueError(f"norton needs image_tokens [B, N, d] and text_tokens [B, L, d], got {tuple(units.shape)} "
+                         f"and {tuple(words.shape)}")
+    if word_mask is None:
+        word_mask = torch.ones(words.shape[:2], dtype=torch.bool, device=words.device)
+    word_mask = word_mask.bool()
+    if not word_mask.any(-1).all():
+        raise ValueError("norton: a text has no valid token (a row of text_mask is all False)")
+    score = 0.0
+    if cfg.lse_weight < 1:
+        if cfg.bucket_quantile is not None:
+            bucket = matched_quantile(units, words, word_mask, cfg.bucket_quantile)
+        else:
+            bucket = None if cfg.bucket is None else torch.tensor(cfg.bucket, device=units.device)
+        score = (1 - cfg.lse_weight) * ot_scores(units, words, word_mask, bucket, cfg.eps, cfg.iters, cfg.plan_grad)
+    if cfg.lse_weight > 0:
+        score = score + cfg.lse_weight * soft_maximum_scores(units, words, word_mask, cfg.alpha)
+    return score
+
+
+def norton_loss(units: Tensor, words: Tensor, logit_scale, word_mask: Tensor | None = None,
+                cfg: NortonConfig | None = None) -> Tensor:
+    """Norton's contrast with rectified targets on the pair scores (module docstring)."""
+    cfg = cfg or NortonConfig()
+    logits = logit_scale * norton_scores(units, words, word_mask, cfg)
+    targets = rectified_targets(logits, cfg.beta, cfg.target_eps, cfg.iters)
     rows = -(targets * logits.log_softmax(-1)).sum(-1).mean()
     cols = -(targets.t() * logits.t().log_softmax(-1)).sum(-1).mean()
     return 0.5 * (rows + cols)
@@ -112,22 +183,24 @@ def norton_loss(units: Tensor, words: Tensor, logit_scale, word_mask: Tensor | N
 
 @register("norton")
 class NortonLoss(nn.Module):
-    """Registered :func:`norton_loss` on ``image_tokens`` and ``text_tokens`` (L2-normalized here)."""
+    """Registered :func:`norton_loss` on ``image_tokens`` and ``text_tokens`` (+ ``text_mask``).
 
-    def __init__(self, bucket: float | None = 0.0, beta: float = 0.3, eps: float = 0.1, aggregation: str = "ot",
-                 alpha: float = 0.1, iters: int = 50):
+    Options are the fields of :class:`NortonConfig`. The batch-level plan couples all pairs,
+    so every process computes the loss of the gathered batch; gradients reach each
+    process's tokens through the gather.
+    """
+
+    extra_keys = ("image_tokens", "text_tokens")  # declared so that a training program lacking them fails at start-up
+
+    def __init__(self, **options):
         super().__init__()
-        if aggregation not in ("ot", "softmax"):
-            raise ValueError(f"aggregation must be 'ot' or 'softmax', got {aggregation!r}")
-        self.opts = dict(bucket=bucket, beta=beta, eps=eps, aggregation=aggregation, alpha=alpha, iters=iters)
+        self.cfg = NortonConfig(**options)
 
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
-        # the batch-level transport plan couples all pairs: every process computes the loss of the
-        # gathered batch (gradients reach each process's tokens through the gather)
         r, w = inputs.rank, inputs.world_size
-        units = gather(torch.nn.functional.normalize(inputs.require("image_tokens"), dim=-1), r, w)
-        words = gather(torch.nn.functional.normalize(inputs.require("text_tokens"), dim=-1), r, w)
+        units = gather(F.normalize(inputs.require("image_tokens"), dim=-1), r, w)
+        words = gather(F.normalize(inputs.require("text_tokens"), dim=-1), r, w)
         mask = inputs.text_mask
         if mask is not None and w > 1:
             mask = gather(mask.to(units.dtype), r, w).bool()
-        return {"loss": norton_loss(units, words, inputs.logit_scale, mask, **self.opts)}
+        return {"loss": norton_loss(units, words, inputs.logit_scale, mask, self.cfg)}
