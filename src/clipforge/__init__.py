@@ -25,6 +25,7 @@ _LAZY = {
     "get_tokenizer": "clipforge.tokenizer",
     "image_transform": "clipforge.transforms",
     "load_image": "clipforge.images",
+    "load": "clipforge.interop",
 }
 
 

@@ -24,8 +24,14 @@ class DataConfig:
     seed: int = 0  # data seed (scene sampling); the run seed drives order and augmentation
     num_workers: int = 0  # DataLoader workers; 0 keeps both cores for compute on small machines
     augment: bool = False  # random resized crop / flip / jitter for images that go through PIL
-    # negative captions per sample, delivered only when a loss term reads them (hard_negative)
+    # negative captions per sample, delivered only when a loss term reads them (hard_negative, degla_*)
     hard_negatives: int = 2
+    # which of the dataset's negative types to draw from (shapes: color, shape, count, relation, swap); [] = all
+    negative_types: List[str] = field(default_factory=list)
+    # frozen teacher models (checkpoint or run directories) whose embeddings of the training set are
+    # stored once and delivered with the batches, only when a loss term reads them (distill_kl, hycd, dclip)
+    teachers: List[str] = field(default_factory=list)
+    teacher_cache: Optional[str] = None  # where the embeddings are stored; default <out_dir>/teacher_cache
 
 
 @dataclass
@@ -48,6 +54,8 @@ class TrainConfig:
     precision: str = "bf16"  # bf16 autocast (about 4x faster matmuls on modern CPUs) or fp32
     seed: int = 0
     grad_checkpointing: bool = False
+    # momentum of the EMA copy of the model (DeGLA: 0.996); kept only when a loss term reads ema_* features
+    ema_momentum: float = 0.996
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end
     save_every: int = 250  # checkpoint every N steps (and at the end)
@@ -70,6 +78,10 @@ class TrainConfig:
             raise ValueError(f"betas needs two values, got {self.betas}")
         if not self.loss:
             raise ValueError("loss needs at least one term, e.g. loss={clip: 1.0}")
+        if not 0.0 <= self.ema_momentum < 1.0:
+            raise ValueError(f"ema_momentum must be in [0, 1), got {self.ema_momentum}")
+        if self.data.hard_negatives < 1:
+            raise ValueError(f"data.hard_negatives must be >= 1, got {self.data.hard_negatives}")
         return self
 
 

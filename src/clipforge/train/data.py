@@ -53,7 +53,9 @@ class TrainItems(Dataset):
     image_size: int
     augment: bool = False
     negatives: int = 0  # K negative captions per sample (from the dataset's typed ``negatives``)
+    negative_types: tuple[str, ...] = ()  # draw negatives only of these types; () = every type
     count_negatives: bool = False  # one counterfactual count caption where the sample states a count
+    teachers: Any = None  # a TeacherStore: stored teacher embeddings of the image and of the drawn caption
 
     def __post_init__(self):
         self.transform = image_transform(self.image_size, is_train=self.augment)
@@ -80,19 +82,41 @@ class TrainItems(Dataset):
                 raise ValueError(f"sample {index} has no caption")
         except (ImageLoadError, ValueError, KeyError, OSError) as e:
             return {"error": f"sample {index}: {e}"}
-        out = {"pixels": pixels, "caption": captions[int(rng.integers(len(captions)))], "index": index}
+        which = int(rng.integers(len(captions)))
+        out = {"pixels": pixels, "caption": captions[which], "index": index}
+        if self.teachers is not None:
+            out["teacher_image"], out["teacher_text"] = self.teachers.lookup(index, which)
         typed = item.get("negatives") or {}
         if self.negatives:
-            pool = [c for kind in sorted(typed) for c in typed[kind]]
+            kinds = sorted(k for k in typed if not self.negative_types or k in self.negative_types)
+            pool = [c for kind in kinds for c in typed[kind]]
             pick = rng.permutation(len(pool))[: self.negatives] if pool else []
             out["negatives"] = [pool[int(i)] for i in pick]
         if self.count_negatives:
             counts = typed.get("count") or []
             out["count_negative"] = counts[int(rng.integers(len(counts)))] if counts else None
+            out["count_positive"] = same_wording(captions, out["count_negative"]) if counts else None
         return out
 
 
-def make_collate(tokenizer: Callable[[list[str]], torch.Tensor]):
+def same_wording(captions: list[str], counterfactual: str) -> str:
+    """The caption that ``counterfactual`` was written from: the one with as many words that
+    differs from it in the fewest positions (the number, and the noun's plural). The counting
+    loss contrasts this pair, so the two differ only in the count, as in Paiss et al."""
+    words = counterfactual.split()
+
+    def distance(caption: str) -> float:
+        other = caption.split()
+        return sum(a != b for a, b in zip(words, other)) if len(other) == len(words) else float("inf")
+
+    return min(captions, key=distance)
+
+
+def make_collate(tokenizer: Callable[[list[str]], torch.Tensor], negatives: int | None = None):
+    """Stack a batch; per-sample negative captions are padded to ``negatives`` (default: the
+    batch's largest count) with ``negative_mask`` False on the padding, so every micro-batch
+    of a step has the same [B, K] layout."""
+
     def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
         good = [it for it in items if it is not None and "error" not in it]
         errors = [it["error"] for it in items if it is not None and "error" in it]
@@ -111,12 +135,16 @@ def make_collate(tokenizer: Callable[[list[str]], torch.Tensor]):
             "errors": errors,
         }
         if "negatives" in good[0]:
-            k = max(1, max(len(it["negatives"]) for it in good))
+            k = negatives or max(1, max(len(it["negatives"]) for it in good))
             rows = [it["negatives"] + [""] * (k - len(it["negatives"])) for it in good]
             batch["negative_texts"] = tokenizer([t for r in rows for t in r]).view(len(good), k, -1)
             batch["negative_mask"] = torch.tensor([[j < len(it["negatives"]) for j in range(k)] for it in good])
+        if "teacher_image" in good[0]:  # one [B, d_k] tensor per teacher
+            for key in ("teacher_image", "teacher_text"):
+                batch[key] = [torch.stack(per) for per in zip(*(it[key] for it in good))]
         if "count_negative" in good[0]:
             batch["count_negative_texts"] = tokenizer([it["count_negative"] or "" for it in good])
+            batch["count_positive_texts"] = tokenizer([it["count_positive"] or "" for it in good])
             batch["count_mask"] = torch.tensor([it["count_negative"] is not None for it in good])
         return batch
 
@@ -125,5 +153,6 @@ def make_collate(tokenizer: Callable[[list[str]], torch.Tensor]):
 
 def train_loader(items: TrainItems, batch_size: int, seed: int, start_batch: int, num_batches: int, tokenizer, num_workers: int = 0) -> DataLoader:
     sampler = ResumableBatchSampler(len(items), batch_size, seed, start_batch, num_batches)
-    return DataLoader(items, batch_sampler=sampler, collate_fn=make_collate(tokenizer), num_workers=num_workers,
+    return DataLoader(items, batch_sampler=sampler, collate_fn=make_collate(tokenizer, items.negatives or None),
+                      num_workers=num_workers,
                       persistent_workers=False)

@@ -7,6 +7,14 @@ bf16 autocast covers the towers; losses run in fp32 on the features. With ``accu
 the features of all micro-batches are computed once without gradients and each micro-batch
 is then recomputed with gradients against the cached rest, so the loss is exactly the
 full-batch contrastive loss (as OpenCLIP does), not an average of smaller-batch losses.
+
+Loss terms declare the ``LossInputs.extra`` entries they read (``extra_keys``); the loop
+produces only those: text features of the samples' hard-negative captions and count
+counterfactuals (encoded by the text tower, with gradients, cached and recomputed like the
+features under accumulation), the embeddings of an EMA copy of the model (DeGLA), whose
+weights are checkpointed with the run so that a resumed run is exact, and the stored
+embeddings of frozen teachers (MobileCLIP, :mod:`.teachers`). A plain CLIP run builds none
+of it.
 """
 from __future__ import annotations
 
@@ -21,7 +29,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..losses import LossInputs, build_composite
+from ..losses import EMATeacher, LossInputs, build_composite
 from ..models import create_model
 from ..data import build_dataset
 from ..tokenizer import get_tokenizer
@@ -29,6 +37,7 @@ from .checkpoint import load_state, load_weights, resolve_checkpoint, save_check
 from .config import TrainConfig, to_dict, to_yaml
 from .data import TrainItems, train_loader
 from .optim import build_optimizer, build_scheduler
+from .teachers import load_teacher_store
 
 
 class TrainingDiverged(RuntimeError):
@@ -54,18 +63,52 @@ def _autocast(precision: str):
     return contextlib.nullcontext()
 
 
+# extra inputs the training program can produce
+NEGATIVES, COUNTS = "negative_text_features", "count_negative_text_features"
+EMA_KEYS = ("ema_image_features", "ema_text_features", "ema_negative_text_features")
+TEACHER_KEYS = ("teacher_image_features", "teacher_text_features")
+PRODUCED = {NEGATIVES, COUNTS, *EMA_KEYS, *TEACHER_KEYS}
+
+
+def _encode_negatives(encode_text, ids: torch.Tensor) -> torch.Tensor:
+    """[B, K, L] token ids -> [B, K, d] features."""
+    return encode_text(ids.reshape(-1, ids.shape[-1])).float().view(ids.shape[0], ids.shape[1], -1)
+
+
 def _encode_extras(model, batch: dict) -> dict:
-    """Text features of a batch's extra captions (hard negatives, count counterfactuals), with gradients."""
+    """Text features of a batch's extra captions (hard negatives, count counterfactuals), with
+    gradients, and the stored teacher embeddings that came with the batch."""
     extra = {}
+    if "teacher_image" in batch:  # lists of [B, d_k], one per teacher
+        extra["teacher_image_features"], extra["teacher_text_features"] = batch["teacher_image"], batch["teacher_text"]
     if "negative_texts" in batch:
-        ids = batch["negative_texts"]
-        feats = model.encode_text(ids.reshape(-1, ids.shape[-1])).float()
-        extra["negative_text_features"] = feats.view(ids.shape[0], ids.shape[1], -1)
+        extra[NEGATIVES] = _encode_negatives(model.encode_text, batch["negative_texts"])
         extra["negative_text_mask"] = batch["negative_mask"]
     if "count_negative_texts" in batch:
-        extra["count_negative_text_features"] = model.encode_text(batch["count_negative_texts"]).float()
+        extra[COUNTS] = model.encode_text(batch["count_negative_texts"]).float()
+        extra["count_positive_text_features"] = model.encode_text(batch["count_positive_texts"]).float()
         extra["count_mask"] = batch["count_mask"]
     return extra
+
+
+@torch.no_grad()
+def _encode_ema(ema: EMATeacher | None, batch: dict) -> dict:
+    """The EMA teacher's embeddings of the batch's images, captions and negative captions (no gradients)."""
+    if ema is None:
+        return {}
+    out = ema.model(batch["images"], batch["texts"])
+    extra = {"ema_image_features": out["image_features"].float(), "ema_text_features": out["text_features"].float()}
+    if "negative_texts" in batch:
+        extra["ema_negative_text_features"] = _encode_negatives(ema.model.encode_text, batch["negative_texts"])
+    return extra
+
+
+def _join(parts: list[dict]) -> dict:
+    """Concatenate each extra entry of the micro-batches along the batch dimension (per teacher for lists)."""
+    def cat(values):
+        return [torch.cat(per) for per in zip(*values)] if isinstance(values[0], list) else torch.cat(values)
+
+    return {key: cat([p[key] for p in parts]) for key in parts[0]}
 
 
 def _loss_inputs(out: dict, batch: dict, extra: dict | None = None) -> LossInputs:
@@ -99,6 +142,14 @@ def train(cfg: TrainConfig, evaluate: Callable | None = None) -> TrainResult:
     tokenizer = get_tokenizer(model.context_length)
 
     start_step, samples_seen, skipped_total = 0, 0, 0
+    needs = loss_fn.extra_keys()
+    unsupported = needs - PRODUCED
+    if unsupported:
+        raise ValueError(f"the loss terms {sorted(cfg.loss)} need inputs {sorted(unsupported)} that the training "
+                         f"program does not produce (it produces {sorted(PRODUCED)}); use those terms from your own "
+                         "loop with clipforge.losses")
+    ema = EMATeacher(model, cfg.ema_momentum) if needs & set(EMA_KEYS) else None
+
     if cfg.resume:
         ckpt = resolve_checkpoint(out_dir, cfg.resume)
         load_weights(model, ckpt)
@@ -107,20 +158,29 @@ def train(cfg: TrainConfig, evaluate: Callable | None = None) -> TrainResult:
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         start_step, samples_seen, skipped_total = int(state["step"]), int(state["samples_seen"]), int(state["skipped"])
+        if ema is not None:
+            if "ema" in state:
+                ema.load_state_dict(state["ema"])
+            else:
+                ema = EMATeacher(model, cfg.ema_momentum)
+                print(f"note: {ckpt} holds no EMA teacher; it starts from the resumed weights")
 
     dataset = build_dataset(cfg.data.dataset, split="train", size=cfg.data.train_size, seed=cfg.data.seed,
                             image_size=model.image_size)
     micro = cfg.batch_size // cfg.accum_steps
-    needs = loss_fn.extra_keys()
-    unsupported = needs - {"negative_text_features", "count_negative_text_features"}
-    if unsupported:
-        raise ValueError(f"the loss terms {sorted(cfg.loss)} need inputs {sorted(unsupported)} that the training "
-                         "program does not produce yet; use them from your own loop with clipforge.losses")
-    if needs and cfg.accum_steps > 1:
-        raise ValueError("loss terms with per-sample extra captions (hard_negative, counting) need accum_steps=1")
+    teachers = None
+    if needs & set(TEACHER_KEYS):
+        if not cfg.data.teachers:
+            raise ValueError(f"the loss terms {sorted(cfg.loss)} read stored teacher embeddings: name the frozen teacher "
+                             "models with data.teachers=[<checkpoint or run directory>, ...]")
+        if cfg.data.augment:
+            raise ValueError("teacher embeddings are stored for the un-augmented training images; set data.augment=false")
+        teachers = load_teacher_store(cfg.data.teachers, cfg.data.dataset, cfg.data.train_size, cfg.data.seed,
+                                      cfg.data.teacher_cache or out_dir / "teacher_cache")
     items = TrainItems(dataset, cfg.seed, model.image_size, augment=cfg.data.augment,
-                       negatives=cfg.data.hard_negatives if "negative_text_features" in needs else 0,
-                       count_negatives="count_negative_text_features" in needs)
+                       negatives=cfg.data.hard_negatives if needs & {NEGATIVES, "ema_negative_text_features"} else 0,
+                       negative_types=tuple(cfg.data.negative_types), count_negatives=COUNTS in needs,
+                       teachers=teachers)
     loader = train_loader(items, micro, cfg.seed, start_batch=start_step * cfg.accum_steps,
                           num_batches=(cfg.steps - start_step) * cfg.accum_steps, tokenizer=tokenizer,
                           num_workers=cfg.data.num_workers)
@@ -130,6 +190,8 @@ def train(cfg: TrainConfig, evaluate: Callable | None = None) -> TrainResult:
     def save(step: int):
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
                  "step": step, "samples_seen": samples_seen, "skipped": skipped_total}
+        if ema is not None:
+            state["ema"] = ema.state_dict()
         return save_checkpoint(out_dir, step, model, state, to_yaml(cfg), keep=cfg.keep_checkpoints)
 
     def log(record: dict):
@@ -154,22 +216,30 @@ def train(cfg: TrainConfig, evaluate: Callable | None = None) -> TrainResult:
                 scheduler.step()
                 continue
             optimizer.zero_grad(set_to_none=True)
+            with _autocast(cfg.precision):
+                ema_extra = [_encode_ema(ema, b) for b in micro_batches]
             if len(micro_batches) == 1:
                 with _autocast(cfg.precision):
                     out = model(micro_batches[0]["images"], micro_batches[0]["texts"])
-                    extra = _encode_extras(model, micro_batches[0])
+                    extra = {**_encode_extras(model, micro_batches[0]), **ema_extra[0]}
                 logs = loss_fn(_loss_inputs(out, micro_batches[0], extra))
                 logs["loss"].backward()
             else:
                 with torch.no_grad(), _autocast(cfg.precision):
                     cached = [model(b["images"], b["texts"]) for b in micro_batches]
+                    cached_extra = [_encode_extras(model, b) for b in micro_batches]
                 for k, b in enumerate(micro_batches):
                     with _autocast(cfg.precision):
                         out = model(b["images"], b["texts"])
+                        own_extra = _encode_extras(model, b)
                     joined = dict(out)
                     for key in ("image_features", "text_features"):
                         joined[key] = torch.cat([c[key] if j != k else out[key] for j, c in enumerate(cached)])
-                    logs = loss_fn(_loss_inputs(joined, b))
+                    if k > 0:  # the full-batch loss is recomputed per micro-batch: its scale and bias get gradient once
+                        for key in ("logit_scale", "logit_bias"):
+                            joined[key] = None if out[key] is None else out[key].detach()
+                    extra = _join([{**(own_extra if j == k else c), **e} for j, (c, e) in enumerate(zip(cached_extra, ema_extra))])
+                    logs = loss_fn(_loss_inputs(joined, b, extra))
                     logs["loss"].backward()
             loss_value = logs["loss"].item()
             if not math.isfinite(loss_value):
@@ -184,6 +254,8 @@ def train(cfg: TrainConfig, evaluate: Callable | None = None) -> TrainResult:
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
             optimizer.step()
             scheduler.step()
+            if ema is not None:
+                ema.update(model)
             step += 1
             n = sum(b["images"].shape[0] for b in micro_batches)
             samples_seen += n

@@ -1,0 +1,155 @@
+"""The training program feeds loss terms their extra inputs: hard-negative and count
+counterfactual captions, the EMA teacher's embeddings; exactly under gradient accumulation
+and across a resume, and not at all for a plain CLIP run."""
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import clipforge.train.loop as loop
+from clipforge.losses import LOSSES
+from clipforge.train import train
+from clipforge.train.data import TrainItems, same_wording
+
+
+def records(cfg, key):
+    return [r for r in map(json.loads, open(Path(cfg.out_dir) / "metrics.jsonl")) if key in r]
+
+
+def first_step_gradients(cfg, monkeypatch):
+    """Train and return the result plus a copy of the gradients of the first optimizer step."""
+    captured, clip = [], torch.nn.utils.clip_grad_norm_
+
+    def spy(params, *args, **kwargs):
+        params = list(params)
+        if not captured:
+            captured.append([p.grad.clone() for p in params])
+        return clip(params, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+        result = train(cfg)
+    return result, captured[0]
+
+
+def test_accumulation_with_extra_captions_matches_full_batch(tiny_cfg, monkeypatch):
+    cfg = dataclasses.replace(tiny_cfg, steps=3, save_every=0,
+                              loss={"clip": 1.0, "hard_negative": 1.0, "counting": 0.5, "degla_igc": 0.5})
+    full, g_full = first_step_gradients(cfg, monkeypatch)
+    acc, g_acc = first_step_gradients(dataclasses.replace(cfg, accum_steps=4, out_dir=cfg.out_dir + "_acc"), monkeypatch)
+    # the extra captions of all micro-batches join the loss: the full-batch gradient, up to float error
+    for a, b in zip(g_full, g_acc):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+    assert acc.losses[0] == pytest.approx(full.losses[0], abs=1e-6)
+    assert acc.losses == pytest.approx(full.losses, abs=1e-3)  # Adam amplifies float noise a little
+
+
+def test_ema_teacher_feeds_terms_and_resumes_exactly(tiny_cfg, tmp_path):
+    loss = {"clip": 1.0, "ema_distill": {"weight": 1.0, "negatives": True}, "degla_tgc": 0.5}
+    cfg = dataclasses.replace(tiny_cfg, steps=6, save_every=0, loss=loss, ema_momentum=0.5)
+    full = train(cfg)
+    logged = [r["ema_distill"] for r in records(cfg, "ema_distill")]
+    assert logged[0] < 1e-10 < logged[1]  # the teacher starts as a copy, then lags behind
+    split = dataclasses.replace(cfg, out_dir=str(tmp_path / "split"))
+    first = train(dataclasses.replace(split, stop_at=2))
+    resumed = train(dataclasses.replace(split, resume="latest"))
+    assert first.losses + resumed.losses == pytest.approx(full.losses, abs=1e-6)
+    state = torch.load(Path(split.out_dir) / "checkpoints" / "step_0000006" / "state.pt", weights_only=True)
+    assert any(k.startswith("model.") for k in state["ema"])  # the teacher's weights are checkpointed
+
+
+def test_ema_update_follows_the_momentum(tiny_cfg, monkeypatch):
+    seen = []
+    original = loop.EMATeacher.update
+
+    def spy(self, model):
+        before = {k: v.clone() for k, v in self.model.state_dict().items()}
+        original(self, model)
+        seen.append((before, {k: v.clone() for k, v in model.state_dict().items()}, self.model.state_dict()))
+
+    monkeypatch.setattr(loop.EMATeacher, "update", spy)
+    train(dataclasses.replace(tiny_cfg, steps=2, save_every=0, loss={"clip": 1.0, "ema_distill": 1.0}, ema_momentum=0.75))
+    before, student, after = seen[-1]
+    name = "visual.transformer.blocks.0.attn.in_proj.weight"
+    assert torch.allclose(after[name], 0.75 * before[name] + 0.25 * student[name])
+
+
+def test_plain_clip_prepares_nothing_extra(tiny_cfg, monkeypatch):
+    batches, teachers = [], []
+    encode, encode_ema = loop._encode_extras, loop._encode_ema
+    monkeypatch.setattr(loop, "_encode_extras", lambda model, b: batches.append(set(b)) or encode(model, b))
+    monkeypatch.setattr(loop, "_encode_ema", lambda ema, b: teachers.append(ema) or encode_ema(ema, b))
+    train(dataclasses.replace(tiny_cfg, steps=2, save_every=0))
+    assert batches and all(not {"negative_texts", "count_negative_texts"} & keys for keys in batches)
+    assert teachers and all(t is None for t in teachers)
+
+
+def test_unsupported_inputs_and_negative_types(tiny_cfg):
+    @LOSSES.register("needs-bogus-test", overwrite=True)
+    class NeedsBogus(torch.nn.Module):
+        extra_keys = ("bogus_features",)
+
+        def forward(self, inputs):
+            return {"loss": inputs.require("bogus_features")}
+
+    with pytest.raises(ValueError, match="bogus_features.*does not produce"):
+        train(dataclasses.replace(tiny_cfg, loss={"clip": 1.0, "needs-bogus-test": 1.0}))
+    from clipforge.data import build_dataset
+
+    ds = build_dataset("shapes", split="train", size=64, seed=0, image_size=32)
+    items = TrainItems(ds, seed=0, image_size=32, negatives=3, negative_types=("count",))
+    for i in range(64):
+        allowed = set(ds[i]["negatives"].get("count", []))
+        got = items[(0, i)]["negatives"]
+        assert set(got) <= allowed and len(got) == min(3, len(allowed))
+    # the counting loss gets the true caption worded like its counterfactual (only the number differs)
+    counted = TrainItems(ds, seed=0, image_size=32, count_negatives=True)
+    pairs = [(counted[(0, i)]["count_positive"], counted[(0, i)]["count_negative"]) for i in range(64)]
+    pairs = [(p, n) for p, n in pairs if n is not None]
+    assert pairs
+    for pos, neg in pairs:
+        a, b = pos.split(), neg.split()
+        assert len(a) == len(b) and 1 <= sum(u != v for u, v in zip(a, b)) <= 2, (pos, neg)
+    assert same_wording(["a picture of two red stars.", "two red stars."], "three red stars.") == "two red stars."
+    with pytest.raises(ValueError, match="ema_momentum"):
+        train(dataclasses.replace(tiny_cfg, ema_momentum=1.0))
+
+
+def test_stored_teacher_embeddings_feed_distillation(tiny_cfg, tmp_path, monkeypatch):
+    from clipforge.data import build_dataset
+    from clipforge.models import load_model
+    from clipforge.tokenizer import get_tokenizer
+    from clipforge.train import teachers as store_mod
+
+    teacher_dir = str(tmp_path / "teacher")
+    train(dataclasses.replace(tiny_cfg, steps=2, save_every=0, out_dir=teacher_dir))
+    data = dataclasses.replace(tiny_cfg.data, teachers=[teacher_dir, teacher_dir], teacher_cache=str(tmp_path / "cache"))
+    loss = {"clip": 0.5, "distill_kl": {"weight": 0.5, "teacher_scale": 20.0}, "hycd": 0.2, "dclip": 0.2}
+    cfg = dataclasses.replace(tiny_cfg, steps=3, save_every=0, loss=loss, data=data)
+    full = train(cfg)
+    assert all(r["distill_kl"] >= 0 for r in records(cfg, "distill_kl"))
+    # a second run re-uses the stored embeddings; accumulation joins them per teacher: same losses
+    monkeypatch.setattr(store_mod, "embed_training_set", lambda *a, **k: pytest.fail("recomputed the teacher embeddings"))
+    acc = train(dataclasses.replace(cfg, accum_steps=2, out_dir=cfg.out_dir + "_acc"))
+    assert acc.losses == pytest.approx(full.losses, abs=1e-3)
+
+    # the store holds the teacher's embeddings of each image and of each of its captions
+    store = store_mod.load_teacher_store(data.teachers, "shapes", data.train_size, data.seed, data.teacher_cache)
+    teacher = load_model(teacher_dir)
+    ds = build_dataset("shapes", split="train", size=data.train_size, seed=data.seed, image_size=teacher.image_size)
+    with torch.no_grad():
+        for i in (0, 7):
+            img = teacher.encode_image(store_mod._pixels([ds[i]["image"]], teacher.image_size))[0]
+            txt = teacher.encode_text(get_tokenizer(teacher.context_length)(ds[i]["captions"]))
+            assert torch.allclose(store.image[0][i], img, atol=1e-5)
+            assert torch.allclose(store.text[1][i, :len(txt)], txt, atol=1e-5)
+    # a training sample carries the embedding of the caption it drew
+    items = TrainItems(ds, seed=0, image_size=teacher.image_size, teachers=store)
+    for i in range(8):
+        it = items[(3, i)]
+        which = ds[i]["captions"].index(it["caption"])
+        assert torch.equal(it["teacher_text"][0], store.text[0][i, which])
+    with pytest.raises(ValueError, match="data.teachers"):
+        train(dataclasses.replace(cfg, data=tiny_cfg.data))
