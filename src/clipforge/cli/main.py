@@ -14,6 +14,7 @@ COMMANDS = {
     "train": ("clipforge.cli.train", "train a model from a config file and key=value overrides"),
     "eval": ("clipforge.cli.evaluate", "evaluate a trained model: zero-shot classification and retrieval"),
     "embed": ("clipforge.cli.embed", "turn images or texts into embeddings (.npy or .parquet)"),
+    "export": ("clipforge.cli.export", "write a model in another format: Hugging Face CLIPModel, ONNX, clipforge"),
 }
 
 EPILOG = """\
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, KeyError, FileNotFoundError) as e:
+    except (ValueError, KeyError, FileNotFoundError, ConnectionError) as e:
         # user errors: one clear line instead of a traceback
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"clipforge {args.command}: error: {msg}", file=sys.stderr)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import CLIPConfig
+from .hf_text import HFTextTower
 from .text import TextTransformer
 from .vision import VisionTransformer
 
@@ -20,7 +21,7 @@ class CLIP(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.visual = VisionTransformer(cfg.vision, cfg.embed_dim)
-        self.text = TextTransformer(cfg.text, cfg.embed_dim)
+        self.text = HFTextTower(cfg.hf_text, cfg.embed_dim) if cfg.hf_text is not None else TextTransformer(cfg.text, cfg.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias))) if cfg.init_logit_bias is not None else None
 
@@ -30,12 +31,18 @@ class CLIP(nn.Module):
 
     @property
     def context_length(self) -> int:
-        return self.cfg.text.context_length
+        return self.cfg.hf_text.context_length if self.cfg.hf_text is not None else self.cfg.text.context_length
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in backward to trade compute for memory."""
         self.visual.transformer.grad_checkpointing = enable
-        self.text.transformer.grad_checkpointing = enable
+        if isinstance(self.text, HFTextTower):
+            if enable:
+                self.text.encoder.gradient_checkpointing_enable()
+            else:
+                self.text.encoder.gradient_checkpointing_disable()
+        else:
+            self.text.transformer.grad_checkpointing = enable
 
     def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
         x = self.visual(images)

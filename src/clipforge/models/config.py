@@ -19,17 +19,24 @@ class VisionConfig:
     layers: int = 12
     heads: int = 12
     mlp_ratio: float = 4.0
-    pool: Literal["cls", "mean", "attn"] = "cls"
-    act: Literal["gelu", "quick_gelu"] = "gelu"
+    # cls: class token (CLIP); mean: mean of patch tokens; attn: learned-query attention + LN;
+    # map: SigLIP's multi-head attention pooling head (attention, then x + MLP(LN(x)))
+    pool: Literal["cls", "mean", "attn", "map"] = "cls"
+    act: Literal["gelu", "quick_gelu", "gelu_tanh"] = "gelu"
     ln_pre: bool = True  # OpenAI CLIP normalizes the patch sequence before the blocks
     ln_eps: float = 1e-5
-    attn_pool_heads: int = 8  # only for pool == "attn"
+    attn_pool_heads: int = 8  # only for pool == "attn" / "map"
+    class_token: bool = True  # SigLIP has none: positions cover the patches only
+    patch_bias: bool = False  # SigLIP's patch embedding has a bias
+    proj: bool = True  # False: the pooled width is the embedding (SigLIP), width must equal embed_dim
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
         if self.width % self.heads:
             raise ValueError(f"vision width {self.width} is not divisible by heads {self.heads}")
+        if self.pool == "cls" and not self.class_token:
+            raise ValueError("pool='cls' needs class_token=True; use pool='mean', 'attn' or 'map' without a class token")
 
 
 @dataclass
@@ -40,16 +47,37 @@ class TextConfig:
     layers: int = 12
     heads: int = 8
     mlp_ratio: float = 4.0
-    act: Literal["gelu", "quick_gelu"] = "gelu"
-    pool: Literal["eot", "mean", "first"] = "eot"
+    act: Literal["gelu", "quick_gelu", "gelu_tanh"] = "gelu"
+    # eot: first end-of-text token (CLIP); last: the last position (SigLIP); first; mean over non-padding
+    pool: Literal["eot", "mean", "first", "last"] = "eot"
     eot_token_id: int = 49407
     pad_token_id: int = 0
     causal: bool = True
     ln_eps: float = 1e-5
+    proj_bias: bool = False  # SigLIP's text head is a Linear layer with a bias
+    pad_mask: bool = True  # non-causal only: hide padding keys (SigLIP attends to its padding: False)
 
     def __post_init__(self):
         if self.width % self.heads:
             raise ValueError(f"text width {self.width} is not divisible by heads {self.heads}")
+
+
+@dataclass
+class HFTextConfig:
+    """A pretrained Hugging Face encoder (BERT family) as the text tower; see models/hf_text.py."""
+
+    path: str = ""  # a local directory with config.json and weights (or a hub id when online)
+    pool: Literal["mean", "cls"] = "mean"
+    context_length: int = 128
+    lock: bool = True  # freeze the encoder; the projection always trains
+    unlocked_layers: int = 0  # with lock: train the last N encoder layers (partly unlocked)
+    pretrained: bool = True  # False: same architecture, random weights (the "from scratch" arm)
+
+    def __post_init__(self):
+        if not self.path:
+            raise ValueError("HFTextConfig.path is empty: give the directory of a Hugging Face text encoder")
+        if self.unlocked_layers < 0:
+            raise ValueError(f"unlocked_layers must be >= 0, got {self.unlocked_layers}")
 
 
 @dataclass
@@ -61,6 +89,8 @@ class CLIPConfig:
     # None: no bias (softmax CLIP). SigLIP initializes the bias at -10 and log-scale at log(10).
     init_logit_bias: float | None = None
     max_logit_scale: float = 100.0
+    # set: a pretrained Hugging Face encoder replaces the text transformer (``text`` is then unused)
+    hf_text: HFTextConfig | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CLIPConfig":
@@ -71,8 +101,10 @@ class CLIPConfig:
             raise ValueError(f"unknown model config keys {sorted(unknown)}; known keys: {sorted(known)}")
         vision = VisionConfig(**d.pop("vision", {}))
         text = TextConfig(**d.pop("text", {}))
+        hf_text = d.pop("hf_text", None)
+        hf_text = HFTextConfig(**hf_text) if isinstance(hf_text, dict) else hf_text
         d.pop("name", None), d.pop("description", None)
-        return cls(vision=vision, text=text, **d)
+        return cls(vision=vision, text=text, hf_text=hf_text, **d)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

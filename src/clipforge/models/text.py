@@ -22,6 +22,7 @@ class TextTransformer(nn.Module):
         self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.ln_eps)
         self.ln_final = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.proj = nn.Parameter(torch.empty(cfg.width, output_dim))
+        self.proj_bias = nn.Parameter(torch.zeros(output_dim)) if cfg.proj_bias else None
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.proj, std=cfg.width**-0.5)
@@ -40,9 +41,11 @@ class TextTransformer(nn.Module):
         x = self.token_embedding(ids) + self.positional_embedding[:n].to(self.token_embedding.weight.dtype)
         if self.cfg.causal:
             x = self.transformer(x, is_causal=True)
-        else:  # bidirectional: mask the padding keys instead
+        elif self.cfg.pad_mask:  # bidirectional: mask the padding keys instead
             keep = (ids != self.cfg.pad_token_id)[:, None, None, :]
             x = self.transformer(x, attn_mask=keep)
+        else:  # bidirectional over every position, padding included (SigLIP)
+            x = self.transformer(x)
         return self.ln_final(x)
 
     def eot_index(self, ids: Tensor) -> Tensor:
@@ -56,8 +59,11 @@ class TextTransformer(nn.Module):
             return tokens[torch.arange(tokens.shape[0], device=tokens.device), self.eot_index(ids)]
         if self.cfg.pool == "first":
             return tokens[:, 0]
+        if self.cfg.pool == "last":
+            return tokens[:, -1]
         mask = (ids != self.cfg.pad_token_id).unsqueeze(-1).to(tokens.dtype)
         return (tokens * mask).sum(1) / mask.sum(1).clamp_min(1)
 
     def forward(self, ids: Tensor) -> Tensor:
-        return self.pool(self.forward_tokens(ids), ids) @ self.proj
+        x = self.pool(self.forward_tokens(ids), ids) @ self.proj
+        return x + self.proj_bias if self.proj_bias is not None else x

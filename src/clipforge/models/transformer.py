@@ -41,7 +41,9 @@ def make_act(name: str) -> nn.Module:
         return nn.GELU()
     if name == "quick_gelu":
         return QuickGELU()
-    raise ValueError(f"unknown activation '{name}'; use 'gelu' or 'quick_gelu'")
+    if name == "gelu_tanh":  # the tanh approximation of GELU (SigLIP's gelu_pytorch_tanh)
+        return nn.GELU(approximate="tanh")
+    raise ValueError(f"unknown activation '{name}'; use 'gelu', 'quick_gelu' or 'gelu_tanh'")
 
 
 class Attention(nn.Module):

@@ -2,8 +2,11 @@
 
 patches -> linear patch embedding (a strided convolution) -> [class token; patches] +
 positional embedding -> ln_pre -> pre-LN blocks -> ln_post -> pooling -> projection.
-Pooling is the class token (CLIP), the mean of patch tokens, or attention pooling with a
-learned query (as in SigLIP's MAP head).
+Pooling is the class token (CLIP), the mean of patch tokens, attention pooling with a
+learned query, or SigLIP's MAP head (Zhai et al., 2023: multi-head attention pooling
+followed by a residual MLP). SigLIP towers also drop the class token, put a bias on the
+patch embedding and skip the final projection (``VisionConfig.class_token``, ``patch_bias``,
+``proj``).
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import VisionConfig
-from .transformer import Transformer
+from .transformer import Transformer, make_act
 
 
 class AttentionPool(nn.Module):
@@ -28,25 +31,46 @@ class AttentionPool(nn.Module):
         return self.ln(self.attn(q, x, x, need_weights=False)[0][:, 0])
 
 
+class MAPHead(nn.Module):
+    """SigLIP's multi-head attention pooling: y = MHA(probe, x, x); out = y + MLP(LN(y))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, act: str, ln_eps: float):
+        super().__init__()
+        self.probe = nn.Parameter(torch.randn(1, 1, width) * width**-0.5)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln = nn.LayerNorm(width, eps=ln_eps)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), make_act(act), nn.Linear(hidden, width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.attn(self.probe.expand(x.shape[0], -1, -1), x, x, need_weights=False)[0]
+        return (y + self.mlp(self.ln(y)))[:, 0]
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, cfg: VisionConfig, output_dim: int):
         super().__init__()
         self.cfg = cfg
         w = cfg.width
         self.grid = cfg.image_size // cfg.patch_size
-        self.patch_embed = nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.patch_embed = nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
         scale = w**-0.5
-        self.class_embedding = nn.Parameter(scale * torch.randn(w))
-        self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid**2 + 1, w))
+        self.num_prefix = 1 if cfg.class_token else 0
+        self.class_embedding = nn.Parameter(scale * torch.randn(w)) if cfg.class_token else None
+        self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid**2 + self.num_prefix, w))
         self.ln_pre = nn.LayerNorm(w, eps=cfg.ln_eps) if cfg.ln_pre else nn.Identity()
         self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.ln_eps)
         self.ln_post = nn.LayerNorm(w, eps=cfg.ln_eps)
         self.attn_pool = AttentionPool(w, cfg.attn_pool_heads) if cfg.pool == "attn" else None
-        self.proj = nn.Parameter(scale * torch.randn(w, output_dim))
+        if cfg.pool == "map":
+            self.attn_pool = MAPHead(w, cfg.attn_pool_heads, cfg.mlp_ratio, cfg.act, cfg.ln_eps)
+        if not cfg.proj and w != output_dim:
+            raise ValueError(f"vision proj=False needs width == embed_dim, got width {w} and embed_dim {output_dim}")
+        self.proj = nn.Parameter(scale * torch.randn(w, output_dim)) if cfg.proj else None
         self.transformer.init_weights()
 
     def forward_tokens(self, pixels: Tensor) -> Tensor:
-        """All tokens after ln_post: [B, 1 + grid^2, width] (class token first)."""
+        """All tokens after ln_post: [B, num_prefix + grid^2, width] (class token first, if any)."""
         if pixels.ndim != 4 or pixels.shape[1] != 3:
             raise ValueError(f"expected images of shape [B, 3, H, W], got {tuple(pixels.shape)}")
         if pixels.shape[-1] != self.cfg.image_size or pixels.shape[-2] != self.cfg.image_size:
@@ -55,8 +79,9 @@ class VisionTransformer(nn.Module):
                 "preprocess them with clipforge.image_transform(model.image_size)"
             )
         x = self.patch_embed(pixels).flatten(2).transpose(1, 2)  # [B, N, w]
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        if self.class_embedding is not None:
+            x = torch.cat([self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
+        x = x + self.positional_embedding.to(x.dtype)
         x = self.transformer(self.ln_pre(x))
         return self.ln_post(x)
 
@@ -64,8 +89,9 @@ class VisionTransformer(nn.Module):
         if self.cfg.pool == "cls":
             return tokens[:, 0]
         if self.cfg.pool == "mean":
-            return tokens[:, 1:].mean(dim=1)
+            return tokens[:, self.num_prefix :].mean(dim=1)
         return self.attn_pool(tokens)
 
     def forward(self, pixels: Tensor) -> Tensor:
-        return self.pool(self.forward_tokens(pixels)) @ self.proj
+        pooled = self.pool(self.forward_tokens(pixels))
+        return pooled @ self.proj if self.proj is not None else pooled

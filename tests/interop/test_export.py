@@ -1,0 +1,67 @@
+"""`clipforge export` (HF and clipforge formats) and ONNX export parity with onnxruntime."""
+import pytest
+import torch
+
+import clipforge
+from clipforge.cli.main import main
+from clipforge.models import save_model
+
+SIGLIP_LIKE = dict(embed_dim=64, init_logit_bias=-10.0,
+                   vision=dict(image_size=32, patch_size=8, width=64, layers=2, heads=4, class_token=False, ln_pre=False,
+                               patch_bias=True, pool="map", proj=False, attn_pool_heads=4, act="gelu_tanh", ln_eps=1e-6),
+                   text=dict(vocab_size=300, context_length=16, width=48, layers=2, heads=4, causal=False, pad_mask=False,
+                             pool="last", proj_bias=True, act="gelu_tanh", ln_eps=1e-6))
+
+
+def test_cli_export_run_to_hf(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = clipforge.create_model("tiny", seed=3).eval()
+    save_model(model, tmp_path / "run")
+    assert main(["export", str(tmp_path / "run"), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
+    hf = transformers.CLIPModel.from_pretrained(tmp_path / "hf").eval()
+    pixels, ids = torch.randn(2, 3, 64, 64), clipforge.tokenize(["a red circle", "three green stars"], context_length=32)
+    with torch.no_grad():
+        img = torch.nn.functional.normalize(hf.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+        txt = torch.nn.functional.normalize(hf.get_text_features(input_ids=ids).pooler_output, dim=-1)
+        assert (img - model.encode_image(pixels)).abs().max() <= 1e-4
+        assert (txt - model.encode_text(ids)).abs().max() <= 1e-4
+    # and back: the HF directory loads as the same model
+    again, _, _ = clipforge.load(tmp_path / "hf")
+    for k, v in model.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
+
+
+def test_cli_export_errors_are_one_line(tmp_path, capsys):
+    model = clipforge.create_model("tiny", seed=0, vision={"pool": "mean"})
+    save_model(model, tmp_path / "run")
+    assert main(["export", str(tmp_path / "run"), "--to", "hf", "--out", str(tmp_path / "hf")]) == 2
+    assert "matches neither" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "missing"), "--to", "hf", "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.parametrize("arch", ["tiny", "siglip-like"])
+def test_onnx_parity(tmp_path, arch):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from clipforge.interop.onnx_export import OnnxCLIP, export_onnx
+
+    model = (clipforge.create_model("tiny", seed=1) if arch == "tiny"
+             else clipforge.create_model(clipforge.CLIPConfig.from_dict(SIGLIP_LIKE), seed=1)).eval()
+    export_onnx(model, tmp_path)
+    onnx_model = OnnxCLIP(tmp_path)
+    size, ctx = model.image_size, model.context_length
+    g = torch.Generator().manual_seed(0)
+    for batch in (1, 5):  # the batch axis is dynamic
+        pixels = torch.randn(batch, 3, size, size, generator=g)
+        ids = torch.randint(1, 250, (batch, ctx), generator=g)
+        ids[:, -3] = model.cfg.text.eot_token_id if arch == "tiny" else ids[:, -3]
+        with torch.no_grad():
+            assert (onnx_model.encode_image(pixels) - model.encode_image(pixels)).abs().max().item() <= 1e-4
+            assert (onnx_model.encode_text(ids) - model.encode_text(ids)).abs().max().item() <= 1e-4
+
+
+def test_cli_export_onnx(tmp_path):
+    pytest.importorskip("onnx")
+    save_model(clipforge.create_model("tiny", seed=0), tmp_path / "run")
+    assert main(["export", str(tmp_path / "run"), "--to", "onnx", "--out", str(tmp_path / "onnx")]) == 0
+    assert (tmp_path / "onnx" / "image_encoder.onnx").exists() and (tmp_path / "onnx" / "text_encoder.onnx").exists()

