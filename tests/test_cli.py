@@ -38,10 +38,12 @@ def test_train_eval_embed_roundtrip(tmp_path, capsys):
     assert main(["train", f"out_dir={run}", *SMALL]) == 0
     out = capsys.readouterr().out
     assert "zero-shot object" in out and "chance" in out
-    assert main(["eval", str(run), "--size", "24", "--json", "--out", str(tmp_path / "r.json")]) == 0
+    rep = tmp_path / "rep"
+    assert main(["eval", str(run), "--size", "24", "--json", "--quiet", "--no-cache", "--out", str(rep)]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(res) == {"zero_shot", "retrieval"}
-    assert json.loads((tmp_path / "r.json").read_text())["zero_shot"]["object"]["confusion_matrix"]
+    assert {"zero_shot", "retrieval", "diagnostics"} <= set(res) and res["suite"] == "quick"
+    assert json.loads((rep / "results.json").read_text())["zero_shot"]["object"]["confusion_matrix"]
+    assert (rep / "report.html").read_text().count("data:image/png;base64,") >= 3
     assert main(["embed", str(run), "--texts", "a red circle", "two blue squares", "--out", str(tmp_path / "t.npy")]) == 0
     emb = np.load(tmp_path / "t.npy")
     assert emb.shape == (2, 32) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)

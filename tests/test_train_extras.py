@@ -153,3 +153,21 @@ def test_stored_teacher_embeddings_feed_distillation(tiny_cfg, tmp_path, monkeyp
         assert torch.equal(it["teacher_text"][0], store.text[0][i, which])
     with pytest.raises(ValueError, match="data.teachers"):
         train(dataclasses.replace(cfg, data=tiny_cfg.data))
+
+
+def test_caption_policy_pairs_negatives_with_their_source_caption():
+    """Hard negatives are written from a sample's first caption; with them, the step's positive
+    is that caption (policy "first", chosen by "auto"), otherwise any caption may be drawn."""
+    from clipforge.data import build_dataset
+    from clipforge.train.loop import _caption_policy
+
+    ds = build_dataset("shapes", split="train", size=40, seed=0, image_size=32)
+    first = TrainItems(ds, seed=0, image_size=32, negatives=2, caption_policy="first")
+    assert all(first[(e, i)]["caption"] == ds[i]["captions"][0] for e in range(3) for i in range(40))
+    drawn = {TrainItems(ds, seed=0, image_size=32)[(e, i)]["caption"] for e in range(6) for i in range(40)}
+    assert drawn - {ds[i]["captions"][0] for i in range(40)}, "random policy never drew another caption"
+    assert _caption_policy("auto", {"negative_text_features"}) == "first"
+    assert _caption_policy("auto", set()) == "random"
+    assert _caption_policy("random", {"negative_text_features"}) == "random"
+    with pytest.raises(ValueError, match="caption_policy"):
+        TrainItems(ds, seed=0, image_size=32, caption_policy="longest")

@@ -12,7 +12,7 @@ import sys
 COMMANDS = {
     "demo": ("clipforge.cli.demo", "train the tiny model on the built-in shapes data and show what it learned (~2.5 min)"),
     "train": ("clipforge.cli.train", "train a model from a config file and key=value overrides"),
-    "eval": ("clipforge.cli.evaluate", "evaluate a trained model: zero-shot classification and retrieval"),
+    "eval": ("clipforge.cli.evaluate", "evaluate a model with a suite (quick or full): JSON and an HTML report"),
     "embed": ("clipforge.cli.embed", "turn images or texts into embeddings (.npy or .parquet)"),
     "export": ("clipforge.cli.export", "write a model in another format: Hugging Face CLIPModel, ONNX, clipforge"),
 }
@@ -21,7 +21,7 @@ EPILOG = """\
 first steps:
   clipforge demo                       # train + evaluate a tiny CLIP on procedural shapes, no download
   clipforge train out_dir=runs/a steps=2000
-  clipforge eval runs/a                # zero-shot and retrieval on held-out shapes splits
+  clipforge eval runs/a --suite full   # every evaluation task; writes results.json and report.html
   clipforge embed runs/a --texts "a red circle" "two blue squares" --out emb.npy
 
 Run 'clipforge COMMAND --help' for the options of one command.

@@ -31,7 +31,10 @@ def gda_classifier(support: Tensor, labels: Tensor, num_classes: int, shrinkage:
     centered = x - mu[labels]
     cov = centered.t() @ centered / max(1, x.shape[0] - num_classes)
     d = cov.shape[0]
-    cov = (1 - shrinkage) * cov + shrinkage * torch.trace(cov) / d * torch.eye(d, dtype=x.dtype)
+    spread = torch.trace(cov) / d
+    if spread <= 0:  # every support vector equals its class mean (a degenerate embedding): shrink to identity
+        spread = torch.ones((), dtype=x.dtype)
+    cov = (1 - shrinkage) * cov + shrinkage * spread * torch.eye(d, dtype=x.dtype)
     prec_mu = torch.linalg.solve(cov, mu.t()).t()  # [C, d] = Sigma^-1 mu_c
     prior = counts / counts.sum()
     b = -0.5 * (prec_mu * mu).sum(-1) + prior.log()

@@ -31,7 +31,10 @@ class DataConfig:
     # frozen teacher models (checkpoint or run directories) whose embeddings of the training set are
     # stored once and delivered with the batches, only when a loss term reads them (distill_kl, hycd, dclip)
     teachers: List[str] = field(default_factory=list)
-    teacher_cache: Optional[str] = None  # where the embeddings are stored; default <out_dir>/teacher_cache
+    teacher_cache: Optional[str] = None
+    # which caption of a sample a step uses: random | first | auto (first when a loss term reads
+    # hard negatives, which are written from a sample's first caption; random otherwise)
+    caption_policy: str = "auto"  # where the embeddings are stored; default <out_dir>/teacher_cache
 
 
 @dataclass
@@ -80,6 +83,8 @@ class TrainConfig:
             raise ValueError("loss needs at least one term, e.g. loss={clip: 1.0}")
         if not 0.0 <= self.ema_momentum < 1.0:
             raise ValueError(f"ema_momentum must be in [0, 1), got {self.ema_momentum}")
+        if self.data.caption_policy not in ("auto", "random", "first"):
+            raise ValueError(f"data.caption_policy must be auto, random or first, got '{self.data.caption_policy}'")
         if self.data.hard_negatives < 1:
             raise ValueError(f"data.hard_negatives must be >= 1, got {self.data.hard_negatives}")
         return self

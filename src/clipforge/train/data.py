@@ -44,6 +44,9 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
             b += 1
 
 
+CAPTION_POLICIES = ("random", "first")
+
+
 @dataclass
 class TrainItems(Dataset):
     """Wraps a dataset: ``ds[(epoch, index)]`` picks one caption and prepares the image."""
@@ -56,8 +59,14 @@ class TrainItems(Dataset):
     negative_types: tuple[str, ...] = ()  # draw negatives only of these types; () = every type
     count_negatives: bool = False  # one counterfactual count caption where the sample states a count
     teachers: Any = None  # a TeacherStore: stored teacher embeddings of the image and of the drawn caption
+    # "random": one of the sample's captions per step; "first": always captions[0], the caption a
+    # dataset writes its hard negatives from (a random other wording would let a model tell the
+    # negative from the positive by the template alone, not by its meaning)
+    caption_policy: str = "random"
 
     def __post_init__(self):
+        if self.caption_policy not in CAPTION_POLICIES:
+            raise ValueError(f"caption_policy must be one of {CAPTION_POLICIES}, got '{self.caption_policy}'")
         self.transform = image_transform(self.image_size, is_train=self.augment)
 
     def __len__(self) -> int:
@@ -82,7 +91,7 @@ class TrainItems(Dataset):
                 raise ValueError(f"sample {index} has no caption")
         except (ImageLoadError, ValueError, KeyError, OSError) as e:
             return {"error": f"sample {index}: {e}"}
-        which = int(rng.integers(len(captions)))
+        which = 0 if self.caption_policy == "first" else int(rng.integers(len(captions)))
         out = {"pixels": pixels, "caption": captions[which], "index": index}
         if self.teachers is not None:
             out["teacher_image"], out["teacher_text"] = self.teachers.lookup(index, which)

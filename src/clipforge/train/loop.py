@@ -103,6 +103,12 @@ def _encode_ema(ema: EMATeacher | None, batch: dict) -> dict:
     return extra
 
 
+def _caption_policy(policy: str, needs: set) -> str:
+    if policy != "auto":
+        return policy
+    return "first" if needs & {NEGATIVES, "ema_negative_text_features"} else "random"
+
+
 def _join(parts: list[dict]) -> dict:
     """Concatenate each extra entry of the micro-batches along the batch dimension (per teacher for lists)."""
     def cat(values):
@@ -180,7 +186,7 @@ def train(cfg: TrainConfig, evaluate: Callable | None = None) -> TrainResult:
     items = TrainItems(dataset, cfg.seed, model.image_size, augment=cfg.data.augment,
                        negatives=cfg.data.hard_negatives if needs & {NEGATIVES, "ema_negative_text_features"} else 0,
                        negative_types=tuple(cfg.data.negative_types), count_negatives=COUNTS in needs,
-                       teachers=teachers)
+                       teachers=teachers, caption_policy=_caption_policy(cfg.data.caption_policy, needs))
     loader = train_loader(items, micro, cfg.seed, start_batch=start_step * cfg.accum_steps,
                           num_batches=(cfg.steps - start_step) * cfg.accum_steps, tokenizer=tokenizer,
                           num_workers=cfg.data.num_workers)

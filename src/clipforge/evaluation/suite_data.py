@@ -1,0 +1,194 @@
+"""What an evaluation suite reads from a dataset: labelled images per label view, a retrieval
+set, images with typed hard-negative captions, count-choice sets and an in/out pair for OOD
+detection. Each piece carries a ``spec`` string that identifies it exactly (dataset, split,
+size, seed, image size), which keys the embedding cache.
+
+:class:`ShapesSuiteData` provides every piece for the procedural ``shapes`` dataset:
+
+- classification: the ``shape``/``color``/``object`` views on the held-out ``compositional``
+  split (color-shape pairs never seen in training), ``count`` on ``counting``; the probes
+  train on single-object images of ``train`` (with a seed other than training's) and pick
+  their regularization on ``val``;
+- retrieval: every caption of every ``val`` image;
+- compositionality: ``val`` images, their first caption (the one the negatives were written
+  from) and the dataset's typed negatives (color, shape, count, relation, swap);
+- counting: each ``counting`` image with the four captions that differ only in the number;
+- OOD: in-distribution = ``compositional`` single objects, out-of-distribution = procedural
+  textures (noise, stripes, gradients, checkerboards) that contain no shape.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..data import LABEL_VIEWS, build_dataset
+from ..data.shapes import COUNT_WORDS
+
+
+@dataclass
+class Labelled:
+    images: list[Tensor]
+    labels: Tensor
+    classnames: list[str]
+    templates: list[str]
+    spec: str
+    captions: list[list[str]] = field(default_factory=list)  # each image's own captions (CapS-Adapter support)
+
+
+@dataclass
+class RetrievalSet:
+    images: list[Tensor]
+    captions: list[str]
+    owner: Tensor  # caption j describes image owner[j]
+    spec: str
+
+
+@dataclass
+class NegativeSet:
+    images: list[Tensor]
+    positives: list[str]
+    negatives: list[dict[str, list[str]]]
+    spec: str
+
+
+@dataclass
+class CountSet:
+    images: list[Tensor]
+    candidates: list[list[str]]  # per image, one caption per count
+    true_index: Tensor
+    spec: str
+
+
+@dataclass
+class OODSet:
+    in_images: list[Tensor]
+    out_images: list[Tensor]
+    classnames: list[str]
+    templates: list[str]
+    in_spec: str
+    out_spec: str
+    out_name: str = "textures"
+
+
+def textures(n: int, size: int, seed: int) -> list[Tensor]:
+    """Shape-free images: Gaussian noise, stripes, color gradients and checkerboards."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    out = []
+    for i in range(n):
+        kind = i % 4
+        c1, c2 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        if kind == 0:
+            img = rng.normal(rng.uniform(60, 190), rng.uniform(20, 70), (size, size, 3))
+        elif kind == 1:
+            freq, angle = rng.uniform(3, 12), rng.uniform(0, np.pi)
+            t = (np.sin(2 * np.pi * freq * (xx * np.cos(angle) + yy * np.sin(angle))) > 0)[..., None]
+            img = np.where(t, c1, c2)
+        elif kind == 2:
+            t = (xx * rng.uniform(-1, 1) + yy * rng.uniform(-1, 1))[..., None]
+            t = (t - t.min()) / max(float(np.ptp(t)), 1e-6)
+            img = c1 * (1 - t) + c2 * t
+        else:
+            cells = int(rng.integers(2, 9))
+            t = ((np.floor(xx * cells) + np.floor(yy * cells)) % 2)[..., None]
+            img = np.where(t > 0, c1, c2)
+        out.append(torch.from_numpy(np.clip(img, 0, 255).astype(np.uint8)).permute(2, 0, 1).contiguous())
+    return out
+
+
+@dataclass
+class ShapesSuiteData:
+    image_size: int
+    size: int = 500
+    seed: int = 12345
+    name: str = "shapes"
+    _splits: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def _split(self, split: str, size: int | None = None):
+        size = size or self.size
+        key = f"{split}:{size}"
+        if key not in self._splits:
+            self._splits[key] = build_dataset("shapes", split=split, size=size, seed=self.seed, image_size=self.image_size)
+        return self._splits[key]
+
+    def _spec(self, split: str, size: int | None = None, extra: str = "") -> str:
+        return f"shapes/{split}/n={size or self.size}/seed={self.seed}/px={self.image_size}{extra}"
+
+    # ------------------------------------------------------------------ classification
+    def classification_views(self) -> list[tuple[str, str]]:
+        """(task name, label view) pairs for zero-shot classification."""
+        return [("object", "object"), ("shape", "shape"), ("color", "color"), ("count", "count")]
+
+    def labelled(self, view: str, split: str | None = None, size: int | None = None) -> Labelled:
+        split = split or ("counting" if view == "count" else "compositional")
+        ds = self._split(split, size)
+        images, labels, captions = [], [], []
+        for i in range(len(ds)):
+            item = ds[i]
+            if view in item["labels"] and (view == "count" or item["kind"] == "single"):
+                images.append(item["image"])
+                labels.append(item["labels"][view])
+                captions.append(list(item["captions"]))
+        spec = LABEL_VIEWS[view]
+        return Labelled(images, torch.tensor(labels, dtype=torch.long), list(spec["classes"]), list(spec["templates"]),
+                        self._spec(split, size, f"/view={view}"), captions)
+
+    def probe_splits(self, view: str = "shape") -> tuple[Labelled, Labelled, Labelled]:
+        """(train, val, test) for the linear and few-shot probes: single objects of ``train`` and
+        ``val`` (4x the evaluation size, since only ~30% of scenes are single objects) and the
+        held-out pairs of ``compositional`` as the test set."""
+        return (self.labelled(view, "train", 4 * self.size), self.labelled(view, "val", 4 * self.size),
+                self.labelled(view, "compositional"))
+
+    # ------------------------------------------------------------------ retrieval etc.
+    def retrieval(self) -> RetrievalSet:
+        ds = self._split("val")
+        images, captions, owner = [], [], []
+        for i in range(len(ds)):
+            item = ds[i]
+            images.append(item["image"])
+            for c in item["captions"]:
+                captions.append(c)
+                owner.append(i)
+        return RetrievalSet(images, captions, torch.tensor(owner), self._spec("val"))
+
+    def negative_set(self) -> NegativeSet:
+        ds = self._split("val")
+        images, positives, negatives = [], [], []
+        for i in range(len(ds)):
+            item = ds[i]
+            if item["negatives"]:
+                images.append(item["image"])
+                positives.append(item["captions"][0])  # the caption the negatives were written from
+                negatives.append(item["negatives"])
+        return NegativeSet(images, positives, negatives, self._spec("val", extra="/with-negatives"))
+
+    def count_set(self) -> CountSet:
+        ds = self._split("counting")
+        images, candidates, truth = [], [], []
+        for i in range(len(ds)):
+            item = ds[i]
+            pos = item["captions"][0]
+            negs = item["negatives"]["count"]
+            # every candidate has the wording of variant 0; order them by the count they state
+            options = sorted([pos, *negs], key=lambda c: COUNT_WORDS.index(c.split()[0]))
+            images.append(item["image"])
+            candidates.append(options)
+            truth.append(options.index(pos))
+        return CountSet(images, candidates, torch.tensor(truth), self._spec("counting"))
+
+    def ood_set(self) -> OODSet:
+        inside = self.labelled("shape")
+        out = textures(len(inside.images), self.image_size, self.seed)
+        return OODSet(inside.images, out, inside.classnames, inside.templates, inside.spec,
+                      f"textures/n={len(out)}/seed={self.seed}/px={self.image_size}")
+
+
+def suite_data(dataset: str, image_size: int, size: int = 500, seed: int = 12345):
+    if dataset == "shapes":
+        return ShapesSuiteData(image_size, size, seed)
+    raise ValueError(f"dataset '{dataset}' has no evaluation suite data yet; available: shapes")

@@ -1,0 +1,117 @@
+"""The evaluation suite end to end: cache hits and invalidation, a degenerate model gets chance,
+the report has every plot, ties in retrieval are ordered at random in expectation."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from clipforge.evaluation.cache import EmbeddingCache, model_fingerprint
+from clipforge.evaluation.retrieval import retrieval_metrics
+from clipforge.evaluation.suite import SUITES, run_suite
+from clipforge.models import CLIP, CLIPConfig
+from clipforge.tokenizer import get_tokenizer
+
+SMALL = {"embed_dim": 16, "vision": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "heads": 2},
+         "text": {"context_length": 16, "width": 32, "layers": 1, "heads": 2}}
+
+
+def small_model(seed: int = 0) -> CLIP:
+    torch.manual_seed(seed)
+    return CLIP(CLIPConfig.from_dict(SMALL)).eval()
+
+
+def test_cache_hits_and_invalidates_when_the_weights_change(tmp_path):
+    model = small_model()
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return torch.randn(3, 16)
+
+    first = EmbeddingCache(model, tmp_path).get("images:x", compute)
+    again = EmbeddingCache(model, tmp_path).get("images:x", compute)
+    assert len(calls) == 1 and torch.equal(first, again)
+    assert not list(tmp_path.rglob("*.tmp*")), "a temporary file was left behind"
+    with torch.no_grad():
+        model.logit_scale.add_(1e-3)  # the smallest change of any weight is another model
+    changed = EmbeddingCache(model, tmp_path)
+    changed.get("images:x", compute)
+    assert len(calls) == 2 and changed.misses == 1
+    assert model_fingerprint(model) != model_fingerprint(small_model())
+    # a damaged entry is recomputed, not trusted
+    for f in tmp_path.rglob("*.safetensors"):
+        f.write_bytes(b"garbage")
+    EmbeddingCache(model, tmp_path).get("images:x", compute)
+    assert len(calls) == 3
+
+
+def test_suite_reuses_embeddings_on_the_second_run(tmp_path):
+    model = small_model()
+    tok = get_tokenizer(model.context_length)
+    first = run_suite(model, tok, "quick", size=24, cache_dir=tmp_path, progress=False)
+    second = run_suite(model, tok, "quick", size=24, cache_dir=tmp_path, progress=False)
+    assert first.results["cache"]["misses"] > 0 and second.results["cache"]["misses"] == 0
+    assert second.results["zero_shot"] == first.results["zero_shot"]
+
+
+def test_ties_are_broken_at_random_in_expectation():
+    same = torch.ones(2, 4)
+    r = retrieval_metrics(same, same, torch.tensor([0, 1]))
+    assert r["t2i_R@1"] == pytest.approx(0.5) and r["i2t_R@1"] == pytest.approx(0.5)
+    # 3 images, 6 captions (2 each), all tied: P(an own caption is first) = 2/6
+    r = retrieval_metrics(torch.ones(3, 4), torch.ones(6, 4), torch.tensor([0, 0, 1, 1, 2, 2]))
+    assert r["i2t_R@1"] == pytest.approx(2 / 6) and r["t2i_R@1"] == pytest.approx(1 / 3)
+    # top-2 for i2t: 1 - C(4,2)/C(6,2) = 1 - 6/15
+    assert r["i2t_R@5"] == pytest.approx(1.0) and retrieval_metrics(
+        torch.ones(3, 4), torch.ones(6, 4), torch.tensor([0, 0, 1, 1, 2, 2]), ks=(2,))["i2t_R@2"] == pytest.approx(1 - 6 / 15)
+
+
+def test_degenerate_embedding_gets_chance_not_a_crash_or_a_perfect_score(tmp_path):
+    model = small_model()
+    constant = torch.nn.functional.normalize(torch.ones(16), dim=0)
+    model.encode_image = lambda pixels: constant.expand(pixels.shape[0], -1).clone()
+    model.encode_text = lambda ids: constant.expand(ids.shape[0], -1).clone()
+    res = run_suite(model, get_tokenizer(model.context_length), "full", size=40, cache_dir=None, progress=False).results
+    for task, r in res["zero_shot"].items():
+        assert r["balanced_accuracy"] == pytest.approx(1 / r["num_classes"]), task
+    rt = res["retrieval"]["val"]
+    assert rt["t2i_R@1"] == pytest.approx(rt["t2i_R@1_chance"], rel=1e-4)
+    assert rt["i2t_R@1"] == pytest.approx(rt["i2t_R@1_chance"], rel=0.05)
+    assert res["ood"]["mcm"]["auroc"] == pytest.approx(0.5)
+    assert res["diagnostics"]["modality_gap"] == pytest.approx(0.0, abs=1e-6)
+    assert res["diagnostics"]["modality_classifier_accuracy"] <= 0.6
+    assert res["counting"]["accuracy"] <= 0.5
+    for kind, v in res["compositionality"]["per_type"].items():
+        assert v["accuracy"] == 0.0, kind  # a tie is not a win: the positive must score strictly higher
+    shape_chance = 1 / 5
+    assert res["robustness"]["clean"] == pytest.approx(shape_chance)
+    for v in res["robustness"]["corruptions"].values():
+        assert all(a == pytest.approx(shape_chance) for a in v.values())
+    assert res["few_shot"]["zero_shot"] == pytest.approx(shape_chance)
+    assert all(math.isfinite(v) for v in (res["calibration"]["ece"], res["calibration"]["ece_scaled"]))
+
+
+def test_full_suite_writes_json_and_a_report_with_every_plot(tmp_path):
+    from clipforge.evaluation.report import write_report
+
+    model = small_model()
+    res = run_suite(model, get_tokenizer(model.context_length), "full", size=24, cache_dir=tmp_path / "c", progress=False)
+    assert set(SUITES["full"]) <= set(res.results)
+    json_path, html_path = write_report(res.results, res.artifacts, tmp_path / "rep")
+    page = html_path.read_text()
+    # confusion x4, retrieval grid, projection, few-shot, compositionality, OOD, reliability, robustness
+    assert page.count("data:image/png;base64,") == 11
+    for heading in ("Zero-shot", "Retrieval", "Linear probe", "Few-shot", "Compositionality", "Counting",
+                    "Out-of-distribution", "Calibration", "Robustness", "Embedding space"):
+        assert heading in page
+    assert json_path.exists()
+
+
+def test_unknown_suite_and_task_are_named():
+    model = small_model()
+    with pytest.raises(ValueError, match="unknown suite 'huge'.*full"):
+        run_suite(model, get_tokenizer(16), "huge", cache_dir=None, progress=False)
+    with pytest.raises(ValueError, match="unknown tasks"):
+        run_suite(model, get_tokenizer(16), tasks=["zero_shot", "vibes"], cache_dir=None, progress=False)
