@@ -171,3 +171,29 @@ def test_caption_policy_pairs_negatives_with_their_source_caption():
     assert _caption_policy("random", {"negative_text_features"}) == "random"
     with pytest.raises(ValueError, match="caption_policy"):
         TrainItems(ds, seed=0, image_size=32, caption_policy="longest")
+
+
+def test_projection_only_training_from_pretrained_weights(tiny_cfg, tmp_path):
+    """uCLIP-style alignment: start from a trained model (init_from), train only the projections
+    (trainable); every encoder weight stays exactly as it was loaded."""
+    from clipforge.models import load_model
+
+    source = train(dataclasses.replace(tiny_cfg, steps=3, out_dir=str(tmp_path / "src")))
+    before = {k: v.clone() for k, v in source.model.state_dict().items()}
+    cfg = dataclasses.replace(tiny_cfg, steps=4, out_dir=str(tmp_path / "aligned"), init_from=str(tmp_path / "src"),
+                              trainable=["visual.proj", "text.proj", "logit_scale"], model="no-such-model")
+    after = train(cfg).model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"visual.proj", "text.proj", "logit_scale"}
+    saved = load_model(tmp_path / "aligned").state_dict()
+    assert all(torch.equal(saved[k], after[k]) for k in after)
+
+
+def test_freeze_locks_a_tower_and_bad_patterns_are_named(tiny_cfg, tmp_path):
+    base = train(dataclasses.replace(tiny_cfg, steps=1, lr=0.0, out_dir=str(tmp_path / "a"))).model.state_dict()
+    locked = train(dataclasses.replace(tiny_cfg, steps=3, freeze=["text.*"], out_dir=str(tmp_path / "b"))).model.state_dict()
+    text_keys = [k for k in base if k.startswith("text.")]
+    assert text_keys and all(torch.equal(base[k], locked[k]) for k in text_keys)
+    assert any(not torch.equal(base[k], locked[k]) for k in base if k.startswith("visual."))
+    with pytest.raises(ValueError, match="'txt.\\*' matches no parameter"):
+        train(dataclasses.replace(tiny_cfg, freeze=["txt.*"], out_dir=str(tmp_path / "c")))

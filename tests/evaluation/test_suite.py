@@ -115,3 +115,32 @@ def test_unknown_suite_and_task_are_named():
         run_suite(model, get_tokenizer(16), "huge", cache_dir=None, progress=False)
     with pytest.raises(ValueError, match="unknown tasks"):
         run_suite(model, get_tokenizer(16), tasks=["zero_shot", "vibes"], cache_dir=None, progress=False)
+
+
+def test_report_renders_in_headless_chromium(tmp_path):
+    """The report opens in a real browser and its plots are drawn (skipped without chromium)."""
+    import shutil
+    import subprocess
+
+    import numpy as np
+    from PIL import Image
+
+    from clipforge.evaluation.report import write_report
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no chromium: apt-get install chromium")
+    model = small_model()
+    res = run_suite(model, get_tokenizer(model.context_length), "quick", size=24, cache_dir=None, progress=False)
+    _, page = write_report(res.results, res.artifacts, tmp_path)
+    shot = tmp_path / "shot.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                    "--window-size=1100,2400", page.as_uri()], check=True, capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert pixels.shape[0] >= 2000
+    # plots (confusion matrices in blue, scatter points in red/blue) cover a real part of the page
+    colored = (np.abs(pixels - pixels.mean(-1, keepdims=True)).max(-1) > 40).mean()
+    assert colored > 0.02, f"only {colored:.3%} of the page has color: plots missing?"
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
+                         check=True, capture_output=True, text=True, timeout=120).stdout
+    assert dom.count("<img") >= 6 and "Zero-shot classification" in dom

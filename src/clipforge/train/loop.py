@@ -36,6 +36,7 @@ from ..tokenizer import get_tokenizer
 from .checkpoint import load_state, load_weights, resolve_checkpoint, save_checkpoint
 from .config import TrainConfig, to_dict, to_yaml
 from .data import TrainItems, train_loader
+from .freeze import apply_freeze
 from .optim import build_optimizer, build_scheduler
 from .teachers import load_teacher_store
 
@@ -137,15 +138,29 @@ def train(cfg: TrainConfig, evaluate: Callable | None = None) -> TrainResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
 
-    model = create_model(cfg.model, seed=cfg.seed, **cfg.model_overrides)
+    if cfg.init_from:
+        from ..interop import load  # any checkpoint of the ecosystem; its tokenizer comes with it
+
+        model, tokenizer, _ = load(cfg.init_from)
+        model.train()
+    else:
+        model = create_model(cfg.model, seed=cfg.seed, **cfg.model_overrides)
+        if model.cfg.hf_text is not None:  # a pretrained Hugging Face text tower brings its own tokenizer
+            from ..interop.text_tokenizers import HFTokenizer
+
+            tokenizer = HFTokenizer(model.cfg.hf_text.path, model.context_length)
+        else:
+            tokenizer = get_tokenizer(model.context_length)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
+    if cfg.freeze or cfg.trainable:
+        n_train, n_total = apply_freeze(model, cfg.freeze, cfg.trainable)
+        print(f"training {n_train:,} of {n_total:,} parameters (freeze={cfg.freeze}, trainable={cfg.trainable})")
     loss_fn = build_composite(cfg.loss)
     if "siglip" in cfg.loss and model.logit_bias is None:
         raise ValueError("the siglip loss needs a logit bias: add model_overrides.init_logit_bias=-10 "
                          "(and model_overrides.init_logit_scale=2.3026 as in SigLIP)")
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
     scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
-    tokenizer = get_tokenizer(model.context_length)
 
     start_step, samples_seen, skipped_total = 0, 0, 0
     needs = loss_fn.extra_keys()
