@@ -1,4 +1,4 @@
-"""The ``clipforge`` command line: demo, train, eval, embed.
+"""The ``clipforge`` command line: demo, train, eval, embed, data.
 
 Each subcommand lives in its own module and is imported only when it runs, so ``--help``
 answers instantly.
@@ -14,6 +14,7 @@ COMMANDS = {
     "train": ("clipforge.cli.train", "train a model from a config file and key=value overrides"),
     "eval": ("clipforge.cli.evaluate", "evaluate a trained model: zero-shot classification and retrieval"),
     "embed": ("clipforge.cli.embed", "turn images or texts into embeddings (.npy or .parquet)"),
+    "data": ("clipforge.cli.data", "build image-caption corpora into shards (openclipart, emoji) and inspect them"),
 }
 
 EPILOG = """\
