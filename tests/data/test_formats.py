@@ -133,3 +133,19 @@ def test_webdataset_corrupt_samples_and_truncated_shard(tmp_path, items):
     assert stats.skipped["no_caption"] == 1 and stats.skipped["missing_image"] == 1
     assert stats.skipped["bad_shard"] == 1
     assert stats.read == len(keys)
+
+
+def test_oversized_csv_field_and_bad_utf8_jsonl_are_bad_rows(tmp_path, items):
+    rows = _save_pngs(tmp_path, items[:2])
+    path = write_manifest(tmp_path / "m.csv", rows)
+    with open(path, "a") as f:
+        f.write('img/s000.png,"' + "x" * 200_000 + '"\n')
+        f.write("img/s001.png,fine again,,1,1\n")  # image, caption_0, caption_1, label_kind, label_parity
+    stats = ReadStats()
+    assert len(list(iter_manifest(path, stats))) == 3
+    assert stats.skipped == {"bad_row": 1}
+    jl = write_manifest(tmp_path / "m.jsonl", rows)
+    with open(jl, "ab") as f:
+        f.write(b'{"image": "img/s000.png", "captions": ["\xff\xfe bad bytes"]}\n')
+    stats = ReadStats()
+    assert len(list(iter_manifest(jl, stats))) == 2 and stats.skipped == {"bad_row": 1}

@@ -139,23 +139,36 @@ def _manifest_rows(path: Path, stats: ReadStats) -> Iterator[tuple[int, dict[str
     """(row number, row dict) pairs; a row that does not parse comes as None (counted by the caller)."""
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        with open(path, newline="", encoding="utf-8") as f:
+        # undecodable bytes become U+FFFD (the row then fails on its path or is read with that caption)
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
             reader = csv.reader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            header = next(reader, None)
+            try:
+                header = next(reader, None)
+            except csv.Error as e:
+                raise ValueError(f"{path}: unreadable header row ({e})") from None
             if header is None:
                 return
-            for n, cells in enumerate(reader, start=1):
+            n = 0
+            while True:
+                n += 1
+                try:
+                    cells = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error:  # e.g. a field over the csv module's size limit
+                    yield n, None
+                    continue
                 if not cells:
                     continue
                 yield n, dict(zip(header, cells)) if len(cells) == len(header) else None
     elif suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, start=1):
+                if not raw.strip():
                     continue
                 try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
+                    row = json.loads(raw.decode("utf-8"))
+                except (json.JSONDecodeError, UnicodeDecodeError):
                     yield n, None
                     continue
                 yield n, row if isinstance(row, dict) else None
