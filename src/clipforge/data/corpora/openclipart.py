@@ -143,8 +143,9 @@ def candidates(source: str | os.PathLike = SOURCE) -> tuple[list[tuple[str, dict
 
 def build(out: str | os.PathLike, image_size: int = 128, limit: int | None = None, workers: int = 2,
           shard_bytes: int = 16 << 20, progress: bool = True, leakage_distance: int = 8,
-          source: str | os.PathLike = SOURCE, log=print) -> dict:
-    """Build the ``openclipart`` shards into ``out``; returns the manifest."""
+          source: str | os.PathLike | None = None, log=print) -> dict:
+    """Build the ``openclipart`` shards into ``out`` from ``source`` (default :data:`SOURCE`); returns the manifest."""
+    source = source if source is not None else SOURCE
     cands, categories, left_out = candidates(source)
     views = {"category": {"classes": [c.replace("_", " ") for c in categories], "templates": TEMPLATES}}
     info = {"source": str(source), "debian_package": PACKAGE, "license": LICENSE,
