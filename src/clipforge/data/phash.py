@@ -38,8 +38,13 @@ def dhash_hv(image: Any, hash_size: int = 8) -> tuple[int, int]:
 
 
 def _distances(q: np.ndarray, r: np.ndarray) -> np.ndarray:
-    d = np.bitwise_count(q[:, None] ^ r[None, :])
-    return d.sum(axis=-1, dtype=np.int64) if d.ndim == 3 else d.astype(np.int64)
+    """Pairwise Hamming distances (uint16) between two hash arrays, word by word to keep memory small."""
+    if q.ndim == 1:
+        return np.bitwise_count(q[:, None] ^ r[None, :]).astype(np.uint16)
+    d = np.zeros((len(q), len(r)), dtype=np.uint16)
+    for w in range(q.shape[1]):
+        d += np.bitwise_count(q[:, None, w] ^ r[None, :, w])
+    return d
 
 
 def as_hash_array(hashes: Any) -> np.ndarray:
