@@ -123,3 +123,16 @@ def test_svg_metadata_captions():
         pytest.skip("this openclipart-svg version lacks the sample file")
     meta = openclipart.svg_metadata(path)
     assert openclipart.captions_from_metadata(meta) == ["bat", "mammal, bat, animal"]
+
+
+@pytest.mark.parametrize("name", ["openclipart", "emoji"])
+def test_built_corpus_has_no_leakage(name):
+    """The full corpus in the data home, when it has been built there (a few seconds each)."""
+    from clipforge.data.shards import MANIFEST, data_home
+
+    root = data_home() / name
+    if not (root / MANIFEST).exists():
+        pytest.skip(f"{name} is not built at {root} (clipforge data build {name})")
+    manifest = json.loads((root / MANIFEST).read_text())
+    assert_no_leakage(root, json.loads((root / "stats.json").read_text())["leakage"]["max_distance"])
+    assert manifest["total"] >= {"openclipart": 7000, "emoji": 3500}[name]

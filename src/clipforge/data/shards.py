@@ -310,7 +310,7 @@ class ShardDataset(Dataset):
             from ..transforms import center_crop, resize_shortest
 
             pil = center_crop(resize_shortest(load_image(image), self.image_size), self.image_size)
-            image = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+            image = torch.from_numpy(np.ascontiguousarray(np.asarray(pil, dtype=np.uint8).transpose(2, 0, 1)))
         captions = list(meta["captions"])
         if self.languages is not None and meta.get("caption_langs"):
             captions = [c for c, lang in zip(captions, meta["caption_langs"]) if lang in self.languages]
