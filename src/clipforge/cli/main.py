@@ -1,4 +1,4 @@
-"""The ``clipforge`` command line: demo, train, eval, embed.
+"""The ``clipforge`` command line: demo, train, eval, embed, data.
 
 Each subcommand lives in its own module and is imported only when it runs, so ``--help``
 answers instantly.
@@ -15,6 +15,7 @@ COMMANDS = {
     "eval": ("clipforge.cli.evaluate", "evaluate a model with a suite (quick or full): JSON and an HTML report"),
     "embed": ("clipforge.cli.embed", "turn images or texts into embeddings (.npy or .parquet)"),
     "export": ("clipforge.cli.export", "write a model in another format: Hugging Face CLIPModel, ONNX, clipforge"),
+    "data": ("clipforge.cli.data", "build image-caption corpora into shards (openclipart, emoji) and inspect them"),
 }
 
 EPILOG = """\

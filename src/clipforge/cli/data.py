@@ -1,0 +1,93 @@
+"""``clipforge data``: build corpora into webdataset shards and describe built shard directories.
+
+    clipforge data build openclipart --out DIR [--image-size 128] [--limit N] [--workers 2]
+    clipforge data build emoji --out DIR
+    clipforge data info DIR
+
+``--out`` defaults to ``$CLIPFORGE_DATA/NAME`` (``~/.cache/clipforge/data/NAME``), where
+``build_dataset(NAME, ...)`` looks for it. An interrupted build resumes when run again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..data.corpora import BUILDERS
+
+    sub = p.add_subparsers(dest="data_command", metavar="ACTION")
+    b = sub.add_parser("build", help="render a corpus from installed packages into shards",
+                       description="render a corpus from installed packages into train/val/test webdataset shards")
+    b.add_argument("name", choices=sorted(BUILDERS), help="the corpus")
+    b.add_argument("--out", help="shard directory (default: $CLIPFORGE_DATA/NAME or ~/.cache/clipforge/data/NAME)")
+    b.add_argument("--image-size", type=int, default=128, help="side of the square images in pixels (default 128)")
+    b.add_argument("--limit", type=int, help="use at most N source items, spread over the corpus (for quick builds)")
+    b.add_argument("--workers", type=int, default=2, help="rendering processes (default 2)")
+    b.add_argument("--shard-size-mb", type=float, default=16, help="target size of one shard in MB (default 16)")
+    b.add_argument("--dedup-distance", type=int, default=8,
+                   help="near duplicates: 128-bit dHash Hamming distance at most this (default 8); "
+                        "groups of them touching train go to train")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    i = sub.add_parser("info", help="summarize a built shard directory", description="summarize a built shard directory")
+    i.add_argument("dir", help="a shard directory, or the name of a corpus in the data home")
+    i.add_argument("--json", action="store_true", help="print manifest and stats as one JSON object")
+    p.set_defaults(_data_parser=p)
+
+
+def _summary(root: Path) -> str:
+    from ..data.shards import STATS, read_manifest
+    from .common import table
+
+    manifest = read_manifest(root)
+    stats = json.loads((root / STATS).read_text()) if (root / STATS).exists() else {}
+    rows = [[s, info["count"], len(info["shards"]), f"{sum(x['bytes'] for x in info['shards']) / 1e6:.1f} MB"]
+            for s, info in manifest["splits"].items()]
+    lines = [f"{manifest['name']} at {root}: {manifest['total']} samples, image size {manifest.get('image_size')}",
+             table(rows, ["split", "samples", "shards", "size"])]
+    views = ", ".join(f"{v} ({len(spec['classes'])} classes)" for v, spec in manifest["label_views"].items())
+    lines.append(f"label views: {views}")
+    if stats:
+        c = stats["captions"]
+        lines.append(f"captions per image: mean {c['per_image']['mean']}, max {c['per_image']['max']}; "
+                     f"caption length: mean {c['characters']['mean']} characters, {c['words']['mean']} words")
+        lines.append(f"skipped: {stats.get('skipped') or 'none'}")
+        if "leakage" in stats:
+            lk = stats["leakage"]
+            lines.append(f"leakage control (dHash distance <= {lk['max_distance']}): {lk['near_duplicate_groups']} "
+                         f"near-duplicate groups, moved {lk['moved'] or 'none'}")
+        if "build" in stats:
+            lines.append(f"build time: {stats['build']['total_seconds']} s")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from ..data.corpora import get_builder
+    from ..data.shards import corpus_root
+
+    if args.data_command == "build":
+        out = corpus_root(args.name, args.out)
+        t0 = time.perf_counter()
+        get_builder(args.name)(out, image_size=args.image_size, limit=args.limit, workers=args.workers,
+                               shard_bytes=int(args.shard_size_mb * 1e6), progress=not args.quiet,
+                               leakage_distance=args.dedup_distance)
+        print(_summary(out))
+        print(f"done in {time.perf_counter() - t0:.1f} s; use it with build_dataset('{args.name}', root='{out}') "
+              f"or data.dataset={args.name} (with CLIPFORGE_DATA={out.parent})")
+        return 0
+    if args.data_command == "info":
+        root = Path(args.dir)
+        if not root.exists():
+            root = corpus_root(args.dir)
+        if args.json:
+            from ..data.shards import STATS, read_manifest
+
+            stats = json.loads((root / STATS).read_text()) if (root / STATS).exists() else {}
+            print(json.dumps({"manifest": read_manifest(root), "stats": stats}, ensure_ascii=False))
+        else:
+            print(_summary(root))
+        return 0
+    args._data_parser.print_help()
+    return 0

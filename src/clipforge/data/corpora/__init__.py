@@ -1,0 +1,21 @@
+"""Corpora built from installed packages into webdataset shards: ``openclipart`` and ``emoji``.
+
+``BUILDERS`` maps a corpus name to the module whose ``build(out, image_size, limit, workers, ...)``
+writes it; modules are imported only when used (their rendering libraries are heavy).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+BUILDERS = {
+    "openclipart": "clipforge.data.corpora.openclipart",
+    "emoji": "clipforge.data.corpora.emoji",
+}
+
+
+def get_builder(name: str) -> Callable[..., dict]:
+    """The ``build`` function of corpus ``name``."""
+    if name not in BUILDERS:
+        raise KeyError(f"unknown corpus '{name}'; available: {', '.join(sorted(BUILDERS))}")
+    return importlib.import_module(BUILDERS[name]).build
