@@ -38,6 +38,8 @@ def summary_rows(results: dict) -> list[list]:
                  ["embedding space", "modality classifier accuracy", d["modality_classifier_accuracy"], 0.5]]
     for view, r in results.get("linear_probe", {}).items():
         rows.append([f"linear probe {view} ({r['num_classes']} classes)", "top-1", r["top1"], 1 / r["num_classes"]])
+        rows.append([f"linear probe {view} ({r['num_classes']} classes)", "top-1 held-out pairs", r["top1_heldout_pairs"],
+                     1 / r["num_classes"]])
     if "few_shot" in results:
         fs = results["few_shot"]
         k = max(fs["shots"], key=int)

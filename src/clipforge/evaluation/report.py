@@ -179,8 +179,10 @@ def _diagnostics(res, art) -> str:
 
 
 def _linear(res, art) -> str:
-    rows = [[view, r["num_classes"], r["top1"], r["C"], r["n_train"], r["n_test"]] for view, r in res.items()]
-    return _section("Linear probe", _table(rows, ["view", "classes", "test top-1", "C (chosen on val)", "n train+val", "n test"]))
+    rows = [[view, r["num_classes"], r["top1"], r["top1_heldout_pairs"], r["C"], r["n_train"], r["n_test"]]
+            for view, r in res.items()]
+    return _section("Linear probe", _table(rows, ["view", "classes", "test top-1", "held-out pairs top-1", "C (chosen on val)",
+                                                  "n train+val", "n test"]))
 
 
 def _few_shot(res, art) -> str:
@@ -189,7 +191,7 @@ def _few_shot(res, art) -> str:
     series["zero-shot"] = {k: res["zero_shot"] for k in res["shots"]}
     rows = [[k] + [row.get(m, "") for m in methods] for k, row in res["shots"].items()]
     return _section(f"Few-shot ({res['view']})", _table(rows, ["shots"] + methods),
-                    plot_lines(series, "shots per class", "few-shot accuracy on held-out compositions"))
+                    plot_lines(series, "shots per class", "few-shot accuracy (in-distribution test half)"))
 
 
 def _compositionality(res, art) -> str:

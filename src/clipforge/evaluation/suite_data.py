@@ -39,6 +39,13 @@ class Labelled:
     captions: list[list[str]] = field(default_factory=list)  # each image's own captions (CapS-Adapter support)
 
 
+def subset(lab: Labelled, every: int, offset: int) -> Labelled:
+    """Every ``every``-th sample starting at ``offset`` (e.g. the even and odd halves of a split)."""
+    idx = list(range(offset, len(lab.images), every))
+    return Labelled([lab.images[i] for i in idx], lab.labels[idx], lab.classnames, lab.templates,
+                    f"{lab.spec}/every={every}:{offset}", [lab.captions[i] for i in idx] if lab.captions else [])
+
+
 @dataclass
 class RetrievalSet:
     images: list[Tensor]
@@ -137,11 +144,14 @@ class ShapesSuiteData:
         return Labelled(images, torch.tensor(labels, dtype=torch.long), list(spec["classes"]), list(spec["templates"]),
                         self._spec(split, size, f"/view={view}"), captions)
 
-    def probe_splits(self, view: str = "shape") -> tuple[Labelled, Labelled, Labelled]:
-        """(train, val, test) for the linear and few-shot probes: single objects of ``train`` and
-        ``val`` (4x the evaluation size, since only ~30% of scenes are single objects) and the
-        held-out pairs of ``compositional`` as the test set."""
-        return (self.labelled(view, "train", 4 * self.size), self.labelled(view, "val", 4 * self.size),
+    def probe_splits(self, view: str = "shape") -> tuple[Labelled, Labelled, Labelled, Labelled]:
+        """(train, val, test, held-out) for the linear and few-shot probes: single objects of
+        ``train`` (4x the evaluation size, since only ~30% of scenes are single objects); the
+        even and odd halves of ``val``'s single objects for model selection and the
+        in-distribution test; and the held-out color-shape pairs of ``compositional``, where a
+        probe fitted on seen pairs meets combinations it never saw."""
+        val = self.labelled(view, "val", 4 * self.size)
+        return (self.labelled(view, "train", 4 * self.size), subset(val, 2, 0), subset(val, 2, 1),
                 self.labelled(view, "compositional"))
 
     # ------------------------------------------------------------------ retrieval etc.
