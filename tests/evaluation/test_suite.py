@@ -144,3 +144,46 @@ def test_report_renders_in_headless_chromium(tmp_path):
     dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
                          check=True, capture_output=True, text=True, timeout=120).stdout
     assert dom.count("<img") >= 6 and "Zero-shot classification" in dom
+
+
+def _toy_corpus(root, name: str, colors: dict[str, tuple[int, int, int]], per_split: dict[str, int]):
+    """A shard corpus of solid-color images labelled by color (the builders' on-disk format)."""
+    import numpy as np
+
+    from clipforge.data.formats import encode_png
+    from clipforge.data.shards import ShardSample, ShardSetWriter
+
+    names = list(colors)
+    writer = ShardSetWriter(root / name)
+    for split, n in per_split.items():
+        keys = [f"{split}{i:03d}" for i in range(n)]
+
+        def produce(ks, split=split):
+            for k in ks:
+                c = int(k[len(split):]) % len(names)
+                img = np.broadcast_to(np.array(colors[names[c]], dtype=np.uint8), (16, 16, 3)).copy()
+                yield ShardSample(k, encode_png(torch.from_numpy(img).permute(2, 0, 1)), [f"a {names[c]} thing", f"{names[c]}"],
+                                  {"color": c})
+
+        writer.write_split(split, keys, produce)
+    writer.finish(name, {"color": {"classes": names, "templates": ["a {} thing.", "{}."]}})
+
+
+def test_suite_on_built_corpora_with_ood_against_the_partner(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLIPFORGE_DATA", str(tmp_path))
+    _toy_corpus(tmp_path, "openclipart", {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)},
+                {"train": 30, "val": 12, "test": 12})
+    model = small_model()
+    tok = get_tokenizer(model.context_length)
+    res = run_suite(model, tok, "full", dataset="openclipart", size=12, cache_dir=None, progress=False).results
+    assert res["zero_shot"]["color"]["n"] == 12 and res["retrieval"]["test"]["num_texts"] == 24
+    assert "typed hard-negative" in res["compositionality"]["skipped"] and "count" in res["counting"]["skipped"]
+    assert "not built" in res["ood"]["skipped"]  # emoji is missing: OOD says so instead of failing
+    from clipforge.evaluation.report import render_report
+
+    assert "skipped: openclipart has no typed hard-negative captions" in render_report(res, {}, "t")
+    _toy_corpus(tmp_path, "emoji", {"white": (250, 250, 250), "black": (5, 5, 5)}, {"train": 4, "test": 8})
+    res = run_suite(model, tok, "quick", dataset="openclipart", size=12, cache_dir=None, progress=False,
+                    tasks=["ood", "linear_probe"]).results
+    assert res["ood"]["mcm"]["n_in"] == 12 and res["ood"]["mcm"]["n_out"] == 8
+    assert 0 <= res["linear_probe"]["color"]["top1"] <= 1 and "top1_heldout_pairs" not in res["linear_probe"]["color"]

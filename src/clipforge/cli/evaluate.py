@@ -15,7 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                  "clipforge.load reads (Hugging Face CLIP/SigLIP directory, OpenCLIP or OpenAI weights)")
     p.add_argument("--suite", default="quick",
                    help="quick: zero-shot, retrieval, diagnostics (seconds); full: every task (minutes). Default quick")
-    p.add_argument("--dataset", default="shapes", help="evaluation dataset (default: held-out shapes splits)")
+    p.add_argument("--dataset", default="shapes", help="shapes (default: its held-out splits) or a built corpus: openclipart, "
+                                                      "emoji (clipforge data build NAME)")
+    p.add_argument("--data-root", help="where the corpus was built (default $CLIPFORGE_DATA/NAME or ~/.cache/clipforge/data/NAME)")
     p.add_argument("--size", type=int, default=500, help="samples per evaluation split (default 500)")
     p.add_argument("--seed", type=int, default=12345, help="evaluation data seed; differs from training's (default 12345)")
     p.add_argument("--out", help="directory for results.json and report.html (default: <model>/eval-<suite>, or "
@@ -31,6 +33,7 @@ def summary_rows(results: dict) -> list[list]:
     """(task, metric, value, chance) rows: the headline number of every task that ran."""
     from .common import eval_rows
 
+    results = {k: v for k, v in results.items() if not (isinstance(v, dict) and "skipped" in v)}
     rows = eval_rows(results)
     if "diagnostics" in results:
         d = results["diagnostics"]
@@ -38,8 +41,9 @@ def summary_rows(results: dict) -> list[list]:
                  ["embedding space", "modality classifier accuracy", d["modality_classifier_accuracy"], 0.5]]
     for view, r in results.get("linear_probe", {}).items():
         rows.append([f"linear probe {view} ({r['num_classes']} classes)", "top-1", r["top1"], 1 / r["num_classes"]])
-        rows.append([f"linear probe {view} ({r['num_classes']} classes)", "top-1 held-out pairs", r["top1_heldout_pairs"],
-                     1 / r["num_classes"]])
+        if "top1_heldout_pairs" in r:
+            rows.append([f"linear probe {view} ({r['num_classes']} classes)", "top-1 held-out pairs", r["top1_heldout_pairs"],
+                         1 / r["num_classes"]])
     if "few_shot" in results:
         fs = results["few_shot"]
         k = max(fs["shots"], key=int)
@@ -72,9 +76,10 @@ def run(args) -> int:
     model, tokenizer, _ = load(args.model)
     cache = None if args.no_cache else (args.cache_dir or DEFAULT_ROOT)
     res = run_suite(model, tokenizer, args.suite, dataset=args.dataset, size=args.size, seed=args.seed,
-                    cache_dir=cache, progress=not args.quiet)
+                    cache_dir=cache, progress=not args.quiet, data_root=args.data_root)
     src = Path(args.model)
-    out = Path(args.out) if args.out else (src if src.is_dir() else Path(".")) / f"eval-{args.suite}"
+    name = f"eval-{args.suite}" if args.dataset == "shapes" else f"eval-{args.suite}-{args.dataset}"
+    out = Path(args.out) if args.out else (src if src.is_dir() else Path(".")) / name
     if args.no_report:
         import json
 

@@ -159,7 +159,7 @@ def _section(title: str, *parts: str) -> str:
 def _zero_shot(res, art) -> str:
     rows = [[t, r["num_classes"], r["top1"], r.get("top5", ""), r["balanced_accuracy"], r["chance_top1"], r["n"]]
             for t, r in res.items()]
-    plots = "".join(plot_confusion(a["confusion"], a["classnames"], f"zero-shot {t}") for t, a in art.items())
+    plots = "".join(plot_confusion(a["confusion"], a["classnames"], f"zero-shot {t}") for t, a in art.items())  # {} without artifacts
     return _section("Zero-shot classification", _table(rows, ["task", "classes", "top-1", "top-5", "balanced", "chance", "n"]),
                     f'<div class="plots">{plots}</div>')
 
@@ -169,17 +169,18 @@ def _retrieval(res, art) -> str:
              r["i2t_median_rank"], r["t2i_median_rank"], r["t2i_R@1_chance"]] for name, r in res.items()]
     return _section("Retrieval", _table(rows, ["set", "i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "i2t median rank",
                                                "t2i median rank", "t2i R@1 chance"]),
-                    plot_retrieval_examples(art["examples"]))
+                    plot_retrieval_examples(art["examples"]) if "examples" in art else "")
 
 
 def _diagnostics(res, art) -> str:
     rows = [[k, v] for k, v in res.items()]
     return _section("Embedding space", _table(rows, ["diagnostic", "value"]),
-                    plot_projection(art["projection"]["image"], art["projection"]["text"], res.get("modality_gap")))
+                    plot_projection(art["projection"]["image"], art["projection"]["text"], res.get("modality_gap"))
+                    if "projection" in art else "")
 
 
 def _linear(res, art) -> str:
-    rows = [[view, r["num_classes"], r["top1"], r["top1_heldout_pairs"], r["C"], r["n_train"], r["n_test"]]
+    rows = [[view, r["num_classes"], r["top1"], r.get("top1_heldout_pairs", "—"), r["C"], r["n_train"], r["n_test"]]
             for view, r in res.items()]
     return _section("Linear probe", _table(rows, ["view", "classes", "test top-1", "held-out pairs top-1", "C (chosen on val)",
                                                   "n train+val", "n test"]))
@@ -213,13 +214,13 @@ def _ood(res, art) -> str:
     return _section("Out-of-distribution detection",
                     _table([["MCM", m["auroc"], m["fpr95"], m["n_in"], m["n_out"]]], ["score", "AUROC", "FPR@95%TPR", "n in", "n out"]),
                     f"<p>in: {html.escape(res['in'])}; out: {html.escape(res['out'])}. CLIPN: {html.escape(res['clipn'])}</p>",
-                    plot_ood(art["mcm"]))
+                    plot_ood(art["mcm"]) if "mcm" in art else "")
 
 
 def _calibration(res, art) -> str:
     rows = [["zero-shot", res["ece"], res["nll"]], [f"temperature {res['temperature']:.3g}", res["ece_scaled"], res["nll_scaled"]]]
     return _section(f"Calibration ({res['view']}, {res['bins']} bins)", _table(rows, ["", "ECE", "NLL"]),
-                    plot_reliability(art["before"], art["after"], art["temperature"]))
+                    plot_reliability(art["before"], art["after"], art["temperature"]) if "before" in art else "")
 
 
 def _robustness(res, art) -> str:
@@ -241,12 +242,16 @@ img{max-width:100%}code{background:#f4f4f4;padding:1px 4px}"""
 
 
 def render_report(results: dict, artifacts: dict, title: str) -> str:
+    """The HTML page. ``artifacts`` may be partial or empty (e.g. results read back from JSON):
+    tables are always drawn, plots only where their data is present."""
     parts = [f"<h1>{html.escape(title)}</h1>",
              f"<p>suite <code>{html.escape(str(results.get('suite')))}</code> on <code>{html.escape(str(results.get('dataset')))}</code>, "
              f"{results.get('size')} samples per split, seed {results.get('seed')}; embedding cache "
              f"{results.get('cache', {}).get('hits', 0)} hits / {results.get('cache', {}).get('misses', 0)} encodings</p>"]
     for name, section in SECTIONS.items():
-        if name in results:
+        if name in results and isinstance(results[name], dict) and "skipped" in results[name]:
+            parts.append(f"<section><h2>{html.escape(name)}</h2><p>skipped: {html.escape(results[name]['skipped'])}</p></section>")
+        elif name in results:
             parts.append(section(results[name], artifacts.get(name, {})))
     parts.append(f"<details><summary>all numbers (JSON)</summary><pre>{html.escape(json.dumps(results, indent=1))}</pre></details>")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>"

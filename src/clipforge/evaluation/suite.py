@@ -110,7 +110,7 @@ def task_retrieval(ctx: Context, examples: int = 6, top: int = 5):
     ranked = (txt[queries] @ img.t()).argsort(dim=1, descending=True)[:, :top]
     art = {"examples": [{"caption": rs.captions[q], "truth": int(rs.owner[q]),
                          "images": [(int(j), rs.images[int(j)]) for j in ranked[n]]} for n, q in enumerate(queries)]}
-    return {"val": results}, art
+    return {rs.split: results}, art
 
 
 def task_diagnostics(ctx: Context, points: int = 300):
@@ -129,18 +129,23 @@ def task_diagnostics(ctx: Context, points: int = 300):
 
 
 def _logistic(train, val, test) -> dict:
-    return linear_probe(train[0].numpy(), train[1].numpy(), val[0].numpy(), val[1].numpy(), test[0].numpy(),
+    import warnings
+
+    with warnings.catch_warnings():  # k-shot fits have as many classes as samples: sklearn warns, correctly
+        warnings.simplefilter("ignore", UserWarning)
+        return linear_probe(train[0].numpy(), train[1].numpy(), val[0].numpy(), val[1].numpy(), test[0].numpy(),
                         test[1].numpy())
 
 
 def task_linear_probe(ctx: Context):
     """C chosen on val; accuracy on the in-distribution test half and on the held-out pairs."""
     results = {}
-    for view in ("shape", "color"):
+    for view in ctx.data.probe_views:
         splits = ctx.data.probe_splits(view)
-        tr, va, te, ho = ((ctx.images(s.images, s.spec), s.labels) for s in splits)
+        tr, va, te = ((ctx.images(s.images, s.spec), s.labels) for s in splits[:3])
         r = _logistic(tr, va, te)
-        r["top1_heldout_pairs"] = _logistic(tr, va, ho)["top1"]
+        if splits[3] is not None:
+            r["top1_heldout_pairs"] = _logistic(tr, va, (ctx.images(splits[3].images, splits[3].spec), splits[3].labels))["top1"]
         r["num_classes"] = len(splits[0].classnames)
         results[view] = r
     return results, {}
@@ -157,9 +162,10 @@ def _best_alpha(val_zs: Tensor, val_adapter: Tensor, val_y: Tensor) -> float:
     return ALPHAS[int(np.argmax(accs))]
 
 
-def task_few_shot(ctx: Context, view: str = "shape"):
+def task_few_shot(ctx: Context, view: str | None = None):
     """k-shot support sets from ``train``; ensembling weights chosen on ``val``; tested on the
     in-distribution test half (the held-out pairs are the linear probe's second column)."""
+    view = view or ctx.data.default_view
     tr, va, te, _ = ctx.data.probe_splits(view)
     ftr, fva, fte = (ctx.images(s.images, s.spec) for s in (tr, va, te))
     classes = len(tr.classnames)
@@ -217,8 +223,9 @@ def task_ood(ctx: Context):
     return results, {"mcm": {"in": score_in.numpy(), "out": score_out.numpy(), "out_name": s.out_name}}
 
 
-def task_calibration(ctx: Context, view: str = "shape"):
+def task_calibration(ctx: Context, view: str | None = None):
     """Zero-shot probabilities on the held-out split; temperature fitted on even, tested on odd samples."""
+    view = view or ctx.data.default_view
     lab = ctx.data.labelled(view)
     _, logits = ctx.zero_shot_logits(lab)
     val, test = slice(0, None, 2), slice(1, None, 2)
@@ -231,7 +238,8 @@ def _to_pil(image: Tensor) -> Image.Image:
     return Image.fromarray(image.permute(1, 2, 0).numpy())
 
 
-def task_robustness(ctx: Context, view: str = "shape"):
+def task_robustness(ctx: Context, view: str | None = None):
+    view = view or ctx.data.default_view
     lab = ctx.data.labelled(view)
     cls = ctx.classifier(lab.classnames, lab.templates)
     clean = _top1(ctx.images(lab.images, lab.spec) @ cls.t(), lab.labels)
@@ -257,7 +265,7 @@ RUNNERS: dict[str, Callable[[Context], tuple[dict, dict]]] = {
 
 def run_suite(model, tokenizer: Callable, suite: str = "quick", dataset: str = "shapes", size: int = 500,
               seed: int = 12345, cache_dir=DEFAULT_ROOT, progress: bool = True,
-              tasks: Sequence[str] | None = None) -> SuiteResult:
+              tasks: Sequence[str] | None = None, data_root: str | None = None) -> SuiteResult:
     """Run a named suite (or an explicit list of ``tasks``). ``cache_dir=None`` disables the cache."""
     if tasks is None:
         if suite not in SUITES:
@@ -267,12 +275,16 @@ def run_suite(model, tokenizer: Callable, suite: str = "quick", dataset: str = "
     if unknown:
         raise ValueError(f"unknown tasks {unknown}; available: {list(RUNNERS)}")
     model.eval()
-    ctx = Context(model, tokenizer, suite_data(dataset, model.image_size, size, seed), EmbeddingCache(model, cache_dir))
+    ctx = Context(model, tokenizer, suite_data(dataset, model.image_size, size, seed, data_root), EmbeddingCache(model, cache_dir))
     results: dict[str, Any] = {"suite": suite, "dataset": dataset, "size": size, "seed": seed}
     artifacts: dict[str, Any] = {}
     bar = tqdm(tasks, desc=f"eval {suite}", disable=not progress, unit="task")
     for name in bar:
         bar.set_postfix_str(name)
+        missing = ctx.data.unsupported(name)
+        if missing:  # e.g. no typed hard negatives or count captions in this dataset
+            results[name], artifacts[name] = {"skipped": missing}, {}
+            continue
         results[name], artifacts[name] = RUNNERS[name](ctx)
     results["cache"] = {"hits": ctx.cache.hits, "misses": ctx.cache.misses}
     return SuiteResult(results, artifacts)

@@ -52,6 +52,7 @@ class RetrievalSet:
     captions: list[str]
     owner: Tensor  # caption j describes image owner[j]
     spec: str
+    split: str = "val"
 
 
 @dataclass
@@ -114,6 +115,11 @@ class ShapesSuiteData:
     seed: int = 12345
     name: str = "shapes"
     _splits: dict[str, Any] = field(default_factory=dict, repr=False)
+    default_view = "shape"  # the view calibration, robustness and few-shot use
+    probe_views = ("shape", "color")
+
+    def unsupported(self, task: str) -> str | None:
+        return None  # shapes provides every piece
 
     def _split(self, split: str, size: int | None = None):
         size = size or self.size
@@ -198,7 +204,107 @@ class ShapesSuiteData:
                       f"textures/n={len(out)}/seed={self.seed}/px={self.image_size}")
 
 
-def suite_data(dataset: str, image_size: int, size: int = 500, seed: int = 12345):
+OOD_PARTNER = {"openclipart": "emoji", "emoji": "openclipart"}
+
+
+@dataclass
+class CorpusSuiteData:
+    """A built corpus (``clipforge data build NAME``): zero-shot on its ``test`` split for every
+    label view, probes trained on ``train`` (at most 4x the evaluation size) with ``val``
+    halves for selection and test, retrieval with every caption of ``test``, OOD against the
+    other corpus (``openclipart`` in, ``emoji`` out and the reverse). No typed negatives or
+    count captions: compositionality and counting are skipped, with the reason recorded."""
+
+    name: str
+    image_size: int
+    size: int = 500
+    seed: int = 12345
+    root: str | None = None
+    _splits: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def _split(self, split: str, size: int | None = None, name: str | None = None):
+        name = name or self.name
+        key = f"{name}:{split}:{size}"
+        if key not in self._splits:
+            self._splits[key] = build_dataset(name, split=split, size=size, seed=self.seed, image_size=self.image_size,
+                                              **({"root": self.root} if self.root and name == self.name else {}))
+        return self._splits[key]
+
+    @property
+    def views(self) -> dict[str, dict]:
+        return self._split("test").label_views
+
+    @property
+    def default_view(self) -> str:
+        return next(iter(self.views))
+
+    @property
+    def probe_views(self) -> tuple[str, ...]:
+        return tuple(self.views)
+
+    def unsupported(self, task: str) -> str | None:
+        if task == "compositionality":
+            return f"{self.name} has no typed hard-negative captions"
+        if task == "counting":
+            return f"{self.name} has no count captions"
+        if task == "ood":
+            if self.name not in OOD_PARTNER:
+                return f"no out-of-distribution partner corpus for {self.name}"
+            from ..data.shards import corpus_root
+
+            if not (corpus_root(OOD_PARTNER[self.name]) / "manifest.json").exists():
+                return f"the partner corpus '{OOD_PARTNER[self.name]}' is not built (clipforge data build {OOD_PARTNER[self.name]})"
+        return None
+
+    def _spec(self, split: str, size, extra: str = "", name: str | None = None) -> str:
+        return f"{name or self.name}/{split}/n={size}/seed={self.seed}/px={self.image_size}{extra}"
+
+    def classification_views(self) -> list[tuple[str, str]]:
+        return [(v, v) for v in self.views]
+
+    def labelled(self, view: str, split: str = "test", size: int | None = None, name: str | None = None) -> Labelled:
+        ds = self._split(split, size, name)
+        images, labels, captions = [], [], []
+        for i in range(len(ds)):
+            item = ds[i]
+            if view in item["labels"]:
+                images.append(item["image"])
+                labels.append(item["labels"][view])
+                captions.append(list(item["captions"]))
+        spec = ds.label_views[view]
+        return Labelled(images, torch.tensor(labels, dtype=torch.long), list(spec["classes"]), list(spec["templates"]),
+                        self._spec(split, size, f"/view={view}", name), captions)
+
+    def probe_splits(self, view: str):
+        val = self.labelled(view, "val")
+        return self.labelled(view, "train", 4 * self.size), subset(val, 2, 0), subset(val, 2, 1), None
+
+    def retrieval(self) -> RetrievalSet:
+        ds = self._split("test", self.size)
+        images, captions, owner = [], [], []
+        for i in range(len(ds)):
+            item = ds[i]
+            images.append(item["image"])
+            for c in item["captions"]:
+                captions.append(c)
+                owner.append(i)
+        return RetrievalSet(images, captions, torch.tensor(owner), self._spec("test", self.size), split="test")
+
+    def ood_set(self) -> OODSet:
+        inside = self.labelled(self.default_view, "test", self.size)
+        other = OOD_PARTNER[self.name]
+        out = self._split("test", self.size, other)
+        images = [out[i]["image"] for i in range(len(out))]
+        return OODSet(inside.images, images, inside.classnames, inside.templates, inside.spec,
+                      self._spec("test", self.size, name=other), out_name=other)
+
+
+def suite_data(dataset: str, image_size: int, size: int = 500, seed: int = 12345, root: str | None = None):
+    """The suite's view of ``dataset``: ``shapes`` or a built corpus (``openclipart``, ``emoji``)."""
     if dataset == "shapes":
         return ShapesSuiteData(image_size, size, seed)
-    raise ValueError(f"dataset '{dataset}' has no evaluation suite data yet; available: shapes")
+    from ..data import DATASETS
+
+    if dataset in DATASETS.names():
+        return CorpusSuiteData(dataset, image_size, size, seed, root)
+    raise ValueError(f"dataset '{dataset}' has no evaluation suite data; available: shapes, {', '.join(OOD_PARTNER)}")
