@@ -19,6 +19,11 @@ def test_classification_metrics_match_sklearn():
     assert r["balanced_accuracy"] == pytest.approx(sk.balanced_accuracy_score(labels, logits.argmax(1)))
     assert r["confusion_matrix"] == sk.confusion_matrix(labels, logits.argmax(1), labels=range(7)).tolist()
     assert r["chance_top1"] == pytest.approx(1 / 7)
+    # the majority baseline: sklearn's most-frequent dummy classifier
+    from sklearn.dummy import DummyClassifier
+
+    dummy = DummyClassifier(strategy="most_frequent").fit(logits.numpy(), labels.numpy())
+    assert r["majority_top1"] == pytest.approx(dummy.score(logits.numpy(), labels.numpy()))
 
 
 def test_classification_topk_larger_than_classes_and_missing_class():

@@ -29,6 +29,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=500 lr=5e-4")
 
 
+def evaluate_corpora(model, tokenizer, dataset: str, size: int) -> dict:
+    """Zero-shot (every label view, ``test`` split) and retrieval on each part of ``a+b``."""
+    from ..evaluation.suite import run_suite
+
+    merged: dict = {"zero_shot": {}, "retrieval": {}}
+    for part in dataset.split("+"):
+        res = run_suite(model, tokenizer, tasks=["zero_shot", "retrieval"], dataset=part, size=size, cache_dir=None,
+                        progress=False).results
+        for task in ("zero_shot", "retrieval"):
+            merged[task].update({f"{part} {k}": v for k, v in res[task].items()})
+    return merged
+
+
 def run(args) -> int:
     from ..evaluation import evaluate_shapes
     from ..train import load_config, train
@@ -42,6 +55,8 @@ def run(args) -> int:
     evaluate = None
     if not args.no_eval and cfg.data.dataset == "shapes":
         evaluate = lambda model, tok: evaluate_shapes(model, tok, size=cfg.data.eval_size)
+    elif not args.no_eval:
+        evaluate = lambda model, tok: evaluate_corpora(model, tok, cfg.data.dataset, cfg.data.eval_size)
     result = train(cfg, evaluate=evaluate)
     print(f"trained {result.step} steps, {result.samples_per_second:.0f} samples/s, checkpoints in {cfg.out_dir}/checkpoints")
     if result.eval:

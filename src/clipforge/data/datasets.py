@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from ..registry import Registry
 from .shapes import LABEL_VIEWS, ShapesGenerator
@@ -58,5 +58,10 @@ def _shapes(split: str = "train", size: int = 10_000, seed: int = 0, image_size:
 
 
 def build_dataset(name: str, **kwargs) -> Dataset:
-    """Instantiate a registered dataset by name (``clipforge.data.DATASETS.names()`` lists them)."""
+    """Instantiate a registered dataset by name (``clipforge.data.DATASETS.names()`` lists them).
+
+    ``"a+b"`` concatenates datasets (e.g. ``openclipart+emoji``): each part is built with the
+    same arguments (``size`` is then per part) and the items keep their own labels."""
+    if "+" in name:
+        return ConcatDataset([build_dataset(part.strip(), **kwargs) for part in name.split("+")])
     return DATASETS.get(name)(**kwargs)

@@ -31,7 +31,9 @@ def classification_metrics(logits: Tensor, labels: Tensor, num_classes: int, top
     counts each sample's argmax."""
     labels = labels.long()
     n = labels.numel()
-    result: dict = {"n": n, "num_classes": num_classes, "chance_top1": 1.0 / num_classes}
+    result: dict = {"n": n, "num_classes": num_classes, "chance_top1": 1.0 / num_classes,
+                    # the top-1 of always answering the most frequent class: the baseline to beat on unbalanced splits
+                    "majority_top1": float(torch.bincount(labels, minlength=num_classes).max()) / n if n else 0.0}
     true = logits.gather(1, labels[:, None])
     greater = (logits > true).sum(1)
     tied = (logits == true).sum(1) - 1
