@@ -13,14 +13,6 @@ from reference.naive_losses import dot, log_softmax_at, unit
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add synchronization cost (large on a shared, loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def naive_gates(x, t, c, mu):
     x, t, c = x.detach(), t.detach(), c.detach()

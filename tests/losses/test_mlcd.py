@@ -12,14 +12,6 @@ from reference.naive_losses import dot, unit
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add synchronization cost (large on a shared, loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def naive_mlcd(x, centers, labels, scale, margin, negatives=None):
     """log(1 + sum_pos exp(-gamma (s - m))) + log(1 + sum_neg exp(gamma s)), per sample, averaged."""

@@ -14,14 +14,6 @@ from reference.naive_losses import dot, unit
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add synchronization cost (large on a shared, loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def naive_sinkhorn(scores, a, b, eps, iters):
     """Sinkhorn-Knopp on K = exp(scores / eps): u = a / K v, v = b / K^T u; plan u_i K_ij v_j (floats)."""

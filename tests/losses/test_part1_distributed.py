@@ -2,15 +2,11 @@
 losses equals the single-process loss on the whole batch, and each rank's feature gradients
 divided by the world size (DDP averages) equal the single-process ones. (The default options
 of every term are covered by test_distributed.py.)"""
-import os
-import socket
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from clipforge import losses
 from clipforge.losses import LossInputs
+from reference.distributed import check_terms_across_processes
 
 TERMS = [("clip", {"label_smoothing": 0.1}), ("clip", {"label_smoothing": 0.1, "chunk_size": 3}),
          ("cwcl", {"reference": "text", "symmetric": False}), ("cwcl", {"weights_key": "teacher"}),
@@ -33,49 +29,5 @@ def inputs_for(data, sl, rank, world):
     return LossInputs(img, txt, scale, extra=extra, rank=rank, world_size=world), (img, txt)
 
 
-def worker(rank, port, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        data, sl, out = batch(), slice(rank * LOCAL, (rank + 1) * LOCAL), []
-        for name, opts in TERMS:
-            li, leaves = inputs_for(data, sl, rank, WORLD)
-            loss = losses.build(name, **opts)(li)["loss"]
-            loss.backward()
-            out.append((loss.item(), [(grad(t) / WORLD).numpy() for t in leaves]))
-        queue.put((rank, out))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def grad(t):
-    return torch.zeros_like(t) if t.grad is None else t.grad  # e.g. simclr never reads the text features
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_options_across_two_processes():
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=worker, args=(r, port, queue)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=120) for _ in range(WORLD))
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
-    data = batch()
-    for k, (name, opts) in enumerate(TERMS):
-        li, leaves = inputs_for(data, slice(None), 0, 1)
-        loss = losses.build(name, **opts)(li)["loss"]
-        loss.backward()
-        assert abs(sum(results[r][k][0] for r in range(WORLD)) / WORLD - loss.item()) < 1e-9, (name, opts)
-        for r in range(WORLD):
-            sl = slice(r * LOCAL, (r + 1) * LOCAL)
-            for theirs, leaf in zip(results[r][k][1], leaves):
-                assert torch.allclose(torch.from_numpy(theirs), grad(leaf)[sl], atol=1e-9), (name, opts)
+    check_terms_across_processes(__name__)

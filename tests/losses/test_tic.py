@@ -11,14 +11,6 @@ from reference.naive_losses import dot, unit
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add synchronization cost (large on a shared, loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def naive_tic(y, t, top_k, thr, negs=None, neg_mask=None, pos=None):
     """For each caption: its top-k most similar other captions (near-duplicates left out) and its own hard

@@ -55,6 +55,17 @@ class RetrievalSet:
     split: str = "val"
 
 
+def retrieval_set(ds, spec: str, split: str) -> RetrievalSet:
+    """Every image of ``ds`` with every one of its captions."""
+    images, captions, owner = [], [], []
+    for i in range(len(ds)):
+        item = ds[i]
+        images.append(item["image"])
+        captions.extend(item["captions"])
+        owner.extend([i] * len(item["captions"]))
+    return RetrievalSet(images, captions, torch.tensor(owner), spec, split)
+
+
 @dataclass
 class NegativeSet:
     images: list[Tensor]
@@ -162,15 +173,7 @@ class ShapesSuiteData:
 
     # ------------------------------------------------------------------ retrieval etc.
     def retrieval(self) -> RetrievalSet:
-        ds = self._split("val")
-        images, captions, owner = [], [], []
-        for i in range(len(ds)):
-            item = ds[i]
-            images.append(item["image"])
-            for c in item["captions"]:
-                captions.append(c)
-                owner.append(i)
-        return RetrievalSet(images, captions, torch.tensor(owner), self._spec("val"))
+        return retrieval_set(self._split("val"), self._spec("val"), "val")
 
     def negative_set(self) -> NegativeSet:
         ds = self._split("val")
@@ -280,15 +283,7 @@ class CorpusSuiteData:
         return self.labelled(view, "train", 4 * self.size), subset(val, 2, 0), subset(val, 2, 1), None
 
     def retrieval(self) -> RetrievalSet:
-        ds = self._split("test", self.size)
-        images, captions, owner = [], [], []
-        for i in range(len(ds)):
-            item = ds[i]
-            images.append(item["image"])
-            for c in item["captions"]:
-                captions.append(c)
-                owner.append(i)
-        return RetrievalSet(images, captions, torch.tensor(owner), self._spec("test", self.size), split="test")
+        return retrieval_set(self._split("test", self.size), self._spec("test", self.size), "test")
 
     def ood_set(self) -> OODSet:
         inside = self.labelled(self.default_view, "test", self.size)

@@ -1,0 +1,69 @@
+"""Harness for checking loss terms across processes: spawn WORLD gloo processes, let each
+compute every term on its slice of one batch (features gathered with gradients), and compare
+the mean loss and each rank's gradients with one process computing the whole batch.
+
+A test module defines ``TERMS`` [(name, options)], ``WORLD``, ``LOCAL``, ``batch()`` and
+``inputs_for(data, slice, rank, world) -> (LossInputs, leaves)``, then calls
+``check_terms_across_processes(__name__)``."""
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from clipforge import losses
+
+
+def grad(t):
+    return torch.zeros_like(t) if t.grad is None else t.grad  # e.g. simclr never reads the text features
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, port, queue, module_name):
+    spec = importlib.import_module(module_name)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=spec.WORLD)
+    try:
+        data, sl, out = spec.batch(), slice(rank * spec.LOCAL, (rank + 1) * spec.LOCAL), []
+        for name, opts in spec.TERMS:
+            li, leaves = spec.inputs_for(data, sl, rank, spec.WORLD)
+            loss = losses.build(name, **opts)(li)["loss"]
+            loss.backward()
+            out.append((loss.item(), [(grad(t) / spec.WORLD).numpy() for t in leaves]))  # by value
+        queue.put((rank, out))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def check_terms_across_processes(module_name: str) -> None:
+    spec = importlib.import_module(module_name)
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=_worker, args=(r, port, queue, module_name)) for r in range(spec.WORLD)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in range(spec.WORLD))
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    data = spec.batch()
+    for k, (name, opts) in enumerate(spec.TERMS):
+        li, leaves = spec.inputs_for(data, slice(None), 0, 1)
+        loss = losses.build(name, **opts)(li)["loss"]
+        loss.backward()
+        mean = sum(results[r][k][0] for r in range(spec.WORLD)) / spec.WORLD
+        assert abs(mean - loss.item()) < 1e-9, (name, opts)
+        for r in range(spec.WORLD):
+            sl = slice(r * spec.LOCAL, (r + 1) * spec.LOCAL)
+            for which, (theirs, leaf) in enumerate(zip(results[r][k][1], leaves)):
+                assert torch.allclose(torch.from_numpy(theirs), grad(leaf)[sl], atol=1e-9), (name, opts, which)
