@@ -146,3 +146,20 @@ def test_resampled_stream_is_endless_deterministic_and_resumable(tmp_path):
     head = _run(first, limit=6)
     assert head + _run(StreamingLoader(make(), batch_size=8, state=first.state_dict()), limit=9) == full
 
+
+
+def test_train_from_shard_directory_with_streaming_and_resume(tiny_cfg, tmp_path):
+    from clipforge.train import train
+
+    (tmp_path / "shards").mkdir()
+    _write_shards(tmp_path / "shards")
+    data = dataclasses.replace(tiny_cfg.data, dataset="shards", root=str(tmp_path / "shards"), streaming=True,
+                               num_workers=2, shuffle_buffer=8)
+    cfg = dataclasses.replace(tiny_cfg, data=data, batch_size=8, steps=6, save_every=0, out_dir=str(tmp_path / "full"))
+    full = train(cfg)
+    assert full.step == 6 and full.skipped > 0 and full.samples_seen + full.skipped == 6 * 8
+    split = dataclasses.replace(cfg, out_dir=str(tmp_path / "split"))
+    first = train(dataclasses.replace(split, stop_at=3))
+    resumed = train(dataclasses.replace(split, resume="latest"))
+    assert first.losses + resumed.losses == pytest.approx(full.losses, abs=1e-6)
+    assert resumed.samples_seen == full.samples_seen and resumed.skipped == full.skipped
