@@ -63,10 +63,10 @@ def shard_dir(tmp_path_factory):
 
 
 def _run(loader, limit=None):
-    """[(keys, errors, epochs)] per batch."""
+    """[(keys, errors, epochs of the samples, position)] per batch."""
     out = []
     for b in loader:
-        out.append((b["keys"], [r for r, _ in b["errors"]], [p[1] for p in b["positions"]]))
+        out.append((b["keys"], [r for r, _ in b["errors"]], [p[1] for p in b["positions"]], tuple(b["position"])))
         if limit is not None and len(out) == limit:
             break
     return out
@@ -95,7 +95,7 @@ def test_every_sample_once_per_epoch_over_workers_and_ranks(tmp_path):
     expected = _write_shards(tmp_path, bad=False)["good"]
     ds = StreamingShards(tmp_path, image_size=16, shuffle_buffer=5, seed=0, epochs=2)
     per_epoch: dict[int, list[str]] = {0: [], 1: []}
-    for keys, _, epochs in _run(StreamingLoader(ds, batch_size=4, num_workers=2)):
+    for keys, _, epochs, _ in _run(StreamingLoader(ds, batch_size=4, num_workers=2)):
         for k, e in zip(keys, epochs):
             per_epoch[e].append(k)
     assert sorted(per_epoch[0]) == sorted(expected) == sorted(per_epoch[1])
@@ -104,7 +104,7 @@ def test_every_sample_once_per_epoch_over_workers_and_ranks(tmp_path):
     by_rank = []
     for rank in range(2):
         ds = StreamingShards(tmp_path, image_size=16, shuffle_buffer=5, seed=0, epochs=1, rank=rank, world_size=2)
-        by_rank.append([k for keys, _, _ in _run(StreamingLoader(ds, batch_size=4, num_workers=2)) for k in keys])
+        by_rank.append([k for keys, _, _, _ in _run(StreamingLoader(ds, batch_size=4, num_workers=2)) for k in keys])
     assert by_rank[0] and by_rank[1] and not set(by_rank[0]) & set(by_rank[1])
     assert sorted(by_rank[0] + by_rank[1]) == sorted(expected)
 
@@ -114,7 +114,12 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_sequence(shard_dir):
     make = lambda: StreamingShards(root, image_size=16, shuffle_buffer=8, seed=1, epochs=2)
     full_loader = StreamingLoader(make(), batch_size=4, num_workers=2)
     full = _run(full_loader)
-    for stop in (5, len(full) - 3):  # odd: the other worker delivers next; late: one worker has run dry
+    workers = [b[3][0] for b in full]
+    boundary = next(i for i, b in enumerate(full) if b[3][1] == 1)  # the first batch that reaches epoch 1
+    dry = min(len(workers) - workers[::-1].index(w) for w in (0, 1))  # after one worker's last batch
+    assert 5 < boundary < dry < len(full)
+    # odd: the other worker delivers next; at the epoch boundary; after a worker has run dry
+    for stop in (5, boundary, dry):
         first = StreamingLoader(make(), batch_size=4, num_workers=2)
         head = _run(first, limit=stop)
         state = json.loads(json.dumps(first.state_dict()))  # survives a JSON (or checkpoint) round trip
@@ -127,7 +132,7 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_sequence(shard_dir):
 
 def test_shuffle_buffer_shuffles_deterministically(tmp_path):
     _write_shards(tmp_path, bad=False)
-    order = lambda **kw: [k for keys, _, _ in _run(StreamingLoader(StreamingShards(tmp_path, image_size=16, **kw), 8)) for k in keys]
+    order = lambda **kw: [k for keys, _, _, _ in _run(StreamingLoader(StreamingShards(tmp_path, image_size=16, **kw), 8)) for k in keys]
     stored = order(shuffle_buffer=0)
     assert stored == sorted(stored)  # shard order
     a, b, c = order(shuffle_buffer=10, seed=0), order(shuffle_buffer=10, seed=0), order(shuffle_buffer=10, seed=1)

@@ -104,6 +104,8 @@ class TrainConfig:
         if self.data.streaming and self.data.dataset == "shapes":
             raise ValueError("data.streaming reads webdataset shards: set data.dataset=shards data.root=DIR "
                              "(or a built corpus such as openclipart)")
+        if self.data.root and self.data.dataset == "shapes":
+            raise ValueError("data.root names a shard directory; shapes is rendered in memory (set data.dataset too)")
         if self.data.hard_negatives < 1:
             raise ValueError(f"data.hard_negatives must be >= 1, got {self.data.hard_negatives}")
         return self
