@@ -23,7 +23,7 @@ import json
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from .formats import ReadStats, encode_png, image_folder_classes, iter_source
 from .shards import MANIFEST, SPLITS, ShardSample, ShardSetWriter

@@ -255,6 +255,8 @@ class StreamingShards(IterableDataset):
                     n += 1
                     if n > skip:
                         yield self._decode(rec, files, transform, g, (w, epoch, n))
+                if n == 0 and self.epochs is None:  # endless epochs over empty shards would spin forever
+                    raise RuntimeError(f"worker {g}: its shards of epoch {epoch} hold no records")
                 epoch, skip = epoch + 1, 0
         finally:
             files.close()
