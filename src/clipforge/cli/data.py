@@ -3,6 +3,7 @@
     clipforge data build openclipart --out DIR [--image-size 128] [--limit N] [--workers 2]
     clipforge data build emoji --out DIR
     clipforge data info DIR
+    clipforge data convert SRC --out DIR [--shard-size-mb 64] [--image-size N] [--val-fraction F]
 
 ``--out`` defaults to ``$CLIPFORGE_DATA/NAME`` (``~/.cache/clipforge/data/NAME``), where
 ``build_dataset(NAME, ...)`` looks for it. An interrupted build resumes when run again.
@@ -31,6 +32,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="near duplicates: 128-bit dHash Hamming distance at most this (default 8); "
                         "groups of them touching train go to train")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    c = sub.add_parser("convert", help="convert a manifest, image folder or shards into a shard directory",
+                       description="convert anything the format readers read (CSV/TSV/JSONL/Parquet manifest, "
+                                   "image folder with .txt captions, webdataset .tar or folder of them) into "
+                                   "webdataset shards with manifest.json and stats.json; rerun to resume")
+    c.add_argument("src", help="a manifest file, an image folder, a .tar shard or a folder of shards")
+    c.add_argument("--out", required=True, help="the shard directory to write")
+    c.add_argument("--shard-size-mb", type=float, default=64, help="target size of one shard in MB (default 64)")
+    c.add_argument("--image-size", type=int, help="resize (shortest side) and center crop to N x N (default: keep)")
+    c.add_argument("--val-fraction", type=float, default=0.0,
+                   help="fraction of samples for val, by a hash of their source key (default 0; a split the source "
+                        "states is kept)")
+    c.add_argument("--test-fraction", type=float, default=0.0, help="fraction of samples for test (default 0)")
+    c.add_argument("--label-from-folder", action="store_true",
+                   help="image folders: label view 'folder' = the first-level folder")
+    c.add_argument("--name", help="dataset name in the manifest (default: the source's name)")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
     i = sub.add_parser("info", help="summarize a built shard directory", description="summarize a built shard directory")
     i.add_argument("dir", help="a shard directory, or the name of a corpus in the data home")
     i.add_argument("--json", action="store_true", help="print manifest and stats as one JSON object")
@@ -76,6 +93,26 @@ def run(args) -> int:
         print(_summary(out))
         print(f"done in {time.perf_counter() - t0:.1f} s; use it with build_dataset('{args.name}', root='{out}') "
               f"or data.dataset={args.name} (with CLIPFORGE_DATA={out.parent})")
+        return 0
+    if args.data_command == "convert":
+        from ..data.convert import convert
+
+        t0 = time.perf_counter()
+        out = Path(args.out)
+        convert(args.src, out, shard_bytes=int(args.shard_size_mb * 1e6), image_size=args.image_size,
+                val_fraction=args.val_fraction, test_fraction=args.test_fraction, name=args.name,
+                label_from_folder=args.label_from_folder, progress=not args.quiet)
+        print(_summary(out))
+        stats = json.loads((out / "stats.json").read_text())
+        read = stats.get("source_read", {})
+        skipped = stats.get("skipped") or {}
+        from .common import table
+
+        rows = [[reason, n, "; ".join(read.get("examples", {}).get(reason, [])[:2])] for reason, n in skipped.items()]
+        if rows:
+            print(table(rows, ["skipped", "records", "examples"]))
+        print(f"done in {time.perf_counter() - t0:.1f} s; train on it with data.dataset=shards data.root={out} "
+              "(data.streaming=true to stream it)")
         return 0
     if args.data_command == "info":
         root = Path(args.dir)

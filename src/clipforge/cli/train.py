@@ -17,6 +17,8 @@ key=value overrides; overrides win. Common ones:
   resume=latest              continue exactly where the run in out_dir stopped
   max_seconds=300            stop (and checkpoint) after this much training time
   data.train_size=20000      number of training samples
+  data.dataset=shards data.root=DIR data.streaming=true
+                             stream a shard directory (clipforge data build/convert)
 Print the full config with --print-config.
 """
 

@@ -35,6 +35,14 @@ class DataConfig:
     # which caption of a sample a step uses: random | first | auto (first when a loss term reads
     # hard negatives, which are written from a sample's first caption; random otherwise)
     caption_policy: str = "auto"  # where the embeddings are stored; default <out_dir>/teacher_cache
+    # the shard directory of a built corpus or of data.dataset=shards (default for corpora: $CLIPFORGE_DATA/NAME)
+    root: Optional[str] = None
+    # stream the shards of data.dataset (a corpus name or shards) with clipforge.data.streaming instead of
+    # indexing them: endless epochs, reshuffled per epoch; data.train_size is not used; resume is exact
+    # with the same data.num_workers
+    streaming: bool = False
+    shuffle_buffer: int = 1000  # records per worker in the streaming shuffle buffer
+    resampled: bool = False  # streaming: draw shards with replacement instead of epochs
 
 
 @dataclass
@@ -93,6 +101,11 @@ class TrainConfig:
             raise ValueError(f"ema_momentum must be in [0, 1), got {self.ema_momentum}")
         if self.data.caption_policy not in ("auto", "random", "first"):
             raise ValueError(f"data.caption_policy must be auto, random or first, got '{self.data.caption_policy}'")
+        if self.data.streaming and self.data.dataset == "shapes":
+            raise ValueError("data.streaming reads webdataset shards: set data.dataset=shards data.root=DIR "
+                             "(or a built corpus such as openclipart)")
+        if self.data.root and self.data.dataset == "shapes":
+            raise ValueError("data.root names a shard directory; shapes is rendered in memory (set data.dataset too)")
         if self.data.hard_negatives < 1:
             raise ValueError(f"data.hard_negatives must be >= 1, got {self.data.hard_negatives}")
         return self

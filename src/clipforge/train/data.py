@@ -165,3 +165,20 @@ def train_loader(items: TrainItems, batch_size: int, seed: int, start_batch: int
     return DataLoader(items, batch_sampler=sampler, collate_fn=make_collate(tokenizer, items.negatives or None),
                       num_workers=num_workers,
                       persistent_workers=False)
+
+
+def stream_train_loader(data_cfg, image_size: int, batch_size: int, seed: int, tokenizer, caption_policy: str,
+                        state: dict | None = None):
+    """The streaming loader (:mod:`clipforge.data.streaming`) over the train shards of
+    ``data_cfg.dataset`` (a built corpus, or ``shards`` with ``data_cfg.root``), endless epochs,
+    from ``state`` (a position saved in a checkpoint) if given."""
+    from ..data.shards import corpus_root
+    from ..data.streaming import StreamingLoader, StreamingShards
+
+    if data_cfg.dataset == "shards" and not data_cfg.root:
+        raise ValueError("data.dataset=shards needs the shard directory: data.root=DIR")
+    root = data_cfg.root if data_cfg.dataset == "shards" else corpus_root(data_cfg.dataset, data_cfg.root)
+    dataset = StreamingShards(root, split="train", image_size=image_size, augment=data_cfg.augment,
+                              shuffle_buffer=data_cfg.shuffle_buffer, seed=seed, epochs=None,
+                              resampled=data_cfg.resampled, caption_policy=caption_policy)
+    return StreamingLoader(dataset, batch_size, num_workers=data_cfg.num_workers, tokenizer=tokenizer, state=state)

@@ -35,7 +35,7 @@ from ..data import build_dataset
 from ..tokenizer import get_tokenizer
 from .checkpoint import load_state, load_weights, resolve_checkpoint, save_checkpoint
 from .config import TrainConfig, to_dict, to_yaml
-from .data import TrainItems, train_loader
+from .data import TrainItems, stream_train_loader, train_loader
 from .freeze import apply_freeze
 from .optim import build_optimizer, build_scheduler
 from .teachers import load_teacher_store
@@ -171,6 +171,7 @@ def train(cfg: TrainConfig, evaluate: Callable | None = None) -> TrainResult:
                          "loop with clipforge.losses")
     ema = EMATeacher(model, cfg.ema_momentum) if needs & set(EMA_KEYS) else None
 
+    stream_state = None
     if cfg.resume:
         ckpt = resolve_checkpoint(out_dir, cfg.resume)
         load_weights(model, ckpt)
@@ -179,6 +180,7 @@ def train(cfg: TrainConfig, evaluate: Callable | None = None) -> TrainResult:
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         start_step, samples_seen, skipped_total = int(state["step"]), int(state["samples_seen"]), int(state["skipped"])
+        stream_state = state.get("data_stream")
         if ema is not None:
             if "ema" in state:
                 ema.load_state_dict(state["ema"])
@@ -186,25 +188,32 @@ def train(cfg: TrainConfig, evaluate: Callable | None = None) -> TrainResult:
                 ema = EMATeacher(model, cfg.ema_momentum)
                 print(f"note: {ckpt} holds no EMA teacher; it starts from the resumed weights")
 
-    dataset = build_dataset(cfg.data.dataset, split="train", size=cfg.data.train_size, seed=cfg.data.seed,
-                            image_size=model.image_size)
     micro = cfg.batch_size // cfg.accum_steps
-    teachers = None
-    if needs & set(TEACHER_KEYS):
-        if not cfg.data.teachers:
-            raise ValueError(f"the loss terms {sorted(cfg.loss)} read stored teacher embeddings: name the frozen teacher "
-                             "models with data.teachers=[<checkpoint or run directory>, ...]")
-        if cfg.data.augment:
-            raise ValueError("teacher embeddings are stored for the un-augmented training images; set data.augment=false")
-        teachers = load_teacher_store(cfg.data.teachers, cfg.data.dataset, cfg.data.train_size, cfg.data.seed,
-                                      cfg.data.teacher_cache or out_dir / "teacher_cache")
-    items = TrainItems(dataset, cfg.seed, model.image_size, augment=cfg.data.augment,
-                       negatives=cfg.data.hard_negatives if needs & {NEGATIVES, "ema_negative_text_features"} else 0,
-                       negative_types=tuple(cfg.data.negative_types), count_negatives=COUNTS in needs,
-                       teachers=teachers, caption_policy=_caption_policy(cfg.data.caption_policy, needs))
-    loader = train_loader(items, micro, cfg.seed, start_batch=start_step * cfg.accum_steps,
-                          num_batches=(cfg.steps - start_step) * cfg.accum_steps, tokenizer=tokenizer,
-                          num_workers=cfg.data.num_workers)
+    if cfg.data.streaming:  # webdataset shards streamed; the position is saved with each checkpoint
+        if needs & {NEGATIVES, COUNTS, "ema_negative_text_features", *TEACHER_KEYS}:
+            raise ValueError(f"data.streaming delivers images and captions only; the loss terms {sorted(cfg.loss)} "
+                             "need hard negatives, counts or teacher embeddings")
+        loader = stream_train_loader(cfg.data, model.image_size, micro, cfg.seed, tokenizer,
+                                     _caption_policy(cfg.data.caption_policy, needs), stream_state)
+    else:
+        dataset = build_dataset(cfg.data.dataset, split="train", size=cfg.data.train_size, seed=cfg.data.seed,
+                                image_size=model.image_size, **({"root": cfg.data.root} if cfg.data.root else {}))
+        teachers = None
+        if needs & set(TEACHER_KEYS):
+            if not cfg.data.teachers:
+                raise ValueError(f"the loss terms {sorted(cfg.loss)} read stored teacher embeddings: name the frozen "
+                                 "teacher models with data.teachers=[<checkpoint or run directory>, ...]")
+            if cfg.data.augment:
+                raise ValueError("teacher embeddings are stored for the un-augmented training images; set data.augment=false")
+            teachers = load_teacher_store(cfg.data.teachers, cfg.data.dataset, cfg.data.train_size, cfg.data.seed,
+                                          cfg.data.teacher_cache or out_dir / "teacher_cache")
+        items = TrainItems(dataset, cfg.seed, model.image_size, augment=cfg.data.augment,
+                           negatives=cfg.data.hard_negatives if needs & {NEGATIVES, "ema_negative_text_features"} else 0,
+                           negative_types=tuple(cfg.data.negative_types), count_negatives=COUNTS in needs,
+                           teachers=teachers, caption_policy=_caption_policy(cfg.data.caption_policy, needs))
+        loader = train_loader(items, micro, cfg.seed, start_batch=start_step * cfg.accum_steps,
+                              num_batches=(cfg.steps - start_step) * cfg.accum_steps, tokenizer=tokenizer,
+                              num_workers=cfg.data.num_workers)
     metrics_file = open(out_dir / "metrics.jsonl", "a")
     (out_dir / "config.yaml").write_text(to_yaml(cfg))
 
@@ -213,6 +222,8 @@ def train(cfg: TrainConfig, evaluate: Callable | None = None) -> TrainResult:
                  "step": step, "samples_seen": samples_seen, "skipped": skipped_total}
         if ema is not None:
             state["ema"] = ema.state_dict()
+        if cfg.data.streaming:  # where the stream stands after the batches of `step`
+            state["data_stream"] = loader.state_dict()
         return save_checkpoint(out_dir, step, model, state, to_yaml(cfg), keep=cfg.keep_checkpoints)
 
     def log(record: dict):
@@ -313,6 +324,11 @@ def train(cfg: TrainConfig, evaluate: Callable | None = None) -> TrainResult:
         eval_result = evaluate(model, tokenizer)
         with open(out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": step, "eval": eval_result}) + "\n")
+    if cfg.data.streaming:
+        with open(out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "data_stream": loader.stats.as_dict()}) + "\n")
+        if cfg.progress:
+            print(loader.stats.summary())
     if skipped_total:
         print(f"note: {skipped_total} unreadable samples were skipped (see metrics.jsonl)")
     return TrainResult(step=step, losses=losses, samples_seen=samples_seen, train_seconds=train_time,

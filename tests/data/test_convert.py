@@ -1,0 +1,107 @@
+"""``clipforge data convert``: manifests and image folders to shards, resumable, with skip counts."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from clipforge.cli.main import main
+from clipforge.data import convert as convert_mod
+from clipforge.data.convert import convert
+from clipforge.data.formats import encode_png, write_image_folder, write_manifest
+from clipforge.data.shards import ShardDataset
+from clipforge.data.streaming import StreamingLoader, StreamingShards
+
+from datahelpers import make_items
+
+
+def _csv_source(root, n=12):
+    items = make_items(n, size=16)
+    (root / "img").mkdir(parents=True)
+    rows = []
+    for it in items:
+        path = root / "img" / f"{it['key']}.png"
+        path.write_bytes(encode_png(it["image"]))
+        rows.append({"image": f"img/{it['key']}.png", "captions": it["captions"], "labels": it["labels"]})
+    (root / "img" / "s001.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")  # corrupt_image
+    rows.append({"image": "img/nowhere.png", "captions": ["gone"], "labels": {}})  # missing_image
+    rows.append({"image": "img/s000.png", "captions": [], "labels": {}})  # no_caption
+    write_manifest(root / "m.csv", rows)
+    return {f"m.csv:{i + 1}": it for i, it in enumerate(items)}
+
+
+def test_csv_manifest_round_trip_with_skips_and_splits(tmp_path):
+    by_source = _csv_source(tmp_path / "src")
+    manifest = convert(tmp_path / "src" / "m.csv", tmp_path / "out", val_fraction=0.3, progress=False)
+    assert manifest["total"] == 11 and set(manifest["splits"]) == {"train", "val"}
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["skipped"] == {"corrupt_image": 1, "missing_image": 1, "no_caption": 1}
+    assert manifest["label_views"]["kind"]["classes"] == ["0", "1", "2"]
+    seen = []
+    for split in manifest["splits"]:
+        ds = ShardDataset(tmp_path / "out", split=split)
+        for i in range(len(ds)):
+            got = ds[i]
+            src = by_source[ds._meta[ds._keep[i]]["source_key"]]
+            assert torch.equal(got["image"], src["image"]) and got["captions"] == src["captions"]
+            assert got["labels"] == src["labels"]
+            seen.append(src["key"])
+    assert sorted(seen) == sorted(k["key"] for k in by_source.values() if k["key"] != "s001")
+    # the converted shards stream
+    loader = StreamingLoader(StreamingShards(tmp_path / "out", image_size=16, epochs=1), batch_size=4)
+    assert sum(b["samples"] for b in loader) == manifest["splits"]["train"]["count"]
+    # a rerun finds the finished conversion; another source into the same directory is refused
+    assert convert(tmp_path / "src" / "m.csv", tmp_path / "out", val_fraction=0.3, progress=False) == manifest
+    with pytest.raises(ValueError, match="already holds"):
+        convert(tmp_path / "src" / "m.csv", tmp_path / "out", progress=False)
+
+
+def test_image_folder_with_labels_and_resize(tmp_path):
+    items = make_items(6, size=20)
+    for it in items:
+        it["key"] = f"{'cats' if int(it['key'][1:]) % 2 else 'dogs'}/{it['key']}"
+    write_image_folder(tmp_path / "src", items)
+    manifest = convert(tmp_path / "src", tmp_path / "out", image_size=12, label_from_folder=True, progress=False)
+    assert manifest["total"] == 6 and manifest["label_views"]["folder"]["classes"] == ["cats", "dogs"]
+    ds = ShardDataset(tmp_path / "out")
+    for i in range(len(ds)):
+        got = ds[i]
+        src = next(it for it in items if it["key"] == ds._meta[ds._keep[i]]["source_key"])
+        assert got["image"].shape == (3, 12, 12) and got["captions"] == src["captions"]
+        assert ds.classnames["folder"][got["labels"]["folder"]] == src["key"].split("/")[0]
+
+
+def test_interrupted_conversion_resumes(tmp_path, monkeypatch):
+    _csv_source(tmp_path / "src", n=30)
+    src = tmp_path / "src" / "m.csv"
+    full = convert(src, tmp_path / "full", shard_bytes=3000, progress=False)
+    calls, interrupt = [], [True]
+    real = convert_mod._resized_png
+
+    def flaky(image, size):
+        calls.append(1)
+        if len(calls) == 12 and interrupt.pop():
+            raise KeyboardInterrupt("simulated interruption")
+        return real(image, size)
+
+    monkeypatch.setattr(convert_mod, "_resized_png", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, tmp_path / "split", shard_bytes=3000, progress=False)
+    assert (tmp_path / "split" / "convert-plan.json").exists() and not (tmp_path / "split" / "manifest.json").exists()
+    calls.clear()
+    interrupt.append(False)
+    resumed = convert(src, tmp_path / "split", shard_bytes=3000, progress=False, log=lambda m: None)
+    assert 0 < len(calls) < full["total"]  # only the samples after the complete shards were encoded again
+    assert resumed["splits"] == full["splits"]
+    for a, b in zip(sorted((tmp_path / "full").glob("*.tar")), sorted((tmp_path / "split").glob("*.tar"))):
+        assert a.read_bytes() == b.read_bytes()
+
+
+def test_cli_convert_prints_summary_and_skips(tmp_path, capsys):
+    _csv_source(tmp_path / "src")
+    assert main(["data", "convert", str(tmp_path / "src" / "m.csv"), "--out", str(tmp_path / "out"),
+                 "--shard-size-mb", "0.01", "--val-fraction", "0.2", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "11 samples" in out and "corrupt_image" in out and "missing_image" in out and "data.root=" in out
+    assert main(["data", "convert", str(tmp_path / "nothing.csv"), "--out", str(tmp_path / "o2")]) == 2
