@@ -197,3 +197,33 @@ def test_freeze_locks_a_tower_and_bad_patterns_are_named(tiny_cfg, tmp_path):
     assert any(not torch.equal(base[k], locked[k]) for k in base if k.startswith("visual."))
     with pytest.raises(ValueError, match="'txt.\\*' matches no parameter"):
         train(dataclasses.replace(tiny_cfg, freeze=["txt.*"], out_dir=str(tmp_path / "c")))
+
+
+def test_caption_sources_with_stored_rule_rewrites(tiny_cfg, tmp_path):
+    """data.caption_sources + data.rewrites=rule: rewrites are computed once, stored, read back on
+    the next run, and the steps draw from the original captions and the rewrites."""
+    from clipforge.data.captions import CaptionPolicy
+    from clipforge.train.loop import _caption_sources
+
+    cfg = dataclasses.replace(tiny_cfg, steps=2, out_dir=str(tmp_path / "run"),
+                              data=dataclasses.replace(tiny_cfg.data, train_size=48, caption_sources="original=1,rewrites=1",
+                                                       rewrites="rule"))
+    train(cfg)
+    sidecar = list((tmp_path / "run").glob("rewrites.rule.*.parquet"))
+    assert len(sidecar) == 1
+    stamp = sidecar[0].stat().st_mtime_ns
+    train(dataclasses.replace(cfg, out_dir=str(tmp_path / "run"), resume="latest", steps=3))
+    assert sidecar[0].stat().st_mtime_ns == stamp, "the rewrites were recomputed"
+    from clipforge.data import build_dataset
+
+    ds = build_dataset("shapes", split="train", size=48, seed=0, image_size=32)
+    wrapped, policy = _caption_sources(cfg, ds, tmp_path / "run", set())
+    items = TrainItems(wrapped, seed=0, image_size=32, sources=policy)
+    drawn = [items[(e, i)]["caption"] for e in range(4) for i in range(48)]
+    originals = {c for i in range(48) for c in ds[i]["captions"]}
+    rewritten = [c for c in drawn if c not in originals]
+    assert 0.3 < len(rewritten) / len(drawn) < 0.7  # about half the steps use a rewrite
+    with pytest.raises(ValueError, match="data.rewrites is empty"):
+        _caption_sources(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, rewrites="")), ds, tmp_path, set())
+    with pytest.raises(ValueError, match="unknown caption source"):
+        CaptionPolicy.parse("original=1,captionz=1")

@@ -34,7 +34,13 @@ class DataConfig:
     teacher_cache: Optional[str] = None
     # which caption of a sample a step uses: random | first | auto (first when a loss term reads
     # hard negatives, which are written from a sample's first caption; random otherwise)
-    caption_policy: str = "auto"  # where the embeddings are stored; default <out_dir>/teacher_cache
+    caption_policy: str = "auto"
+    # caption SOURCES per step (LaCLIP, ALIP, "CLIP with Quality Captions"): "" = the dataset's captions;
+    # e.g. "original=1,rewrites=1" draws the original caption or one of its stored rewrites
+    caption_sources: str = ""
+    # where the rewrites come from: "" none; "rule" = clipforge's offline RuleRewriter, computed once and
+    # stored next to the data (or in <out_dir> for datasets without a directory); or a sidecar file path
+    rewrites: str = ""  # where the embeddings are stored; default <out_dir>/teacher_cache
     # the shard directory of a built corpus or of data.dataset=shards (default for corpora: $CLIPFORGE_DATA/NAME)
     root: Optional[str] = None
     # stream the shards of data.dataset (a corpus name or shards) with clipforge.data.streaming instead of

@@ -63,6 +63,9 @@ class TrainItems(Dataset):
     # dataset writes its hard negatives from (a random other wording would let a model tell the
     # negative from the positive by the template alone, not by its meaning)
     caption_policy: str = "random"
+    # a clipforge.data.captions.CaptionPolicy over the item's caption sources (original, rewrites,
+    # synthetic, short tags); None: one of the item's captions, as caption_policy says
+    sources: Any = None
 
     def __post_init__(self):
         if self.caption_policy not in CAPTION_POLICIES:
@@ -92,7 +95,10 @@ class TrainItems(Dataset):
         except (ImageLoadError, ValueError, KeyError, OSError) as e:
             return {"error": f"sample {index}: {e}"}
         which = 0 if self.caption_policy == "first" else int(rng.integers(len(captions)))
-        out = {"pixels": pixels, "caption": captions[which], "index": index}
+        caption = captions[which]
+        if self.sources is not None:
+            source, caption = self.sources.sample(item, rng)
+        out = {"pixels": pixels, "caption": caption, "index": index}
         if self.teachers is not None:
             out["teacher_image"], out["teacher_text"] = self.teachers.lookup(index, which)
         typed = item.get("negatives") or {}

@@ -110,6 +110,34 @@ def _caption_policy(policy: str, needs: set) -> str:
     return "first" if needs & {NEGATIVES, "ema_negative_text_features"} else "random"
 
 
+def _caption_sources(cfg: TrainConfig, dataset, out_dir: Path, needs: set):
+    """(dataset with its caption sources, CaptionPolicy or None) for data.caption_sources / data.rewrites."""
+    if not cfg.data.caption_sources and not cfg.data.rewrites:
+        return dataset, None
+    from ..data.captions import CaptionPolicy, SourcedCaptions
+
+    policy = CaptionPolicy.parse(cfg.data.caption_sources or "original=1,rewrites=1")
+    if needs & (set(TEACHER_KEYS) | {NEGATIVES, "ema_negative_text_features"}):
+        raise ValueError("data.caption_sources draws captions from several sources; the loss terms "
+                         f"{sorted(cfg.loss)} pair stored teacher embeddings or hard negatives with a dataset caption. "
+                         "Use one or the other")
+    rewrites = None
+    if cfg.data.rewrites:
+        from ..data.rewrites import RuleRewriter, load_rewrites, store_rewrites
+
+        if cfg.data.rewrites == "rule":
+            # next to the data for shard directories, else in the run directory; the name holds what selects the samples
+            name = f"rewrites.rule.n{len(dataset)}.seed{cfg.data.seed}.parquet"
+            path = Path(dataset.root) / f"{dataset.split}.{name}" if hasattr(dataset, "root") else out_dir / name
+            rewrites = store_rewrites(dataset, RuleRewriter(), path, seed=cfg.data.seed)  # read back when stored
+        else:
+            rewrites = load_rewrites(cfg.data.rewrites, dataset)
+    elif "rewrites" in policy.weights:
+        raise ValueError("data.caption_sources names 'rewrites' but data.rewrites is empty: set data.rewrites=rule "
+                         "(clipforge's offline rewriter, stored once next to the data) or a sidecar file")
+    return SourcedCaptions(dataset, rewrites=rewrites), policy
+
+
 def _join(parts: list[dict]) -> dict:
     """Concatenate each extra entry of the micro-batches along the batch dimension (per teacher for lists)."""
     def cat(values):
@@ -198,6 +226,7 @@ def train(cfg: TrainConfig, evaluate: Callable | None = None) -> TrainResult:
     else:
         dataset = build_dataset(cfg.data.dataset, split="train", size=cfg.data.train_size, seed=cfg.data.seed,
                                 image_size=model.image_size, **({"root": cfg.data.root} if cfg.data.root else {}))
+        dataset, sources = _caption_sources(cfg, dataset, out_dir, needs)
         teachers = None
         if needs & set(TEACHER_KEYS):
             if not cfg.data.teachers:
@@ -210,7 +239,8 @@ def train(cfg: TrainConfig, evaluate: Callable | None = None) -> TrainResult:
         items = TrainItems(dataset, cfg.seed, model.image_size, augment=cfg.data.augment,
                            negatives=cfg.data.hard_negatives if needs & {NEGATIVES, "ema_negative_text_features"} else 0,
                            negative_types=tuple(cfg.data.negative_types), count_negatives=COUNTS in needs,
-                           teachers=teachers, caption_policy=_caption_policy(cfg.data.caption_policy, needs))
+                           teachers=teachers, caption_policy=_caption_policy(cfg.data.caption_policy, needs),
+                           sources=sources)
         loader = train_loader(items, micro, cfg.seed, start_batch=start_step * cfg.accum_steps,
                               num_batches=(cfg.steps - start_step) * cfg.accum_steps, tokenizer=tokenizer,
                               num_workers=cfg.data.num_workers)
