@@ -314,7 +314,10 @@ class ShardDataset(Dataset):
         captions = list(meta["captions"])
         if self.languages is not None and meta.get("caption_langs"):
             captions = [c for c, lang in zip(captions, meta["caption_langs"]) if lang in self.languages]
-        return {"image": image, "captions": captions, "labels": dict(meta.get("labels", {})), "key": meta["key"]}
+        item = {"image": image, "captions": captions, "labels": dict(meta.get("labels", {})), "key": meta["key"]}
+        if meta.get("negatives"):  # typed hard negatives stored with the sample (e.g. shapes)
+            item["negatives"] = {k: list(v) for k, v in meta["negatives"].items()}
+        return item
 
 
 def _corpus_factory(name: str):

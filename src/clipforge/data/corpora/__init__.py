@@ -1,4 +1,5 @@
-"""Corpora built from installed packages into webdataset shards: ``openclipart`` and ``emoji``.
+"""Corpora built into webdataset shards: ``openclipart`` and ``emoji`` from installed packages,
+and the procedural ``shapes``.
 
 ``BUILDERS`` maps a corpus name to the module whose ``build(out, image_size, limit, workers, ...)``
 writes it; modules are imported only when used (their rendering libraries are heavy).
@@ -11,6 +12,7 @@ from typing import Callable
 BUILDERS = {
     "openclipart": "clipforge.data.corpora.openclipart",
     "emoji": "clipforge.data.corpora.emoji",
+    "shapes": "clipforge.data.corpora.shapes",
 }
 
 
