@@ -227,3 +227,35 @@ def test_caption_sources_with_stored_rule_rewrites(tiny_cfg, tmp_path):
         _caption_sources(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, rewrites="")), ds, tmp_path, set())
     with pytest.raises(ValueError, match="unknown caption source"):
         CaptionPolicy.parse("original=1,captionz=1")
+
+
+def test_multi_positive_training_gets_captions_or_dreamlip_subcaptions(tiny_cfg, tmp_path):
+    """multi_positive reads P positive texts per sample: the sample's captions (LaCLIP-style) or the
+    sentences of its longest caption (DreamLIP); the training program encodes them with gradients."""
+    from clipforge.data import build_dataset
+    from clipforge.tokenizer import get_tokenizer
+    from clipforge.train.data import make_collate
+
+    result = train(dataclasses.replace(tiny_cfg, steps=3, loss={"clip": 1.0, "multi_positive": 0.5},
+                                       out_dir=str(tmp_path / "mp")))
+    assert len(result.losses) == 3 and all(v == v and abs(v) < 1e6 for v in result.losses)
+    ds = build_dataset("shapes", split="train", size=16, seed=0, image_size=32)
+    items = TrainItems(ds, seed=0, image_size=32, positives=2)
+    for i in range(16):
+        got = items[(0, i)]["positives"]
+        assert 1 <= len(got) <= 2 and len(set(got)) == len(got) and set(got) <= set(ds[i]["captions"])
+
+    class LongCaptions(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return {"image": ds[i]["image"], "captions": ["short.", "A red circle. It is small. It sits left of a square."]}
+
+    sub = TrainItems(LongCaptions(), seed=0, image_size=32, positives=2, positive_source="subcaptions")
+    sentences = {"A red circle.", "It is small.", "It sits left of a square."}
+    for i in range(4):
+        got = sub[(1, i)]["positives"]
+        assert len(got) == 2 and set(got) <= sentences
+    batch = make_collate(get_tokenizer(16), positives=3)([sub[(0, i)] for i in range(4)])
+    assert batch["positive_texts"].shape[:2] == (4, 3) and batch["positive_mask"].sum(1).tolist() == [2, 2, 2, 2]

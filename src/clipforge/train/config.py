@@ -26,6 +26,11 @@ class DataConfig:
     augment: bool = False  # random resized crop / flip / jitter for images that go through PIL
     # negative captions per sample, delivered only when a loss term reads them (hard_negative, degla_*)
     hard_negatives: int = 2
+    # positive captions per sample, delivered only when a loss term reads them (multi_positive): drawn from
+    # the sample's captions ("captions": its other captions, e.g. LaCLIP rewrites) or from the sentences of
+    # its longest caption ("subcaptions": DreamLIP's sub-captions of a long caption)
+    positives: int = 2
+    positive_source: str = "captions"
     # which of the dataset's negative types to draw from (shapes: color, shape, count, relation, swap); [] = all
     negative_types: List[str] = field(default_factory=list)
     # frozen teacher models (checkpoint or run directories) whose embeddings of the training set are
@@ -115,6 +120,10 @@ class TrainConfig:
                              "(or a built corpus such as openclipart)")
         if self.data.root and self.data.dataset == "shapes":
             raise ValueError("data.root names a shard directory; shapes is rendered in memory (set data.dataset too)")
+        if self.data.positives < 1:
+            raise ValueError(f"data.positives must be >= 1, got {self.data.positives}")
+        if self.data.positive_source not in ("captions", "subcaptions"):
+            raise ValueError(f"data.positive_source must be captions or subcaptions, got '{self.data.positive_source}'")
         if self.data.hard_negatives < 1:
             raise ValueError(f"data.hard_negatives must be >= 1, got {self.data.hard_negatives}")
         return self

@@ -58,6 +58,8 @@ class TrainItems(Dataset):
     negatives: int = 0  # K negative captions per sample (from the dataset's typed ``negatives``)
     negative_types: tuple[str, ...] = ()  # draw negatives only of these types; () = every type
     count_negatives: bool = False  # one counterfactual count caption where the sample states a count
+    positives: int = 0  # P positive captions per sample for multi-positive terms
+    positive_source: str = "captions"  # "captions" (the sample's captions) or "subcaptions" (DreamLIP)
     teachers: Any = None  # a TeacherStore: stored teacher embeddings of the image and of the drawn caption
     # "random": one of the sample's captions per step; "first": always captions[0], the caption a
     # dataset writes its hard negatives from (a random other wording would let a model tell the
@@ -74,6 +76,9 @@ class TrainItems(Dataset):
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def _positives(self, captions: list[str], rng) -> list[str]:
+        return _draw_positives(captions, self.positives, self.positive_source, rng)
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any] | None:
         epoch, index = key
@@ -101,6 +106,8 @@ class TrainItems(Dataset):
         out = {"pixels": pixels, "caption": caption, "index": index}
         if self.teachers is not None:
             out["teacher_image"], out["teacher_text"] = self.teachers.lookup(index, which)
+        if self.positives:
+            out["positives"] = self._positives(captions, rng)
         typed = item.get("negatives") or {}
         if self.negatives:
             kinds = sorted(k for k in typed if not self.negative_types or k in self.negative_types)
@@ -112,6 +119,16 @@ class TrainItems(Dataset):
             out["count_negative"] = counts[int(rng.integers(len(counts)))] if counts else None
             out["count_positive"] = same_wording(captions, out["count_negative"]) if counts else None
         return out
+
+
+def _draw_positives(captions: list[str], k: int, source: str, rng) -> list[str]:
+    """Up to ``k`` distinct positive texts: the sample's captions, or (DreamLIP) sub-captions,
+    the sentences of its longest caption; never none, since every sample has a caption."""
+    if source == "subcaptions":
+        from ..data.long_captions import sample_subcaptions
+
+        return sample_subcaptions(max(captions, key=len), k, rng) or [captions[0]]
+    return [captions[int(i)] for i in rng.permutation(len(captions))[:k]]
 
 
 def same_wording(captions: list[str], counterfactual: str) -> str:
@@ -127,10 +144,19 @@ def same_wording(captions: list[str], counterfactual: str) -> str:
     return min(captions, key=distance)
 
 
-def make_collate(tokenizer: Callable[[list[str]], torch.Tensor], negatives: int | None = None):
-    """Stack a batch; per-sample negative captions are padded to ``negatives`` (default: the
-    batch's largest count) with ``negative_mask`` False on the padding, so every micro-batch
-    of a step has the same [B, K] layout."""
+def _padded(tokenizer, rows: list[list[str]], k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, K, L] token ids of per-sample caption lists padded to ``k`` (default: the longest) and the [B, K] mask."""
+    k = k or max(1, max(len(r) for r in rows))
+    padded = [r + [""] * (k - len(r)) for r in rows]
+    ids = tokenizer([t for r in padded for t in r]).view(len(rows), k, -1)
+    return ids, torch.tensor([[j < len(r) for j in range(k)] for r in rows])
+
+
+def make_collate(tokenizer: Callable[[list[str]], torch.Tensor], negatives: int | None = None,
+                 positives: int | None = None):
+    """Stack a batch; per-sample negative (positive) captions are padded to ``negatives``
+    (``positives``; default: the batch's largest count) with the mask False on the padding, so
+    every micro-batch of a step has the same [B, K] layout."""
 
     def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
         good = [it for it in items if it is not None and "error" not in it]
@@ -150,10 +176,9 @@ def make_collate(tokenizer: Callable[[list[str]], torch.Tensor], negatives: int 
             "errors": errors,
         }
         if "negatives" in good[0]:
-            k = negatives or max(1, max(len(it["negatives"]) for it in good))
-            rows = [it["negatives"] + [""] * (k - len(it["negatives"])) for it in good]
-            batch["negative_texts"] = tokenizer([t for r in rows for t in r]).view(len(good), k, -1)
-            batch["negative_mask"] = torch.tensor([[j < len(it["negatives"]) for j in range(k)] for it in good])
+            batch["negative_texts"], batch["negative_mask"] = _padded(tokenizer, [it["negatives"] for it in good], negatives)
+        if "positives" in good[0]:
+            batch["positive_texts"], batch["positive_mask"] = _padded(tokenizer, [it["positives"] for it in good], positives)
         if "teacher_image" in good[0]:  # one [B, d_k] tensor per teacher
             for key in ("teacher_image", "teacher_text"):
                 batch[key] = [torch.stack(per) for per in zip(*(it[key] for it in good))]
@@ -168,7 +193,8 @@ def make_collate(tokenizer: Callable[[list[str]], torch.Tensor], negatives: int 
 
 def train_loader(items: TrainItems, batch_size: int, seed: int, start_batch: int, num_batches: int, tokenizer, num_workers: int = 0) -> DataLoader:
     sampler = ResumableBatchSampler(len(items), batch_size, seed, start_batch, num_batches)
-    return DataLoader(items, batch_sampler=sampler, collate_fn=make_collate(tokenizer, items.negatives or None),
+    return DataLoader(items, batch_sampler=sampler,
+                      collate_fn=make_collate(tokenizer, items.negatives or None, items.positives or None),
                       num_workers=num_workers,
                       persistent_workers=False)
 

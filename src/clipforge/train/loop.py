@@ -65,14 +65,14 @@ def _autocast(precision: str):
 
 
 # extra inputs the training program can produce
-NEGATIVES, COUNTS = "negative_text_features", "count_negative_text_features"
+NEGATIVES, COUNTS, POSITIVES = "negative_text_features", "count_negative_text_features", "positive_text_features"
 EMA_KEYS = ("ema_image_features", "ema_text_features", "ema_negative_text_features")
 TEACHER_KEYS = ("teacher_image_features", "teacher_text_features")
-PRODUCED = {NEGATIVES, COUNTS, *EMA_KEYS, *TEACHER_KEYS}
+PRODUCED = {NEGATIVES, COUNTS, POSITIVES, *EMA_KEYS, *TEACHER_KEYS}
 
 
-def _encode_negatives(encode_text, ids: torch.Tensor) -> torch.Tensor:
-    """[B, K, L] token ids -> [B, K, d] features."""
+def _encode_per_sample(encode_text, ids: torch.Tensor) -> torch.Tensor:
+    """[B, K, L] token ids (per-sample negatives or positives) -> [B, K, d] features."""
     return encode_text(ids.reshape(-1, ids.shape[-1])).float().view(ids.shape[0], ids.shape[1], -1)
 
 
@@ -83,8 +83,11 @@ def _encode_extras(model, batch: dict) -> dict:
     if "teacher_image" in batch:  # lists of [B, d_k], one per teacher
         extra["teacher_image_features"], extra["teacher_text_features"] = batch["teacher_image"], batch["teacher_text"]
     if "negative_texts" in batch:
-        extra[NEGATIVES] = _encode_negatives(model.encode_text, batch["negative_texts"])
+        extra[NEGATIVES] = _encode_per_sample(model.encode_text, batch["negative_texts"])
         extra["negative_text_mask"] = batch["negative_mask"]
+    if "positive_texts" in batch:
+        extra[POSITIVES] = _encode_per_sample(model.encode_text, batch["positive_texts"])
+        extra["positive_text_mask"] = batch["positive_mask"]
     if "count_negative_texts" in batch:
         extra[COUNTS] = model.encode_text(batch["count_negative_texts"]).float()
         extra["count_positive_text_features"] = model.encode_text(batch["count_positive_texts"]).float()
@@ -100,7 +103,7 @@ def _encode_ema(ema: EMATeacher | None, batch: dict) -> dict:
     out = ema.model(batch["images"], batch["texts"])
     extra = {"ema_image_features": out["image_features"].float(), "ema_text_features": out["text_features"].float()}
     if "negative_texts" in batch:
-        extra["ema_negative_text_features"] = _encode_negatives(ema.model.encode_text, batch["negative_texts"])
+        extra["ema_negative_text_features"] = _encode_per_sample(ema.model.encode_text, batch["negative_texts"])
     return extra
 
 
@@ -238,9 +241,9 @@ def train(cfg: TrainConfig, evaluate: Callable | None = None) -> TrainResult:
 
     micro = cfg.batch_size // cfg.accum_steps
     if cfg.data.streaming:  # webdataset shards streamed; the position is saved with each checkpoint
-        if needs & {NEGATIVES, COUNTS, "ema_negative_text_features", *TEACHER_KEYS}:
+        if needs & {NEGATIVES, COUNTS, POSITIVES, "ema_negative_text_features", *TEACHER_KEYS}:
             raise ValueError(f"data.streaming delivers images and captions only; the loss terms {sorted(cfg.loss)} "
-                             "need hard negatives, counts or teacher embeddings")
+                             "need hard negatives, positives, counts or teacher embeddings")
         loader = stream_train_loader(cfg.data, model.image_size, micro, cfg.seed, tokenizer,
                                      _caption_policy(cfg.data.caption_policy, needs), stream_state)
     else:
@@ -259,6 +262,8 @@ def train(cfg: TrainConfig, evaluate: Callable | None = None) -> TrainResult:
         items = TrainItems(dataset, cfg.seed, model.image_size, augment=cfg.data.augment,
                            negatives=cfg.data.hard_negatives if needs & {NEGATIVES, "ema_negative_text_features"} else 0,
                            negative_types=tuple(cfg.data.negative_types), count_negatives=COUNTS in needs,
+                           positives=cfg.data.positives if POSITIVES in needs else 0,
+                           positive_source=cfg.data.positive_source,
                            teachers=teachers, caption_policy=_caption_policy(cfg.data.caption_policy, needs),
                            sources=sources)
         loader = train_loader(items, micro, cfg.seed, start_batch=start_step * cfg.accum_steps,
