@@ -59,6 +59,17 @@ def distill_kl_loss(image_features: Tensor, text_features: Tensor, logit_scale, 
     return 0.5 * (rows + cols)
 
 
+def teacher_targets(inputs: LossInputs, keys: Sequence[str], teacher_scale) -> tuple[Tensor, Tensor]:
+    """The teachers' averaged distributions for this process's rows over the gathered batch:
+    image->text (``p_rows``) and text->image (``p_cols``)."""
+    pairs = teacher_pairs(*(inputs.require(k) for k in keys))
+    scales = teacher_scales(teacher_scale, len(pairs))
+    everyone = gather_teachers(pairs, inputs.rank, inputs.world_size)
+    p_rows = teacher_distribution([a for a, _ in pairs], [b for _, b in everyone], scales)
+    p_cols = teacher_distribution([b for _, b in pairs], [a for a, _ in everyone], scales)
+    return p_rows, p_cols
+
+
 @register("distill_kl")
 class DistillKLLoss(nn.Module):
     """Registered :func:`distill_kl_loss`, global: each process's rows (its images, its texts)
@@ -74,12 +85,8 @@ class DistillKLLoss(nn.Module):
 
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
         r, w = inputs.rank, inputs.world_size
-        pairs = teacher_pairs(*(inputs.require(k) for k in self.extra_keys))
-        scales = teacher_scales(self.teacher_scale, len(pairs))
-        everyone = gather_teachers(pairs, r, w)
+        p_rows, p_cols = teacher_targets(inputs, self.extra_keys, self.teacher_scale)
         x, y = inputs.image_features, inputs.text_features
-        p_rows = teacher_distribution([a for a, _ in pairs], [b for _, b in everyone], scales)
-        p_cols = teacher_distribution([b for _, b in pairs], [a for a, _ in everyone], scales)
         rows = _kl_rows(x, gather(y, r, w), inputs.logit_scale, p_rows)
         cols = _kl_rows(y, gather(x, r, w), inputs.logit_scale, p_cols)
         return {"loss": 0.5 * (rows + cols)}

@@ -19,10 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from .base import LossInputs
-from .distill_kl import teacher_distribution
+from .distill_kl import teacher_distribution, teacher_targets
 from .gather import gather, local_offset
 from .registry import register
-from .teachers import gather_teachers, teacher_keys, teacher_pairs, teacher_scales
+from .teachers import teacher_keys, teacher_pairs, teacher_scales
 
 
 def _soft_ce_rows(queries: Tensor, candidates: Tensor, logit_scale, teacher: Tensor, alpha: float, offset: int) -> Tensor:
@@ -66,13 +66,9 @@ class HycdLoss(nn.Module):
 
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
         r, w = inputs.rank, inputs.world_size
-        pairs = teacher_pairs(*(inputs.require(k) for k in self.extra_keys))
-        scales = teacher_scales(self.teacher_scale, len(pairs))
-        everyone = gather_teachers(pairs, r, w)
+        p_rows, p_cols = teacher_targets(inputs, self.extra_keys, self.teacher_scale)
         x, y = inputs.image_features, inputs.text_features
         offset = local_offset(x.shape[0], r)
-        p_rows = teacher_distribution([a for a, _ in pairs], [b for _, b in everyone], scales)
-        p_cols = teacher_distribution([b for _, b in pairs], [a for a, _ in everyone], scales)
         rows = _soft_ce_rows(x, gather(y, r, w), inputs.logit_scale, p_rows, self.alpha, offset)
         cols = _soft_ce_rows(y, gather(x, r, w), inputs.logit_scale, p_cols, self.alpha, offset)
         return {"loss": 0.5 * (rows + cols)}
