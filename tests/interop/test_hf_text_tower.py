@@ -162,6 +162,16 @@ def test_proclip_first_stage_distills_the_clip_text_tower_into_minilm(tiny_cfg, 
     student = result.model.state_dict()
     assert all(torch.equal(v, student[k]) for k, v in teacher.state_dict().items() if k.startswith("visual."))
     assert result.losses[-1] < 0.8 * result.losses[0], result.losses  # 1 - cos to the teacher's text embeddings
+    # the stage-1 model as a stored teacher (stage 2): its captions go through its own MiniLM tokenizer
+    from clipforge.data import build_dataset
+    from clipforge.train.teachers import load_teacher_store
+
+    store = load_teacher_store([str(tmp_path / "stage1")], "shapes", 8, 0, tmp_path / "cache", log=lambda *_: None)
+    stage1, tok, _ = clipforge.load(tmp_path / "stage1")
+    captions = build_dataset("shapes", split="train", size=8, seed=0, image_size=stage1.image_size)[3]["captions"]
+    with torch.no_grad():
+        ref = stage1.encode_text(tok(captions))
+    assert torch.allclose(store.text[0][3, :len(captions)], ref, atol=1e-5)
     bad = dataclasses.replace(cfg, model_overrides=dict(overrides, vision={"image_size": 32, "patch_size": 16, "width": 32,
                                                                           "layers": 1, "heads": 2}),
                               out_dir=str(tmp_path / "bad"))

@@ -21,7 +21,6 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..data import build_dataset
-from ..models.io import load_model
 from ..tokenizer import get_tokenizer
 from ..transforms import image_transform, normalize_batch
 
@@ -48,10 +47,13 @@ def _pixels(images: Sequence, image_size: int) -> Tensor:
 
 
 @torch.no_grad()
-def embed_training_set(teacher, dataset_name: str, size: int, seed: int, batch_size: int = 256) -> tuple[Tensor, Tensor]:
-    """A teacher's embeddings of every training image [N, d] and of every caption [N, C, d]."""
+def embed_training_set(teacher, dataset_name: str, size: int, seed: int, batch_size: int = 256,
+                       tokenizer=None) -> tuple[Tensor, Tensor]:
+    """A teacher's embeddings of every training image [N, d] and of every caption [N, C, d].
+    ``tokenizer``: the teacher's own (default CLIP's BPE; a Hugging Face text tower needs its own)."""
     ds = build_dataset(dataset_name, split="train", size=size, seed=seed, image_size=teacher.image_size)
-    tokenizer = get_tokenizer(teacher.context_length)
+    size = len(ds)  # a built corpus may hold fewer samples than asked for
+    tokenizer = tokenizer or get_tokenizer(teacher.context_length)
     images, captions = [], []
     for start in range(0, size, batch_size):
         items = [ds[i] for i in range(start, min(size, start + batch_size))]
@@ -86,7 +88,10 @@ def load_teacher_store(teachers: Sequence[str], dataset_name: str, size: int, se
         file = cache / _cache_name(teacher_dir, dataset_name, size, seed)
         if not file.exists():
             log(f"embedding {size} training samples with teacher {teacher_dir} (once; cached in {file})")
-            img, txt = embed_training_set(load_model(teacher_dir), dataset_name, size, seed)
+            from ..interop import load  # the teacher's own tokenizer comes with it
+
+            model, tokenizer, _ = load(teacher_dir)
+            img, txt = embed_training_set(model, dataset_name, size, seed, tokenizer=tokenizer)
             save_file({"image": img.contiguous(), "text": txt.contiguous()}, str(file))
         stored = load_file(str(file))
         image.append(stored["image"])
