@@ -19,6 +19,16 @@ key=value overrides; overrides win. Common ones:
   data.train_size=20000      number of training samples
   data.dataset=shards data.root=DIR data.streaming=true
                              stream a shard directory (clipforge data build/convert)
+  data.dataset=openclipart+emoji
+                             built corpora (clipforge data build NAME), '+' mixes them
+  data.caption_sources=original=1,rewrites=1 data.rewrites=rule
+                             LaCLIP-style rewrites, computed once and stored with the data
+  loss={clip:1.0,multi_positive:0.5} data.positive_source=subcaptions
+                             several positives per image (DreamLIP sub-captions)
+  init_from=PATH             start from any checkpoint clipforge.load reads (HF, OpenCLIP, OpenAI)
+  freeze=[text.*]            LiT; trainable=[visual.proj,text.proj,logit_scale]: projections only
+  model_overrides.hf_text.path=DIR
+                             a pretrained Hugging Face text tower (e.g. all-MiniLM-L6-v2)
 Print the full config with --print-config.
 """
 
