@@ -99,6 +99,9 @@ def bench_loader(root: str | None, workers: int, images: int, batch: int = 64) -
 
     from clipforge.data import build_dataset
 
+    from corpus_setup import ensure_corpus
+
+    root = ensure_corpus("openclipart", root)
     rows = []
     for size in (64, 224):
         ds = build_dataset("openclipart", split="train", size=images + batch, seed=0, image_size=None, root=root)

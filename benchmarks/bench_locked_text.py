@@ -125,6 +125,11 @@ def main() -> None:
     p.add_argument("--languages", nargs="+", help="keep only captions in these languages (corpora that tag them)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    if a.dataset != "shapes":  # install the Debian packages and build the corpora if needed
+        from corpus_setup import ensure_corpus
+
+        for part in a.dataset.split("+"):
+            ensure_corpus(part)
     extra = {"languages": a.languages} if a.languages else {}
     ds = build_dataset(a.dataset, split="train", size=a.train_size, seed=0, image_size=64, **extra)
     items = [ds[i] for i in range(len(ds))]

@@ -42,7 +42,6 @@ def main() -> None:
     from bench_data import bench_loader
 
     from clipforge.cli.common import table
-    from clipforge.data.shards import corpus_root
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", help="openclipart shard directory (default: the data home)")
@@ -52,7 +51,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--skip-map", action="store_true", help="only the streaming loader")
     args = p.parse_args()
-    root = str(corpus_root("openclipart", args.root))
+    from corpus_setup import ensure_corpus
+
+    root = ensure_corpus("openclipart", args.root)
     rows = []
     for rep in range(args.repeats):
         maps = {} if args.skip_map else {int(r[0].split()[0]): r[3] for r in bench_loader(root, args.workers, args.images)}
