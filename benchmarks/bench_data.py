@@ -94,7 +94,6 @@ class _Augmented:
 
 
 def bench_loader(root: str | None, workers: int, images: int, batch: int = 64) -> list[list]:
-    import torch
     from torch.utils.data import DataLoader
 
     from clipforge.data import build_dataset

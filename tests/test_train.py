@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipforge.train import TrainConfig, TrainingDiverged, load_config, train
+from clipforge.train import TrainingDiverged, load_config, train
 from clipforge.train.checkpoint import list_checkpoints
 from clipforge.train.data import ResumableBatchSampler
 from clipforge.train.optim import cosine_with_warmup

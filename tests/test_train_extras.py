@@ -159,16 +159,16 @@ def test_caption_policy_pairs_negatives_with_their_source_caption():
     """Hard negatives are written from a sample's first caption; with them, the step's positive
     is that caption (policy "first", chosen by "auto"), otherwise any caption may be drawn."""
     from clipforge.data import build_dataset
-    from clipforge.train.loop import _caption_policy
+    from clipforge.train.setup import resolve_caption_policy
 
     ds = build_dataset("shapes", split="train", size=40, seed=0, image_size=32)
     first = TrainItems(ds, seed=0, image_size=32, negatives=2, caption_policy="first")
     assert all(first[(e, i)]["caption"] == ds[i]["captions"][0] for e in range(3) for i in range(40))
     drawn = {TrainItems(ds, seed=0, image_size=32)[(e, i)]["caption"] for e in range(6) for i in range(40)}
     assert drawn - {ds[i]["captions"][0] for i in range(40)}, "random policy never drew another caption"
-    assert _caption_policy("auto", {"negative_text_features"}) == "first"
-    assert _caption_policy("auto", set()) == "random"
-    assert _caption_policy("random", {"negative_text_features"}) == "random"
+    assert resolve_caption_policy("auto", {"negative_text_features"}) == "first"
+    assert resolve_caption_policy("auto", set()) == "random"
+    assert resolve_caption_policy("random", {"negative_text_features"}) == "random"
     with pytest.raises(ValueError, match="caption_policy"):
         TrainItems(ds, seed=0, image_size=32, caption_policy="longest")
 
@@ -203,7 +203,7 @@ def test_caption_sources_with_stored_rule_rewrites(tiny_cfg, tmp_path):
     """data.caption_sources + data.rewrites=rule: rewrites are computed once, stored, read back on
     the next run, and the steps draw from the original captions and the rewrites."""
     from clipforge.data.captions import CaptionPolicy
-    from clipforge.train.loop import _caption_sources
+    from clipforge.train.setup import with_caption_sources
 
     cfg = dataclasses.replace(tiny_cfg, steps=2, out_dir=str(tmp_path / "run"),
                               data=dataclasses.replace(tiny_cfg.data, train_size=48, caption_sources="original=1,rewrites=1",
@@ -217,14 +217,14 @@ def test_caption_sources_with_stored_rule_rewrites(tiny_cfg, tmp_path):
     from clipforge.data import build_dataset
 
     ds = build_dataset("shapes", split="train", size=48, seed=0, image_size=32)
-    wrapped, policy = _caption_sources(cfg, ds, tmp_path / "run", set())
+    wrapped, policy = with_caption_sources(cfg, ds, tmp_path / "run", set())
     items = TrainItems(wrapped, seed=0, image_size=32, sources=policy)
     drawn = [items[(e, i)]["caption"] for e in range(4) for i in range(48)]
     originals = {c for i in range(48) for c in ds[i]["captions"]}
     rewritten = [c for c in drawn if c not in originals]
     assert 0.3 < len(rewritten) / len(drawn) < 0.7  # about half the steps use a rewrite
     with pytest.raises(ValueError, match="data.rewrites is empty"):
-        _caption_sources(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, rewrites="")), ds, tmp_path, set())
+        with_caption_sources(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, rewrites="")), ds, tmp_path, set())
     with pytest.raises(ValueError, match="unknown caption source"):
         CaptionPolicy.parse("original=1,captionz=1")
 

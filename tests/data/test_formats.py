@@ -1,7 +1,6 @@
 """Every format round-trips (same captions, labels and pixels), and bad records are skipped and counted."""
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 

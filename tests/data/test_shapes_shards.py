@@ -2,7 +2,6 @@
 manifest), pixel-identical to the generator, with its splits, labels and typed negatives."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from clipforge.cli.main import main

@@ -43,7 +43,6 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..images import ImageLoadError, load_image
 

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from .vocabulary import (ATTRIBUTES, COUNT_VALUES, COUNTS, DETERMINERS, OBJECTS, RELATIONS, WORD, article_for,
-                         known_nouns, match_case, noun_number, normalize, plural)
+                         match_case, noun_number, normalize, plural)
 
 NEGATIVE_TYPES = ("replace_attribute", "swap_attribute", "replace_object", "swap_objects", "replace_relation",
                   "change_count", "shuffle_words", "negate")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field

@@ -7,7 +7,6 @@ process's features receive gradient from every other process's logits.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 

@@ -30,15 +30,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..losses import EMATeacher, LossInputs, build_composite
-from ..models import create_model
-from ..data import build_dataset
-from ..tokenizer import get_tokenizer
 from .checkpoint import load_state, load_weights, resolve_checkpoint, save_checkpoint
-from .config import TrainConfig, to_dict, to_yaml
-from .data import TrainItems, stream_train_loader, train_loader
-from .freeze import apply_freeze
+from .config import TrainConfig, to_yaml
 from .optim import build_optimizer, build_scheduler
-from .teachers import load_teacher_store
+from .setup import COUNTS, EMA_KEYS, NEGATIVES, POSITIVES, PRODUCED, build_loader, build_model
 
 
 class TrainingDiverged(RuntimeError):
@@ -62,13 +57,6 @@ def _autocast(precision: str):
     if precision == "bf16":
         return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-# extra inputs the training program can produce
-NEGATIVES, COUNTS, POSITIVES = "negative_text_features", "count_negative_text_features", "positive_text_features"
-EMA_KEYS = ("ema_image_features", "ema_text_features", "ema_negative_text_features")
-TEACHER_KEYS = ("teacher_image_features", "teacher_text_features")
-PRODUCED = {NEGATIVES, COUNTS, POSITIVES, *EMA_KEYS, *TEACHER_KEYS}
 
 
 def _encode_per_sample(encode_text, ids: torch.Tensor) -> torch.Tensor:
@@ -107,58 +95,6 @@ def _encode_ema(ema: EMATeacher | None, batch: dict) -> dict:
     return extra
 
 
-def _caption_policy(policy: str, needs: set) -> str:
-    if policy != "auto":
-        return policy
-    return "first" if needs & {NEGATIVES, "ema_negative_text_features"} else "random"
-
-
-def _copy_image_tower(model, source: str) -> None:
-    """Load every ``visual.*`` tensor of ``source`` (any checkpoint clipforge.load reads) into ``model``."""
-    from ..interop import load
-
-    donor = {k: v for k, v in load(source)[0].state_dict().items() if k.startswith("visual.")}
-    own = {k: v for k, v in model.state_dict().items() if k.startswith("visual.")}
-    missing, unexpected = sorted(set(own) - set(donor)), sorted(set(donor) - set(own))
-    wrong = [f"{k} {tuple(donor[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(donor))
-             if donor[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"init_vision_from={source}: its image tower does not fit the configured one "
-                         f"(missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatches {wrong[:5]}); "
-                         "give the model the same vision config (model=... / model_overrides.vision)")
-    with torch.no_grad():
-        for k, v in donor.items():
-            own[k].copy_(v)
-
-
-def _caption_sources(cfg: TrainConfig, dataset, out_dir: Path, needs: set):
-    """(dataset with its caption sources, CaptionPolicy or None) for data.caption_sources / data.rewrites."""
-    if not cfg.data.caption_sources and not cfg.data.rewrites:
-        return dataset, None
-    from ..data.captions import CaptionPolicy, SourcedCaptions
-
-    policy = CaptionPolicy.parse(cfg.data.caption_sources or "original=1,rewrites=1")
-    if needs & (set(TEACHER_KEYS) | {NEGATIVES, "ema_negative_text_features"}):
-        raise ValueError("data.caption_sources draws captions from several sources; the loss terms "
-                         f"{sorted(cfg.loss)} pair stored teacher embeddings or hard negatives with a dataset caption. "
-                         "Use one or the other")
-    rewrites = None
-    if cfg.data.rewrites:
-        from ..data.rewrites import RuleRewriter, load_rewrites, store_rewrites
-
-        if cfg.data.rewrites == "rule":
-            # next to the data for shard directories, else in the run directory; the name holds what selects the samples
-            name = f"rewrites.rule.n{len(dataset)}.seed{cfg.data.seed}.parquet"
-            path = Path(dataset.root) / f"{dataset.split}.{name}" if hasattr(dataset, "root") else out_dir / name
-            rewrites = store_rewrites(dataset, RuleRewriter(), path, seed=cfg.data.seed)  # read back when stored
-        else:
-            rewrites = load_rewrites(cfg.data.rewrites, dataset)
-    elif "rewrites" in policy.weights:
-        raise ValueError("data.caption_sources names 'rewrites' but data.rewrites is empty: set data.rewrites=rule "
-                         "(clipforge's offline rewriter, stored once next to the data) or a sidecar file")
-    return SourcedCaptions(dataset, rewrites=rewrites), policy
-
-
 def _join(parts: list[dict]) -> dict:
     """Concatenate each extra entry of the micro-batches along the batch dimension (per teacher for lists)."""
     def cat(values):
@@ -187,25 +123,7 @@ def train(cfg: TrainConfig, evaluate: Callable | None = None) -> TrainResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
 
-    if cfg.init_from:
-        from ..interop import load  # any checkpoint of the ecosystem; its tokenizer comes with it
-
-        model, tokenizer, _ = load(cfg.init_from)
-        model.train()
-    else:
-        model = create_model(cfg.model, seed=cfg.seed, **cfg.model_overrides)
-        if model.cfg.hf_text is not None:  # a pretrained Hugging Face text tower brings its own tokenizer
-            from ..interop.text_tokenizers import HFTokenizer
-
-            tokenizer = HFTokenizer(model.cfg.hf_text.path, model.context_length)
-        else:
-            tokenizer = get_tokenizer(model.context_length)
-    if cfg.init_vision_from:
-        _copy_image_tower(model, cfg.init_vision_from)
-    model.set_grad_checkpointing(cfg.grad_checkpointing)
-    if cfg.freeze or cfg.trainable:
-        n_train, n_total = apply_freeze(model, cfg.freeze, cfg.trainable)
-        print(f"training {n_train:,} of {n_total:,} parameters (freeze={cfg.freeze}, trainable={cfg.trainable})")
+    model, tokenizer = build_model(cfg)
     loss_fn = build_composite(cfg.loss)
     if "siglip" in cfg.loss and model.logit_bias is None:
         raise ValueError("the siglip loss needs a logit bias: add model_overrides.init_logit_bias=-10 "
@@ -239,36 +157,7 @@ def train(cfg: TrainConfig, evaluate: Callable | None = None) -> TrainResult:
                 ema = EMATeacher(model, cfg.ema_momentum)
                 print(f"note: {ckpt} holds no EMA teacher; it starts from the resumed weights")
 
-    micro = cfg.batch_size // cfg.accum_steps
-    if cfg.data.streaming:  # webdataset shards streamed; the position is saved with each checkpoint
-        if needs & {NEGATIVES, COUNTS, POSITIVES, "ema_negative_text_features", *TEACHER_KEYS}:
-            raise ValueError(f"data.streaming delivers images and captions only; the loss terms {sorted(cfg.loss)} "
-                             "need hard negatives, positives, counts or teacher embeddings")
-        loader = stream_train_loader(cfg.data, model.image_size, micro, cfg.seed, tokenizer,
-                                     _caption_policy(cfg.data.caption_policy, needs), stream_state)
-    else:
-        dataset = build_dataset(cfg.data.dataset, split="train", size=cfg.data.train_size, seed=cfg.data.seed,
-                                image_size=model.image_size, **({"root": cfg.data.root} if cfg.data.root else {}))
-        dataset, sources = _caption_sources(cfg, dataset, out_dir, needs)
-        teachers = None
-        if needs & set(TEACHER_KEYS):
-            if not cfg.data.teachers:
-                raise ValueError(f"the loss terms {sorted(cfg.loss)} read stored teacher embeddings: name the frozen "
-                                 "teacher models with data.teachers=[<checkpoint or run directory>, ...]")
-            if cfg.data.augment:
-                raise ValueError("teacher embeddings are stored for the un-augmented training images; set data.augment=false")
-            teachers = load_teacher_store(cfg.data.teachers, cfg.data.dataset, cfg.data.train_size, cfg.data.seed,
-                                          cfg.data.teacher_cache or out_dir / "teacher_cache")
-        items = TrainItems(dataset, cfg.seed, model.image_size, augment=cfg.data.augment,
-                           negatives=cfg.data.hard_negatives if needs & {NEGATIVES, "ema_negative_text_features"} else 0,
-                           negative_types=tuple(cfg.data.negative_types), count_negatives=COUNTS in needs,
-                           positives=cfg.data.positives if POSITIVES in needs else 0,
-                           positive_source=cfg.data.positive_source,
-                           teachers=teachers, caption_policy=_caption_policy(cfg.data.caption_policy, needs),
-                           sources=sources)
-        loader = train_loader(items, micro, cfg.seed, start_batch=start_step * cfg.accum_steps,
-                              num_batches=(cfg.steps - start_step) * cfg.accum_steps, tokenizer=tokenizer,
-                              num_workers=cfg.data.num_workers)
+    loader = build_loader(cfg, model, tokenizer, needs, out_dir, start_step, stream_state)
     metrics_file = open(out_dir / "metrics.jsonl", "a")
     (out_dir / "config.yaml").write_text(to_yaml(cfg))
 

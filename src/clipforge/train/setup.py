@@ -1,0 +1,141 @@
+"""Setting up a training run: the model and its tokenizer, and the data pipeline.
+
+``build_model`` makes the configured model (or loads ``init_from``), copies an image tower
+(``init_vision_from``), and applies ``freeze``/``trainable``. ``build_loader`` makes the batches
+the loop consumes: shards streamed (``data.streaming``) or a map-style dataset whose items carry
+what the loss terms read (hard negatives, positives, count counterfactuals, stored teacher
+embeddings), with the caption of each step drawn as ``data.caption_policy`` /
+``data.caption_sources`` say.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..data import build_dataset
+from ..models import create_model
+from ..tokenizer import get_tokenizer
+from .config import TrainConfig
+from .data import TrainItems, stream_train_loader, train_loader
+from .freeze import apply_freeze
+from .teachers import load_teacher_store
+
+# extra inputs the training program can produce
+NEGATIVES, COUNTS, POSITIVES = "negative_text_features", "count_negative_text_features", "positive_text_features"
+EMA_KEYS = ("ema_image_features", "ema_text_features", "ema_negative_text_features")
+TEACHER_KEYS = ("teacher_image_features", "teacher_text_features")
+PRODUCED = {NEGATIVES, COUNTS, POSITIVES, *EMA_KEYS, *TEACHER_KEYS}
+
+
+def build_model(cfg: TrainConfig):
+    """(model, tokenizer) as configured."""
+    if cfg.init_from:
+        from ..interop import load  # any checkpoint of the ecosystem; its tokenizer comes with it
+
+        model, tokenizer, _ = load(cfg.init_from)
+        model.train()
+    else:
+        model = create_model(cfg.model, seed=cfg.seed, **cfg.model_overrides)
+        if model.cfg.hf_text is not None:  # a pretrained Hugging Face text tower brings its own tokenizer
+            from ..interop.text_tokenizers import HFTokenizer
+
+            tokenizer = HFTokenizer(model.cfg.hf_text.path, model.context_length)
+        else:
+            tokenizer = get_tokenizer(model.context_length)
+    if cfg.init_vision_from:
+        copy_image_tower(model, cfg.init_vision_from)
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
+    if cfg.freeze or cfg.trainable:
+        n_train, n_total = apply_freeze(model, cfg.freeze, cfg.trainable)
+        print(f"training {n_train:,} of {n_total:,} parameters (freeze={cfg.freeze}, trainable={cfg.trainable})")
+    return model, tokenizer
+
+
+def copy_image_tower(model, source: str) -> None:
+    """Load every ``visual.*`` tensor of ``source`` (any checkpoint clipforge.load reads) into ``model``."""
+    from ..interop import load
+
+    donor = {k: v for k, v in load(source)[0].state_dict().items() if k.startswith("visual.")}
+    own = {k: v for k, v in model.state_dict().items() if k.startswith("visual.")}
+    missing, unexpected = sorted(set(own) - set(donor)), sorted(set(donor) - set(own))
+    wrong = [f"{k} {tuple(donor[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(donor))
+             if donor[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"init_vision_from={source}: its image tower does not fit the configured one "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatches {wrong[:5]}); "
+                         "give the model the same vision config (model=... / model_overrides.vision)")
+    with torch.no_grad():
+        for k, v in donor.items():
+            own[k].copy_(v)
+
+
+def resolve_caption_policy(policy: str, needs: set) -> str:
+    """``data.caption_policy``: "auto" is "first" (the caption hard negatives are written from)
+    when a loss term reads hard negatives, "random" otherwise."""
+    if policy != "auto":
+        return policy
+    return "first" if needs & {NEGATIVES, "ema_negative_text_features"} else "random"
+
+
+def with_caption_sources(cfg: TrainConfig, dataset, out_dir: Path, needs: set):
+    """(dataset with its caption sources, CaptionPolicy or None) for data.caption_sources / data.rewrites."""
+    if not cfg.data.caption_sources and not cfg.data.rewrites:
+        return dataset, None
+    from ..data.captions import CaptionPolicy, SourcedCaptions
+
+    policy = CaptionPolicy.parse(cfg.data.caption_sources or "original=1,rewrites=1")
+    if needs & (set(TEACHER_KEYS) | {NEGATIVES, "ema_negative_text_features"}):
+        raise ValueError("data.caption_sources draws captions from several sources; the loss terms "
+                         f"{sorted(cfg.loss)} pair stored teacher embeddings or hard negatives with a dataset caption. "
+                         "Use one or the other")
+    rewrites = None
+    if cfg.data.rewrites:
+        from ..data.rewrites import RuleRewriter, load_rewrites, store_rewrites
+
+        if cfg.data.rewrites == "rule":
+            # next to the data for shard directories, else in the run directory; the name holds what selects the samples
+            name = f"rewrites.rule.n{len(dataset)}.seed{cfg.data.seed}.parquet"
+            path = Path(dataset.root) / f"{dataset.split}.{name}" if hasattr(dataset, "root") else out_dir / name
+            rewrites = store_rewrites(dataset, RuleRewriter(), path, seed=cfg.data.seed)  # read back when stored
+        else:
+            rewrites = load_rewrites(cfg.data.rewrites, dataset)
+    elif "rewrites" in policy.weights:
+        raise ValueError("data.caption_sources names 'rewrites' but data.rewrites is empty: set data.rewrites=rule "
+                         "(clipforge's offline rewriter, stored once next to the data) or a sidecar file")
+    return SourcedCaptions(dataset, rewrites=rewrites), policy
+
+
+def build_loader(cfg: TrainConfig, model, tokenizer, needs: set, out_dir: Path, start_step: int, stream_state=None):
+    """The iterable of (micro-)batches from ``start_step`` on."""
+    micro = cfg.batch_size // cfg.accum_steps
+    if cfg.data.streaming:  # webdataset shards streamed; the position is saved with each checkpoint
+        if needs & {NEGATIVES, COUNTS, POSITIVES, "ema_negative_text_features", *TEACHER_KEYS}:
+            raise ValueError(f"data.streaming delivers images and captions only; the loss terms {sorted(cfg.loss)} "
+                             "need hard negatives, positives, counts or teacher embeddings")
+        loader = stream_train_loader(cfg.data, model.image_size, micro, cfg.seed, tokenizer,
+                                     resolve_caption_policy(cfg.data.caption_policy, needs), stream_state)
+    else:
+        dataset = build_dataset(cfg.data.dataset, split="train", size=cfg.data.train_size, seed=cfg.data.seed,
+                                image_size=model.image_size, **({"root": cfg.data.root} if cfg.data.root else {}))
+        dataset, sources = with_caption_sources(cfg, dataset, out_dir, needs)
+        teachers = None
+        if needs & set(TEACHER_KEYS):
+            if not cfg.data.teachers:
+                raise ValueError(f"the loss terms {sorted(cfg.loss)} read stored teacher embeddings: name the frozen "
+                                 "teacher models with data.teachers=[<checkpoint or run directory>, ...]")
+            if cfg.data.augment:
+                raise ValueError("teacher embeddings are stored for the un-augmented training images; set data.augment=false")
+            teachers = load_teacher_store(cfg.data.teachers, cfg.data.dataset, cfg.data.train_size, cfg.data.seed,
+                                          cfg.data.teacher_cache or out_dir / "teacher_cache")
+        items = TrainItems(dataset, cfg.seed, model.image_size, augment=cfg.data.augment,
+                           negatives=cfg.data.hard_negatives if needs & {NEGATIVES, "ema_negative_text_features"} else 0,
+                           negative_types=tuple(cfg.data.negative_types), count_negatives=COUNTS in needs,
+                           positives=cfg.data.positives if POSITIVES in needs else 0,
+                           positive_source=cfg.data.positive_source,
+                           teachers=teachers, caption_policy=resolve_caption_policy(cfg.data.caption_policy, needs),
+                           sources=sources)
+        loader = train_loader(items, micro, cfg.seed, start_batch=start_step * cfg.accum_steps,
+                              num_batches=(cfg.steps - start_step) * cfg.accum_steps, tokenizer=tokenizer,
+                              num_workers=cfg.data.num_workers)
+    return loader
