@@ -242,7 +242,7 @@ def task_robustness(ctx: Context, view: str | None = None):
     view = view or ctx.data.default_view
     lab = ctx.data.labelled(view)
     cls = ctx.classifier(lab.classnames, lab.templates)
-    clean = _top1(ctx.images(lab.images, lab.spec) @ cls.t(), lab.labels)
+    clean = _top1(ctx.zero_shot_logits(lab)[1], lab.labels)
     results: dict[str, Any] = {"view": view, "clean": clean, "corruptions": {}}
     for name in CORRUPTIONS:
         row = {}

@@ -39,6 +39,19 @@ class Labelled:
     captions: list[list[str]] = field(default_factory=list)  # each image's own captions (CapS-Adapter support)
 
 
+def labelled_items(ds, view: str, spec: dict, spec_key: str, keep=lambda item: True) -> Labelled:
+    """The images of ``ds`` that carry a ``view`` label (and pass ``keep``), with labels and captions."""
+    images, labels, captions = [], [], []
+    for i in range(len(ds)):
+        item = ds[i]
+        if view in item["labels"] and keep(item):
+            images.append(item["image"])
+            labels.append(item["labels"][view])
+            captions.append(list(item["captions"]))
+    return Labelled(images, torch.tensor(labels, dtype=torch.long), list(spec["classes"]), list(spec["templates"]),
+                    spec_key, captions)
+
+
 def subset(lab: Labelled, every: int, offset: int) -> Labelled:
     """Every ``every``-th sample starting at ``offset`` (e.g. the even and odd halves of a split)."""
     idx = list(range(offset, len(lab.images), every))
@@ -149,17 +162,9 @@ class ShapesSuiteData:
 
     def labelled(self, view: str, split: str | None = None, size: int | None = None) -> Labelled:
         split = split or ("counting" if view == "count" else "compositional")
-        ds = self._split(split, size)
-        images, labels, captions = [], [], []
-        for i in range(len(ds)):
-            item = ds[i]
-            if view in item["labels"] and (view == "count" or item["kind"] == "single"):
-                images.append(item["image"])
-                labels.append(item["labels"][view])
-                captions.append(list(item["captions"]))
-        spec = LABEL_VIEWS[view]
-        return Labelled(images, torch.tensor(labels, dtype=torch.long), list(spec["classes"]), list(spec["templates"]),
-                        self._spec(split, size, f"/view={view}"), captions)
+        keep = (lambda item: True) if view == "count" else (lambda item: item["kind"] == "single")
+        return labelled_items(self._split(split, size), view, LABEL_VIEWS[view], self._spec(split, size, f"/view={view}"),
+                              keep)
 
     def probe_splits(self, view: str = "shape") -> tuple[Labelled, Labelled, Labelled, Labelled]:
         """(train, val, test, held-out) for the linear and few-shot probes: single objects of
@@ -267,16 +272,7 @@ class CorpusSuiteData:
 
     def labelled(self, view: str, split: str = "test", size: int | None = None, name: str | None = None) -> Labelled:
         ds = self._split(split, size, name)
-        images, labels, captions = [], [], []
-        for i in range(len(ds)):
-            item = ds[i]
-            if view in item["labels"]:
-                images.append(item["image"])
-                labels.append(item["labels"][view])
-                captions.append(list(item["captions"]))
-        spec = ds.label_views[view]
-        return Labelled(images, torch.tensor(labels, dtype=torch.long), list(spec["classes"]), list(spec["templates"]),
-                        self._spec(split, size, f"/view={view}", name), captions)
+        return labelled_items(ds, view, ds.label_views[view], self._spec(split, size, f"/view={view}", name))
 
     def probe_splits(self, view: str):
         val = self.labelled(view, "val")

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models import CLIP
@@ -22,7 +21,7 @@ class _ImageEncoder(nn.Module):
         self.model = model
 
     def forward(self, pixels: Tensor) -> Tensor:
-        return F.normalize(self.model.visual(pixels), dim=-1)
+        return self.model.encode_image(pixels)
 
 
 class _TextEncoder(nn.Module):
@@ -31,7 +30,7 @@ class _TextEncoder(nn.Module):
         self.model = model
 
     def forward(self, input_ids: Tensor) -> Tensor:
-        return F.normalize(self.model.text(input_ids), dim=-1)
+        return self.model.encode_text(input_ids)
 
 
 def export_onnx(model: CLIP, directory: str | Path, opset: int = 17) -> dict[str, Path]:
