@@ -69,7 +69,8 @@ class CaptionCache:
         return torch.stack([self.store[c] for c in captions])
 
 
-def train_arm(arm: str, images: torch.Tensor, captions: list[list[str]], a) -> dict:
+def fit_arm(arm: str, images: torch.Tensor, captions: list[list[str]], a):
+    """Train one arm; returns (model in eval mode, tokenizer, trainable params, seconds)."""
     model, tokenizer = build_arm(arm, a.seed)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -96,8 +97,12 @@ def train_arm(arm: str, images: torch.Tensor, captions: list[list[str]], a) -> d
         sched.step()
         if step % 50 == 0 or step == a.steps - 1:
             print(f"[{arm}] step {step} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
-    train_s = time.perf_counter() - t0
     model.eval()
+    return model, tokenizer, params, time.perf_counter() - t0
+
+
+def train_arm(arm: str, images: torch.Tensor, captions: list[list[str]], a) -> dict:
+    model, tokenizer, params, train_s = fit_arm(arm, images, captions, a)
     if a.dataset == "shapes":
         res = evaluate_shapes(model, tokenizer, size=a.eval_size)
     else:

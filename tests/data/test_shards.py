@@ -107,3 +107,46 @@ def test_dataset_in_dataloader_workers(tmp_path):
     ds = ShardDataset(tmp_path, image_size=16)
     loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, collate_fn=lambda b: [x["key"] for x in b])
     assert sorted(k for batch in loader for k in batch) == sorted(items)
+
+
+def _multilingual_shards(out):
+    items = _samples(4, size=16)
+    keys = sorted(items)
+    langs = {keys[0]: ["en", "de"], keys[1]: ["de"], keys[2]: ["en", "ja"]}  # keys[3]: untagged
+
+    def produce(ks):
+        for k in ks:
+            caps = [f"{k} {lang}" for lang in langs[k]] if k in langs else ["untagged"]
+            extra = {"caption_langs": langs[k]} if k in langs else {}
+            yield ShardSample(k, encode_png(items[k]["image"]), caps, items[k]["labels"], extra=extra)
+
+    w = ShardSetWriter(out)
+    w.write_split("train", keys, produce)
+    w.finish("ml", VIEWS)
+    return keys
+
+
+def test_languages_filter_captions_and_drop_samples_without_one(tmp_path):
+    keys = _multilingual_shards(tmp_path / "ml")
+    english = ShardDataset(tmp_path / "ml", languages=["en"])
+    got = {english[i]["key"]: english[i]["captions"] for i in range(len(english))}
+    # keys[1] has no English caption and is dropped; untagged samples keep theirs
+    assert got == {keys[0]: [f"{keys[0]} en"], keys[2]: [f"{keys[2]} en"], keys[3]: ["untagged"]}
+    assert len(ShardDataset(tmp_path / "ml")) == 4
+
+
+def test_training_on_one_language(tmp_path, tiny_cfg, monkeypatch):
+    from clipforge.train import load_config, setup, train
+
+    with pytest.raises(ValueError, match="data.languages filters the captions of built corpora"):
+        load_config(None, ["data.languages=[en]"])
+    keys = _multilingual_shards(tmp_path / "ml")
+    built = []
+    real = setup.build_dataset
+    monkeypatch.setattr(setup, "build_dataset", lambda *a, **kw: built.append(real(*a, **kw)) or built[-1])
+    tiny_cfg.data.dataset, tiny_cfg.data.root, tiny_cfg.data.languages = "shards", str(tmp_path / "ml"), ["de"]
+    tiny_cfg.batch_size, tiny_cfg.steps = 2, 2
+    train(tiny_cfg)
+    ds = built[0]
+    got = {ds[i]["key"]: ds[i]["captions"] for i in range(len(ds))}
+    assert got == {keys[0]: [f"{keys[0]} de"], keys[1]: [f"{keys[1]} de"], keys[3]: ["untagged"]}

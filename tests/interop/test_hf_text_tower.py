@@ -138,7 +138,7 @@ def test_lit_training_with_the_locked_minilm_tower(tiny_cfg, tmp_path):
     assert all(map(lambda v: v == v, result.losses))
 
 
-def test_proclip_first_stage_distills_the_clip_text_tower_into_minilm(tiny_cfg, tmp_path):
+def test_proclip_stages_distill_the_clip_text_tower_into_minilm_then_align(tiny_cfg, tmp_path):
     """ProCLIP stage 1: MiniLM (locked) + a trained projection beside a trained CLIP's image tower
     (init_vision_from, frozen), trained only to match the CLIP text tower's stored embeddings
     (dclip with alpha = 0: cosine feature distillation). The image tower stays the teacher's,
@@ -172,6 +172,19 @@ def test_proclip_first_stage_distills_the_clip_text_tower_into_minilm(tiny_cfg, 
     with torch.no_grad():
         ref = stage1.encode_text(tok(captions))
     assert torch.allclose(store.text[0][3, :len(captions)], ref, atol=1e-5)
+    # stage 2: contrastive tuning of the image tower and the projection from the stage-1 model, with a
+    # cosine pull toward stage 1's stored embeddings (dclip, alpha < 1) as the self-distillation regularizer
+    cfg2 = dataclasses.replace(cfg, init_vision_from=None, init_from=str(tmp_path / "stage1"), freeze=[],
+                               out_dir=str(tmp_path / "stage2"), lr=2e-3, steps=6,
+                               data=dataclasses.replace(data, teachers=[str(tmp_path / "stage1")]),
+                               loss={"dclip": {"weight": 1.0, "alpha": 0.9}})
+    stage2 = train(cfg2).model.eval()
+    s1, s2 = stage1.state_dict(), stage2.state_dict()
+    assert any(not torch.equal(s1[k], s2[k]) for k in s1 if k.startswith("visual."))  # the image tower tunes now
+    assert all(torch.equal(s1[k], s2[k]) for k in s1 if k.startswith("text.encoder."))  # MiniLM stays locked
+    with torch.no_grad():
+        drift = 1 - torch.cosine_similarity(stage2.encode_text(tok(captions)), ref).mean().item()
+    assert drift < 0.2  # a few steps from stage 1: its text side is still where stage 1 put it
     bad = dataclasses.replace(cfg, model_overrides=dict(overrides, vision={"image_size": 32, "patch_size": 16, "width": 32,
                                                                           "layers": 1, "heads": 2}),
                               out_dir=str(tmp_path / "bad"))

@@ -6,7 +6,8 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a run directory or a checkpoint/model directory")
+    p.add_argument("model", help="a run, checkpoint or model directory, or anything clipforge.load reads "
+                                 "(Hugging Face/OpenCLIP/OpenAI checkpoints, a uCLIP pivot directory)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", nargs="+", help="image files or directories (searched for .png/.jpg/.jpeg/.webp/.bmp/.gif)")
     src.add_argument("--texts", nargs="+", help="texts to embed")
@@ -33,20 +34,20 @@ def run(args) -> int:
     import numpy as np
     from tqdm.auto import tqdm
 
+    from .. import load
     from ..evaluation import encode_texts
     from ..images import ImageLoadError, load_image
-    from ..models import load_model
-    from ..tokenizer import get_tokenizer
-    from ..transforms import image_transform
 
     out = Path(args.out)
     if out.suffix not in (".npy", ".parquet"):
         raise ValueError(f"--out must end in .npy or .parquet, got '{out.name}'")
-    model = load_model(args.model)
+    # any format clipforge.load reads, with the model's own tokenizer and preprocessing
+    # (CLIP BPE, a Hugging Face text tower's tokenizer, or raw text for a uCLIP pivot model)
+    model, tokenizer, transform = load(args.model)
+    model.eval()
     if args.images:
         import torch
 
-        transform = image_transform(model.image_size)
         files, keys, chunks, bad = _expand(args.images), [], [], []
         if not files:
             raise FileNotFoundError(f"no images found in {args.images}")
@@ -68,7 +69,7 @@ def run(args) -> int:
             print(f"skipped {len(bad)} unreadable images: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
     else:
         keys = args.texts or [l.rstrip("\n") for l in open(args.text_file, encoding="utf-8") if l.strip()]
-        emb = encode_texts(model, keys, get_tokenizer(model.context_length), args.batch_size).numpy()
+        emb = encode_texts(model, keys, tokenizer, args.batch_size).numpy()
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
         np.save(out, emb.astype(np.float32))

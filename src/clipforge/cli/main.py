@@ -15,6 +15,7 @@ COMMANDS = {
     "eval": ("clipforge.cli.evaluate", "evaluate a model with a suite (quick or full): JSON and an HTML report"),
     "embed": ("clipforge.cli.embed", "turn images or texts into embeddings (.npy or .parquet)"),
     "export": ("clipforge.cli.export", "write a model in another format: Hugging Face CLIPModel, ONNX, clipforge"),
+    "pivot": ("clipforge.cli.pivot", "give an English CLIP a multilingual text side (uCLIP), trained on English text only"),
     "data": ("clipforge.cli.data", "build image-caption corpora into shards (openclipart, emoji) and inspect them"),
 }
 

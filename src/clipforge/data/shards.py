@@ -240,7 +240,8 @@ class ShardDataset(Dataset):
     Items: ``{"image": uint8 [3, S, S], "captions": [...], "labels": {view: int}, "key": str}``.
     ``size`` keeps at most that many samples (a seeded random subset, in shard order);
     ``image_size`` resizes (shortest side, center crop) when the stored size differs;
-    ``languages`` keeps only captions in those languages where samples tag them (``caption_langs``).
+    ``languages`` keeps only captions in those languages where samples tag them (``caption_langs``),
+    and drops the samples that have none.
     ``label_views`` ({view: {"classes", "templates"}}) and ``classnames`` ({view: [names]}) serve
     zero-shot evaluation.
     """
@@ -277,6 +278,9 @@ class ShardDataset(Dataset):
         keep = np.arange(n)
         if size is not None and size < n:
             keep = np.sort(np.random.default_rng(seed).permutation(n)[:size])
+        if self.languages is not None:  # samples left without a caption in those languages are dropped
+            keep = np.array([j for j in keep if not self._meta[j].get("caption_langs")
+                             or self.languages & set(self._meta[j]["caption_langs"])], dtype=np.int64)
         self._keep = keep
         self._handles: dict[int, Any] = {}
         self._pid = None

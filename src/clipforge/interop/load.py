@@ -40,6 +40,7 @@ FORMATS = {
     "openai": "original OpenAI CLIP checkpoint (TorchScript archive or state dict)",
     "clipforge": "clipforge model/checkpoint/run directory (model_config.json + model.safetensors)",
     "hf-hub": "hf-hub:ORG/NAME, a Hugging Face Hub repository in one of the directory formats",
+    "pivot": "directory written by clipforge.train.pivot.save_pivot (CLIP + sentence encoder + projection, uCLIP)",
 }
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
@@ -147,6 +148,12 @@ def load(source: str | Path, model_config: str | Path | dict | None = None, trus
     if not path.exists():
         raise FileNotFoundError(f"'{source}' does not exist. clipforge.load reads: {_formats_help()}")
     if path.is_dir():
+        if (path / "pivot.json").exists():  # uCLIP: the text side is a sentence encoder that reads raw text
+            from ..models.pivot import texts_as_is
+            from ..train.pivot import load_pivot
+
+            model = load_pivot(path)
+            return model, texts_as_is, EvalTransform(model.image_size)
         if (path / "model_config.json").exists() or (path / "checkpoints" / "latest.json").exists():
             model = load_model(path)
             if model.cfg.hf_text is not None:

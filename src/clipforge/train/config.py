@@ -46,6 +46,9 @@ class DataConfig:
     # where the rewrites come from: "" none; "rule" = clipforge's offline RuleRewriter, computed once and
     # stored next to the data (or in <out_dir> for datasets without a directory); or a sidecar file path
     rewrites: str = ""  # where the embeddings are stored; default <out_dir>/teacher_cache
+    # keep only captions in these languages, for corpora that tag them (emoji: en, es, ja, ... 14 in all);
+    # [] = every caption. e.g. data.languages=[en] trains an English CLIP (the pivot of uCLIP alignment)
+    languages: List[str] = field(default_factory=list)
     # the shard directory of a built corpus or of data.dataset=shards (default for corpora: $CLIPFORGE_DATA/NAME)
     root: Optional[str] = None
     # stream the shards of data.dataset (a corpus name or shards) with clipforge.data.streaming instead of
@@ -118,6 +121,10 @@ class TrainConfig:
         if self.data.streaming and self.data.dataset == "shapes":
             raise ValueError("data.streaming reads webdataset shards: set data.dataset=shards data.root=DIR "
                              "(or a built corpus such as openclipart)")
+        if self.data.languages and self.data.dataset == "shapes":
+            raise ValueError("data.languages filters the captions of built corpora (e.g. emoji); shapes has English only")
+        if self.data.languages and self.data.streaming:
+            raise ValueError("data.languages is not supported with data.streaming yet; use the map-style loader")
         if self.data.root and self.data.dataset == "shapes":
             raise ValueError("data.root names a shard directory; shapes is rendered in memory (set data.dataset too)")
         if self.data.positives < 1:

@@ -117,7 +117,8 @@ def build_loader(cfg: TrainConfig, model, tokenizer, needs: set, out_dir: Path, 
                                      resolve_caption_policy(cfg.data.caption_policy, needs), stream_state)
     else:
         dataset = build_dataset(cfg.data.dataset, split="train", size=cfg.data.train_size, seed=cfg.data.seed,
-                                image_size=model.image_size, **({"root": cfg.data.root} if cfg.data.root else {}))
+                                image_size=model.image_size, **({"root": cfg.data.root} if cfg.data.root else {}),
+                                **({"languages": list(cfg.data.languages)} if cfg.data.languages else {}))
         dataset, sources = with_caption_sources(cfg, dataset, out_dir, needs)
         teachers = None
         if needs & set(TEACHER_KEYS):

