@@ -16,6 +16,7 @@ COMMANDS = {
     "embed": ("clipforge.cli.embed", "turn images or texts into embeddings (.npy or .parquet)"),
     "export": ("clipforge.cli.export", "write a model in another format: Hugging Face CLIPModel, ONNX, clipforge"),
     "data": ("clipforge.cli.data", "build image-caption corpora into shards (openclipart, emoji) and inspect them"),
+    "adapt": ("clipforge.cli.adapt", "fit a few-shot adapter (Tip-Adapter(-F), CoOp, GDA, CLIPN) and report accuracy before/after"),
 }
 
 EPILOG = """\
