@@ -17,6 +17,7 @@ COMMANDS = {
     "export": ("clipforge.cli.export", "write a model in another format: Hugging Face CLIPModel, ONNX, clipforge"),
     "pivot": ("clipforge.cli.pivot", "give an English CLIP a multilingual text side (uCLIP), trained on English text only"),
     "data": ("clipforge.cli.data", "build image-caption corpora into shards (openclipart, emoji) and inspect them"),
+    "adapt": ("clipforge.cli.adapt", "fit a few-shot adapter (Tip-Adapter(-F), CoOp, GDA, CLIPN) and report accuracy before/after"),
 }
 
 EPILOG = """\

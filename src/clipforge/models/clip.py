@@ -48,8 +48,16 @@ class CLIP(nn.Module):
         x = self.visual(images)
         return F.normalize(x, dim=-1) if normalize else x
 
-    def encode_text(self, ids: Tensor, normalize: bool = True) -> Tensor:
-        x = self.text(ids)
+    def encode_text(self, ids: Tensor, normalize: bool = True, embeddings: Tensor | None = None) -> Tensor:
+        """Text embeddings of token ``ids`` [B, L]. ``embeddings`` [B, L, width] replaces the
+        token-embedding lookup (prompt learning); ``ids`` still mark the end-of-text token."""
+        if embeddings is None:
+            x = self.text(ids)
+        elif isinstance(self.text, TextTransformer):
+            x = self.text(ids, embeddings)
+        else:
+            raise ValueError("token embeddings as text input need clipforge's own text transformer, "
+                             f"not a {type(self.text).__name__}")
         return F.normalize(x, dim=-1) if normalize else x
 
     def scale(self) -> Tensor:

@@ -28,8 +28,13 @@ class TextTransformer(nn.Module):
         nn.init.normal_(self.proj, std=cfg.width**-0.5)
         self.transformer.init_weights()
 
-    def forward_tokens(self, ids: Tensor) -> Tensor:
-        """All token states after ln_final: [B, L, width]."""
+    def forward_tokens(self, ids: Tensor, embeddings: Tensor | None = None) -> Tensor:
+        """All token states after ln_final: [B, L, width].
+
+        ``embeddings`` [B, L, width], when given, replaces the token-embedding lookup
+        ``token_embedding(ids)`` (positional embeddings are still added); ``ids`` then only
+        locate the end-of-text token and the padding. This is the seam prompt learning (CoOp)
+        uses to put learned vectors where template words were."""
         if ids.ndim != 2:
             raise ValueError(f"expected token ids of shape [B, L], got {tuple(ids.shape)}")
         n = ids.shape[1]
@@ -38,7 +43,12 @@ class TextTransformer(nn.Module):
                 f"token sequence of length {n} exceeds the model's context length {self.cfg.context_length}; "
                 f"tokenize with context_length={self.cfg.context_length}"
             )
-        x = self.token_embedding(ids) + self.positional_embedding[:n].to(self.token_embedding.weight.dtype)
+        if embeddings is None:
+            embeddings = self.token_embedding(ids)
+        elif embeddings.shape != (*ids.shape, self.cfg.width):
+            raise ValueError(f"token embeddings of shape {tuple(embeddings.shape)} do not match ids {tuple(ids.shape)} "
+                             f"and width {self.cfg.width}")
+        x = embeddings + self.positional_embedding[:n].to(embeddings.dtype)
         if self.cfg.causal:
             x = self.transformer(x, is_causal=True)
         elif self.cfg.pad_mask:  # bidirectional: mask the padding keys instead
@@ -64,6 +74,6 @@ class TextTransformer(nn.Module):
         mask = (ids != self.cfg.pad_token_id).unsqueeze(-1).to(tokens.dtype)
         return (tokens * mask).sum(1) / mask.sum(1).clamp_min(1)
 
-    def forward(self, ids: Tensor) -> Tensor:
-        x = self.pool(self.forward_tokens(ids), ids) @ self.proj
+    def forward(self, ids: Tensor, embeddings: Tensor | None = None) -> Tensor:
+        x = self.pool(self.forward_tokens(ids, embeddings), ids) @ self.proj
         return x + self.proj_bias if self.proj_bias is not None else x

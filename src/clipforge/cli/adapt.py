@@ -1,0 +1,131 @@
+"""``clipforge adapt``: fit a few-shot adapter on a trained CLIP and report accuracy before/after.
+
+    clipforge adapt runs/a --method tip-f --shots 16 --out runs/a/adapt
+    clipforge adapt runs/a --method tip tip-f coop gda --shots 1 4 16 --seeds 0 1 2
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+METHOD_HELP = """\
+methods (--method, several allowed; 'all' runs every one):
+  tip     Tip-Adapter (Zhang et al. 2022), training-free: a cache whose keys are the support
+          images' features and values their labels; logits = zero-shot + alpha*exp(-beta(1-f.K))L,
+          alpha and beta searched on the validation split.
+  tip-f   Tip-Adapter-F: the same cache with the keys trained by cross-entropy (AdamW, 20 epochs),
+          then alpha/beta searched again. At initialization it equals tip.
+  coop    CoOp (Zhou et al. 2022): M learnable context vectors replace the template words before
+          each class name in the text tower's input; only they train (SGD, cross-entropy on the
+          support images), both towers stay frozen. --coop-class-specific gives each class its own.
+  gda     GDA (Wang et al. 2024), training-free: a shared-covariance Gaussian classifier on the
+          support features, added to the zero-shot logits (weight chosen on validation).
+  clipn   CLIPN-style "no" prompts (Wang et al. 2023): learned prompts whose embedding says "this is
+          not class c"; reports OOD-detection AUROC (shapes vs textures) next to MCM's, not accuracy.
+
+data (the evaluation suite's splits): support sets of K images per class drawn from 'train'
+(one draw per --seeds value), hyper-parameters chosen on the even half of 'val', accuracy on
+the odd half ('test') and, on shapes, on 'heldout' (color-shape pairs never seen in training).
+Zero-shot (prompt-ensembled templates) is the 'before' number.
+
+output: a table (mean over seeds; 'delta' = test accuracy minus zero-shot), --out DIR/adapt.json
+(every run, the chosen alpha/beta, the config) and DIR/adapters.pt (the learned tensors: cache
+keys, context vectors, "no" embeddings; torch.load(..., weights_only=True)).
+
+examples:
+  clipforge adapt runs/a --method tip-f --shots 16 --out runs/a/adapt
+  clipforge adapt runs/a --method all --shots 1 4 16 --seeds 0 1 2 --json
+  clipforge adapt runs/a --method coop --coop-ctx-init none --coop-n-ctx 8 --coop-epochs 200
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..adapt.run import METHODS
+
+    p.epilog = METHOD_HELP
+    p.add_argument("model", help="a run directory (its newest checkpoint), a checkpoint/model directory, or any source "
+                                 "clipforge.load reads")
+    p.add_argument("--method", nargs="+", default=["tip-f"], choices=[*METHODS, "all"], metavar="METHOD",
+                   help=f"one or more of {', '.join(METHODS)}, or all (default tip-f)")
+    p.add_argument("--dataset", default="shapes", help="shapes (default) or a built corpus: openclipart, emoji")
+    p.add_argument("--data-root", help="where the corpus was built (default $CLIPFORGE_DATA/NAME)")
+    p.add_argument("--view", help="label view to classify (default: the dataset's default, 'shape' on shapes)")
+    p.add_argument("--shots", nargs="+", type=int, default=[16], help="support images per class; several give a curve (default 16)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="support-set draws to average over (default 0)")
+    p.add_argument("--size", type=int, default=500, help="evaluation split size as in clipforge eval (default 500)")
+    p.add_argument("--data-seed", type=int, default=12345, help="evaluation data seed (default 12345, not training's)")
+    p.add_argument("--out", help="directory for adapt.json and adapters.pt (default: print only)")
+    p.add_argument("--cache-dir", help="embedding cache (default: none, everything is encoded in memory)")
+    g = p.add_argument_group("Tip-Adapter-F")
+    g.add_argument("--tip-f-epochs", type=int, default=20, help="training epochs over the support set (default 20, as the paper)")
+    g.add_argument("--tip-f-lr", type=float, default=1e-3, help="AdamW learning rate of the cache keys (default 1e-3)")
+    g = p.add_argument_group("CoOp")
+    g.add_argument("--coop-ctx-init", default="a picture of a",
+                   help="phrase the context starts from (its token count is M), or 'none' for random N(0, 0.02) "
+                        "vectors (default 'a picture of a')")
+    g.add_argument("--coop-n-ctx", type=int, default=4, help="M with --coop-ctx-init none (default 4; the paper uses 16)")
+    g.add_argument("--coop-class-specific", action="store_true", help="one context per class (CoOp's CSC)")
+    g.add_argument("--coop-epochs", type=int, default=100, help="epochs after the warmup epoch (default 100)")
+    g.add_argument("--coop-lr", type=float, default=2e-3, help="SGD learning rate (default 2e-3, as the paper)")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def summary_rows(results: dict) -> list[list]:
+    """(method, shots, test, heldout, delta) rows; zero-shot first."""
+    zs = results["zero_shot"]
+    rows = [["zero-shot", 0, zs["test"], zs.get("heldout", ""), 0.0]]
+    for k, methods in results["shots"].items():
+        for method, r in methods.items():
+            if method == "clipn":
+                continue
+            rows.append([method, int(k), r["test"], r.get("heldout", ""), r["test"] - zs["test"]])
+    return rows
+
+
+def run(args) -> int:
+    import json
+    import sys
+
+    import torch
+
+    from ..adapt.coop import CoOpConfig
+    from ..adapt.run import METHODS, AdaptConfig, run_adaptation
+    from ..adapt.tip_adapter import TipAdapterFConfig
+    from ..interop import load
+    from .common import dump_json, table
+
+    methods = tuple(METHODS) if "all" in args.method else tuple(dict.fromkeys(args.method))
+    init = None if args.coop_ctx_init.lower() == "none" else args.coop_ctx_init
+    cfg = AdaptConfig(dataset=args.dataset, view=args.view, methods=methods, shots=tuple(args.shots),
+                      seeds=tuple(args.seeds), size=args.size, data_seed=args.data_seed, data_root=args.data_root,
+                      cache_dir=args.cache_dir,
+                      tip_f=TipAdapterFConfig(epochs=args.tip_f_epochs, lr=args.tip_f_lr),
+                      coop=CoOpConfig(ctx_init=init, n_ctx=args.coop_n_ctx, class_specific=args.coop_class_specific,
+                                      epochs=args.coop_epochs, lr=args.coop_lr))
+    model, tokenizer, _ = load(args.model)
+    log = (lambda msg: None) if args.quiet or args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    results, adapters = run_adaptation(model, tokenizer, cfg, log=log)
+    results["model"] = str(args.model)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "adapt.json").write_text(json.dumps(results, indent=2))
+        torch.save(adapters, out / "adapters.pt")
+    if args.json:
+        print(dump_json(results))
+        return 0
+    print(f"{results['dataset']} / {results['view']} ({results['num_classes']} classes, chance {results['chance']:.3f}), "
+          f"mean over seeds {list(cfg.seeds)}")
+    print(table(summary_rows(results), ["method", "shots", "test top-1", "heldout top-1", "delta test"]))
+    if "ood" in results and "mcm" in results["ood"]:
+        rows = [["MCM (zero-shot)", "", results["ood"]["mcm"]["auroc"], results["ood"]["mcm"]["fpr95"]]]
+        for k, methods_ in results["shots"].items():
+            if "clipn" in methods_:
+                r = methods_["clipn"]
+                rows += [["CLIPN no-prompts ctw", int(k), r["auroc_ctw"], r["fpr95_ctw"]],
+                         ["CLIPN no-prompts atd", int(k), r["auroc_atd"], r["fpr95_atd"]]]
+        print(table(rows, ["OOD score (in: shapes, out: textures)", "shots", "AUROC", "FPR@95"]))
+    if args.out:
+        print(f"written: {Path(args.out) / 'adapt.json'}, {Path(args.out) / 'adapters.pt'}")
+    return 0
