@@ -16,6 +16,8 @@ COMMANDS = {
     "embed": ("clipforge.cli.embed", "turn images or texts into embeddings (.npy or .parquet)"),
     "export": ("clipforge.cli.export", "write a model in another format: Hugging Face CLIPModel, ONNX, clipforge"),
     "data": ("clipforge.cli.data", "build image-caption corpora into shards (openclipart, emoji) and inspect them"),
+    "index": ("clipforge.cli.index", "embed an image folder or a corpus split into a search index (incremental)"),
+    "serve": ("clipforge.cli.serve", "a search web page and JSON API over an index, on 127.0.0.1"),
 }
 
 EPILOG = """\
@@ -24,6 +26,7 @@ first steps:
   clipforge train out_dir=runs/a steps=2000
   clipforge eval runs/a --suite full   # every evaluation task; writes results.json and report.html
   clipforge embed runs/a --texts "a red circle" "two blue squares" --out emb.npy
+  clipforge index runs/a --images ~/Pictures --out idx && clipforge serve idx   # search page on :8000
 
 Run 'clipforge COMMAND --help' for the options of one command.
 """
