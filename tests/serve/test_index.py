@@ -180,6 +180,13 @@ def test_index_corpus_split(model_dir, corpus_dir, tmp_path, capsys):
         img = clipforge.load_image(read_item_bytes(data.row(i)))
         np.testing.assert_array_equal(np.asarray(img).transpose(2, 0, 1), ds[i]["image"].numpy())
         assert data.meta["caption"][i] == ds[i]["captions"][1]
+    from clipforge.serve import Searcher
+
+    s = Searcher(out)
+    data, mime = s.image_bytes(2)
+    assert mime == "image/png" and data == read_item_bytes(s.item(2))
+    hit = s.image(data, 1)[0]  # a corpus image finds itself; corpus hits have no file path
+    assert hit.id == 2 and hit.kind == "corpus" and hit.path is None and hit.key == "toy/test/s008"
     capsys.readouterr()
     assert main(["index", str(model_dir), "--corpus", "toy", "--corpus-root", str(corpus_dir), "--split", "test",
                  "--out", str(out), "--quiet"]) == 0

@@ -42,6 +42,7 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES, thu
     """A FastAPI application serving ``searcher``'s index (see the module docstring for the routes)."""
     from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
     from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from starlette.concurrency import run_in_threadpool
 
     app = FastAPI(title="clipforge search", version="1", docs_url="/docs", redoc_url=None)
     manifest = searcher.data.manifest
@@ -65,7 +66,8 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES, thu
         return data
 
     @lru_cache(maxsize=thumb_cache)
-    def image_cached(item_id: int, size: int | None) -> tuple[bytes, str]:
+    def thumbnail(item_id: int, size: int) -> tuple[bytes, str]:
+        # thumbnails only: they are small and cost a decode and a resize; originals are read each time
         return searcher.image_bytes(item_id, size)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -94,7 +96,7 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES, thu
         t0 = time.perf_counter()
         data = await read_upload(file)
         try:
-            hits = searcher.image(data, k)
+            hits = await run_in_threadpool(searcher.image, data, k)  # the forward pass off the event loop
         except ValueError as e:  # clipforge.images.ImageLoadError is a ValueError
             raise HTTPException(400, f"{file.filename or 'upload'}: {e}") from None
         return hits_json(hits, {"filename": file.filename, "bytes": len(data)}, k, t0)
@@ -114,7 +116,7 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES, thu
         data = await read_upload(file)
         names = [l.strip() for l in labels.split(",") if l.strip()]
         try:
-            probs = searcher.classify(data, names, template)
+            probs = await run_in_threadpool(searcher.classify, data, names, template)
         except ValueError as e:
             raise HTTPException(400, str(e)) from None
         return {"labels": [{"label": l, "probability": p} for l, p in probs]}
@@ -124,7 +126,7 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES, thu
                                                      description="longest side of a thumbnail"),
               v: str | None = None):
         try:
-            data, mime = image_cached(item_id, size)
+            data, mime = thumbnail(item_id, size) if size is not None else searcher.image_bytes(item_id)
         except KeyError as e:
             raise HTTPException(404, e.args[0]) from None
         except FileNotFoundError as e:
