@@ -1,11 +1,11 @@
-"""The library core must not import the programs built on it (train, evaluation, adapt, cli)."""
+"""The library core must not import the programs built on it (train, evaluation, adapt, serve, interop, cli)."""
 import ast
 from pathlib import Path
 
 import clipforge
 
 CORE = ["models", "losses", "data", "tokenizer.py", "transforms.py", "images.py", "registry.py"]
-PROGRAMS = ("train", "evaluation", "cli", "adapt")
+PROGRAMS = ("train", "evaluation", "cli", "adapt", "serve", "interop")
 
 
 def _imports(path: Path):

@@ -18,6 +18,8 @@ COMMANDS = {
     "pivot": ("clipforge.cli.pivot", "give an English CLIP a multilingual text side (uCLIP), trained on English text only"),
     "data": ("clipforge.cli.data", "build image-caption corpora into shards (openclipart, emoji) and inspect them"),
     "adapt": ("clipforge.cli.adapt", "fit a few-shot adapter (Tip-Adapter(-F), CoOp, GDA, CLIPN) and report accuracy before/after"),
+    "index": ("clipforge.cli.index", "embed an image folder or a corpus split into a search index (incremental)"),
+    "serve": ("clipforge.cli.serve", "a search web page and JSON API over an index, on 127.0.0.1"),
 }
 
 EPILOG = """\
@@ -26,6 +28,7 @@ first steps:
   clipforge train out_dir=runs/a steps=2000
   clipforge eval runs/a --suite full   # every evaluation task; writes results.json and report.html
   clipforge embed runs/a --texts "a red circle" "two blue squares" --out emb.npy
+  clipforge index runs/a --images ~/Pictures --out idx && clipforge serve idx   # search page on :8000
 
 Run 'clipforge COMMAND --help' for the options of one command.
 """

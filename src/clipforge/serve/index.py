@@ -1,0 +1,435 @@
+"""A search index on disk: image embeddings, a metadata table and a manifest; built incrementally.
+
+Layout of an index directory::
+
+    manifest.json       written last: format, the model (source, weights hash, dim), count, dtype, sources
+    embeddings.npy      [N, dim] L2-normalized image embeddings (float16 by default, or float32)
+    metadata.parquet    one row per embedding, in the same order: id, key, kind, path, offset, length,
+                        mtime_ns, ext, caption
+
+``kind`` is ``file`` (an image file: ``path`` is its absolute path, ``length`` its size in bytes,
+``mtime_ns`` its modification time) or ``corpus`` (a sample of a built corpus: ``path`` is its
+webdataset shard, ``offset``/``length`` the image member's bytes inside it, ``key`` is
+``NAME/SPLIT/KEY``). An item's id is its row number in this version of the index.
+
+Incremental builds: a file whose path, size and modification time match a row is not embedded
+again; a changed file is re-embedded; an indexed file under a re-indexed folder that no longer
+exists is dropped. Corpus samples are keyed by corpus, split and sample key. Unreadable images
+are skipped and counted (and tried again on the next run). Every ``commit_every`` new images the
+index is written out, so an interrupted build keeps what it embedded.
+
+An index belongs to one model: the manifest records the SHA-256 of the model's weights
+(:func:`weights_sha256`), and adding to an index with other weights is refused with a message
+naming both models, because embeddings of different models are not comparable.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+FORMAT = "clipforge-index-1"
+MANIFEST = "manifest.json"
+EMBEDDINGS = "embeddings.npy"
+METADATA = "metadata.parquet"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+COLUMNS = ("key", "kind", "path", "offset", "length", "mtime_ns", "ext", "caption")
+
+
+class IndexNotFoundError(FileNotFoundError):
+    """No usable index at a path (missing, half-written or another format); the message says what to run."""
+
+
+class ModelMismatchError(ValueError):
+    """The model at hand is not the one an index was built with."""
+
+
+# ---------------------------------------------------------------- model identity
+
+
+def weights_sha256(model) -> str:
+    """SHA-256 of a model's weights: every state-dict entry's name, dtype, shape and bytes, sorted by name.
+
+    It identifies the weights whatever file format they came from (a run directory, a
+    checkpoint, a Hugging Face or OpenCLIP file), so an index can check that the model
+    encoding queries is the one that encoded its images.
+    """
+    import torch
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        if t.dtype == torch.bfloat16:  # numpy has no bfloat16: hash the raw 16-bit words
+            t = t.view(torch.int16)
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def resolve_model_source(source: str | os.PathLike) -> str:
+    """The checkpoint a source loads today: a run directory's newest checkpoint, else the source itself."""
+    path = Path(source)
+    latest = path / "checkpoints" / "latest.json"
+    if latest.exists():
+        return str((path / "checkpoints" / json.loads(latest.read_text())["path"]).resolve())
+    return str(path.resolve()) if path.exists() else str(source)
+
+
+def model_info(model, source: str | os.PathLike | None) -> dict[str, Any]:
+    """The manifest's ``model`` record: source, the checkpoint it resolved to, weights hash, dimensions."""
+    return {
+        "source": str(Path(source).resolve()) if source is not None and Path(source).exists() else (
+            str(source) if source is not None else None),
+        "resolved": resolve_model_source(source) if source is not None else None,
+        "weights_sha256": weights_sha256(model),
+        "embed_dim": int(model.cfg.embed_dim),
+        "image_size": int(model.image_size),
+    }
+
+
+def describe_model(info: dict[str, Any]) -> str:
+    """'SOURCE (checkpoint C, weights sha256 abcdef012345)' for error messages."""
+    where = info.get("source") or "<a model object>"
+    resolved = info.get("resolved")
+    at = f" checkpoint {resolved}," if resolved and resolved != where else ""
+    return f"{where} ({at} weights sha256 {info['weights_sha256'][:12]})".replace("( ", "(")
+
+
+def check_same_model(index_dir: Path, built: dict[str, Any], current: dict[str, Any], fix: str) -> None:
+    """Raise :class:`ModelMismatchError` naming both models and ``fix`` unless the weights hashes agree."""
+    if built["weights_sha256"] != current["weights_sha256"]:
+        raise ModelMismatchError(
+            f"index {index_dir} was built with {describe_model(built)}, but the model given is "
+            f"{describe_model(current)}. Embeddings of different weights are not comparable. {fix}")
+
+
+# ---------------------------------------------------------------- reading
+
+
+@dataclass
+class IndexData:
+    """An index loaded in memory: ``embeddings`` [N, dim] (as stored), ``meta`` (column -> list), ``manifest``."""
+
+    root: Path
+    manifest: dict[str, Any]
+    embeddings: np.ndarray
+    meta: dict[str, list]
+
+    def __len__(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    def row(self, i: int) -> dict[str, Any]:
+        return {"id": i, **{c: self.meta[c][i] for c in COLUMNS}}
+
+
+def _empty_meta() -> dict[str, list]:
+    return {c: [] for c in COLUMNS}
+
+
+def open_index(index_dir: str | os.PathLike) -> IndexData:
+    """Load an index directory, or raise :class:`IndexNotFoundError` that says how to build one."""
+    import pyarrow.parquet as pq
+
+    root = Path(index_dir)
+    if not root.exists():
+        raise IndexNotFoundError(f"no index at '{root}': build one with "
+                                 f"`clipforge index MODEL --images DIR --out {root}` (or --corpus NAME --split test)")
+    if not (root / MANIFEST).exists():
+        what = "a directory without manifest.json" if root.is_dir() else "not a directory"
+        partial = " (an interrupted first build? rerun the same `clipforge index` command)" if (root / EMBEDDINGS).exists() else ""
+        raise IndexNotFoundError(f"'{root}' is not a clipforge index: {what}{partial}. Build one with "
+                                 f"`clipforge index MODEL --images DIR --out {root}`")
+    manifest = json.loads((root / MANIFEST).read_text())
+    if manifest.get("format") != FORMAT:
+        raise IndexNotFoundError(f"'{root}/manifest.json' has format {manifest.get('format')!r}, not {FORMAT!r}")
+    embeddings = np.load(root / EMBEDDINGS, mmap_mode=None)
+    table = pq.read_table(root / METADATA)
+    meta = {c: table.column(c).to_pylist() for c in COLUMNS}
+    n = manifest["count"]
+    if embeddings.shape != (n, manifest["dim"]) or table.num_rows != n:
+        raise IndexNotFoundError(
+            f"index '{root}' is inconsistent: manifest says {n} x {manifest['dim']}, embeddings.npy holds "
+            f"{embeddings.shape} and metadata.parquet {table.num_rows} rows (an interrupted write?). "
+            "Rerun the `clipforge index` command that built it, with --rebuild.")
+    return IndexData(root, manifest, embeddings, meta)
+
+
+def read_item_bytes(row: dict[str, Any]) -> bytes:
+    """The encoded image bytes of one metadata row (a file, or a member of a corpus shard)."""
+    path = Path(row["path"])
+    if not path.exists():
+        raise FileNotFoundError(f"item {row['key']!r}: {path} no longer exists (re-run `clipforge index` to update)")
+    with open(path, "rb") as f:
+        if row["kind"] == "corpus":
+            f.seek(row["offset"])
+            return f.read(row["length"])
+        return f.read()
+
+
+# ---------------------------------------------------------------- sources
+
+
+@dataclass
+class Candidate:
+    """An image to (maybe) embed: its metadata row and how to read it."""
+
+    row: dict[str, Any]
+    load: Callable[[], Any]  # returns anything clipforge.images.load_image accepts
+
+
+def scan_folders(paths: Sequence[str | os.PathLike]) -> tuple[list[Candidate], list[Path]]:
+    """Image files under ``paths`` (recursively, by suffix), captioned by a sidecar ``.txt`` if present.
+
+    Returns the candidates and the resolved roots (for dropping rows of deleted files).
+    """
+    files: list[Path] = []
+    roots: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise FileNotFoundError(f"--images: '{p}' does not exist")
+        p = p.resolve()
+        roots.append(p)
+        if p.is_dir():
+            files.extend(sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file()))
+        else:
+            files.append(p)
+    out, seen = [], set()
+    for f in files:
+        if f in seen:
+            continue
+        seen.add(f)
+        st = f.stat()
+        caption = None
+        sidecar = f.with_suffix(".txt")
+        if sidecar.exists():
+            try:
+                lines = [ln.strip() for ln in sidecar.read_text(encoding="utf-8").splitlines() if ln.strip()]
+                caption = lines[0] if lines else None
+            except (UnicodeDecodeError, OSError):
+                caption = None
+        row = {"key": f.as_posix(), "kind": "file", "path": f.as_posix(), "offset": -1, "length": st.st_size,
+               "mtime_ns": st.st_mtime_ns, "ext": f.suffix.lower().lstrip("."), "caption": caption}
+        out.append(Candidate(row, lambda f=f: f))
+    return out, roots
+
+
+def scan_corpus(name: str, split: str, root: str | os.PathLike | None = None,
+                languages: Sequence[str] | None = None) -> list[Candidate]:
+    """The samples of one split of a built corpus (``clipforge data build NAME``), read from its shards.
+
+    ``caption`` is the sample's first caption (among ``languages`` when the corpus tags languages).
+    The shard and byte range of each image are recorded so the server reads it without unpacking.
+    """
+    from ..data.shards import corpus_root, read_manifest
+
+    base = corpus_root(name, root)
+    manifest = read_manifest(base, name)
+    if split not in manifest["splits"]:
+        raise KeyError(f"split '{split}' not in corpus '{name}' at {base}; available: {sorted(manifest['splits'])}")
+    langs = set(languages) if languages else None
+    out = []
+    for shard in manifest["splits"][split]["shards"]:
+        path = (base / shard["file"]).resolve()
+        images: dict[str, tarfile.TarInfo] = {}
+        metas: list[tuple[str, dict]] = []
+        with tarfile.open(path) as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                key, _, ext = m.name.partition(".")
+                if ext == "json":
+                    metas.append((key, json.loads(tar.extractfile(m).read())))
+                else:
+                    images[key] = m
+        for key, meta in metas:
+            m = images.get(key)
+            if m is None:
+                continue
+            captions = list(meta.get("captions", []))
+            if langs is not None and meta.get("caption_langs"):
+                captions = [c for c, lang in zip(captions, meta["caption_langs"]) if lang in langs]
+            row = {"key": f"{name}/{split}/{key}", "kind": "corpus", "path": path.as_posix(), "offset": m.offset_data,
+                   "length": m.size, "mtime_ns": 0, "ext": m.name.partition(".")[2].lower(),
+                   "caption": captions[0] if captions else None}
+            out.append(Candidate(row, lambda row=row: read_item_bytes(row)))
+    return out
+
+
+# ---------------------------------------------------------------- building
+
+
+@dataclass
+class BuildReport:
+    """What one ``build_index`` call did."""
+
+    index_dir: Path
+    added: int = 0  # new images embedded
+    updated: int = 0  # changed files re-embedded
+    unchanged: int = 0  # skipped: already indexed with the same size and mtime
+    removed: int = 0  # rows of files that no longer exist
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) of unreadable images
+    count: int = 0  # rows in the index afterwards
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        s = (f"index {self.index_dir}: {self.count} images ({self.added} added, {self.updated} re-embedded, "
+             f"{self.unchanged} unchanged, {self.removed} removed) in {self.seconds:.1f} s")
+        if self.skipped:
+            s += f"; skipped {len(self.skipped)} unreadable"
+        return s
+
+
+def _write(root: Path, manifest: dict[str, Any], embeddings: np.ndarray, meta: dict[str, list]) -> None:
+    """Write the three files; each through a temporary name, the manifest last."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root.mkdir(parents=True, exist_ok=True)
+    n = embeddings.shape[0]
+    types = {"key": pa.string(), "kind": pa.string(), "path": pa.string(), "offset": pa.int64(),
+             "length": pa.int64(), "mtime_ns": pa.int64(), "ext": pa.string(), "caption": pa.string()}
+    table = pa.table({"id": pa.array(np.arange(n, dtype=np.int64)),
+                      **{c: pa.array(meta[c], type=types[c]) for c in COLUMNS}})
+    with open(root / (EMBEDDINGS + ".tmp"), "wb") as f:
+        np.save(f, embeddings)
+    pq.write_table(table, root / (METADATA + ".tmp"))
+    (root / (MANIFEST + ".tmp")).write_text(json.dumps({**manifest, "count": n}, indent=2))
+    # the manifest goes first out of the way, so a reader never pairs a new manifest with old arrays
+    if (root / MANIFEST).exists():
+        (root / MANIFEST).unlink()
+    os.replace(root / (EMBEDDINGS + ".tmp"), root / EMBEDDINGS)
+    os.replace(root / (METADATA + ".tmp"), root / METADATA)
+    os.replace(root / (MANIFEST + ".tmp"), root / MANIFEST)
+
+
+def _under(path: str, roots: Sequence[Path]) -> bool:
+    p = Path(path)
+    return any(p == r or r in p.parents for r in roots)
+
+
+def build_index(model, preprocess, out: str | os.PathLike, candidates: Sequence[Candidate], *,
+                model_source: str | os.PathLike | None = None, folder_roots: Sequence[Path] = (),
+                source: dict[str, Any] | None = None, dtype: str = "float16", batch_size: int = 64,
+                rebuild: bool = False, commit_every: int = 10_000, progress: bool = True,
+                on_skip: Callable[[str, str], None] | None = None) -> BuildReport:
+    """Embed ``candidates`` into the index at ``out``, creating it or adding to it incrementally.
+
+    ``model``/``preprocess``: as returned by :func:`clipforge.load`. ``folder_roots``: the
+    scanned folders; indexed files under them that are not among ``candidates`` any more are
+    dropped. ``source``: a record of what was indexed, appended to the manifest's ``sources``.
+    ``rebuild``: ignore (and replace) whatever the index held. Raises :class:`ModelMismatchError`
+    when the index was built with other weights.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..images import ImageLoadError, load_image
+
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"dtype must be float16 or float32, got '{dtype}'")
+    t0 = time.perf_counter()
+    root = Path(out)
+    info = model_info(model, model_source)
+    report = BuildReport(root)
+    sources: list[dict[str, Any]] = []
+    if not rebuild and (root / MANIFEST).exists():
+        old = open_index(root)
+        check_same_model(root, old.manifest["model"], info,
+                         f"Index with the model it was built with, or re-embed everything with this one: "
+                         f"add --rebuild (or choose another --out).")
+        if old.manifest["dtype"] != dtype:
+            raise ValueError(f"index {root} stores {old.manifest['dtype']} embeddings; pass --dtype "
+                             f"{old.manifest['dtype']} to add to it, or --rebuild to convert it")
+        embeddings, meta = old.embeddings, old.meta
+        sources = list(old.manifest.get("sources", []))
+    elif not rebuild and root.exists() and any(root.iterdir()) and not (root / EMBEDDINGS).exists():
+        raise ValueError(f"--out {root} exists, is not empty and is not a clipforge index: choose another directory")
+    else:
+        embeddings, meta = np.zeros((0, info["embed_dim"]), dtype=dtype), _empty_meta()
+
+    # decide what to keep, what to (re-)embed and what to drop
+    by_key = {k: i for i, k in enumerate(meta["key"])}
+    wanted = {c.row["key"] for c in candidates}
+    drop: set[int] = set()
+    todo: list[Candidate] = []
+    captions_edited = False
+    for c in candidates:
+        i = by_key.get(c.row["key"])
+        if i is not None and meta["length"][i] == c.row["length"] and meta["mtime_ns"][i] == c.row["mtime_ns"]:
+            report.unchanged += 1
+            if meta["caption"][i] != c.row["caption"]:  # a sidecar caption edited: no need to re-embed
+                meta["caption"][i] = c.row["caption"]
+                captions_edited = True
+            continue
+        if i is not None:  # changed since it was indexed: its old row goes, its new embedding is appended
+            drop.add(i)
+        todo.append(c)
+    deleted = 0
+    for i, (kind, path, key) in enumerate(zip(meta["kind"], meta["path"], meta["key"])):
+        if kind == "file" and key not in wanted and _under(path, folder_roots) and not Path(path).exists():
+            drop.add(i)
+            deleted += 1
+    keep = [i for i in range(len(meta["key"])) if i not in drop]
+    base_emb = embeddings[keep]
+    base_meta = {c: [meta[c][i] for i in keep] for c in COLUMNS}
+    new_source = source is not None and source not in sources
+    if new_source:
+        sources.append(source)
+    manifest = {"format": FORMAT, "model": info, "dim": info["embed_dim"], "dtype": dtype, "normalized": True,
+                "sources": sources}
+
+    new_chunks: list[np.ndarray] = []
+    new_meta = _empty_meta()
+
+    def commit() -> None:
+        emb = np.concatenate([base_emb, *new_chunks]) if new_chunks else base_emb
+        merged = {c: base_meta[c] + new_meta[c] for c in COLUMNS}
+        _write(root, {**manifest, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, emb.astype(dtype), merged)
+
+    was_training = model.training
+    model.eval()
+    since_commit = 0
+    bar = tqdm(total=len(todo), desc="embed images", unit="img", disable=not progress or not todo)
+    try:
+        for start in range(0, len(todo), batch_size):
+            pixels, rows = [], []
+            for c in todo[start:start + batch_size]:
+                try:
+                    pixels.append(preprocess(load_image(c.load())))
+                    rows.append(c.row)
+                except (ImageLoadError, OSError) as e:
+                    reason = str(e)
+                    report.skipped.append((c.row["key"], reason))
+                    if on_skip is not None:
+                        on_skip(c.row["key"], reason)
+            if pixels:
+                with torch.no_grad():
+                    emb = model.encode_image(torch.stack(pixels)).float().numpy()
+                new_chunks.append(emb.astype(dtype))
+                for r in rows:
+                    for col in COLUMNS:
+                        new_meta[col].append(r[col])
+                since_commit += len(rows)
+            bar.update(len(todo[start:start + batch_size]))
+            if since_commit >= commit_every:
+                commit()
+                since_commit = 0
+    finally:
+        bar.close()
+        model.train(was_training)
+    report.updated = sum(1 for k in new_meta["key"] if k in by_key)
+    report.added = len(new_meta["key"]) - report.updated
+    # rows dropped: deleted files, and changed files that are now unreadable (their old embedding is stale)
+    report.removed = deleted + sum(1 for k, _ in report.skipped if k in by_key)
+    if todo or drop or captions_edited or new_source or rebuild or not (root / MANIFEST).exists():
+        commit()
+    report.count = len(base_meta["key"]) + len(new_meta["key"])
+    report.seconds = time.perf_counter() - t0
+    return report

@@ -1,0 +1,296 @@
+"""Query an index: text -> image, image -> image, zero-shot labels; exact nearest neighbours by cosine.
+
+Two backends rank the same way (exact maximum inner product over L2-normalized vectors, so
+cosine similarity); the numpy one is the reference:
+
+- ``faiss`` (``pip install faiss-cpu``): an ``IndexFlatIP``. Still exact, but its kernel
+  computes scores block by block and keeps the top k in a heap as it goes, with SIMD and
+  threads, instead of materializing all N scores per query and partitioning them; it is also
+  the door to approximate indexes (IVF, HNSW) when an index reaches millions of images.
+- ``numpy``: one matrix product and ``argpartition``. Always available, no native dependency
+  (faiss-cpu wheels do not exist for every platform and Python), and fast enough for the
+  10k-100k images an index built on a CPU machine holds (``benchmarks/bench_search.py``
+  measures both).
+
+``backend="auto"`` takes faiss when it imports and numpy otherwise. Results of both are sorted
+by score, ties broken by the lower id.
+"""
+from __future__ import annotations
+
+import io
+import mimetypes
+import os
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .index import (IndexData, ModelMismatchError, check_same_model, describe_model, model_info, open_index,
+                    read_item_bytes)
+
+BACKENDS = ("auto", "faiss", "numpy")
+
+
+# ---------------------------------------------------------------- backends
+
+
+def _order(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort each row by descending score, then ascending id."""
+    out_s, out_i = np.empty_like(scores), np.empty_like(ids)
+    for r in range(scores.shape[0]):
+        o = np.lexsort((ids[r], -scores[r]))
+        out_s[r], out_i[r] = scores[r, o], ids[r, o]
+    return out_s, out_i
+
+
+class NumpyBackend:
+    """Exact search with numpy: ``queries @ vectors.T`` and a top-k partition."""
+
+    name = "numpy"
+
+    def __init__(self, vectors: np.ndarray):
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def __len__(self) -> int:
+        return self.vectors.shape[0]
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        n = self.vectors.shape[0]
+        k = min(k, n)
+        if k <= 0:
+            return np.zeros((q.shape[0], 0), np.float32), np.zeros((q.shape[0], 0), np.int64)
+        scores = q @ self.vectors.T
+        if k < n:
+            # k+1 candidates so that a tie at the boundary still resolves to the lower id after sorting
+            kk = min(k + 1, n)
+            part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+        else:
+            part = np.broadcast_to(np.arange(n), (q.shape[0], n))
+        s = np.take_along_axis(scores, part, axis=1)
+        s, i = _order(s, part.astype(np.int64))
+        return s[:, :k], i[:, :k]
+
+
+class FaissBackend:
+    """Exact search with faiss ``IndexFlatIP`` (same ranking as :class:`NumpyBackend`)."""
+
+    name = "faiss"
+
+    def __init__(self, vectors: np.ndarray):
+        import faiss
+
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.index = faiss.IndexFlatIP(vectors.shape[1])
+        if vectors.shape[0]:
+            self.index.add(vectors)
+
+    def __len__(self) -> int:
+        return self.index.ntotal
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        k = min(k, self.index.ntotal)
+        if k <= 0:
+            return np.zeros((q.shape[0], 0), np.float32), np.zeros((q.shape[0], 0), np.int64)
+        kk = min(k + 1, self.index.ntotal)  # one extra, as in NumpyBackend, for ties at the boundary
+        s, i = self.index.search(q, kk)
+        s, i = _order(s, i.astype(np.int64))
+        return s[:, :k], i[:, :k]
+
+
+def faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_backend(vectors: np.ndarray, backend: str = "auto"):
+    """A search backend over ``vectors`` [N, d]: ``faiss``, ``numpy`` or ``auto`` (faiss if installed)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got '{backend}'")
+    if backend == "faiss" or (backend == "auto" and faiss_available()):
+        if not faiss_available():
+            raise ValueError("backend 'faiss' needs faiss: pip install faiss-cpu (or use backend 'numpy')")
+        return FaissBackend(vectors)
+    return NumpyBackend(vectors)
+
+
+# ---------------------------------------------------------------- searcher
+
+
+@dataclass
+class Hit:
+    """One result: the item's id (row in the index), cosine ``score``, ``key``, ``caption``, and ``path``
+    (the image file; ``None`` for a corpus sample, whose ``key`` is ``NAME/SPLIT/KEY``)."""
+
+    id: int
+    score: float
+    key: str
+    caption: str | None
+    kind: str
+    path: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_EXT_MIME = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp",
+             "gif": "image/gif", "bmp": "image/bmp", "tif": "image/tiff", "tiff": "image/tiff"}
+
+
+class Searcher:
+    """Search an index built by ``clipforge index`` with the model that built it.
+
+    ``model``: ``None`` loads the model recorded in the index's manifest; a path or source
+    string goes through :func:`clipforge.load`; a ``(model, tokenizer, preprocess)`` tuple (what
+    ``clipforge.load`` returns) is used as is. The weights are hashed and compared with the
+    manifest's; a different model raises :class:`ModelMismatchError` naming both.
+    ``backend``: ``auto``, ``faiss`` or ``numpy`` (see the module docstring).
+
+    >>> s = Searcher("indexes/emoji")                       # doctest: +SKIP
+    >>> [(h.caption, round(h.score, 3)) for h in s.text("a red heart", k=3)]  # doctest: +SKIP
+    """
+
+    def __init__(self, index_dir: str | os.PathLike, model: Any = None, backend: str = "auto"):
+        self.data: IndexData = open_index(index_dir)
+        self.root = Path(index_dir)
+        built = self.data.manifest["model"]
+        if model is None:
+            source = built.get("source")
+            if not source or not Path(source).exists():
+                raise FileNotFoundError(
+                    f"index {self.root} was built with {describe_model(built)}, which is not at that path any more; "
+                    "pass the model with --model (Searcher(..., model=...)) and it will be checked against the "
+                    "index's weights hash")
+            model = source
+        if isinstance(model, (str, os.PathLike)):
+            from ..interop import load
+
+            source = str(model)
+            self.model, self.tokenizer, self.preprocess = load(source)
+        else:
+            source = None
+            self.model, self.tokenizer, self.preprocess = model
+        self.model.eval()
+        current = model_info(self.model, source)
+        fix = (f"Serve it with the model it was built with (--model {built.get('resolved') or built.get('source')}), "
+               f"or rebuild the index with this model: clipforge index {source or 'MODEL'} ... --out {self.root} --rebuild")
+        check_same_model(self.root, built, current, fix)
+        self.model_description = describe_model(built)
+        self.backend = make_backend(self.data.embeddings, backend)
+        self._lock = threading.Lock()  # one forward pass at a time: bounded memory, no thread oversubscription
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    @property
+    def dim(self) -> int:
+        return int(self.data.manifest["dim"])
+
+    # -------------------------------------------------------- encoding
+
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        """L2-normalized text embeddings [len(texts), dim] (float32)."""
+        import torch
+
+        with self._lock, torch.no_grad():
+            return self.model.encode_text(self.tokenizer(list(texts))).float().numpy()
+
+    def encode_image(self, images: Sequence[Any]) -> np.ndarray:
+        """L2-normalized image embeddings of PIL images, paths, bytes or arrays (see clipforge.images)."""
+        import torch
+
+        from ..images import load_image
+
+        pixels = torch.stack([self.preprocess(load_image(im)) for im in images])
+        with self._lock, torch.no_grad():
+            return self.model.encode_image(pixels).float().numpy()
+
+    # -------------------------------------------------------- search
+
+    def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
+        m = self.data.meta
+        return [Hit(int(i), float(s), m["key"][i], m["caption"][i], m["kind"][i],
+                    m["path"][i] if m["kind"][i] == "file" else None) for s, i in zip(scores, ids)]
+
+    def vector(self, query: np.ndarray, k: int = 10) -> list[Hit]:
+        """The ``k`` items nearest to an embedding (normalized here)."""
+        q = np.asarray(query, dtype=np.float32).reshape(1, -1)
+        if q.shape[1] != self.dim:
+            raise ValueError(f"query has dimension {q.shape[1]}, the index {self.dim}")
+        q = q / max(float(np.linalg.norm(q)), 1e-12)
+        s, i = self.backend.search(q, k)
+        return self._hits(s[0], i[0])
+
+    def text(self, query: str, k: int = 10) -> list[Hit]:
+        """Text -> image: the ``k`` images most similar to ``query``, best first."""
+        if not isinstance(query, str) or not query.strip():
+            raise ValueError("the text query is empty")
+        return self.vector(self.encode_text([query])[0], k)
+
+    def image(self, image: Any, k: int = 10) -> list[Hit]:
+        """Image -> image: the ``k`` indexed images most similar to ``image`` (PIL image, path, bytes, array)."""
+        return self.vector(self.encode_image([image])[0], k)
+
+    def similar(self, item_id: int, k: int = 10) -> list[Hit]:
+        """The ``k`` items most similar to indexed item ``item_id`` (itself excluded), from its stored embedding."""
+        self._check_id(item_id)
+        hits = self.vector(self.data.embeddings[item_id].astype(np.float32), k + 1)
+        return [h for h in hits if h.id != item_id][:k]
+
+    def classify(self, image: Any, labels: Sequence[str], template: str = "a photo of {}.") -> list[tuple[str, float]]:
+        """Zero-shot: the probability of each label for ``image``, highest first.
+
+        Each label is put into ``template`` and embedded; probabilities are the softmax of the
+        model's logit scale times the cosine similarities.
+        """
+        labels = [str(l).strip() for l in labels if str(l).strip()]
+        if not labels:
+            raise ValueError("classify needs at least one label")
+        img = self.encode_image([image])[0]
+        txt = self.encode_text([template.format(l) if "{}" in template else f"{template} {l}" for l in labels])
+        logits = float(self.model.scale().detach()) * (txt @ img)
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        return sorted(zip(labels, p.astype(float).tolist()), key=lambda t: -t[1])
+
+    # -------------------------------------------------------- items
+
+    def _check_id(self, item_id: int) -> None:
+        if not 0 <= int(item_id) < len(self):
+            raise KeyError(f"no item {item_id} in this index (ids are 0..{len(self) - 1})")
+
+    def item(self, item_id: int) -> dict[str, Any]:
+        """The metadata row of one item."""
+        self._check_id(item_id)
+        return self.data.row(int(item_id))
+
+    def image_bytes(self, item_id: int, max_side: int | None = None) -> tuple[bytes, str]:
+        """The item's image as ``(bytes, mime type)``; with ``max_side``, a thumbnail (PNG or JPEG) no larger."""
+        row = self.item(item_id)
+        data = read_item_bytes(row)
+        mime = _EXT_MIME.get(row["ext"]) or mimetypes.guess_type(f"x.{row['ext']}")[0] or "application/octet-stream"
+        if max_side is None:
+            return data, mime
+        from PIL import Image
+
+        from ..images import load_image
+
+        img = load_image(data)
+        if max(img.size) > max_side:
+            img.thumbnail((max_side, max_side), Image.LANCZOS)
+        buf = io.BytesIO()
+        if mime == "image/jpeg":
+            img.save(buf, "JPEG", quality=85)
+            return buf.getvalue(), "image/jpeg"
+        img.save(buf, "PNG")
+        return buf.getvalue(), "image/png"
+
+
+__all__ = ["Searcher", "Hit", "NumpyBackend", "FaissBackend", "make_backend", "faiss_available", "BACKENDS",
+           "ModelMismatchError"]
