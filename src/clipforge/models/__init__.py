@@ -35,5 +35,6 @@ def create_model(name: str | CLIPConfig, seed: int | None = None, **overrides: A
     return model_from_config(cfg)
 
 
-__all__ = ["CLIP", "CLIPConfig", "CoCa", "CoCaConfig", "MultimodalConfig", "TextConfig", "VisionConfig", "create_model", "get_model_config", "list_models",
-           "register_model", "MODEL_CONFIGS", "load_model", "load_weights", "save_model"]
+__all__ = ["CLIP", "CLIPConfig", "TextConfig", "VisionConfig", "create_model", "get_model_config", "list_models",
+           "register_model", "MODEL_CONFIGS", "load_model", "load_weights", "save_model",
+           "CoCa", "CoCaConfig", "MultimodalConfig"]
