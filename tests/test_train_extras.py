@@ -170,7 +170,7 @@ def test_caption_policy_pairs_negatives_with_their_source_caption():
     assert resolve_caption_policy("auto", set()) == "random"
     assert resolve_caption_policy("random", {"negative_text_features"}) == "random"
     with pytest.raises(ValueError, match="caption_policy"):
-        TrainItems(ds, seed=0, image_size=32, caption_policy="longest")
+        TrainItems(ds, seed=0, image_size=32, caption_policy="shortest")
 
 
 def test_projection_only_training_from_pretrained_weights(tiny_cfg, tmp_path):

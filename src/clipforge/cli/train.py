@@ -6,7 +6,7 @@ import argparse
 HELP = """\
 Every field of the training config can be set in a YAML file (--config) and/or as
 key=value overrides; overrides win. Common ones:
-  model=tiny                 architecture (tiny, ViT-B-32, ViT-B-16, ViT-L-14)
+  model=tiny                 architecture (tiny, coca-tiny, ViT-B-32, ViT-B-16, ViT-L-14)
   steps=2000 batch_size=128  optimizer steps and global batch size
   lr=1e-3 warmup_steps=100   peak learning rate and linear warmup (then cosine)
   accum_steps=2              split each batch into micro-batches (exact full-batch loss)
@@ -25,6 +25,11 @@ key=value overrides; overrides win. Common ones:
                              LaCLIP-style rewrites, computed once and stored with the data
   loss={clip:1.0,multi_positive:0.5} data.positive_source=subcaptions
                              several positives per image (DreamLIP sub-captions)
+  model=coca-tiny loss={clip:1.0,caption:2.0}
+                             CoCa: contrastive + captioning decoder (docs/models.md)
+  init_from=RUN long_context_factor=4 loss={long_clip:1.0} data.dataset=shapes_long
+  data.caption_policy=longest data.positive_source=first_sentence data.positives=1
+                             Long-CLIP: stretch 77 -> 248 text positions, long + short captions
   init_from=PATH             start from any checkpoint clipforge.load reads (HF, OpenCLIP, OpenAI)
   freeze=[text.*]            LiT; trainable=[visual.proj,text.proj,logit_scale]: projections only
   model_overrides.hf_text.path=DIR

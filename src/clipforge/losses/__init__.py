@@ -79,3 +79,9 @@ from .teachers import teacher_list  # noqa: E402
 __all__ += ["counting_loss", "cosine_distill_loss", "dclip_loss", "grounded_contrast", "distill_kl_loss", "EMATeacher",
             "ema_distill_loss", "hard_negative_loss", "hqclip_loss", "hycd_loss", "teacher_list"]
 # --- end group C ---
+
+# --- model-variant terms ---
+from .long_clip import LongClipConfig, LongClipLoss, long_clip_loss, pca_reconstruct  # noqa: E402  (Long-CLIP)
+
+__all__ += ["LongClipConfig", "LongClipLoss", "long_clip_loss", "pca_reconstruct"]
+# --- end model-variant terms ---

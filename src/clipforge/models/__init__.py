@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from .clip import CLIP
+from .coca import CoCa, CoCaConfig, MultimodalConfig, model_from_config
 from .config import CLIPConfig, TextConfig, VisionConfig
 from .io import load_model, load_weights, save_model
 from .registry import MODEL_CONFIGS, get_model_config, list_models, register_model
@@ -22,17 +23,18 @@ def create_model(name: str | CLIPConfig, seed: int | None = None, **overrides: A
     if overrides:
         d = cfg.to_dict()
         for key, value in overrides.items():
-            if key in ("vision", "text") and isinstance(value, dict):
+            if key in ("vision", "text", "multimodal") and isinstance(value, dict):
                 d[key].update(value)
             else:
                 d[key] = value
-        cfg = CLIPConfig.from_dict(d)
+        cfg = type(cfg).from_dict(d)
     if seed is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return CLIP(cfg)
-    return CLIP(cfg)
+            return model_from_config(cfg)
+    return model_from_config(cfg)
 
 
 __all__ = ["CLIP", "CLIPConfig", "TextConfig", "VisionConfig", "create_model", "get_model_config", "list_models",
-           "register_model", "MODEL_CONFIGS", "load_model", "load_weights", "save_model"]
+           "register_model", "MODEL_CONFIGS", "load_model", "load_weights", "save_model",
+           "CoCa", "CoCaConfig", "MultimodalConfig"]

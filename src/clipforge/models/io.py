@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .clip import CLIP
-from .config import CLIPConfig
+from .coca import config_from_dict, model_from_config
 
 
 def save_model(model: CLIP, directory: str | Path, metadata: dict[str, str] | None = None) -> Path:
@@ -59,6 +59,6 @@ def load_model(directory: str | Path) -> CLIP:
             f"'{directory}' is not a clipforge model directory: it needs model_config.json and model.safetensors "
             "(written by clipforge train or clipforge.models.save_model)"
         )
-    model = CLIP(CLIPConfig.from_dict(json.loads(cfg_file.read_text())))
+    model = model_from_config(config_from_dict(json.loads(cfg_file.read_text())))
     load_weights(model, directory)
     return model.eval()

@@ -6,6 +6,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..registry import Registry
+from .coca import config_from_dict
 from .config import CLIPConfig
 
 MODEL_CONFIGS: Registry[dict] = Registry("model")
@@ -32,5 +33,5 @@ def list_models() -> list[str]:
 def get_model_config(name_or_path: str) -> CLIPConfig:
     """Config of a registered name, or of a JSON file path."""
     if name_or_path not in MODEL_CONFIGS and Path(name_or_path).suffix == ".json" and Path(name_or_path).exists():
-        return CLIPConfig.from_dict(json.loads(Path(name_or_path).read_text()))
-    return CLIPConfig.from_dict(MODEL_CONFIGS.get(name_or_path))
+        return config_from_dict(json.loads(Path(name_or_path).read_text()))
+    return config_from_dict(MODEL_CONFIGS.get(name_or_path))

@@ -28,7 +28,8 @@ class DataConfig:
     hard_negatives: int = 2
     # positive captions per sample, delivered only when a loss term reads them (multi_positive): drawn from
     # the sample's captions ("captions": its other captions, e.g. LaCLIP rewrites) or from the sentences of
-    # its longest caption ("subcaptions": DreamLIP's sub-captions of a long caption)
+    # its longest caption ("subcaptions": DreamLIP's sub-captions of a long caption), or the first sentence
+    # of its longest caption ("first_sentence": Long-CLIP's short caption, with positives=1)
     positives: int = 2
     positive_source: str = "captions"
     # which of the dataset's negative types to draw from (shapes: color, shape, count, relation, swap); [] = all
@@ -37,8 +38,8 @@ class DataConfig:
     # stored once and delivered with the batches, only when a loss term reads them (distill_kl, hycd, dclip)
     teachers: List[str] = field(default_factory=list)
     teacher_cache: Optional[str] = None
-    # which caption of a sample a step uses: random | first | auto (first when a loss term reads
-    # hard negatives, which are written from a sample's first caption; random otherwise)
+    # which caption of a sample a step uses: random | first | longest (Long-CLIP's long caption) | auto (first
+    # when a loss term reads hard negatives, which are written from a sample's first caption; random otherwise)
     caption_policy: str = "auto"
     # caption SOURCES per step (LaCLIP, ALIP, "CLIP with Quality Captions"): "" = the dataset's captions;
     # e.g. "original=1,rewrites=1" draws the original caption or one of its stored rewrites
@@ -83,6 +84,11 @@ class TrainConfig:
     # run/model directory, a Hugging Face CLIP/SigLIP directory, OpenCLIP or OpenAI weights); the
     # architecture and tokenizer come from it and `model`/`model_overrides` are ignored
     init_from: Optional[str] = None
+    # Long-CLIP's knowledge-preserved stretching (clipforge.models.long_clip) of the text positions of the built or
+    # init_from model before training: factor > 1 keeps the first long_context_keep positions and interpolates the
+    # rest factor-fold (77 -> 248 with keep 20, factor 4); the tokenizer then takes the stretched context length
+    long_context_factor: int = 1
+    long_context_keep: int = 20
     # copy only the image tower from this checkpoint into the configured model (whose vision config must
     # match): ProCLIP's first stage puts a pretrained language model beside a trained CLIP's image tower
     init_vision_from: Optional[str] = None
@@ -116,8 +122,8 @@ class TrainConfig:
             raise ValueError("loss needs at least one term, e.g. loss={clip: 1.0}")
         if not 0.0 <= self.ema_momentum < 1.0:
             raise ValueError(f"ema_momentum must be in [0, 1), got {self.ema_momentum}")
-        if self.data.caption_policy not in ("auto", "random", "first"):
-            raise ValueError(f"data.caption_policy must be auto, random or first, got '{self.data.caption_policy}'")
+        if self.data.caption_policy not in ("auto", "random", "first", "longest"):
+            raise ValueError(f"data.caption_policy must be auto, random, first or longest, got '{self.data.caption_policy}'")
         if self.data.streaming and self.data.dataset == "shapes":
             raise ValueError("data.streaming reads webdataset shards: set data.dataset=shards data.root=DIR "
                              "(or a built corpus such as openclipart)")
@@ -129,8 +135,15 @@ class TrainConfig:
             raise ValueError("data.root names a shard directory; shapes is rendered in memory (set data.dataset too)")
         if self.data.positives < 1:
             raise ValueError(f"data.positives must be >= 1, got {self.data.positives}")
-        if self.data.positive_source not in ("captions", "subcaptions"):
-            raise ValueError(f"data.positive_source must be captions or subcaptions, got '{self.data.positive_source}'")
+        if self.data.positive_source not in ("captions", "subcaptions", "first_sentence"):
+            raise ValueError(f"data.positive_source must be captions, subcaptions or first_sentence, got "
+                             f"'{self.data.positive_source}'")
+        if "long_clip" in self.loss and (self.data.positive_source, self.data.caption_policy) != ("first_sentence", "longest"):
+            raise ValueError("loss long_clip matches each sample's long caption and its first sentence: set "
+                             "data.caption_policy=longest data.positive_source=first_sentence (and data.positives=1)")
+        if self.long_context_factor < 1 or self.long_context_keep < 0:
+            raise ValueError(f"long_context_factor must be >= 1 and long_context_keep >= 0, got "
+                             f"{self.long_context_factor} and {self.long_context_keep}")
         if self.data.hard_negatives < 1:
             raise ValueError(f"data.hard_negatives must be >= 1, got {self.data.hard_negatives}")
         return self

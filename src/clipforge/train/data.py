@@ -44,7 +44,7 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
             b += 1
 
 
-CAPTION_POLICIES = ("random", "first")
+CAPTION_POLICIES = ("random", "first", "longest")
 
 
 @dataclass
@@ -99,7 +99,10 @@ class TrainItems(Dataset):
                 raise ValueError(f"sample {index} has no caption")
         except (ImageLoadError, ValueError, KeyError, OSError) as e:
             return {"error": f"sample {index}: {e}"}
-        which = 0 if self.caption_policy == "first" else int(rng.integers(len(captions)))
+        if self.caption_policy == "longest":  # Long-CLIP: the long caption (its first sentence is the short one)
+            which = max(range(len(captions)), key=lambda i: len(captions[i]))
+        else:
+            which = 0 if self.caption_policy == "first" else int(rng.integers(len(captions)))
         caption = captions[which]
         if self.sources is not None:
             source, caption = self.sources.sample(item, rng)
@@ -123,7 +126,12 @@ class TrainItems(Dataset):
 
 def _draw_positives(captions: list[str], k: int, source: str, rng) -> list[str]:
     """Up to ``k`` distinct positive texts: the sample's captions, or (DreamLIP) sub-captions,
-    the sentences of its longest caption; never none, since every sample has a caption."""
+    the sentences of its longest caption, or (Long-CLIP) the first sentence of its longest caption
+    alone ("first_sentence", the short summary caption); never none, since every sample has a caption."""
+    if source == "first_sentence":
+        from ..data.long_captions import short_and_long
+
+        return [short_and_long(max(captions, key=len))[0]]
     if source == "subcaptions":
         from ..data.long_captions import sample_subcaptions
 

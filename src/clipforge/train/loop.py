@@ -104,12 +104,15 @@ def _join(parts: list[dict]) -> dict:
 
 
 def _loss_inputs(out: dict, batch: dict, extra: dict | None = None) -> LossInputs:
+    # a model's own extra outputs (CoCa: caption_logits, caption_targets) go to the loss terms too
+    model_extra = {k: v for k, v in out.items() if k not in ("image_features", "text_features", "logit_scale", "logit_bias")}
+    extra = {**model_extra, **(extra or {})}
     return LossInputs(
         image_features=out["image_features"].float(),
         text_features=out["text_features"].float(),
         logit_scale=out["logit_scale"].float(),
         logit_bias=None if out["logit_bias"] is None else out["logit_bias"].float(),
-        extra=extra or {},
+        extra=extra,
     )
 
 
@@ -133,11 +136,15 @@ def train(cfg: TrainConfig, evaluate: Callable | None = None) -> TrainResult:
 
     start_step, samples_seen, skipped_total = 0, 0, 0
     needs = loss_fn.extra_keys()
-    unsupported = needs - PRODUCED
+    from_model = needs & set(getattr(model, "extra_outputs", ()))
+    unsupported = needs - PRODUCED - from_model
     if unsupported:
         raise ValueError(f"the loss terms {sorted(cfg.loss)} need inputs {sorted(unsupported)} that the training "
-                         f"program does not produce (it produces {sorted(PRODUCED)}); use those terms from your own "
+                         f"program does not produce (it produces {sorted(PRODUCED)}, and a CoCa model such as "
+                         "model=coca-tiny caption_logits/caption_targets); use those terms from your own "
                          "loop with clipforge.losses")
+    if from_model and cfg.accum_steps > 1:
+        raise ValueError(f"the model's outputs {sorted(from_model)} are per micro-batch: train them with accum_steps=1")
     ema = EMATeacher(model, cfg.ema_momentum) if needs & set(EMA_KEYS) else None
 
     stream_state = None

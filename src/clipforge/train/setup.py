@@ -43,6 +43,11 @@ def build_model(cfg: TrainConfig):
             tokenizer = HFTokenizer(model.cfg.hf_text.path, model.context_length)
         else:
             tokenizer = get_tokenizer(model.context_length)
+    if cfg.long_context_factor > 1:  # Long-CLIP: stretch the text positions, tokenize to the longer context
+        from ..models.long_clip import stretch_context
+
+        model = stretch_context(model, cfg.long_context_keep, cfg.long_context_factor)
+        tokenizer = get_tokenizer(model.context_length)
     if cfg.init_vision_from:
         copy_image_tower(model, cfg.init_vision_from)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
