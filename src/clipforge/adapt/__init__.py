@@ -7,6 +7,8 @@ One method per module, each on frozen CLIP features or a frozen model:
 - :mod:`.coop`: CoOp prompt learning (learnable context vectors in the text tower);
 - :mod:`.gda`: Gaussian discriminant analysis (training-free);
 - :mod:`.clipn`: CLIPN-style learned "no" prompts for out-of-distribution detection;
+- :mod:`.tca`: TCA, token condensation as training-free test-time adaptation (no support set:
+  the test stream itself, through a condensed image tower);
 - :mod:`.run`: fit and compare the methods on a dataset's few-shot split (``clipforge adapt``).
 
 A program built on the core (like :mod:`clipforge.evaluation`, whose few-shot task uses
@@ -15,9 +17,10 @@ these adapters); the core never imports it.
 from .common import FeatureSet, top1
 from .coop import CoOpConfig, PromptLearner, fit_coop
 from .gda import gda_classifier, gda_logits
+from .tca import TCA, TCAConfig, TokenReservoir, tca_flops
 from .tip_adapter import (TipAdapterF, TipAdapterFConfig, TipSearch, caps_adapter_logits, fit_tip_adapter,
                           fit_tip_adapter_f, search_alpha_beta, tip_adapter_logits)
 
 __all__ = ["FeatureSet", "top1", "CoOpConfig", "PromptLearner", "fit_coop", "gda_classifier", "gda_logits",
-           "TipAdapterF", "TipAdapterFConfig", "TipSearch", "caps_adapter_logits", "fit_tip_adapter",
+           "TCA", "TCAConfig", "TokenReservoir", "tca_flops", "TipAdapterF", "TipAdapterFConfig", "TipSearch", "caps_adapter_logits", "fit_tip_adapter",
            "fit_tip_adapter_f", "search_alpha_beta", "tip_adapter_logits"]

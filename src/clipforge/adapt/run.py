@@ -11,7 +11,10 @@ image tower (through the suite's embedding cache); no method augments images.
 
 Methods (``METHODS``): ``tip`` (training-free Tip-Adapter), ``tip-f`` (Tip-Adapter-F), ``coop``
 (CoOp), ``gda`` (GDA + zero-shot, alpha on val), ``clipn`` (learned "no" prompts; reports OOD
-AUROC against the suite's OOD set instead of accuracy). Zero-shot is always reported.
+AUROC against the suite's OOD set instead of accuracy), ``tca`` (TCA token condensation,
+test-time: no support set; each eval split is streamed through the condensed image tower in a
+seeded random order per seed, results under ``results["test_time"]["tca"]``). Zero-shot is
+always reported.
 """
 from __future__ import annotations
 
@@ -31,9 +34,10 @@ from .clipn import CLIPNConfig, fit_clipn
 from .common import FeatureSet, top1
 from .coop import CoOpConfig, fit_coop
 from .gda import gda_logits
+from .tca import TCAConfig, run_stream
 from .tip_adapter import TipAdapterFConfig, TipSearch, fit_tip_adapter, fit_tip_adapter_f
 
-METHODS = ("tip", "tip-f", "coop", "gda", "clipn")
+METHODS = ("tip", "tip-f", "coop", "gda", "clipn", "tca")
 
 
 @dataclass
@@ -55,6 +59,8 @@ class AdaptConfig:
     tip_f: TipAdapterFConfig = field(default_factory=TipAdapterFConfig)
     coop: CoOpConfig = field(default_factory=CoOpConfig)
     clipn: CLIPNConfig = field(default_factory=CLIPNConfig)
+    tca: TCAConfig = field(default_factory=TCAConfig)
+    tca_batch_size: int = 1  # test images per TCA step (the paper streams one at a time)
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -119,13 +125,17 @@ def run_adaptation(model, tokenizer: Callable, cfg: AdaptConfig | None = None,
             ood = (ctx.images(s.in_images, s.in_spec), ctx.images(s.out_images, s.out_spec), ood_cls, s)
             results["ood"] = {"in": s.in_spec, "out": s.out_spec,
                               "mcm": ood_metrics(mcm_score(ood[0], ood_cls).numpy(), mcm_score(ood[1], ood_cls).numpy())}
-    for k in cfg.shots:
-        per_method: dict[str, list[dict]] = {m: [] for m in cfg.methods}
+    if "tca" in cfg.methods:
+        results["test_time"] = {"tca": _run_tca(model, cls, scale, {"test": te} | ({"heldout": held} if held is not None else {}),
+                                                cfg, log)}
+    shot_methods = [m for m in cfg.methods if m != "tca"]
+    for k in cfg.shots if shot_methods else ():
+        per_method: dict[str, list[dict]] = {m: [] for m in shot_methods}
         for seed in cfg.seeds:
             idx = torch.from_numpy(k_shot_indices(tr.labels.numpy(), k, seed=seed))
             sup, sup_y = ftr[idx], tr.labels[idx]
             support = FeatureSet(sup, scale * sup @ cls.t(), sup_y)
-            for method in cfg.methods:
+            for method in shot_methods:
                 t = time.perf_counter()
                 run: dict[str, Any] = {"seed": seed}
                 if method == "tip":
@@ -170,6 +180,26 @@ def run_adaptation(model, tokenizer: Callable, cfg: AdaptConfig | None = None,
             for m, runs in per_method.items() if runs
         }
     return results, adapters
+
+
+def _run_tca(model, classifier, scale: float, splits: dict, cfg: AdaptConfig, log: Callable[[str], None]) -> dict[str, Any]:
+    """TCA over each split's images as a test stream, one seeded random order per seed; the
+    reservoir starts empty for every split and seed."""
+    runs = []
+    for seed in cfg.seeds:
+        run: dict[str, Any] = {"seed": seed}
+        for name, lab in splits.items():
+            order = torch.randperm(len(lab.images), generator=torch.Generator().manual_seed(seed))
+            out = run_stream(model, classifier, lab.images, cfg.tca, cfg.tca_batch_size, order, scale)
+            run[name] = top1(out["logits"], lab.labels)
+            run[f"{name}_uncorrected"] = top1(out["base_logits"], lab.labels)
+            run[f"{name}_images_per_second"] = out["images_per_second"]
+            flops = out["flops"]
+        runs.append(run)
+        log(f"tca seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in run.items() if isinstance(v, float)))
+    mean = {key: _mean(runs, key) for key in runs[0] if key != "seed"}
+    return mean | {"gflops_plain": flops["gflops_plain"], "gflops_tca": flops["gflops_tca"], "gflops_saved": flops["saved"],
+                   "runs": runs}
 
 
 def _config_dict(cfg: AdaptConfig) -> dict:

@@ -2,6 +2,7 @@
 
     clipforge adapt runs/a --method tip-f --shots 16 --out runs/a/adapt
     clipforge adapt runs/a --method tip tip-f coop gda --shots 1 4 16 --seeds 0 1 2
+    clipforge adapt runs/a --method tca --tca-keep-ratio 0.7
 """
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ methods (--method, several allowed; 'all' runs every one):
           support features, added to the zero-shot logits (weight chosen on validation).
   clipn   CLIPN-style "no" prompts (Wang et al. 2023): learned prompts whose embedding says "this is
           not class c"; reports OOD-detection AUROC (shapes vs textures) next to MCM's, not accuracy.
+  tca     TCA (Wang et al. 2025), token condensation as test-time adaptation: no support set. The
+          test images stream through the image tower; at 1/4, 1/2, 3/4 of its depth the patch
+          tokens the class token attends to least are pruned/fused and ambiguous ones merged into
+          coreset centers (fewer GFLOPs); a reservoir of the most confident images' class tokens
+          per class guides condensation (domain anchors) and corrects the logits. --shots is ignored.
 
 data (the evaluation suite's splits): support sets of K images per class drawn from 'train'
 (one draw per --seeds value), hyper-parameters chosen on the even half of 'val', accuracy on
@@ -67,6 +73,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--coop-class-specific", action="store_true", help="one context per class (CoOp's CSC)")
     g.add_argument("--coop-epochs", type=int, default=100, help="epochs after the warmup epoch (default 100)")
     g.add_argument("--coop-lr", type=float, default=2e-3, help="SGD learning rate (default 2e-3, as the paper)")
+    g = p.add_argument_group("TCA (test-time, no support set)")
+    g.add_argument("--tca-keep-ratio", type=float, default=0.7,
+                   help="fraction of patch tokens leaving each condensation block (default 0.7; 1 = none)")
+    g.add_argument("--tca-mode", choices=["merge", "prune"], default="merge",
+                   help="merge (TCA: coreset-merge ambiguous tokens, fuse the rest) or prune (drop them) (default merge)")
+    g.add_argument("--tca-layers", nargs="+", type=int, help="condensation blocks, 0-based (default L/4, L/2, 3L/4)")
+    g.add_argument("--tca-reservoir-size", type=int, default=3, help="reservoir entries per class (default 3)")
+    g.add_argument("--tca-correction-weight", type=float, default=3.0,
+                   help="lambda of the reservoir logits lambda*exp(-beta(1-affinity)); 0 turns correction off (default 3)")
+    g.add_argument("--tca-beta", type=float, default=5.0, help="beta of the reservoir logits (default 5)")
+    g.add_argument("--tca-no-anchors", action="store_true", help="condense without the reservoir's domain anchor tokens")
+    g.add_argument("--tca-batch-size", type=int, default=1, help="test images per step (default 1, as the paper)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
@@ -80,6 +98,9 @@ def summary_rows(results: dict) -> list[list]:
             if method == "clipn":
                 continue
             rows.append([method, int(k), r["test"], r.get("heldout", ""), r["test"] - zs["test"]])
+    for method, r in results.get("test_time", {}).items():
+        rows.append([f"{method} (test-time, {r['gflops_saved']:.0%} fewer GFLOPs)", 0, r["test"], r.get("heldout", ""),
+                     r["test"] - zs["test"]])
     return rows
 
 
@@ -91,6 +112,7 @@ def run(args) -> int:
 
     from ..adapt.coop import CoOpConfig
     from ..adapt.run import METHODS, AdaptConfig, run_adaptation
+    from ..adapt.tca import TCAConfig
     from ..adapt.tip_adapter import TipAdapterFConfig
     from ..interop import load
     from .common import dump_json, table
@@ -102,7 +124,12 @@ def run(args) -> int:
                       cache_dir=args.cache_dir,
                       tip_f=TipAdapterFConfig(epochs=args.tip_f_epochs, lr=args.tip_f_lr),
                       coop=CoOpConfig(ctx_init=init, n_ctx=args.coop_n_ctx, class_specific=args.coop_class_specific,
-                                      epochs=args.coop_epochs, lr=args.coop_lr))
+                                      epochs=args.coop_epochs, lr=args.coop_lr),
+                      tca=TCAConfig(layers=tuple(args.tca_layers) if args.tca_layers else None, keep_ratio=args.tca_keep_ratio,
+                                    mode=args.tca_mode, reservoir_size=args.tca_reservoir_size,
+                                    correction_weight=args.tca_correction_weight, beta=args.tca_beta,
+                                    anchors=not args.tca_no_anchors),
+                      tca_batch_size=args.tca_batch_size)
     model, tokenizer, _ = load(args.model)
     log = (lambda msg: None) if args.quiet or args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     results, adapters = run_adaptation(model, tokenizer, cfg, log=log)
