@@ -27,3 +27,14 @@ def tiny_cfg(tmp_path):
         progress=False,
         precision="fp32",
     )
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tests on tiny tensors, where threads only add
+    synchronization cost (large on a shared, loaded machine). Folders opt in with an autouse
+    fixture that requests this one (tests/losses, tests/models)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,12 +1,7 @@
-"""Loss tests run on tiny tensors: intra-op threads only add synchronization cost there (large
-on a shared, loaded machine), so every test module here runs with one thread."""
+"""Loss tests run on tiny tensors: every test module here runs with one thread (tests/conftest.py)."""
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _single_thread(one_thread):
     yield
-    torch.set_num_threads(threads)

@@ -13,12 +13,6 @@ from clipforge.models import CoCa, CoCaConfig, create_model, get_model_config, l
 EOT, SOT = 49407, 49406
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 SMALL = dict(embed_dim=32, vision={"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "heads": 2},

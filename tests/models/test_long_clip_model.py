@@ -11,12 +11,6 @@ from clipforge.models import create_model
 from clipforge.models.long_clip import LongContextConfig, stretch_context, stretch_positional_embedding
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def naive_stretch(pos, keep, factor):

@@ -234,6 +234,41 @@ def read_manifest(root: str | os.PathLike, name: str | None = None) -> dict[str,
     return json.loads(path.read_text())
 
 
+@dataclass
+class ShardEntry:
+    """One sample of a shard file: its json metadata and where its image bytes lie in the tar."""
+
+    key: str
+    meta: dict[str, Any]
+    offset: int
+    size: int
+    ext: str
+
+
+def shard_entries(path: str | os.PathLike) -> list[ShardEntry]:
+    """The samples of one shard tar in their stored order, each with the byte range of its image
+    (read without unpacking: ``f.seek(offset); f.read(size)``). A metadata record without an
+    image is an error naming the key and the file."""
+    images: dict[str, tarfile.TarInfo] = {}
+    metas: list[tuple[str, dict[str, Any]]] = []
+    with tarfile.open(path) as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            key, _, ext = m.name.partition(".")
+            if ext == "json":
+                metas.append((key, json.loads(tar.extractfile(m).read())))
+            else:
+                images[key] = m
+    out = []
+    for key, meta in metas:
+        m = images.get(key)
+        if m is None:
+            raise ValueError(f"shard '{path}' has metadata for '{key}' but no image; rebuild the shard set")
+        out.append(ShardEntry(key, meta, m.offset_data, m.size, m.name.partition(".")[2].lower()))
+    return out
+
+
 class ShardDataset(Dataset):
     """One split of a shard directory as a map-style dataset.
 
@@ -260,20 +295,9 @@ class ShardDataset(Dataset):
         self._index: list[tuple[int, int, int]] = []  # (shard, offset, size) of each image
         self._meta: list[dict[str, Any]] = []
         for si, path in enumerate(self.files):
-            images: dict[str, tuple[int, int, int]] = {}
-            with tarfile.open(path) as tar:
-                for m in tar:
-                    if not m.isfile():
-                        continue
-                    key, _, ext = m.name.partition(".")
-                    if ext == "json":
-                        meta = json.loads(tar.extractfile(m).read())
-                        meta["key"] = key
-                        self._meta.append(meta)
-                    else:
-                        images[key] = (si, m.offset_data, m.size)
-            for meta in self._meta[len(self._index):]:
-                self._index.append(images[meta["key"]])
+            for entry in shard_entries(path):
+                self._meta.append({**entry.meta, "key": entry.key})
+                self._index.append((si, entry.offset, entry.size))
         n = len(self._meta)
         keep = np.arange(n)
         if size is not None and size < n:

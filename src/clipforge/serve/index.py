@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,7 +226,7 @@ def scan_corpus(name: str, split: str, root: str | os.PathLike | None = None,
     ``caption`` is the sample's first caption (among ``languages`` when the corpus tags languages).
     The shard and byte range of each image are recorded so the server reads it without unpacking.
     """
-    from ..data.shards import corpus_root, read_manifest
+    from ..data.shards import corpus_root, read_manifest, shard_entries
 
     base = corpus_root(name, root)
     manifest = read_manifest(base, name)
@@ -237,26 +236,13 @@ def scan_corpus(name: str, split: str, root: str | os.PathLike | None = None,
     out = []
     for shard in manifest["splits"][split]["shards"]:
         path = (base / shard["file"]).resolve()
-        images: dict[str, tarfile.TarInfo] = {}
-        metas: list[tuple[str, dict]] = []
-        with tarfile.open(path) as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                key, _, ext = m.name.partition(".")
-                if ext == "json":
-                    metas.append((key, json.loads(tar.extractfile(m).read())))
-                else:
-                    images[key] = m
-        for key, meta in metas:
-            m = images.get(key)
-            if m is None:
-                continue
+        for entry in shard_entries(path):
+            meta = entry.meta
             captions = list(meta.get("captions", []))
             if langs is not None and meta.get("caption_langs"):
                 captions = [c for c, lang in zip(captions, meta["caption_langs"]) if lang in langs]
-            row = {"key": f"{name}/{split}/{key}", "kind": "corpus", "path": path.as_posix(), "offset": m.offset_data,
-                   "length": m.size, "mtime_ns": 0, "ext": m.name.partition(".")[2].lower(),
+            row = {"key": f"{name}/{split}/{entry.key}", "kind": "corpus", "path": path.as_posix(),
+                   "offset": entry.offset, "length": entry.size, "mtime_ns": 0, "ext": entry.ext,
                    "caption": captions[0] if captions else None}
             out.append(Candidate(row, lambda row=row: read_item_bytes(row)))
     return out
