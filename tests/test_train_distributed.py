@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipforge.train import DistributedConfig, TrainingDiverged, train
+from clipforge.train import DistributedConfig, train
 from clipforge.train.checkpoint import list_checkpoints, load_state
 from clipforge.train.data import ResumableBatchSampler
 from clipforge.train.distributed import free_port
@@ -185,9 +185,13 @@ def test_two_processes_train_the_same_model_as_one(tiny_cfg, tmp_path):
 
 
 def test_torchrun_environment_with_accumulation_slices_data_and_only_rank0_writes(tiny_cfg, tmp_path):
-    cfg = _cfg(tiny_cfg, tmp_path / "two", accum_steps=2, save_every=2)
+    # also a frozen text transformer and a logit_bias that the CLIP loss never reads (no gradient on any rank)
+    model = {**tiny_cfg.model_overrides, "init_logit_bias": -1.0}
+    same = dict(accum_steps=2, save_every=2, freeze=["text.transformer.*"], model_overrides=model)
+    cfg = _cfg(tiny_cfg, tmp_path / "two", **same)
     results = _run_ranks(cfg, watch=str(tmp_path))
-    one = train(_cfg(tiny_cfg, tmp_path / "one", accum_steps=2, save_every=2))
+    one = train(_cfg(tiny_cfg, tmp_path / "one", **same))
+    assert one.model.logit_bias.item() == -1.0
     (s0, r0, w0, seen0), (s1, r1, w1, seen1) = results[0], results[1]
     assert s0 == s1 == "ok", (r0, r1)
     # the ranks hold identical weights (same averaged gradients, same step), equal to one process's
@@ -238,7 +242,7 @@ def test_unreadable_samples_keep_ranks_in_step(tiny_cfg, tmp_path):
     bad.write_bytes(b"not an image at all")
     cfg = _cfg(tiny_cfg, tmp_path / "run", data=dataclasses.replace(tiny_cfg.data, dataset="broken-shapes-dist"))
     results = _run_ranks(cfg, broken=str(bad))
-    (s0, r0, _, seen0), (s1, r1, _, _) = results[0], results[1]
+    (s0, r0, _, _), (s1, r1, _, _) = results[0], results[1]
     assert s0 == s1 == "ok", (r0, r1)
     unreadable = sum(1 for b in ResumableBatchSampler(256, 32, cfg.seed, 0, 4) for _, i in b if i % 8 == 0)
     assert unreadable > 0 and r0["step"] == 4

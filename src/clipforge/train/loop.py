@@ -326,7 +326,8 @@ def _train(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> TrainResu
             if cfg.progress:
                 print(stream_stats.summary())
     if skipped_total:
-        say(f"note: {skipped_total} unreadable samples were skipped (see metrics.jsonl)")
+        cut = ", with the readable ones cut to keep the ranks' slices equal" if dist.enabled else ""
+        say(f"note: {skipped_total} unreadable samples were skipped{cut} (see metrics.jsonl)")
     return TrainResult(step=step, losses=losses, samples_seen=samples_seen, train_seconds=train_time,
                        samples_per_second=samples_this_run / max(train_time, 1e-9), skipped=skipped_total,
                        eval=eval_result, out_dir=str(out_dir), checkpoint=str(final or ""), model=model)
