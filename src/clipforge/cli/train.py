@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 
 HELP = """\
 Every field of the training config can be set in a YAML file (--config) and/or as
@@ -17,6 +18,9 @@ key=value overrides; overrides win. Common ones:
   resume=latest              continue exactly where the run in out_dir stopped
   max_seconds=300            stop (and checkpoint) after this much training time
   data.train_size=20000      number of training samples
+  distributed.nproc=2        data-parallel over 2 local processes (gloo); batch_size stays
+                             the global batch. Or: torchrun --nproc_per_node 2 -m
+                             clipforge.cli.main train ... (docs/performance.md)
   data.dataset=shards data.root=DIR data.streaming=true
                              stream a shard directory (clipforge data build/convert)
   data.dataset=openclipart+emoji
@@ -63,18 +67,22 @@ def run(args) -> int:
     from ..evaluation import evaluate_shapes
     from ..train import load_config, train
     from ..train.config import to_yaml
+    from ..train.distributed import is_main_process
     from .common import eval_rows, table
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(to_yaml(cfg))
         return 0
+    # functools.partial, not lambdas: with distributed.nproc > 1 they travel to the started processes by pickling
     evaluate = None
     if not args.no_eval and cfg.data.dataset == "shapes":
-        evaluate = lambda model, tok: evaluate_shapes(model, tok, size=cfg.data.eval_size)
+        evaluate = functools.partial(evaluate_shapes, size=cfg.data.eval_size)
     elif not args.no_eval:
-        evaluate = lambda model, tok: evaluate_corpora(model, tok, cfg.data.dataset, cfg.data.eval_size)
+        evaluate = functools.partial(evaluate_corpora, dataset=cfg.data.dataset, size=cfg.data.eval_size)
     result = train(cfg, evaluate=evaluate)
+    if not is_main_process():  # under torchrun: rank 0 reports
+        return 0
     print(f"trained {result.step} steps, {result.samples_per_second:.0f} samples/s, checkpoints in {cfg.out_dir}/checkpoints")
     if result.eval:
         print(table(eval_rows(result.eval), ["task", "metric", "value", "chance"]))

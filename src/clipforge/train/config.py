@@ -61,10 +61,20 @@ class DataConfig:
 
 
 @dataclass
+class DistributedConfig:
+    # processes of one data-parallel run (gloo on CPU): `clipforge train distributed.nproc=2` starts them
+    # itself; under torchrun (which sets WORLD_SIZE) leave it at 1. batch_size stays the global batch.
+    # See clipforge.train.distributed
+    nproc: int = 1
+    timeout_minutes: float = 30.0  # how long a rank waits in a collective for the others before failing
+
+
+@dataclass
 class TrainConfig:
     model: str = "tiny"
     model_overrides: Dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     # loss terms and their weights, e.g. {"clip": 1.0} or {"siglip": 1.0}; see clipforge.losses.available()
     loss: Dict[str, Any] = field(default_factory=lambda: {"clip": 1.0})
     batch_size: int = 128
@@ -116,6 +126,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.batch_size % self.accum_steps:
             raise ValueError(f"batch_size {self.batch_size} must be divisible by accum_steps {self.accum_steps}")
+        if self.distributed.nproc < 1:
+            raise ValueError(f"distributed.nproc must be >= 1, got {self.distributed.nproc}")
+        if self.distributed.timeout_minutes <= 0:
+            raise ValueError(f"distributed.timeout_minutes must be > 0, got {self.distributed.timeout_minutes}")
         if len(self.betas) != 2:
             raise ValueError(f"betas needs two values, got {self.betas}")
         if not self.loss:

@@ -44,6 +44,38 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
             b += 1
 
 
+class RankSlices(Sampler[list[tuple[int, int]]]):
+    """One process's share of a data-parallel run: every ``group`` consecutive batches of
+    ``batches`` (the micro-batches of one optimizer step) form the global batch of the step; rank
+    ``r`` of ``world_size`` keeps its contiguous ``r``-th slice of it, cut into ``group`` micro-batches.
+
+    Gathered over the ranks in rank order, the slices are the global batch in the order one
+    process would see it, so a run over N processes trains on the same samples at every step as
+    a run in one (and the loss terms' gathered features line up with one process's batch)."""
+
+    def __init__(self, batches: Sampler, group: int, rank: int, world_size: int):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+        self.batches, self.group, self.rank, self.world_size = batches, group, rank, world_size
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        it = iter(self.batches)
+        while True:
+            step = [key for _, batch in zip(range(self.group), it) for key in batch]
+            if not step:
+                return
+            share = len(step) // self.world_size
+            if share * self.world_size != len(step) or share % self.group:
+                raise ValueError(f"a global batch of {len(step)} samples does not split into {self.world_size} ranks "
+                                 f"x {self.group} micro-batches of equal size")
+            mine, micro = step[self.rank * share:(self.rank + 1) * share], share // self.group
+            for k in range(self.group):
+                yield mine[k * micro:(k + 1) * micro]
+
+
 CAPTION_POLICIES = ("random", "first", "longest")
 
 
@@ -199,8 +231,35 @@ def make_collate(tokenizer: Callable[[list[str]], torch.Tensor], negatives: int 
     return collate
 
 
-def train_loader(items: TrainItems, batch_size: int, seed: int, start_batch: int, num_batches: int, tokenizer, num_workers: int = 0) -> DataLoader:
+# entries of a collated batch that describe the whole batch, not one sample each
+BATCH_LEVEL = ("skipped", "errors", "skipped_by_reason", "position", "samples")
+
+
+def trim_batch(batch: dict[str, Any], n: int) -> dict[str, Any]:
+    """The first ``n`` samples of a collated batch (map-style or streamed): per-sample tensors and
+    lists are cut, per-teacher lists cut per teacher, batch-level entries kept (``samples`` set to n)."""
+    out = {}
+    for key, value in batch.items():
+        if key in BATCH_LEVEL:
+            out[key] = value
+        elif torch.is_tensor(value) or (isinstance(value, list) and not key.startswith("teacher_")):
+            out[key] = value[:n]
+        elif isinstance(value, list):  # teacher_image / teacher_text: one [B, d_k] tensor per teacher
+            out[key] = [t[:n] for t in value]
+        else:
+            out[key] = value
+    if "samples" in out:
+        out["samples"] = n
+    return out
+
+
+def train_loader(items: TrainItems, batch_size: int, seed: int, start_batch: int, num_batches: int, tokenizer,
+                 num_workers: int = 0, rank: int = 0, world_size: int = 1, accum_steps: int = 1) -> DataLoader:
+    """Micro-batches of ``batch_size`` samples in the resumable order; with ``world_size > 1``
+    this rank's slices of them (:class:`RankSlices`): ``batch_size / world_size`` samples each."""
     sampler = ResumableBatchSampler(len(items), batch_size, seed, start_batch, num_batches)
+    if world_size > 1:
+        sampler = RankSlices(sampler, accum_steps, rank, world_size)
     return DataLoader(items, batch_sampler=sampler,
                       collate_fn=make_collate(tokenizer, items.negatives or None, items.positives or None),
                       num_workers=num_workers,
@@ -208,10 +267,11 @@ def train_loader(items: TrainItems, batch_size: int, seed: int, start_batch: int
 
 
 def stream_train_loader(data_cfg, image_size: int, batch_size: int, seed: int, tokenizer, caption_policy: str,
-                        state: dict | None = None):
+                        state: dict | None = None, rank: int = 0, world_size: int = 1):
     """The streaming loader (:mod:`clipforge.data.streaming`) over the train shards of
     ``data_cfg.dataset`` (a built corpus, or ``shards`` with ``data_cfg.root``), endless epochs,
-    from ``state`` (a position saved in a checkpoint) if given."""
+    from ``state`` (a position saved in a checkpoint) if given. ``batch_size`` is this process's
+    batch; with ``world_size > 1`` the process reads only rank ``rank``'s shards of each epoch."""
     from ..data.shards import corpus_root
     from ..data.streaming import StreamingLoader, StreamingShards
 
@@ -220,5 +280,20 @@ def stream_train_loader(data_cfg, image_size: int, batch_size: int, seed: int, t
     root = data_cfg.root if data_cfg.dataset == "shards" else corpus_root(data_cfg.dataset, data_cfg.root)
     dataset = StreamingShards(root, split="train", image_size=image_size, augment=data_cfg.augment,
                               shuffle_buffer=data_cfg.shuffle_buffer, seed=seed, epochs=None,
-                              resampled=data_cfg.resampled, caption_policy=caption_policy)
+                              resampled=data_cfg.resampled, caption_policy=caption_policy, rank=rank,
+                              world_size=world_size)
     return StreamingLoader(dataset, batch_size, num_workers=data_cfg.num_workers, tokenizer=tokenizer, state=state)
+
+
+def sum_stream_stats(stats: list[dict]):
+    """The :class:`~clipforge.data.streaming.StreamStats` of several processes' streams added up."""
+    from ..data.streaming import StreamStats
+
+    total = StreamStats()
+    for part in map(StreamStats.from_dict, stats):
+        total.samples += part.samples
+        total.batches += part.batches
+        total.skipped.update(part.skipped)
+        for reason, examples in part.examples.items():
+            total.examples[reason] = (total.examples.get(reason, []) + examples)[:total.max_examples]
+    return total

@@ -15,6 +15,12 @@ features under accumulation), the embeddings of an EMA copy of the model (DeGLA)
 weights are checkpointed with the run so that a resumed run is exact, and the stored
 embeddings of frozen teachers (MobileCLIP, :mod:`.teachers`). A plain CLIP run builds none
 of it.
+
+Several processes (``distributed.nproc=N`` or torchrun, :mod:`.distributed`) run this same loop,
+each on its slice of every global batch; ``dist`` is a no-op for one process. Per step they
+agree on batch sizes (``even_shares``), the loss terms gather features across them, the logged
+values are means over ranks and gradients are averaged before the optimizer step. Rank 0 alone
+writes, logs and evaluates.
 """
 from __future__ import annotations
 
@@ -30,8 +36,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..losses import EMATeacher, LossInputs, build_composite
+from ..models import load_model
 from .checkpoint import load_state, load_weights, resolve_checkpoint, save_checkpoint
 from .config import TrainConfig, to_yaml
+from .data import sum_stream_stats
+from .distributed import Dist, check_batch_split, launch, launched, process_group
 from .optim import build_optimizer, build_scheduler
 from .setup import COUNTS, EMA_KEYS, NEGATIVES, POSITIVES, PRODUCED, build_loader, build_model
 
@@ -50,7 +59,8 @@ class TrainResult:
     skipped: int
     eval: dict[str, Any] = field(default_factory=dict)
     out_dir: str = ""
-    model: Any = None
+    checkpoint: str = ""  # the checkpoint written at the end
+    model: Any = None  # the trained model (from that checkpoint when distributed.nproc started processes)
 
 
 def _autocast(precision: str):
@@ -116,17 +126,44 @@ def _loss_inputs(out: dict, batch: dict, extra: dict | None = None) -> LossInput
     )
 
 
+def _quiet(*args, **kwargs) -> None:
+    pass
+
+
 def train(cfg: TrainConfig, evaluate: Callable | None = None) -> TrainResult:
     """Run (or resume) training as configured; returns losses, throughput and final evaluation.
 
-    ``evaluate(model, tokenizer) -> dict`` is called every ``eval_every`` steps and at the end.
+    ``evaluate(model, tokenizer) -> dict`` is called (on rank 0) every ``eval_every`` steps and
+    at the end. Under a launcher (torchrun) this process is one rank of the run; with
+    ``distributed.nproc > 1`` and no launcher, the processes are started here and rank 0's
+    result is returned, its model loaded from the final checkpoint.
     """
     cfg.validate()
+    if cfg.distributed.nproc > 1 and not launched():
+        check_batch_split(cfg.batch_size, cfg.accum_steps, cfg.distributed.nproc)
+        result = launch(_train_in_started_process, cfg.distributed.nproc, cfg, evaluate)
+        result.model = load_model(result.checkpoint).train()
+        return result
+    with process_group(cfg.distributed.nproc, cfg.distributed.timeout_minutes) as dist:
+        return _train(cfg, evaluate, dist)
+
+
+def _train_in_started_process(cfg: TrainConfig, evaluate: Callable | None) -> TrainResult:
+    result = train(cfg, evaluate)
+    result.model = None  # the weights reach the caller through the final checkpoint, not the pipe
+    return result
+
+
+def _train(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> TrainResult:
+    check_batch_split(cfg.batch_size, cfg.accum_steps, dist.world_size)
+    say = print if dist.is_main else _quiet
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
 
-    model, tokenizer = build_model(cfg)
+    model, tokenizer = build_model(cfg, say)
+    dist.broadcast_model(model)  # every rank starts from rank 0's weights
     loss_fn = build_composite(cfg.loss)
     if "siglip" in cfg.loss and model.logit_bias is None:
         raise ValueError("the siglip loss needs a logit bias: add model_overrides.init_logit_bias=-10 "
@@ -156,44 +193,54 @@ def train(cfg: TrainConfig, evaluate: Callable | None = None) -> TrainResult:
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         start_step, samples_seen, skipped_total = int(state["step"]), int(state["samples_seen"]), int(state["skipped"])
-        stream_state = state.get("data_stream")
+        stream_state = dist.this_rank(state.get("data_stream"))
         if ema is not None:
             if "ema" in state:
                 ema.load_state_dict(state["ema"])
             else:
                 ema = EMATeacher(model, cfg.ema_momentum)
-                print(f"note: {ckpt} holds no EMA teacher; it starts from the resumed weights")
+                say(f"note: {ckpt} holds no EMA teacher; it starts from the resumed weights")
 
-    loader = build_loader(cfg, model, tokenizer, needs, out_dir, start_step, stream_state)
-    metrics_file = open(out_dir / "metrics.jsonl", "a")
-    (out_dir / "config.yaml").write_text(to_yaml(cfg))
+    with dist.main_first():  # rank 0 stores rewrites / teacher embeddings on the way; the others read them
+        loader = build_loader(cfg, model, tokenizer, needs, out_dir, start_step, stream_state, dist.rank, dist.world_size)
+    metrics_file = open(out_dir / "metrics.jsonl", "a") if dist.is_main else None
+    if dist.is_main:
+        (out_dir / "config.yaml").write_text(to_yaml(cfg))
 
-    def save(step: int):
+    def save(step: int) -> Path | None:
+        """Every rank calls it (the stream positions are gathered); rank 0 writes and returns the checkpoint."""
+        streams = dist.all_gather_object(loader.state_dict()) if cfg.data.streaming else None
+        if not dist.is_main:
+            return None
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
                  "step": step, "samples_seen": samples_seen, "skipped": skipped_total}
         if ema is not None:
             state["ema"] = ema.state_dict()
-        if cfg.data.streaming:  # where the stream stands after the batches of `step`
-            state["data_stream"] = loader.state_dict()
+        if streams is not None:  # where each rank's stream stands after the batches of `step`
+            state["data_stream"] = streams[0] if dist.world_size == 1 else streams
         return save_checkpoint(out_dir, step, model, state, to_yaml(cfg), keep=cfg.keep_checkpoints)
 
     def log(record: dict):
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+
+    def loss_of(inputs: LossInputs) -> dict:
+        inputs.rank, inputs.world_size = dist.rank, dist.world_size  # the terms gather the global batch
+        return loss_fn(inputs)
 
     losses: list[float] = []
     step = start_step
     batches = iter(loader)
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=not cfg.progress, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start_step, disable=not (cfg.progress and dist.is_main), desc="train", unit="step", dynamic_ncols=True)
     train_time, t_window, n_window, samples_this_run = 0.0, time.perf_counter(), 0, 0
     eval_result: dict = {}
     model.train()
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
-            micro_batches = [next(batches) for _ in range(cfg.accum_steps)]
-            skipped_total += sum(b["skipped"] for b in micro_batches)
-            micro_batches = [b for b in micro_batches if b["images"] is not None]
+            micro_batches, skipped = dist.even_shares([next(batches) for _ in range(cfg.accum_steps)])
+            skipped_total += skipped
             if not micro_batches:
                 step += 1  # every sample of this step was unreadable: the step still counts as consumed
                 scheduler.step()
@@ -205,7 +252,7 @@ def train(cfg: TrainConfig, evaluate: Callable | None = None) -> TrainResult:
                 with _autocast(cfg.precision):
                     out = model(micro_batches[0]["images"], micro_batches[0]["texts"])
                     extra = {**_encode_extras(model, micro_batches[0]), **ema_extra[0]}
-                logs = loss_fn(_loss_inputs(out, micro_batches[0], extra))
+                logs = loss_of(_loss_inputs(out, micro_batches[0], extra))
                 logs["loss"].backward()
             else:
                 with torch.no_grad(), _autocast(cfg.precision):
@@ -222,16 +269,18 @@ def train(cfg: TrainConfig, evaluate: Callable | None = None) -> TrainResult:
                         for key in ("logit_scale", "logit_bias"):
                             joined[key] = None if out[key] is None else out[key].detach()
                     extra = _join([{**(own_extra if j == k else c), **e} for j, (c, e) in enumerate(zip(cached_extra, ema_extra))])
-                    logs = loss_fn(_loss_inputs(joined, b, extra))
+                    logs = loss_of(_loss_inputs(joined, b, extra))
                     logs["loss"].backward()
-            loss_value = logs["loss"].item()
-            if not math.isfinite(loss_value):
+            logs = dist.mean_over_ranks(logs)  # each rank holds its share: the mean is the global-batch value
+            loss_value = logs["loss"]
+            if not math.isfinite(loss_value):  # the same mean on every rank: all of them stop here
                 last = sorted((out_dir / "checkpoints").glob("step_*"))
                 where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
                 raise TrainingDiverged(
                     f"loss became {loss_value} at step {step}; {where}. Lower lr (now {cfg.lr}), keep grad_clip on, "
                     "or train in precision=fp32, then resume from that checkpoint."
                 )
+            dist.average_gradients(model)
             grad_norm = None
             if cfg.grad_clip:
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
@@ -240,7 +289,7 @@ def train(cfg: TrainConfig, evaluate: Callable | None = None) -> TrainResult:
             if ema is not None:
                 ema.update(model)
             step += 1
-            n = sum(b["images"].shape[0] for b in micro_batches)
+            n = dist.world_size * sum(b["images"].shape[0] for b in micro_batches)
             samples_seen += n
             samples_this_run += n
             n_window += n
@@ -251,37 +300,41 @@ def train(cfg: TrainConfig, evaluate: Callable | None = None) -> TrainResult:
                 sps = n_window / max(now - t_window, 1e-9)
                 t_window, n_window = now, 0
                 record = {"step": step, "lr": scheduler.get_last_lr()[0], "samples_per_second": sps, "skipped": skipped_total,
-                          "logit_scale": model.scale().detach().item(), **{k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in logs.items()}}
+                          "logit_scale": model.scale().detach().item(), **logs}
                 if grad_norm is not None:
                     record["grad_norm"] = grad_norm
                 log(record)
                 bar.set_postfix(loss=f"{loss_value:.3f}", sps=f"{sps:.0f}")
             bar.update(1)
-            if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            if dist.is_main and evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 eval_result = evaluate(model, tokenizer)
                 log({"step": step, "eval": eval_result})
             if cfg.save_every and step % cfg.save_every == 0:
                 save(step)
             if cfg.stop_at is not None and step >= cfg.stop_at:
                 break
-            if cfg.max_seconds is not None and train_time >= cfg.max_seconds:
-                bar.write(f"time budget of {cfg.max_seconds:.0f}s reached at step {step}/{cfg.steps}")
+            if cfg.max_seconds is not None and dist.rank0_decides(train_time >= cfg.max_seconds):
+                say(f"time budget of {cfg.max_seconds:.0f}s reached at step {step}/{cfg.steps}")
                 break
     finally:
         bar.close()
-        metrics_file.close()
-    save(step)
-    if evaluate is not None:
+        if metrics_file is not None:
+            metrics_file.close()
+    final = save(step)
+    if dist.is_main and evaluate is not None:
         eval_result = evaluate(model, tokenizer)
         with open(out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": step, "eval": eval_result}) + "\n")
     if cfg.data.streaming:
-        with open(out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, "data_stream": loader.stats.as_dict()}) + "\n")
-        if cfg.progress:
-            print(loader.stats.summary())
+        stream_stats = sum_stream_stats(dist.all_gather_object(loader.stats.as_dict()))  # every rank's stream
+        if dist.is_main:
+            with open(out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "data_stream": stream_stats.as_dict()}) + "\n")
+            if cfg.progress:
+                print(stream_stats.summary())
     if skipped_total:
-        print(f"note: {skipped_total} unreadable samples were skipped (see metrics.jsonl)")
+        cut = ", with the readable ones cut to keep the ranks' slices equal" if dist.enabled else ""
+        say(f"note: {skipped_total} unreadable samples were skipped{cut} (see metrics.jsonl)")
     return TrainResult(step=step, losses=losses, samples_seen=samples_seen, train_seconds=train_time,
                        samples_per_second=samples_this_run / max(train_time, 1e-9), skipped=skipped_total,
-                       eval=eval_result, out_dir=str(out_dir), model=model)
+                       eval=eval_result, out_dir=str(out_dir), checkpoint=str(final or ""), model=model)

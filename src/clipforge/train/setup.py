@@ -28,8 +28,8 @@ TEACHER_KEYS = ("teacher_image_features", "teacher_text_features")
 PRODUCED = {NEGATIVES, COUNTS, POSITIVES, *EMA_KEYS, *TEACHER_KEYS}
 
 
-def build_model(cfg: TrainConfig):
-    """(model, tokenizer) as configured."""
+def build_model(cfg: TrainConfig, say=print):
+    """(model, tokenizer) as configured; ``say`` prints notes (silenced on ranks other than 0)."""
     if cfg.init_from:
         from ..interop import load  # any checkpoint of the ecosystem; its tokenizer comes with it
 
@@ -53,7 +53,7 @@ def build_model(cfg: TrainConfig):
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     if cfg.freeze or cfg.trainable:
         n_train, n_total = apply_freeze(model, cfg.freeze, cfg.trainable)
-        print(f"training {n_train:,} of {n_total:,} parameters (freeze={cfg.freeze}, trainable={cfg.trainable})")
+        say(f"training {n_train:,} of {n_total:,} parameters (freeze={cfg.freeze}, trainable={cfg.trainable})")
     return model, tokenizer
 
 
@@ -111,15 +111,18 @@ def with_caption_sources(cfg: TrainConfig, dataset, out_dir: Path, needs: set):
     return SourcedCaptions(dataset, rewrites=rewrites), policy
 
 
-def build_loader(cfg: TrainConfig, model, tokenizer, needs: set, out_dir: Path, start_step: int, stream_state=None):
-    """The iterable of (micro-)batches from ``start_step`` on."""
-    micro = cfg.batch_size // cfg.accum_steps
+def build_loader(cfg: TrainConfig, model, tokenizer, needs: set, out_dir: Path, start_step: int, stream_state=None,
+                 rank: int = 0, world_size: int = 1):
+    """The iterable of (micro-)batches from ``start_step`` on; with ``world_size > 1``, rank
+    ``rank``'s share of them (a slice of every global batch, or its shards of the stream)."""
+    micro = cfg.batch_size // cfg.accum_steps  # global micro-batch: world_size slices of it per step and micro-batch
     if cfg.data.streaming:  # webdataset shards streamed; the position is saved with each checkpoint
         if needs & {NEGATIVES, COUNTS, POSITIVES, "ema_negative_text_features", *TEACHER_KEYS}:
             raise ValueError(f"data.streaming delivers images and captions only; the loss terms {sorted(cfg.loss)} "
                              "need hard negatives, positives, counts or teacher embeddings")
-        loader = stream_train_loader(cfg.data, model.image_size, micro, cfg.seed, tokenizer,
-                                     resolve_caption_policy(cfg.data.caption_policy, needs), stream_state)
+        loader = stream_train_loader(cfg.data, model.image_size, micro // world_size, cfg.seed, tokenizer,
+                                     resolve_caption_policy(cfg.data.caption_policy, needs), stream_state,
+                                     rank=rank, world_size=world_size)
     else:
         dataset = build_dataset(cfg.data.dataset, split="train", size=cfg.data.train_size, seed=cfg.data.seed,
                                 image_size=model.image_size, **({"root": cfg.data.root} if cfg.data.root else {}),
@@ -143,5 +146,6 @@ def build_loader(cfg: TrainConfig, model, tokenizer, needs: set, out_dir: Path, 
                            sources=sources)
         loader = train_loader(items, micro, cfg.seed, start_batch=start_step * cfg.accum_steps,
                               num_batches=(cfg.steps - start_step) * cfg.accum_steps, tokenizer=tokenizer,
-                              num_workers=cfg.data.num_workers)
+                              num_workers=cfg.data.num_workers, rank=rank, world_size=world_size,
+                              accum_steps=cfg.accum_steps)
     return loader
