@@ -98,3 +98,64 @@ def test_short_attention_only_where_it_applies():
     assert not transformer.use_short_attention(x, torch.ones(2, 1, 1, 30, dtype=torch.bool))  # padding masks: SDPA
     with torch.no_grad():
         assert not transformer.use_short_attention(x, None)  # inference keeps SDPA's fused kernels
+
+
+@pytest.fixture
+def fresh_compile(monkeypatch):
+    import clipforge.models.compile as comp
+
+    monkeypatch.setattr(comp, "_compiled", None)
+    monkeypatch.setattr(comp, "_failed", None)
+    monkeypatch.setattr(comp, "BACKEND", "aot_eager")  # dynamo + AOT autograd without inductor's C++ compile time
+    return comp
+
+
+def test_compile_flag_trains_through_torch_compile_with_the_same_results(fresh_compile):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    eager = create_model("tiny", seed=0, **SMALL).train()
+    compiled = create_model("tiny", seed=0, **SMALL, compile=True).train()
+    assert compiled.cfg.compile and "compile" in compiled.cfg.to_dict()
+    images, texts = torch.randn(4, 3, 32, 32), torch.randint(1, 1000, (4, 16))
+    texts[:, 5] = 49407
+    ref_out, ref = _step_grads(eager, images, texts)
+    out, grads = _step_grads(compiled, images, texts)
+    assert fresh_compile._compiled is not None and fresh_compile.compile_failed() is None
+    for key in ("image_features", "text_features"):
+        torch.testing.assert_close(out[key], ref_out[key], rtol=1e-5, atol=1e-5)
+    for name in ref:
+        torch.testing.assert_close(grads[name], ref[name], rtol=1e-4, atol=1e-5, msg=name)
+    # evaluation stays eager: no compilation for no-grad passes
+    compiled.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(images, texts)["image_features"], eager.eval()(images, texts)["image_features"])
+
+
+def test_compile_failure_warns_once_and_trains_eagerly(fresh_compile, monkeypatch):
+    from torch._dynamo.exc import TorchDynamoException
+
+    def broken(*args, **kwargs):
+        raise TorchDynamoException("no working C++ compiler")
+
+    monkeypatch.setattr(fresh_compile, "_call_tower", broken)  # what torch.compile would wrap
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    eager = create_model("tiny", seed=0, **SMALL).train()
+    model = create_model("tiny", seed=0, **SMALL, compile=True).train()
+    images, texts = torch.randn(2, 3, 32, 32), torch.randint(1, 1000, (2, 16))
+    with pytest.warns(RuntimeWarning, match="no working C\\+\\+ compiler"):
+        out = model(images, texts)
+    assert "TorchDynamoException" in fresh_compile.compile_failed()
+    torch.testing.assert_close(out["image_features"], eager(images, texts)["image_features"])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        model(images, texts)
+
+
+def test_compile_does_not_swallow_ordinary_errors(fresh_compile):
+    model = create_model("tiny", seed=0, **SMALL, compile=True).train()
+    with pytest.raises(ValueError, match="expected 32x32 images"):
+        model(torch.randn(2, 3, 48, 48), torch.randint(1, 1000, (2, 16)))
+    assert fresh_compile.compile_failed() is None
