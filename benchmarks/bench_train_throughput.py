@@ -6,9 +6,20 @@ ViT 64 px / patch 8 / width 128 / 4 layers / 4 heads; text 32 tokens / width 128
 fp32 and in bf16 autocast, on the same threads. OpenCLIP runs in its own venv
 (``bash ../shared/anchors/openclip-venv.sh``), launched as a subprocess of this script.
 
-    python benchmarks/bench_train_throughput.py [--batch 128] [--steps 20] [--threads 2]
+    python benchmarks/bench_train_throughput.py [--batch 128] [--steps 20] [--threads 2] [--repeats 3]
+        [--compile] [--overrides '{"vision": {"width": 512, "heads": 8}}'] [--peak]
 
-Prints a markdown table of samples/s and the clipforge/OpenCLIP ratio.
+Prints a markdown table of samples/s (median over --repeats runs, min..max beside it; the
+runs of the two libraries alternate so that the load of a shared machine hits both alike)
+and the clipforge/OpenCLIP ratio. ``--compile`` adds a clipforge row with the towers under
+torch.compile (``CLIPConfig.compile``) and reports its compilation time (the first step).
+
+Model FLOPs per sample are counted with ``torch.utils.flop_counter.FlopCounterMode`` over
+one forward + backward of the clipforge model (GEMMs, the patch projection and attention
+matmuls; elementwise work is not counted, as usual for MFU). OpenCLIP trains the same
+architecture, so the same count applies to it. ``--peak`` measures the machine's achieved
+GEMM peak (benchmarks/bench_peak.py) in the same run and prints MFU = achieved FLOP/s /
+peak FLOP/s against the bf16 peak for bf16 rows and the fp32 peak for fp32 rows.
 """
 from __future__ import annotations
 
@@ -24,14 +35,37 @@ ROOT = Path(__file__).resolve().parents[1]
 ANCHOR_SCRIPT = ROOT.parent / "shared" / "anchors" / "openclip-venv.sh"
 
 
-def model_spec(name: str) -> dict:
+def model_spec(name: str, overrides: dict | None = None) -> dict:
     sys.path.insert(0, str(ROOT / "src"))
     from clipforge.models import get_model_config
 
-    return get_model_config(name).to_dict()
+    spec = get_model_config(name).to_dict()
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict):
+            spec[key].update(value)
+        else:
+            spec[key] = value
+    return spec
 
 
-def time_steps(model, loss_fn, images, texts, steps: int, precision: str, make_opt, warmup: int = 3) -> float:
+def train_flops_per_sample(spec: dict, batch: int = 8) -> float:
+    """FLOPs of one forward + backward per sample, counted by FlopCounterMode (fp32, eager)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from clipforge.losses import clip_loss
+    from clipforge.models import CLIP, CLIPConfig
+
+    model = CLIP(CLIPConfig.from_dict({**spec, "compile": False})).train()
+    images, texts = inputs(spec, batch)
+    with FlopCounterMode(display=False) as counter:
+        out = model(images, texts)
+        clip_loss(out["image_features"], out["text_features"], out["logit_scale"]).backward()
+    return counter.get_total_flops() / batch
+
+
+def time_steps(model, loss_fn, images, texts, steps: int, precision: str, make_opt, warmup: int = 3) -> tuple[float, float]:
+    """(samples/s of the median step, seconds of the first step: the compilation when compiled)."""
     import torch
 
     opt = make_opt(model)
@@ -50,17 +84,19 @@ def time_steps(model, loss_fn, images, texts, steps: int, precision: str, make_o
         opt.zero_grad(set_to_none=True)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+        if i == 0:
+            first = time.perf_counter() - t0
     times.sort()
-    return images.shape[0] / times[len(times) // 2]  # median step
+    return images.shape[0] / times[len(times) // 2], first  # median step
 
 
-def run_clipforge(spec: dict, batch: int, steps: int, precision: str) -> float:
+def run_clipforge(spec: dict, batch: int, steps: int, precision: str, compile: bool = False) -> tuple[float, float]:
     import torch
 
     from clipforge.losses import clip_loss
     from clipforge.models import CLIP, CLIPConfig
 
-    model = CLIP(CLIPConfig.from_dict(spec))
+    model = CLIP(CLIPConfig.from_dict({**spec, "compile": compile}))
 
     class Wrap(torch.nn.Module):
         def __init__(self, m):
@@ -78,7 +114,7 @@ def run_clipforge(spec: dict, batch: int, steps: int, precision: str) -> float:
     return time_steps(Wrap(model).train(), clip_loss, images, texts, steps, precision, make_opt)
 
 
-def run_openclip(spec: dict, batch: int, steps: int, precision: str) -> float:
+def run_openclip(spec: dict, batch: int, steps: int, precision: str) -> tuple[float, float]:
     import open_clip
     import torch
 
@@ -127,13 +163,28 @@ def anchor_python() -> Path | None:
     return py if py.exists() else None
 
 
+def _summary(values: list[float]) -> str:
+    values = sorted(values)
+    med = values[len(values) // 2]
+    return f"{med:.1f} ({values[0]:.0f}..{values[-1]:.0f})" if len(values) > 1 else f"{med:.1f}"
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny")
+    ap.add_argument("--overrides", default="{}", help="JSON merged into the model config, e.g. '{\"vision\": {\"width\": 512}}'")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument("--compile", action="store_true", help="add a clipforge row with compile=true")
+    ap.add_argument("--no-openclip", action="store_true")
+    ap.add_argument("--peak", action="store_true", help="measure the GEMM peak (bench_peak.py) and print MFU")
     ap.add_argument("--_impl", choices=["clipforge", "openclip"], help=argparse.SUPPRESS)
     ap.add_argument("--_spec", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -143,30 +194,60 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args._impl == "openclip":  # child process inside the OpenCLIP venv
         spec = json.loads(args._spec)
-        out = {p: run_openclip(spec, args.batch, args.steps, p) for p in args.precision}
+        out = {p: run_openclip(spec, args.batch, args.steps, p)[0] for p in args.precision}
         print(json.dumps(out))
         return
 
-    spec = model_spec(args.model)
-    rows = []
-    anchor = anchor_python()
+    spec = model_spec(args.model, json.loads(args.overrides))
+    flops = train_flops_per_sample(spec)
+    peak = None
+    if args.peak:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from bench_peak import achieved_peak
+
+        peak = achieved_peak(args.threads)
+    anchor = None if args.no_openclip else anchor_python()
+    impls = ["clipforge"] + (["clipforge compile=true"] if args.compile else []) + (["OpenCLIP"] if anchor else [])
+    results = {(p, impl): [] for p in args.precision for impl in impls}
+    compile_seconds = {}
     for p in args.precision:
-        cf = run_clipforge(spec, args.batch, args.steps, p)
-        oc = None
-        if anchor is not None:
-            res = subprocess.run([str(anchor), __file__, "--_impl", "openclip", "--_spec", json.dumps(spec), "--batch",
-                                  str(args.batch), "--steps", str(args.steps), "--threads", str(args.threads), "--precision", p],
-                                 capture_output=True, text=True)
-            if res.returncode == 0:
-                oc = json.loads(res.stdout.strip().splitlines()[-1])[p]
-            else:
-                print(res.stderr[-2000:], file=sys.stderr)
-        rows.append((p, cf, oc))
-    print(f"\nmodel={args.model} batch={args.batch} steps={args.steps} threads={args.threads} torch={torch.__version__}\n")
-    print("| precision | clipforge samples/s | OpenCLIP samples/s | clipforge / OpenCLIP |")
-    print("|---|---|---|---|")
-    for p, cf, oc in rows:
-        print(f"| {p} | {cf:.1f} | {'n/a' if oc is None else f'{oc:.1f}'} | {'n/a' if oc is None else f'{cf / oc:.2f}x'} |")
+        for _ in range(args.repeats):  # alternate the libraries so that a shared machine's load hits both alike
+            results[(p, "clipforge")].append(run_clipforge(spec, args.batch, args.steps, p)[0])
+            if args.compile:
+                sps, first = run_clipforge(spec, args.batch, args.steps, p, compile=True)
+                results[(p, "clipforge compile=true")].append(sps)
+                compile_seconds.setdefault(p, first)  # later repeats reuse the compiled graphs
+            if anchor is not None:
+                res = subprocess.run([str(anchor), __file__, "--_impl", "openclip", "--_spec", json.dumps(spec), "--batch",
+                                      str(args.batch), "--steps", str(args.steps), "--threads", str(args.threads),
+                                      "--precision", p], capture_output=True, text=True)
+                if res.returncode == 0:
+                    results[(p, "OpenCLIP")].append(json.loads(res.stdout.strip().splitlines()[-1])[p])
+                else:
+                    print(res.stderr[-2000:], file=sys.stderr)
+    v, t = spec["vision"], spec["text"]
+    print(f"\nmodel={args.model} (vision {v['image_size']}px/patch {v['patch_size']}/width {v['width']}/{v['layers']} layers; "
+          f"text {t['context_length']} tokens/width {t['width']}/{t['layers']} layers) batch={args.batch} steps={args.steps} "
+          f"repeats={args.repeats} threads={args.threads} torch={torch.__version__}")
+    print(f"training FLOPs per sample (forward + backward, FlopCounterMode): {flops / 1e9:.3f} GFLOP")
+    if peak:
+        print(f"achieved GEMM peak: bf16 {peak['bfloat16'] / 1e9:.0f} GFLOP/s, fp32 {peak['float32'] / 1e9:.0f} GFLOP/s")
+    for p, secs in compile_seconds.items():
+        print(f"compile=true, {p}: first step (compilation) {secs:.1f} s")
+    print()
+    print("| precision | implementation | samples/s median (min..max) | vs OpenCLIP | achieved GFLOP/s | MFU |")
+    print("|---|---|---|---|---|---|")
+    for p in args.precision:
+        oc = results.get((p, "OpenCLIP"))
+        for impl in impls:
+            vals = results[(p, impl)]
+            if not vals:
+                continue
+            med = _median(vals)
+            ratio = f"{med / _median(oc):.2f}x" if oc else "n/a"
+            achieved = med * flops
+            mfu = f"{100 * achieved / peak['bfloat16' if p == 'bf16' else 'float32']:.1f}%" if peak else "n/a"
+            print(f"| {p} | {impl} | {_summary(vals)} | {ratio} | {achieved / 1e9:.1f} | {mfu} |")
 
 
 if __name__ == "__main__":

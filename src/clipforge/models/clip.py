@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .compile import call_compiled
 from .config import CLIPConfig
 from .hf_text import HFTextTower
 from .text import TextTransformer
@@ -44,17 +45,23 @@ class CLIP(nn.Module):
         else:
             self.text.transformer.grad_checkpointing = enable
 
+    def _tower(self, tower: nn.Module, *args) -> Tensor:
+        """``tower(*args)``, through torch.compile when ``cfg.compile`` is set and we are training."""
+        if self.cfg.compile and self.training and torch.is_grad_enabled():
+            return call_compiled(tower, *args)
+        return tower(*args)
+
     def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
-        x = self.visual(images)
+        x = self._tower(self.visual, images)
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(self, ids: Tensor, normalize: bool = True, embeddings: Tensor | None = None) -> Tensor:
         """Text embeddings of token ``ids`` [B, L]. ``embeddings`` [B, L, width] replaces the
         token-embedding lookup (prompt learning); ``ids`` still mark the end-of-text token."""
         if embeddings is None:
-            x = self.text(ids)
+            x = self._tower(self.text, ids)
         elif isinstance(self.text, TextTransformer):
-            x = self.text(ids, embeddings)
+            x = self._tower(self.text, ids, embeddings)
         else:
             raise ValueError("token embeddings as text input need clipforge's own text transformer, "
                              f"not a {type(self.text).__name__}")

@@ -91,6 +91,10 @@ class CLIPConfig:
     max_logit_scale: float = 100.0
     # set: a pretrained Hugging Face encoder replaces the text transformer (``text`` is then unused)
     hf_text: HFTextConfig | None = None
+    # train the towers through torch.compile (inductor); evaluation stays eager. An execution
+    # setting, not architecture: saved configs carry it, and it changes no result beyond rounding.
+    # See clipforge/models/compile.py and docs/performance.md.
+    compile: bool = False
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CLIPConfig":

@@ -9,6 +9,16 @@ backend: its backward is plain batched matmuls, while the CPU flash kernel's bac
 several times slower at these lengths and small head sizes (measured with
 benchmarks/bench_train_throughput.py; see docs/performance.md). Longer sequences keep the
 flash kernel, whose memory does not grow with N^2.
+
+For those short sequences without a padding mask (every ViT block, the causal text tower)
+clipforge does not even go through SDPA's math backend but through :func:`short_attention`,
+the same math written for the CPU: SDPA's composite math path indexes q/k/v out of the
+fused projection as strided views, so every batched matmul of its forward and backward
+first copies them to contiguous memory, its "safe softmax" scans every row for -inf and
+the causal mask is rebuilt each call. The profile of a bf16 ``tiny`` step had those copies
+as the largest single item (27% of the step). ``short_attention`` makes one copy of the
+projection into head-major layout, folds the 1/sqrt(d) scale and the cached causal mask
+into one ``baddbmm``, and leaves the other layouts to ``bmm``'s transposed-operand support.
 """
 from __future__ import annotations
 
@@ -27,6 +37,45 @@ def _attention_context(x: Tensor):
     if x.device.type == "cpu" and x.shape[1] <= MATH_ATTENTION_MAX_LEN and torch.is_grad_enabled():
         return sdpa_kernel(SDPBackend.MATH)
     return contextlib.nullcontext()
+
+
+_CAUSAL_MASKS: dict[tuple, Tensor] = {}
+
+
+def _causal_additive_mask(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """[n, n] with -inf above the diagonal, 0 elsewhere; cached per (n, dtype, device) since
+    every causal block of every step uses the same one."""
+    key = (n, dtype, device)
+    mask = _CAUSAL_MASKS.get(key)
+    if mask is None:
+        mask = torch.full((n, n), float("-inf"), dtype=dtype, device=device).triu_(1)
+        _CAUSAL_MASKS[key] = mask
+    return mask
+
+
+def use_short_attention(x: Tensor, attn_mask: Tensor | None) -> bool:
+    """Whether :func:`short_attention` runs: CPU, training, at most MATH_ATTENTION_MAX_LEN
+    tokens, no padding mask (a fully masked row needs SDPA's safe softmax)."""
+    return (attn_mask is None and x.device.type == "cpu" and x.shape[1] <= MATH_ATTENTION_MAX_LEN
+            and torch.is_grad_enabled())
+
+
+def short_attention(qkv: Tensor, heads: int, is_causal: bool = False) -> Tensor:
+    """softmax(q k^T / sqrt(d) [+ causal mask]) v from the fused projection ``qkv`` [B, N, 3C]
+    to [B, N, C]: the result of ``F.scaled_dot_product_attention`` (equal up to rounding;
+    tests/test_models.py checks values and gradients), with fewer copies on CPU."""
+    b, n, c3 = qkv.shape
+    c = c3 // 3
+    d = c // heads
+    # one copy into [3, B*H, N, d]; q, k, v are then contiguous batched matrices
+    q, k, v = qkv.view(b, n, 3, heads, d).permute(2, 0, 3, 1, 4).reshape(3, b * heads, n, d).unbind(0)
+    kt = k.transpose(1, 2)  # bmm reads the transposed operand in place
+    if is_causal:
+        scores = torch.baddbmm(_causal_additive_mask(n, q.dtype, q.device), q, kt, alpha=d**-0.5)
+    else:
+        scores = torch.bmm(q, kt).mul_(d**-0.5)  # bmm's backward needs q and k, not its output
+    out = torch.bmm(torch.softmax(scores, dim=-1), v)  # [B*H, N, d]
+    return out.view(b, heads, n, d).transpose(1, 2).reshape(b, n, c)
 
 
 class QuickGELU(nn.Module):
@@ -55,6 +104,8 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         b, n, c = x.shape
+        if use_short_attention(x, attn_mask):
+            return self.out_proj(short_attention(self.in_proj(x), self.heads, is_causal))
         qkv = self.in_proj(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         with _attention_context(x):
             out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask, is_causal=is_causal)

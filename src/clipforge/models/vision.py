@@ -7,10 +7,17 @@ learned query, or SigLIP's MAP head (Zhai et al., 2023: multi-head attention poo
 followed by a residual MLP). SigLIP towers also drop the class token, put a bias on the
 patch embedding and skip the final projection (``VisionConfig.class_token``, ``patch_bias``,
 ``proj``).
+
+The patch embedding is stored as the usual strided ``Conv2d`` (the layout of OpenAI,
+OpenCLIP and Hugging Face weights) but computed as what it is, a linear layer over
+non-overlapping patches (:meth:`VisionTransformer.embed_patches`): one reshape of the
+pixels, then one GEMM with the conv weight viewed as [width, 3*p*p]. On CPU the oneDNN
+convolution, and above all its backward, is slower than that GEMM at these shapes.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import VisionConfig
@@ -78,12 +85,20 @@ class VisionTransformer(nn.Module):
                 f"expected {self.cfg.image_size}x{self.cfg.image_size} images, got {pixels.shape[-2]}x{pixels.shape[-1]}; "
                 "preprocess them with clipforge.image_transform(model.image_size)"
             )
-        x = self.patch_embed(pixels).flatten(2).transpose(1, 2)  # [B, N, w]
+        x = self.embed_patches(pixels)  # [B, N, w]
         if self.class_embedding is not None:
             x = torch.cat([self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
         x = x + self.positional_embedding.to(x.dtype)
         x = self.transformer(self.ln_pre(x))
         return self.ln_post(x)
+
+    def embed_patches(self, pixels: Tensor) -> Tensor:
+        """``patch_embed(pixels).flatten(2).transpose(1, 2)`` ([B, grid^2, width], row-major
+        patches) computed as patches @ W^T: equal to the convolution up to summation order."""
+        b, g, p = pixels.shape[0], self.grid, self.cfg.patch_size
+        patches = pixels.reshape(b, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(b, g * g, 3 * p * p)
+        weight = self.patch_embed.weight.reshape(self.patch_embed.out_channels, -1)  # (c, kh, kw) order, as in patches
+        return F.linear(patches, weight, self.patch_embed.bias)
 
     def pool(self, tokens: Tensor) -> Tensor:
         if self.cfg.pool == "cls":

@@ -1,0 +1,88 @@
+"""The machine's achieved GEMM FLOP/s in bf16 and fp32: the ceiling for training throughput.
+
+Times ``torch.matmul`` (and ``F.linear``, which is what ``nn.Linear`` calls) at the shapes a
+training step of the ``tiny`` model actually runs (M = batch x tokens = 128 x 65 image tokens,
+K/N = width 128 and MLP width 512), at a mid-size width (512 / 2048), and at large square
+sizes where the GEMM kernels reach their best. A matmul of [M, K] x [K, N] is 2*M*K*N FLOPs.
+
+    python benchmarks/bench_peak.py [--threads 2] [--repeats 5]
+
+Prints a markdown table with the median GFLOP/s (and min..max over repeats) per shape and
+dtype. "Achieved peak" is the best single run of the table, whatever the shape (other jobs
+on a shared machine only ever lower a run, so the best one is the closest to the ceiling) (on this CPU the
+oneDNN bf16 kernels are at their best on tall-skinny shapes like the model's, not on the
+large squares): a measured peak, not the vendor's theoretical one, and the denominator of
+MFU in bench_train_throughput.py --peak.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+# (label, M, K, N): activations [M, K] times a weight [K, N]
+SHAPES = [
+    ("tiny qkv (8320x128 @ 128x384)", 128 * 65, 128, 384),
+    ("tiny mlp fc1 (8320x128 @ 128x512)", 128 * 65, 128, 512),
+    ("tiny mlp fc2 (8320x512 @ 512x128)", 128 * 65, 512, 128),
+    ("mid mlp fc1 (2080x512 @ 512x2048)", 32 * 65, 512, 2048),
+    ("mid mlp fc2 (2080x2048 @ 2048x512)", 32 * 65, 2048, 512),
+    ("square 1024", 1024, 1024, 1024),
+    ("square 2048", 2048, 2048, 2048),
+    ("square 4096", 4096, 4096, 4096),
+]
+
+
+def gemm_flops_per_s(m: int, k: int, n: int, dtype: torch.dtype, min_seconds: float = 0.3) -> float:
+    """Best-of-a-burst FLOP/s of F.linear(x [m,k], w [n,k]) (the nn.Linear call) for one timing run."""
+    x = torch.randn(m, k, dtype=dtype)
+    w = torch.randn(n, k, dtype=dtype)
+    for _ in range(3):  # warm the kernel selection / packing caches
+        F.linear(x, w)
+    iters, elapsed = 0, 0.0
+    t0 = time.perf_counter()
+    while elapsed < min_seconds:
+        F.linear(x, w)
+        iters += 1
+        elapsed = time.perf_counter() - t0
+    return 2.0 * m * k * n * iters / elapsed
+
+
+def measure(threads: int, repeats: int, shapes=SHAPES) -> list[dict]:
+    torch.set_num_threads(threads)
+    rows = []
+    for label, m, k, n in shapes:
+        for dtype in (torch.bfloat16, torch.float32):
+            runs = sorted(gemm_flops_per_s(m, k, n, dtype) for _ in range(repeats))
+            rows.append({"shape": label, "dtype": str(dtype).split(".")[-1], "median": runs[len(runs) // 2],
+                         "min": runs[0], "max": runs[-1]})
+    return rows
+
+
+def achieved_peak(threads: int = 2, repeats: int = 3) -> dict[str, float]:
+    """{'bfloat16': FLOP/s, 'float32': FLOP/s}: the best run over all SHAPES (load only lowers a run)."""
+    rows = measure(threads, repeats)
+    return {dt: max(r["max"] for r in rows if r["dtype"] == dt) for dt in ("bfloat16", "float32")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    rows = measure(args.threads, args.repeats)
+    print(f"\nthreads={args.threads} repeats={args.repeats} torch={torch.__version__}\n")
+    print("| GEMM | dtype | GFLOP/s median | min..max |")
+    print("|---|---|---:|---|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['dtype']} | {r['median'] / 1e9:.0f} | {r['min'] / 1e9:.0f}..{r['max'] / 1e9:.0f} |")
+    for dt in ("bfloat16", "float32"):
+        best = max(r["max"] for r in rows if r["dtype"] == dt)
+        print(f"achieved peak {dt}: {best / 1e9:.0f} GFLOP/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Where the time of one clipforge training step goes, by category (torch.profiler, CPU).
+
+    python benchmarks/profile_train_step.py [--model tiny] [--overrides JSON] [--batch 128]
+        [--precision bf16] [--steps 3] [--threads 2] [--sdpa] [--table]
+
+Profiles a few steps after warm-up and sums each op's *self* time into: GEMMs (mm, addmm,
+bmm, baddbmm), attention softmax, LayerNorm, GELU, elementwise (adds, muls, fills: bias and
+residual gradients), reductions (bias-gradient sums), autocast casts (``copy_`` under
+``_to_copy``), layout copies (other ``copy_``: contiguous/reshape of strided views),
+optimizer (AdamW), loss, and the rest. ``--sdpa`` routes attention through
+``F.scaled_dot_product_attention`` (the path before ``short_attention``) for comparison;
+``--table`` also prints the profiler's top ops.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "src"))
+
+CATEGORIES = [
+    ("GEMM", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
+    ("softmax", ("aten::_softmax", "aten::_softmax_backward_data", "aten::_safe_softmax")),
+    ("LayerNorm", ("aten::native_layer_norm", "aten::native_layer_norm_backward")),
+    ("GELU", ("aten::gelu", "aten::gelu_backward")),
+    ("optimizer (AdamW)", ("aten::_fused_adamw_", "aten::_foreach_")),
+    ("loss", ("aten::_log_softmax", "aten::_log_softmax_backward_data", "aten::nll_loss", "aten::nll_loss_backward")),
+    ("reductions (bias grads)", ("aten::sum",)),
+    ("elementwise (add/mul/fill/where)", ("aten::add", "aten::add_", "aten::mul", "aten::mul_", "aten::fill_", "aten::where",
+                                          "aten::zero_", "aten::div", "aten::isneginf", "aten::all", "aten::tril")),
+    ("patch embedding conv", ("aten::mkldnn_convolution", "aten::convolution_backward")),
+]
+
+
+def categorize(name: str, parent: str | None) -> str:
+    if name == "aten::copy_":
+        return "autocast casts" if parent == "aten::_to_copy" else "layout copies"
+    for cat, prefixes in CATEGORIES:
+        if any(name == p or (p.endswith("_") and name.startswith(p)) for p in prefixes):
+            return cat
+    if name.startswith("Compiled") or "inductor" in name.lower() or name.startswith("cpp_fused") or name.startswith("graph_"):
+        return "compiled kernels"
+    return "other"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--overrides", default="{}")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--sdpa", action="store_true")
+    ap.add_argument("--table", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import clipforge.models.transformer as transformer
+    from bench_train_throughput import inputs, model_spec
+    from clipforge.losses import clip_loss
+    from clipforge.models import CLIP, CLIPConfig
+    from clipforge.train.optim import build_optimizer
+    from torch.profiler import ProfilerActivity, profile
+
+    if args.sdpa:
+        transformer.use_short_attention = lambda x, mask: False
+    spec = model_spec(args.model, json.loads(args.overrides))
+    model = CLIP(CLIPConfig.from_dict(spec)).train()
+    opt = build_optimizer(model, 1e-4, 0.1, (0.9, 0.98), 1e-6)
+    images, texts = inputs(spec, args.batch)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            out = model(images, texts)
+        clip_loss(out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.steps):
+            step()
+    totals: dict[str, float] = collections.defaultdict(float)
+    for ev in prof.events():
+        if ev.name.startswith("aten::") or ev.name.startswith("cpp_fused"):
+            parent = ev.cpu_parent.name if ev.cpu_parent is not None else None
+            totals[categorize(ev.name, parent)] += ev.self_cpu_time_total
+    total = sum(totals.values())
+    print(f"\nmodel={args.model} overrides={args.overrides} batch={args.batch} precision={args.precision} "
+          f"attention={'SDPA' if args.sdpa else 'short_attention'} threads={args.threads}: "
+          f"{total / 1e6 / args.steps:.3f} s of op time per step (profiled)\n")
+    print("| category | share of step |")
+    print("|---|---:|")
+    for cat, t in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"| {cat} | {100 * t / total:.1f}% |")
+    if args.table:
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+if __name__ == "__main__":
+    main()
