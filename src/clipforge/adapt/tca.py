@@ -389,7 +389,7 @@ class TCA:
         v = self.visual
         if pixels.ndim != 4 or pixels.shape[1] != 3 or pixels.shape[-1] != v.cfg.image_size or pixels.shape[-2] != v.cfg.image_size:
             raise ValueError(f"expected images [B, 3, {v.cfg.image_size}, {v.cfg.image_size}], got {tuple(pixels.shape)}")
-        x = v.patch_embed(pixels).flatten(2).transpose(1, 2)
+        x = v.embed_patches(pixels)  # the tower's own patch embedding, so keep ratio 1 reproduces it exactly
         x = torch.cat([v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
         return v.ln_pre(x + v.positional_embedding.to(x.dtype))
 
