@@ -2,7 +2,11 @@
 
 ``forward(images, texts)`` returns a dict with normalized ``image_features`` and
 ``text_features``, the exponentiated ``logit_scale`` (clamped at ``max_logit_scale``) and
-``logit_bias`` (None unless the config sets ``init_logit_bias``, as SigLIP does).
+``logit_bias`` (None unless the config sets ``init_logit_bias``, as SigLIP does). With
+``return_tokens=True`` it also returns the projected token features that token-level loss
+terms read (Norton, DreamLIP's grouping): ``image_tokens`` [B, N, d] (the patch tokens, class
+token left out), ``text_tokens`` [B, L, d] and ``text_mask`` [B, L], from the same tower passes
+as the pooled features (:meth:`CLIP.encode_image_tokens`, :meth:`CLIP.encode_text_tokens`).
 """
 from __future__ import annotations
 
@@ -67,16 +71,49 @@ class CLIP(nn.Module):
                              f"not a {type(self.text).__name__}")
         return F.normalize(x, dim=-1) if normalize else x
 
+    def encode_image_tokens(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(normalized image embeddings [B, d], projected patch tokens [B, N, d]) from one pass of
+        the image tower; the tokens go through the tower's projection like the pooled feature
+        (unnormalized; the class token, if any, is left out)."""
+        tokens = self.visual.forward_tokens(images)
+        pooled, patches = self.visual.pool(tokens), tokens[:, self.visual.num_prefix:]
+        if self.visual.proj is not None:
+            pooled, patches = pooled @ self.visual.proj, patches @ self.visual.proj
+        return F.normalize(pooled, dim=-1), patches
+
+    def encode_text_tokens(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(normalized text embeddings [B, d], projected token features [B, L, d], mask [B, L]) from
+        one pass of the text tower. The mask is True for the text's own tokens: after the start
+        token up to and including the end-of-text token (whose state is the pooled one), False for
+        the start token (identical for every text under the causal mask) and the padding."""
+        if not isinstance(self.text, TextTransformer):
+            raise ValueError("token-level text features need clipforge's own text transformer, "
+                             f"not a {type(self.text).__name__}")
+        states = self.text.forward_tokens(ids)
+
+        def proj(x: Tensor) -> Tensor:
+            x = x @ self.text.proj
+            return x + self.text.proj_bias if self.text.proj_bias is not None else x
+
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        mask = (positions >= 1) & (positions <= self.text.eot_index(ids)[:, None]) & (ids != self.text.cfg.pad_token_id)
+        return F.normalize(proj(self.text.pool(states, ids)), dim=-1), proj(states), mask
+
     def scale(self) -> Tensor:
         return self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
 
-    def forward(self, images: Tensor | None = None, texts: Tensor | None = None) -> dict[str, Tensor | None]:
-        return {
-            "image_features": self.encode_image(images) if images is not None else None,
-            "text_features": self.encode_text(texts) if texts is not None else None,
-            "logit_scale": self.scale(),
-            "logit_bias": self.logit_bias,
-        }
+    def forward(self, images: Tensor | None = None, texts: Tensor | None = None,
+                return_tokens: bool = False) -> dict[str, Tensor | None]:
+        """The features of ``images`` and ``texts`` (either may be None), the logit scale and bias;
+        with ``return_tokens`` also their projected token features and the text mask (module docstring)."""
+        out = {"logit_scale": self.scale(), "logit_bias": self.logit_bias}
+        if not return_tokens:
+            return {"image_features": self.encode_image(images) if images is not None else None,
+                    "text_features": self.encode_text(texts) if texts is not None else None, **out}
+        out["image_features"], out["image_tokens"] = self.encode_image_tokens(images) if images is not None else (None, None)
+        out["text_features"], out["text_tokens"], out["text_mask"] = \
+            self.encode_text_tokens(texts) if texts is not None else (None, None, None)
+        return out
 
     def no_weight_decay_names(self) -> set[str]:
         """Parameters that AdamW should not decay: norms, biases, embeddings, scale and bias."""

@@ -37,7 +37,11 @@ class DataConfig:
     # frozen teacher models (checkpoint or run directories) whose embeddings of the training set are
     # stored once and delivered with the batches, only when a loss term reads them (distill_kl, hycd, dclip)
     teachers: List[str] = field(default_factory=list)
-    teacher_cache: Optional[str] = None
+    teacher_cache: Optional[str] = None  # where the embeddings are stored; default <out_dir>/teacher_cache
+    # the second view of each image, made only when a loss term reads it (simclr): a random resized crop
+    # covering view_scale of the image plus color jitter of strength view_jitter
+    view_scale: List[float] = field(default_factory=lambda: [0.5, 1.0])
+    view_jitter: float = 0.4
     # which caption of a sample a step uses: random | first | longest (Long-CLIP's long caption) | auto (first
     # when a loss term reads hard negatives, which are written from a sample's first caption; random otherwise)
     caption_policy: str = "auto"
@@ -46,7 +50,9 @@ class DataConfig:
     caption_sources: str = ""
     # where the rewrites come from: "" none; "rule" = clipforge's offline RuleRewriter, computed once and
     # stored next to the data (or in <out_dir> for datasets without a directory); or a sidecar file path
-    rewrites: str = ""  # where the embeddings are stored; default <out_dir>/teacher_cache
+    # (with a loss term that reads synthetic captions, alip, the rewrites are its synthetic captions and the
+    # step's caption stays the original one unless data.caption_sources says otherwise)
+    rewrites: str = ""
     # keep only captions in these languages, for corpora that tag them (emoji: en, es, ja, ... 14 in all);
     # [] = every caption. e.g. data.languages=[en] trains an English CLIP (the pivot of uCLIP alignment)
     languages: List[str] = field(default_factory=list)
@@ -158,6 +164,10 @@ class TrainConfig:
         if self.long_context_factor < 1 or self.long_context_keep < 0:
             raise ValueError(f"long_context_factor must be >= 1 and long_context_keep >= 0, got "
                              f"{self.long_context_factor} and {self.long_context_keep}")
+        if len(self.data.view_scale) != 2 or not 0 < self.data.view_scale[0] <= self.data.view_scale[1] <= 1:
+            raise ValueError(f"data.view_scale must be [low, high] with 0 < low <= high <= 1, got {self.data.view_scale}")
+        if self.data.view_jitter < 0:
+            raise ValueError(f"data.view_jitter must be >= 0, got {self.data.view_jitter}")
         if self.data.hard_negatives < 1:
             raise ValueError(f"data.hard_negatives must be >= 1, got {self.data.hard_negatives}")
         return self

@@ -100,6 +100,13 @@ class TrainItems(Dataset):
     # a clipforge.data.captions.CaptionPolicy over the item's caption sources (original, rewrites,
     # synthetic, short tags); None: one of the item's captions, as caption_policy says
     sources: Any = None
+    # SimCLR/SLIP: a transform (image, generator) -> pixels that makes a second random view of every
+    # image (view_transform), always applied, also to images already rendered at the model's size
+    second_view: Any = None
+    # ALIP: a synthetic caption per sample, the item's ``synthetic`` source, else one of its stored rewrites
+    synthetic: bool = False
+    # HQ-CLIP: short tags per sample, the item's ``short_tags`` source, else keyword_tags(caption)
+    short_tags: bool = False
 
     def __post_init__(self):
         if self.caption_policy not in CAPTION_POLICIES:
@@ -124,6 +131,9 @@ class TrainItems(Dataset):
                 pixels = self.transform(image, generator=torch.Generator().manual_seed(int(rng.integers(2**62))))
             else:
                 pixels = self.transform(image)
+            if self.second_view is not None:  # its own random stream: the first view's draws stay as they were
+                seed = int(np.random.default_rng([self.seed, epoch, index, 2]).integers(2**62))
+                view2 = self.second_view(image, generator=torch.Generator().manual_seed(seed))
             captions = item["captions"]
             if isinstance(captions, str):
                 captions = [captions]
@@ -139,6 +149,11 @@ class TrainItems(Dataset):
         if self.sources is not None:
             source, caption = self.sources.sample(item, rng)
         out = {"pixels": pixels, "caption": caption, "index": index}
+        if self.second_view is not None:
+            out["pixels_view2"] = view2
+        if self.synthetic or self.short_tags:
+            out.update(second_captions(item, caption, self.synthetic, self.short_tags,
+                                       np.random.default_rng([self.seed, epoch, index, 3])))
         if self.teachers is not None:
             out["teacher_image"], out["teacher_text"] = self.teachers.lookup(index, which)
         if self.positives:
@@ -154,6 +169,36 @@ class TrainItems(Dataset):
             out["count_negative"] = counts[int(rng.integers(len(counts)))] if counts else None
             out["count_positive"] = same_wording(captions, out["count_negative"]) if counts else None
         return out
+
+
+def second_captions(item: dict, caption: str, synthetic: bool, short_tags: bool, rng) -> dict[str, str]:
+    """A sample's second caption(s) besides the step's ``caption``, for ALIP and HQ-CLIP.
+
+    ``synthetic``: one of the item's ``synthetic`` captions (a captioner's output), else one of its
+    stored ``rewrites`` (data.rewrites, e.g. the rule rewriter), drawn uniformly with ``rng`` and
+    other than ``caption`` where possible; a sample with neither pairs its caption with itself.
+    ``short_tags``: one of the item's ``short_tags``, else :func:`clipforge.data.tags.keyword_tags`
+    of ``caption``."""
+    from ..data.captions import caption_sources
+    from ..data.tags import keyword_tags
+
+    sources, out = caption_sources(item), {}
+    if synthetic:
+        pool = sources["synthetic"] or sources["rewrites"]
+        pool = [c for c in pool if c != caption] or pool or [caption]
+        out["synthetic"] = pool[int(rng.integers(len(pool)))]
+    if short_tags:
+        tags = sources["short_tags"]
+        out["short_tags"] = tags[int(rng.integers(len(tags)))] if tags else keyword_tags(caption)
+    return out
+
+
+def view_transform(image_size: int, scale: tuple[float, float] = (0.5, 1.0), jitter: float = 0.4):
+    """The augmentation of the second view (SimCLR/SLIP): a random resized crop covering ``scale``
+    of the image and color jitter of strength ``jitter``, no flip (captions here state left/right,
+    and the image tower should not learn to ignore it). Milder than SLIP's (crops down to 8 %,
+    grayscale, blur), which would cut whole objects out of small rendered scenes."""
+    return image_transform(image_size, is_train=True, scale=tuple(scale), jitter=jitter)
 
 
 def _draw_positives(captions: list[str], k: int, source: str, rng) -> list[str]:
@@ -222,6 +267,11 @@ def make_collate(tokenizer: Callable[[list[str]], torch.Tensor], negatives: int 
         if "teacher_image" in good[0]:  # one [B, d_k] tensor per teacher
             for key in ("teacher_image", "teacher_text"):
                 batch[key] = [torch.stack(per) for per in zip(*(it[key] for it in good))]
+        if "pixels_view2" in good[0]:
+            batch["images_view2"] = torch.stack([it["pixels_view2"] for it in good])
+        for key in ("synthetic", "short_tags"):  # ALIP's synthetic caption, HQ-CLIP's short tags
+            if key in good[0]:
+                batch[f"{key}_texts"] = tokenizer([it[key] for it in good])
         if "count_negative" in good[0]:
             batch["count_negative_texts"] = tokenizer([it["count_negative"] or "" for it in good])
             batch["count_positive_texts"] = tokenizer([it["count_positive"] or "" for it in good])

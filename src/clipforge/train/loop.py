@@ -9,12 +9,15 @@ is then recomputed with gradients against the cached rest, so the loss is exactl
 full-batch contrastive loss (as OpenCLIP does), not an average of smaller-batch losses.
 
 Loss terms declare the ``LossInputs.extra`` entries they read (``extra_keys``); the loop
-produces only those: text features of the samples' hard-negative captions and count
-counterfactuals (encoded by the text tower, with gradients, cached and recomputed like the
-features under accumulation), the embeddings of an EMA copy of the model (DeGLA), whose
-weights are checkpointed with the run so that a resumed run is exact, and the stored
-embeddings of frozen teachers (MobileCLIP, :mod:`.teachers`). A plain CLIP run builds none
-of it.
+produces only those: text features of the samples' hard-negative captions, count
+counterfactuals, synthetic captions (ALIP) and short tags (HQ-CLIP), and image features of a
+second augmented view of each image (SimCLR/SLIP), all encoded by the towers with gradients,
+cached and recomputed like the features under accumulation; projected token features
+(``image_tokens``, ``text_tokens``, ``text_mask``: Norton, DreamLIP) from the same tower passes
+as the features (``return_tokens``), joined across micro-batches like them; the embeddings of
+an EMA copy of the model (DeGLA), whose weights are checkpointed with the run so that a resumed
+run is exact; and the stored embeddings of frozen teachers (MobileCLIP, :mod:`.teachers`). A
+plain CLIP run builds none of it.
 
 Several processes (``distributed.nproc=N`` or torchrun, :mod:`.distributed`) run this same loop,
 each on its slice of every global batch; ``dist`` is a no-op for one process. Per step they
@@ -42,7 +45,11 @@ from .config import TrainConfig, to_yaml
 from .data import sum_stream_stats
 from .distributed import Dist, check_batch_split, launch, launched, process_group
 from .optim import build_optimizer, build_scheduler
-from .setup import COUNTS, EMA_KEYS, NEGATIVES, POSITIVES, PRODUCED, build_loader, build_model
+from .setup import (COUNTS, EMA_KEYS, NEGATIVES, POSITIVES, PRODUCED, SYNTHETIC, TAGS, VIEW2, build_loader, build_model,
+                    token_outputs)
+
+FEATURES = ("image_features", "text_features")
+TOKENS = ("image_tokens", "text_tokens", "text_mask")  # model outputs with return_tokens, LossInputs fields
 
 
 class TrainingDiverged(RuntimeError):
@@ -75,9 +82,16 @@ def _encode_per_sample(encode_text, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _encode_extras(model, batch: dict) -> dict:
-    """Text features of a batch's extra captions (hard negatives, count counterfactuals), with
-    gradients, and the stored teacher embeddings that came with the batch."""
+    """Features of a batch's extra captions (hard negatives, positives, count counterfactuals,
+    synthetic captions, short tags) and of its second image views, with gradients, and the stored
+    teacher embeddings that came with the batch."""
     extra = {}
+    if "images_view2" in batch:
+        extra[VIEW2] = model.encode_image(batch["images_view2"]).float()
+    if "synthetic_texts" in batch:
+        extra[SYNTHETIC] = model.encode_text(batch["synthetic_texts"]).float()
+    if "short_tags_texts" in batch:
+        extra[TAGS] = model.encode_text(batch["short_tags_texts"]).float()
     if "teacher_image" in batch:  # lists of [B, d_k], one per teacher
         extra["teacher_image_features"], extra["teacher_text_features"] = batch["teacher_image"], batch["teacher_text"]
     if "negative_texts" in batch:
@@ -115,13 +129,16 @@ def _join(parts: list[dict]) -> dict:
 
 def _loss_inputs(out: dict, batch: dict, extra: dict | None = None) -> LossInputs:
     # a model's own extra outputs (CoCa: caption_logits, caption_targets) go to the loss terms too
-    model_extra = {k: v for k, v in out.items() if k not in ("image_features", "text_features", "logit_scale", "logit_bias")}
+    model_extra = {k: v for k, v in out.items() if k not in (*FEATURES, *TOKENS, "logit_scale", "logit_bias")}
     extra = {**model_extra, **(extra or {})}
     return LossInputs(
         image_features=out["image_features"].float(),
         text_features=out["text_features"].float(),
         logit_scale=out["logit_scale"].float(),
         logit_bias=None if out["logit_bias"] is None else out["logit_bias"].float(),
+        image_tokens=out["image_tokens"].float() if "image_tokens" in out else None,
+        text_tokens=out["text_tokens"].float() if "text_tokens" in out else None,
+        text_mask=out.get("text_mask"),
         extra=extra,
     )
 
@@ -176,12 +193,15 @@ def _train(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> TrainResu
     from_model = needs & set(getattr(model, "extra_outputs", ()))
     unsupported = needs - PRODUCED - from_model
     if unsupported:
-        raise ValueError(f"the loss terms {sorted(cfg.loss)} need inputs {sorted(unsupported)} that the training "
-                         f"program does not produce (it produces {sorted(PRODUCED)}, and a CoCa model such as "
-                         "model=coca-tiny caption_logits/caption_targets); use those terms from your own "
-                         "loop with clipforge.losses")
+        lacking = sorted(name for name, term in loss_fn.terms.items() if unsupported & set(getattr(term, "extra_keys", ())))
+        coca = " (a CoCa model such as model=coca-tiny returns caption_logits and caption_targets)" \
+            if unsupported & {"caption_logits", "caption_targets"} else ""
+        raise ValueError(f"the loss terms {lacking} need inputs {sorted(unsupported)} that the training program does "
+                         f"not produce{coca}; docs/losses.md lists what it feeds, and from which data. Use those "
+                         "terms from your own loop with clipforge.losses")
     if from_model and cfg.accum_steps > 1:
         raise ValueError(f"the model's outputs {sorted(from_model)} are per micro-batch: train them with accum_steps=1")
+    forward = {"return_tokens": True} if token_outputs(model, needs) else {}  # only when a term reads tokens
     ema = EMATeacher(model, cfg.ema_momentum) if needs & set(EMA_KEYS) else None
 
     stream_state = None
@@ -250,20 +270,20 @@ def _train(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> TrainResu
                 ema_extra = [_encode_ema(ema, b) for b in micro_batches]
             if len(micro_batches) == 1:
                 with _autocast(cfg.precision):
-                    out = model(micro_batches[0]["images"], micro_batches[0]["texts"])
+                    out = model(micro_batches[0]["images"], micro_batches[0]["texts"], **forward)
                     extra = {**_encode_extras(model, micro_batches[0]), **ema_extra[0]}
                 logs = loss_of(_loss_inputs(out, micro_batches[0], extra))
                 logs["loss"].backward()
             else:
                 with torch.no_grad(), _autocast(cfg.precision):
-                    cached = [model(b["images"], b["texts"]) for b in micro_batches]
+                    cached = [model(b["images"], b["texts"], **forward) for b in micro_batches]
                     cached_extra = [_encode_extras(model, b) for b in micro_batches]
                 for k, b in enumerate(micro_batches):
                     with _autocast(cfg.precision):
-                        out = model(b["images"], b["texts"])
+                        out = model(b["images"], b["texts"], **forward)
                         own_extra = _encode_extras(model, b)
                     joined = dict(out)
-                    for key in ("image_features", "text_features"):
+                    for key in (*FEATURES, *(t for t in TOKENS if t in out)):  # this micro-batch's rows with gradients
                         joined[key] = torch.cat([c[key] if j != k else out[key] for j, c in enumerate(cached)])
                     if k > 0:  # the full-batch loss is recomputed per micro-batch: its scale and bias get gradient once
                         for key in ("logit_scale", "logit_bias"):

@@ -4,11 +4,13 @@
 (``init_vision_from``), and applies ``freeze``/``trainable``. ``build_loader`` makes the batches
 the loop consumes: shards streamed (``data.streaming``) or a map-style dataset whose items carry
 what the loss terms read (hard negatives, positives, count counterfactuals, stored teacher
-embeddings), with the caption of each step drawn as ``data.caption_policy`` /
-``data.caption_sources`` say.
+embeddings, a second augmented view of each image, synthetic captions and short tags), with the
+caption of each step drawn as ``data.caption_policy`` / ``data.caption_sources`` say.
+:func:`token_outputs` decides whether the model is asked for token-level features.
 """
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -17,7 +19,7 @@ from ..data import build_dataset
 from ..models import create_model
 from ..tokenizer import get_tokenizer
 from .config import TrainConfig
-from .data import TrainItems, stream_train_loader, train_loader
+from .data import TrainItems, stream_train_loader, train_loader, view_transform
 from .freeze import apply_freeze
 from .teachers import load_teacher_store
 
@@ -25,7 +27,11 @@ from .teachers import load_teacher_store
 NEGATIVES, COUNTS, POSITIVES = "negative_text_features", "count_negative_text_features", "positive_text_features"
 EMA_KEYS = ("ema_image_features", "ema_text_features", "ema_negative_text_features")
 TEACHER_KEYS = ("teacher_image_features", "teacher_text_features")
-PRODUCED = {NEGATIVES, COUNTS, POSITIVES, *EMA_KEYS, *TEACHER_KEYS}
+VIEW2, SYNTHETIC, TAGS = "image_features_view2", "synthetic_text_features", "short_tag_features"
+TOKEN_KEYS = ("image_tokens", "text_tokens")  # LossInputs fields (with text_mask), from the model's forward
+PRODUCED = {NEGATIVES, COUNTS, POSITIVES, *EMA_KEYS, *TEACHER_KEYS, VIEW2, SYNTHETIC, TAGS, *TOKEN_KEYS}
+# what comes with the map-style batches only (a streamed batch holds images and captions)
+FROM_DATASET = {NEGATIVES, COUNTS, POSITIVES, "ema_negative_text_features", *TEACHER_KEYS, VIEW2, SYNTHETIC, TAGS}
 
 
 def build_model(cfg: TrainConfig, say=print):
@@ -55,6 +61,22 @@ def build_model(cfg: TrainConfig, say=print):
         n_train, n_total = apply_freeze(model, cfg.freeze, cfg.trainable)
         say(f"training {n_train:,} of {n_total:,} parameters (freeze={cfg.freeze}, trainable={cfg.trainable})")
     return model, tokenizer
+
+
+def token_outputs(model, needs: set) -> bool:
+    """Whether the loop asks the model for projected token features (``return_tokens``): only when a
+    loss term reads ``image_tokens`` or ``text_tokens``; raises at start-up when the model cannot."""
+    if not needs & set(TOKEN_KEYS):
+        return False
+    from ..models.text import TextTransformer
+
+    if "return_tokens" not in inspect.signature(model.forward).parameters:
+        raise ValueError(f"the loss terms reading {sorted(needs & set(TOKEN_KEYS))} need token features, which a "
+                         f"{type(model).__name__} model does not return; train them with a CLIP model")
+    if not isinstance(model.text, TextTransformer):
+        raise ValueError("token features (image_tokens/text_tokens) need clipforge's own text transformer, "
+                         f"not a {type(model.text).__name__}")
+    return True
 
 
 def copy_image_tower(model, source: str) -> None:
@@ -89,7 +111,8 @@ def with_caption_sources(cfg: TrainConfig, dataset, out_dir: Path, needs: set):
         return dataset, None
     from ..data.captions import CaptionPolicy, SourcedCaptions
 
-    policy = CaptionPolicy.parse(cfg.data.caption_sources or "original=1,rewrites=1")
+    # ALIP reads the rewrites as the synthetic caption beside the original one: the step's caption stays original
+    policy = CaptionPolicy.parse(cfg.data.caption_sources or ("original=1" if SYNTHETIC in needs else "original=1,rewrites=1"))
     if needs & (set(TEACHER_KEYS) | {NEGATIVES, "ema_negative_text_features"}):
         raise ValueError("data.caption_sources draws captions from several sources; the loss terms "
                          f"{sorted(cfg.loss)} pair stored teacher embeddings or hard negatives with a dataset caption. "
@@ -117,9 +140,9 @@ def build_loader(cfg: TrainConfig, model, tokenizer, needs: set, out_dir: Path, 
     ``rank``'s share of them (a slice of every global batch, or its shards of the stream)."""
     micro = cfg.batch_size // cfg.accum_steps  # global micro-batch: world_size slices of it per step and micro-batch
     if cfg.data.streaming:  # webdataset shards streamed; the position is saved with each checkpoint
-        if needs & {NEGATIVES, COUNTS, POSITIVES, "ema_negative_text_features", *TEACHER_KEYS}:
+        if needs & FROM_DATASET:
             raise ValueError(f"data.streaming delivers images and captions only; the loss terms {sorted(cfg.loss)} "
-                             "need hard negatives, positives, counts or teacher embeddings")
+                             f"need {sorted(needs & FROM_DATASET)}: train them with the map-style loader")
         loader = stream_train_loader(cfg.data, model.image_size, micro // world_size, cfg.seed, tokenizer,
                                      resolve_caption_policy(cfg.data.caption_policy, needs), stream_state,
                                      rank=rank, world_size=world_size)
@@ -128,6 +151,13 @@ def build_loader(cfg: TrainConfig, model, tokenizer, needs: set, out_dir: Path, 
                                 image_size=model.image_size, **({"root": cfg.data.root} if cfg.data.root else {}),
                                 **({"languages": list(cfg.data.languages)} if cfg.data.languages else {}))
         dataset, sources = with_caption_sources(cfg, dataset, out_dir, needs)
+        if SYNTHETIC in needs and not cfg.data.rewrites:
+            from ..data.captions import caption_sources
+
+            if not caption_sources(dataset[0])["synthetic"]:
+                raise ValueError(f"the loss terms {sorted(cfg.loss)} pair each caption with a synthetic caption (ALIP) "
+                                 f"and data.dataset={cfg.data.dataset} has none: set data.rewrites=rule (a stored rule "
+                                 "rewrite of the sample's captions stands in for it) or a sidecar file of rewrites")
         teachers = None
         if needs & set(TEACHER_KEYS):
             if not cfg.data.teachers:
@@ -143,7 +173,9 @@ def build_loader(cfg: TrainConfig, model, tokenizer, needs: set, out_dir: Path, 
                            positives=cfg.data.positives if POSITIVES in needs else 0,
                            positive_source=cfg.data.positive_source,
                            teachers=teachers, caption_policy=resolve_caption_policy(cfg.data.caption_policy, needs),
-                           sources=sources)
+                           sources=sources, synthetic=SYNTHETIC in needs, short_tags=TAGS in needs,
+                           second_view=view_transform(model.image_size, cfg.data.view_scale, cfg.data.view_jitter)
+                           if VIEW2 in needs else None)
         loader = train_loader(items, micro, cfg.seed, start_batch=start_step * cfg.accum_steps,
                               num_batches=(cfg.steps - start_step) * cfg.accum_steps, tokenizer=tokenizer,
                               num_workers=cfg.data.num_workers, rank=rank, world_size=world_size,
