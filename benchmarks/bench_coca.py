@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -61,8 +62,8 @@ def main() -> None:
     # the BPE decoder spaces punctuation ("a red circle ."): undo that before comparing with the captions
     decoded = [tok.decode(g).replace(" .", ".").replace(" ,", ",") for g in greedy]
     single = [i for i in range(len(val)) if val[i]["kind"] == "single"]
-    hit = lambda i, words: any(w in decoded[i].split() for w in words) and any(
-        w in val[i]["captions"][0] and w in decoded[i].split() for w in words)
+    words_of = lambda text: set(re.findall(r"[a-z]+", text.lower()))
+    hit = lambda i, words: any(w in words_of(val[i]["captions"][0]) and w in words_of(decoded[i]) for w in words)
     color_ok = sum(hit(i, COLORS) for i in single) / len(single)
     shape_ok = sum(hit(i, SHAPES) for i in single) / len(single)
     exact = sum(decoded[i] in {c.strip() for c in val[i]["captions"]} for i in range(len(val))) / len(val)
@@ -71,7 +72,10 @@ def main() -> None:
     ev_clip = evaluate_shapes(clip.model.eval(), tok, size=500)
 
     def summary(ev):
-        return {k: round(v["top1"], 3) for k, v in ev["zero_shot"].items()}
+        out = {k: round(v["top1"], 3) for k, v in ev["zero_shot"].items()}
+        for name, r in ev.get("retrieval", {}).items():
+            out.update({f"retrieval {name} {m}": round(r[m], 3) for m in ("i2t_R@1", "t2i_R@1") if m in r})
+        return out
 
     report = {
         "steps": args.steps, "batch_size": args.batch_size,
