@@ -427,7 +427,7 @@ class TCA:
             pooled = (tokens[:, v.num_prefix :] * sizes.unsqueeze(-1)).sum(1) / sizes.sum(1, keepdim=True)
         else:
             pooled = v.pool(tokens)
-        feats = pooled @ v.proj if v.proj is not None else pooled
+        feats = v.project(pooled)
         return F.normalize(feats, dim=-1), torch.stack(cls_tokens, 1), kept
 
     @torch.no_grad()

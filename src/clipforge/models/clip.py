@@ -76,10 +76,8 @@ class CLIP(nn.Module):
         the image tower; the tokens go through the tower's projection like the pooled feature
         (unnormalized; the class token, if any, is left out)."""
         tokens = self.visual.forward_tokens(images)
-        pooled, patches = self.visual.pool(tokens), tokens[:, self.visual.num_prefix:]
-        if self.visual.proj is not None:
-            pooled, patches = pooled @ self.visual.proj, patches @ self.visual.proj
-        return F.normalize(pooled, dim=-1), patches
+        pooled = self.visual.project(self.visual.pool(tokens))
+        return F.normalize(pooled, dim=-1), self.visual.project(tokens[:, self.visual.num_prefix:])
 
     def encode_text_tokens(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(normalized text embeddings [B, d], projected token features [B, L, d], mask [B, L]) from
@@ -90,14 +88,9 @@ class CLIP(nn.Module):
             raise ValueError("token-level text features need clipforge's own text transformer, "
                              f"not a {type(self.text).__name__}")
         states = self.text.forward_tokens(ids)
-
-        def proj(x: Tensor) -> Tensor:
-            x = x @ self.text.proj
-            return x + self.text.proj_bias if self.text.proj_bias is not None else x
-
         positions = torch.arange(ids.shape[1], device=ids.device)
         mask = (positions >= 1) & (positions <= self.text.eot_index(ids)[:, None]) & (ids != self.text.cfg.pad_token_id)
-        return F.normalize(proj(self.text.pool(states, ids)), dim=-1), proj(states), mask
+        return F.normalize(self.text.project(self.text.pool(states, ids)), dim=-1), self.text.project(states), mask
 
     def scale(self) -> Tensor:
         return self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)

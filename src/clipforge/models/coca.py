@@ -190,12 +190,10 @@ class CoCa(CLIP):
         """(unnormalized contrastive image embedding [B, d], pooled image tokens for the decoder [B, Q, w])."""
         tokens = self.visual.forward_tokens(images)
         pooled = self.visual.pool(tokens)
-        emb = pooled @ self.visual.proj if self.visual.proj is not None else pooled
-        return emb, self.ln_caption(self.attn_pool_caption(tokens))
+        return self.visual.project(pooled), self.ln_caption(self.attn_pool_caption(tokens))
 
     def _text_embedding(self, states: Tensor, ids: Tensor) -> Tensor:
-        x = self.text.pool(states, ids) @ self.text.proj
-        return x + self.text.proj_bias if self.text.proj_bias is not None else x
+        return self.text.project(self.text.pool(states, ids))
 
     def caption_logits(self, caption_tokens: Tensor, ids: Tensor) -> Tensor:
         """Next-token logits [B, L, V] for token ids [B, L] (logit l predicts token l + 1)."""

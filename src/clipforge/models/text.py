@@ -74,6 +74,10 @@ class TextTransformer(nn.Module):
         mask = (ids != self.cfg.pad_token_id).unsqueeze(-1).to(tokens.dtype)
         return (tokens * mask).sum(1) / mask.sum(1).clamp_min(1)
 
-    def forward(self, ids: Tensor, embeddings: Tensor | None = None) -> Tensor:
-        x = self.pool(self.forward_tokens(ids, embeddings), ids) @ self.proj
+    def project(self, x: Tensor) -> Tensor:
+        """The output projection (with SigLIP's bias), for pooled states or every token's state."""
+        x = x @ self.proj
         return x + self.proj_bias if self.proj_bias is not None else x
+
+    def forward(self, ids: Tensor, embeddings: Tensor | None = None) -> Tensor:
+        return self.project(self.pool(self.forward_tokens(ids, embeddings), ids))

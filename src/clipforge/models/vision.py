@@ -107,6 +107,9 @@ class VisionTransformer(nn.Module):
             return tokens[:, self.num_prefix :].mean(dim=1)
         return self.attn_pool(tokens)
 
+    def project(self, x: Tensor) -> Tensor:
+        """The output projection (none for SigLIP towers), for pooled features or patch tokens."""
+        return x @ self.proj if self.proj is not None else x
+
     def forward(self, pixels: Tensor) -> Tensor:
-        pooled = self.pool(self.forward_tokens(pixels))
-        return pooled @ self.proj if self.proj is not None else pooled
+        return self.project(self.pool(self.forward_tokens(pixels)))
