@@ -26,11 +26,11 @@ from types import SimpleNamespace
 import torch
 
 from clipforge.data import build_dataset
+from clipforge.evaluation.features import encode_images
 from clipforge.evaluation.retrieval import retrieval_metrics
 from clipforge.interop.sentence_encoders import sentence_encoder
 from clipforge.models import save_model
 from clipforge.train.pivot import PivotConfig, clip_text_targets, save_pivot, train_pivot
-from clipforge.transforms import normalize_batch
 
 LANGS = ["en", "es", "pt", "it", "fr", "de", "id", "tr", "ru", "fa", "ar", "ja", "ko", "zh"]
 
@@ -58,13 +58,9 @@ def english_clip(a):
 
 
 def english_texts(a) -> list[str]:
-    from clipforge.data.captions import caption_records
+    from clipforge.data.captions import dataset_captions
 
-    texts = []
-    for part in a.dataset.split("+"):
-        ds = build_dataset(part, split="train", size=a.train_size, seed=0, image_size=64, languages=["en"])
-        texts += [c for rec in caption_records(ds) for c in rec["captions"]]
-    return list(dict.fromkeys(texts))
+    return list(dict.fromkeys(dataset_captions(a.dataset, "train", ["en"], size=a.train_size, seed=0)))
 
 
 def eval_pairs(lang: str):
@@ -111,9 +107,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     train_images = build_dataset(a.dataset, split="train", size=a.train_size, seed=0, image_size=64)
-    with torch.no_grad():
-        unpaired = torch.cat([clip.encode_image(normalize_batch(torch.stack([train_images[j]["image"] for j in
-                              range(i, min(i + 256, len(train_images)))]))) for i in range(0, len(train_images), 256)])
+    unpaired = encode_images(clip, [train_images[i]["image"] for i in range(len(train_images))])
     arms = {
         "uCLIP pivot": PivotConfig(steps=a.pivot_steps, seed=a.seed),
         "+ noise 0.05": PivotConfig(steps=a.pivot_steps, noise_std=0.05, seed=a.seed),
@@ -131,7 +125,7 @@ def main() -> None:
     with torch.no_grad():
         for lang in LANGS:
             images, caps = eval_pairs(lang)
-            img = clip.encode_image(normalize_batch(images))
+            img = encode_images(clip, list(images))
             row = {"lang": lang, "n": len(caps), "CLIP text tower": scores(img, clip_text_targets(clip, tokenizer, caps))}
             feats = encoder(caps)
             for name, m in models.items():

@@ -150,3 +150,13 @@ def test_training_on_one_language(tmp_path, tiny_cfg, monkeypatch):
     ds = built[0]
     got = {ds[i]["key"]: ds[i]["captions"] for i in range(len(ds))}
     assert got == {keys[0]: [f"{keys[0]} de"], keys[1]: [f"{keys[1]} de"], keys[3]: ["untagged"]}
+
+
+def test_dataset_captions_read_metadata_only(tmp_path, monkeypatch):
+    from clipforge.data.captions import dataset_captions
+
+    keys = _multilingual_shards(tmp_path / "emoji")
+    monkeypatch.setenv("CLIPFORGE_DATA", str(tmp_path))
+    monkeypatch.setattr(ShardDataset, "__getitem__", lambda *a: pytest.fail("an image was decoded"))
+    assert dataset_captions("emoji", languages=["en"]) == [f"{keys[0]} en", f"{keys[2]} en", "untagged"]
+    assert dataset_captions("emoji+emoji", languages=["ja"]) == [f"{keys[2]} ja", "untagged"] * 2

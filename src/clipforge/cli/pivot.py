@@ -47,14 +47,9 @@ def _texts(args) -> list[str]:
     kind, _, name = args.texts.partition(":")
     if kind != "corpus" or not name:
         raise ValueError(f"--texts takes corpus:NAME (e.g. corpus:emoji), got '{args.texts}'")
-    from ..data import build_dataset
-    from ..data.captions import caption_records
+    from ..data.captions import dataset_captions
 
-    texts = []
-    for part in name.split("+"):  # metadata only: no image is decoded
-        ds = build_dataset(part, split="train", size=None, image_size=None, languages=["en"])
-        texts += [c for rec in caption_records(ds) for c in rec["captions"]]
-    return texts
+    return dataset_captions(name, split="train", languages=["en"])
 
 
 def run(args) -> int:

@@ -248,3 +248,18 @@ def caption_records(dataset_or_items) -> list[dict[str, Any]]:
                 rec[extra] = item[extra]
         out.append(rec)
     return out
+
+
+def dataset_captions(name: str, split: str = "train", languages: list[str] | None = None, size: int | None = None,
+                     seed: int = 0) -> list[str]:
+    """Every caption of one split of a registered dataset (``a+b`` for several), in sample order,
+    read from the metadata without decoding an image; ``languages`` keeps those languages'
+    captions (corpora that tag them), ``size``/``seed`` the same subset as ``build_dataset``."""
+    from .datasets import build_dataset
+
+    extra = {"languages": list(languages)} if languages else {}
+    texts: list[str] = []
+    for part in name.split("+"):
+        ds = build_dataset(part.strip(), split=split, size=size, seed=seed, **extra)
+        texts += [c for rec in caption_records(ds) for c in rec["captions"]]
+    return texts
