@@ -121,8 +121,12 @@ def run(args) -> int:
     import json
 
     from ..evaluation.cache import DEFAULT_ROOT
-    from ..evaluation.clip_benchmark_format import (clip_benchmark_records, render_multi_report,
-                                                    write_clip_benchmark_records, write_summary_csv)
+    from ..evaluation.clip_benchmark_format import (
+        clip_benchmark_records,
+        render_multi_report,
+        write_clip_benchmark_records,
+        write_summary_csv,
+    )
     from ..evaluation.report import write_report
     from ..evaluation.user_suite import resolve_tasks
     from ..interop import load

@@ -106,4 +106,4 @@ def render_multi_report(per_dataset: dict[str, tuple[dict, dict]], title: str, h
             f"article{{border-top:3px solid #888;margin-top:2em}}</style></head><body>{''.join(parts)}</body></html>")
 
 
-__all__ = ["clip_benchmark_records", "write_clip_benchmark_records", "write_summary_csv", "render_multi_report", "slug"]
+__all__ = ["clip_benchmark_records", "render_multi_report", "slug", "write_clip_benchmark_records", "write_summary_csv"]

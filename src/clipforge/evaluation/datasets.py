@@ -28,14 +28,27 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import math
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from ..data.formats import IMAGE_EXTENSIONS, ReadStats, _as_label, _manifest_rows, clean_captions
-from .templates import PromptError, read_classnames, read_lines, read_templates, resolve_templates
+from ..data.formats import (
+    IMAGE_EXTENSIONS,
+    ReadStats,
+    _as_label,
+    _manifest_rows,
+    clean_captions,
+)
+from .templates import (
+    PromptError,
+    read_classnames,
+    read_lines,
+    read_templates,
+    resolve_templates,
+)
 
 PREFIXES = ("imagefolder", "wds", "csv", "tsv", "jsonl", "parquet", "shards")
 BUILTIN = ("shapes", "openclipart", "emoji")
@@ -348,7 +361,7 @@ def read_manifest_spec(spec: str, path: Path, options: SpecOptions) -> EvalData:
         rows = list(_manifest_rows(path, stats))
     except ValueError as e:
         raise DatasetSpecError(f"--dataset {spec!r}: {e}") from None
-    except Exception as e:  # e.g. a file that is not Parquet at all
+    except (OSError, UnicodeError, ImportError) as e:  # e.g. a file that is not Parquet at all
         raise DatasetSpecError(f"--dataset {spec!r}: cannot read {path} as a {path.suffix} manifest "
                                f"({type(e).__name__}: {e}); check the file and its extension") from None
     for n, row in rows:
@@ -382,7 +395,7 @@ def read_manifest_spec(spec: str, path: Path, options: SpecOptions) -> EvalData:
         label = None
         if label_col is not None:
             value = row.get(label_col)
-            if value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, float) and value != value):
+            if value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, float) and math.isnan(value)):
                 stats.skip("bad_row", f"{key}: empty {label_col!r}")
                 continue
             label = value.strip() if isinstance(value, str) else value
@@ -521,5 +534,16 @@ def load_train_split(spec: str, options: SpecOptions) -> EvalSplit:
     return data.test
 
 
-__all__ = ["DatasetSpecError", "ImageRef", "EvalSplit", "EvalData", "SpecOptions", "PREFIXES", "BUILTIN", "is_builtin",
-           "parse_spec", "load_eval_data", "load_train_split"]
+__all__ = [
+    "BUILTIN",
+    "PREFIXES",
+    "DatasetSpecError",
+    "EvalData",
+    "EvalSplit",
+    "ImageRef",
+    "SpecOptions",
+    "is_builtin",
+    "load_eval_data",
+    "load_train_split",
+    "parse_spec",
+]

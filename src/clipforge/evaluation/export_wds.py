@@ -81,7 +81,7 @@ def _write_split(split: EvalSplit, out: Path, name: str, retrieval: bool, max_co
                 if tar is not None:
                     tar.close()
                     shard += 1
-                tar = tarfile.open(folder / f"{shard}.tar", "w")
+                tar = tarfile.open(folder / f"{shard}.tar", "w")  # noqa: SIM115 - one per shard, closed below
             key = f"s{n:07d}"
             add_tar_member(tar, f"{key}.{ext}", data)
             if retrieval:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -98,4 +99,4 @@ def decode_for_display(ref: ImageRef, size: int) -> Tensor | Any:
         return torch.full((3, size, size), 128, dtype=torch.uint8)
 
 
-__all__ = ["RefImages", "encode_refs", "autocast", "PRECISIONS", "decode_for_display"]
+__all__ = ["PRECISIONS", "RefImages", "autocast", "decode_for_display", "encode_refs"]

@@ -14,8 +14,8 @@ normalized text embeddings of a class's prompts.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 OPENAI_IMAGENET: tuple[str, ...] = (
     'a bad photo of a {c}.', 'a photo of many {c}.', 'a sculpture of a {c}.', 'a photo of the hard to see {c}.',
@@ -105,5 +105,15 @@ def read_classnames(path: str | Path, expected: int | None = None, what: str = "
     return names
 
 
-__all__ = ["OPENAI_IMAGENET", "OPENAI_SHORT", "SIMPLE", "TEMPLATE_SETS", "PromptError", "as_positional", "read_lines",
-           "read_templates", "resolve_templates", "read_classnames"]
+__all__ = [
+    "OPENAI_IMAGENET",
+    "OPENAI_SHORT",
+    "SIMPLE",
+    "TEMPLATE_SETS",
+    "PromptError",
+    "as_positional",
+    "read_classnames",
+    "read_lines",
+    "read_templates",
+    "resolve_templates",
+]

@@ -15,8 +15,9 @@ workers. What each task needs, and the reason recorded when it is skipped:
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -252,4 +253,4 @@ def run_user_suite(model, tokenizer: Callable, data: EvalData, suite: str = "qui
     return SuiteResult(results, artifacts)
 
 
-__all__ = ["RefSeq", "StreamingContext", "UserSuiteData", "run_user_suite", "resolve_tasks", "task_robustness_stream"]
+__all__ = ["RefSeq", "StreamingContext", "UserSuiteData", "resolve_tasks", "run_user_suite", "task_robustness_stream"]
