@@ -307,3 +307,40 @@ def test_task_without_what_it_needs_is_skipped_with_reason(make_image_folder, sm
 def test_spec_errors_are_dataset_spec_errors(tmp_path):
     with pytest.raises(DatasetSpecError, match="no class subfolders"):
         load_eval_data(f"imagefolder:{tmp_path}")
+
+
+# ------------------------------------------------------------------------------ shards:, parquet:, train splits
+@pytest.fixture(scope="module")
+def labelled_shards(make_image_folder, tmp_path_factory):
+    """A shard directory (clipforge data convert) with train and test splits, a label view and captions."""
+    from clipforge.data.formats import write_manifest
+
+    root = tmp_path_factory.mktemp("shards")
+    make_image_folder(root / "img", CLASSES[:3], 8, seed=7)
+    rows = [{"image": f"img/{c}/{i}.png", "captions": [f"a {c} picture {i}"], "labels": {"label": k}}
+            for k, c in enumerate(CLASSES[:3]) for i in range(8)]
+    write_manifest(root / "m.jsonl", rows)
+    write_manifest(root / "m.parquet", rows)
+    assert main(["data", "convert", str(root / "m.jsonl"), "--out", str(root / "shards"), "--test-fraction", "0.4",
+                 "--quiet"]) == 0
+    return root
+
+
+def test_shards_spec_uses_its_train_split_and_exports_to_the_same_numbers(labelled_shards, small_model_dir, tmp_path):
+    root = labelled_shards
+    assert main(["data", "export-wds", str(root / "shards"), "--out", str(root / "wds"), "--quiet"]) == 0
+    assert (root / "wds" / "train" / "nshards.txt").is_file()
+    res = _eval(small_model_dir, tmp_path, "--dataset", f"shards:{root / 'shards'}", "--dataset", f"wds:{root / 'wds'}",
+                "--templates", "simple", "--tasks", "zero_shot,linear_probe")
+    a, b = (res["datasets"][s] for s in (f"shards:{root / 'shards'}", f"wds:{root / 'wds'}"))
+    assert a["data"]["test"]["images"] + a["data"]["train"]["images"] == 24
+    assert a["zero_shot"] == b["zero_shot"] and a["linear_probe"] == b["linear_probe"]
+    assert a["linear_probe"]["label"]["n_test"] == a["data"]["test"]["images"]
+
+
+def test_parquet_and_jsonl_manifests_give_the_same_retrieval(labelled_shards, small_model_dir, tmp_path):
+    root = labelled_shards
+    res = _eval(small_model_dir, tmp_path, "--dataset", f"jsonl:{root / 'm.jsonl'}", "--dataset",
+                f"parquet:{root / 'm.parquet'}", "--tasks", "retrieval")
+    a, b = res["datasets"].values()
+    assert a["retrieval"]["test"]["num_images"] == 24 and a["retrieval"] == b["retrieval"]
