@@ -127,6 +127,7 @@ def run(args) -> int:
         write_clip_benchmark_records,
         write_summary_csv,
     )
+    from ..evaluation.datasets import is_builtin
     from ..evaluation.report import write_report
     from ..evaluation.user_suite import resolve_tasks
     from ..interop import load
@@ -157,7 +158,7 @@ def run(args) -> int:
     if args.no_report:
         (out / "results.json").write_text(json.dumps(results, indent=2))
         written = [out / "results.json"]
-    elif single:
+    elif single and is_builtin(specs[0]):
         written = list(write_report(results, per_dataset[specs[0]][1], out, title=title))
     else:
         (out / "results.json").write_text(json.dumps(results, indent=2))
