@@ -344,3 +344,30 @@ def test_parquet_and_jsonl_manifests_give_the_same_retrieval(labelled_shards, sm
                 f"parquet:{root / 'm.parquet'}", "--tasks", "retrieval")
     a, b = res["datasets"].values()
     assert a["retrieval"]["test"]["num_images"] == 24 and a["retrieval"] == b["retrieval"]
+
+
+def test_probe_splits_hold_out_every_fifth_train_image(make_image_folder, small_model, small_tokenizer, tmp_path):
+    from clipforge.evaluation.cache import EmbeddingCache
+    from clipforge.evaluation.user_suite import StreamingContext, UserSuiteData
+
+    opts = SpecOptions(templates="simple")
+    test = load_eval_data(f"imagefolder:{make_image_folder(tmp_path / 'a', CLASSES[:2], 3)}", opts)
+    train = load_eval_data(f"imagefolder:{make_image_folder(tmp_path / 'b', CLASSES[:2], 6, seed=9)}", opts).test
+    (tmp_path / "b" / "ant" / "9.png").write_bytes(b"broken")  # not indexed yet: add it, then re-read
+    train = load_eval_data(f"imagefolder:{tmp_path / 'b'}", opts).test
+    ctx = StreamingContext(small_model, small_tokenizer, None, EmbeddingCache(small_model, None), workers=0, progress=False)
+    ctx.data = UserSuiteData(test, ctx, train)
+    fit, val, tst, extra = ctx.data.probe_splits("label")
+    good = [i for i in range(len(train)) if train.keys[i] != "ant/9.png"]  # the broken file is dropped
+    assert sorted(fit.images.indices + val.images.indices) == good and extra is None
+    assert val.images.indices == good[::5]
+    assert fit.labels.tolist() == [train.labels[i] for i in fit.images.indices]
+    assert len(tst.images) == 6 and train.stats.skipped == {"corrupt_image": 1}
+
+
+def test_builtin_and_user_datasets_in_one_run(make_image_folder, small_model_dir, tmp_path):
+    make_image_folder(tmp_path / "f", CLASSES[:2], 2)
+    res = _eval(small_model_dir, tmp_path, "--dataset", "shapes", "--dataset", f"imagefolder:{tmp_path / 'f'}",
+                "--size", "24", "--templates", "simple", "--tasks", "zero_shot")
+    assert set(res["datasets"]["shapes"]["zero_shot"]) == {"object", "shape", "color", "count"}
+    assert res["datasets"][f"imagefolder:{tmp_path / 'f'}"]["zero_shot"]["label"]["n"] == 4
