@@ -371,3 +371,9 @@ def test_builtin_and_user_datasets_in_one_run(make_image_folder, small_model_dir
                 "--size", "24", "--templates", "simple", "--tasks", "zero_shot")
     assert set(res["datasets"]["shapes"]["zero_shot"]) == {"object", "shape", "color", "count"}
     assert res["datasets"][f"imagefolder:{tmp_path / 'f'}"]["zero_shot"]["label"]["n"] == 4
+
+
+def test_dataset_specs_are_checked_before_the_model_loads(tmp_path, capsys):
+    err = _error(capsys, ["eval", str(tmp_path / "no-model-here"), "--dataset", "shapes", "--dataset",
+                          f"imagefolder:{tmp_path / 'missing'}"])
+    assert "imagefolder:" in err and "does not exist" in err and "no-model-here" not in err

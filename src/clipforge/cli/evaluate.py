@@ -96,20 +96,27 @@ def _options(args):
                        label_column=args.label_column, image_column=args.image_column)
 
 
-def _evaluate_one(spec: str, model, tokenizer, transform, args, cache, tasks):
-    """(results, artifacts) of one dataset: the built-in suite data, or a user spec streamed from disk."""
+def _read_specs(specs: list[str], args) -> tuple[dict, object, object]:
+    """Every user spec's metadata, the train split and the OOD set, read before the model loads
+    (so a mistake in the last --dataset stops the run before anything is encoded)."""
     from ..evaluation.datasets import is_builtin, load_eval_data, load_train_split
+
+    opts = _options(args)
+    data = {spec: load_eval_data(spec, opts) for spec in specs if not is_builtin(spec)}
+    train = load_train_split(args.train_dataset, opts) if args.train_dataset else None
+    ood = load_eval_data(args.ood_dataset, opts) if args.ood_dataset else None
+    return data, train, ood
+
+
+def _evaluate_one(spec: str, data, train, ood, model, tokenizer, transform, args, cache, tasks):
+    """(results, artifacts) of one dataset: the built-in suite data, or a user spec streamed from disk."""
     from ..evaluation.suite import run_suite
     from ..evaluation.user_suite import run_user_suite
 
-    if is_builtin(spec):
+    if data is None:
         res = run_suite(model.cpu(), tokenizer, args.suite, dataset=spec, size=args.size, seed=args.seed, cache_dir=cache,
                         progress=not args.quiet, data_root=args.data_root, tasks=tasks)
         return res.results, res.artifacts
-    opts = _options(args)
-    data = load_eval_data(spec, opts)
-    train = load_train_split(args.train_dataset, opts) if args.train_dataset else None
-    ood = load_eval_data(args.ood_dataset, opts) if args.ood_dataset else None
     model.to(args.device)
     res = run_user_suite(model, tokenizer, data, args.suite, tasks, cache_dir=cache, progress=not args.quiet, train=train,
                          ood=ood, transform=transform, batch_size=args.batch_size, workers=args.workers,
@@ -140,9 +147,11 @@ def run(args) -> int:
         raise ValueError("--batch-size must be at least 1 and --workers at least 0")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     resolve_tasks(args.suite, tasks)  # an unknown suite or task fails before the model loads
+    user_data, train, ood = _read_specs(specs, args)
     model, tokenizer, transform = load(args.model)
     cache = None if args.no_cache else (args.cache_dir or DEFAULT_ROOT)
-    per_dataset = {spec: _evaluate_one(spec, model, tokenizer, transform, args, cache, tasks) for spec in specs}
+    per_dataset = {spec: _evaluate_one(spec, user_data.get(spec), train, ood, model, tokenizer, transform, args, cache,
+                                       tasks) for spec in specs}
     src = Path(args.model)
     if args.out:
         out = Path(args.out)
