@@ -4,6 +4,7 @@
     clipforge data build emoji --out DIR
     clipforge data info DIR
     clipforge data convert SRC --out DIR [--shard-size-mb 64] [--image-size N] [--val-fraction F]
+    clipforge data export-wds SRC --out DIR     # CLIP_benchmark's webdataset layout, for clipforge eval and clip_benchmark
 
 ``--out`` defaults to ``$CLIPFORGE_DATA/NAME`` (``~/.cache/clipforge/data/NAME``), where
 ``build_dataset(NAME, ...)`` looks for it. An interrupted build resumes when run again.
@@ -48,6 +49,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="image folders: label view 'folder' = the first-level folder")
     c.add_argument("--name", help="dataset name in the manifest (default: the source's name)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
+    e = sub.add_parser("export-wds", help="write an image folder, manifest or shard directory in CLIP_benchmark's "
+                                          "webdataset layout",
+                       description="write SRC as DIR/<split>/{0..N-1}.tar + nshards.txt, classnames.txt, "
+                                   "zeroshot_classification_templates.txt (classification) or dataset_type.txt "
+                                   "(retrieval), the layout clip_benchmark and `clipforge eval --dataset wds:DIR` read")
+    e.add_argument("src", help="imagefolder:DIR, csv:FILE, jsonl:FILE, parquet:FILE, shards:DIR, or a plain path "
+                               "(folder with manifest.json = shards, other folder = image folder, manifest file)")
+    e.add_argument("--out", required=True, help="the directory to write")
+    e.add_argument("--split", default="test", help="name of the exported split (shard directories: the split to "
+                                                   "export; a train split is exported too). Default test")
+    e.add_argument("--label-column", help="manifests: the class column; shard directories: the label view")
+    e.add_argument("--classnames", help="file of class names, one per line (overrides the source's)")
+    e.add_argument("--templates", default="openai_imagenet",
+                   help="templates written where the source has none: openai_imagenet, openai_short, simple or a file")
+    e.add_argument("--max-count", type=int, default=10_000, help="samples per tar shard (default 10000)")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
     i = sub.add_parser("info", help="summarize a built shard directory", description="summarize a built shard directory")
     i.add_argument("dir", help="a shard directory, or the name of a corpus in the data home")
     i.add_argument("--json", action="store_true", help="print manifest and stats as one JSON object")
@@ -113,6 +130,20 @@ def run(args) -> int:
             print(table(rows, ["skipped", "records", "examples"]))
         print(f"done in {time.perf_counter() - t0:.1f} s; train on it with data.dataset=shards data.root={out} "
               "(data.streaming=true to stream it)")
+        return 0
+    if args.data_command == "export-wds":
+        from ..evaluation.export_wds import export_wds
+        from .common import table
+
+        t0 = time.perf_counter()
+        rep = export_wds(args.src, args.out, split=args.split, label_column=args.label_column,
+                         classnames=args.classnames, templates=args.templates, max_count=args.max_count,
+                         progress=not args.quiet)
+        rows = [[name, s["samples"], s["shards"], ", ".join(f"{k}: {v}" for k, v in s["skipped"].items()) or "none"]
+                for name, s in rep["splits"].items()]
+        print(f"{rep['source']} -> {args.out} ({rep['type']})")
+        print(table(rows, ["split", "samples", "shards", "skipped"]))
+        print(f"done in {time.perf_counter() - t0:.1f} s; evaluate it with clipforge eval MODEL --dataset wds:{args.out}")
         return 0
     if args.data_command == "info":
         root = Path(args.dir)

@@ -3,6 +3,8 @@
     clipforge eval runs/a                       # quick suite: zero-shot, retrieval, embedding diagnostics
     clipforge eval runs/a --suite full          # + probes, few-shot, compositionality, counting, OOD, calibration, robustness
     clipforge eval path/to/hf-clip --out rep/   # any checkpoint clipforge.load reads
+    clipforge eval runs/a --dataset imagefolder:photos/ --dataset csv:pairs.csv --dataset wds:cifar10/
+                                                # your own data: one summary table, one report section per dataset
 """
 from __future__ import annotations
 
@@ -15,8 +17,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                  "clipforge.load reads (Hugging Face CLIP/SigLIP directory, OpenCLIP or OpenAI weights)")
     p.add_argument("--suite", default="quick",
                    help="quick: zero-shot, retrieval, diagnostics (seconds); full: every task (minutes). Default quick")
-    p.add_argument("--dataset", default="shapes", help="shapes (default: its held-out splits) or a built corpus: openclipart, "
-                                                      "emoji (clipforge data build NAME)")
+    p.add_argument("--dataset", action="append", metavar="SPEC",
+                   help="repeatable. shapes (default: its held-out splits), a built corpus (openclipart, emoji), or your "
+                        "own data: imagefolder:DIR (a subfolder per class), wds:DIR (CLIP_benchmark webdataset layout), "
+                        "csv:FILE / tsv:FILE / jsonl:FILE / parquet:FILE (image-caption manifest; --label-column for "
+                        "classes), shards:DIR (clipforge data build|convert output)")
     p.add_argument("--data-root", help="where the corpus was built (default $CLIPFORGE_DATA/NAME or ~/.cache/clipforge/data/NAME)")
     p.add_argument("--size", type=int, default=500, help="samples per evaluation split (default 500)")
     p.add_argument("--seed", type=int, default=12345, help="evaluation data seed; differs from training's (default 12345)")
@@ -27,6 +32,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-report", action="store_true", help="write results.json only")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("your own data (imagefolder:, wds:, csv:, jsonl:, parquet:, shards: specs)")
+    g.add_argument("--split", default="test", help="the split of wds:/shards: datasets to evaluate (default test)")
+    g.add_argument("--templates", default="openai_imagenet",
+                   help="prompt templates where the dataset has none: openai_imagenet (80, default), openai_short (7), "
+                        "simple ('a photo of a {c}.'), or a file with one template per line ({c} marks the class name)")
+    g.add_argument("--classnames", help="file of class names, one per line in class-index order (overrides the dataset's)")
+    g.add_argument("--label-column", help="manifests: the column holding the class (integer index or name); "
+                                          "shards: the label view (default: the first)")
+    g.add_argument("--image-column", default="image", help="manifests: the column holding the image path (default image)")
+    g.add_argument("--train-dataset", metavar="SPEC", help="labelled train data for the linear probe and few-shot "
+                                                           "adapters (default: the dataset's own train split, if any)")
+    g.add_argument("--ood-dataset", metavar="SPEC", help="out-of-distribution images for OOD detection")
+    g.add_argument("--tasks", help="comma-separated tasks instead of a suite (zero_shot,retrieval,linear_probe,few_shot,"
+                                   "ood,calibration,robustness,diagnostics)")
+    g.add_argument("--batch-size", type=int, default=64, help="images per encoding batch (default 64)")
+    g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes decoding images (default 2)")
+    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: encode under bf16 autocast")
+    g.add_argument("--device", default="cpu", help="where the model runs for your own data (default cpu)")
 
 
 def summary_rows(results: dict) -> list[list]:
@@ -66,31 +89,112 @@ def summary_rows(results: dict) -> list[list]:
     return rows
 
 
-def run(args) -> int:
-    from ..evaluation.cache import DEFAULT_ROOT
-    from ..evaluation.report import write_report
+def _options(args):
+    from ..evaluation.datasets import SpecOptions
+
+    return SpecOptions(split=args.split, templates=args.templates, classnames=args.classnames,
+                       label_column=args.label_column, image_column=args.image_column)
+
+
+def _read_specs(specs: list[str], args) -> tuple[dict, object, object]:
+    """Every user spec's metadata, the train split and the OOD set, read before the model loads
+    (so a mistake in the last --dataset stops the run before anything is encoded)."""
+    from ..evaluation.datasets import is_builtin, load_eval_data, load_train_split
+
+    opts = _options(args)
+    data = {spec: load_eval_data(spec, opts) for spec in specs if not is_builtin(spec)}
+    train = load_train_split(args.train_dataset, opts) if args.train_dataset else None
+    ood = load_eval_data(args.ood_dataset, opts) if args.ood_dataset else None
+    return data, train, ood
+
+
+def _evaluate_one(spec: str, data, train, ood, model, tokenizer, transform, args, cache, tasks):
+    """(results, artifacts) of one dataset: the built-in suite data, or a user spec streamed from disk."""
     from ..evaluation.suite import run_suite
+    from ..evaluation.user_suite import run_user_suite
+
+    if data is None:
+        res = run_suite(model.cpu(), tokenizer, args.suite, dataset=spec, size=args.size, seed=args.seed, cache_dir=cache,
+                        progress=not args.quiet, data_root=args.data_root, tasks=tasks)
+        return res.results, res.artifacts
+    model.to(args.device)
+    res = run_user_suite(model, tokenizer, data, args.suite, tasks, cache_dir=cache, progress=not args.quiet, train=train,
+                         ood=ood, transform=transform, batch_size=args.batch_size, workers=args.workers,
+                         precision=args.precision, device=args.device)
+    return res.results, res.artifacts
+
+
+def run(args) -> int:
+    import json
+
+    from ..evaluation.cache import DEFAULT_ROOT
+    from ..evaluation.clip_benchmark_format import (
+        clip_benchmark_records,
+        render_multi_report,
+        write_clip_benchmark_records,
+        write_summary_csv,
+    )
+    from ..evaluation.datasets import is_builtin
+    from ..evaluation.report import write_report
+    from ..evaluation.user_suite import resolve_tasks
     from ..interop import load
     from .common import dump_json, table
 
-    model, tokenizer, _ = load(args.model)
+    specs = args.dataset or ["shapes"]
+    if len(set(specs)) != len(specs):
+        raise ValueError(f"--dataset names the same dataset twice ({specs}); give each once")
+    if args.batch_size < 1 or args.workers < 0:
+        raise ValueError("--batch-size must be at least 1 and --workers at least 0")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    resolve_tasks(args.suite, tasks)  # an unknown suite or task fails before the model loads
+    user_data, train, ood = _read_specs(specs, args)
+    model, tokenizer, transform = load(args.model)
     cache = None if args.no_cache else (args.cache_dir or DEFAULT_ROOT)
-    res = run_suite(model, tokenizer, args.suite, dataset=args.dataset, size=args.size, seed=args.seed,
-                    cache_dir=cache, progress=not args.quiet, data_root=args.data_root)
+    per_dataset = {spec: _evaluate_one(spec, user_data.get(spec), train, ood, model, tokenizer, transform, args, cache,
+                                       tasks) for spec in specs}
     src = Path(args.model)
-    name = f"eval-{args.suite}" if args.dataset == "shapes" else f"eval-{args.suite}-{args.dataset}"
-    out = Path(args.out) if args.out else (src if src.is_dir() else Path(".")) / name
+    if args.out:
+        out = Path(args.out)
+    else:
+        tag = specs[0] if len(specs) == 1 else f"{len(specs)}-datasets"
+        name = f"eval-{args.suite}" if specs == ["shapes"] else f"eval-{args.suite}-{slug_name(tag)}"
+        out = (src if src.is_dir() else Path(".")) / name
+    out.mkdir(parents=True, exist_ok=True)
+    single = len(specs) == 1
+    results = per_dataset[specs[0]][0] if single else {"suite": args.suite, "model": args.model,
+                                                       "datasets": {s: r for s, (r, _) in per_dataset.items()}}
+    title = f"clipforge eval: {args.model}"
     if args.no_report:
-        import json
-
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(res.results, indent=2))
+        (out / "results.json").write_text(json.dumps(results, indent=2))
         written = [out / "results.json"]
+    elif single and is_builtin(specs[0]):
+        written = list(write_report(results, per_dataset[specs[0]][1], out, title=title))
     else:
-        written = list(write_report(res.results, res.artifacts, out, title=f"clipforge eval: {args.model}"))
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        (out / "report.html").write_text(render_multi_report(per_dataset, title, f"<p>suite <code>{args.suite}</code></p>"))
+        written = [out / "results.json", out / "report.html"]
+    records = [rec for s, (r, _) in per_dataset.items() for rec in clip_benchmark_records(s, args.model, r)]
+    write_clip_benchmark_records(out, records)
+    rows = [[s, *row] for s, (r, _) in per_dataset.items() for row in summary_rows(r)]
+    written.append(write_summary_csv(out / "summary.csv", rows))
     if args.json:
-        print(dump_json(res.results))
+        print(dump_json(results))
     else:
-        print(table(summary_rows(res.results), ["task", "metric", "value", "chance"]))
+        print(table(rows, ["dataset", "task", "metric", "value", "chance"]))
+        for s, (r, _) in per_dataset.items():
+            skipped = {t: v["skipped"] for t, v in r.items() if isinstance(v, dict) and "skipped" in v}
+            for t, why in skipped.items():
+                print(f"{s}: {t} skipped: {why}")
+            counts = (r.get("data") or {}).get("test", {}).get("skipped")
+            if counts:
+                print(f"{s}: images skipped: {counts} (examples in results.json)")
+        if records:
+            print(f"CLIP_benchmark records: {len(records)} in {out / 'clip_benchmark'}")
         print("written: " + ", ".join(str(p) for p in written))
     return 0
+
+
+def slug_name(text: str) -> str:
+    from ..evaluation.clip_benchmark_format import slug
+
+    return slug(text)
