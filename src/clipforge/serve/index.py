@@ -9,7 +9,8 @@ Layout of an index directory::
 
 ``kind`` is ``file`` (an image file: ``path`` is its absolute path, ``length`` its size in bytes,
 ``mtime_ns`` its modification time) or ``corpus`` (a sample of a built corpus: ``path`` is its
-webdataset shard, ``offset``/``length`` the image member's bytes inside it, ``key`` is
+webdataset shard, ``offset``/``length`` the image member's bytes inside it, ``mtime_ns`` the
+shard's modification time (0 in indexes written before it was recorded), ``key`` is
 ``NAME/SPLIT/KEY``). An item's id is its row number in this version of the index.
 
 Incremental builds: a file whose path, size and modification time match a row is not embedded
@@ -27,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +50,10 @@ class IndexNotFoundError(FileNotFoundError):
 
 class ModelMismatchError(ValueError):
     """The model at hand is not the one an index was built with."""
+
+
+class ItemChangedError(FileNotFoundError):
+    """An indexed image is no longer what the index recorded (it resolves elsewhere, or was replaced)."""
 
 
 # ---------------------------------------------------------------- model identity
@@ -160,8 +166,79 @@ def open_index(index_dir: str | os.PathLike) -> IndexData:
     return IndexData(root, manifest, embeddings, meta)
 
 
+def indexed_roots(manifest: dict[str, Any]) -> list[str]:
+    """The folders an index was built from (resolved when they were indexed), from its ``sources``."""
+    return [str(p) for s in manifest.get("sources", []) if s.get("kind") == "images" for p in s.get("paths", [])]
+
+
+def _inside(path: str, roots: Sequence[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
+
+_FIX = "re-run `clipforge index` to index what is there now"
+
+
+def _resolve_indexed(row: dict[str, Any], roots: Sequence[str]) -> tuple[str, str]:
+    path = os.path.normpath(row["path"])
+    real = os.path.realpath(path)
+    if real != path and not (row["kind"] == "file" and _inside(real, roots)):
+        raise ItemChangedError(f"item {row['key']!r}: {path} now resolves outside the indexed folders "
+                               f"(a symlink put there after indexing?); not served. If that is intended, {_FIX}")
+    return path, real
+
+
+def _check_stat(row: dict[str, Any], path: str, st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise ItemChangedError(f"item {row['key']!r}: {path} is not a regular file any more; not served")
+    if row["kind"] == "corpus":
+        changed = ((row["mtime_ns"] and st.st_mtime_ns != row["mtime_ns"])
+                   or st.st_size < row["offset"] + row["length"])
+    else:
+        changed = st.st_size != row["length"] or st.st_mtime_ns != row["mtime_ns"]
+    if changed:
+        raise ItemChangedError(f"item {row['key']!r}: {path} changed since it was indexed (its size or modification "
+                               f"time differ); not served. To serve the new file, {_FIX}")
+
+
+def check_indexed_file(row: dict[str, Any], roots: Sequence[str] = ()) -> os.stat_result:
+    """The ``stat`` of one row's file if it is still the one indexed (see :func:`read_indexed_bytes`), else raise."""
+    path, real = _resolve_indexed(row, roots)
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"item {row['key']!r}: {path} no longer exists ({_FIX})") from None
+    _check_stat(row, path, st)
+    return st
+
+
+def read_indexed_bytes(row: dict[str, Any], roots: Sequence[str] = ()) -> bytes:
+    """The bytes of one row, only if its file is still the one indexed; :class:`ItemChangedError` otherwise.
+
+    The file's real path (symlinks resolved now) must be the recorded path, or for an image file
+    lie inside one of ``roots`` (the indexed folders: :func:`indexed_roots`); the file opened
+    (without following a symlink) must be a regular file whose size and modification time are
+    the recorded ones (for a corpus sample: its shard's time, when recorded, and a byte range
+    inside it). A symlink or another file swapped in after indexing is therefore refused, not
+    served. A missing file raises ``FileNotFoundError``. Content rewritten with the same size and
+    the old modification time restored is not detected (that would take a hash of every file).
+    """
+    path, real = _resolve_indexed(row, roots)
+    try:
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"item {row['key']!r}: {path} no longer exists ({_FIX})") from None
+    except OSError as e:  # ELOOP: the last component became a symlink between the two calls
+        raise ItemChangedError(f"item {row['key']!r}: {path} cannot be opened safely ({e.strerror}); not served")
+    with os.fdopen(fd, "rb") as f:
+        _check_stat(row, path, os.fstat(fd))
+        if row["kind"] == "corpus":
+            f.seek(row["offset"])
+            return f.read(row["length"])
+        return f.read()
+
+
 def read_item_bytes(row: dict[str, Any]) -> bytes:
-    """The encoded image bytes of one metadata row (a file, or a member of a corpus shard)."""
+    """The encoded image bytes of one metadata row (a file, or a member of a corpus shard), unchecked."""
     path = Path(row["path"])
     if not path.exists():
         raise FileNotFoundError(f"item {row['key']!r}: {path} no longer exists (re-run `clipforge index` to update)")
@@ -236,13 +313,14 @@ def scan_corpus(name: str, split: str, root: str | os.PathLike | None = None,
     out = []
     for shard in manifest["splits"][split]["shards"]:
         path = (base / shard["file"]).resolve()
+        shard_mtime = path.stat().st_mtime_ns
         for entry in shard_entries(path):
             meta = entry.meta
             captions = list(meta.get("captions", []))
             if langs is not None and meta.get("caption_langs"):
                 captions = [c for c, lang in zip(captions, meta["caption_langs"]) if lang in langs]
             row = {"key": f"{name}/{split}/{entry.key}", "kind": "corpus", "path": path.as_posix(),
-                   "offset": entry.offset, "length": entry.size, "mtime_ns": 0, "ext": entry.ext,
+                   "offset": entry.offset, "length": entry.size, "mtime_ns": shard_mtime, "ext": entry.ext,
                    "caption": captions[0] if captions else None}
             out.append(Candidate(row, lambda row=row: read_item_bytes(row)))
     return out
@@ -348,6 +426,11 @@ def build_index(model, preprocess, out: str | os.PathLike, candidates: Sequence[
     captions_edited = False
     for c in candidates:
         i = by_key.get(c.row["key"])
+        if (i is not None and c.row["kind"] == "corpus" and meta["mtime_ns"][i] == 0
+                and meta["length"][i] == c.row["length"]):
+            # indexed before shard times were recorded: adopt the shard's time instead of re-embedding
+            meta["mtime_ns"][i] = c.row["mtime_ns"]
+            captions_edited = True
         if i is not None and meta["length"][i] == c.row["length"] and meta["mtime_ns"][i] == c.row["mtime_ns"]:
             report.unchanged += 1
             if meta["caption"][i] != c.row["caption"]:  # a sidecar caption edited: no need to re-embed
