@@ -339,3 +339,26 @@ def test_corpus_shard_swapped_or_changed_is_404(model_dir, corpus_dir, tmp_path)
     shard.unlink()
     shutil.copyfile(copy, shard)  # the same bytes, rewritten later: the shard's time no longer matches
     assert client.get("/image/0").status_code == 404
+
+
+def test_old_corpus_index_without_shard_times_is_served_and_upgraded(model_dir, corpus_dir, tmp_path, capsys):
+    """Indexes written before shard times were recorded (mtime_ns 0): served with the path and range checks,
+    and the next `clipforge index` run records the times without re-embedding anything."""
+    from clipforge.serve.index import _write, open_index
+
+    out = tmp_path / "idx"
+    cmd = ["index", str(model_dir), "--corpus", "toy", "--corpus-root", str(corpus_dir), "--split", "test",
+           "--out", str(out), "--quiet"]
+    assert main(cmd) == 0
+    data = open_index(out)
+    recorded = list(data.meta["mtime_ns"])
+    assert all(t > 0 for t in recorded)
+    old_meta = {**data.meta, "mtime_ns": [0] * len(data)}
+    _write(out, data.manifest, data.embeddings, old_meta)
+    assert TestClient(create_app(Searcher(out, backend="numpy"))).get("/image/0").status_code == 200
+    capsys.readouterr()
+    assert main(cmd) == 0
+    assert "(0 added, 0 re-embedded, 6 unchanged" in capsys.readouterr().out
+    upgraded = open_index(out)
+    assert upgraded.meta["mtime_ns"] == recorded
+    np.testing.assert_array_equal(upgraded.embeddings, data.embeddings)
