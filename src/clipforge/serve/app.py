@@ -35,7 +35,6 @@ Searcher) works without the ``serve`` extra installed.
 """
 # no ``from __future__ import annotations`` here: FastAPI reads the route signatures' annotations at
 # runtime, and the fastapi types are imported inside create_app, out of reach of string annotations
-import asyncio
 import hashlib
 import json
 import logging
@@ -60,7 +59,7 @@ MAX_TEMPLATE_CHARS = 500
 DECODE_WORKERS = 2
 MAX_UPLOADS = 16
 UPLOAD_PATHS = ("/search/image", "/classify")
-DRAIN_SECONDS = 1.0  # after refusing a body, read (and drop) what the client still sends for this long at most
+CLOSE = [(b"connection", b"close")]
 
 
 class _BodyTooLarge(Exception):
@@ -74,9 +73,9 @@ class RequestLimits:
     application reads them, whatever the header said (a chunked body declares none). Past
     ``max_body_bytes`` the client gets 413 at once and the application an exception, so nothing
     more is read, parsed or spooled. A POST to one of ``upload_paths`` while ``max_uploads``
-    others are in flight gets 503 with ``Retry-After`` before its body is read. After a refusal
-    the rest of the body is read and dropped for at most ``DRAIN_SECONDS`` so that the client
-    sees the answer rather than a reset connection.
+    others are in flight gets 503 with ``Retry-After`` before its body is read (uvicorn drops the
+    rest of that body as it arrives and keeps the connection). A 413 closes the connection, so
+    a client that goes on sending is cut off instead of being read to the end.
     """
 
     def __init__(self, app, max_body_bytes: int, max_uploads: int, upload_paths=UPLOAD_PATHS):
@@ -90,23 +89,8 @@ class RequestLimits:
         body = json.dumps({"detail": detail}).encode()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close"), *headers]})
+                                *headers]})
         await send({"type": "http.response.body", "body": body})
-
-    async def _drain(self, receive) -> None:
-        deadline = time.monotonic() + DRAIN_SECONDS
-        seen = 0
-        try:
-            while seen <= self.max_body_bytes:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return
-                message = await asyncio.wait_for(receive(), left)
-                if message["type"] != "http.request" or not message.get("more_body", False):
-                    return
-                seen += len(message.get("body", b""))
-        except (asyncio.TimeoutError, OSError, RuntimeError):
-            return
 
     def _too_large(self, size: str) -> str:
         return (f"request body {size} is larger than the limit of {self.max_body_bytes:,} bytes "
@@ -125,15 +109,13 @@ class RequestLimits:
                 await self._answer(send, 400, f"Content-Length {declared[:40]!r} is not a number")
                 return
             if n > self.max_body_bytes:
-                await self._answer(send, 413, self._too_large(f"of {n:,} bytes"))
-                await self._drain(receive)
+                await self._answer(send, 413, self._too_large(f"of {n:,} bytes"), headers=CLOSE)
                 return
         upload = scope.get("method") == "POST" and scope.get("path") in self.upload_paths
         if upload:
             if self.uploads_in_flight >= self.max_uploads:
                 await self._answer(send, 503, f"server busy: {self.uploads_in_flight} image uploads are being "
                                               "processed; retry in a moment", headers=[(b"retry-after", b"1")])
-                await self._drain(receive)
                 return
             self.uploads_in_flight += 1
         state = {"received": 0, "refused": False, "started": False}
@@ -147,7 +129,8 @@ class RequestLimits:
                 if state["received"] > self.max_body_bytes:
                     if not state["started"]:
                         state["refused"] = True
-                        await self._answer(send, 413, self._too_large(f"of more than {self.max_body_bytes:,} bytes"))
+                        await self._answer(send, 413, self._too_large(f"of more than {self.max_body_bytes:,} bytes"),
+                                           headers=CLOSE)
                     raise _BodyTooLarge()
             return message
 
@@ -165,8 +148,6 @@ class RequestLimits:
         finally:
             if upload:
                 self.uploads_in_flight -= 1
-        if state["refused"]:
-            await self._drain(receive)
 
 
 class DecodeWorkers:
