@@ -37,7 +37,6 @@ Searcher) works without the ``serve`` extra installed.
 # runtime, and the fastapi types are imported inside create_app, out of reach of string annotations
 import hashlib
 import json
-import logging
 import threading
 import time
 from functools import lru_cache
@@ -46,8 +45,6 @@ from typing import Any
 
 from ..images import ImageTooLargeError
 from .search import Searcher, check_template
-
-log = logging.getLogger(__name__)
 
 MAX_K = 200
 MAX_UPLOAD_BYTES = 20 << 20
