@@ -146,7 +146,7 @@ def _read_response(sock: socket.socket, timeout: float) -> bytes:
             if not chunk:
                 break
             data += chunk
-    except (socket.timeout, ConnectionResetError):
+    except (TimeoutError, ConnectionResetError):
         pass
     return data
 
@@ -365,3 +365,17 @@ def test_old_corpus_index_without_shard_times_is_served_and_upgraded(model_dir, 
     upgraded = open_index(out)
     assert upgraded.meta["mtime_ns"] == recorded
     np.testing.assert_array_equal(upgraded.embeddings, data.embeddings)
+
+
+def test_index_skips_a_decompression_bomb_with_the_reason(model_dir, image_dir, tmp_path, capsys):
+    (image_dir / "bomb.png").write_bytes(bomb_png())
+    if not peak_rss_reset():
+        pytest.skip("cannot reset the peak RSS here (/proc/self/clear_refs)")
+    base = peak_rss_mb()
+    out = tmp_path / "idx"
+    assert main(["index", str(model_dir), "--images", str(image_dir), "--out", str(out), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "10 images (10 added" in captured.out and "skipped 1 unreadable" in captured.out
+    err = captured.err
+    assert "bomb.png" in err and "13000 x 13000" in err and "CLIPFORGE_MAX_IMAGE_PIXELS" in err
+    assert peak_rss_mb() - base < 150  # loading the model and 10 small images; decoding the bomb takes 0.7 GB
