@@ -379,3 +379,23 @@ def test_index_skips_a_decompression_bomb_with_the_reason(model_dir, image_dir, 
     err = captured.err
     assert "bomb.png" in err and "13000 x 13000" in err and "CLIPFORGE_MAX_IMAGE_PIXELS" in err
     assert peak_rss_mb() - base < 150  # loading the model and 10 small images; decoding the bomb takes 0.7 GB
+
+
+def test_serve_options_reach_the_app(searcher, monkeypatch, capsys):
+    """clipforge serve's limit options are the app's limits (uvicorn.run is replaced: no socket is opened)."""
+    uvicorn = pytest.importorskip("uvicorn")
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    assert main(["serve", str(searcher.root), "--max-labels", "2", "--max-label-chars", "5", "--max-image-pixels",
+                 "1000", "--max-upload-mb", "0.01"]) == 0
+    client = TestClient(apps[0])
+    img = _img(searcher)
+    r = client.post("/classify", files={"file": ("x.png", img, "image/png")}, data={"labels": "a,b,c"})
+    assert r.status_code == 413 and "at most 2" in r.json()["detail"]
+    r = client.post("/classify", files={"file": ("x.png", img, "image/png")}, data={"labels": "a,bbbbbb"})
+    assert r.status_code == 400
+    assert client.get("/image/0", params={"size": 32}).status_code == 413  # 48 x 48 > 1000 pixels
+    big = client.post("/search/image", files={"file": ("q.png", b"\0" * 20_000, "image/png")})
+    assert big.status_code == 413  # over 0.01 MiB
+    assert main(["serve", str(searcher.root), "--max-labels", "0"]) == 2
+    assert "--max-labels must be positive" in capsys.readouterr().err
