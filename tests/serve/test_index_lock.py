@@ -177,3 +177,15 @@ def test_stale_temporary_files_of_a_killed_run_are_cleaned_up(model_dir, image_d
                  "--rebuild"]) == 0
     assert len(open_index(out)) == 10 and not stale.exists()
     assert os.path.isdir(out / "embeddings.npy.tmp")  # not ours to remove: only our own name pattern is cleaned
+
+
+def test_index_files_keep_the_usual_permissions(tmp_path):
+    """Unique temporary files must not make the index private (mkstemp's 0600): other users may serve it."""
+    root = tmp_path / "idx"
+    old = os.umask(0o022)
+    try:
+        _write(root, *_state(1))
+    finally:
+        os.umask(old)
+    for name in ("embeddings.npy", "metadata.parquet", "manifest.json"):
+        assert (root / name).stat().st_mode & 0o777 == 0o644, name

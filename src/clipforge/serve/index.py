@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import stat
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -416,9 +415,13 @@ TMP_SUFFIX = ".tmp"
 
 def _temp_path(root: Path, name: str) -> Path:
     """A fresh temporary file next to ``name`` (``.NAME.RANDOM.tmp``): no two writers ever share one."""
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{name}.", suffix=TMP_SUFFIX)
-    os.close(fd)
-    return Path(tmp)
+    while True:
+        tmp = root / f".{name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}"
+        try:  # created here, exclusively, with the usual permissions (mkstemp's would be 0600)
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:  # pragma: no cover - 48 random bits
+            continue
 
 
 def remove_stale_temporaries(root: Path) -> list[str]:
