@@ -12,6 +12,14 @@ tensor (C x H x W). Modes are converted to RGB:
   bit depth to 0-255 (float images are assumed to lie in [0, 1]).
 
 Anything that cannot be decoded raises :class:`ImageLoadError`, whose message names the file.
+
+Every decode here is bounded: the size an image declares in its header is checked before any
+pixel is decoded, and an image with more than :func:`max_image_pixels` pixels (40,000,000 by
+default, ``CLIPFORGE_MAX_IMAGE_PIXELS`` or the ``max_pixels`` argument to change it) raises
+:class:`ImageTooLargeError`. A 20 KB PNG can declare 13000 x 13000 pixels, which would take
+0.5 GB as RGB; PIL's own guard (``Image.MAX_IMAGE_PIXELS``, 89 M pixels, a warning up to twice
+that) lets it through. Every loader of clipforge (preprocessing, datasets, shards, conversion,
+the index and the search server) decodes through :func:`load_image`.
 """
 from __future__ import annotations
 
@@ -29,6 +37,43 @@ class ImageLoadError(ValueError):
     def __init__(self, source: Any, reason: str):
         self.source = source
         super().__init__(f"cannot load image {describe_source(source)}: {reason}")
+
+
+class ImageTooLargeError(ImageLoadError):
+    """An image declares more pixels than the limit (:func:`max_image_pixels`); nothing was decoded."""
+
+    def __init__(self, source: Any, size: tuple[int, int], limit: int):
+        self.size, self.limit = size, limit
+        super().__init__(source, f"it declares {size[0]} x {size[1]} = {size[0] * size[1]:,} pixels, more than the "
+                                 f"limit of {limit:,}; shrink the image, or raise the limit "
+                                 f"(CLIPFORGE_MAX_IMAGE_PIXELS, or --max-image-pixels for clipforge serve)")
+
+
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+MAX_PIXELS_ENV = "CLIPFORGE_MAX_IMAGE_PIXELS"
+
+
+def max_image_pixels() -> int:
+    """The pixel limit of :func:`load_image`: ``$CLIPFORGE_MAX_IMAGE_PIXELS`` if set, else 40,000,000."""
+    value = os.environ.get(MAX_PIXELS_ENV)
+    if value is None or not value.strip():
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        limit = int(value.replace("_", ""))
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise ValueError(f"{MAX_PIXELS_ENV}={value!r} is not a positive whole number of pixels; "
+                         f"set it to e.g. {DEFAULT_MAX_IMAGE_PIXELS} or unset it")
+    return limit
+
+
+def check_image_size(img: Image.Image, source: Any, max_pixels: int | None = None) -> None:
+    """Raise :class:`ImageTooLargeError` if ``img`` (opened, not yet decoded) declares more than the limit."""
+    limit = max_image_pixels() if max_pixels is None else int(max_pixels)
+    w, h = img.size
+    if w * h > limit:
+        raise ImageTooLargeError(source, (w, h), limit)
 
 
 def describe_source(source: Any) -> str:
@@ -79,10 +124,17 @@ def _from_array(arr: np.ndarray, source: Any) -> Image.Image:
     raise ImageLoadError(source, f"expected an H x W or H x W x 3/4 array, got shape {tuple(arr.shape)}")
 
 
-def load_image(source: Any) -> Image.Image:
-    """Return ``source`` as a fully decoded RGB image, or raise :class:`ImageLoadError`."""
+def load_image(source: Any, max_pixels: int | None = None) -> Image.Image:
+    """Return ``source`` as a fully decoded RGB image, or raise :class:`ImageLoadError`.
+
+    ``max_pixels``: the most pixels an encoded image may declare (default :func:`max_image_pixels`);
+    a larger one raises :class:`ImageTooLargeError` before it is decoded. Arrays, tensors and PIL
+    images already decoded are in memory already and are not checked.
+    """
     if isinstance(source, Image.Image):
         img = source
+        if getattr(img, "_im", None) is None and getattr(img, "fp", None) is not None:  # opened lazily, not decoded
+            check_image_size(img, source, max_pixels)
     else:
         try:
             import torch
@@ -112,13 +164,14 @@ def load_image(source: Any) -> Image.Image:
             raise ImageLoadError(source, f"unsupported source type {type(source).__name__} "
                                          "(give a PIL image, a path, bytes, a file object or a uint8 array)")
         try:
-            img = Image.open(opener)
+            img = Image.open(opener)  # reads the header only
         except UnidentifiedImageError:
             raise ImageLoadError(source, "not a recognized image format (corrupt or not an image)") from None
         except Image.DecompressionBombError as e:
             raise ImageLoadError(source, f"image too large ({e})") from None
         except OSError as e:
             raise ImageLoadError(source, str(e)) from None
+        check_image_size(img, source, max_pixels)
     try:
         img.load()  # decode now: truncated files fail here, not later inside a worker
         return to_rgb(img)

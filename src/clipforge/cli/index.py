@@ -21,6 +21,11 @@ indexed file that was deleted from a re-indexed folder is dropped. Unreadable im
 skipped with a warning and counted. An index belongs to the model that built it: adding to it
 with other weights is refused (pass --rebuild to re-embed everything with the new model).
 Captions of image files come from a sidecar .txt of the same name, when there is one.
+
+One writer at a time: a run holds INDEX_DIR/.lock (its pid and host written in it) while it
+reads, embeds and writes; a second run into the same index stops with a message naming the
+holder, or with --wait SECONDS waits for it and then adds its images to what the first wrote.
+A reader (clipforge serve) opening the index meanwhile gets the old or the new version, whole.
 """
 
 
@@ -49,14 +54,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--commit-every", type=int, default=10_000, metavar="N",
                    help="write the index every N new images, so an interrupted run keeps its work (default 10000)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="if another clipforge index is writing INDEX_DIR, wait up to SECONDS for it to finish and "
+                        "then add to what it wrote (default 0: stop at once with a message naming it)")
 
 
 def run(args) -> int:
     from ..interop import load
     from ..serve.index import build_index, scan_corpus, scan_folders
 
+    from ..locking import LockHeld
+
     if args.batch_size < 1 or args.commit_every < 1:
         raise ValueError("--batch-size and --commit-every must be >= 1")
+    if args.wait < 0:
+        raise ValueError(f"--wait must be >= 0 seconds, got {args.wait}")
     if args.images:
         candidates, roots = scan_folders(args.images)
         source = {"kind": "images", "paths": [str(r) for r in roots]}
@@ -72,9 +84,15 @@ def run(args) -> int:
     def warn(key: str, reason: str) -> None:
         print(f"warning: skipped unreadable image: {reason}", file=sys.stderr)
 
-    report = build_index(model, preprocess, args.out, candidates, model_source=args.model, folder_roots=roots,
-                         source=source, dtype=args.dtype, batch_size=args.batch_size, rebuild=args.rebuild,
-                         commit_every=args.commit_every, progress=not args.quiet, on_skip=warn)
+    try:
+        report = build_index(model, preprocess, args.out, candidates, model_source=args.model, folder_roots=roots,
+                             source=source, dtype=args.dtype, batch_size=args.batch_size, rebuild=args.rebuild,
+                             commit_every=args.commit_every, progress=not args.quiet, on_skip=warn,
+                             lock_timeout=args.wait)
+    except LockHeld as e:
+        hint = "" if args.wait > 0 else "; or rerun with --wait SECONDS to add to the index once it is free"
+        print(f"clipforge index: error: {e}{hint}", file=sys.stderr)
+        return 2
     print(report.summary())
     if report.skipped:
         print(f"warning: {len(report.skipped)} unreadable image(s) were skipped and are not in the index "

@@ -19,6 +19,14 @@ endpoints:
   GET  /health                  count, dimension, model, backend
   GET  /docs                    the API's interactive OpenAPI page
 
+limits (one request cannot exhaust the server; see docs/serving.md):
+  request bodies over --max-upload-mb (+1 MiB of form) get 413 as soon as the bytes pass it;
+  images declaring over --max-image-pixels get 413 before they are decoded; at most
+  --max-uploads uploads are in flight (more get 503 with Retry-After) and --decode-workers
+  decode at a time; /classify takes at most --max-labels labels of --max-label-chars characters
+  and a template with exactly one {} or {c}. /image/ID serves a file only while it is the one
+  indexed (real path inside the indexed folders, same size and modification time), else 404.
+
 The model defaults to the one recorded in the index; a --model whose weights differ from the
 index's (SHA-256 in manifest.json) is refused with both named. The server binds 127.0.0.1:
 reachable from this machine only. It has no authentication, so --host 0.0.0.0 exposes the
@@ -36,6 +44,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--backend", default="auto", choices=["auto", "faiss", "numpy"],
                    help="exact search with faiss (if installed: auto) or numpy; both give the same ranking")
+    from ..images import DEFAULT_MAX_IMAGE_PIXELS
+    from ..serve.app import DECODE_WORKERS, MAX_LABEL_CHARS, MAX_LABELS, MAX_UPLOAD_BYTES, MAX_UPLOADS
+
+    p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_BYTES / (1 << 20), metavar="MB",
+                   help=f"largest image upload in MiB (default {MAX_UPLOAD_BYTES >> 20})")
+    p.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
+                   help=f"largest image (width x height) decoded, uploads and thumbnails (default "
+                        f"$CLIPFORGE_MAX_IMAGE_PIXELS or {DEFAULT_MAX_IMAGE_PIXELS:,})")
+    p.add_argument("--decode-workers", type=int, default=DECODE_WORKERS, metavar="N",
+                   help=f"images decoded and embedded at a time (default {DECODE_WORKERS})")
+    p.add_argument("--max-uploads", type=int, default=MAX_UPLOADS, metavar="N",
+                   help=f"uploads in flight (decoding or waiting); more get 503 (default {MAX_UPLOADS})")
+    p.add_argument("--max-labels", type=int, default=MAX_LABELS, metavar="N",
+                   help=f"labels per /classify request (default {MAX_LABELS})")
+    p.add_argument("--max-label-chars", type=int, default=MAX_LABEL_CHARS, metavar="N",
+                   help=f"characters per label (default {MAX_LABEL_CHARS})")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -47,8 +71,15 @@ def run(args) -> int:
     from ..serve.app import create_app
     from ..serve.search import Searcher
 
-    searcher = Searcher(args.index, model=args.model, backend=args.backend)
-    app = create_app(searcher)
+    for name in ("max_upload_mb", "max_image_pixels", "decode_workers", "max_uploads", "max_labels",
+                 "max_label_chars"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    searcher = Searcher(args.index, model=args.model, backend=args.backend, max_image_pixels=args.max_image_pixels)
+    app = create_app(searcher, max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_labels=args.max_labels,
+                     max_label_chars=args.max_label_chars, decode_workers=args.decode_workers,
+                     max_uploads=args.max_uploads)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding {args.host}: the search API has no authentication and serves the indexed images "
               "to anyone who can reach this port", file=sys.stderr)

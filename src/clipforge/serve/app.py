@@ -12,7 +12,23 @@ Endpoints (all read-only; nothing is written on the server):
 
 Search responses are ``{"query", "k", "took_ms", "count", "results": [{"id", "score", "key",
 "caption", "kind", "path", "url", "thumb"}]}``. Errors are ``{"detail": message}`` with 400
-(bad input), 404 (unknown id, missing file), 413 (upload too large) or 422 (invalid parameter).
+(bad input), 404 (unknown id, missing or changed file), 413 (body, upload, image or label list
+too large), 422 (invalid parameter) or 503 (all upload slots busy; ``Retry-After`` says when to
+try again).
+
+Limits, so that no request can exhaust the server (each a :func:`create_app` argument and a
+``clipforge serve`` option):
+
+- a request body is refused with 413 as soon as its declared ``Content-Length`` or the bytes
+  received so far pass ``max_upload_bytes`` + 1 MiB for the form fields (:class:`RequestLimits`,
+  an ASGI middleware counting the bytes as they arrive, before anything is parsed or spooled);
+- at most ``max_uploads`` image uploads are in flight; one more is answered 503 at once, before
+  its body is read; of those, ``decode_workers`` decode and embed at a time (thumbnails share
+  these workers), the others wait;
+- an image declaring more pixels than the searcher's limit is refused (413) from its header,
+  before it is decoded (:func:`clipforge.images.load_image`);
+- ``/classify`` takes at most ``max_labels`` labels of at most ``max_label_chars`` characters,
+  and a template with exactly one ``{}`` or ``{c}``, filled in as text, never with ``str.format``.
 
 FastAPI is imported inside :func:`create_app` so that ``clipforge.serve`` (the index and the
 Searcher) works without the ``serve`` extra installed.
@@ -21,16 +37,128 @@ Searcher) works without the ``serve`` extra installed.
 # runtime, and the fastapi types are imported inside create_app, out of reach of string annotations
 import hashlib
 import json
+import threading
 import time
 from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-from .search import Searcher
+from ..images import ImageTooLargeError
+from .search import Searcher, check_template
 
 MAX_K = 200
 MAX_UPLOAD_BYTES = 20 << 20
+FORM_BYTES = 1 << 20  # room for the form fields (labels, template) and the multipart framing around an upload
 THUMB_SIZES = (16, 1024)
+MAX_LABELS = 1000
+MAX_LABEL_CHARS = 200
+MAX_TEMPLATE_CHARS = 500
+DECODE_WORKERS = 2
+MAX_UPLOADS = 16
+UPLOAD_PATHS = ("/search/image", "/classify")
+CLOSE = [(b"connection", b"close")]
+
+
+class _BodyTooLarge(Exception):
+    """Raised into the application when the body passes the limit (not a ValueError: no handler turns it into 400)."""
+
+
+class RequestLimits:
+    """ASGI middleware: a body size limit enforced while the body streams in, and a bound on uploads in flight.
+
+    The declared ``Content-Length`` is checked first; the body's bytes are then counted as the
+    application reads them, whatever the header said (a chunked body declares none). Past
+    ``max_body_bytes`` the client gets 413 at once and the application an exception, so nothing
+    more is read, parsed or spooled. A POST to one of ``upload_paths`` while ``max_uploads``
+    others are in flight gets 503 with ``Retry-After`` before its body is read (uvicorn drops the
+    rest of that body as it arrives and keeps the connection). A 413 closes the connection, so
+    a client that goes on sending is cut off instead of being read to the end.
+    """
+
+    def __init__(self, app, max_body_bytes: int, max_uploads: int, upload_paths=UPLOAD_PATHS):
+        self.app = app
+        self.max_body_bytes = int(max_body_bytes)
+        self.max_uploads = int(max_uploads)
+        self.upload_paths = tuple(upload_paths)
+        self.uploads_in_flight = 0  # changed on the event loop only
+
+    async def _answer(self, send, status: int, detail: str, headers=()) -> None:
+        body = json.dumps({"detail": detail}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                *headers]})
+        await send({"type": "http.response.body", "body": body})
+
+    def _too_large(self, size: str) -> str:
+        return (f"request body {size} is larger than the limit of {self.max_body_bytes:,} bytes "
+                f"({(self.max_body_bytes - FORM_BYTES) >> 20} MiB for the file plus 1 MiB for the form); "
+                "send a smaller image (clipforge serve --max-upload-mb raises the limit)")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            try:
+                n = int(declared)
+            except ValueError:
+                await self._answer(send, 400, f"Content-Length {declared[:40]!r} is not a number")
+                return
+            if n > self.max_body_bytes:
+                await self._answer(send, 413, self._too_large(f"of {n:,} bytes"), headers=CLOSE)
+                return
+        upload = scope.get("method") == "POST" and scope.get("path") in self.upload_paths
+        if upload:
+            if self.uploads_in_flight >= self.max_uploads:
+                await self._answer(send, 503, f"server busy: {self.uploads_in_flight} image uploads are being "
+                                              "processed; retry in a moment", headers=[(b"retry-after", b"1")])
+                return
+            self.uploads_in_flight += 1
+        state = {"received": 0, "refused": False, "started": False}
+
+        async def limited_receive():
+            if state["refused"]:
+                raise _BodyTooLarge()
+            message = await receive()
+            if message["type"] == "http.request":
+                state["received"] += len(message.get("body", b""))
+                if state["received"] > self.max_body_bytes:
+                    if not state["started"]:
+                        state["refused"] = True
+                        await self._answer(send, 413, self._too_large(f"of more than {self.max_body_bytes:,} bytes"),
+                                           headers=CLOSE)
+                    raise _BodyTooLarge()
+            return message
+
+        async def guarded_send(message):
+            if state["refused"]:  # the 413 went out already: drop what the application answers
+                return
+            if message["type"] == "http.response.start":
+                state["started"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except _BodyTooLarge:
+            pass
+        finally:
+            if upload:
+                self.uploads_in_flight -= 1
+
+
+class DecodeWorkers:
+    """At most ``n`` image decodes (and their forward passes) at a time; callers past that wait their turn."""
+
+    def __init__(self, n: int):
+        if n < 1:
+            raise ValueError(f"decode_workers must be >= 1, got {n}")
+        self.n = n
+        self._sem = threading.BoundedSemaphore(n)
+
+    def run(self, fn, *args):
+        with self._sem:
+            return fn(*args)
 
 
 def page_html() -> str:
@@ -38,13 +166,25 @@ def page_html() -> str:
     return resources.files("clipforge.serve").joinpath("page.html").read_text(encoding="utf-8")
 
 
-def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES, thumb_cache: int = 1024):
-    """A FastAPI application serving ``searcher``'s index (see the module docstring for the routes)."""
+def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES, thumb_cache: int = 1024, *,
+               max_labels: int = MAX_LABELS, max_label_chars: int = MAX_LABEL_CHARS,
+               decode_workers: int = DECODE_WORKERS, max_uploads: int = MAX_UPLOADS):
+    """A FastAPI application serving ``searcher``'s index (see the module docstring for the routes and limits).
+
+    The pixel limit of uploads and thumbnails is the searcher's (``Searcher(max_image_pixels=)``).
+    """
     from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
 
+    for name, value in (("max_upload_bytes", max_upload_bytes), ("max_labels", max_labels),
+                        ("max_label_chars", max_label_chars), ("max_uploads", max_uploads)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    workers = DecodeWorkers(decode_workers)
     app = FastAPI(title="clipforge search", version="1", docs_url="/docs", redoc_url=None)
+    app.add_middleware(RequestLimits, max_body_bytes=max_upload_bytes + FORM_BYTES,
+                       max_uploads=max(max_uploads, decode_workers))
     manifest = searcher.data.manifest
     # a version tag in image URLs: a rebuilt index (ids are row numbers) never shows a cached old image
     version = hashlib.sha256(json.dumps([manifest.get("updated"), manifest["count"],
@@ -60,15 +200,17 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES, thu
     async def read_upload(file: UploadFile) -> bytes:
         data = await file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
-            raise HTTPException(413, f"upload larger than {max_upload_bytes >> 20} MiB")
+            raise HTTPException(413, f"upload larger than {max_upload_bytes:,} bytes "
+                                     "(clipforge serve --max-upload-mb raises the limit)")
         if not data:
             raise HTTPException(400, "the uploaded file is empty")
         return data
 
     @lru_cache(maxsize=thumb_cache)
-    def thumbnail(item_id: int, size: int) -> tuple[bytes, str]:
-        # thumbnails only: they are small and cost a decode and a resize; originals are read each time
-        return searcher.image_bytes(item_id, size)
+    def thumbnail(item_id: int, size: int, stamp: tuple) -> tuple[bytes, str]:
+        # thumbnails only: they are small and cost a decode and a resize; originals are read each time.
+        # ``stamp`` (the file checked just before) keys the cache, so a changed file is never answered from it
+        return workers.run(searcher.image_bytes, item_id, size)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index_page():
@@ -96,7 +238,9 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES, thu
         t0 = time.perf_counter()
         data = await read_upload(file)
         try:
-            hits = await run_in_threadpool(searcher.image, data, k)  # the forward pass off the event loop
+            hits = await run_in_threadpool(workers.run, searcher.image, data, k)  # off the event loop, bounded
+        except ImageTooLargeError as e:
+            raise HTTPException(413, f"{file.filename or 'upload'}: {e}") from None
         except ValueError as e:  # clipforge.images.ImageLoadError is a ValueError
             raise HTTPException(400, f"{file.filename or 'upload'}: {e}") from None
         return hits_json(hits, {"filename": file.filename, "bytes": len(data)}, k, t0)
@@ -113,10 +257,25 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES, thu
     @app.post("/classify")
     async def classify(file: UploadFile = File(...), labels: str = Form(..., description="comma-separated labels"),
                        template: str = Form("a photo of {}.")):
-        data = await read_upload(file)
         names = [l.strip() for l in labels.split(",") if l.strip()]
+        if len(names) > max_labels:
+            raise HTTPException(413, f"{len(names)} labels given; at most {max_labels} are classified in one request "
+                                     "(split the list, or clipforge serve --max-labels raises the cap)")
+        long = next((l for l in names if len(l) > max_label_chars), None)
+        if long is not None:
+            raise HTTPException(400, f"label {long[:40]!r}... has {len(long)} characters; at most {max_label_chars} "
+                                     "are allowed (clipforge serve --max-label-chars)")
+        if len(template) > MAX_TEMPLATE_CHARS:
+            raise HTTPException(400, f"the template has {len(template)} characters; at most {MAX_TEMPLATE_CHARS}")
         try:
-            probs = await run_in_threadpool(searcher.classify, data, names, template)
+            check_template(template)
+        except ValueError as e:
+            raise HTTPException(400, str(e)) from None
+        data = await read_upload(file)
+        try:
+            probs = await run_in_threadpool(workers.run, searcher.classify, data, names, template)
+        except ImageTooLargeError as e:
+            raise HTTPException(413, f"{file.filename or 'upload'}: {e}") from None
         except ValueError as e:
             raise HTTPException(400, str(e)) from None
         return {"labels": [{"label": l, "probability": p} for l, p in probs]}
@@ -126,11 +285,16 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES, thu
                                                      description="longest side of a thumbnail"),
               v: str | None = None):
         try:
-            data, mime = thumbnail(item_id, size) if size is not None else searcher.image_bytes(item_id)
+            if size is None:
+                data, mime = searcher.image_bytes(item_id)
+            else:
+                data, mime = thumbnail(item_id, size, searcher.item_stamp(item_id))
         except KeyError as e:
             raise HTTPException(404, e.args[0]) from None
-        except FileNotFoundError as e:
+        except FileNotFoundError as e:  # gone, or not the file indexed any more (ItemChangedError)
             raise HTTPException(404, str(e)) from None
+        except ImageTooLargeError as e:
+            raise HTTPException(413, str(e)) from None
         except ValueError as e:  # the file changed into something unreadable since it was indexed
             raise HTTPException(500, str(e)) from None
         cache = "public, max-age=86400, immutable" if v == version else "no-cache"

@@ -9,7 +9,8 @@ Layout of an index directory::
 
 ``kind`` is ``file`` (an image file: ``path`` is its absolute path, ``length`` its size in bytes,
 ``mtime_ns`` its modification time) or ``corpus`` (a sample of a built corpus: ``path`` is its
-webdataset shard, ``offset``/``length`` the image member's bytes inside it, ``key`` is
+webdataset shard, ``offset``/``length`` the image member's bytes inside it, ``mtime_ns`` the
+shard's modification time (0 in indexes written before it was recorded), ``key`` is
 ``NAME/SPLIT/KEY``). An item's id is its row number in this version of the index.
 
 Incremental builds: a file whose path, size and modification time match a row is not embedded
@@ -26,13 +27,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import stat
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 FORMAT = "clipforge-index-1"
 MANIFEST = "manifest.json"
@@ -48,6 +54,10 @@ class IndexNotFoundError(FileNotFoundError):
 
 class ModelMismatchError(ValueError):
     """The model at hand is not the one an index was built with."""
+
+
+class ItemChangedError(FileNotFoundError):
+    """An indexed image is no longer what the index recorded (it resolves elsewhere, or was replaced)."""
 
 
 # ---------------------------------------------------------------- model identity
@@ -132,24 +142,25 @@ def _empty_meta() -> dict[str, list]:
     return {c: [] for c in COLUMNS}
 
 
-def open_index(index_dir: str | os.PathLike) -> IndexData:
-    """Load an index directory, or raise :class:`IndexNotFoundError` that says how to build one."""
+class _Changing(Exception):
+    """The index changed while it was being read: read it again."""
+
+
+def _read_once(root: Path) -> IndexData:
     import pyarrow.parquet as pq
 
-    root = Path(index_dir)
-    if not root.exists():
-        raise IndexNotFoundError(f"no index at '{root}': build one with "
-                                 f"`clipforge index MODEL --images DIR --out {root}` (or --corpus NAME --split test)")
-    if not (root / MANIFEST).exists():
-        what = "a directory without manifest.json" if root.is_dir() else "not a directory"
-        partial = " (an interrupted first build? rerun the same `clipforge index` command)" if (root / EMBEDDINGS).exists() else ""
-        raise IndexNotFoundError(f"'{root}' is not a clipforge index: {what}{partial}. Build one with "
-                                 f"`clipforge index MODEL --images DIR --out {root}`")
-    manifest = json.loads((root / MANIFEST).read_text())
+    try:
+        first = (root / MANIFEST).read_text()
+        manifest = json.loads(first)
+        embeddings = np.load(root / EMBEDDINGS, mmap_mode=None)
+        table = pq.read_table(root / METADATA)
+        second = (root / MANIFEST).read_text()
+    except (FileNotFoundError, json.JSONDecodeError, ValueError, OSError) as e:
+        raise _Changing(str(e)) from None
+    if first != second:  # a writer replaced the arrays while they were read
+        raise _Changing("manifest changed during the read")
     if manifest.get("format") != FORMAT:
         raise IndexNotFoundError(f"'{root}/manifest.json' has format {manifest.get('format')!r}, not {FORMAT!r}")
-    embeddings = np.load(root / EMBEDDINGS, mmap_mode=None)
-    table = pq.read_table(root / METADATA)
     meta = {c: table.column(c).to_pylist() for c in COLUMNS}
     n = manifest["count"]
     if embeddings.shape != (n, manifest["dim"]) or table.num_rows != n:
@@ -160,8 +171,134 @@ def open_index(index_dir: str | os.PathLike) -> IndexData:
     return IndexData(root, manifest, embeddings, meta)
 
 
+def open_index(index_dir: str | os.PathLike, wait: float = 30.0) -> IndexData:
+    """Load an index directory, or raise :class:`IndexNotFoundError` that says how to build one.
+
+    An index being rewritten (by ``clipforge index``, which holds its lock) is read again until
+    one whole version is read: the old or the new one, never arrays of one with the manifest of
+    the other. ``wait``: how many seconds to keep trying while a writer is at work.
+    """
+    root = Path(index_dir)
+    if not root.exists():
+        raise IndexNotFoundError(f"no index at '{root}': build one with "
+                                 f"`clipforge index MODEL --images DIR --out {root}` (or --corpus NAME --split test)")
+    deadline = time.monotonic() + max(wait, 0.0)
+    quiet_tries = 0
+    while True:
+        if (root / MANIFEST).exists():
+            try:
+                return _read_once(root)
+            except _Changing as e:
+                reason = str(e)
+        else:
+            reason = "no manifest.json"
+        # between a writer's removal of the manifest and its new one, or a file replaced under the read
+        writing = _writer_active(root)
+        quiet_tries = 0 if writing else quiet_tries + 1
+        if time.monotonic() > deadline or quiet_tries > 20:  # no writer: ~1 s of retries, then say what is wrong
+            break
+        time.sleep(0.05)
+    if not (root / MANIFEST).exists():
+        what = "a directory without manifest.json" if root.is_dir() else "not a directory"
+        partial = (" (an interrupted first build? rerun the same `clipforge index` command)"
+                   if (root / EMBEDDINGS).exists() else "")
+        raise IndexNotFoundError(f"'{root}' is not a clipforge index: {what}{partial}. Build one with "
+                                 f"`clipforge index MODEL --images DIR --out {root}`")
+    raise IndexNotFoundError(f"index '{root}' could not be read whole ({reason}); it is being rewritten or damaged. "
+                             "Try again, or rerun the `clipforge index` command that built it, with --rebuild.")
+
+
+def _writer_active(root: Path) -> bool:
+    """Whether the index lock file names a holder (a clean release empties it) that may still run."""
+    import socket
+
+    from ..locking import LOCK_NAME, _holder, _pid_alive
+
+    try:
+        text = (root / LOCK_NAME).read_text(errors="replace")
+    except OSError:
+        return False
+    if not text.strip():
+        return False
+    h = _holder(text)
+    if h["host"] == socket.gethostname() and h["pid"].isdigit():
+        return _pid_alive(int(h["pid"]))
+    return True
+
+
+def indexed_roots(manifest: dict[str, Any]) -> list[str]:
+    """The folders an index was built from (resolved when they were indexed), from its ``sources``."""
+    return [str(p) for s in manifest.get("sources", []) if s.get("kind") == "images" for p in s.get("paths", [])]
+
+
+def _inside(path: str, roots: Sequence[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
+
+_FIX = "re-run `clipforge index` to index what is there now"
+
+
+def _resolve_indexed(row: dict[str, Any], roots: Sequence[str]) -> tuple[str, str]:
+    path = os.path.normpath(row["path"])
+    real = os.path.realpath(path)
+    if real != path and not (row["kind"] == "file" and _inside(real, roots)):
+        raise ItemChangedError(f"item {row['key']!r}: {path} now resolves outside the indexed folders "
+                               f"(a symlink put there after indexing?); not served. If that is intended, {_FIX}")
+    return path, real
+
+
+def _check_stat(row: dict[str, Any], path: str, st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise ItemChangedError(f"item {row['key']!r}: {path} is not a regular file any more; not served")
+    if row["kind"] == "corpus":
+        changed = ((row["mtime_ns"] and st.st_mtime_ns != row["mtime_ns"])
+                   or st.st_size < row["offset"] + row["length"])
+    else:
+        changed = st.st_size != row["length"] or st.st_mtime_ns != row["mtime_ns"]
+    if changed:
+        raise ItemChangedError(f"item {row['key']!r}: {path} changed since it was indexed (its size or modification "
+                               f"time differ); not served. To serve the new file, {_FIX}")
+
+
+def check_indexed_file(row: dict[str, Any], roots: Sequence[str] = ()) -> os.stat_result:
+    """The ``stat`` of one row's file if it is still the one indexed (see :func:`read_indexed_bytes`), else raise."""
+    path, real = _resolve_indexed(row, roots)
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"item {row['key']!r}: {path} no longer exists ({_FIX})") from None
+    _check_stat(row, path, st)
+    return st
+
+
+def read_indexed_bytes(row: dict[str, Any], roots: Sequence[str] = ()) -> bytes:
+    """The bytes of one row, only if its file is still the one indexed; :class:`ItemChangedError` otherwise.
+
+    The file's real path (symlinks resolved now) must be the recorded path, or for an image file
+    lie inside one of ``roots`` (the indexed folders: :func:`indexed_roots`); the file opened
+    (without following a symlink) must be a regular file whose size and modification time are
+    the recorded ones (for a corpus sample: its shard's time, when recorded, and a byte range
+    inside it). A symlink or another file swapped in after indexing is therefore refused, not
+    served. A missing file raises ``FileNotFoundError``. Content rewritten with the same size and
+    the old modification time restored is not detected (that would take a hash of every file).
+    """
+    path, real = _resolve_indexed(row, roots)
+    try:
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"item {row['key']!r}: {path} no longer exists ({_FIX})") from None
+    except OSError as e:  # ELOOP: the last component became a symlink between the two calls
+        raise ItemChangedError(f"item {row['key']!r}: {path} cannot be opened safely ({e.strerror}); not served")
+    with os.fdopen(fd, "rb") as f:
+        _check_stat(row, path, os.fstat(fd))
+        if row["kind"] == "corpus":
+            f.seek(row["offset"])
+            return f.read(row["length"])
+        return f.read()
+
+
 def read_item_bytes(row: dict[str, Any]) -> bytes:
-    """The encoded image bytes of one metadata row (a file, or a member of a corpus shard)."""
+    """The encoded image bytes of one metadata row (a file, or a member of a corpus shard), unchecked."""
     path = Path(row["path"])
     if not path.exists():
         raise FileNotFoundError(f"item {row['key']!r}: {path} no longer exists (re-run `clipforge index` to update)")
@@ -236,13 +373,14 @@ def scan_corpus(name: str, split: str, root: str | os.PathLike | None = None,
     out = []
     for shard in manifest["splits"][split]["shards"]:
         path = (base / shard["file"]).resolve()
+        shard_mtime = path.stat().st_mtime_ns
         for entry in shard_entries(path):
             meta = entry.meta
             captions = list(meta.get("captions", []))
             if langs is not None and meta.get("caption_langs"):
                 captions = [c for c, lang in zip(captions, meta["caption_langs"]) if lang in langs]
             row = {"key": f"{name}/{split}/{entry.key}", "kind": "corpus", "path": path.as_posix(),
-                   "offset": entry.offset, "length": entry.size, "mtime_ns": 0, "ext": entry.ext,
+                   "offset": entry.offset, "length": entry.size, "mtime_ns": shard_mtime, "ext": entry.ext,
                    "caption": captions[0] if captions else None}
             out.append(Candidate(row, lambda row=row: read_item_bytes(row)))
     return out
@@ -272,8 +410,40 @@ class BuildReport:
         return s
 
 
+TMP_SUFFIX = ".tmp"
+
+
+def _temp_path(root: Path, name: str) -> Path:
+    """A fresh temporary file next to ``name`` (``.NAME.RANDOM.tmp``): no two writers ever share one."""
+    while True:
+        tmp = root / f".{name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}"
+        try:  # created here, exclusively, with the usual permissions (mkstemp's would be 0600)
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:  # pragma: no cover - 48 random bits
+            continue
+
+
+def remove_stale_temporaries(root: Path) -> list[str]:
+    """Delete temporary files a killed writer left (our ``.NAME.*.tmp`` pattern only); call with the lock held."""
+    removed = []
+    for name in (EMBEDDINGS, METADATA, MANIFEST):
+        for p in root.glob(f".{name}.*{TMP_SUFFIX}"):
+            if p.is_file():
+                p.unlink(missing_ok=True)
+                removed.append(p.name)
+    return removed
+
+
 def _write(root: Path, manifest: dict[str, Any], embeddings: np.ndarray, meta: dict[str, list]) -> None:
-    """Write the three files; each through a temporary name, the manifest last."""
+    """Write the three files, each through a temporary file of its own, the manifest last.
+
+    The manifest is removed before the arrays are replaced and written anew, with a fresh
+    ``generation``, after them; :func:`open_index` reads the manifest before and after the
+    arrays and retries unless both reads are the same generation, so a reader gets the old or
+    the new index whole. Writers are serialized by the index lock (:func:`build_index`); the
+    unique temporary names keep even unlocked writers from crashing on each other's files.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -283,16 +453,20 @@ def _write(root: Path, manifest: dict[str, Any], embeddings: np.ndarray, meta: d
              "length": pa.int64(), "mtime_ns": pa.int64(), "ext": pa.string(), "caption": pa.string()}
     table = pa.table({"id": pa.array(np.arange(n, dtype=np.int64)),
                       **{c: pa.array(meta[c], type=types[c]) for c in COLUMNS}})
-    with open(root / (EMBEDDINGS + ".tmp"), "wb") as f:
-        np.save(f, embeddings)
-    pq.write_table(table, root / (METADATA + ".tmp"))
-    (root / (MANIFEST + ".tmp")).write_text(json.dumps({**manifest, "count": n}, indent=2))
-    # the manifest goes first out of the way, so a reader never pairs a new manifest with old arrays
-    if (root / MANIFEST).exists():
-        (root / MANIFEST).unlink()
-    os.replace(root / (EMBEDDINGS + ".tmp"), root / EMBEDDINGS)
-    os.replace(root / (METADATA + ".tmp"), root / METADATA)
-    os.replace(root / (MANIFEST + ".tmp"), root / MANIFEST)
+    tmp = {name: _temp_path(root, name) for name in (EMBEDDINGS, METADATA, MANIFEST)}
+    try:
+        with open(tmp[EMBEDDINGS], "wb") as f:
+            np.save(f, embeddings)
+        pq.write_table(table, tmp[METADATA])
+        tmp[MANIFEST].write_text(json.dumps({**manifest, "count": n, "generation": uuid.uuid4().hex}, indent=2))
+        # the manifest goes first out of the way, so a reader never pairs a new manifest with old arrays
+        (root / MANIFEST).unlink(missing_ok=True)
+        os.replace(tmp[EMBEDDINGS], root / EMBEDDINGS)
+        os.replace(tmp[METADATA], root / METADATA)
+        os.replace(tmp[MANIFEST], root / MANIFEST)
+    finally:
+        for t in tmp.values():
+            t.unlink(missing_ok=True)
 
 
 def _under(path: str, roots: Sequence[Path]) -> bool:
@@ -304,7 +478,7 @@ def build_index(model, preprocess, out: str | os.PathLike, candidates: Sequence[
                 model_source: str | os.PathLike | None = None, folder_roots: Sequence[Path] = (),
                 source: dict[str, Any] | None = None, dtype: str = "float16", batch_size: int = 64,
                 rebuild: bool = False, commit_every: int = 10_000, progress: bool = True,
-                on_skip: Callable[[str, str], None] | None = None) -> BuildReport:
+                on_skip: Callable[[str, str], None] | None = None, lock_timeout: float = 0.0) -> BuildReport:
     """Embed ``candidates`` into the index at ``out``, creating it or adding to it incrementally.
 
     ``model``/``preprocess``: as returned by :func:`clipforge.load`. ``folder_roots``: the
@@ -312,7 +486,33 @@ def build_index(model, preprocess, out: str | os.PathLike, candidates: Sequence[
     dropped. ``source``: a record of what was indexed, appended to the manifest's ``sources``.
     ``rebuild``: ignore (and replace) whatever the index held. Raises :class:`ModelMismatchError`
     when the index was built with other weights.
+
+    The whole read-embed-write runs under the index's exclusive lock (``INDEX_DIR/.lock``, see
+    :func:`clipforge.locking.exclusive_lock`), so two builders never both add to the same old
+    version and lose one's images: the second raises :class:`clipforge.locking.LockHeld` naming
+    the holder's pid and host, or with ``lock_timeout`` > 0 waits that many seconds for it and
+    then adds to what the first wrote. Temporary files a killed builder left are removed.
     """
+    from ..locking import LOCK_NAME, exclusive_lock
+
+    root = Path(out)
+    if (not rebuild and root.is_dir() and not (root / MANIFEST).exists() and not (root / EMBEDDINGS).exists()
+            and any(p.name != LOCK_NAME for p in root.iterdir())):
+        raise ValueError(f"--out {root} exists, is not empty and is not a clipforge index: choose another directory")
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"--out {root} is a file, not an index directory: choose another path")
+    with exclusive_lock(root, what="index", timeout=lock_timeout):
+        stale = remove_stale_temporaries(root)
+        if stale:
+            log.warning("index %s: removed %d temporary file(s) left by an interrupted run", root, len(stale))
+        return _build_index_locked(model, preprocess, root, candidates, model_source=model_source,
+                                   folder_roots=folder_roots, source=source, dtype=dtype, batch_size=batch_size,
+                                   rebuild=rebuild, commit_every=commit_every, progress=progress, on_skip=on_skip)
+
+
+def _build_index_locked(model, preprocess, root: Path, candidates: Sequence[Candidate], *, model_source,
+                        folder_roots, source, dtype, batch_size, rebuild, commit_every, progress,
+                        on_skip) -> BuildReport:
     import torch
     from tqdm.auto import tqdm
 
@@ -321,7 +521,6 @@ def build_index(model, preprocess, out: str | os.PathLike, candidates: Sequence[
     if dtype not in ("float16", "float32"):
         raise ValueError(f"dtype must be float16 or float32, got '{dtype}'")
     t0 = time.perf_counter()
-    root = Path(out)
     info = model_info(model, model_source)
     report = BuildReport(root)
     sources: list[dict[str, Any]] = []
@@ -335,7 +534,8 @@ def build_index(model, preprocess, out: str | os.PathLike, candidates: Sequence[
                              f"{old.manifest['dtype']} to add to it, or --rebuild to convert it")
         embeddings, meta = old.embeddings, old.meta
         sources = list(old.manifest.get("sources", []))
-    elif not rebuild and root.exists() and any(root.iterdir()) and not (root / EMBEDDINGS).exists():
+    elif (not rebuild and root.exists() and not (root / EMBEDDINGS).exists()
+          and any(p.name != ".lock" for p in root.iterdir())):
         raise ValueError(f"--out {root} exists, is not empty and is not a clipforge index: choose another directory")
     else:
         embeddings, meta = np.zeros((0, info["embed_dim"]), dtype=dtype), _empty_meta()
@@ -348,6 +548,11 @@ def build_index(model, preprocess, out: str | os.PathLike, candidates: Sequence[
     captions_edited = False
     for c in candidates:
         i = by_key.get(c.row["key"])
+        if (i is not None and c.row["kind"] == "corpus" and meta["mtime_ns"][i] == 0
+                and meta["length"][i] == c.row["length"]):
+            # indexed before shard times were recorded: adopt the shard's time instead of re-embedding
+            meta["mtime_ns"][i] = c.row["mtime_ns"]
+            captions_edited = True
         if i is not None and meta["length"][i] == c.row["length"] and meta["mtime_ns"][i] == c.row["mtime_ns"]:
             report.unchanged += 1
             if meta["caption"][i] != c.row["caption"]:  # a sidecar caption edited: no need to re-embed

@@ -27,10 +27,42 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .index import (IndexData, ModelMismatchError, check_same_model, describe_model, model_info, open_index,
-                    read_item_bytes)
+from .index import (IndexData, ModelMismatchError, check_indexed_file, check_same_model, describe_model,
+                    indexed_roots, model_info, open_index, read_indexed_bytes)
 
 BACKENDS = ("auto", "faiss", "numpy")
+PLACEHOLDERS = ("{}", "{c}")
+TEXT_BATCH = 256  # labels embedded per forward pass in classify: bounded memory for any number of labels
+
+
+def check_template(template: str) -> str:
+    """Check a zero-shot template: exactly one ``{}`` or ``{c}`` placeholder and no other brace.
+
+    Templates may come from a request, so they are never given to ``str.format`` (whose fields
+    look up attributes, ``{0.__class__}``, and pad at will, ``{:>100000000}``): the placeholder
+    is replaced by the label as plain text (:func:`fill_template`). Raises ``ValueError`` naming
+    the rule otherwise.
+    """
+    if not isinstance(template, str):
+        raise ValueError(f"the template must be a string, got {type(template).__name__}")
+    found = [(template.count(p), p) for p in PLACEHOLDERS]
+    n = sum(c for c, _ in found)
+    rest = template
+    for _, p in found:
+        rest = rest.replace(p, "")
+    if n != 1 or "{" in rest or "}" in rest:
+        what = ("no placeholder" if n == 0 else f"{n} placeholders" if n > 1
+                else "other braces besides the placeholder")
+        raise ValueError(f"template {template[:80]!r} has {what}: it must contain exactly one {{}} or {{c}} where the "
+                         "label goes, and no other brace (e.g. 'a photo of {}.')")
+    return template
+
+
+def fill_template(template: str, label: str) -> str:
+    """``template`` (checked by :func:`check_template`) with its placeholder replaced by ``label``, literally."""
+    p = "{}" if "{}" in template else "{c}"
+    before, _, after = template.partition(p)
+    return before + label + after
 
 
 # ---------------------------------------------------------------- backends
@@ -156,7 +188,9 @@ class Searcher:
     >>> [(h.caption, round(h.score, 3)) for h in s.text("a red heart", k=3)]  # doctest: +SKIP
     """
 
-    def __init__(self, index_dir: str | os.PathLike, model: Any = None, backend: str = "auto"):
+    def __init__(self, index_dir: str | os.PathLike, model: Any = None, backend: str = "auto",
+                 max_image_pixels: int | None = None):
+        self.max_image_pixels = max_image_pixels  # None: clipforge.images' limit (CLIPFORGE_MAX_IMAGE_PIXELS, 40 M)
         self.data: IndexData = open_index(index_dir)
         self.root = Path(index_dir)
         built = self.data.manifest["model"]
@@ -207,7 +241,7 @@ class Searcher:
 
         from ..images import load_image
 
-        pixels = torch.stack([self.preprocess(load_image(im)) for im in images])
+        pixels = torch.stack([self.preprocess(load_image(im, max_pixels=self.max_image_pixels)) for im in images])
         with self._lock, torch.no_grad():
             return self.model.encode_image(pixels).float().numpy()
 
@@ -246,14 +280,17 @@ class Searcher:
     def classify(self, image: Any, labels: Sequence[str], template: str = "a photo of {}.") -> list[tuple[str, float]]:
         """Zero-shot: the probability of each label for ``image``, highest first.
 
-        Each label is put into ``template`` and embedded; probabilities are the softmax of the
-        model's logit scale times the cosine similarities.
+        Each label replaces the one ``{}`` or ``{c}`` of ``template`` (as plain text: see
+        :func:`check_template`) and is embedded, ``TEXT_BATCH`` labels per forward pass;
+        probabilities are the softmax of the model's logit scale times the cosine similarities.
         """
+        check_template(template)
         labels = [str(l).strip() for l in labels if str(l).strip()]
         if not labels:
             raise ValueError("classify needs at least one label")
         img = self.encode_image([image])[0]
-        txt = self.encode_text([template.format(l) if "{}" in template else f"{template} {l}" for l in labels])
+        texts = [fill_template(template, l) for l in labels]
+        txt = np.concatenate([self.encode_text(texts[i:i + TEXT_BATCH]) for i in range(0, len(texts), TEXT_BATCH)])
         logits = float(self.model.scale().detach()) * (txt @ img)
         p = np.exp(logits - logits.max())
         p /= p.sum()
@@ -270,10 +307,20 @@ class Searcher:
         self._check_id(item_id)
         return self.data.row(int(item_id))
 
+    def item_stamp(self, item_id: int) -> tuple[int, int, int]:
+        """``(size, mtime_ns, inode)`` of the item's file if it is still the one indexed, else ``ItemChangedError``."""
+        st = check_indexed_file(self.item(item_id), indexed_roots(self.data.manifest))
+        return st.st_size, st.st_mtime_ns, st.st_ino
+
     def image_bytes(self, item_id: int, max_side: int | None = None) -> tuple[bytes, str]:
-        """The item's image as ``(bytes, mime type)``; with ``max_side``, a thumbnail (PNG or JPEG) no larger."""
+        """The item's image as ``(bytes, mime type)``; with ``max_side``, a thumbnail (PNG or JPEG) no larger.
+
+        Only the file the index recorded is read: one that now resolves outside the indexed folders
+        or whose size or modification time changed raises ``ItemChangedError`` (a
+        ``FileNotFoundError``; see :func:`clipforge.serve.index.read_indexed_bytes`).
+        """
         row = self.item(item_id)
-        data = read_item_bytes(row)
+        data = read_indexed_bytes(row, indexed_roots(self.data.manifest))
         mime = _EXT_MIME.get(row["ext"]) or mimetypes.guess_type(f"x.{row['ext']}")[0] or "application/octet-stream"
         if max_side is None:
             return data, mime
@@ -281,7 +328,7 @@ class Searcher:
 
         from ..images import load_image
 
-        img = load_image(data)
+        img = load_image(data, max_pixels=self.max_image_pixels)
         if max(img.size) > max_side:
             img.thumbnail((max_side, max_side), Image.LANCZOS)
         buf = io.BytesIO()

@@ -1,0 +1,217 @@
+"""Load test of ``clipforge serve``: mixed requests from many concurrent clients, latency per kind, errors, RSS.
+
+Starts ``clipforge serve`` as a subprocess on 127.0.0.1 (a free port) over an index, then for
+each client count runs ``--requests`` requests (or stops after ``--max-seconds``) from that many
+concurrent asyncio clients (httpx), each picking its next request at random from a fixed mix:
+
+- ``text``: ``GET /search?q=...`` (a random shapes caption), k=10
+- ``upload``: ``POST /search/image`` with a PNG (a shapes render not in the index), k=10
+- ``similar``: ``GET /search/similar/ID``, k=10
+- ``thumb``: ``GET /image/ID?size=S`` with a random id and size (so most are decoded, not cached)
+
+Reported per client count and kind: requests, p50 and p99 latency (ms), errors (any answer but
+200, counted by status, and failed connections), and the server's RSS before the first level,
+after each level, and its peak (VmHWM), from ``/proc/PID/status``.
+
+Without ``--index``, the index is built first: ``--images`` shapes renders (``--image-size``
+px) embedded by ``tiny`` with random weights (latency does not depend on what a model learned).
+Nothing leaves 127.0.0.1; request counts and durations are bounded.
+
+    nice python benchmarks/bench_serve_load.py [--clients 20 50] [--requests 600] [--max-seconds 60]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+
+MIX = {"text": 0.4, "upload": 0.2, "similar": 0.2, "thumb": 0.2}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid: int) -> dict[str, float]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line.split(":")[0]] = int(line.split()[1]) / 1024
+    return out
+
+
+def build_index(root: Path, n: int, image_size: int) -> Path:
+    """``n`` shapes renders in ``root/images``, indexed by a random ``tiny`` saved in ``root/model``."""
+    import clipforge
+    from clipforge.data.shapes import ShapesGenerator
+    from clipforge.models import save_model
+    from clipforge.serve import build_index as build, scan_folders
+    from PIL import Image
+
+    model_dir = save_model(clipforge.create_model("tiny", seed=0), root / "model")
+    images = root / "images"
+    images.mkdir(parents=True)
+    gen = ShapesGenerator("val", seed=0, image_size=image_size)
+    for i in range(n):
+        Image.fromarray(gen.sample(i).image).save(images / f"img{i:04d}.png")
+    model, _, preprocess = clipforge.load(model_dir)
+    cands, roots = scan_folders([images])
+    build(model, preprocess, root / "index", cands, model_source=model_dir, folder_roots=roots,
+          source={"kind": "images", "paths": [str(r) for r in roots]}, progress=False)
+    return root / "index"
+
+
+def query_material(n_uploads: int, image_size: int):
+    from clipforge.data.shapes import ShapesGenerator
+    from PIL import Image
+
+    gen = ShapesGenerator("train", seed=123, image_size=image_size)  # other images than the index's
+    uploads, captions = [], []
+    for i in range(n_uploads):
+        s = gen.sample(i)
+        buf = io.BytesIO()
+        Image.fromarray(s.image).save(buf, "PNG")
+        uploads.append(buf.getvalue())
+        captions.append(s.captions[0])
+    return uploads, captions
+
+
+async def run_level(base: str, clients: int, requests: int, max_seconds: float, count: int, uploads, captions,
+                    seed: int) -> tuple[dict, float]:
+    import httpx
+
+    rng = random.Random(seed)
+    kinds = list(MIX)
+    plan = rng.choices(kinds, weights=[MIX[k] for k in kinds], k=requests)
+    results: dict[str, list] = defaultdict(list)  # kind -> [(seconds, status)]
+    next_i = 0
+    deadline = time.monotonic() + max_seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as http:
+        async def one(kind: str, r: random.Random):
+            if kind == "text":
+                return await http.get("/search", params={"q": r.choice(captions), "k": 10})
+            if kind == "upload":
+                return await http.post("/search/image", params={"k": 10},
+                                       files={"file": ("q.png", r.choice(uploads), "image/png")})
+            if kind == "similar":
+                return await http.get(f"/search/similar/{r.randrange(count)}", params={"k": 10})
+            return await http.get(f"/image/{r.randrange(count)}", params={"size": r.choice((64, 96, 128, 160))})
+
+        async def client(c: int):
+            nonlocal next_i
+            r = random.Random(seed * 1000 + c)
+            while next_i < len(plan) and time.monotonic() < deadline:
+                kind = plan[next_i]
+                next_i += 1
+                t0 = time.perf_counter()
+                try:
+                    status = (await one(kind, r)).status_code
+                except httpx.HTTPError as e:
+                    status = type(e).__name__
+                results[kind].append((time.perf_counter() - t0, status))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(c) for c in range(clients)))
+        return results, time.perf_counter() - t0
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--index", help="serve this index (default: build one from shapes renders)")
+    ap.add_argument("--images", type=int, default=300, help="images in the built index (default 300)")
+    ap.add_argument("--image-size", type=int, default=256, help="side of the rendered images (default 256)")
+    ap.add_argument("--clients", type=int, nargs="+", default=[20, 50], help="concurrent clients per level")
+    ap.add_argument("--requests", type=int, default=600, help="requests per level (default 600)")
+    ap.add_argument("--max-seconds", type=float, default=60, help="stop a level after this long (default 60)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--serve-args", nargs=argparse.REMAINDER, default=[],
+                    help="more clipforge serve options, e.g. --decode-workers 4 (last on the line)")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
+        t0 = time.perf_counter()
+        index = Path(args.index) if args.index else build_index(Path(tmp), args.images, args.image_size)
+        from clipforge.serve import open_index
+
+        count = len(open_index(index))
+        print(f"index {index}: {count} images (ready in {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+        uploads, captions = query_material(32, args.image_size)
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "clipforge.cli.main", "serve", str(index), "--port", str(port),
+               "--log-level", "warning", *args.serve_args]
+        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            import httpx
+
+            deadline = time.monotonic() + 120
+            while True:
+                if server.poll() is not None:
+                    raise SystemExit(f"clipforge serve exited: {server.stderr.read()[-2000:]}")
+                try:
+                    if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise SystemExit("clipforge serve did not answer /health within 120 s")
+                time.sleep(0.2)
+            health = httpx.get(f"{base}/health", timeout=10).json()
+            # one request of each kind, so that first-call costs are not in the numbers
+            asyncio.run(run_level(base, 1, len(MIX) * 3, 30, count, uploads, captions, seed=99))
+            before = rss_mb(server.pid)
+            rows, rss_rows = [], [["before", f"{before['VmRSS']:.0f}", f"{before['VmHWM']:.0f}"]]
+            for clients in args.clients:
+                results, took = asyncio.run(run_level(base, clients, args.requests, args.max_seconds, count, uploads,
+                                                      captions, seed=args.seed + clients))
+                after = rss_mb(server.pid)
+                rss_rows.append([f"after {clients} clients", f"{after['VmRSS']:.0f}", f"{after['VmHWM']:.0f}"])
+                total = sum(len(v) for v in results.values())
+                for kind in MIX:
+                    res = results.get(kind, [])
+                    if not res:
+                        continue
+                    ms = np.array([t for t, _ in res]) * 1000
+                    errors = Counter(str(s) for _, s in res if s != 200)
+                    rows.append([str(clients), kind, str(len(res)), f"{np.percentile(ms, 50):.0f}",
+                                 f"{np.percentile(ms, 99):.0f}",
+                                 ", ".join(f"{n} x {s}" for s, n in sorted(errors.items())) or "0"])
+                rows.append([str(clients), "**all**", str(total), "", "", f"{total / took:.1f} req/s in {took:.1f} s"])
+        finally:
+            server.terminate()
+            try:
+                server.wait(20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    print(f"\nclipforge serve over {count} images ({health['backend']} search, {health['dim']}-d), "
+          f"{platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end\n")
+    print(table(rows, ["clients", "kind", "requests", "p50 ms", "p99 ms", "errors (non-200)"]))
+    print()
+    print(table(rss_rows, ["server", "RSS MB", "peak RSS MB"]))
+
+
+if __name__ == "__main__":
+    main()
