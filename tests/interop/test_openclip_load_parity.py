@@ -116,11 +116,12 @@ def test_openai_torchscript_archive(anchor_dir, tmp_path):
     sd = load_file(str(anchor_dir / "quickgelu-p16.safetensors"))
     sd["input_resolution"] = torch.tensor(48)  # metadata OpenAI's archives carry
     _scriptable(sd).save(str(tmp_path / "ViT-tiny.pt"))
-    model, tokenizer, _ = clipforge.load(tmp_path / "ViT-tiny.pt")
+    model, tokenizer, _ = clipforge.load(tmp_path / "ViT-tiny.pt", trust_pickle=True)  # TorchScript runs code
     assert model.cfg.vision.act == "quick_gelu" and model.cfg.text.act == "quick_gelu"
     assert model.cfg.vision.heads == 1 and model.cfg.text.heads == 1  # OpenAI's rule: width // 64 (at least 1)
     assert model.cfg.vision.image_size == 48 and model.cfg.embed_dim == 40 and model.cfg.vision.mlp_ratio == 2.0
     # heads are not in the weights and the anchor used 2 and 3, so parity needs the model config:
     # with it, the archive matches OpenCLIP exactly.
-    model, _, _ = clipforge.load(tmp_path / "ViT-tiny.pt", model_config=anchor_dir / "quickgelu-p16.json", openai=True)
+    model, _, _ = clipforge.load(tmp_path / "ViT-tiny.pt", model_config=anchor_dir / "quickgelu-p16.json",
+                                 trust_pickle=True)
     check(model, load_file(str(anchor_dir / "quickgelu-p16.io.safetensors")))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .common import add_load_arguments, load_options
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a run directory (its newest checkpoint), a checkpoint/model directory, or any source "
@@ -27,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-report", action="store_true", help="write results.json only")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_load_arguments(p)
 
 
 def summary_rows(results: dict) -> list[list]:
@@ -73,7 +76,7 @@ def run(args) -> int:
     from ..interop import load
     from .common import dump_json, table
 
-    model, tokenizer, _ = load(args.model)
+    model, tokenizer, _ = load(args.model, **load_options(args))
     cache = None if args.no_cache else (args.cache_dir or DEFAULT_ROOT)
     res = run_suite(model, tokenizer, args.suite, dataset=args.dataset, size=args.size, seed=args.seed,
                     cache_dir=cache, progress=not args.quiet, data_root=args.data_root)

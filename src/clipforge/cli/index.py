@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .common import add_load_arguments, load_options
+
 EPILOG = """\
 examples:
   clipforge index runs/a --images ~/Pictures --out indexes/pictures
@@ -49,6 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--commit-every", type=int, default=10_000, metavar="N",
                    help="write the index every N new images, so an interrupted run keeps its work (default 10000)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_load_arguments(p)
 
 
 def run(args) -> int:
@@ -67,7 +70,7 @@ def run(args) -> int:
         source = {"kind": "corpus", "name": args.corpus, "split": args.split,
                   **({"languages": list(args.languages)} if args.languages else {})}
     print(f"{len(candidates)} images found; loading {args.model}", file=sys.stderr)
-    model, _, preprocess = load(args.model)
+    model, _, preprocess = load(args.model, **load_options(args))
 
     def warn(key: str, reason: str) -> None:
         print(f"warning: skipped unreadable image: {reason}", file=sys.stderr)
