@@ -7,7 +7,6 @@ model must leave the marker absent unless the caller opts in with ``trust_pickle
 """
 import json
 from pathlib import Path
-from typing import Tuple
 
 import pytest
 import torch
@@ -39,11 +38,11 @@ class Payload(nn.Module):
         return x
 
     @torch.jit.export
-    def __getstate__(self) -> Tuple[str, torch.Tensor, bool]:
+    def __getstate__(self) -> tuple[str, torch.Tensor, bool]:
         return (self.marker, self.weight, self.training)
 
     @torch.jit.export
-    def __setstate__(self, state: Tuple[str, torch.Tensor, bool]) -> None:
+    def __setstate__(self, state: tuple[str, torch.Tensor, bool]) -> None:
         self.marker = state[0]
         self.weight = state[1]
         self.training = state[2]

@@ -60,8 +60,11 @@ def unsupported_options(model_cfg: dict[str, Any]) -> list[str]:
             out.append(f"{tower}.block_type={c['block_type']}")
     if tcfg.get("proj_type", "linear") != "linear":
         out.append(f"text_cfg.proj_type={tcfg['proj_type']}")
-    if float((tcfg.get("norm_kwargs") or {}).get("eps", 1e-5)) != 1e-5:
-        out.append("text_cfg.norm_kwargs.eps")
+    for tower, c in (("vision_cfg", vcfg), ("text_cfg", tcfg)):
+        if float((c.get("norm_kwargs") or {}).get("eps", 1e-5)) != 1e-5:
+            out.append(f"{tower}.norm_kwargs.eps")
+    if vcfg.get("act_kwargs"):
+        out.append("vision_cfg.act_kwargs")
     if tcfg.get("pool_type", "argmax") != "argmax":
         out.append(f"text_cfg.pool_type={tcfg['pool_type']}")
     return out
