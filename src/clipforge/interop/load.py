@@ -209,8 +209,9 @@ def ambiguity_message(path: Path, why: str) -> str:
     return (f"'{path}' is an OpenCLIP/OpenAI-layout state dict and {why}. Its weights cannot show the activation "
             "(OpenAI's models and OpenCLIP's *-quickgelu ones use QuickGELU, OpenCLIP's others GELU) or the number of "
             "heads, and a wrong guess changes every embedding. Say which model it is: model_name='ViT-B-32' (CLI "
-            "--model-name; the names: clipforge.interop.openclip_models.names()), openai=True for OpenAI's own "
-            "weights, or model_config= with the OpenCLIP model config JSON")
+            "--model-name, train config init_model_name; the names: clipforge.interop.openclip_models.names()), "
+            "openai=True (CLI --openai) for OpenAI's own weights, or model_config= (CLI --model-config) with the "
+            "OpenCLIP model config JSON")
 
 
 def resolve_openclip(path: Path, ckpt: Checkpoint, model_config: dict | None, model_name: str | None,
