@@ -134,3 +134,18 @@ def test_table_ships_as_package_data():
     assert Path(openclip_models.TABLE).exists()
     text = Path(__file__).resolve().parents[2].joinpath("pyproject.toml").read_text()
     assert '"interop/*.json"' in text
+
+
+def test_hub_directory_with_timms_config_json_reads_the_openclip_files(small_state, tmp_path):
+    """timm's hub repositories carry a config.json without model_type beside OpenCLIP's files."""
+    ref, sd = small_state
+    save_file(sd, str(tmp_path / "open_clip_model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "vit_base_patch32_clip_224", "num_classes": 512}))
+    model_cfg = {"embed_dim": 16, "quick_gelu": True,
+                 "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 64, "layers": 1, "head_width": 64},
+                 "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1}}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
+    model, _, _ = clipforge.load(tmp_path)
+    assert model.cfg.vision.act == "quick_gelu"
+    for k, v in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k

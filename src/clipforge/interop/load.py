@@ -284,8 +284,12 @@ def load(source: str | Path, model_config: str | Path | dict | None = None, trus
         model_config = json.loads(Path(model_config).read_text())
         model_config = model_config.get("model_cfg", model_config)
     if path.is_dir():
+        # OpenCLIP's hf-hub layout; hub repositories may also hold a transformers config.json (then that model is
+        # read) or timm's config.json (no model_type: the OpenCLIP files are the model)
+        hf_type = json.loads((path / "config.json").read_text()).get("model_type") if (path / "config.json").exists() \
+            else None
         for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
-            if (path / name).exists() and not (path / "config.json").exists():
+            if (path / name).exists() and hf_type not in ("clip", "siglip"):
                 return load(path / name, model_config, trust_pickle, openai, model_name, allow_nonfinite)
         if model_name is not None or model_config is not None or openai is not None:
             raise ValueError(f"model_name=, model_config= and openai= describe OpenCLIP/OpenAI state dicts; '{path}' "
