@@ -28,9 +28,10 @@ import torch
 from clipforge.data import build_dataset
 from clipforge.evaluation.features import encode_images
 from clipforge.evaluation.retrieval import retrieval_metrics
-from clipforge.interop.sentence_encoders import sentence_encoder
 from clipforge.models import save_model
-from clipforge.train.pivot import PivotConfig, clip_text_targets, save_pivot, train_pivot
+from clipforge.models.pivot import save_pivot
+from clipforge.models.sentence_encoders import sentence_encoder
+from clipforge.train.pivot import PivotConfig, clip_text_targets, train_pivot
 
 LANGS = ["en", "es", "pt", "it", "fr", "de", "id", "tr", "ru", "fa", "ar", "ja", "ko", "zh"]
 

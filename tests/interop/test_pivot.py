@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 import clipforge
-from clipforge.interop.sentence_encoders import HFMeanPoolEncoder, sentence_encoder
-from clipforge.models.pivot import PivotCLIP, PivotProjection, texts_as_is
-from clipforge.train.pivot import PivotConfig, clip_text_targets, pivot_losses, save_pivot, train_pivot
+from clipforge.models.pivot import PivotCLIP, PivotProjection, save_pivot, texts_as_is
+from clipforge.models.sentence_encoders import HFMeanPoolEncoder, sentence_encoder
+from clipforge.train.pivot import PivotConfig, clip_text_targets, pivot_losses, train_pivot
 
 
 class TwoLanguageEncoder:
@@ -117,7 +117,7 @@ def test_save_and_load_through_clipforge_load(tmp_path):
     save_pivot(model, tmp_path / "p", encoder_spec="synthetic")
     with pytest.raises(ValueError, match="unknown sentence encoder 'synthetic'"):
         clipforge.load(tmp_path / "p")
-    from clipforge.train.pivot import load_pivot
+    from clipforge.models.pivot import load_pivot
 
     again = load_pivot(tmp_path / "p", encoder=enc)
     texts = ["xx 3", "en 4"]

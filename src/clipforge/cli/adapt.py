@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .common import add_load_arguments, load_options
+
 METHOD_HELP = """\
 methods (--method, several allowed; 'all' runs every one):
   tip     Tip-Adapter (Zhang et al. 2022), training-free: a cache whose keys are the support
@@ -87,6 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tca-batch-size", type=int, default=1, help="test images per step (default 1, as the paper)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_load_arguments(p)
 
 
 def summary_rows(results: dict) -> list[list]:
@@ -130,7 +133,7 @@ def run(args) -> int:
                                     correction_weight=args.tca_correction_weight, beta=args.tca_beta,
                                     anchors=not args.tca_no_anchors),
                       tca_batch_size=args.tca_batch_size)
-    model, tokenizer, _ = load(args.model)
+    model, tokenizer, _ = load(args.model, **load_options(args))
     log = (lambda msg: None) if args.quiet or args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     results, adapters = run_adaptation(model, tokenizer, cfg, log=log)
     results["model"] = str(args.model)

@@ -1,8 +1,31 @@
-"""Small helpers shared by the CLI commands: result tables and JSON output."""
+"""Small helpers shared by the CLI commands: result tables, JSON output, the model-loading options."""
 from __future__ import annotations
 
+import argparse
 import json
 from typing import Any, Iterable
+
+
+def add_load_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``clipforge.load`` that every command reading a model offers."""
+    g = p.add_argument_group("loading the model (clipforge.load)")
+    g.add_argument("--model-name", metavar="NAME",
+                   help="OpenCLIP model name of an OpenCLIP/OpenAI-layout state dict without a config beside it, e.g. "
+                        "ViT-B-32 or ViT-B-32-quickgelu: what its weights cannot show (activation, heads)")
+    g.add_argument("--model-config", metavar="JSON", help="OpenCLIP model config JSON for such a state dict")
+    g.add_argument("--openai", action="store_true", default=None,
+                   help="read such a state dict as OpenAI's original CLIP (QuickGELU, 64-channel heads)")
+    g.add_argument("--trust-pickle", action="store_true",
+                   help="allow full unpickling and TorchScript archives (OpenAI's .pt files); both run code from the "
+                        "file, so only for files you trust")
+    g.add_argument("--allow-nonfinite", action="store_true",
+                   help="load weights that hold NaN or inf (refused by default) with a warning")
+
+
+def load_options(args) -> dict[str, Any]:
+    """Keyword arguments of ``clipforge.load`` from the options of :func:`add_load_arguments`."""
+    return {"model_name": args.model_name, "model_config": args.model_config, "openai": args.openai,
+            "trust_pickle": args.trust_pickle, "allow_nonfinite": args.allow_nonfinite}
 
 
 def table(rows: Iterable[Iterable[Any]], header: Iterable[str]) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .common import add_load_arguments, load_options
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a run, checkpoint or model directory, or anything clipforge.load reads "
@@ -15,6 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output file: .npy (array [N, d]) or .parquet (columns: item, embedding)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (they are listed) instead of stopping")
+    add_load_arguments(p)
 
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -43,7 +46,7 @@ def run(args) -> int:
         raise ValueError(f"--out must end in .npy or .parquet, got '{out.name}'")
     # any format clipforge.load reads, with the model's own tokenizer and preprocessing
     # (CLIP BPE, a Hugging Face text tower's tokenizer, or raw text for a uCLIP pivot model)
-    model, tokenizer, transform = load(args.model)
+    model, tokenizer, transform = load(args.model, **load_options(args))
     model.eval()
     if args.images:
         import torch

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .common import add_load_arguments, load_options
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a run directory (its newest checkpoint), a checkpoint/model directory, or any source "
@@ -50,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes decoding images (default 2)")
     g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: encode under bf16 autocast")
     g.add_argument("--device", default="cpu", help="where the model runs for your own data (default cpu)")
+    add_load_arguments(p)
 
 
 def summary_rows(results: dict) -> list[list]:
@@ -148,7 +151,7 @@ def run(args) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     resolve_tasks(args.suite, tasks)  # an unknown suite or task fails before the model loads
     user_data, train, ood = _read_specs(specs, args)
-    model, tokenizer, transform = load(args.model)
+    model, tokenizer, transform = load(args.model, **load_options(args))
     cache = None if args.no_cache else (args.cache_dir or DEFAULT_ROOT)
     per_dataset = {spec: _evaluate_one(spec, user_data.get(spec), train, ood, model, tokenizer, transform, args, cache,
                                        tasks) for spec in specs}

@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_load_arguments, load_options
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a run/checkpoint directory, an HF/OpenCLIP/OpenAI checkpoint, or hf-hub:ORG/NAME")
     p.add_argument("--to", required=True, choices=["hf", "onnx", "clipforge"], help="output format")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--model-config", help="OpenCLIP model config JSON for an OpenCLIP state dict")
-    p.add_argument("--trust-pickle", action="store_true", help="allow full unpickling of .pt/.bin files you trust")
+    add_load_arguments(p)
 
 
 def run(args) -> int:
     from ..interop import export_hf, load
     from ..models import save_model
 
-    model, _, _ = load(args.source, model_config=args.model_config, trust_pickle=args.trust_pickle)
+    model, _, _ = load(args.source, **load_options(args))
     if args.to == "hf":
         out = export_hf(model, args.out)
     elif args.to == "onnx":

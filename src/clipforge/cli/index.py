@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .common import add_load_arguments, load_options
+
 EPILOG = """\
 examples:
   clipforge index runs/a --images ~/Pictures --out indexes/pictures
@@ -57,6 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="if another clipforge index is writing INDEX_DIR, wait up to SECONDS for it to finish and "
                         "then add to what it wrote (default 0: stop at once with a message naming it)")
+    add_load_arguments(p)
 
 
 def run(args) -> int:
@@ -79,7 +82,7 @@ def run(args) -> int:
         source = {"kind": "corpus", "name": args.corpus, "split": args.split,
                   **({"languages": list(args.languages)} if args.languages else {})}
     print(f"{len(candidates)} images found; loading {args.model}", file=sys.stderr)
-    model, _, preprocess = load(args.model)
+    model, _, preprocess = load(args.model, **load_options(args))
 
     def warn(key: str, reason: str) -> None:
         print(f"warning: skipped unreadable image: {reason}", file=sys.stderr)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .common import add_load_arguments, load_options
+
 EPILOG = """\
 how it works (Chung et al., 2025, uCLIP): a frozen multilingual sentence encoder M and a
 small trained projection P replace CLIP's text tower. P is trained so that P(M(x)) matches
@@ -36,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden", type=int, default=1024, help="hidden width of the projection MLP (0: linear)")
     p.add_argument("--noise-std", type=float, default=0.05, help="Gaussian perturbation of the encoder features")
     p.add_argument("--seed", type=int, default=0)
+    add_load_arguments(p)
 
 
 def _texts(args) -> list[str]:
@@ -54,13 +57,14 @@ def _texts(args) -> list[str]:
 
 def run(args) -> int:
     from .. import load
-    from ..interop.sentence_encoders import sentence_encoder
-    from ..train.pivot import PivotConfig, save_pivot, train_pivot
+    from ..models.pivot import save_pivot
+    from ..models.sentence_encoders import sentence_encoder
+    from ..train.pivot import PivotConfig, train_pivot
 
     cfg = PivotConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, hidden=args.hidden,
                       noise_std=args.noise_std, seed=args.seed)
     texts = _texts(args)
-    clip, tokenizer, _ = load(args.model)
+    clip, tokenizer, _ = load(args.model, **load_options(args))
     encoder = sentence_encoder(args.encoder)
     print(f"aligning '{args.encoder}' ({encoder.dim}-d) to {args.model} on {len(set(texts))} distinct English texts")
     model, log = train_pivot(clip.eval(), tokenizer, encoder, texts, cfg)

@@ -35,6 +35,9 @@ key=value overrides; overrides win. Common ones:
   data.caption_policy=longest data.positive_source=first_sentence data.positives=1
                              Long-CLIP: stretch 77 -> 248 text positions, long + short captions
   init_from=PATH             start from any checkpoint clipforge.load reads (HF, OpenCLIP, OpenAI)
+  init_model_name=ViT-B-32 init_trust_pickle=true init_allow_nonfinite=true
+                             clipforge.load's model_name (init_vision_model_name for init_vision_from),
+                             trust_pickle (pickles, TorchScript: they run code) and allow_nonfinite
   freeze=[text.*]            LiT; trainable=[visual.proj,text.proj,logit_scale]: projections only
   model_overrides.hf_text.path=DIR
                              a pretrained Hugging Face text tower (e.g. all-MiniLM-L6-v2)

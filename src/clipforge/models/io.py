@@ -3,17 +3,58 @@
 A saved model is a directory with ``model.safetensors`` and ``model_config.json`` (a
 :class:`CLIPConfig`). Training checkpoints use the same two files, so any checkpoint
 directory is also a loadable model.
+
+Loading checks what it reads: a truncated or corrupt safetensors file is reported with its
+path (:func:`read_safetensors`), and a model whose parameters hold NaN or inf is refused
+(:func:`check_finite`) unless ``allow_nonfinite=True``, since it would embed everything to NaN.
 """
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 
 from .clip import CLIP
 from .coca import config_from_dict, model_from_config
+
+logger = logging.getLogger(__name__)
+
+
+def read_safetensors(path: str | Path) -> dict[str, Tensor]:
+    """All tensors of a safetensors file; a damaged file gives an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights file at '{path}'")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own SafetensorError (header, sizes) or OSError
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"'{path}' is not a readable safetensors file ({first}): it is truncated or corrupt, e.g. "
+                         "an interrupted download or copy; fetch or copy it again") from None
+
+
+def check_finite(model: nn.Module, source: str, allow_nonfinite: bool = False) -> None:
+    """Refuse (or, with ``allow_nonfinite``, loudly warn about) parameters that hold NaN or inf."""
+    bad = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.is_floating_point() or p.is_complex():
+                n = p.numel() - int(torch.isfinite(p).sum())
+                if n:
+                    bad.append(f"{name} ({n} of {p.numel()})")
+    if not bad:
+        return
+    where = ", ".join(bad[:6]) + (f" and {len(bad) - 6} more tensors" if len(bad) > 6 else "")
+    if not allow_nonfinite:
+        raise ValueError(f"'{source}' has non-finite weights (NaN or inf) in {len(bad)} tensor(s): {where}. The model "
+                         "would embed everything to NaN; load an earlier checkpoint, or pass allow_nonfinite=True "
+                         "(CLI --allow-nonfinite) to load it anyway")
+    logger.warning("LOADING A MODEL WITH NON-FINITE WEIGHTS (allow_nonfinite=True): '%s' has NaN or inf in %d "
+                   "tensor(s): %s. Its outputs will be NaN wherever these weights are used.", source, len(bad), where)
 
 
 def save_model(model: CLIP, directory: str | Path, metadata: dict[str, str] | None = None) -> Path:
@@ -29,9 +70,7 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> Non
     """Load ``model.safetensors`` (a file or a directory holding it), naming any key or shape mismatch."""
     path = Path(path)
     file = path / "model.safetensors" if path.is_dir() else path
-    if not file.exists():
-        raise FileNotFoundError(f"no weights at '{file}'")
-    weights = load_file(str(file))
+    weights = read_safetensors(file)
     own = model.state_dict()
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
@@ -47,8 +86,11 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> Non
     model.load_state_dict(weights, strict=strict)
 
 
-def load_model(directory: str | Path) -> CLIP:
-    """Build the architecture from ``model_config.json`` and load ``model.safetensors``."""
+def load_model(directory: str | Path, allow_nonfinite: bool = False) -> CLIP:
+    """Build the architecture from ``model_config.json`` and load ``model.safetensors``.
+
+    Non-finite weights are refused unless ``allow_nonfinite`` (then a warning is logged).
+    """
     directory = Path(directory)
     if (directory / "checkpoints" / "latest.json").exists():  # a run directory: take its newest checkpoint
         latest = json.loads((directory / "checkpoints" / "latest.json").read_text())["path"]
@@ -61,4 +103,5 @@ def load_model(directory: str | Path) -> CLIP:
         )
     model = model_from_config(config_from_dict(json.loads(cfg_file.read_text())))
     load_weights(model, directory)
+    check_finite(model, str(directory), allow_nonfinite)
     return model.eval()

@@ -13,14 +13,20 @@ T(x_en) too, and so near the image embeddings CLIP aligned with it:
 :class:`PivotProjection` is P (a two-layer MLP, or linear with ``hidden=0``);
 :class:`PivotCLIP` puts it together. ``encode_text`` takes the raw strings (the "tokenizer"
 of this model is :func:`texts_as_is`) or precomputed encoder features. The sentence encoder
-is any callable ``texts -> [N, d_in]`` (see ``clipforge.interop.sentence_encoders``); it is
-not part of the module's weights.
+is any callable ``texts -> [N, d_in]`` (see :mod:`clipforge.models.sentence_encoders`); it is
+not part of the module's weights. :func:`save_pivot` / :func:`load_pivot` write and read the
+whole model (the CLIP model, the projection, and the encoder's spec); training is
+``clipforge.train.pivot``.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import json
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 
@@ -74,3 +80,51 @@ class PivotCLIP(nn.Module):
         param = next(self.projection.parameters())
         z = self.projection(feats.to(param.device, param.dtype))
         return F.normalize(z, dim=-1) if normalize else z
+
+
+PIVOT_FILE = "pivot.json"
+
+
+def save_pivot(model: PivotCLIP, directory: str | Path, encoder_spec: str, config: Any = None) -> Path:
+    """Write ``clip/`` (the CLIP model), ``projection.safetensors`` and ``pivot.json`` (how to rebuild).
+
+    ``encoder_spec``: the :func:`~clipforge.models.sentence_encoders.sentence_encoder` spec that
+    rebuilds the encoder; ``config``: the training config (a dataclass or dict), stored for the record.
+    """
+    from .io import save_model
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_model(model.clip, directory / "clip")
+    p = model.projection
+    save_file({k: v.detach().contiguous() for k, v in p.state_dict().items()}, str(directory / "projection.safetensors"))
+    record = asdict(config) if is_dataclass(config) else config
+    meta = {"format": "clipforge-pivot-1", "encoder": encoder_spec, "in_dim": p.in_dim, "out_dim": p.out_dim,
+            "hidden": p.hidden, "config": record}
+    (directory / PIVOT_FILE).write_text(json.dumps(meta, indent=2))
+    return directory
+
+
+def load_pivot(directory: str | Path, encoder=None, allow_nonfinite: bool = False) -> PivotCLIP:
+    """Rebuild a saved :class:`PivotCLIP`; the sentence encoder comes from ``pivot.json`` unless given.
+
+    Non-finite weights (CLIP model or projection) are refused unless ``allow_nonfinite``.
+    """
+    from .io import check_finite, load_model, read_safetensors
+    from .sentence_encoders import sentence_encoder
+
+    directory = Path(directory)
+    meta_path = directory / PIVOT_FILE
+    if not meta_path.exists():
+        raise FileNotFoundError(f"'{directory}' has no {PIVOT_FILE}: not a directory written by save_pivot")
+    meta = json.loads(meta_path.read_text())
+    projection = PivotProjection(meta["in_dim"], meta["out_dim"], meta["hidden"])
+    projection.load_state_dict(read_safetensors(directory / "projection.safetensors"))
+    check_finite(projection, str(directory / "projection.safetensors"), allow_nonfinite)
+    clip = load_model(directory / "clip", allow_nonfinite=allow_nonfinite).eval()
+    encoder = encoder if encoder is not None else sentence_encoder(meta["encoder"])
+    if getattr(encoder, "dim", meta["in_dim"]) != meta["in_dim"]:
+        raise ValueError(f"the projection in '{directory}' expects {meta['in_dim']}-d features from "
+                         f"'{meta['encoder']}', but the given encoder gives {encoder.dim}-d")
+    projection.eval()
+    return PivotCLIP(clip, encoder, projection)

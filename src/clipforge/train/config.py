@@ -100,6 +100,13 @@ class TrainConfig:
     # run/model directory, a Hugging Face CLIP/SigLIP directory, OpenCLIP or OpenAI weights); the
     # architecture and tokenizer come from it and `model`/`model_overrides` are ignored
     init_from: Optional[str] = None
+    # what clipforge.load needs for some init_from / init_vision_from sources: the OpenCLIP model name of a state
+    # dict without a config beside it (e.g. ViT-B-32, ViT-B-32-quickgelu), the opt-in to full unpickling and
+    # TorchScript archives (both run code from the file), and loading weights that hold NaN/inf
+    init_model_name: Optional[str] = None
+    init_vision_model_name: Optional[str] = None
+    init_trust_pickle: bool = False
+    init_allow_nonfinite: bool = False
     # Long-CLIP's knowledge-preserved stretching (clipforge.models.long_clip) of the text positions of the built or
     # init_from model before training: factor > 1 keeps the first long_context_keep positions and interpolates the
     # rest factor-fold (77 -> 248 with keep 20, factor 4); the tokenizer then takes the stretched context length

@@ -26,14 +26,11 @@ its intra-alignment terms are not reproduced here). Everything frozen is encoded
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -134,40 +131,3 @@ def train_pivot(clip, tokenizer: Callable, encoder, texts: Sequence[str], cfg: P
     projection.eval()
     return PivotCLIP(clip, encoder, projection), log
 
-
-PIVOT_FILE = "pivot.json"
-
-
-def save_pivot(model: PivotCLIP, directory: str | Path, encoder_spec: str, cfg: PivotConfig | None = None) -> Path:
-    """Write ``clip/`` (the CLIP model), ``projection.safetensors`` and ``pivot.json`` (how to rebuild)."""
-    from ..models.io import save_model
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_model(model.clip, directory / "clip")
-    p = model.projection
-    save_file({k: v.detach().contiguous() for k, v in p.state_dict().items()}, str(directory / "projection.safetensors"))
-    meta = {"format": "clipforge-pivot-1", "encoder": encoder_spec, "in_dim": p.in_dim, "out_dim": p.out_dim,
-            "hidden": p.hidden, "config": asdict(cfg) if cfg else None}
-    (directory / PIVOT_FILE).write_text(json.dumps(meta, indent=2))
-    return directory
-
-
-def load_pivot(directory: str | Path, encoder=None) -> PivotCLIP:
-    """Rebuild a saved :class:`PivotCLIP`; the sentence encoder comes from ``pivot.json`` unless given."""
-    from ..interop.sentence_encoders import sentence_encoder
-    from ..models.io import load_model
-
-    directory = Path(directory)
-    meta_path = directory / PIVOT_FILE
-    if not meta_path.exists():
-        raise FileNotFoundError(f"'{directory}' has no {PIVOT_FILE}: not a directory written by save_pivot")
-    meta = json.loads(meta_path.read_text())
-    encoder = encoder if encoder is not None else sentence_encoder(meta["encoder"])
-    if getattr(encoder, "dim", meta["in_dim"]) != meta["in_dim"]:
-        raise ValueError(f"the projection in '{directory}' expects {meta['in_dim']}-d features from "
-                         f"'{meta['encoder']}', but the given encoder gives {encoder.dim}-d")
-    projection = PivotProjection(meta["in_dim"], meta["out_dim"], meta["hidden"])
-    projection.load_state_dict(load_file(str(directory / "projection.safetensors")))
-    projection.eval()
-    return PivotCLIP(load_model(directory / "clip").eval(), encoder, projection)

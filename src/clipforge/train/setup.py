@@ -39,7 +39,8 @@ def build_model(cfg: TrainConfig, say=print):
     if cfg.init_from:
         from ..interop import load  # any checkpoint of the ecosystem; its tokenizer comes with it
 
-        model, tokenizer, _ = load(cfg.init_from)
+        model, tokenizer, _ = load(cfg.init_from, model_name=cfg.init_model_name, trust_pickle=cfg.init_trust_pickle,
+                                   allow_nonfinite=cfg.init_allow_nonfinite)
         model.train()
     else:
         model = create_model(cfg.model, seed=cfg.seed, **cfg.model_overrides)
@@ -55,7 +56,8 @@ def build_model(cfg: TrainConfig, say=print):
         model = stretch_context(model, cfg.long_context_keep, cfg.long_context_factor)
         tokenizer = get_tokenizer(model.context_length)
     if cfg.init_vision_from:
-        copy_image_tower(model, cfg.init_vision_from)
+        copy_image_tower(model, cfg.init_vision_from, model_name=cfg.init_vision_model_name,
+                         trust_pickle=cfg.init_trust_pickle, allow_nonfinite=cfg.init_allow_nonfinite)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     if cfg.freeze or cfg.trainable:
         n_train, n_total = apply_freeze(model, cfg.freeze, cfg.trainable)
@@ -79,11 +81,12 @@ def token_outputs(model, needs: set) -> bool:
     return True
 
 
-def copy_image_tower(model, source: str) -> None:
-    """Load every ``visual.*`` tensor of ``source`` (any checkpoint clipforge.load reads) into ``model``."""
+def copy_image_tower(model, source: str, **load_options) -> None:
+    """Load every ``visual.*`` tensor of ``source`` (any checkpoint clipforge.load reads, with ``load_options``)
+    into ``model``."""
     from ..interop import load
 
-    donor = {k: v for k, v in load(source)[0].state_dict().items() if k.startswith("visual.")}
+    donor = {k: v for k, v in load(source, **load_options)[0].state_dict().items() if k.startswith("visual.")}
     own = {k: v for k, v in model.state_dict().items() if k.startswith("visual.")}
     missing, unexpected = sorted(set(own) - set(donor)), sorted(set(donor) - set(own))
     wrong = [f"{k} {tuple(donor[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(donor))
