@@ -59,7 +59,7 @@ def test_adapt_fits_and_writes_before_and_after(tiny_cfg, tmp_path, capsys):
         prompts = [t.format(c) for c in test.classnames for t in test.templates]
         emb = F.normalize(model.encode_text(tokenizer(prompts)), dim=-1).view(5, len(test.templates), -1)
         classifier = F.normalize(emb.mean(1), dim=-1)
-    scale = float(model.scale())
+    scale = model.scale().item()
     feats, labels = encode(test.images), torch.as_tensor(test.labels)
     zero_shot = scale * feats @ classifier.t()
     acc = lambda logits: (logits.argmax(1) == labels).float().mean().item()
