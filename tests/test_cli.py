@@ -24,8 +24,25 @@ def test_each_command_has_help(cmd, capsys):
 
 
 def test_console_script_installed():
-    out = subprocess.run([sys.executable, "-m", "clipforge.cli.main", "--version"], capture_output=True, text=True)
-    assert out.returncode == 0 and "clipforge" in out.stdout
+    """The ``clipforge`` script pip wrote next to this interpreter runs (``python -m`` would bypass the entry point)."""
+    import shutil
+    import tomllib
+    from importlib.metadata import entry_points
+    from pathlib import Path
+
+    from clipforge import __version__
+
+    bindir = Path(sys.executable).parent
+    script = shutil.which("clipforge", path=str(bindir)) or shutil.which("clipforge")
+    assert script, f"no clipforge console script in {bindir} or on PATH: install the package (pip install -e .)"
+    declared = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    installed = {ep.name: ep.value for ep in entry_points(group="console_scripts") if ep.name == "clipforge"}
+    assert installed == {"clipforge": declared["clipforge"]}, "installed entry point differs from pyproject.toml"
+    out = subprocess.run([script, "--version"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"clipforge {__version__}"
+    out = subprocess.run([script, "data", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("usage: clipforge data"), out.stderr
 
 
 SMALL = ["model_overrides={embed_dim: 32, vision: {image_size: 32, patch_size: 8, width: 32, layers: 1, heads: 2}, "

@@ -84,23 +84,3 @@ def test_zero_shot_classifier_averages_normalized_template_embeddings():
         e = F.normalize(torch.stack([Fake().encode_text(tok([t.format(c)]))[0] for t in ["{}", "x {}"]]), dim=-1)
         manual.append(F.normalize(e.mean(0), dim=-1))
     assert torch.allclose(clf, torch.stack(manual), atol=1e-6)
-
-
-def test_degenerate_model_scores_at_chance():
-    """A model whose embeddings are all equal gets chance-level numbers, not a crash or a perfect score."""
-    from clipforge.evaluation import evaluate_shapes
-    from clipforge.models import create_model
-    from clipforge.tokenizer import get_tokenizer
-
-    model = create_model("tiny", seed=0)
-
-    class Constant(torch.nn.Module):
-        def forward(self, x):
-            return torch.ones(x.shape[0], model.cfg.embed_dim)
-
-    model.visual.forward = Constant().forward
-    model.text.forward = Constant().forward
-    r = evaluate_shapes(model, get_tokenizer(32), size=60)
-    for task, z in r["zero_shot"].items():
-        assert z["top1"] <= z["chance_top1"] * 2.5 + 0.05, (task, z)
-    assert r["retrieval"]["val"]["t2i_R@1"] < 0.2

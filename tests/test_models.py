@@ -58,10 +58,56 @@ def test_batch_independence(tiny):
     assert torch.allclose(full, single, atol=1e-5)
 
 
-@pytest.mark.parametrize("pool", ["cls", "mean", "attn"])
+def _naive_query_attention(query, x, mha):
+    """One learned query attending over tokens ``x`` [B, N, w], head by head, from the module's raw weights."""
+    w = x.shape[-1]
+    heads, dh = mha.num_heads, w // mha.num_heads
+    wq, wk, wv = mha.in_proj_weight.split(w)
+    bq, bk, bv = mha.in_proj_bias.split(w)
+    out = torch.zeros(x.shape[0], w)
+    for b in range(x.shape[0]):
+        q, k, v = query @ wq.T + bq, x[b] @ wk.T + bk, x[b] @ wv.T + bv
+        heads_out = []
+        for h in range(heads):
+            sl = slice(h * dh, (h + 1) * dh)
+            scores = torch.stack([(q[sl] * k[n, sl]).sum() for n in range(k.shape[0])]) / math.sqrt(dh)
+            weights = scores.exp() / scores.exp().sum()
+            heads_out.append((weights[:, None] * v[:, sl]).sum(0))
+        out[b] = torch.cat(heads_out) @ mha.out_proj.weight.T + mha.out_proj.bias
+    return out
+
+
+def _naive_layer_norm(y, ln):
+    mu = y.mean(-1, keepdim=True)
+    var = ((y - mu) ** 2).mean(-1, keepdim=True)
+    return (y - mu) / torch.sqrt(var + ln.eps) * ln.weight + ln.bias
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean", "attn", "map"])
 def test_pooling_variants(pool):
-    model = create_model("tiny", seed=0, vision={"pool": pool})
-    assert model.encode_image(torch.randn(2, 3, 64, 64)).shape == (2, 128)
+    """Each pooling is its definition, recomputed from the tower's tokens: the class token, the mean of the patch
+    tokens, one learned query attending over all tokens (then LayerNorm), SigLIP's MAP head (y + MLP(LN(y)))."""
+    model = create_model("tiny", seed=0, vision={"pool": pool}).eval()
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tokens = model.visual.forward_tokens(images)  # [B, 1 + grid^2, w], class token first
+        patches = tokens[:, 1:]
+        if pool == "cls":
+            ref = tokens[:, 0]
+        elif pool == "mean":
+            ref = sum(patches[:, n] for n in range(patches.shape[1])) / patches.shape[1]
+        elif pool == "attn":
+            head = model.visual.attn_pool
+            ref = _naive_layer_norm(_naive_query_attention(head.query[0, 0], tokens, head.attn), head.ln)
+        else:
+            head = model.visual.attn_pool
+            y = _naive_query_attention(head.probe[0, 0], tokens, head.attn)
+            hidden = torch.nn.functional.gelu(_naive_layer_norm(y, head.ln) @ head.mlp[0].weight.T + head.mlp[0].bias)
+            ref = y + hidden @ head.mlp[2].weight.T + head.mlp[2].bias
+        got = model.encode_image(images, normalize=False)
+    assert got.shape == (2, 128)
+    assert torch.allclose(got, ref @ model.visual.proj, atol=1e-5)
+    assert not torch.allclose(ref, tokens[:, 1], atol=1e-3)  # the reference is not just some token
 
 
 def test_siglip_bias_init():

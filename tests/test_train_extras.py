@@ -229,16 +229,49 @@ def test_caption_sources_with_stored_rule_rewrites(tiny_cfg, tmp_path):
         CaptionPolicy.parse("original=1,captionz=1")
 
 
-def test_multi_positive_training_gets_captions_or_dreamlip_subcaptions(tiny_cfg, tmp_path):
+def test_multi_positive_training_gets_captions_or_dreamlip_subcaptions(tiny_cfg, tmp_path, monkeypatch):
     """multi_positive reads P positive texts per sample: the sample's captions (LaCLIP-style) or the
     sentences of its longest caption (DreamLIP); the training program encodes them with gradients."""
     from clipforge.data import build_dataset
+    from clipforge.losses.multi_positive import MultiPositiveLoss
     from clipforge.tokenizer import get_tokenizer
     from clipforge.train.data import make_collate
 
-    result = train(dataclasses.replace(tiny_cfg, steps=3, loss={"clip": 1.0, "multi_positive": 0.5},
-                                       out_dir=str(tmp_path / "mp")))
-    assert len(result.losses) == 3 and all(v == v and abs(v) < 1e6 for v in result.losses)
+    encoded, seen = [], []
+    encode_extras, forward = loop._encode_extras, MultiPositiveLoss.forward
+
+    def spy_extras(model, batch):
+        extra = encode_extras(model, batch)
+        with torch.no_grad():  # the positives' own token ids through the text tower, at the same weights
+            ids = batch["positive_texts"]
+            again = model.encode_text(ids.reshape(-1, ids.shape[-1])).float().view(*ids.shape[:2], -1)
+        encoded.append((extra["positive_text_features"], again, batch["positive_mask"]))
+        return extra
+
+    def spy_forward(self, inputs):
+        pos = inputs.require("positive_text_features")
+        grads = []
+        if pos.requires_grad:
+            pos.register_hook(lambda g: grads.append(g.clone()))
+        out = forward(self, inputs)
+        seen.append((pos, grads, out["loss"].item()))
+        return out
+
+    monkeypatch.setattr(loop, "_encode_extras", spy_extras)
+    monkeypatch.setattr(MultiPositiveLoss, "forward", spy_forward)
+    cfg = dataclasses.replace(tiny_cfg, steps=3, save_every=0, loss={"clip": 1.0, "multi_positive": 0.5},
+                              out_dir=str(tmp_path / "mp"))
+    result = train(cfg)
+    assert len(result.losses) == 3 and len(seen) == len(encoded) == 3
+    for (features, again, mask), (pos, grads, _) in zip(encoded, seen):
+        assert pos is features and features.shape == (tiny_cfg.batch_size, 2, 32) and mask.all()
+        assert torch.allclose(features, again, atol=1e-5)  # the positive captions' features, not other texts'
+        assert pos.requires_grad and len(grads) == 1 and grads[0].abs().sum(-1).gt(0).all()  # every slot gets gradient
+    logged = records(cfg, "multi_positive")
+    assert [r["step"] for r in logged] == [1, 2, 3]
+    for r, (_, _, value) in zip(logged, seen):
+        assert r["multi_positive"] == pytest.approx(value, rel=1e-6)
+        assert r["loss"] == pytest.approx(r["clip"] + 0.5 * r["multi_positive"], rel=1e-5)
     ds = build_dataset("shapes", split="train", size=16, seed=0, image_size=32)
     items = TrainItems(ds, seed=0, image_size=32, positives=2)
     for i in range(16):

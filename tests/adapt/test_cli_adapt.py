@@ -1,6 +1,7 @@
 """``clipforge adapt`` end to end on a model trained for a few steps."""
 import json
 
+import pytest
 import torch
 
 from clipforge.cli.main import build_parser, main
@@ -18,7 +19,14 @@ def test_help_teaches_the_methods(capsys):
 
 
 def test_adapt_fits_and_writes_before_and_after(tiny_cfg, tmp_path, capsys):
+    """The written adapters are what was fitted (cache keys: support images' features with their labels), and the
+    reported test accuracies are what the written tensors give on the test split, recomputed here."""
+    import torch.nn.functional as F
+
+    from clipforge.evaluation.suite_data import suite_data
+    from clipforge.interop import load
     from clipforge.train import train
+    from clipforge.transforms import normalize_batch
 
     train(tiny_cfg)
     out = tmp_path / "adapt"
@@ -33,10 +41,42 @@ def test_adapt_fits_and_writes_before_and_after(tiny_cfg, tmp_path, capsys):
     for m in ("tip", "tip-f", "coop", "gda"):
         assert 0.0 <= row[m]["test"] <= 1.0 and 0.0 <= row[m]["heldout"] <= 1.0
     assert 0.0 <= row["clipn"]["auroc_atd"] <= 1.0 and "mcm" in res["ood"]
-    assert res["n"]["test"] > 0 and res["zero_shot"]["test"] >= 0.0
     adapters = torch.load(out / "adapters.pt", weights_only=True)
     assert adapters["tip-f"]["keys"].shape[0] == 10  # 2 shots x 5 classes
     assert adapters["coop"]["ctx"].shape[0] == 4  # 'a picture of a'
+
+    # the same model and splits, encoded here without the adaptation code
+    model, tokenizer, _ = load(tiny_cfg.out_dir)
+    model.eval()
+    train_split, _, test, _ = suite_data("shapes", model.image_size, 40, 12345).probe_splits("shape")
+    assert res["n"]["test"] == len(test.images) > 0
+
+    def encode(images):
+        with torch.no_grad():
+            return F.normalize(model.encode_image(normalize_batch(torch.stack(list(images)))), dim=-1)
+
+    with torch.no_grad():
+        prompts = [t.format(c) for c in test.classnames for t in test.templates]
+        emb = F.normalize(model.encode_text(tokenizer(prompts)), dim=-1).view(5, len(test.templates), -1)
+        classifier = F.normalize(emb.mean(1), dim=-1)
+    scale = model.scale().item()
+    feats, labels = encode(test.images), torch.as_tensor(test.labels)
+    zero_shot = scale * feats @ classifier.t()
+    acc = lambda logits: (logits.argmax(1) == labels).float().mean().item()
+    assert res["zero_shot"]["test"] == pytest.approx(acc(zero_shot), abs=1e-9)
+    # Tip-Adapter's cache: its keys are the features of 2 train images per class, its values their one-hot labels
+    tip = adapters["tip"]
+    pool, pool_labels = encode(train_split.images), torch.as_tensor(train_split.labels)
+    nearest = (tip["keys"] @ pool.t()).max(1)
+    assert torch.allclose(nearest.values, torch.ones(10), atol=1e-4)
+    assert torch.equal(pool_labels[nearest.indices], tip["values"].argmax(1))
+    assert sorted(tip["values"].argmax(1).tolist()) == sorted(list(range(5)) * 2)
+    for m in ("tip", "tip-f"):
+        a = adapters[m]
+        cache = torch.exp(-a["beta"] * (1 - feats @ a["keys"].t())) @ a["values"]
+        assert row[m]["test"] == pytest.approx(acc(zero_shot + a["alpha"] * cache), abs=1e-9), m
+    assert not torch.allclose(adapters["tip-f"]["keys"], tip["keys"])  # the -F keys trained
+    assert row["coop"]["test"] == pytest.approx(acc(scale * feats @ adapters["coop"]["classifier"].t()), abs=1e-9)
 
 
 def test_unknown_method_is_a_usage_error(capsys):

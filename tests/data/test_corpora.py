@@ -125,14 +125,72 @@ def test_svg_metadata_captions():
     assert openclipart.captions_from_metadata(meta) == ["bat", "mammal, bat, animal"]
 
 
-@pytest.mark.parametrize("name", ["openclipart", "emoji"])
-def test_built_corpus_has_no_leakage(name):
-    """The full corpus in the data home, when it has been built there (a few seconds each)."""
-    from clipforge.data.shards import MANIFEST, data_home
+# Near-duplicate drawings that the plain key-hash split puts on both sides of train/held-out (found by hashing a full
+# 64-px openclipart build: the same drawing filed under two categories, or an icon and its themed copy).
+OPENCLIPART_NEAR_DUPLICATES = [
+    "animals/crawfish1_ganson.svg", "food/crawfish1_ganson.svg",
+    "animals/fish/seahorse.svg", "computer/icons/etiquette-theme/stock/seahorse.svg",
+    "buildings/homes/home0.svg", "computer/icons/lemon-theme/filesystems/home0.svg",
+    "buildings/homes/home2.svg", "computer/icons/lemon-theme/filesystems/home2.svg",
+    "computer/hardware/computer.svg", "computer/icons/etiquette-theme/stock/computer.svg",
+    "animals/bugs/ant.svg", "computer/icons/etiquette-theme/stock/ant.svg",
+]
+# Skin-tone variants of one glyph are near-duplicates; a few of them hash into val/test, their siblings into train.
+EMOJI_NEAR_DUPLICATE_SUBGROUP = "hand-fingers-open"
 
-    root = data_home() / name
-    if not (root / MANIFEST).exists():
-        pytest.skip(f"{name} is not built at {root} (clipforge data build {name})")
-    manifest = json.loads((root / MANIFEST).read_text())
-    assert_no_leakage(root, json.loads((root / "stats.json").read_text())["leakage"]["max_distance"])
-    assert manifest["total"] >= {"openclipart": 7000, "emoji": 3500}[name]
+
+def _openclipart_subset(src) -> None:
+    """The near-duplicate pairs above plus ~40 drawings spread over the corpus, copied with their folders."""
+    import shutil
+
+    from clipforge.data.corpora.common import select
+
+    root = os.path.realpath(openclipart.SOURCE)
+    spread = [p["rel"] for _, p in select(openclipart.candidates()[0], 40)]
+    for rel in dict.fromkeys(OPENCLIPART_NEAR_DUPLICATES + spread):
+        if not os.path.isfile(os.path.join(root, rel)):
+            pytest.skip(f"this openclipart-svg version lacks {rel}")
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(os.path.join(root, rel), src / rel)
+
+
+def _emoji_subset(path) -> None:
+    """emoji-test.txt cut to one subgroup of skin-tone variants plus ~1 in 40 of the other rows (by a hash)."""
+    import hashlib
+
+    lines, subgroup = [], ""
+    for line in open(emoji_corpus.EMOJI_TEST, encoding="utf-8").read().splitlines():
+        if line.startswith("# subgroup:"):
+            subgroup = line.split(":", 1)[1].strip()
+        spread = hashlib.sha1(line.encode()).digest()[0] < 256 // 40
+        if line.startswith("#") or not line.strip() or subgroup == EMOJI_NEAR_DUPLICATE_SUBGROUP or spread:
+            lines.append(line)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@pytest.mark.parametrize("name", [pytest.param("openclipart", marks=needs_openclipart),
+                                  pytest.param("emoji", marks=needs_emoji)])
+def test_built_corpus_has_no_leakage(name, tmp_path):
+    """A subset of the corpus, built by its real builder, that holds near-duplicates the plain key-hash split would
+    leak into val/test: after the build no val/test image has a train image within the dedup distance
+    (recomputed from the stored pixels), and val/test are not empty."""
+    from clipforge.data.splits import hash_split
+
+    out = tmp_path / name
+    if name == "openclipart":
+        _openclipart_subset(tmp_path / "src")
+        openclipart.build(out, image_size=64, workers=1, progress=False, source=tmp_path / "src", log=lambda s: None)
+    else:
+        _emoji_subset(tmp_path / "emoji-test.txt")
+        emoji_corpus.build(out, image_size=64, workers=1, progress=False, emoji_test=tmp_path / "emoji-test.txt",
+                           log=lambda s: None)
+    max_distance = json.loads((out / "stats.json").read_text())["leakage"]["max_distance"]
+    assert max_distance == 8
+    splits = {s: ShardDataset(out, s, image_size=None) for s in ("train", "val", "test")}
+    assert all(len(ds) > 0 for ds in splits.values())
+    # the premise: split by key hash alone, some held-out image would have a near duplicate in train
+    keys = [ds[i]["key"] for ds in splits.values() for i in range(len(ds))]
+    hashes = np.concatenate([_hashes(ds) for ds in splits.values()])
+    naive = np.array([hash_split(k) for k in keys])
+    assert (min_distances(hashes[naive != "train"], hashes[naive == "train"]) <= max_distance).any()
+    assert_no_leakage(out, max_distance)

@@ -49,18 +49,23 @@ def test_pooling_matches_per_sample_reference(tiny_bert, pool):
         assert torch.allclose(tower(ids), naive_tower(tower, ids, pool), atol=1e-5)
 
 
-def test_gradcheck_float64(tiny_bert):
-    tower = HFTextTower(HFTextConfig(path=str(tiny_bert), lock=False), 4).eval().double()
+@pytest.mark.parametrize("pool", ["mean", "cls"])
+def test_gradcheck_float64(tiny_bert, pool):
+    """Finite differences agree with autograd through the encoder, the masked pooling and the projection."""
+    tower = HFTextTower(HFTextConfig(path=str(tiny_bert), lock=False, pool=pool), 4).eval().double()
     ids = ids_with_padding()[:2]
-    proj = tower.proj.detach().clone().requires_grad_(True)
+    names = ["encoder.embeddings.word_embeddings.weight", "encoder.encoder.layer.2.output.dense.weight", "proj"]
+    params = dict(tower.named_parameters())
+    inputs = tuple(params[n].detach().clone().requires_grad_(True) for n in names)
 
-    def f(p):  # the tower's own forward, with the projection as the input
-        return torch.func.functional_call(tower, {"proj": p}, (ids,))
+    def f(*p):  # the tower's own forward, with an embedding table, a last-layer weight and the projection as inputs
+        return torch.func.functional_call(tower, dict(zip(names, p)), (ids,))
 
-    assert torch.autograd.gradcheck(f, (proj,), eps=1e-6, atol=1e-5)
-    # gradients of the full tower reach the projection and (unlocked) the encoder
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, fast_mode=True)
+    # padding is masked out of attention and pooling: its embedding row gets exactly no gradient
     tower(ids).sum().backward()
-    assert tower.proj.grad is not None and tower.encoder.embeddings.word_embeddings.weight.grad is not None
+    emb = tower.encoder.embeddings.word_embeddings.weight.grad
+    assert torch.count_nonzero(emb[0]) == 0 and torch.count_nonzero(emb[[2, 5, 7, 9, 11, 3]].abs().sum(1)) == 6
 
 
 @pytest.mark.parametrize("lock,unlocked,trainable", [(True, 0, set()), (True, 1, {2}), (True, 3, {0, 1, 2}), (False, 0, None)])
