@@ -5,7 +5,7 @@ CoOp (shared and class-specific context) and GDA at 1/4/16 shots.
     OMP_NUM_THREADS=1 python benchmarks/bench_adapt.py /tmp/runs/adapt-base --shots 1 4 16 --seeds 0 1 2
 
 The model trains its own base when the directory has no checkpoint (``--train``, ~3-6 min on
-2 cores). Everything runs through :func:`clipforge.adapt.run.run_adaptation` (what
+2 cores). Everything runs through :func:`clipforge.evaluation.adaptation.run_adaptation` (what
 ``clipforge adapt`` runs): support sets from ``train``, alpha/beta chosen on the even half of
 ``val``, accuracy on the odd half (``test``, in-distribution) and on ``compositional``
 (``heldout``: color-shape pairs the base model never saw). Each number is the mean over the
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from clipforge.adapt.coop import CoOpConfig
-from clipforge.adapt.run import AdaptConfig, run_adaptation
+from clipforge.evaluation.adaptation import AdaptConfig, run_adaptation
 from clipforge.interop import load
 
 TRAIN_ARGS = ["steps=400", "lr=2e-3", "warmup_steps=30", "weight_decay=0.1"]

@@ -46,7 +46,7 @@ examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..adapt.run import METHODS
+    from ..evaluation.adaptation import METHODS
 
     p.epilog = METHOD_HELP
     p.add_argument("model", help="a run directory (its newest checkpoint), a checkpoint/model directory, or any source "
@@ -111,7 +111,7 @@ def run(args) -> int:
     import torch
 
     from ..adapt.coop import CoOpConfig
-    from ..adapt.run import METHODS, AdaptConfig, run_adaptation
+    from ..evaluation.adaptation import METHODS, AdaptConfig, run_adaptation
     from ..adapt.tca import TCAConfig
     from ..adapt.tip_adapter import TipAdapterFConfig
     from ..interop import load

@@ -25,17 +25,17 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..evaluation.cache import EmbeddingCache
-from ..evaluation.linear_probe import k_shot_indices
-from ..evaluation.ood import mcm_score, ood_metrics
-from ..evaluation.suite import Context
-from ..evaluation.suite_data import suite_data
-from .clipn import CLIPNConfig, fit_clipn
-from .common import FeatureSet, top1
-from .coop import CoOpConfig, fit_coop
-from .gda import gda_logits
-from .tca import TCAConfig, run_stream
-from .tip_adapter import TipAdapterFConfig, TipSearch, fit_tip_adapter, fit_tip_adapter_f
+from ..adapt.clipn import CLIPNConfig, fit_clipn
+from ..adapt.common import FeatureSet
+from ..adapt.coop import CoOpConfig, fit_coop
+from ..adapt.gda import gda_logits
+from ..adapt.tca import TCAConfig, run_stream
+from ..adapt.tip_adapter import TipAdapterFConfig, TipSearch, fit_tip_adapter, fit_tip_adapter_f
+from ..metrics import mcm_score, ood_metrics, top1
+from .cache import EmbeddingCache
+from .linear_probe import k_shot_indices
+from .suite import Context
+from .suite_data import suite_data
 
 METHODS = ("tip", "tip-f", "coop", "gda", "clipn", "tca")
 
