@@ -154,6 +154,18 @@ def test_the_checker_catches_planted_upward_and_sideways_imports(tmp_path):
     assert len(layer_violations(pkg, "toy", layers, {("core/bad.py", "toy.program.run")})) == 4
 
 
+def test_no_module_imports_a_private_name_of_another():
+    """``from .x import _name`` reaches into another module's internals: make the name public or move it."""
+    root = Path(clipforge.__file__).parent
+    offenders = []
+    for f in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("clipforge")):
+                offenders += [f"{f.relative_to(root)}:{node.lineno} imports {a.name}" for a in node.names
+                              if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not offenders, offenders
+
+
 def test_no_torchvision_dependency():
     root = Path(clipforge.__file__).parent
     for f in root.rglob("*.py"):

@@ -368,7 +368,9 @@ def _shard_urls(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     return [str(s) for s in source]
 
 
-def _decode_labels(meta: dict[str, Any]) -> dict[str, int] | None:
+def decode_labels(meta: dict[str, Any]) -> dict[str, int] | None:
+    """A sample's labels from its json: ``labels`` (view -> class index) or a single ``label``
+    (an int or a dict); ``{}`` when it has none, None when a label is not a class index."""
     labels = meta.get("labels")
     if labels is None:
         label = meta.get("label")
@@ -421,7 +423,7 @@ def iter_webdataset(source: str | os.PathLike | Sequence[str | os.PathLike], sta
             if image is None:
                 stats.skip("missing_image", f"{key}: no png/jpg member")
                 continue
-            labels = _decode_labels(meta)
+            labels = decode_labels(meta)
             if labels is None:
                 stats.skip("bad_row", f"{key}: labels are not integers")
                 continue

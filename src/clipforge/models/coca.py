@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from .clip import CLIP
 from .config import CLIPConfig
 from .text import TextTransformer
-from .transformer import Block, _attention_context, make_act
+from .transformer import Block, attention_context, make_act
 
 SOT_TOKEN_ID = 49406  # <start_of_text> of CLIP's BPE vocabulary
 
@@ -122,7 +122,7 @@ class CrossAttention(nn.Module):
         w, bias = self.in_proj.weight, self.in_proj.bias
         q = F.linear(x, w[:c], bias[:c]).view(b, n, h, c // h).transpose(1, 2)
         kv = F.linear(context, w[c:], bias[c:]).view(b, m, 2, h, c // h).permute(2, 0, 3, 1, 4)
-        with _attention_context(x):
+        with attention_context(x):
             out = F.scaled_dot_product_attention(q, kv[0], kv[1])
         return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
 

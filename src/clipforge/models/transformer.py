@@ -33,7 +33,10 @@ from torch.utils.checkpoint import checkpoint
 MATH_ATTENTION_MAX_LEN = 256
 
 
-def _attention_context(x: Tensor):
+def attention_context(x: Tensor):
+    """The attention kernel for ``x`` [B, N, D]: PyTorch's math SDPA on CPU for sequences of at most
+    ``MATH_ATTENTION_MAX_LEN`` tokens while gradients are on (faster there than the fused kernels),
+    the default dispatch otherwise."""
     if x.device.type == "cpu" and x.shape[1] <= MATH_ATTENTION_MAX_LEN and torch.is_grad_enabled():
         return sdpa_kernel(SDPBackend.MATH)
     return contextlib.nullcontext()
@@ -107,7 +110,7 @@ class Attention(nn.Module):
         if use_short_attention(x, attn_mask):
             return self.out_proj(short_attention(self.in_proj(x), self.heads, is_causal))
         qkv = self.in_proj(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        with _attention_context(x):
+        with attention_context(x):
             out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask, is_causal=is_causal)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
 

@@ -70,7 +70,7 @@ class TrainResult:
     model: Any = None  # the trained model (from that checkpoint when distributed.nproc started processes)
 
 
-def _autocast(precision: str):
+def autocast_context(precision: str):
     if precision == "bf16":
         return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -266,20 +266,20 @@ def _train(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> TrainResu
                 scheduler.step()
                 continue
             optimizer.zero_grad(set_to_none=True)
-            with _autocast(cfg.precision):
+            with autocast_context(cfg.precision):
                 ema_extra = [_encode_ema(ema, b) for b in micro_batches]
             if len(micro_batches) == 1:
-                with _autocast(cfg.precision):
+                with autocast_context(cfg.precision):
                     out = model(micro_batches[0]["images"], micro_batches[0]["texts"], **forward)
                     extra = {**_encode_extras(model, micro_batches[0]), **ema_extra[0]}
                 logs = loss_of(_loss_inputs(out, micro_batches[0], extra))
                 logs["loss"].backward()
             else:
-                with torch.no_grad(), _autocast(cfg.precision):
+                with torch.no_grad(), autocast_context(cfg.precision):
                     cached = [model(b["images"], b["texts"], **forward) for b in micro_batches]
                     cached_extra = [_encode_extras(model, b) for b in micro_batches]
                 for k, b in enumerate(micro_batches):
-                    with _autocast(cfg.precision):
+                    with autocast_context(cfg.precision):
                         out = model(b["images"], b["texts"], **forward)
                         own_extra = _encode_extras(model, b)
                     joined = dict(out)
