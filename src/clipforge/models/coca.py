@@ -81,15 +81,6 @@ class CoCaConfig(CLIPConfig):
         return cls(**values, multimodal=MultimodalConfig(**mm) if isinstance(mm, dict) else mm)
 
 
-def config_from_dict(d: dict[str, Any]) -> CLIPConfig:
-    """A CLIPConfig, or a CoCaConfig when the dict has a ``multimodal`` section."""
-    return CoCaConfig.from_dict(d) if "multimodal" in d else CLIPConfig.from_dict(d)
-
-
-def model_from_config(cfg: CLIPConfig) -> CLIP:
-    return CoCa(cfg) if isinstance(cfg, CoCaConfig) else CLIP(cfg)
-
-
 class AttentionalPooler(nn.Module):
     """n learned queries attend to the (normalized) image tokens: OpenCLIP's AttentionalPooler."""
 

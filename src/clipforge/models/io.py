@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .clip import CLIP
-from .coca import config_from_dict, model_from_config
+from .factory import config_from_dict, model_from_config
 
 
 def save_model(model: CLIP, directory: str | Path, metadata: dict[str, str] | None = None) -> Path:
