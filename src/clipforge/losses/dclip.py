@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .base import LossInputs
 from .clip import ClipLoss, clip_loss
 from .registry import register
-from .teachers import teacher_keys, teacher_pairs
+from .teacher_features import teacher_keys, teacher_pairs
 
 
 def cosine_distill_loss(image_features: Tensor, text_features: Tensor, teacher_image, teacher_text) -> Tensor:

@@ -2,7 +2,7 @@
 
 Vasu et al., "MobileCLIP: Fast Image-Text Models through Multi-Modal Reinforced Training"
 (CVPR 2024). Teacher embeddings are precomputed and stored with the data, so distillation
-costs the student no teacher forward pass (layouts: :mod:`.teachers`).
+costs the student no teacher forward pass (layouts: :mod:`.teacher_features`).
 
 With student logits s_ij = t x_i·y_j and, for teacher k of T with its own scale t_k,
 teacher logits s^k_ij = t_k x^k_i·y^k_j, the target of image i is the teachers' mean
@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from .base import LossInputs
 from .gather import gather
 from .registry import register
-from .teachers import gather_teachers, teacher_keys, teacher_pairs, teacher_scales
+from .teacher_features import gather_teachers, teacher_keys, teacher_pairs, teacher_scales
 
 
 def teacher_distribution(queries: Sequence[Tensor], candidates: Sequence[Tensor], scales: Sequence[float]) -> Tensor:

@@ -22,7 +22,7 @@ from .base import LossInputs
 from .distill_kl import teacher_distribution, teacher_targets
 from .gather import gather, local_offset
 from .registry import register
-from .teachers import teacher_keys, teacher_pairs, teacher_scales
+from .teacher_features import teacher_keys, teacher_pairs, teacher_scales
 
 
 def _soft_ce_rows(queries: Tensor, candidates: Tensor, logit_scale, teacher: Tensor, alpha: float, offset: int) -> Tensor:

@@ -26,7 +26,7 @@ class Corpus:
 BUILDERS = {
     "openclipart": Corpus("clipforge.data.corpora.openclipart", dataset="openclipart"),
     "emoji": Corpus("clipforge.data.corpora.emoji", dataset="emoji"),
-    "shapes": Corpus("clipforge.data.corpora.shapes", dataset=None),
+    "shapes": Corpus("clipforge.data.corpora.shapes_shards", dataset=None),
 }
 
 
