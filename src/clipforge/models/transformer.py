@@ -99,6 +99,12 @@ def make_act(name: str) -> nn.Module:
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention with a fused input projection: ``forward(x [B, N, C]) -> [B, N, C]``
+    with C = width split into ``heads`` heads of C / heads; ``in_proj`` maps C -> 3C (q, k, v),
+    ``out_proj`` C -> C. ``attn_mask``: a boolean [B, 1, 1, N] (True = attend; the text tower's
+    padding mask) or anything ``F.scaled_dot_product_attention`` accepts; ``is_causal`` masks the
+    future (the causal text tower)."""
+
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.heads = heads
@@ -132,6 +138,10 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    """``layers`` pre-LN :class:`Block` s of one width: ``forward(x [B, N, width]) -> [B, N, width]``,
+    with the same ``attn_mask`` / ``is_causal`` for every block; ``grad_checkpointing`` recomputes
+    each block's activations in backward."""
+
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu", ln_eps: float = 1e-5):
         super().__init__()
         self.width, self.layers = width, layers
