@@ -62,9 +62,9 @@ from .tic import TicConfig, TicLoss, tic_loss  # noqa: E402
 
 __all__ += ["AlipConfig", "AlipLoss", "alip_loss", "CaptionConfig", "CaptionLoss", "caption_loss",
             "DreamlipGroupingConfig", "DreamlipGroupingLoss", "dreamlip_grouping_loss", "kmeans", "MlcdConfig",
-            "MlcdLoss", "cluster_centers", "mlcd_loss", "MultiPositiveConfig", "MultiPositiveLoss", "multi_positive_loss",
-            "NortonConfig", "NortonLoss", "norton_loss", "sinkhorn_log", "ProtoClipConfig", "ProtoClipLoss",
-            "protoclip_loss", "TicConfig", "TicLoss", "tic_loss"]
+            "MlcdLoss", "cluster_centers", "mlcd_loss", "MultiPositiveConfig", "MultiPositiveLoss",
+            "multi_positive_loss", "NortonConfig", "NortonLoss", "norton_loss", "sinkhorn_log", "ProtoClipConfig",
+            "ProtoClipLoss", "protoclip_loss", "TicConfig", "TicLoss", "tic_loss"]
 # --- end clustering, transport, multi-positive and captioning ---
 
 # --- hard negatives and distillation ---
@@ -80,9 +80,9 @@ from .hycd import HycdConfig, hycd_loss  # noqa: E402
 from .teacher_features import teacher_list  # noqa: E402
 
 __all__ += ["CountingConfig", "counting_loss", "DclipConfig", "cosine_distill_loss", "dclip_loss",
-            "ImageGroundedConfig", "TextGroundedConfig", "grounded_contrast", "DistillKLConfig", "distill_kl_loss", "EMATeacher",
-            "EmaDistillConfig", "ema_distill_loss", "HardNegativeConfig", "hard_negative_loss", "HqClipConfig",
-            "hqclip_loss", "HycdConfig", "hycd_loss", "teacher_list"]
+            "ImageGroundedConfig", "TextGroundedConfig", "grounded_contrast", "DistillKLConfig", "distill_kl_loss",
+            "EMATeacher", "EmaDistillConfig", "ema_distill_loss", "HardNegativeConfig", "hard_negative_loss",
+            "HqClipConfig", "hqclip_loss", "HycdConfig", "hycd_loss", "teacher_list"]
 # --- end hard negatives and distillation ---
 
 # --- model-variant terms ---
