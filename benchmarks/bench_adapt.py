@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -32,6 +33,7 @@ TRAIN_ARGS = ["steps=400", "lr=2e-3", "warmup_steps=30", "weight_decay=0.1"]
 
 
 def main() -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")  # run_adaptation's progress
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?", default="/tmp/runs/adapt-base", help="a trained run (default /tmp/runs/adapt-base)")
     ap.add_argument("--shots", nargs="+", type=int, default=[1, 4, 16])
@@ -46,8 +48,7 @@ def main() -> int:
     model, tokenizer, _ = load(args.model)
     base = AdaptConfig(view=args.view, shots=tuple(args.shots), seeds=tuple(args.seeds))
     t0 = time.perf_counter()
-    res, _ = run_adaptation(model, tokenizer, replace(base, methods=("tip", "tip-f", "coop", "gda", "clipn")),
-                            log=lambda m: print(m, file=sys.stderr, flush=True))
+    res, _ = run_adaptation(model, tokenizer, replace(base, methods=("tip", "tip-f", "coop", "gda", "clipn")))
     csc, _ = run_adaptation(model, tokenizer, replace(base, methods=("coop",), coop=CoOpConfig(class_specific=True)))
     for k in res["shots"]:
         res["shots"][k]["coop-csc"] = csc["shots"][k]["coop"]

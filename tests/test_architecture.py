@@ -166,6 +166,25 @@ def test_no_module_imports_a_private_name_of_another():
     assert not offenders, offenders
 
 
+# Modules that still print or pass ``print`` around; the trainrel branch converts train/ to logging and the lead
+# deletes these entries when it is merged.
+PRINTS_ALLOWED = {"train/loop.py", "train/setup.py", "train/teachers.py"}
+
+
+def test_only_the_cli_prints():
+    """The library reports through ``logging.getLogger(__name__)``; ``print`` (called or passed as a
+    callback such as ``log=print``) belongs to ``cli/``, which owns the terminal."""
+    root = Path(clipforge.__file__).parent
+    offenders = []
+    for f in sorted(root.rglob("*.py")):
+        rel = f.relative_to(root)
+        if rel.parts[0] == "cli" or str(rel) in PRINTS_ALLOWED:
+            continue
+        offenders += [f"{rel}:{node.lineno}" for node in ast.walk(ast.parse(f.read_text()))
+                      if isinstance(node, ast.Name) and node.id == "print"]
+    assert not offenders, offenders
+
+
 def test_no_torchvision_dependency():
     root = Path(clipforge.__file__).parent
     for f in root.rglob("*.py"):
