@@ -1,12 +1,10 @@
-"""Pieces every adapter shares: a labelled feature set, top-1 accuracy (:func:`clipforge.metrics.top1`) and seeding."""
+"""Pieces every adapter shares: a labelled feature set and seeding (top-1 accuracy: :func:`clipforge.metrics.top1`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-
-from ..metrics import top1
 
 
 @dataclass
