@@ -23,7 +23,7 @@ from pathlib import Path
 import clipforge
 
 LAYERS: list[tuple[str, ...]] = [
-    ("registry", "images", "metrics", "locking"),
+    ("registry", "images", "metrics", "locking", "errors"),  # locking, errors: modules of other branches of this round
     ("tokenizer", "transforms"),
     ("models", "losses", "data"),  # the library core
     ("interop",),
