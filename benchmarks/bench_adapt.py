@@ -5,7 +5,7 @@ CoOp (shared and class-specific context) and GDA at 1/4/16 shots.
     OMP_NUM_THREADS=1 python benchmarks/bench_adapt.py /tmp/runs/adapt-base --shots 1 4 16 --seeds 0 1 2
 
 The model trains its own base when the directory has no checkpoint (``--train``, ~3-6 min on
-2 cores). Everything runs through :func:`clipforge.adapt.run.run_adaptation` (what
+2 cores). Everything runs through :func:`clipforge.evaluation.adaptation.run_adaptation` (what
 ``clipforge adapt`` runs): support sets from ``train``, alpha/beta chosen on the even half of
 ``val``, accuracy on the odd half (``test``, in-distribution) and on ``compositional``
 (``heldout``: color-shape pairs the base model never saw). Each number is the mean over the
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -25,13 +26,14 @@ from pathlib import Path
 import numpy as np
 
 from clipforge.adapt.coop import CoOpConfig
-from clipforge.adapt.run import AdaptConfig, run_adaptation
+from clipforge.evaluation.adaptation import AdaptConfig, run_adaptation
 from clipforge.interop import load
 
 TRAIN_ARGS = ["steps=400", "lr=2e-3", "warmup_steps=30", "weight_decay=0.1"]
 
 
 def main() -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")  # run_adaptation's progress
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?", default="/tmp/runs/adapt-base", help="a trained run (default /tmp/runs/adapt-base)")
     ap.add_argument("--shots", nargs="+", type=int, default=[1, 4, 16])
@@ -46,8 +48,7 @@ def main() -> int:
     model, tokenizer, _ = load(args.model)
     base = AdaptConfig(view=args.view, shots=tuple(args.shots), seeds=tuple(args.seeds))
     t0 = time.perf_counter()
-    res, _ = run_adaptation(model, tokenizer, replace(base, methods=("tip", "tip-f", "coop", "gda", "clipn")),
-                            log=lambda m: print(m, file=sys.stderr, flush=True))
+    res, _ = run_adaptation(model, tokenizer, replace(base, methods=("tip", "tip-f", "coop", "gda", "clipn")))
     csc, _ = run_adaptation(model, tokenizer, replace(base, methods=("coop",), coop=CoOpConfig(class_specific=True)))
     for k in res["shots"]:
         res["shots"][k]["coop-csc"] = csc["shots"][k]["coop"]

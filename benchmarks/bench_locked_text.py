@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from clipforge.data import build_dataset
 from clipforge.cli.train import evaluate_corpora
-from clipforge.evaluation.tasks import evaluate_shapes
+from clipforge.evaluation.shapes_eval import evaluate_shapes
 from clipforge.interop.pretrained import minilm_l6_path, minilm_text_config
 from clipforge.interop.text_tokenizers import HFTokenizer
 from clipforge.models import CLIP, CLIPConfig, create_model, get_model_config

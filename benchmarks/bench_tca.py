@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipforge.adapt.common import top1
 from clipforge.adapt.tca import TCA, TCAConfig, run_stream
 from clipforge.evaluation.cache import EmbeddingCache
 from clipforge.evaluation.robustness import corrupt
+from clipforge.metrics import top1
 from clipforge.evaluation.suite import Context
 from clipforge.evaluation.suite_data import suite_data
 from clipforge.interop import load

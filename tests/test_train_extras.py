@@ -78,9 +78,9 @@ def test_ema_update_follows_the_momentum(tiny_cfg, monkeypatch):
 
 def test_plain_clip_prepares_nothing_extra(tiny_cfg, monkeypatch):
     batches, teachers = [], []
-    encode, encode_ema = loop._encode_extras, loop._encode_ema
-    monkeypatch.setattr(loop, "_encode_extras", lambda model, b: batches.append(set(b)) or encode(model, b))
-    monkeypatch.setattr(loop, "_encode_ema", lambda ema, b: teachers.append(ema) or encode_ema(ema, b))
+    encode, encode_ema = loop.encode_extras, loop.encode_ema
+    monkeypatch.setattr(loop, "encode_extras", lambda model, b: batches.append(set(b)) or encode(model, b))
+    monkeypatch.setattr(loop, "encode_ema", lambda ema, b: teachers.append(ema) or encode_ema(ema, b))
     train(dataclasses.replace(tiny_cfg, steps=2, save_every=0))
     assert batches and all(not {"negative_texts", "count_negative_texts"} & keys for keys in batches)
     assert teachers and all(t is None for t in teachers)

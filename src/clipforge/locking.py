@@ -43,12 +43,14 @@ class LockHeld(RuntimeError):
     """Another process holds the lock; the message names it and the way out."""
 
 
-def _holder(text: str) -> dict[str, str]:
+def holder_info(text: str) -> dict[str, str]:
+    """``pid``, ``host`` and ``since`` of a lock file's text ("?" where missing)."""
     fields = dict(part.split("=", 1) for part in text.split() if "=" in part)
     return {k: fields.get(k, "?") for k in ("pid", "host", "since")}
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -59,7 +61,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _describe(what: str, directory: Path, lock: Path, text: str) -> str:
-    h = _holder(text)
+    h = holder_info(text)
     who = f"pid {h['pid']} on {h['host']} since {h['since']}" if text.strip() else "another process"
     return (f"{what} '{directory}' is in use by {who} (lock file {lock}); wait for that process to finish, "
             "stop it, or choose another directory")
@@ -90,9 +92,9 @@ def exclusive_lock(directory: str | Path, what: str = "directory", timeout: floa
                 time.sleep(poll)
         previous = _read(fd)
         if previous.strip():
-            h = _holder(previous)
+            h = holder_info(previous)
             here = h["host"] == socket.gethostname()
-            gone = here and h["pid"].isdigit() and not _pid_alive(int(h["pid"]))
+            gone = here and h["pid"].isdigit() and not pid_alive(int(h["pid"]))
             log.warning("%s '%s': took over a stale lock left by pid %s on %s%s", what, directory, h["pid"], h["host"],
                         " (that process is no longer running)" if gone else "")
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

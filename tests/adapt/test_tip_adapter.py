@@ -4,8 +4,9 @@ import torch
 import torch.nn.functional as F
 
 from clipforge.adapt import (FeatureSet, TipAdapterF, TipAdapterFConfig, TipSearch, fit_tip_adapter, fit_tip_adapter_f,
-                             search_alpha_beta, tip_adapter_logits, top1)
+                             search_alpha_beta, tip_adapter_logits)
 from clipforge.evaluation import few_shot
+from clipforge.metrics import top1
 
 
 def _problem(clusters, seed=0, classes=4, dim=16, noise=0.9, zs_noise=1.2):

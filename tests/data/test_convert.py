@@ -91,7 +91,7 @@ def test_interrupted_conversion_resumes(tmp_path, monkeypatch):
     assert (tmp_path / "split" / "convert-plan.json").exists() and not (tmp_path / "split" / "manifest.json").exists()
     calls.clear()
     interrupt.append(False)
-    resumed = convert(src, tmp_path / "split", shard_bytes=3000, progress=False, log=lambda m: None)
+    resumed = convert(src, tmp_path / "split", shard_bytes=3000, progress=False)
     assert 0 < len(calls) < full["total"]  # only the samples after the complete shards were encoded again
     assert resumed["splits"] == full["splits"]
     for a, b in zip(sorted((tmp_path / "full").glob("*.tar")), sorted((tmp_path / "split").glob("*.tar"))):

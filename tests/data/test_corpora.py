@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -55,11 +56,10 @@ def _toy_prepare(payload, image_size):
             "labels": {"family": payload["family"] % 3}, "png": encode_png(img), "extra": {}}
 
 
-def test_pipeline_moves_near_duplicates_and_is_idempotent(tmp_path):
+def test_pipeline_moves_near_duplicates_and_is_idempotent(tmp_path, caplog):
     cands = [(f"k{i:03d}", {"seed": i, "family": i // 5, "fail": i % 17 == 0}) for i in range(120)]
     views = {"family": {"classes": ["a", "b", "c"], "templates": ["{}"]}}
-    m = build_corpus("toy", tmp_path, cands, _toy_prepare, views, image_size=24, workers=1, progress=False,
-                     log=lambda s: None)
+    m = build_corpus("toy", tmp_path, cands, _toy_prepare, views, image_size=24, workers=1, progress=False)
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert stats["skipped"] == {"render_failed": 8} and m["total"] == 112
     assert stats["leakage"]["near_duplicate_groups"] > 0 and stats["leakage"]["moved"]
@@ -67,10 +67,9 @@ def test_pipeline_moves_near_duplicates_and_is_idempotent(tmp_path):
     split_of = {ShardDataset(tmp_path, s)[i]["key"]: s for s in m["splits"] for i in range(m["splits"][s]["count"])}
     for fam in range(24):  # every family sits in one split
         assert len({split_of[f"k{i:03d}"] for i in range(fam * 5, fam * 5 + 5) if f"k{i:03d}" in split_of}) == 1
-    messages = []
-    again = build_corpus("toy", tmp_path, cands, _toy_prepare, views, image_size=24, workers=1, progress=False,
-                         log=messages.append)
-    assert again == m and "already built" in messages[0]
+    with caplog.at_level(logging.INFO, logger="clipforge.data.corpora.common"):
+        again = build_corpus("toy", tmp_path, cands, _toy_prepare, views, image_size=24, workers=1, progress=False)
+    assert again == m and "already built" in caplog.messages[0]
     with pytest.raises(ValueError, match="different build"):
         build_corpus("toy", tmp_path, cands, _toy_prepare, views, image_size=24, limit=50, workers=1, progress=False)
 
@@ -94,7 +93,7 @@ def test_openclipart_small_build(tmp_path, capsys):
 @needs_emoji
 def test_emoji_small_build(tmp_path):
     out = tmp_path / "em"
-    emoji_corpus.build(out, image_size=32, limit=40, workers=1, progress=False, log=lambda s: None)
+    emoji_corpus.build(out, image_size=32, limit=40, workers=1, progress=False)
     ds = ShardDataset(out, "train", image_size=None)
     stats = json.loads((out / "stats.json").read_text())
     assert sum(stats["samples"].values()) >= 35

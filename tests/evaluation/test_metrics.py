@@ -10,8 +10,8 @@ from clipforge.evaluation.compositionality import count_choice_accuracy, negativ
 from clipforge.evaluation.diagnostics import effective_rank, embedding_diagnostics, modality_gap
 from clipforge.evaluation.few_shot import caps_adapter_logits, gda_logits, tip_adapter_logits
 from clipforge.evaluation.linear_probe import k_shot_indices, linear_probe
-from clipforge.evaluation.ood import auroc, clipn_scores, fpr_at_tpr, mcm_score
 from clipforge.evaluation.robustness import CORRUPTIONS, corrupt
+from clipforge.metrics import auroc, clipn_scores, fpr_at_tpr, mcm_score
 
 
 def blobs(n_per=30, c=3, d=5, seed=0, spread=1.0):

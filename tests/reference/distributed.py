@@ -4,7 +4,8 @@ the mean loss and each rank's gradients with one process computing the whole bat
 
 A test module defines ``TERMS`` [(name, options)], ``WORLD``, ``LOCAL``, ``batch()`` and
 ``inputs_for(data, slice, rank, world) -> (LossInputs, leaves)``, then calls
-``check_terms_across_processes(__name__)``."""
+``check_terms_across_processes(__name__)``; ``run_terms_across_processes(__name__)`` returns the
+per-rank results for a test that compares them with its own reference."""
 from __future__ import annotations
 
 import importlib
@@ -45,7 +46,8 @@ def _worker(rank, port, queue, module_name):
         dist.destroy_process_group()
 
 
-def check_terms_across_processes(module_name: str) -> None:
+def run_terms_across_processes(module_name: str) -> dict[int, list]:
+    """rank -> [(loss, [gradient of each leaf / WORLD, as numpy]) for each of the module's TERMS]."""
     spec = importlib.import_module(module_name)
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), free_port()
@@ -56,6 +58,12 @@ def check_terms_across_processes(module_name: str) -> None:
     for p in procs:
         p.join(timeout=30)
         assert p.exitcode == 0
+    return results
+
+
+def check_terms_across_processes(module_name: str) -> None:
+    spec = importlib.import_module(module_name)
+    results = run_terms_across_processes(module_name)
     data = spec.batch()
     for k, (name, opts) in enumerate(spec.TERMS):
         li, leaves = spec.inputs_for(data, slice(None), 0, 1)

@@ -9,18 +9,18 @@ One method per module, each on frozen CLIP features or a frozen model:
 - :mod:`.clipn`: CLIPN-style learned "no" prompts for out-of-distribution detection;
 - :mod:`.tca`: TCA, token condensation as training-free test-time adaptation (no support set:
   the test stream itself, through a condensed image tower);
-- :mod:`.run`: fit and compare the methods on a dataset's few-shot split (``clipforge adapt``).
-
-A program built on the core (like :mod:`clipforge.evaluation`, whose few-shot task uses
-these adapters); the core never imports it.
+The experiment that fits and compares them on a dataset's few-shot split (``clipforge adapt``)
+is :mod:`clipforge.evaluation.adaptation`: it needs the evaluation suite's data and cache, and
+evaluation sits above adapt (``tests/test_architecture.py``). Below adapt: the core and
+:mod:`clipforge.metrics`; adapt never imports evaluation.
 """
-from .common import FeatureSet, top1
+from .common import FeatureSet
 from .coop import CoOpConfig, PromptLearner, fit_coop
 from .gda import gda_classifier, gda_logits
 from .tca import TCA, TCAConfig, TokenReservoir, tca_flops
 from .tip_adapter import (TipAdapterF, TipAdapterFConfig, TipSearch, caps_adapter_logits, fit_tip_adapter,
                           fit_tip_adapter_f, search_alpha_beta, tip_adapter_logits)
 
-__all__ = ["FeatureSet", "top1", "CoOpConfig", "PromptLearner", "fit_coop", "gda_classifier", "gda_logits",
+__all__ = ["FeatureSet", "CoOpConfig", "PromptLearner", "fit_coop", "gda_classifier", "gda_logits",
            "TCA", "TCAConfig", "TokenReservoir", "tca_flops", "TipAdapterF", "TipAdapterFConfig", "TipSearch", "caps_adapter_logits", "fit_tip_adapter",
            "fit_tip_adapter_f", "search_alpha_beta", "tip_adapter_logits"]

@@ -19,7 +19,7 @@ embedding toward the antipode of its "yes" embedding.
 What differs from the paper: the text tower stays frozen (CLIPN trains a copy of it as the
 "no" encoder on CC3M); only CoOp-style context vectors of the "no" prompts learn, on the
 few-shot in-distribution images. The OOD scores are CLIPN's competing-to-win and
-agreeing-to-differ (:func:`clipforge.evaluation.ood.clipn_scores`); in-distribution images
+agreeing-to-differ (:func:`clipforge.metrics.clipn_scores`); in-distribution images
 score high.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..evaluation.ood import clipn_scores
+from ..metrics import clipn_scores
 from .coop import CoOpConfig, PromptLearner, train_prompts
 
 

@@ -1,12 +1,10 @@
-"""Pieces every adapter shares: a labelled feature set and top-1 accuracy."""
+"""Pieces every adapter shares: a labelled feature set and seeding (top-1 accuracy: :func:`clipforge.metrics.top1`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-
-from ..evaluation.zero_shot import classification_metrics
 
 
 @dataclass
@@ -25,11 +23,6 @@ class FeatureSet:
 
     def __len__(self) -> int:
         return self.features.shape[0]
-
-
-def top1(logits: Tensor, labels: Tensor) -> float:
-    """Top-1 accuracy, tied logits ordered at random in expectation (as the evaluation suite counts)."""
-    return classification_metrics(logits.detach().float(), labels, logits.shape[1], topk=(1,))["top1"]
 
 
 def set_seed(seed: int) -> torch.Generator:

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import FeatureSet, set_seed, top1
+from ..metrics import top1
+from .common import FeatureSet, set_seed
 
 ALPHAS = (0.1, 0.3, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 50.0, 100.0)
 BETAS = (0.5, 1.0, 2.0, 3.5, 5.5, 7.0, 10.0, 15.0)

@@ -48,7 +48,7 @@ examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..adapt.run import METHODS
+    from ..evaluation.adaptation import METHODS
 
     p.epilog = METHOD_HELP
     p.add_argument("model", help="a run directory (its newest checkpoint), a checkpoint/model directory, or any source "
@@ -109,16 +109,15 @@ def summary_rows(results: dict) -> list[list]:
 
 def run(args) -> int:
     import json
-    import sys
 
     import torch
 
     from ..adapt.coop import CoOpConfig
-    from ..adapt.run import METHODS, AdaptConfig, run_adaptation
     from ..adapt.tca import TCAConfig
     from ..adapt.tip_adapter import TipAdapterFConfig
+    from ..evaluation.adaptation import METHODS, AdaptConfig, run_adaptation
     from ..interop import load
-    from .common import dump_json, table
+    from .common import dump_json, quiet_logger, table
 
     methods = tuple(METHODS) if "all" in args.method else tuple(dict.fromkeys(args.method))
     init = None if args.coop_ctx_init.lower() == "none" else args.coop_ctx_init
@@ -134,8 +133,8 @@ def run(args) -> int:
                                     anchors=not args.tca_no_anchors),
                       tca_batch_size=args.tca_batch_size)
     model, tokenizer, _ = load(args.model, **load_options(args))
-    log = (lambda msg: None) if args.quiet or args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    results, adapters = run_adaptation(model, tokenizer, cfg, log=log)
+    with quiet_logger("clipforge", args.quiet or args.json):
+        results, adapters = run_adaptation(model, tokenizer, cfg)
     results["model"] = str(args.model)
     if args.out:
         out = Path(args.out)

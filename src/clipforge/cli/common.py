@@ -1,9 +1,26 @@
-"""Small helpers shared by the CLI commands: result tables, JSON output, the model-loading options."""
+"""Small helpers shared by the CLI commands: result tables, JSON output, the model-loading options and quieting
+a library logger."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-from typing import Any, Iterable
+import logging
+from typing import Any, Iterable, Iterator
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str, quiet: bool = True) -> Iterator[None]:
+    """Within the block, the library logger ``name`` reports only warnings and errors when ``quiet``
+    (``--quiet``, or ``--json`` whose stdout must be the JSON alone); its level is restored after."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    if quiet:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def add_load_arguments(p: argparse.ArgumentParser) -> None:

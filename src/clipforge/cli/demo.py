@@ -32,7 +32,7 @@ def estimate_step_seconds(cfg, trials: int = 3) -> float:
 
     from ..losses import LossInputs, build_composite
     from ..models import create_model
-    from ..train.loop import _autocast
+    from ..train.loop import autocast_context
     from ..train.optim import build_optimizer
 
     model = create_model(cfg.model, seed=0, **cfg.model_overrides)
@@ -44,7 +44,7 @@ def estimate_step_seconds(cfg, trials: int = 3) -> float:
     times = []
     for i in range(trials + 1):
         t0 = time.perf_counter()
-        with _autocast(cfg.precision):
+        with autocast_context(cfg.precision):
             out = model(images, texts)
         loss = loss_fn(LossInputs(out["image_features"].float(), out["text_features"].float(), out["logit_scale"]))["loss"]
         loss.backward()

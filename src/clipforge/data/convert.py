@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from .formats import ReadStats, encode_png, image_folder_classes, iter_source
 from .shards import MANIFEST, SPLITS, ShardSample, ShardSetWriter
 from .splits import hash_split
+
+logger = logging.getLogger(__name__)
 
 PLAN = "convert-plan.json"
 
@@ -70,8 +73,7 @@ def _plan(src: Path, fractions: dict[str, float], reader_kwargs: dict[str, Any],
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, shard_bytes: int = 64 << 20, image_size: int | None = None,
             val_fraction: float = 0.0, test_fraction: float = 0.0, name: str | None = None,
-            label_from_folder: bool = False, progress: bool = True,
-            log: Callable[[str], None] = print) -> dict[str, Any]:
+            label_from_folder: bool = False, progress: bool = True) -> dict[str, Any]:
     """Convert ``src`` into shards in ``out`` (see the module docstring); returns the manifest."""
     from tqdm.auto import tqdm
 
@@ -87,7 +89,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, shard_bytes: int = 6
     if (out / MANIFEST).exists():
         manifest = json.loads((out / MANIFEST).read_text())
         if manifest.get("convert") == settings:
-            log(f"{out}: already converted ({manifest['total']} samples); nothing to do")
+            logger.info("%s: already converted (%d samples); nothing to do", out, manifest["total"])
             return manifest
         raise ValueError(f"{out} already holds a shard set; remove it or choose another --out")
     plan_path = out / PLAN
@@ -101,7 +103,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, shard_bytes: int = 6
             plan = {"settings": settings, **_plan(src, fractions, reader_kwargs, bar)}
         plan_path.write_text(json.dumps(plan))
     else:
-        log(f"{out}: resuming the conversion of {src}")
+        logger.info("%s: resuming the conversion of %s", out, src)
 
     def produce(wanted: Sequence[str]) -> Iterable[ShardSample | str]:
         todo = iter(wanted)

@@ -65,5 +65,3 @@ def build_dataset(name: str, **kwargs) -> Dataset:
     if "+" in name:
         return ConcatDataset([build_dataset(part.strip(), **kwargs) for part in name.split("+")])
     return DATASETS.get(name)(**kwargs)
-
-from . import shapes_long  # noqa: E402,F401  (registers shapes_long: shapes with synthetic long captions)

@@ -102,7 +102,8 @@ def clean_captions(value: Any) -> list[str] | None:
     return None
 
 
-def _as_label(value: Any) -> int | None:
+def as_label(value: Any) -> int | None:
+    """A class index from a manifest or ``cls`` value (int, integral float or digit string); None for anything else."""
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, np.integer)):
@@ -138,7 +139,7 @@ def _finish(stats: ReadStats, key: str, image: Any, captions: list[str] | None, 
 # ---------------------------------------------------------------- manifests (CSV, TSV, JSONL, Parquet)
 
 
-def _manifest_rows(path: Path, stats: ReadStats) -> Iterator[tuple[int, dict[str, Any] | None]]:
+def manifest_rows(path: Path, stats: ReadStats) -> Iterator[tuple[int, dict[str, Any] | None]]:
     """(row number, row dict) pairs; a row that does not parse comes as None (counted by the caller)."""
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
@@ -198,7 +199,7 @@ def iter_manifest(path: str | os.PathLike, stats: ReadStats | None = None, image
     path = Path(path)
     stats = stats if stats is not None else ReadStats()
     base = path.parent
-    for n, row in _manifest_rows(path, stats):
+    for n, row in manifest_rows(path, stats):
         key = f"{path.name}:{n}"
         if row is None or not isinstance(row.get(image_column), str) or not row[image_column].strip():
             stats.skip("bad_row", f"{key}: unparsable row or no '{image_column}' value")
@@ -217,7 +218,7 @@ def iter_manifest(path: str | os.PathLike, stats: ReadStats | None = None, image
         for col, view in lcols.items():
             if row.get(col) in (None, ""):
                 continue
-            value = _as_label(row[col])
+            value = as_label(row[col])
             if value is None:
                 bad = f"{key}: label column '{col}' holds {row[col]!r}, not an integer"
                 break
@@ -368,7 +369,9 @@ def _shard_urls(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     return [str(s) for s in source]
 
 
-def _decode_labels(meta: dict[str, Any]) -> dict[str, int] | None:
+def decode_labels(meta: dict[str, Any]) -> dict[str, int] | None:
+    """A sample's labels from its json: ``labels`` (view -> class index) or a single ``label``
+    (an int or a dict); ``{}`` when it has none, None when a label is not a class index."""
     labels = meta.get("labels")
     if labels is None:
         label = meta.get("label")
@@ -379,7 +382,7 @@ def _decode_labels(meta: dict[str, Any]) -> dict[str, int] | None:
         return None
     out = {}
     for view, value in labels.items():
-        value = _as_label(value)
+        value = as_label(value)
         if value is None:
             return None
         out[str(view)] = value
@@ -421,7 +424,7 @@ def iter_webdataset(source: str | os.PathLike | Sequence[str | os.PathLike], sta
             if image is None:
                 stats.skip("missing_image", f"{key}: no png/jpg member")
                 continue
-            labels = _decode_labels(meta)
+            labels = decode_labels(meta)
             if labels is None:
                 stats.skip("bad_row", f"{key}: labels are not integers")
                 continue

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .corpora import BUILDERS
 from .datasets import DATASETS
 from .formats import add_tar_member, sample_json, to_uint8_chw
 
@@ -357,8 +358,9 @@ def _corpus_factory(name: str):
     return build
 
 
-for _name in ("openclipart", "emoji"):
-    DATASETS.register(_name, _corpus_factory(_name))
+for _name, _corpus in BUILDERS.items():
+    if _corpus.dataset is not None:
+        DATASETS.register(_corpus.dataset, _corpus_factory(_name))
 
 
 @DATASETS.register("shards")

@@ -67,7 +67,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..images import ImageLoadError, load_image
 from ..transforms import image_transform
-from .formats import SKIP_REASONS, _decode_labels, clean_captions
+from .formats import SKIP_REASONS, clean_captions, decode_labels
 from .shards import MANIFEST, read_manifest
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
@@ -290,7 +290,7 @@ class StreamingShards(IterableDataset):
             return bad("bad_row", "captions are not strings")
         if not captions:
             return bad("no_caption", "no non-empty caption")
-        labels = _decode_labels(meta)
+        labels = decode_labels(meta)
         if labels is None:
             return bad("bad_row", "labels are not integers")
         ext = next((e for e in IMAGE_EXTS if e in members), None)

@@ -38,8 +38,8 @@ from typing import Any
 from ..data.formats import (
     IMAGE_EXTENSIONS,
     ReadStats,
-    _as_label,
-    _manifest_rows,
+    as_label,
+    manifest_rows,
     clean_captions,
 )
 from .templates import (
@@ -305,7 +305,7 @@ def _wds_split(spec: str, root: Path, split: str, options: SpecOptions, retrieva
                     continue
                 captions.append(caps)
             else:
-                label = _as_label(s.get("cls", b"").decode("utf-8", "replace").strip())
+                label = as_label(s.get("cls", b"").decode("utf-8", "replace").strip())
                 if label is None or label < 0:
                     stats.skip("bad_row", f"{name}: no integer cls member")
                     continue
@@ -358,7 +358,7 @@ def read_manifest_spec(spec: str, path: Path, options: SpecOptions) -> EvalData:
     refs, keys, raw_labels, captions = [], [], [], []
     checked = False
     try:
-        rows = list(_manifest_rows(path, stats))
+        rows = list(manifest_rows(path, stats))
     except ValueError as e:
         raise DatasetSpecError(f"--dataset {spec!r}: {e}") from None
     except (OSError, UnicodeError, ImportError) as e:  # e.g. a file that is not Parquet at all
@@ -426,7 +426,7 @@ def read_manifest_spec(spec: str, path: Path, options: SpecOptions) -> EvalData:
     if any(captions):
         split.captions = captions
     if label_col is not None:
-        ints = [_as_label(v) for v in raw_labels]
+        ints = [as_label(v) for v in raw_labels]
         if all(v is not None and v >= 0 for v in ints):
             split.labels = ints
             if options.classnames:

@@ -25,6 +25,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..metrics import classification_metrics, mcm_score, ood_metrics, top1
 from .cache import DEFAULT_ROOT, EmbeddingCache
 from .calibration import calibration_report
 from .compositionality import count_choice_accuracy, negative_preference
@@ -32,11 +33,9 @@ from .diagnostics import embedding_diagnostics
 from .features import encode_images, encode_texts
 from .few_shot import caps_adapter_logits, ensemble, gda_logits, tip_adapter_logits
 from .linear_probe import k_shot_indices, linear_probe
-from .ood import mcm_score, ood_metrics
 from .retrieval import retrieval_metrics
 from .robustness import corrupt
 from .suite_data import suite_data
-from .zero_shot import classification_metrics
 
 TASKS = ("zero_shot", "retrieval", "linear_probe", "few_shot", "compositionality", "counting", "ood", "calibration",
          "robustness", "diagnostics")
@@ -151,14 +150,9 @@ def task_linear_probe(ctx: Context):
     return results, {}
 
 
-def _top1(logits: Tensor, labels: Tensor) -> float:
-    """Top-1 accuracy with ties ordered at random in expectation (see classification_metrics)."""
-    return classification_metrics(logits, labels, logits.shape[1], topk=(1,))["top1"]
-
-
 def _best_alpha(val_zs: Tensor, val_adapter: Tensor, val_y: Tensor) -> float:
     """The ensembling weight with the best validation accuracy (ties: the smaller weight)."""
-    accs = [_top1(ensemble(val_zs, val_adapter, a), val_y) for a in ALPHAS]
+    accs = [top1(ensemble(val_zs, val_adapter, a), val_y) for a in ALPHAS]
     return ALPHAS[int(np.argmax(accs))]
 
 
@@ -171,7 +165,7 @@ def task_few_shot(ctx: Context, view: str | None = None):
     classes = len(tr.classnames)
     cls = ctx.classifier(tr.classnames, tr.templates)
     zs_va, zs_te = ctx.scale * fva @ cls.t(), ctx.scale * fte @ cls.t()
-    results: dict[str, Any] = {"view": view, "zero_shot": _top1(zs_te, te.labels), "shots": {}}
+    results: dict[str, Any] = {"view": view, "zero_shot": top1(zs_te, te.labels), "shots": {}}
     for k in SHOTS:
         idx = torch.from_numpy(k_shot_indices(tr.labels.numpy(), k, seed=0))
         sup, sup_y = ftr[idx], tr.labels[idx]
@@ -186,7 +180,7 @@ def task_few_shot(ctx: Context, view: str | None = None):
             methods["caps_adapter"] = lambda f: caps_adapter_logits(f, cap_feats, cap_y, classes)
         for name, fn in methods.items():
             alpha = _best_alpha(zs_va, fn(fva), va.labels)
-            row[name] = _top1(ensemble(zs_te, fn(fte), alpha), te.labels)
+            row[name] = top1(ensemble(zs_te, fn(fte), alpha), te.labels)
             row[name + "_alpha"] = alpha
         if len(set(sup_y.tolist())) > 1:
             row["linear"] = _logistic((sup, sup_y), (fva, va.labels), (fte, te.labels))["top1"]
@@ -242,14 +236,14 @@ def task_robustness(ctx: Context, view: str | None = None):
     view = view or ctx.data.default_view
     lab = ctx.data.labelled(view)
     cls = ctx.classifier(lab.classnames, lab.templates)
-    clean = _top1(ctx.zero_shot_logits(lab)[1], lab.labels)
+    clean = top1(ctx.zero_shot_logits(lab)[1], lab.labels)
     results: dict[str, Any] = {"view": view, "clean": clean, "corruptions": {}}
     for name in CORRUPTIONS:
         row = {}
         for sev in SEVERITIES:
             spec = f"{lab.spec}/corrupt={name}:{sev}"
             images = lambda: [corrupt(_to_pil(im), name, sev, seed=i) for i, im in enumerate(lab.images)]  # noqa: E731
-            row[str(sev)] = _top1(ctx.images(images, spec) @ cls.t(), lab.labels)
+            row[str(sev)] = top1(ctx.images(images, spec) @ cls.t(), lab.labels)
         results["corruptions"][name] = row
     mean = [np.mean([results["corruptions"][c][str(s)] for c in CORRUPTIONS]) for s in SEVERITIES]
     results["mean_by_severity"] = {str(s): float(m) for s, m in zip(SEVERITIES, mean)}

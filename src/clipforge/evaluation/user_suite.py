@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from .cache import DEFAULT_ROOT, EmbeddingCache
 from .datasets import EvalData, EvalSplit
 from .loader import autocast, decode_for_display, encode_refs
-from .suite import CORRUPTIONS, RUNNERS, SEVERITIES, SUITES, Context, SuiteResult, _top1
+from ..metrics import top1
+from .suite import CORRUPTIONS, RUNNERS, SEVERITIES, SUITES, Context, SuiteResult
 from .suite_data import Labelled, OODSet, RetrievalSet
 
 VIEW = "label"
@@ -194,14 +195,14 @@ def task_robustness_stream(ctx: StreamingContext, view: str | None = None):
     view = view or ctx.data.default_view
     lab = ctx.data.labelled(view)
     cls = ctx.classifier(lab.classnames, lab.templates)
-    clean = _top1(ctx.zero_shot_logits(lab)[1], lab.labels)
+    clean = top1(ctx.zero_shot_logits(lab)[1], lab.labels)
     results: dict[str, Any] = {"view": view, "clean": clean, "corruptions": {}}
     seq: RefSeq = lab.images
     for name in CORRUPTIONS:
         row = {}
         for sev in SEVERITIES:
             feats = ctx.images(RefSeq(seq.split, seq.indices, seq.image_size, (name, sev)), "")
-            row[str(sev)] = _top1(feats @ cls.t(), lab.labels)
+            row[str(sev)] = top1(feats @ cls.t(), lab.labels)
         results["corruptions"][name] = row
     mean = [np.mean([results["corruptions"][c][str(s)] for c in CORRUPTIONS]) for s in SEVERITIES]
     results["mean_by_severity"] = {str(s): float(m) for s, m in zip(SEVERITIES, mean)}

@@ -64,4 +64,4 @@ def build_table(config_dir: str | Path, version: str) -> dict[str, Any]:
 if __name__ == "__main__":  # python -m clipforge.interop.openclip_models CONFIG_DIR VERSION > openclip_models.json
     import sys
 
-    print(json.dumps(build_table(sys.argv[1], sys.argv[2]), indent=1, sort_keys=True))
+    sys.stdout.write(json.dumps(build_table(sys.argv[1], sys.argv[2]), indent=1, sort_keys=True) + "\n")

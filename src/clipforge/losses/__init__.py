@@ -29,8 +29,8 @@ def build_composite(spec: Mapping[str, Any]) -> CompositeLoss:
 __all__ = ["LossInputs", "CompositeLoss", "LOSSES", "available", "build", "build_composite", "register"]
 
 # importing a module registers its terms
-# --- group A terms (one module per method) ---
-from .clip import ClipConfig, ClipLoss, clip_loss  # noqa: E402  (group A: CLIP/SigLIP and contrastive variants)
+# --- CLIP, SigLIP and contrastive variants (one module per method) ---
+from .clip import ClipConfig, ClipLoss, clip_loss  # noqa: E402
 from .siglip import SigLipConfig, SigLipLoss, siglip_loss  # noqa: E402
 from .chunked import chunked_clip_loss, chunked_pairwise_sigmoid, chunked_row_cross_entropy  # noqa: E402
 from .cloob import CloobConfig, CloobLoss, cloob_loss  # noqa: E402
@@ -46,39 +46,44 @@ __all__ += ["ClipConfig", "ClipLoss", "clip_loss", "SigLipConfig", "SigLipLoss",
             "CwclConfig", "CwclLoss", "cwcl_loss", "AlignmentLoss", "UniformityLoss", "alignment_loss",
             "uniformity_loss", "M2MixConfig", "M2MixLoss", "m2mix_loss", "slerp", "RafaConfig", "RafaLoss", "rafa_loss",
             "SimclrConfig", "SimclrLoss", "nt_xent", "SymileConfig", "SymileLoss", "symile_loss"]
-# --- end group A ---
+# --- end CLIP, SigLIP and contrastive variants ---
 
-# --- group B terms (one module per method) ---
-from .alip import AlipLoss, alip_loss  # noqa: E402  (group B: clustering, transport, multi-positive, captioning)
-from .caption import CaptionLoss, caption_loss  # noqa: E402
-from .dreamlip import DreamlipGroupingLoss, dreamlip_grouping_loss  # noqa: E402
+# --- clustering, transport, multi-positive and captioning (one module per method) ---
+from .alip import AlipConfig, AlipLoss, alip_loss  # noqa: E402
+from .caption import CaptionConfig, CaptionLoss, caption_loss  # noqa: E402
+from .dreamlip import (DreamlipGroupingConfig, DreamlipGroupingLoss,  # noqa: E402
+                       dreamlip_grouping_loss)
 from .kmeans import kmeans  # noqa: E402
-from .mlcd import MlcdLoss, cluster_centers, mlcd_loss  # noqa: E402
-from .multi_positive import MultiPositiveLoss, multi_positive_loss  # noqa: E402
+from .mlcd import MlcdConfig, MlcdLoss, cluster_centers, mlcd_loss  # noqa: E402
+from .multi_positive import MultiPositiveConfig, MultiPositiveLoss, multi_positive_loss  # noqa: E402
 from .norton import NortonConfig, NortonLoss, norton_loss, sinkhorn_log  # noqa: E402
 from .protoclip import ProtoClipConfig, ProtoClipLoss, protoclip_loss  # noqa: E402
-from .tic import TicLoss, tic_loss  # noqa: E402
+from .tic import TicConfig, TicLoss, tic_loss  # noqa: E402
 
-__all__ += ["AlipLoss", "alip_loss", "CaptionLoss", "caption_loss", "DreamlipGroupingLoss", "dreamlip_grouping_loss",
-            "kmeans", "MlcdLoss", "cluster_centers", "mlcd_loss", "MultiPositiveLoss", "multi_positive_loss",
-            "NortonConfig", "NortonLoss", "norton_loss", "sinkhorn_log", "ProtoClipConfig", "ProtoClipLoss",
-            "protoclip_loss", "TicLoss", "tic_loss"]
-# --- end group B ---
+__all__ += ["AlipConfig", "AlipLoss", "alip_loss", "CaptionConfig", "CaptionLoss", "caption_loss",
+            "DreamlipGroupingConfig", "DreamlipGroupingLoss", "dreamlip_grouping_loss", "kmeans", "MlcdConfig",
+            "MlcdLoss", "cluster_centers", "mlcd_loss", "MultiPositiveConfig", "MultiPositiveLoss",
+            "multi_positive_loss", "NortonConfig", "NortonLoss", "norton_loss", "sinkhorn_log", "ProtoClipConfig",
+            "ProtoClipLoss", "protoclip_loss", "TicConfig", "TicLoss", "tic_loss"]
+# --- end clustering, transport, multi-positive and captioning ---
 
-# --- group C terms ---
-from .counting import counting_loss  # noqa: E402  (group C: hard negatives and distillation)
-from .dclip import cosine_distill_loss, dclip_loss  # noqa: E402
-from .degla import grounded_contrast  # noqa: E402
-from .distill_kl import distill_kl_loss  # noqa: E402
-from .ema import EMATeacher, ema_distill_loss  # noqa: E402
-from .hard_negative import hard_negative_loss  # noqa: E402
-from .hqclip import hqclip_loss  # noqa: E402
-from .hycd import hycd_loss  # noqa: E402
-from .teachers import teacher_list  # noqa: E402
+# --- hard negatives and distillation ---
+from .counting import CountingConfig, counting_loss  # noqa: E402
+from .dclip import DclipConfig, cosine_distill_loss, dclip_loss  # noqa: E402
+from .degla import (ImageGroundedConfig, TextGroundedConfig,  # noqa: E402
+                    grounded_contrast)
+from .distill_kl import DistillKLConfig, distill_kl_loss  # noqa: E402
+from .ema import EMATeacher, EmaDistillConfig, ema_distill_loss  # noqa: E402
+from .hard_negative import HardNegativeConfig, hard_negative_loss  # noqa: E402
+from .hqclip import HqClipConfig, hqclip_loss  # noqa: E402
+from .hycd import HycdConfig, hycd_loss  # noqa: E402
+from .teacher_features import teacher_list  # noqa: E402
 
-__all__ += ["counting_loss", "cosine_distill_loss", "dclip_loss", "grounded_contrast", "distill_kl_loss", "EMATeacher",
-            "ema_distill_loss", "hard_negative_loss", "hqclip_loss", "hycd_loss", "teacher_list"]
-# --- end group C ---
+__all__ += ["CountingConfig", "counting_loss", "DclipConfig", "cosine_distill_loss", "dclip_loss",
+            "ImageGroundedConfig", "TextGroundedConfig", "grounded_contrast", "DistillKLConfig", "distill_kl_loss",
+            "EMATeacher", "EmaDistillConfig", "ema_distill_loss", "HardNegativeConfig", "hard_negative_loss",
+            "HqClipConfig", "hqclip_loss", "HycdConfig", "hycd_loss", "teacher_list"]
+# --- end hard negatives and distillation ---
 
 # --- model-variant terms ---
 from .long_clip import LongClipConfig, LongClipLoss, long_clip_loss, pca_reconstruct  # noqa: E402  (Long-CLIP)

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from .base import LossInputs
 from .gather import gather, local_offset
 from .registry import register
+from .validate import parse_options
 
 
 @dataclass
@@ -84,9 +85,19 @@ def alip_loss(image_features: Tensor, text_features: Tensor, caption_features: T
     return raw + syn
 
 
+@dataclass
+class AlipConfig:
+    momentum: float = 0.99  # of the running averages, in [0, 1)
+    init_similarity: float = 1.0  # their start value
+
+    def __post_init__(self):
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"alip momentum must lie in [0, 1), got {self.momentum}")
+
+
 @register("alip")
 class AlipLoss(nn.Module):
-    """Registered :func:`alip_loss`; options ``momentum`` (0.99) and ``init_similarity`` (1.0).
+    """Registered :func:`alip_loss` (options: :class:`AlipConfig`).
 
     The running averages (mu_tc, mu_xt, mu_xc) are a buffer, so they are checkpointed; they
     follow the mean over the gathered batch, identical on every process, and move once per
@@ -96,12 +107,10 @@ class AlipLoss(nn.Module):
 
     extra_keys = ("synthetic_text_features",)
 
-    def __init__(self, momentum: float = 0.99, init_similarity: float = 1.0):
+    def __init__(self, **options):
         super().__init__()
-        if not 0 <= momentum < 1:
-            raise ValueError(f"alip momentum must lie in [0, 1), got {momentum}")
-        self.momentum = momentum
-        self.register_buffer("means", torch.full((3,), float(init_similarity)))
+        self.cfg = parse_options(AlipConfig, options, "alip")
+        self.register_buffer("means", torch.full((3,), float(self.cfg.init_similarity)))
 
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
         x, t, c = inputs.image_features, inputs.text_features, inputs.require("synthetic_text_features")
@@ -110,6 +119,7 @@ class AlipLoss(nn.Module):
         if self.training:
             with torch.no_grad():
                 batch = torch.stack([(at * ac).sum(-1).mean(), (ax * at).sum(-1).mean(), (ax * ac).sum(-1).mean()])
-                self.means = self.momentum * self.means + (1 - self.momentum) * batch.to(self.means.dtype)
+                m = self.cfg.momentum
+                self.means = m * self.means + (1 - m) * batch.to(self.means.dtype)
         loss = alip_loss(x, t, c, inputs.logit_scale, self.means, (ax, at, ac), local_offset(x.shape[0], r))
         return {"loss": loss, "mean_text_caption": self.means[0].clone()}

@@ -14,12 +14,15 @@ hold equal numbers of non-pad tokens (as OpenCLIP's CoCa loss does).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import LossInputs
 from .registry import register
+from .validate import parse_options
 
 
 def caption_loss(logits: Tensor, targets: Tensor, pad_id: int = 0, label_smoothing: float = 0.0) -> Tensor:
@@ -40,14 +43,23 @@ def caption_loss(logits: Tensor, targets: Tensor, pad_id: int = 0, label_smoothi
                            label_smoothing=label_smoothing)
 
 
+@dataclass
+class CaptionConfig:
+    pad_id: int = 0  # target id ignored by the loss
+    label_smoothing: float = 0.0  # eps
+
+
 @register("caption")
 class CaptionLoss(nn.Module):
+    """Registered :func:`caption_loss` (options: :class:`CaptionConfig`) on the decoder's
+    ``caption_logits`` and ``caption_targets``."""
+
     extra_keys = ("caption_logits", "caption_targets")
 
-    def __init__(self, pad_id: int = 0, label_smoothing: float = 0.0):
+    def __init__(self, **options):
         super().__init__()
-        self.pad_id, self.label_smoothing = pad_id, label_smoothing
+        self.cfg = parse_options(CaptionConfig, options, "caption")
 
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
         return {"loss": caption_loss(inputs.require("caption_logits"), inputs.require("caption_targets"),
-                                     self.pad_id, self.label_smoothing)}
+                                     self.cfg.pad_id, self.cfg.label_smoothing)}

@@ -16,12 +16,15 @@ the counterfactual was written from, and it replaces y_i in the pair.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import LossInputs
 from .gather import gather
 from .registry import register
+from .validate import parse_options
 
 
 def counting_terms(image_features: Tensor, text_features: Tensor, counterfactual: Tensor, logit_scale) -> Tensor:
@@ -53,6 +56,11 @@ def counting_loss(image_features: Tensor, text_features: Tensor, counterfactual:
     return _masked_mean(counting_terms(image_features, text_features, counterfactual, logit_scale), mask)
 
 
+@dataclass
+class CountingConfig:
+    """``counting`` has no options."""
+
+
 @register("counting")
 class CountingLoss(nn.Module):
     """Registered :func:`counting_loss`; per sample, normalized by the number of counted samples
@@ -60,6 +68,10 @@ class CountingLoss(nn.Module):
     ``count_positive_text_features`` as the true caption when given."""
 
     extra_keys = ("count_negative_text_features",)
+
+    def __init__(self, **options):
+        super().__init__()
+        self.cfg = parse_options(CountingConfig, options, "counting")
 
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
         positive = inputs.extra.get("count_positive_text_features", inputs.text_features)

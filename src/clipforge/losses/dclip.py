@@ -18,6 +18,8 @@ embeddings must have the student's dimension (project them once, offline, otherw
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -25,7 +27,8 @@ from torch import Tensor, nn
 from .base import LossInputs
 from .clip import ClipLoss, clip_loss
 from .registry import register
-from .teachers import teacher_keys, teacher_pairs
+from .teacher_features import teacher_keys, teacher_pairs
+from .validate import parse_options
 
 
 def cosine_distill_loss(image_features: Tensor, text_features: Tensor, teacher_image, teacher_text) -> Tensor:
@@ -58,19 +61,30 @@ def dclip_loss(image_features: Tensor, text_features: Tensor, logit_scale, teach
             + (1 - alpha) * cosine_distill_loss(image_features, text_features, teacher_image, teacher_text))
 
 
+@dataclass
+class DclipConfig:
+    alpha: float = 0.5  # weight of the contrastive part, in [0, 1]
+    teacher: str = "teacher"  # key prefix of the teacher embeddings: "teacher" (stored) or "ema"
+
+    def __post_init__(self):
+        self.alpha = _check_alpha(self.alpha)
+        teacher_keys(self.teacher)
+
+
 @register("dclip")
 class DclipLoss(nn.Module):
     """Registered :func:`dclip_loss`; logs both parts. The contrastive part is global (the
-    ``clip`` term over the gathered batch), the cosine part per sample."""
+    ``clip`` term over the gathered batch), the cosine part per sample. Options: :class:`DclipConfig`."""
 
-    def __init__(self, alpha: float = 0.5, teacher: str = "teacher"):
+    def __init__(self, **options):
         super().__init__()
-        self.alpha = _check_alpha(alpha)
+        self.cfg = parse_options(DclipConfig, options, "dclip")
         self.contrastive = ClipLoss()
-        self.extra_keys = teacher_keys(teacher)
+        self.extra_keys = teacher_keys(self.cfg.teacher)
 
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
         con = self.contrastive(inputs)["loss"]
         cos = cosine_distill_loss(inputs.image_features, inputs.text_features,
                                   *(inputs.require(k) for k in self.extra_keys))
-        return {"loss": self.alpha * con + (1 - self.alpha) * cos, "contrastive": con.detach(), "cosine": cos.detach()}
+        alpha = self.cfg.alpha
+        return {"loss": alpha * con + (1 - alpha) * cos, "contrastive": con.detach(), "cosine": cos.detach()}

@@ -18,12 +18,15 @@ DeGLA adds them to its global loss (CLIP with the negatives as extra candidates,
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import LossInputs
 from .registry import register
+from .validate import parse_options
 
 
 def grounded_contrast(anchor: Tensor, positive: Tensor, negatives: Tensor, logit_scale,
@@ -40,18 +43,29 @@ def grounded_contrast(anchor: Tensor, positive: Tensor, negatives: Tensor, logit
     return F.cross_entropy(logits, torch.zeros(anchor.shape[0], dtype=torch.long, device=anchor.device))
 
 
+@dataclass
+class ImageGroundedConfig:
+    scale: float | None = None  # None: the model's learned logit scale (as DeGLA); a number fixes it
+
+
+@dataclass
+class TextGroundedConfig:
+    scale: float | None = 10.0  # fixed at 10 as in DeGLA; None: the learned logit scale
+    positive: str = "ema_text_features"  # extra key of the caption's positive in text space
+
+
 @register("degla_igc")
 class ImageGroundedContrast(nn.Module):
-    """IGC; ``scale=None`` uses the model's learned logit scale (as DeGLA), a number fixes it."""
+    """IGC (options: :class:`ImageGroundedConfig`)."""
 
     extra_keys = ("negative_text_features",)
 
-    def __init__(self, scale: float | None = None):
+    def __init__(self, **options):
         super().__init__()
-        self.scale = scale
+        self.cfg = parse_options(ImageGroundedConfig, options, "degla_igc")
 
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
-        scale = inputs.logit_scale if self.scale is None else self.scale
+        scale = inputs.logit_scale if self.cfg.scale is None else self.cfg.scale
         return {"loss": grounded_contrast(inputs.image_features, inputs.text_features,
                                           inputs.require("negative_text_features"), scale,
                                           inputs.extra.get("negative_text_mask"))}
@@ -61,15 +75,16 @@ class ImageGroundedContrast(nn.Module):
 class TextGroundedContrast(nn.Module):
     """TGC; ``positive`` names the extra key of the caption's positive in text space (the EMA
     teacher's embedding by default, or e.g. ``similar_text_features`` for a paraphrase);
-    ``scale`` is fixed at 10 as in DeGLA, ``None`` uses the learned logit scale."""
+    ``scale`` is fixed at 10 as in DeGLA, ``None`` uses the learned logit scale (options:
+    :class:`TextGroundedConfig`)."""
 
-    def __init__(self, scale: float | None = 10.0, positive: str = "ema_text_features"):
+    def __init__(self, **options):
         super().__init__()
-        self.scale, self.positive = scale, positive
-        self.extra_keys = ("negative_text_features", positive)
+        self.cfg = parse_options(TextGroundedConfig, options, "degla_tgc")
+        self.extra_keys = ("negative_text_features", self.cfg.positive)
 
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
-        scale = inputs.logit_scale if self.scale is None else self.scale
-        return {"loss": grounded_contrast(inputs.text_features, inputs.require(self.positive),
+        scale = inputs.logit_scale if self.cfg.scale is None else self.cfg.scale
+        return {"loss": grounded_contrast(inputs.text_features, inputs.require(self.cfg.positive),
                                           inputs.require("negative_text_features"), scale,
                                           inputs.extra.get("negative_text_mask"))}

@@ -2,7 +2,7 @@
 
 Vasu et al., "MobileCLIP: Fast Image-Text Models through Multi-Modal Reinforced Training"
 (CVPR 2024). Teacher embeddings are precomputed and stored with the data, so distillation
-costs the student no teacher forward pass (layouts: :mod:`.teachers`).
+costs the student no teacher forward pass (layouts: :mod:`.teacher_features`).
 
 With student logits s_ij = t x_i·y_j and, for teacher k of T with its own scale t_k,
 teacher logits s^k_ij = t_k x^k_i·y^k_j, the target of image i is the teachers' mean
@@ -21,6 +21,7 @@ MobileCLIP's full objective mixes it with the CLIP loss, ``{clip: 1 - lam, disti
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -30,7 +31,8 @@ from torch import Tensor, nn
 from .base import LossInputs
 from .gather import gather
 from .registry import register
-from .teachers import gather_teachers, teacher_keys, teacher_pairs, teacher_scales
+from .teacher_features import gather_teachers, teacher_keys, teacher_pairs, teacher_scales
+from .validate import parse_options
 
 
 def teacher_distribution(queries: Sequence[Tensor], candidates: Sequence[Tensor], scales: Sequence[float]) -> Tensor:
@@ -70,22 +72,32 @@ def teacher_targets(inputs: LossInputs, keys: Sequence[str], teacher_scale) -> t
     return p_rows, p_cols
 
 
+@dataclass
+class DistillKLConfig:
+    teacher_scale: float | Sequence[float] = 100.0  # the teachers' logit scale: one, or one per teacher
+    teacher: str = "teacher"  # key prefix of the teacher embeddings: "teacher" (stored) or "ema"
+
+    def __post_init__(self):
+        teacher_keys(self.teacher)
+
+
 @register("distill_kl")
 class DistillKLLoss(nn.Module):
     """Registered :func:`distill_kl_loss`, global: each process's rows (its images, its texts)
     are scored against the gathered batch, for the student and for every teacher.
 
     ``teacher="teacher"`` reads the stored ``teacher_*_features``; ``teacher="ema"`` reads
-    ``ema_*_features``, the embeddings of the training program's EMA copy of the model."""
+    ``ema_*_features``, the embeddings of the training program's EMA copy of the model. Options:
+    :class:`DistillKLConfig`."""
 
-    def __init__(self, teacher_scale: float | Sequence[float] = 100.0, teacher: str = "teacher"):
+    def __init__(self, **options):
         super().__init__()
-        self.teacher_scale = teacher_scale
-        self.extra_keys = teacher_keys(teacher)
+        self.cfg = parse_options(DistillKLConfig, options, "distill_kl")
+        self.extra_keys = teacher_keys(self.cfg.teacher)
 
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
         r, w = inputs.rank, inputs.world_size
-        p_rows, p_cols = teacher_targets(inputs, self.extra_keys, self.teacher_scale)
+        p_rows, p_cols = teacher_targets(inputs, self.extra_keys, self.cfg.teacher_scale)
         x, y = inputs.image_features, inputs.text_features
         rows = _kl_rows(x, gather(y, r, w), inputs.logit_scale, p_rows)
         cols = _kl_rows(y, gather(x, r, w), inputs.logit_scale, p_cols)

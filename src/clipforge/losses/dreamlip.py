@@ -25,6 +25,8 @@ each process adds the terms of its own sub-captions, normalized by the global co
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -32,6 +34,7 @@ from torch import Tensor, nn
 from .base import LossInputs
 from .gather import gather, local_offset
 from .registry import register
+from .validate import parse_options
 
 NORMS = ("minmax", "softmax")
 
@@ -85,18 +88,26 @@ def dreamlip_grouping_loss(sub_captions: Tensor, image_tokens: Tensor, logit_sca
     return world_size * per_row.masked_fill(~mask.reshape(-1), 0).sum() / valid.sum()
 
 
+@dataclass
+class DreamlipGroupingConfig:
+    norm: str = "minmax"  # how patch similarities become weights: one of NORMS
+    delta: float = 0.1  # weights below it are zeroed (< 0: 1/N)
+    scale: float | None = None  # None: the model's logit scale (DreamLIP learns a separate one for this loss)
+
+    def __post_init__(self):
+        if self.norm not in NORMS:
+            raise ValueError(f"dreamlip_grouping norm must be one of {NORMS}, got {self.norm!r}")
+
+
 @register("dreamlip_grouping")
 class DreamlipGroupingLoss(nn.Module):
-    """Registered :func:`dreamlip_grouping_loss`. Options: ``norm`` ("minmax"), ``delta`` (0.1),
-    ``scale`` (None: the model's logit scale; DreamLIP learns a separate one for this loss)."""
+    """Registered :func:`dreamlip_grouping_loss` (options: :class:`DreamlipGroupingConfig`)."""
 
     extra_keys = ("positive_text_features", "image_tokens")
 
-    def __init__(self, norm: str = "minmax", delta: float = 0.1, scale: float | None = None):
+    def __init__(self, **options):
         super().__init__()
-        if norm not in NORMS:
-            raise ValueError(f"dreamlip_grouping norm must be one of {NORMS}, got {norm!r}")
-        self.norm, self.delta, self.scale = norm, delta, scale
+        self.cfg = parse_options(DreamlipGroupingConfig, options, "dreamlip_grouping")
 
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
         r, w = inputs.rank, inputs.world_size
@@ -104,8 +115,8 @@ class DreamlipGroupingLoss(nn.Module):
         tokens = F.normalize(inputs.require("image_tokens"), dim=-1)
         mask = inputs.extra.get("positive_text_mask")
         mask = torch.ones(subs.shape[:2], dtype=torch.bool, device=subs.device) if mask is None else mask.bool()
-        groups = grouped_features(subs, tokens, self.norm, self.delta)
+        groups = grouped_features(subs, tokens, self.cfg.norm, self.cfg.delta)
         gathered = (gather(subs, r, w), gather(groups, r, w), gather(mask.to(subs.dtype), r, w).bool())
-        scale = inputs.logit_scale if self.scale is None else self.scale
-        return {"loss": dreamlip_grouping_loss(subs, tokens, scale, mask, self.norm, self.delta, gathered,
+        scale = inputs.logit_scale if self.cfg.scale is None else self.cfg.scale
+        return {"loss": dreamlip_grouping_loss(subs, tokens, scale, mask, self.cfg.norm, self.cfg.delta, gathered,
                                                local_offset(subs.shape[0], r), w, groups)}

@@ -17,12 +17,14 @@ errors over the whole batch; we average over samples, which only rescales the we
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from .base import LossInputs
 from .registry import register
+from .validate import parse_options
 
 
 class EMATeacher(nn.Module):
@@ -72,21 +74,30 @@ def ema_distill_loss(image_features: Tensor, text_features: Tensor, ema_image: T
     return per.mean()
 
 
+@dataclass
+class EmaDistillConfig:
+    negatives: bool = False  # also distill the hard-negative captions' embeddings, as DeGLA does
+
+    def __post_init__(self):
+        self.negatives = bool(self.negatives)
+
+
 @register("ema_distill")
 class EmaDistillLoss(nn.Module):
-    """Registered :func:`ema_distill_loss` (per sample, so local under distribution).
-    ``negatives=True`` also distills the hard-negative captions' embeddings, as DeGLA does."""
+    """Registered :func:`ema_distill_loss` (per sample, so local under distribution; options:
+    :class:`EmaDistillConfig`)."""
 
-    def __init__(self, negatives: bool = False):
+    def __init__(self, **options):
         super().__init__()
-        self.negatives = bool(negatives)
+        self.cfg = parse_options(EmaDistillConfig, options, "ema_distill")
         keys = ("ema_image_features", "ema_text_features")
-        self.extra_keys = keys + (("negative_text_features", "ema_negative_text_features") if negatives else ())
+        negatives = ("negative_text_features", "ema_negative_text_features")
+        self.extra_keys = keys + (negatives if self.cfg.negatives else ())
 
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
         ex = inputs.extra
         negs = (inputs.require("negative_text_features"), inputs.require("ema_negative_text_features")) \
-            if self.negatives else (None, None)
+            if self.cfg.negatives else (None, None)
         loss = ema_distill_loss(inputs.image_features, inputs.text_features, inputs.require("ema_image_features"),
                                 inputs.require("ema_text_features"), *negs, ex.get("negative_text_mask"))
         return {"loss": loss}

@@ -24,6 +24,8 @@ Without negatives it is exactly the CLIP loss.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -31,6 +33,7 @@ from torch import Tensor, nn
 from .base import LossInputs
 from .gather import gather, local_offset
 from .registry import register
+from .validate import parse_options
 
 SCOPES = ("own", "batch")
 
@@ -77,18 +80,25 @@ def hard_negative_loss(image_features: Tensor, text_features: Tensor, logit_scal
     return 0.5 * (i2t + t2i)
 
 
+@dataclass
+class HardNegativeConfig:
+    scope: str = "own"  # "own": a sample's own negatives; "batch": every negative of the gathered batch
+
+    def __post_init__(self):
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+
+
 @register("hard_negative")
 class HardNegativeLoss(nn.Module):
     """Registered :func:`hard_negative_loss`, global: local queries against the gathered batch
-    (and, with ``scope="batch"``, the gathered negatives)."""
+    (and, with ``scope="batch"``, the gathered negatives). Options: :class:`HardNegativeConfig`."""
 
     extra_keys = ("negative_text_features",)
 
-    def __init__(self, scope: str = "own"):
+    def __init__(self, **options):
         super().__init__()
-        if scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-        self.scope = scope
+        self.cfg = parse_options(HardNegativeConfig, options, "hard_negative")
 
     def _negatives(self, inputs: LossInputs, key: str, required: bool):
         negs = inputs.require(key) if required else inputs.extra.get(key)
@@ -96,7 +106,7 @@ class HardNegativeLoss(nn.Module):
             return None, None
         mask = inputs.extra.get(key.replace("_features", "_mask"))
         _check(negs, mask, inputs.image_features.shape[0], key)
-        if self.scope == "batch" and inputs.world_size > 1:
+        if self.cfg.scope == "batch" and inputs.world_size > 1:
             r, w = inputs.rank, inputs.world_size
             mask = None if mask is None else gather(mask.to(negs.dtype), r, w).bool()
             negs = gather(negs, r, w)
@@ -108,6 +118,6 @@ class HardNegativeLoss(nn.Module):
         offset = local_offset(x.shape[0], r)
         nt, nt_mask = self._negatives(inputs, "negative_text_features", required=True)
         ni, ni_mask = self._negatives(inputs, "negative_image_features", required=False)
-        i2t = _direction(x, gather(y, r, w), nt, nt_mask, inputs.logit_scale, offset, self.scope)
-        t2i = _direction(y, gather(x, r, w), ni, ni_mask, inputs.logit_scale, offset, self.scope)
+        i2t = _direction(x, gather(y, r, w), nt, nt_mask, inputs.logit_scale, offset, self.cfg.scope)
+        t2i = _direction(y, gather(x, r, w), ni, ni_mask, inputs.logit_scale, offset, self.cfg.scope)
         return {"loss": 0.5 * (i2t + t2i)}

@@ -17,6 +17,8 @@ tags enter as second positives rather than through a separate tag-classification
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -24,6 +26,7 @@ from torch import Tensor, nn
 from .base import LossInputs
 from .gather import gather, local_offset
 from .registry import register
+from .validate import parse_options
 
 
 def hqclip_loss(image_features: Tensor, text_features: Tensor, tag_features: Tensor, logit_scale,
@@ -54,11 +57,20 @@ def hqclip_loss(image_features: Tensor, text_features: Tensor, tag_features: Ten
     return 0.5 * (i2t + t2i)
 
 
+@dataclass
+class HqClipConfig:
+    """``hqclip`` has no options."""
+
+
 @register("hqclip")
 class HqClipLoss(nn.Module):
     """Registered :func:`hqclip_loss`, global over the gathered batch; negative descriptions optional."""
 
     extra_keys = ("short_tag_features",)
+
+    def __init__(self, **options):
+        super().__init__()
+        self.cfg = parse_options(HqClipConfig, options, "hqclip")
 
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
         ex, r, w = inputs.extra, inputs.rank, inputs.world_size

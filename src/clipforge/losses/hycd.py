@@ -13,6 +13,7 @@ distributions as in :mod:`.distill_kl`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -22,7 +23,8 @@ from .base import LossInputs
 from .distill_kl import teacher_distribution, teacher_targets
 from .gather import gather, local_offset
 from .registry import register
-from .teachers import teacher_keys, teacher_pairs, teacher_scales
+from .teacher_features import teacher_keys, teacher_pairs, teacher_scales
+from .validate import parse_options
 
 
 def _soft_ce_rows(queries: Tensor, candidates: Tensor, logit_scale, teacher: Tensor, alpha: float, offset: int) -> Tensor:
@@ -53,22 +55,33 @@ def hycd_loss(image_features: Tensor, text_features: Tensor, logit_scale, teache
     return 0.5 * (rows + cols)
 
 
+@dataclass
+class HycdConfig:
+    alpha: float = 0.5  # the teacher's weight in the hybrid labels, in [0, 1]
+    teacher_scale: float | Sequence[float] = 100.0  # the teachers' logit scale: one, or one per teacher
+    teacher: str = "teacher"  # key prefix of the teacher embeddings: "teacher" (stored) or "ema"
+
+    def __post_init__(self):
+        self.alpha = _check_alpha(self.alpha)
+        teacher_keys(self.teacher)
+
+
 @register("hycd")
 class HycdLoss(nn.Module):
     """Registered :func:`hycd_loss`, global: local rows against the gathered batch, targets
     offset by this process's position. ``teacher`` picks the stored (``"teacher"``) or EMA
-    (``"ema"``) embeddings, as in ``distill_kl``."""
+    (``"ema"``) embeddings, as in ``distill_kl``. Options: :class:`HycdConfig`."""
 
-    def __init__(self, alpha: float = 0.5, teacher_scale: float | Sequence[float] = 100.0, teacher: str = "teacher"):
+    def __init__(self, **options):
         super().__init__()
-        self.alpha, self.teacher_scale = _check_alpha(alpha), teacher_scale
-        self.extra_keys = teacher_keys(teacher)
+        self.cfg = parse_options(HycdConfig, options, "hycd")
+        self.extra_keys = teacher_keys(self.cfg.teacher)
 
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
         r, w = inputs.rank, inputs.world_size
-        p_rows, p_cols = teacher_targets(inputs, self.extra_keys, self.teacher_scale)
+        p_rows, p_cols = teacher_targets(inputs, self.extra_keys, self.cfg.teacher_scale)
         x, y = inputs.image_features, inputs.text_features
         offset = local_offset(x.shape[0], r)
-        rows = _soft_ce_rows(x, gather(y, r, w), inputs.logit_scale, p_rows, self.alpha, offset)
-        cols = _soft_ce_rows(y, gather(x, r, w), inputs.logit_scale, p_cols, self.alpha, offset)
+        rows = _soft_ce_rows(x, gather(y, r, w), inputs.logit_scale, p_rows, self.cfg.alpha, offset)
+        cols = _soft_ce_rows(y, gather(x, r, w), inputs.logit_scale, p_cols, self.cfg.alpha, offset)
         return {"loss": 0.5 * (rows + cols)}

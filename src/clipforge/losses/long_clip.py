@@ -84,6 +84,8 @@ class LongClipLoss(nn.Module):
     captions are the main captions (``text_features``), the short ones ``positive_text_features[:, 0]``."""
 
     extra_keys = ("positive_text_features",)
+    # what the training program must feed: the longest caption as the main one, its first sentence as slot 0
+    requires_data = {"caption_policy": "longest", "positive_source": "first_sentence"}
 
     def __init__(self, **options):
         super().__init__()

@@ -21,6 +21,8 @@ Inputs: centers from the option ``centers`` (a buffer, checkpointed with the ter
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -28,6 +30,7 @@ from torch import Tensor, nn
 from .base import LossInputs
 from .kmeans import kmeans
 from .registry import register
+from .validate import parse_options
 
 
 def cluster_centers(features: Tensor, num_centers: int, iters: int = 20, seed: int = 0) -> Tensor:
@@ -74,31 +77,38 @@ def mlcd_loss(features: Tensor, centers: Tensor, labels: Tensor, scale: float = 
     return (_log1p_sum_exp(-scale * (scores - margin), pos) + _log1p_sum_exp(scale * scores, neg)).mean()
 
 
+@dataclass
+class MlcdConfig:
+    centers: Tensor | None = None  # [K, d], kept as a buffer (fixed); None: extra["cluster_centers"]
+    num_labels: int = 3  # l: nearest centers that are positives
+    scale: float = 32.0  # gamma
+    margin: float = 0.2  # m, on the positive scores
+    negative_ratio: float = 1.0  # fraction of the negative classes kept per step
+    modality: str = "image"  # which features are classified: "image" or "text"
+
+    def __post_init__(self):
+        if self.modality not in ("image", "text"):
+            raise ValueError(f"mlcd modality must be 'image' or 'text', got {self.modality!r}")
+
+
 @register("mlcd")
 class MlcdLoss(nn.Module):
-    """Registered :func:`mlcd_loss` on the image (or text) features.
+    """Registered :func:`mlcd_loss` on the image (or text) features (options: :class:`MlcdConfig`)."""
 
-    Options: ``centers`` [K, d] (kept as a buffer; else ``extra["cluster_centers"]``),
-    ``num_labels`` l (3), ``scale`` gamma (32), ``margin`` m (0.2), ``negative_ratio`` (1.0),
-    ``modality`` ("image" or "text").
-    """
-
-    def __init__(self, centers: Tensor | None = None, num_labels: int = 3, scale: float = 32.0, margin: float = 0.2,
-                 negative_ratio: float = 1.0, modality: str = "image"):
+    def __init__(self, **options):
         super().__init__()
-        if modality not in ("image", "text"):
-            raise ValueError(f"mlcd modality must be 'image' or 'text', got {modality!r}")
-        self.num_labels, self.scale, self.margin = num_labels, scale, margin
-        self.negative_ratio, self.modality = negative_ratio, modality
+        self.cfg = parse_options(MlcdConfig, options, "mlcd")
+        centers = self.cfg.centers
         centers = None if centers is None else F.normalize(torch.as_tensor(centers).float(), dim=-1)
         self.register_buffer("centers", centers)
         self.extra_keys = ("cluster_centers",) if centers is None else ()
 
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
-        feats = inputs.image_features if self.modality == "image" else inputs.text_features
+        cfg = self.cfg
+        feats = inputs.image_features if cfg.modality == "image" else inputs.text_features
         centers = self.centers if self.centers is not None else inputs.require("cluster_centers")
         centers = F.normalize(centers.to(feats.dtype), dim=-1)
         labels = inputs.extra.get("cluster_labels")
         if labels is None:
-            labels = nearest_centers(feats, centers, self.num_labels)
-        return {"loss": mlcd_loss(feats, centers, labels, self.scale, self.margin, self.negative_ratio)}
+            labels = nearest_centers(feats, centers, cfg.num_labels)
+        return {"loss": mlcd_loss(feats, centers, labels, cfg.scale, cfg.margin, cfg.negative_ratio)}

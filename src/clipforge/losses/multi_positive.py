@@ -24,6 +24,8 @@ averaged first, so every process holding B images computes its part of the globa
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -31,6 +33,7 @@ from torch import Tensor, nn
 from .base import LossInputs
 from .gather import gather, local_offset
 from .registry import register
+from .validate import parse_options
 
 MODES = ("joint", "per_slot")
 
@@ -78,17 +81,24 @@ def multi_positive_loss(image_features: Tensor, positive_texts: Tensor, logit_sc
     return 0.5 * (i2t + t2i)
 
 
+@dataclass
+class MultiPositiveConfig:
+    mode: str = "joint"  # "joint": one softmax over all texts; "per_slot": one CLIP loss per slot
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"multi_positive mode must be one of {MODES}, got {self.mode!r}")
+
+
 @register("multi_positive")
 class MultiPositiveLoss(nn.Module):
-    """Registered :func:`multi_positive_loss` (batch-global); option ``mode`` ("joint" or "per_slot")."""
+    """Registered :func:`multi_positive_loss` (batch-global; options: :class:`MultiPositiveConfig`)."""
 
     extra_keys = ("positive_text_features",)
 
-    def __init__(self, mode: str = "joint"):
+    def __init__(self, **options):
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"multi_positive mode must be one of {MODES}, got {mode!r}")
-        self.mode = mode
+        self.cfg = parse_options(MultiPositiveConfig, options, "multi_positive")
 
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
         pos = inputs.require("positive_text_features")
@@ -99,4 +109,4 @@ class MultiPositiveLoss(nn.Module):
         img = inputs.image_features
         return {"loss": multi_positive_loss(img, pos, inputs.logit_scale, mask, gather(img, r, w), gather(pos, r, w),
                                             gather(mask.to(img.dtype), r, w).bool(), local_offset(img.shape[0], r),
-                                            self.mode)}
+                                            self.cfg.mode)}

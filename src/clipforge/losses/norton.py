@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from .base import LossInputs
 from .gather import gather
 from .registry import register
+from .validate import parse_options
 
 MASKED = -1e4  # similarity of padded words: never chosen, yet finite for the log-domain iterations
 
@@ -194,7 +195,7 @@ class NortonLoss(nn.Module):
 
     def __init__(self, **options):
         super().__init__()
-        self.cfg = NortonConfig(**options)
+        self.cfg = parse_options(NortonConfig, options, "norton")
 
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
         r, w = inputs.rank, inputs.world_size

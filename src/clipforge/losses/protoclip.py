@@ -48,6 +48,7 @@ from .base import LossInputs
 from .gather import gather
 from .kmeans import kmeans, nearest
 from .registry import register
+from .validate import parse_options
 
 
 @dataclass
@@ -145,7 +146,7 @@ class ProtoClipLoss(nn.Module):
 
     def __init__(self, **options):
         super().__init__()
-        self.cfg = ProtoClipConfig(**options)
+        self.cfg = parse_options(ProtoClipConfig, options, "protoclip")
         defaults = ("image_features", "text_features")
         self.extra_keys = tuple(k for k in (self.cfg.image_key, self.cfg.text_key) if k not in defaults)
         for name in self.BUFFERS:

@@ -58,6 +58,8 @@ class SigLipLoss(nn.Module):
     sum is the same.) ``chunk_size`` bounds memory.
     """
 
+    needs_logit_bias = True  # the training program refuses a model without one, before the first step
+
     def __init__(self, **options):
         super().__init__()
         self.cfg = parse_options(SigLipConfig, options, "siglip")

@@ -27,12 +27,15 @@ similarities; gradients flow through the selected scores.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
 from .base import LossInputs
 from .gather import gather, local_offset
 from .registry import register
+from .validate import parse_options
 
 
 def batch_negatives(text_features: Tensor, all_texts: Tensor, offset: int, top_k: int,
@@ -70,32 +73,37 @@ def tic_loss(text_features: Tensor, all_texts: Tensor | None = None, scale=1.0, 
     return torch.where(valid.any(1), lse, torch.zeros_like(lse)).mean()
 
 
+@dataclass
+class TicConfig:
+    top_k: int = 10  # most similar other captions each caption pushes away
+    duplicate_threshold: float = 0.95  # captions more similar than this are near-duplicates, not negatives
+    scale: float | None = 1.0  # None: the model's logit scale
+    negatives_key: str | None = "negative_text_features"  # hard captions the training program encodes; None: batch only
+    positive_key: str = "similar_text_features"  # a paraphrase as positive, used when present
+
+    def __post_init__(self):
+        if self.top_k < 1:
+            raise ValueError(f"tic top_k must be >= 1, got {self.top_k}")
+
+
 @register("tic")
 class TicLoss(nn.Module):
     """Registered :func:`tic_loss`: batch-global (captions are gathered across processes).
+    Options: :class:`TicConfig`."""
 
-    Options: ``top_k`` (10), ``duplicate_threshold`` (0.95), ``scale`` (1.0; None = logit
-    scale), ``negatives_key`` ("negative_text_features", the hard captions the training
-    program encodes; None = batch negatives only), ``positive_key`` ("similar_text_features",
-    used when present).
-    """
-
-    def __init__(self, top_k: int = 10, duplicate_threshold: float = 0.95, scale: float | None = 1.0,
-                 negatives_key: str | None = "negative_text_features", positive_key: str = "similar_text_features"):
+    def __init__(self, **options):
         super().__init__()
-        if top_k < 1:
-            raise ValueError(f"tic top_k must be >= 1, got {top_k}")
-        self.top_k, self.duplicate_threshold, self.scale = top_k, duplicate_threshold, scale
-        self.negatives_key, self.positive_key = negatives_key, positive_key
-        self.extra_keys = (negatives_key,) if negatives_key else ()
+        self.cfg = parse_options(TicConfig, options, "tic")
+        self.extra_keys = (self.cfg.negatives_key,) if self.cfg.negatives_key else ()
 
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
         txt = inputs.text_features
         negatives = mask = None
-        if self.negatives_key:
-            negatives = inputs.require(self.negatives_key)
-            mask = inputs.extra.get(self.negatives_key.replace("features", "mask"))
-        scale = inputs.logit_scale if self.scale is None else self.scale
+        cfg = self.cfg
+        if cfg.negatives_key:
+            negatives = inputs.require(cfg.negatives_key)
+            mask = inputs.extra.get(cfg.negatives_key.replace("features", "mask"))
+        scale = inputs.logit_scale if cfg.scale is None else cfg.scale
         return {"loss": tic_loss(txt, gather(txt, inputs.rank, inputs.world_size), scale, negatives, mask,
-                                 inputs.extra.get(self.positive_key), local_offset(txt.shape[0], inputs.rank),
-                                 self.top_k, self.duplicate_threshold)}
+                                 inputs.extra.get(cfg.positive_key), local_offset(txt.shape[0], inputs.rank),
+                                 cfg.top_k, cfg.duplicate_threshold)}

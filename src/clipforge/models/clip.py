@@ -22,6 +22,23 @@ from .vision import VisionTransformer
 
 
 class CLIP(nn.Module):
+    """The dual encoder (Radford et al., 2021): ``visual`` (a :class:`VisionTransformer`), ``text``
+    (a :class:`TextTransformer`, or a Hugging Face encoder when ``cfg.hf_text`` is set), the
+    learned log temperature ``logit_scale`` (a scalar) and, for SigLIP, the scalar ``logit_bias``.
+
+    Shapes, with d = ``cfg.embed_dim``, S = ``cfg.vision.image_size``, L <= ``context_length``:
+
+    - ``encode_image(images [B, 3, S, S]) -> [B, d]``, L2-normalized unless ``normalize=False``;
+    - ``encode_text(ids [B, L]) -> [B, d]`` (integer token ids, padded with ``cfg.text.pad_token_id``),
+      same normalization;
+    - ``encode_image_tokens(images) -> ([B, d], [B, N, d])`` with N = (S / patch_size)^2 patches;
+    - ``encode_text_tokens(ids) -> ([B, d], [B, L, d], mask [B, L] bool)``;
+    - ``forward(images, texts)`` -> dict of ``image_features`` [B, d], ``text_features`` [B', d],
+      ``logit_scale`` [] (exp of the parameter, clamped at ``cfg.max_logit_scale``) and
+      ``logit_bias`` [] or None; the image-text logits are
+      ``logit_scale * image_features @ text_features.T`` (+ ``logit_bias``).
+    """
+
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
         self.cfg = cfg

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from .clip import CLIP
 from .config import CLIPConfig
 from .text import TextTransformer
-from .transformer import Block, _attention_context, make_act
+from .transformer import Block, attention_context, make_act
 
 SOT_TOKEN_ID = 49406  # <start_of_text> of CLIP's BPE vocabulary
 
@@ -81,15 +81,6 @@ class CoCaConfig(CLIPConfig):
         return cls(**values, multimodal=MultimodalConfig(**mm) if isinstance(mm, dict) else mm)
 
 
-def config_from_dict(d: dict[str, Any]) -> CLIPConfig:
-    """A CLIPConfig, or a CoCaConfig when the dict has a ``multimodal`` section."""
-    return CoCaConfig.from_dict(d) if "multimodal" in d else CLIPConfig.from_dict(d)
-
-
-def model_from_config(cfg: CLIPConfig) -> CLIP:
-    return CoCa(cfg) if isinstance(cfg, CoCaConfig) else CLIP(cfg)
-
-
 class AttentionalPooler(nn.Module):
     """n learned queries attend to the (normalized) image tokens: OpenCLIP's AttentionalPooler."""
 
@@ -122,7 +113,7 @@ class CrossAttention(nn.Module):
         w, bias = self.in_proj.weight, self.in_proj.bias
         q = F.linear(x, w[:c], bias[:c]).view(b, n, h, c // h).transpose(1, 2)
         kv = F.linear(context, w[c:], bias[c:]).view(b, m, 2, h, c // h).permute(2, 0, 3, 1, 4)
-        with _attention_context(x):
+        with attention_context(x):
             out = F.scaled_dot_product_attention(q, kv[0], kv[1])
         return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .clip import CLIP
-from .coca import config_from_dict, model_from_config
+from .factory import config_from_dict, model_from_config
 
 logger = logging.getLogger(__name__)
 

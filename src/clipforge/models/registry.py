@@ -1,12 +1,11 @@
-"""Named model configurations: JSON files in ``model_configs/`` plus any registered at run time."""
+"""Named model configurations: JSON files in ``model_configs/`` plus any registered at run time, as dicts
+(:func:`clipforge.models.factory.get_model_config` turns a name into a config)."""
 from __future__ import annotations
 
 import json
 from importlib import resources
-from pathlib import Path
 
 from ..registry import Registry
-from .coca import config_from_dict
 from .config import CLIPConfig
 
 MODEL_CONFIGS: Registry[dict] = Registry("model")
@@ -28,10 +27,3 @@ def register_model(name: str, config: CLIPConfig | dict, overwrite: bool = False
 
 def list_models() -> list[str]:
     return MODEL_CONFIGS.names()
-
-
-def get_model_config(name_or_path: str) -> CLIPConfig:
-    """Config of a registered name, or of a JSON file path."""
-    if name_or_path not in MODEL_CONFIGS and Path(name_or_path).suffix == ".json" and Path(name_or_path).exists():
-        return config_from_dict(json.loads(Path(name_or_path).read_text()))
-    return config_from_dict(MODEL_CONFIGS.get(name_or_path))

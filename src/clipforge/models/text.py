@@ -14,6 +14,14 @@ from .transformer import Transformer
 
 
 class TextTransformer(nn.Module):
+    """The text tower (module docstring). With w = ``cfg.width`` and L <= ``cfg.context_length``:
+
+    - ``forward(ids [B, L]) -> [B, output_dim]`` (integer token ids), not normalized (:class:`CLIP` normalizes);
+    - ``forward_tokens(ids [B, L], embeddings [B, L, w] | None) -> [B, L, w]`` after ``ln_final``;
+    - ``pool(tokens [B, L, w], ids [B, L]) -> [B, w]`` (the end-of-text state by default);
+      ``eot_index(ids) -> [B]``; ``project(x [..., w]) -> [..., output_dim]``.
+    """
+
     def __init__(self, cfg: TextConfig, output_dim: int):
         super().__init__()
         self.cfg = cfg

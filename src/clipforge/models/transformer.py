@@ -33,7 +33,10 @@ from torch.utils.checkpoint import checkpoint
 MATH_ATTENTION_MAX_LEN = 256
 
 
-def _attention_context(x: Tensor):
+def attention_context(x: Tensor):
+    """The attention kernel for ``x`` [B, N, D]: PyTorch's math SDPA on CPU for sequences of at most
+    ``MATH_ATTENTION_MAX_LEN`` tokens while gradients are on (faster there than the fused kernels),
+    the default dispatch otherwise."""
     if x.device.type == "cpu" and x.shape[1] <= MATH_ATTENTION_MAX_LEN and torch.is_grad_enabled():
         return sdpa_kernel(SDPBackend.MATH)
     return contextlib.nullcontext()
@@ -96,6 +99,12 @@ def make_act(name: str) -> nn.Module:
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention with a fused input projection: ``forward(x [B, N, C]) -> [B, N, C]``
+    with C = width split into ``heads`` heads of C / heads; ``in_proj`` maps C -> 3C (q, k, v),
+    ``out_proj`` C -> C. ``attn_mask``: a boolean [B, 1, 1, N] (True = attend; the text tower's
+    padding mask) or anything ``F.scaled_dot_product_attention`` accepts; ``is_causal`` masks the
+    future (the causal text tower)."""
+
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.heads = heads
@@ -107,7 +116,7 @@ class Attention(nn.Module):
         if use_short_attention(x, attn_mask):
             return self.out_proj(short_attention(self.in_proj(x), self.heads, is_causal))
         qkv = self.in_proj(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        with _attention_context(x):
+        with attention_context(x):
             out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask, is_causal=is_causal)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
 
@@ -129,6 +138,10 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    """``layers`` pre-LN :class:`Block` s of one width: ``forward(x [B, N, width]) -> [B, N, width]``,
+    with the same ``attn_mask`` / ``is_causal`` for every block; ``grad_checkpointing`` recomputes
+    each block's activations in backward."""
+
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu", ln_eps: float = 1e-5):
         super().__init__()
         self.width, self.layers = width, layers

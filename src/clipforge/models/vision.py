@@ -55,6 +55,18 @@ class MAPHead(nn.Module):
 
 
 class VisionTransformer(nn.Module):
+    """The ViT image tower (module docstring). With w = ``cfg.width``, g = image_size / patch_size
+    and P = 1 with a class token, else 0:
+
+    - ``forward(pixels [B, 3, S, S]) -> [B, output_dim]`` (``[B, w]`` when ``cfg.proj`` is False),
+      not normalized (:class:`CLIP` normalizes);
+    - ``forward_tokens(pixels) -> [B, P + g^2, w]`` after ``ln_post``;
+      ``embed_patches(pixels) -> [B, g^2, w]``;
+    - ``pool(tokens [B, P + g^2, w]) -> [B, w]``; ``project(x [..., w]) -> [..., output_dim]``.
+
+    ``S`` must equal ``cfg.image_size`` (a clear error otherwise).
+    """
+
     def __init__(self, cfg: VisionConfig, output_dim: int):
         super().__init__()
         self.cfg = cfg

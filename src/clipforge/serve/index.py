@@ -212,7 +212,7 @@ def _writer_active(root: Path) -> bool:
     """Whether the index lock file names a holder (a clean release empties it) that may still run."""
     import socket
 
-    from ..locking import LOCK_NAME, _holder, _pid_alive
+    from ..locking import LOCK_NAME, holder_info, pid_alive
 
     try:
         text = (root / LOCK_NAME).read_text(errors="replace")
@@ -220,9 +220,9 @@ def _writer_active(root: Path) -> bool:
         return False
     if not text.strip():
         return False
-    h = _holder(text)
+    h = holder_info(text)
     if h["host"] == socket.gethostname() and h["pid"].isdigit():
-        return _pid_alive(int(h["pid"]))
+        return pid_alive(int(h["pid"]))
     return True
 
 

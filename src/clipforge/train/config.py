@@ -131,6 +131,21 @@ class TrainConfig:
     stop_at: Optional[int] = None  # pause (and checkpoint) at this step; the schedule still spans `steps`
     progress: bool = True
 
+    def _check_term_data_requirements(self) -> None:
+        """Data settings a loss term declares it needs (``requires_data``, e.g. Long-CLIP's long caption
+        and its first sentence), checked before anything is built."""
+        from collections.abc import Mapping
+
+        from ..losses import LOSSES
+
+        for name, spec in self.loss.items():
+            kind = spec.get("term", name) if isinstance(spec, Mapping) else name
+            required = getattr(LOSSES.get(kind), "requires_data", {}) if kind in LOSSES else {}
+            wrong = {k: v for k, v in required.items() if getattr(self.data, k) != v}
+            if wrong:
+                raise ValueError(f"loss {name} needs " + " ".join(f"data.{k}={v}" for k, v in required.items())
+                                 + f" (got {', '.join(f'data.{k}={getattr(self.data, k)}' for k in wrong)}); set them")
+
     def validate(self) -> "TrainConfig":
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got '{self.precision}'")
@@ -165,9 +180,7 @@ class TrainConfig:
         if self.data.positive_source not in ("captions", "subcaptions", "first_sentence"):
             raise ValueError(f"data.positive_source must be captions, subcaptions or first_sentence, got "
                              f"'{self.data.positive_source}'")
-        if "long_clip" in self.loss and (self.data.positive_source, self.data.caption_policy) != ("first_sentence", "longest"):
-            raise ValueError("loss long_clip matches each sample's long caption and its first sentence: set "
-                             "data.caption_policy=longest data.positive_source=first_sentence (and data.positives=1)")
+        self._check_term_data_requirements()
         if self.long_context_factor < 1 or self.long_context_keep < 0:
             raise ValueError(f"long_context_factor must be >= 1 and long_context_keep >= 0, got "
                              f"{self.long_context_factor} and {self.long_context_keep}")

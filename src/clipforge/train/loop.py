@@ -8,8 +8,10 @@ the features of all micro-batches are computed once without gradients and each m
 is then recomputed with gradients against the cached rest, so the loss is exactly the
 full-batch contrastive loss (as OpenCLIP does), not an average of smaller-batch losses.
 
-Loss terms declare the ``LossInputs.extra`` entries they read (``extra_keys``); the loop
-produces only those: text features of the samples' hard-negative captions, count
+Loss terms declare the ``LossInputs.extra`` entries they read (``extra_keys``) and whether they
+need the model's logit bias (``needs_logit_bias``); every entry the program can produce, with the
+code that makes it from a batch, is declared once in :mod:`.inputs`, and the loop produces only
+those asked for: text features of the samples' hard-negative captions, count
 counterfactuals, synthetic captions (ALIP) and short tags (HQ-CLIP), and image features of a
 second augmented view of each image (SimCLR/SLIP), all encoded by the towers with gradients,
 cached and recomputed like the features under accumulation; projected token features
@@ -45,8 +47,8 @@ from .config import TrainConfig, to_yaml
 from .data import sum_stream_stats
 from .distributed import Dist, check_batch_split, launch, launched, process_group
 from .optim import build_optimizer, build_scheduler
-from .setup import (COUNTS, EMA_KEYS, NEGATIVES, POSITIVES, PRODUCED, SYNTHETIC, TAGS, VIEW2, build_loader, build_model,
-                    token_outputs)
+from .inputs import EMA_KEYS, PRODUCED, encode_ema, encode_extras
+from .setup import build_loader, build_model, token_outputs
 
 FEATURES = ("image_features", "text_features")
 TOKENS = ("image_tokens", "text_tokens", "text_mask")  # model outputs with return_tokens, LossInputs fields
@@ -70,53 +72,10 @@ class TrainResult:
     model: Any = None  # the trained model (from that checkpoint when distributed.nproc started processes)
 
 
-def _autocast(precision: str):
+def autocast_context(precision: str):
     if precision == "bf16":
         return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def _encode_per_sample(encode_text, ids: torch.Tensor) -> torch.Tensor:
-    """[B, K, L] token ids (per-sample negatives or positives) -> [B, K, d] features."""
-    return encode_text(ids.reshape(-1, ids.shape[-1])).float().view(ids.shape[0], ids.shape[1], -1)
-
-
-def _encode_extras(model, batch: dict) -> dict:
-    """Features of a batch's extra captions (hard negatives, positives, count counterfactuals,
-    synthetic captions, short tags) and of its second image views, with gradients, and the stored
-    teacher embeddings that came with the batch."""
-    extra = {}
-    if "images_view2" in batch:
-        extra[VIEW2] = model.encode_image(batch["images_view2"]).float()
-    if "synthetic_texts" in batch:
-        extra[SYNTHETIC] = model.encode_text(batch["synthetic_texts"]).float()
-    if "short_tags_texts" in batch:
-        extra[TAGS] = model.encode_text(batch["short_tags_texts"]).float()
-    if "teacher_image" in batch:  # lists of [B, d_k], one per teacher
-        extra["teacher_image_features"], extra["teacher_text_features"] = batch["teacher_image"], batch["teacher_text"]
-    if "negative_texts" in batch:
-        extra[NEGATIVES] = _encode_per_sample(model.encode_text, batch["negative_texts"])
-        extra["negative_text_mask"] = batch["negative_mask"]
-    if "positive_texts" in batch:
-        extra[POSITIVES] = _encode_per_sample(model.encode_text, batch["positive_texts"])
-        extra["positive_text_mask"] = batch["positive_mask"]
-    if "count_negative_texts" in batch:
-        extra[COUNTS] = model.encode_text(batch["count_negative_texts"]).float()
-        extra["count_positive_text_features"] = model.encode_text(batch["count_positive_texts"]).float()
-        extra["count_mask"] = batch["count_mask"]
-    return extra
-
-
-@torch.no_grad()
-def _encode_ema(ema: EMATeacher | None, batch: dict) -> dict:
-    """The EMA teacher's embeddings of the batch's images, captions and negative captions (no gradients)."""
-    if ema is None:
-        return {}
-    out = ema.model(batch["images"], batch["texts"])
-    extra = {"ema_image_features": out["image_features"].float(), "ema_text_features": out["text_features"].float()}
-    if "negative_texts" in batch:
-        extra["ema_negative_text_features"] = _encode_per_sample(ema.model.encode_text, batch["negative_texts"])
-    return extra
 
 
 def _join(parts: list[dict]) -> dict:
@@ -182,8 +141,9 @@ def _train(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> TrainResu
     model, tokenizer = build_model(cfg, say)
     dist.broadcast_model(model)  # every rank starts from rank 0's weights
     loss_fn = build_composite(cfg.loss)
-    if "siglip" in cfg.loss and model.logit_bias is None:
-        raise ValueError("the siglip loss needs a logit bias: add model_overrides.init_logit_bias=-10 "
+    needs_bias = sorted(name for name, term in loss_fn.terms.items() if getattr(term, "needs_logit_bias", False))
+    if needs_bias and model.logit_bias is None:
+        raise ValueError(f"the loss terms {needs_bias} need a logit bias: add model_overrides.init_logit_bias=-10 "
                          "(and model_overrides.init_logit_scale=2.3026 as in SigLIP)")
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
     scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
@@ -266,22 +226,22 @@ def _train(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> TrainResu
                 scheduler.step()
                 continue
             optimizer.zero_grad(set_to_none=True)
-            with _autocast(cfg.precision):
-                ema_extra = [_encode_ema(ema, b) for b in micro_batches]
+            with autocast_context(cfg.precision):
+                ema_extra = [encode_ema(ema, b) for b in micro_batches]
             if len(micro_batches) == 1:
-                with _autocast(cfg.precision):
+                with autocast_context(cfg.precision):
                     out = model(micro_batches[0]["images"], micro_batches[0]["texts"], **forward)
-                    extra = {**_encode_extras(model, micro_batches[0]), **ema_extra[0]}
+                    extra = {**encode_extras(model, micro_batches[0]), **ema_extra[0]}
                 logs = loss_of(_loss_inputs(out, micro_batches[0], extra))
                 logs["loss"].backward()
             else:
-                with torch.no_grad(), _autocast(cfg.precision):
+                with torch.no_grad(), autocast_context(cfg.precision):
                     cached = [model(b["images"], b["texts"], **forward) for b in micro_batches]
-                    cached_extra = [_encode_extras(model, b) for b in micro_batches]
+                    cached_extra = [encode_extras(model, b) for b in micro_batches]
                 for k, b in enumerate(micro_batches):
-                    with _autocast(cfg.precision):
+                    with autocast_context(cfg.precision):
                         out = model(b["images"], b["texts"], **forward)
-                        own_extra = _encode_extras(model, b)
+                        own_extra = encode_extras(model, b)
                     joined = dict(out)
                     for key in (*FEATURES, *(t for t in TOKENS if t in out)):  # this micro-batch's rows with gradients
                         joined[key] = torch.cat([c[key] if j != k else out[key] for j, c in enumerate(cached)])

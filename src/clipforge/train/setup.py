@@ -21,17 +21,9 @@ from ..tokenizer import get_tokenizer
 from .config import TrainConfig
 from .data import TrainItems, stream_train_loader, train_loader, view_transform
 from .freeze import apply_freeze
+from .inputs import (COUNTS, EMA_KEYS, FROM_DATASET, NEGATIVES, POSITIVES, PRODUCED, SYNTHETIC,  # noqa: F401
+                     TAGS, TEACHER_KEYS, TOKEN_KEYS, VIEW2)
 from .teachers import load_teacher_store
-
-# extra inputs the training program can produce
-NEGATIVES, COUNTS, POSITIVES = "negative_text_features", "count_negative_text_features", "positive_text_features"
-EMA_KEYS = ("ema_image_features", "ema_text_features", "ema_negative_text_features")
-TEACHER_KEYS = ("teacher_image_features", "teacher_text_features")
-VIEW2, SYNTHETIC, TAGS = "image_features_view2", "synthetic_text_features", "short_tag_features"
-TOKEN_KEYS = ("image_tokens", "text_tokens")  # LossInputs fields (with text_mask), from the model's forward
-PRODUCED = {NEGATIVES, COUNTS, POSITIVES, *EMA_KEYS, *TEACHER_KEYS, VIEW2, SYNTHETIC, TAGS, *TOKEN_KEYS}
-# what comes with the map-style batches only (a streamed batch holds images and captions)
-FROM_DATASET = {NEGATIVES, COUNTS, POSITIVES, "ema_negative_text_features", *TEACHER_KEYS, VIEW2, SYNTHETIC, TAGS}
 
 
 def build_model(cfg: TrainConfig, say=print):

@@ -1,4 +1,6 @@
-"""Teacher embeddings stored with the training data (MobileCLIP's "reinforced" dataset).
+"""Teacher embeddings stored with the training data: one un-augmented embedding per image and
+per caption (not MobileCLIP's "reinforced" dataset, which stores many augmented views and
+synthetic captions per image).
 
 ``data.teachers`` lists frozen clipforge models (checkpoint or run directories). Before the
 first step, each teacher embeds every training image (as the student sees it without

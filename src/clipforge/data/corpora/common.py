@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -28,6 +29,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from ..phash import dhash_hv
 from ..shards import MANIFEST, SPLITS, ShardSample, ShardSetWriter
 from ..splits import caption_overlap, control_leakage, hash_split
+
+logger = logging.getLogger(__name__)
 
 PLAN = "plan.json"
 BUILD_VERSION = 2
@@ -94,7 +97,7 @@ def build_corpus(name: str, out: str | os.PathLike, candidates: Sequence[tuple[s
                  prepare: Callable[..., dict | str], label_views: dict[str, dict[str, Any]], image_size: int = 128,
                  limit: int | None = None, workers: int = 2, shard_bytes: int = 16 << 20, progress: bool = True,
                  pre_skipped: Counter | None = None, info: dict[str, Any] | None = None,
-                 leakage_distance: int = 8, log: Callable[[str], None] = print) -> dict[str, Any]:
+                 leakage_distance: int = 8) -> dict[str, Any]:
     """Build corpus ``name`` into ``out`` (see the module docstring); returns the manifest."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +107,7 @@ def build_corpus(name: str, out: str | os.PathLike, candidates: Sequence[tuple[s
     if (out / MANIFEST).exists():
         manifest = json.loads((out / MANIFEST).read_text())
         if manifest.get("fingerprint") == fp:
-            log(f"{name}: already built at {out} ({manifest['total']} samples); nothing to do")
+            logger.info("%s: already built at %s (%d samples); nothing to do", name, out, manifest["total"])
             return manifest
         raise ValueError(f"{out} holds a different build of '{manifest.get('name')}' "
                               f"(other sources, --image-size or --limit); remove it or choose another --out")
@@ -135,7 +138,7 @@ def build_corpus(name: str, out: str | os.PathLike, candidates: Sequence[tuple[s
                 "caption_overlap": overlap, "prepare_seconds": round(time.perf_counter() - t0, 1)}
         plan_path.write_text(json.dumps(plan, ensure_ascii=False))
     else:
-        log(f"{name}: resuming the build in {out}")
+        logger.info("%s: resuming the build in %s", name, out)
     records = plan["records"]
 
     def produce(keys: Sequence[str]) -> Iterable[ShardSample | str]:

@@ -139,7 +139,7 @@ def candidates(emoji_test: str | os.PathLike = EMOJI_TEST) -> tuple[list[tuple[s
 def build(out: str | os.PathLike, image_size: int = 128, limit: int | None = None, workers: int = 2,
           shard_bytes: int = 16 << 20, progress: bool = True, leakage_distance: int = 8,
           font: str | os.PathLike = FONT,
-          emoji_test: str | os.PathLike = EMOJI_TEST, log=print) -> dict:
+          emoji_test: str | os.PathLike = EMOJI_TEST) -> dict:
     """Build the ``emoji`` shards into ``out``; returns the manifest."""
     require(font, FONT_PACKAGE)
     try:
@@ -157,5 +157,5 @@ def build(out: str | os.PathLike, image_size: int = 128, limit: int | None = Non
             "languages": list(emoji_package.LANGUAGES), "license": LICENSE,
             "left_out_before_rendering": dict(left_out)}
     return build_corpus("emoji", out, cands, prepare, views, image_size=image_size, limit=limit, workers=workers,
-                        shard_bytes=shard_bytes, progress=progress, info=info, log=log,
+                        shard_bytes=shard_bytes, progress=progress, info=info,
                         leakage_distance=leakage_distance)

@@ -143,7 +143,7 @@ def candidates(source: str | os.PathLike = SOURCE) -> tuple[list[tuple[str, dict
 
 def build(out: str | os.PathLike, image_size: int = 128, limit: int | None = None, workers: int = 2,
           shard_bytes: int = 16 << 20, progress: bool = True, leakage_distance: int = 8,
-          source: str | os.PathLike | None = None, log=print) -> dict:
+          source: str | os.PathLike | None = None) -> dict:
     """Build the ``openclipart`` shards into ``out`` from ``source`` (default :data:`SOURCE`); returns the manifest."""
     source = source if source is not None else SOURCE
     cands, categories, left_out = candidates(source)
@@ -151,5 +151,5 @@ def build(out: str | os.PathLike, image_size: int = 128, limit: int | None = Non
     info = {"source": str(source), "debian_package": PACKAGE, "license": LICENSE,
             "left_out_before_rendering": dict(left_out)}
     return build_corpus("openclipart", out, cands, prepare, views, image_size=image_size, limit=limit, workers=workers,
-                        shard_bytes=shard_bytes, progress=progress, info=info, log=log,
+                        shard_bytes=shard_bytes, progress=progress, info=info,
                         leakage_distance=leakage_distance)

@@ -1,8 +1,8 @@
-"""CPU cost of the heavier part-2 loss terms: Norton's token-level transport (B^2 N L
+"""CPU cost of the heavier clustering and transport loss terms: Norton's token-level transport (B^2 N L
 similarities, Sinkhorn iterations) forward + backward, and the k-means that ProtoCLIP runs
 once per episode.
 
-    python benchmarks/bench_loss_part2.py --threads 1
+    python benchmarks/bench_norton_kmeans.py --threads 1
 """
 from __future__ import annotations
 

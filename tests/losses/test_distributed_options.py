@@ -1,4 +1,4 @@
-"""Part-1 terms with non-default options on 2 gloo CPU processes: the mean of the per-rank
+"""CLIP, SigLIP and contrastive-variant terms with non-default options on 2 gloo CPU processes: the mean of the per-rank
 losses equals the single-process loss on the whole batch, and each rank's feature gradients
 divided by the world size (DDP averages) equal the single-process ones. (The default options
 of every term are covered by test_distributed.py.)"""

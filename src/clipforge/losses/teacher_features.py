@@ -1,7 +1,8 @@
 """Teacher embeddings as the distillation terms read them.
 
-Teachers are frozen and their embeddings are precomputed and stored with the data
-(MobileCLIP's "reinforced" datasets), so a training step runs no teacher forward pass.
+Teachers are frozen and their embeddings are precomputed and stored with the data (as
+MobileCLIP does, though its "reinforced" datasets hold embeddings of many augmented views and
+synthetic captions), so a training step runs no teacher forward pass.
 ``extra["teacher_image_features"]`` and ``extra["teacher_text_features"]`` come in one of
 three layouts, each teacher's embeddings L2-normalized in its own dimension:
 

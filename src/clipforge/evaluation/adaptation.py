@@ -18,6 +18,7 @@ always reported.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -25,17 +26,19 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..evaluation.cache import EmbeddingCache
-from ..evaluation.linear_probe import k_shot_indices
-from ..evaluation.ood import mcm_score, ood_metrics
-from ..evaluation.suite import Context
-from ..evaluation.suite_data import suite_data
-from .clipn import CLIPNConfig, fit_clipn
-from .common import FeatureSet, top1
-from .coop import CoOpConfig, fit_coop
-from .gda import gda_logits
-from .tca import TCAConfig, run_stream
-from .tip_adapter import TipAdapterFConfig, TipSearch, fit_tip_adapter, fit_tip_adapter_f
+from ..adapt.clipn import CLIPNConfig, fit_clipn
+from ..adapt.common import FeatureSet
+from ..adapt.coop import CoOpConfig, fit_coop
+from ..adapt.gda import gda_logits
+from ..adapt.tca import TCAConfig, run_stream
+from ..adapt.tip_adapter import TipAdapterFConfig, TipSearch, fit_tip_adapter, fit_tip_adapter_f
+from ..metrics import mcm_score, ood_metrics, top1
+from .cache import EmbeddingCache
+from .linear_probe import k_shot_indices
+from .suite import Context
+from .suite_data import suite_data
+
+logger = logging.getLogger(__name__)
 
 METHODS = ("tip", "tip-f", "coop", "gda", "clipn", "tca")
 
@@ -77,13 +80,11 @@ def _mean(runs: list[dict], key: str) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
-def run_adaptation(model, tokenizer: Callable, cfg: AdaptConfig | None = None,
-                   log: Callable[[str], None] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+def run_adaptation(model, tokenizer: Callable, cfg: AdaptConfig | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit every method of ``cfg`` for every (shots, seed) and return ``(results, adapters)``:
     plain-number results (JSON) and the fitted adapters of the last (shots, seed) per method
-    (tensors to save)."""
+    (tensors to save). Progress goes to this module's logger (INFO)."""
     cfg = cfg or AdaptConfig()
-    log = log or (lambda msg: None)
     model.eval()
     data = suite_data(cfg.dataset, model.image_size, cfg.size, cfg.data_seed, cfg.data_root)
     ctx = Context(model, tokenizer, data, EmbeddingCache(model, cfg.cache_dir))
@@ -100,8 +101,8 @@ def run_adaptation(model, tokenizer: Callable, cfg: AdaptConfig | None = None,
     t0 = time.perf_counter()
     ftr, val = ctx.images(tr.images, tr.spec), features(va)
     evals = {"test": features(te)} | ({"heldout": features(held)} if held is not None else {})
-    log(f"encoded {len(tr.images)} train, {len(val)} val, " + ", ".join(f"{len(v)} {k}" for k, v in evals.items())
-        + f" images in {time.perf_counter() - t0:.1f} s")
+    logger.info("encoded %d train, %d val, %s images in %.1f s", len(tr.images), len(val),
+                ", ".join(f"{len(v)} {k}" for k, v in evals.items()), time.perf_counter() - t0)
 
     def accuracy(logits_fn) -> dict[str, float]:
         with torch.no_grad():
@@ -127,7 +128,7 @@ def run_adaptation(model, tokenizer: Callable, cfg: AdaptConfig | None = None,
                               "mcm": ood_metrics(mcm_score(ood[0], ood_cls).numpy(), mcm_score(ood[1], ood_cls).numpy())}
     if "tca" in cfg.methods:
         results["test_time"] = {"tca": _run_tca(model, cls, scale, {"test": te} | ({"heldout": held} if held is not None else {}),
-                                                cfg, log)}
+                                                cfg)}
     shot_methods = [m for m in cfg.methods if m != "tca"]
     for k in cfg.shots if shot_methods else ():
         per_method: dict[str, list[dict]] = {m: [] for m in shot_methods}
@@ -172,7 +173,7 @@ def run_adaptation(model, tokenizer: Callable, cfg: AdaptConfig | None = None,
                                         "yes_embeddings": no.yes, "temperature": no.temperature}
                 run["seconds"] = time.perf_counter() - t
                 per_method[method].append(run)
-                log(f"{k}-shot seed {seed} {method}: " + ", ".join(
+                logger.info("%d-shot seed %d %s: %s", k, seed, method, ", ".join(
                     f"{key} {v:.3f}" for key, v in run.items() if isinstance(v, float) and key != "seconds"))
         results["shots"][str(k)] = {
             m: {key: _mean(runs, key) for key in runs[0] if key not in ("seed",) and isinstance(runs[0][key], (int, float))}
@@ -182,7 +183,7 @@ def run_adaptation(model, tokenizer: Callable, cfg: AdaptConfig | None = None,
     return results, adapters
 
 
-def _run_tca(model, classifier, scale: float, splits: dict, cfg: AdaptConfig, log: Callable[[str], None]) -> dict[str, Any]:
+def _run_tca(model, classifier, scale: float, splits: dict, cfg: AdaptConfig) -> dict[str, Any]:
     """TCA over each split's images as a test stream, one seeded random order per seed; the
     reservoir starts empty for every split and seed."""
     runs = []
@@ -196,7 +197,7 @@ def _run_tca(model, classifier, scale: float, splits: dict, cfg: AdaptConfig, lo
             run[f"{name}_images_per_second"] = out["images_per_second"]
             flops = out["flops"]
         runs.append(run)
-        log(f"tca seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in run.items() if isinstance(v, float)))
+        logger.info("tca seed %d: %s", seed, ", ".join(f"{k} {v:.3f}" for k, v in run.items() if isinstance(v, float)))
     mean = {key: _mean(runs, key) for key in runs[0] if key != "seed"}
     return mean | {"gflops_plain": flops["gflops_plain"], "gflops_tca": flops["gflops_tca"], "gflops_saved": flops["saved"],
                    "runs": runs}

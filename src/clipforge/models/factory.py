@@ -1,0 +1,59 @@
+"""Model construction: a config from a name, a JSON file or a dict, and a model from a config.
+
+Every variant is chosen here from its config alone, so loading (:mod:`clipforge.models.io`),
+the registry of named architectures and :func:`create_model` agree on which class a config
+builds: a config with a ``multimodal`` section is a :class:`~clipforge.models.coca.CoCaConfig`
+and builds :class:`~clipforge.models.coca.CoCa`; anything else builds :class:`~clipforge.models.clip.CLIP`
+(Long-CLIP's stretched positions are a field of the text config, not a class).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .clip import CLIP
+from .coca import CoCa, CoCaConfig
+from .config import CLIPConfig
+from .registry import MODEL_CONFIGS
+
+
+def config_from_dict(d: dict[str, Any]) -> CLIPConfig:
+    """A CLIPConfig, or a CoCaConfig when the dict has a ``multimodal`` section."""
+    return CoCaConfig.from_dict(d) if "multimodal" in d else CLIPConfig.from_dict(d)
+
+
+def model_from_config(cfg: CLIPConfig) -> CLIP:
+    """A randomly initialized model of the class ``cfg`` describes (CoCa for a CoCaConfig)."""
+    return CoCa(cfg) if isinstance(cfg, CoCaConfig) else CLIP(cfg)
+
+
+def get_model_config(name_or_path: str) -> CLIPConfig:
+    """Config of a registered name, or of a JSON file path."""
+    if name_or_path not in MODEL_CONFIGS and Path(name_or_path).suffix == ".json" and Path(name_or_path).exists():
+        return config_from_dict(json.loads(Path(name_or_path).read_text()))
+    return config_from_dict(MODEL_CONFIGS.get(name_or_path))
+
+
+def create_model(name: str | CLIPConfig, seed: int | None = None, **overrides: Any) -> CLIP:
+    """Build a randomly initialized model from a registered name, a JSON path or a config.
+
+    ``overrides`` replace top-level fields, e.g. ``create_model("tiny", init_logit_bias=-10.0)``
+    for a SigLIP-style bias; nested ``vision={...}`` / ``text={...}`` dicts update the towers.
+    """
+    cfg = name if isinstance(name, CLIPConfig) else get_model_config(name)
+    if overrides:
+        d = cfg.to_dict()
+        for key, value in overrides.items():
+            if key in ("vision", "text", "multimodal") and isinstance(value, dict):
+                d[key].update(value)
+            else:
+                d[key] = value
+        cfg = type(cfg).from_dict(d)
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return model_from_config(cfg)
+    return model_from_config(cfg)

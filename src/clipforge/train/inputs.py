@@ -1,0 +1,106 @@
+"""What a loss term can receive from the training program, declared once.
+
+A loss term names the ``LossInputs.extra`` entries (or token fields) it reads in its ``extra_keys``;
+:data:`INPUTS` lists every one the program can produce, each as an :class:`ExtraInput` with the
+code that turns a batch into it. The loop calls :func:`encode_extras` (the model being trained,
+with gradients) and :func:`encode_ema` (the EMA copy, without) and stays generic; the set of
+producible keys (:data:`PRODUCED`), the keys only the map-style loader can deliver
+(:data:`FROM_DATASET`) and the EMA keys (:data:`EMA_KEYS`) are read off the table.
+
+Adding an input is one entry here (plus, for a new batch field, what :mod:`.data` puts in the
+batch and when :mod:`.setup` asks it to).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor, nn
+
+# extra inputs the training program can produce
+NEGATIVES, COUNTS, POSITIVES = "negative_text_features", "count_negative_text_features", "positive_text_features"
+VIEW2, SYNTHETIC, TAGS = "image_features_view2", "synthetic_text_features", "short_tag_features"
+TEACHER_KEYS = ("teacher_image_features", "teacher_text_features")
+TOKEN_KEYS = ("image_tokens", "text_tokens")  # LossInputs fields (with text_mask), from the model's forward
+
+
+def _per_sample(encode_text, ids: Tensor) -> Tensor:
+    """[B, K, L] token ids (per-sample negatives or positives) -> [B, K, d] features."""
+    return encode_text(ids.reshape(-1, ids.shape[-1])).float().view(ids.shape[0], ids.shape[1], -1)
+
+
+def _ema_pair(model: nn.Module, batch: dict) -> dict:
+    out = model(batch["images"], batch["texts"])
+    return {"ema_image_features": out["image_features"].float(), "ema_text_features": out["text_features"].float()}
+
+
+@dataclass(frozen=True)
+class ExtraInput:
+    """One input a loss term can ask for.
+
+    ``keys``: the names a term puts in its ``extra_keys`` (the encoder may add companions, e.g. a mask).
+    ``source``: who makes it: ``"model"`` (the model being trained, with gradients, or its own forward
+    when ``encode`` is None), ``"ema"`` (the EMA copy, no gradients) or ``"stored"`` (embeddings that
+    come with the batch as they are). ``batch_field``: the batch entry the encoder reads; the input
+    exists for a batch that holds it. ``map_style_only``: only the map-style loader delivers that field
+    (a streamed batch holds images and captions). ``encode(model, batch) -> {key: tensor}``.
+    """
+
+    keys: tuple[str, ...]
+    source: Literal["model", "ema", "stored"]
+    batch_field: str | None
+    map_style_only: bool
+    encode: Callable[[nn.Module, dict], dict] | None = None
+
+
+INPUTS: tuple[ExtraInput, ...] = (
+    ExtraInput((VIEW2,), "model", "images_view2", True,
+               lambda m, b: {VIEW2: m.encode_image(b["images_view2"]).float()}),
+    ExtraInput((SYNTHETIC,), "model", "synthetic_texts", True,
+               lambda m, b: {SYNTHETIC: m.encode_text(b["synthetic_texts"]).float()}),
+    ExtraInput((TAGS,), "model", "short_tags_texts", True,
+               lambda m, b: {TAGS: m.encode_text(b["short_tags_texts"]).float()}),
+    ExtraInput(TEACHER_KEYS, "stored", "teacher_image", True,  # lists of [B, d_k], one per teacher
+               lambda m, b: dict(zip(TEACHER_KEYS, (b["teacher_image"], b["teacher_text"])))),
+    ExtraInput((NEGATIVES,), "model", "negative_texts", True,
+               lambda m, b: {NEGATIVES: _per_sample(m.encode_text, b["negative_texts"]),
+                             "negative_text_mask": b["negative_mask"]}),
+    ExtraInput((POSITIVES,), "model", "positive_texts", True,
+               lambda m, b: {POSITIVES: _per_sample(m.encode_text, b["positive_texts"]),
+                             "positive_text_mask": b["positive_mask"]}),
+    ExtraInput((COUNTS,), "model", "count_negative_texts", True,
+               lambda m, b: {COUNTS: m.encode_text(b["count_negative_texts"]).float(),
+                             "count_positive_text_features": m.encode_text(b["count_positive_texts"]).float(),
+                             "count_mask": b["count_mask"]}),
+    ExtraInput(TOKEN_KEYS, "model", None, False),  # the model's forward with return_tokens (setup.token_outputs)
+    ExtraInput(("ema_image_features", "ema_text_features"), "ema", "images", False, lambda m, b: _ema_pair(m, b)),
+    ExtraInput(("ema_negative_text_features",), "ema", "negative_texts", True,
+               lambda m, b: {"ema_negative_text_features": _per_sample(m.encode_text, b["negative_texts"])}),
+)
+
+PRODUCED = frozenset(k for i in INPUTS for k in i.keys)
+FROM_DATASET = frozenset(k for i in INPUTS if i.map_style_only for k in i.keys)
+EMA_KEYS = tuple(k for i in INPUTS if i.source == "ema" for k in i.keys)
+
+
+def encode_extras(model: nn.Module, batch: dict) -> dict:
+    """The extra inputs of ``batch`` the model being trained encodes (with gradients), and the stored
+    embeddings that came with it."""
+    extra: dict = {}
+    for inp in INPUTS:
+        if inp.source != "ema" and inp.encode is not None and inp.batch_field in batch:
+            extra.update(inp.encode(model, batch))
+    return extra
+
+
+@torch.no_grad()
+def encode_ema(ema, batch: dict) -> dict:
+    """The EMA teacher's embeddings of the batch's images, captions and negative captions (no gradients)."""
+    if ema is None:
+        return {}
+    extra: dict = {}
+    for inp in INPUTS:
+        if inp.source == "ema" and inp.batch_field in batch:
+            extra.update(inp.encode(ema.model, batch))
+    return extra
