@@ -512,20 +512,27 @@ def train_and_measure(recipe: Recipe, arm: Arm, seed: int, steps: int, batch: in
     return {**metrics, "train_s": result.train_seconds, "eval_s": time.perf_counter() - t0}
 
 
-def time_steps(recipe: Recipe, arm: Arm, short: int, long: int) -> dict:
-    """Seconds per optimizer step of a training arm at the recipe's batch: (train_s(long) - train_s(short)) / (long -
-    short), which leaves out the start-up that both runs pay. Also the steps that fit in 30 minutes."""
+def time_steps(recipe: Recipe, arm: Arm, window: int, steps: int) -> dict:
+    """Seconds per optimizer step of a training arm at the recipe's batch: one run of ``steps`` steps logging every
+    ``window`` steps; the median over the logged windows after the first (which pays the start-up) of batch / samples
+    per second, so that a burst of load on a shared machine moves it less. Also the steps that fit in 30 minutes."""
     from clipforge.train import train
 
-    secs = {}
-    for steps in (short, long):
-        fields = {**arm.spec["train"], "steps": steps, "batch_size": recipe.batch, "seed": 0, "save_every": 0,
-                  "eval_every": 0, "progress": False, "warmup_steps": 1}
-        with tempfile.TemporaryDirectory(prefix="fidelity-time-") as out:
-            cfg = _train_config({}, {**fields, "out_dir": out}, f"recipe '{recipe.name}', arm '{arm.name}'").validate()
-            secs[steps] = train(cfg).train_seconds
-    per_step = (secs[long] - secs[short]) / (long - short)
-    return {"s_per_step": per_step, "steps_in_30_min": int(1800 / per_step), "load_average": os.getloadavg()[0]}
+    if steps < 3 * window:
+        raise ValueError(f"--time-steps WINDOW STEPS needs STEPS >= 3 x WINDOW (two windows after the first), "
+                         f"got {window} {steps}")
+    fields = {**arm.spec["train"], "steps": steps, "batch_size": recipe.batch, "seed": 0, "save_every": 0,
+              "eval_every": 0, "progress": False, "warmup_steps": 1, "log_every": window}
+    loads = [os.getloadavg()[0]]
+    with tempfile.TemporaryDirectory(prefix="fidelity-time-") as out:
+        cfg = _train_config({}, {**fields, "out_dir": out}, f"recipe '{recipe.name}', arm '{arm.name}'").validate()
+        train(cfg)
+        rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    loads.append(os.getloadavg()[0])
+    sps = [r["samples_per_second"] for r in rows if "samples_per_second" in r][1:]
+    per_step = recipe.batch / statistics.median(sps)
+    return {"s_per_step": per_step, "steps_in_30_min": int(1800 / per_step), "windows": len(sps),
+            "load_average": statistics.fmean(loads)}
 
 
 def load_results(path: Path) -> dict:
@@ -556,7 +563,14 @@ def run(recipes: Sequence[Recipe], seeds: Sequence[int], out: Path, steps: int |
     """Run every missing (recipe, arm, seed) and append it to ``out/fidelity.json`` as soon as it ends."""
     import torch
 
+    from clipforge.locking import exclusive_lock
+
     torch.set_num_threads(threads)
+    with exclusive_lock(out, "fidelity results directory"):  # a second runner on the same --out stops here
+        return _run_locked(recipes, seeds, out, steps, batch, eval_size, threads, log)
+
+
+def _run_locked(recipes, seeds, out: Path, steps, batch, eval_size: int, threads: int, log) -> dict:
     path = out / "fidelity.json"
     data = load_results(path)
     done = {(r["experiment"], r["arm"], r["seed"], r["fingerprint"]) for r in data["runs"]}
@@ -766,8 +780,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "default budgets and the given seeds, from the runs in OUT/fidelity.json")
     ap.add_argument("--time", action="store_true",
                     help="measure the seconds per step of every training arm of the named experiments at their batch "
-                    "(two short runs, see --time-steps) and the steps that fit in 30 minutes")
-    ap.add_argument("--time-steps", type=int, nargs=2, default=[5, 25], metavar=("SHORT", "LONG"))
+                    "(one short run each, see --time-steps) and the steps that fit in 30 minutes")
+    ap.add_argument("--time-steps", type=int, nargs=2, default=[10, 60], metavar=("WINDOW", "STEPS"),
+                    help="--time: one run of STEPS steps per arm, timed in windows of WINDOW steps")
     a = ap.parse_args(argv)
     try:
         all_names = recipe_names()
@@ -799,7 +814,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 key = json.dumps([arm.spec, r.batch], sort_keys=True, default=str)
                 t = timed[key] = timed.get(key) or time_steps(r, arm, *a.time_steps)
                 print(f"{r.name:14s} {arm.name:14s} batch {r.batch:3d}: {t['s_per_step']:.3f} s/step, "
-                      f"{t['steps_in_30_min']} steps in 30 min ({a.threads} threads, "
+                      f"{t['steps_in_30_min']} steps in 30 min (median of {t['windows']} windows; {a.threads} threads, "
                       f"load average {t['load_average']:.1f})",
                       flush=True)
         return 0

@@ -264,3 +264,14 @@ def test_stale_runs_of_an_edited_recipe_are_not_judged(fid, monkeypatch, tmp_pat
     groups = fid.analyse(fid.parse_recipe("t", edited), data["runs"])
     assert groups[0]["comparisons"]["gap"]["metrics"]["gap"]["n"] == 0
     assert groups[0]["comparisons"]["gap"]["overall"] == "insufficient seeds"
+
+
+def test_a_second_runner_on_the_same_directory_is_refused(fid, monkeypatch, tmp_path):
+    from clipforge.locking import LockHeld, exclusive_lock
+
+    r = fid.parse_recipe("t", recipe())
+    monkeypatch.setattr(fid, "train_and_measure", lambda rc, arm, seed, *a: fake_metrics(arm.name, seed))
+    with exclusive_lock(tmp_path, "fidelity results directory"):
+        with pytest.raises(LockHeld, match="in use by pid"):
+            fid.run([r], [0], tmp_path, eval_size=500, log=lambda m: None)
+    assert not (tmp_path / "fidelity.json").exists()
