@@ -3,6 +3,8 @@
     python benchmarks/fidelity.py NAME|all [--seeds 0 1 2] [--steps N] [--out DIR] [--threads 1] [--eval-size 500]
     python benchmarks/fidelity.py --list
     python benchmarks/fidelity.py --report-only [--out DIR] [--docs docs/fidelity.md]
+    python benchmarks/fidelity.py NAME ... --time          # seconds per step of each training arm, steps in 30 min
+    python benchmarks/fidelity.py NAME|all --estimate      # projected time from the runs already recorded
 
 Every experiment is a recipe, ``benchmarks/fidelity/NAME.yaml``, one per claim: the paper and its budget, the
 budget this machine runs by default, the arms (a training config, or a function of a benchmark module), the
