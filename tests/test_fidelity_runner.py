@@ -275,3 +275,16 @@ def test_a_second_runner_on_the_same_directory_is_refused(fid, monkeypatch, tmp_
         with pytest.raises(LockHeld, match="in use by pid"):
             fid.run([r], [0], tmp_path, eval_size=500, log=lambda m: None)
     assert not (tmp_path / "fidelity.json").exists()
+
+
+def test_estimate_projects_measured_seconds_per_step(fid):
+    r = fid.parse_recipe("t", recipe(steps=1000, batch=8))
+
+    def run(arm, steps, train_s, eval_s=30.0, eval_size=500):
+        return {"experiment": "t", "arm": arm, "steps": steps, "batch": 8, "eval_size": eval_size, "seconds": 0.0,
+                "metrics": {"train_s": train_s, "eval_s": eval_s}}
+
+    runs = [run("clip", 200, 400.0), run("gap", 200, 600.0, eval_s=3.0, eval_size=50), run("clip", 5, 40.0)]
+    # clip: 2 s/step x 1000 + 30 s; gap: 3 s/step x 1000 + 3 s x 500 / 50; the 5-step run is ignored
+    assert fid.estimate_seconds(r, runs, seeds=3) == pytest.approx(3 * ((2000 + 30) + (3000 + 30)))
+    assert fid.estimate_seconds(r, runs[:1], seeds=3) is None  # no run of the gap arm
