@@ -587,6 +587,10 @@ def _run_locked(recipes, seeds, out: Path, steps, batch, eval_size: int, threads
         env = environment(threads)
         t0 = time.perf_counter()
         metrics = train_and_measure(recipe, recipe.arms[arm_name], seed, st, bt, eval_size)
+        bad = [m for m in recipe.metrics if not isinstance(metrics.get(m), (int, float))]
+        if bad:
+            raise RuntimeError(f"{tag}: the arm returned no number for {', '.join(bad)} (got {metrics}); its measure "
+                               f"or function must return every metric it declares")
         env["load_average_end"] = list(os.getloadavg())
         data["runs"].append({"experiment": recipe.name, "arm": arm_name, "seed": seed, "steps": st, "batch": bt,
                              "eval_size": eval_size, "fingerprint": fp, "seconds": time.perf_counter() - t0,

@@ -288,3 +288,11 @@ def test_estimate_projects_measured_seconds_per_step(fid):
     # clip: 2 s/step x 1000 + 30 s; gap: 3 s/step x 1000 + 3 s x 500 / 50; the 5-step run is ignored
     assert fid.estimate_seconds(r, runs, seeds=3) == pytest.approx(3 * ((2000 + 30) + (3000 + 30)))
     assert fid.estimate_seconds(r, runs[:1], seeds=3) is None  # no run of the gap arm
+
+
+def test_an_arm_that_returns_no_number_for_a_metric_stops_the_run(fid, monkeypatch, tmp_path):
+    r = fid.parse_recipe("t", recipe())
+    monkeypatch.setattr(fid, "train_and_measure", lambda rc, arm, seed, *a: {"gap": 0.5, "object_top1": None})
+    with pytest.raises(RuntimeError, match="returned no number for object_top1"):
+        fid.run([r], [0], tmp_path, eval_size=500, log=lambda m: None)
+    assert not (tmp_path / "fidelity.json").exists()
