@@ -116,6 +116,32 @@ def train_arm(arm: str, images: torch.Tensor, captions: list[list[str]], a) -> d
             "retrieval_all": res["retrieval"]}
 
 
+_TRAIN_DATA: dict[int, tuple[torch.Tensor, list[list[str]]]] = {}
+
+
+def fidelity_arm(seed: int, steps: int, batch: int, eval_size: int, arm: str, train_size: int = 10000,
+                 lr: float = 1e-3) -> dict:
+    """One arm of the fidelity recipe ``locked_text`` (benchmarks/fidelity.py): ``arm`` (locked-minilm or scratch)
+    trained on ``train_size`` shapes samples as :func:`fit_arm` does, measured with evaluate_shapes."""
+    if arm not in ("locked-minilm", "scratch"):
+        raise ValueError(f"fidelity_arm: arm must be locked-minilm or scratch, got '{arm}'")
+    if train_size not in _TRAIN_DATA:
+        ds = build_dataset("shapes", split="train", size=train_size, seed=0, image_size=64)
+        items = [ds[i] for i in range(len(ds))]
+        _TRAIN_DATA[train_size] = (torch.stack([it["image"] for it in items]), [it["captions"] for it in items])
+    images, captions = _TRAIN_DATA[train_size]
+    a = argparse.Namespace(steps=steps, batch=batch, lr=lr, seed=seed)
+    model, tokenizer, _, train_s = fit_arm(arm, images, captions, a)
+    t0 = time.perf_counter()
+    res = evaluate_shapes(model, tokenizer, size=eval_size, seed=12345)
+    zs, rt = res["zero_shot"], res["retrieval"]["val"]
+    return {"object_top1": zs["object"]["top1"], "shape_top1": zs["shape"]["top1"], "count_top1": zs["count"]["top1"],
+            "i2t_R@1": rt["i2t_R@1"], "t2i_R@1": rt["t2i_R@1"], "train_s": train_s, "eval_s": time.perf_counter() - t0}
+
+
+fidelity_arm.metrics = ("object_top1", "shape_top1", "count_top1", "i2t_R@1", "t2i_R@1")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=300)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -42,6 +43,44 @@ def retrieval(model, val) -> dict:
         m = retrieval_metrics(img, txt, torch.arange(len(val)))
         out[kind] = {"i2t_R@1": round(m["i2t_R@1"], 3), "t2i_R@1": round(m["t2i_R@1"], 3), "t2i_R@5": round(m["t2i_R@5"], 3)}
     return out
+
+
+_BASES: dict[tuple[int, int, int], tempfile.TemporaryDirectory] = {}  # fidelity: pre-trained base per seed
+
+
+def fidelity_arm(seed: int, steps: int, batch: int, eval_size: int, arm: str, pretrain_ratio: float = 2.5) -> dict:
+    """One arm of the fidelity recipe ``long_clip`` (benchmarks/fidelity.py): the ``tiny`` 77-position CLIP
+    pre-trained on short ``shapes`` captions for ``pretrain_ratio`` x ``steps`` steps (once per seed and budget,
+    shared by the arms), then fine-tuned for ``steps`` on ``shapes_long`` as (c) ``naive77`` (CLIP loss, long
+    captions cut at 77 tokens) or (d) ``long_clip`` (stretched to 248 positions, Long-CLIP's loss); long- and
+    short-caption retrieval R@1 on ``eval_size`` val scenes."""
+    if arm not in ("naive77", "long_clip"):
+        raise ValueError(f"fidelity_arm: arm must be naive77 or long_clip, got '{arm}'")
+    pretrain_steps = max(1, round(pretrain_ratio * steps))
+    common = dict(batch_size=batch, save_every=0, log_every=10, progress=False, seed=seed)
+    key = (seed, pretrain_steps, batch)
+    if key not in _BASES:
+        tmp = tempfile.TemporaryDirectory(prefix="fidelity-long-clip-")
+        train(TrainConfig(model="tiny", model_overrides=CTX77, data=DataConfig(train_size=20_000), steps=pretrain_steps,
+                          lr=1e-3, warmup_steps=min(20, max(1, pretrain_steps // 10)), out_dir=tmp.name, **common))
+        _BASES[key] = tmp
+    ft = dict(steps=steps, lr=2e-4, warmup_steps=min(5, max(1, steps // 10)), init_from=_BASES[key].name, **common)
+    with tempfile.TemporaryDirectory(prefix="fidelity-long-clip-ft-") as out:
+        if arm == "naive77":
+            cfg = TrainConfig(data=DataConfig(dataset="shapes_long", train_size=20_000, caption_policy="longest"),
+                              loss={"clip": 1.0}, out_dir=out, **ft)
+        else:
+            cfg = TrainConfig(data=DataConfig(dataset="shapes_long", train_size=20_000, caption_policy="longest",
+                                              positive_source="first_sentence", positives=1),
+                              loss={"long_clip": 1.0}, long_context_factor=4, long_context_keep=20, out_dir=out, **ft)
+        result = train(cfg.validate())
+    val = build_dataset("shapes_long", split="val", size=eval_size, seed=12345, image_size=64)
+    r = retrieval(result.model, val)
+    return {f"{kind}_{m}": r[kind][m] for kind in ("long", "short") for m in ("i2t_R@1", "t2i_R@1")} | {
+        "finetune_s": result.train_seconds}
+
+
+fidelity_arm.metrics = ("long_i2t_R@1", "long_t2i_R@1", "short_i2t_R@1", "short_t2i_R@1")
 
 
 def main() -> None:

@@ -1,0 +1,298 @@
+"""benchmarks/fidelity.py: the statistics behind the verdicts (against scipy and hand-computed cases), the verdict
+rules on synthetic clear / null / reversed effects, recipe validation, resumable seed-major runs and the report."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+stats = pytest.importorskip("scipy.stats")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def fid():
+    spec = importlib.util.spec_from_file_location("fidelity_runner", ROOT / "benchmarks" / "fidelity.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fidelity_runner"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def recipe(**changes) -> dict:
+    raw = {"claim": "c", "paper": "p", "paper_budget": "pb", "machine_budget": "mb", "steps": 10, "batch": 8,
+           "train": {"model": "tiny"}, "measures": ["gap", "shapes"], "baseline": "clip",
+           "arms": {"clip": {"train": {"loss": {"clip": 1.0}}},
+                    "gap": {"train": {"loss": {"clip": 1.0, "uniformity": 0.5, "alignment": 0.5}}}},
+           "metrics": {"gap": {"direction": "decrease"}, "object_top1": {"direction": "no_decrease", "margin": 0.02}}}
+    raw.update(changes)
+    return raw
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 4, 7, 19, 60])
+def test_t_quantiles_match_scipy(fid, df):
+    for q in (0.005, 0.025, 0.1, 0.5, 0.9, 0.975, 0.995):
+        assert fid.t_ppf(q, df) == pytest.approx(stats.t.ppf(q, df), abs=1e-9)
+        x = stats.t.ppf(q, df)
+        assert fid.t_cdf(x, df) == pytest.approx(q, abs=1e-12)
+
+
+def test_paired_interval_matches_scipy_t_interval(fid):
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.2, 0.6, size=5)
+    method = base + rng.normal(0.03, 0.02, size=5)
+    d = method - base
+    low, high = stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=d.std(ddof=1) / math.sqrt(len(d)))
+    got = fid.paired_interval(list(method), list(base))
+    assert got["n"] == 5
+    assert got["mean"] == pytest.approx(d.mean(), abs=1e-12)
+    assert got["sd"] == pytest.approx(d.std(ddof=1), abs=1e-12)
+    assert (got["low"], got["high"]) == (pytest.approx(low, abs=1e-9), pytest.approx(high, abs=1e-9))
+
+
+def test_paired_interval_by_hand(fid):
+    # differences 0.10, 0.12, 0.14: mean 0.12, sd 0.02, t(0.975, 2) = 4.302652729749464 (table value)
+    got = fid.paired_interval([0.5, 0.62, 0.44], [0.4, 0.5, 0.3])
+    half = 4.302652729749464 * 0.02 / math.sqrt(3)
+    assert got["mean"] == pytest.approx(0.12)
+    assert got["low"] == pytest.approx(0.12 - half) and got["high"] == pytest.approx(0.12 + half)
+
+
+def test_paired_interval_needs_the_same_seeds(fid):
+    with pytest.raises(ValueError, match="same seeds"):
+        fid.paired_interval([0.1, 0.2], [0.1])
+
+
+# ------------------------------------------------------------------------------------------------ verdicts
+
+
+def judge(fid, method, base, direction, margin=0.0):
+    return fid.verdict(fid.paired_interval(method, base), direction, margin)
+
+
+def test_clear_effect_is_reproduced_in_the_predicted_direction(fid):
+    base = [0.30, 0.35, 0.28, 0.33]
+    method = [b + d for b, d in zip(base, [0.10, 0.12, 0.09, 0.11])]
+    assert judge(fid, method, base, "increase") == "reproduced"
+    assert judge(fid, method, base, "decrease") == "contradicted"
+    assert judge(fid, base, method, "decrease") == "reproduced"
+
+
+def test_null_effect_is_inconclusive(fid):
+    base = [0.30, 0.35, 0.28, 0.33]
+    method = [b + d for b, d in zip(base, [0.01, -0.012, 0.004, -0.003])]
+    assert judge(fid, method, base, "increase") == "inconclusive"
+    assert judge(fid, method, base, "decrease") == "inconclusive"
+
+
+def test_reversed_effect_is_contradicted(fid):
+    base = [0.30, 0.35, 0.28]
+    method = [b - d for b, d in zip(base, [0.10, 0.08, 0.12])]
+    assert judge(fid, method, base, "increase") == "contradicted"
+
+
+def test_large_spread_is_inconclusive_even_with_a_large_mean(fid):
+    # the issue's gap experiment: object top-1 falls by 0.10 on average, with a large spread
+    base = [0.30, 0.32, 0.29]
+    method = [b + d for b, d in zip(base, [-0.19, -0.02, -0.09])]
+    iv = fid.paired_interval(method, base)
+    assert iv["low"] < 0 < iv["high"]
+    assert fid.verdict(iv, "increase") == "inconclusive"
+
+
+def test_fewer_than_three_seeds_is_insufficient(fid):
+    assert judge(fid, [0.5, 0.6], [0.1, 0.2], "increase") == "insufficient seeds"
+    assert judge(fid, [0.5], [0.1], "increase") == "insufficient seeds"
+
+
+def test_non_inferiority_uses_the_margin(fid):
+    # differences 0.0, 0.01, -0.01: mean 0, sd 0.01, half width 4.3027 * 0.01 / sqrt(3) = 0.02484
+    base = [0.4, 0.4, 0.4]
+    method = [0.4, 0.41, 0.39]
+    assert judge(fid, method, base, "no_decrease", margin=0.03) == "reproduced"
+    assert judge(fid, method, base, "no_decrease", margin=0.02) == "inconclusive"
+    assert judge(fid, [0.30, 0.31, 0.29], base, "no_decrease", margin=0.5) == "contradicted"
+    assert judge(fid, [0.40, 0.39, 0.41], base, "no_increase", margin=0.03) == "reproduced"
+
+
+def test_overall_verdict(fid):
+    assert fid.overall(["reproduced", "reproduced", "not judged"]) == "reproduced"
+    assert fid.overall(["reproduced", "inconclusive"]) == "partly reproduced"
+    assert fid.overall(["reproduced", "contradicted"]) == "mixed"
+    assert fid.overall(["inconclusive", "contradicted"]) == "contradicted"
+    assert fid.overall(["insufficient seeds", "insufficient seeds"]) == "insufficient seeds"
+
+
+def test_unknown_direction_is_rejected(fid):
+    with pytest.raises(ValueError, match="increase, decrease"):
+        fid.verdict(fid.paired_interval([1, 2, 3], [0, 0, 0]), "up")
+
+
+# ------------------------------------------------------------------------------------------------ recipes
+
+
+def test_every_shipped_recipe_is_valid(fid):
+    names = fid.recipe_names()
+    assert {"siglip", "gap", "counting", "hardneg"} <= set(names)
+    for name in names:
+        r = fid.load_recipe(name)
+        assert r.baseline in r.arms and r.metrics
+
+
+def test_unknown_metric_names_it_and_the_choices(fid):
+    raw = recipe(metrics={"gapp": {"direction": "decrease"}})
+    with pytest.raises(fid.RecipeError, match=r"metric 'gapp'.*provides: .*gap.*object_top1"):
+        fid.parse_recipe("t", raw)
+
+
+def test_unknown_loss_names_it_and_the_registered_terms(fid):
+    raw = recipe()
+    raw["arms"]["gap"] = {"train": {"loss": {"clip": 1.0, "unifromity": 0.5}}}
+    with pytest.raises(fid.RecipeError,
+                       match=r"arm 'gap'.*unknown loss term\(s\) unifromity; registered terms: .*siglip"):
+        fid.parse_recipe("t", raw)
+
+
+def test_unknown_baseline_arm_names_the_arms(fid):
+    with pytest.raises(fid.RecipeError, match=r"baseline 'clipp' is not an arm; arms: clip, gap"):
+        fid.parse_recipe("t", recipe(baseline="clipp"))
+
+
+def test_unknown_measure_training_field_and_plugin(fid):
+    with pytest.raises(fid.RecipeError, match=r"unknown measure 'gapp'; built-in measures: shapes, gap"):
+        fid.parse_recipe("t", recipe(measures=["gapp"]))
+    raw = recipe()
+    raw["arms"]["gap"] = {"train": {"loss": {"clip": 1.0}, "stepz": 3}}
+    with pytest.raises(fid.RecipeError, match=r"arm 'gap'.*stepz.*fields of clipforge.train.TrainConfig"):
+        fid.parse_recipe("t", raw)
+    raw = recipe()
+    raw["arms"]["gap"] = {"function": "bench_adapt:no_such_arm"}
+    with pytest.raises(fid.RecipeError, match=r"not a fidelity plug-in.*plug-ins of bench_adapt: fidelity_arm"):
+        fid.parse_recipe("t", raw)
+    with pytest.raises(fid.RecipeError, match=r"unknown key\(s\) metricz"):
+        fid.parse_recipe("t", {**recipe(), "metricz": {}})
+    with pytest.raises(fid.RecipeError, match=r"no experiment 'nope'; recipes in .*gap"):
+        fid.load_recipe("nope")
+
+
+def test_function_arm_metrics_are_checked(fid):
+    metrics = {"test": {"direction": "increase"}, "object_top1": {"direction": "none"}}
+    raw = recipe(measures=[], baseline="zs", metrics=metrics,
+                 arms={"zs": {"function": "bench_adapt:fidelity_arm", "params": {"method": "zero-shot"}},
+                       "gda": {"function": "bench_adapt:fidelity_arm", "params": {"method": "gda"}}})
+    with pytest.raises(fid.RecipeError,
+                       match=r"metric 'object_top1': unknown metric for arm 'zs'; it provides: heldout, test"):
+        fid.parse_recipe("t", raw)
+
+
+# ------------------------------------------------------------------------------------------------ runs and report
+
+
+def fake_metrics(arm: str, seed: int) -> dict:
+    """A clear gap reduction and no change in object top-1 (up to a seed wobble)."""
+    wobble = [0.0, 0.01, -0.01, 0.005][seed]
+    if arm == "clip":
+        return {"gap": 0.5 + wobble, "object_top1": 0.30 + wobble, "train_s": 1.0, "eval_s": 0.5}
+    return {"gap": 0.2 + wobble / 2, "object_top1": 0.30 + 1.5 * wobble, "train_s": 2.0, "eval_s": 0.5}
+
+
+def test_runs_are_seed_major_resumable_and_judged(fid, monkeypatch, tmp_path):
+    r = fid.parse_recipe("t", recipe())
+    calls = []
+
+    def fake(recipe_, arm, seed, steps, batch, eval_size):
+        calls.append((arm.name, seed))
+        return fake_metrics(arm.name, seed)
+
+    monkeypatch.setattr(fid, "train_and_measure", fake)
+    fid.run([r], [0, 1], tmp_path, eval_size=500, log=lambda m: None)
+    assert calls == [("clip", 0), ("gap", 0), ("clip", 1), ("gap", 1)]
+    fid.run([r], [0, 1, 2], tmp_path, eval_size=500, log=lambda m: None)
+    assert calls[4:] == [("clip", 2), ("gap", 2)]  # seeds 0 and 1 were not recomputed
+    data = json.loads((tmp_path / "fidelity.json").read_text())
+    assert len(data["runs"]) == 6
+    env = data["runs"][0]["env"]
+    assert {"cpu", "threads", "torch", "commit", "load_average", "host"} <= set(env)
+    fid.run([r], [0, 1, 2], tmp_path, steps=20, eval_size=500, log=lambda m: None)  # another budget: new runs
+    assert len(calls) == 12
+
+    groups = fid.analyse(r, data["runs"])
+    assert len(groups) == 1 and groups[0]["steps"] == 10
+    comp = groups[0]["comparisons"]["gap"]["metrics"]
+    d = np.array([fake_metrics("gap", s)["gap"] - fake_metrics("clip", s)["gap"] for s in range(3)])
+    low, high = stats.t.interval(0.95, 2, loc=d.mean(), scale=d.std(ddof=1) / math.sqrt(3))
+    assert (comp["gap"]["low"], comp["gap"]["high"]) == (pytest.approx(low), pytest.approx(high))
+    assert comp["gap"]["verdict"] == "reproduced"
+    # object top-1: differences 0, 0.005, -0.005 -> interval +-0.0124, inside the 0.02 margin
+    assert comp["object_top1"]["verdict"] == "reproduced"
+    assert groups[0]["arms"]["clip"]["stats"]["gap"]["mean"] == pytest.approx(np.mean([0.5, 0.51, 0.49]))
+
+
+def test_report_is_spliced_between_markers_and_says_what_has_not_run(fid, monkeypatch, tmp_path):
+    r = fid.parse_recipe("t", recipe(steps=10))
+    other = fid.parse_recipe("other", recipe())
+    monkeypatch.setattr(fid, "train_and_measure", lambda rc, arm, seed, *a: fake_metrics(arm.name, seed))
+    fid.run([r], [0, 1, 2], tmp_path, eval_size=500, log=lambda m: None)
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"# Title\n\nprose stays\n\n{fid.BEGIN}\nold results\n{fid.END}\n\ntail stays\n")
+    section = fid.write_report([r, other], tmp_path, doc)
+    text = doc.read_text()
+    assert "old results" not in text and text.startswith("# Title\n\nprose stays") and text.endswith("tail stays\n")
+    assert (tmp_path / "fidelity.md").read_text() == section and "[`fidelity.json`](fidelity.json)" in section
+    assert section.split("\n", 4)[4] in text  # the same section in the document (its JSON link relative to it)
+    assert "No 3-seed run at the default budget yet:** other" in section
+    assert "<details>" in section and "| [t](#t) | c | 3 seed(s) per arm | gap: **reproduced** |" in section
+    with pytest.raises(ValueError, match="markers"):
+        fid.splice("no markers here", "x")
+
+
+def test_stale_runs_of_an_edited_recipe_are_not_judged(fid, monkeypatch, tmp_path):
+    r = fid.parse_recipe("t", recipe())
+    monkeypatch.setattr(fid, "train_and_measure", lambda rc, arm, seed, *a: fake_metrics(arm.name, seed))
+    data = fid.run([r], [0, 1, 2], tmp_path, eval_size=500, log=lambda m: None)
+    edited = recipe()
+    edited["arms"]["gap"] = {"train": {"loss": {"clip": 1.0, "uniformity": 1.0, "alignment": 1.0}}}
+    groups = fid.analyse(fid.parse_recipe("t", edited), data["runs"])
+    assert groups[0]["comparisons"]["gap"]["metrics"]["gap"]["n"] == 0
+    assert groups[0]["comparisons"]["gap"]["overall"] == "insufficient seeds"
+
+
+def test_a_second_runner_on_the_same_directory_is_refused(fid, monkeypatch, tmp_path):
+    from clipforge.locking import LockHeld, exclusive_lock
+
+    r = fid.parse_recipe("t", recipe())
+    monkeypatch.setattr(fid, "train_and_measure", lambda rc, arm, seed, *a: fake_metrics(arm.name, seed))
+    with exclusive_lock(tmp_path, "fidelity results directory"):
+        with pytest.raises(LockHeld, match="in use by pid"):
+            fid.run([r], [0], tmp_path, eval_size=500, log=lambda m: None)
+    assert not (tmp_path / "fidelity.json").exists()
+
+
+def test_estimate_projects_measured_seconds_per_step(fid):
+    r = fid.parse_recipe("t", recipe(steps=1000, batch=8))
+
+    def run(arm, steps, train_s, eval_s=30.0, eval_size=500):
+        return {"experiment": "t", "arm": arm, "steps": steps, "batch": 8, "eval_size": eval_size, "seconds": 0.0,
+                "metrics": {"train_s": train_s, "eval_s": eval_s}}
+
+    runs = [run("clip", 200, 400.0), run("gap", 200, 600.0, eval_s=3.0, eval_size=50), run("clip", 5, 40.0)]
+    # clip: 2 s/step x 1000 + 30 s; gap: 3 s/step x 1000 + 3 s x 500 / 50; the 5-step run is ignored
+    assert fid.estimate_seconds(r, runs, seeds=3) == pytest.approx(3 * ((2000 + 30) + (3000 + 30)))
+    assert fid.estimate_seconds(r, runs[:1], seeds=3) is None  # no run of the gap arm
+
+
+def test_an_arm_that_returns_no_number_for_a_metric_stops_the_run(fid, monkeypatch, tmp_path):
+    r = fid.parse_recipe("t", recipe())
+    monkeypatch.setattr(fid, "train_and_measure", lambda rc, arm, seed, *a: {"gap": 0.5, "object_top1": None})
+    with pytest.raises(RuntimeError, match="returned no number for object_top1"):
+        fid.run([r], [0], tmp_path, eval_size=500, log=lambda m: None)
+    assert not (tmp_path / "fidelity.json").exists()
