@@ -40,7 +40,7 @@ def test_documented_loss_override_prints_config(capsys):
 
 @pytest.mark.parametrize("override, named", [
     ("warmup_steps=-5", "warmup_steps"), ("save_every=-1", "save_every"), ("log_every=0", "log_every"),
-    ("loss={clip: -1.0}", "loss weight"), ("loss={clip: .nan}", "loss weight"), ("lr=-0.1", "lr"), ("lr=0", "lr"),
+    ("loss={clip: -1.0}", "loss weight"), ("loss={clip: .nan}", "loss weight"), ("lr=-0.1", "lr"), ("lr=.inf", "lr"),
     ("eval_every=-2", "eval_every"), ("keep_checkpoints=-1", "keep_checkpoints"), ("min_lr_ratio=2", "min_lr_ratio"),
     ("weight_decay=-1", "weight_decay"), ("eps=0", "eps"), ("betas=[0.9, 1.5]", "betas"), ("grad_clip=0", "grad_clip"),
     ("max_seconds=-3", "max_seconds"), ("stop_at=0", "stop_at"), ("data.train_size=0", "data.train_size"),
@@ -155,3 +155,12 @@ def test_non_utf8_captions_in_csv_are_counted(tmp_path):
     items = list(iter_manifest(tmp_path / "m.csv", stats))
     assert [it["captions"] for it in items] == [["a red square"]]
     assert stats.skipped == {"bad_caption_encoding": 1} and "m.csv:2" in stats.examples["bad_caption_encoding"][0]
+
+
+def test_cli_shows_the_settings_a_resume_changes(capsys, tmp_path):
+    run = f"out_dir={tmp_path / 'run'}"
+    assert main(["train", "--no-eval", run, "steps=4", "stop_at=2", "lr=0.002", *TINY]) == 0
+    capsys.readouterr()
+    assert main(["train", "--no-eval", run, "steps=4", "resume=latest", "lr=0.001", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "with changed settings, applied from step 2 on: lr: 0.002 -> 0.001" in out

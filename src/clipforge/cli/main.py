@@ -54,25 +54,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _ConsoleHandler(logging.Handler):
-    """clipforge's log lines for a person at a terminal: INFO on stdout (beside the command's own output),
-    warnings and errors on stderr; the streams are looked up per line (they may be replaced, e.g. by tests)."""
+    """clipforge's log lines for a person at a terminal: INFO on stdout (beside the command's own output) unless
+    stdout carries machine-readable output (``--json``), warnings and errors on stderr; the streams are looked up
+    per line (they may be replaced, e.g. by tests)."""
+
+    info_to_stderr = False
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+            to_stderr = record.levelno >= logging.WARNING or self.info_to_stderr
+            stream = sys.stderr if to_stderr else sys.stdout
             stream.write(self.format(record) + "\n")
             stream.flush()
         except Exception:  # noqa: BLE001  (logging must never take the command down)
             self.handleError(record)
 
 
-def configure_logging() -> None:
-    """Show clipforge's INFO lines and warnings (once per process, however often main() runs)."""
+def configure_logging(json_output: bool = False) -> None:
+    """Show clipforge's INFO lines and warnings (one handler per process, however often main() runs);
+    with ``json_output`` the INFO lines go to stderr, so that stdout holds the JSON alone."""
     logger = logging.getLogger("clipforge")
-    if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
+    handler = next((h for h in logger.handlers if isinstance(h, _ConsoleHandler)), None)
+    if handler is None:
         handler = _ConsoleHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
+    handler.info_to_stderr = json_output
     if logger.level == logging.NOTSET:
         logger.setLevel(logging.INFO)
 
@@ -102,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
-    configure_logging()
+    configure_logging(json_output=bool(getattr(args, "json", False)))
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except KeyboardInterrupt:

@@ -193,7 +193,7 @@ class TrainConfig:
         for name, (value, low) in at_least.items():
             if value < low:
                 raise ConfigError(f"{name} must be >= {low}{hints.get(name, '')}, got {value}")
-        positive = {"lr": self.lr, "eps": self.eps}
+        positive = {"eps": self.eps}
         if self.grad_clip is not None:
             positive["grad_clip"] = self.grad_clip
         if self.max_seconds is not None:
@@ -202,8 +202,9 @@ class TrainConfig:
             if not (math.isfinite(value) and value > 0):
                 off = " (grad_clip=null disables clipping)" if name == "grad_clip" else ""
                 raise ConfigError(f"{name} must be a finite number > 0{off}, got {value}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ConfigError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        for name, value in {"lr": self.lr, "weight_decay": self.weight_decay}.items():  # lr=0: weights stay as built
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"min_lr_ratio must be in [0, 1] (a fraction of lr), got {self.min_lr_ratio}")
         if not all(0.0 <= b < 1.0 for b in self.betas):

@@ -171,16 +171,18 @@ def check_out_dir(out_dir: str | Path) -> None:
 def _lock_run(stack: contextlib.ExitStack, out_dir: Path, dist: Dist) -> None:
     """Rank 0 takes the run directory's lock (held until ``stack`` closes); every rank learns whether it could, so
     that all of them stop with the holder named instead of the others waiting in a collective for rank 0."""
-    refused = None
+    refused, kind = None, None
     if dist.is_main:
         try:
             stack.enter_context(exclusive_lock(out_dir, what="training run"))
         except LockHeld as e:
-            refused = str(e)
+            refused, kind = str(e), "held"
+        except OSError as e:  # e.g. no permission to create out_dir or its lock file
+            refused, kind = f"cannot lock the run directory '{out_dir}' ({e}); choose an out_dir you can write", "os"
     if dist.enabled:
-        refused = dist.all_gather_object(refused)[0]
+        refused, kind = dist.all_gather_object((refused, kind))[0]
     if refused:
-        raise LockHeld(refused)
+        raise LockHeld(refused) if kind == "held" else RunDirectoryError(refused)
 
 
 def _append_json(path: Path, record: dict, file=None) -> None:
@@ -333,7 +335,7 @@ def _train(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> TrainResu
 
 
 def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> TrainResult:
-    say = print if dist.is_main else _quiet
+    say = logger.info if dist.is_main else _quiet  # the CLI shows INFO lines on stdout
     out_dir = Path(cfg.out_dir)
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -543,7 +545,7 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> Tr
         if dist.is_main:
             _append_json(metrics_path, {"step": step, "data_stream": stream_stats.as_dict()})
             if cfg.progress:
-                print(stream_stats.summary())
+                logger.info(stream_stats.summary())
     if skipped_total:
         cut = ", with the readable ones cut to keep the ranks' slices equal" if dist.enabled else ""
         say(f"note: {skipped_total} unreadable samples were skipped{cut} (see metrics.jsonl)")
