@@ -24,6 +24,12 @@ each on its slice of every global batch; ``dist`` is a no-op for one process. Pe
 agree on batch sizes (``even_shares``), the loss terms gather features across them, the logged
 values are means over ranks and gradients are averaged before the optimizer step. Rank 0 alone
 writes, logs and evaluates.
+
+Nothing already written is lost (docs/security.md, "Training runs"): rank 0 holds the run
+directory's lock for the whole run; checkpoints are written atomically (:mod:`.checkpoint`) and
+only when the weights are finite and give finite features on a fixed probe batch; a resumed run
+applies the hyperparameters it is given from the checkpoint's step on (logged) and refuses another
+architecture; metrics.jsonl records past the checkpoint's step move to metrics.superseded.jsonl.
 """
 from __future__ import annotations
 
