@@ -147,12 +147,14 @@ class TrainConfig:
         if not 0.0 <= self.ema_momentum < 1.0:
             raise ConfigError(f"ema_momentum must be in [0, 1), got {self.ema_momentum}")
         if self.data.caption_policy not in ("auto", "random", "first", "longest"):
-            raise ConfigError(f"data.caption_policy must be auto, random, first or longest, got '{self.data.caption_policy}'")
+            raise ConfigError(f"data.caption_policy must be auto, random, first or longest, got "
+                              f"'{self.data.caption_policy}'")
         if self.data.streaming and self.data.dataset == "shapes":
             raise ConfigError("data.streaming reads webdataset shards: set data.dataset=shards data.root=DIR "
                              "(or a built corpus such as openclipart)")
         if self.data.languages and self.data.dataset == "shapes":
-            raise ConfigError("data.languages filters the captions of built corpora (e.g. emoji); shapes has English only")
+            raise ConfigError("data.languages filters the captions of built corpora (e.g. emoji); shapes has English "
+                              "only")
         if self.data.languages and self.data.streaming:
             raise ConfigError("data.languages is not supported with data.streaming yet; use the map-style loader")
         if self.data.root and self.data.dataset == "shapes":
@@ -169,7 +171,8 @@ class TrainConfig:
             raise ConfigError(f"long_context_factor must be >= 1 and long_context_keep >= 0, got "
                              f"{self.long_context_factor} and {self.long_context_keep}")
         if len(self.data.view_scale) != 2 or not 0 < self.data.view_scale[0] <= self.data.view_scale[1] <= 1:
-            raise ConfigError(f"data.view_scale must be [low, high] with 0 < low <= high <= 1, got {self.data.view_scale}")
+            raise ConfigError(f"data.view_scale must be [low, high] with 0 < low <= high <= 1, got "
+                              f"{self.data.view_scale}")
         if self.data.view_jitter < 0:
             raise ConfigError(f"data.view_jitter must be >= 0, got {self.data.view_jitter}")
         if self.data.hard_negatives < 1:

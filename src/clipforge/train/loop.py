@@ -203,7 +203,8 @@ def _append_json(path: Path, record: dict, file=None) -> None:
     except OSError as e:
         if is_disk_full(e):
             found = list_checkpoints(path.parent)
-            raise disk_full(e, str(path), f"the last complete checkpoint {found[-1]} is kept" if found else "") from None
+            kept = f"the last complete checkpoint {found[-1]} is kept" if found else ""
+            raise disk_full(e, str(path), kept) from None
         raise
 
 
@@ -262,9 +263,9 @@ def _check_architecture(ckpt: Path, model) -> None:
     old, new = _flat(json.loads(saved.read_text())), _flat(json.loads(json.dumps(model.cfg.to_dict())))
     diff = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if diff:
-        raise ConfigError(f"resume: the configured model is not the architecture of {ckpt} ({', '.join(diff[:6])}); the "
-                          "architecture cannot change on resume: set model/model_overrides as in its config.yaml, or "
-                          f"start a new run from its weights with init_from={ckpt}")
+        raise ConfigError(f"resume: the configured model is not the architecture of {ckpt} ({', '.join(diff[:6])}); "
+                          "the architecture cannot change on resume: set model/model_overrides as in its config.yaml, "
+                          f"or start a new run from its weights with init_from={ckpt}")
 
 
 def _apply_hyperparameters(optimizer, fresh_groups: list[dict]) -> None:
@@ -284,7 +285,8 @@ PROBE_TEXTS = ("a photo of a dog", "two red squares and a blue circle")
 
 def _probe_batch(model, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed batch (seeded noise images, two captions) that never touches the global RNG."""
-    images = torch.rand(len(PROBE_TEXTS), 3, model.image_size, model.image_size, generator=torch.Generator().manual_seed(0))
+    size = model.image_size
+    images = torch.rand(len(PROBE_TEXTS), 3, size, size, generator=torch.Generator().manual_seed(0))
     return images, tokenizer(list(PROBE_TEXTS))
 
 
