@@ -209,7 +209,24 @@ def test_torchrun_environment_with_accumulation_slices_data_and_only_rank0_write
     assert w1 == []
     written = {Path(path).name for _, path in w0}
     # (model.safetensors and state.pt are written from C++, which audit hooks do not see; their directory is)
-    assert {"config.yaml", "metrics.jsonl", "latest.json", "model_config.json", ".tmp_step_0000002"} <= written, written
+    assert {"metrics.jsonl", "model_config.json", "COMPLETE", ".lock"} <= written, written
+    for name in (".tmp_step_0000002.", ".tmp_config.yaml.", ".tmp_latest.json."):  # written under unique names, renamed
+        assert any(w.startswith(name) for w in written), (name, written)
+
+
+def test_a_locked_out_dir_stops_every_rank_with_the_holder_named(tiny_cfg, tmp_path):
+    # rank 0 takes the run directory's lock; when another process holds it, rank 1 must not wait for rank 0
+    # in a collective (until distributed.timeout_minutes) but stop at once with the same message
+    from clipforge.locking import exclusive_lock
+
+    cfg = _cfg(tiny_cfg, tmp_path / "run")
+    with exclusive_lock(tmp_path / "run", what="training run"):
+        results = _run_ranks(cfg)
+    for rank in range(WORLD):
+        status, (kind, message), _, _ = results[rank]
+        assert status == "error" and kind == "LockHeld", results[rank]
+        assert f"is in use by pid {os.getpid()}" in message
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_resume_in_two_processes_and_across_process_counts(tiny_cfg, tmp_path):

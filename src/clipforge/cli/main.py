@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 COMMANDS = {
@@ -52,21 +53,74 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _ConsoleHandler(logging.Handler):
+    """clipforge's log lines for a person at a terminal: INFO on stdout (beside the command's own output) unless
+    stdout carries machine-readable output (``--json``), warnings and errors on stderr; the streams are looked up
+    per line (they may be replaced, e.g. by tests)."""
+
+    info_to_stderr = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            to_stderr = record.levelno >= logging.WARNING or self.info_to_stderr
+            stream = sys.stderr if to_stderr else sys.stdout
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except Exception:  # noqa: BLE001  (logging must never take the command down)
+            self.handleError(record)
+
+
+def configure_logging(json_output: bool = False) -> None:
+    """Show clipforge's INFO lines and warnings (one handler per process, however often main() runs);
+    with ``json_output`` the INFO lines go to stderr, so that stdout holds the JSON alone."""
+    logger = logging.getLogger("clipforge")
+    handler = next((h for h in logger.handlers if isinstance(h, _ConsoleHandler)), None)
+    if handler is None:
+        handler = _ConsoleHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    handler.info_to_stderr = json_output
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+
+
+def user_error(e: BaseException) -> str | None:
+    """The one-line message of an error the user can fix (None for a bug, which keeps its traceback):
+    every :class:`clipforge.errors.ClipforgeError`, a lock held by another process, a full disk, and the
+    built-in errors that clipforge raises with a message for bad input."""
+    from clipforge.errors import ClipforgeError, is_disk_full
+    from clipforge.locking import LockHeld
+
+    if isinstance(e, (ClipforgeError, LockHeld)):
+        return str(e)
+    if is_disk_full(e):
+        where = f" while writing '{e.filename}'" if getattr(e, "filename", None) else ""
+        return f"no space left on device{where}; free space on that disk (or write elsewhere) and run again"
+    if isinstance(e, KeyError):
+        return str(e.args[0]) if e.args else str(e)
+    if isinstance(e, (ValueError, FileNotFoundError, ConnectionError)):
+        return str(e)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
+    configure_logging(json_output=bool(getattr(args, "json", False)))
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, KeyError, FileNotFoundError, ConnectionError) as e:
+    except Exception as e:
+        msg = user_error(e)
+        if msg is None:
+            raise  # a bug: the traceback is what helps
         # user errors: one clear line instead of a traceback
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"clipforge {args.command}: error: {msg}", file=sys.stderr)
+        print(f"clipforge {args.command}: error: {' '.join(msg.split())}", file=sys.stderr)
         return 2
 
 

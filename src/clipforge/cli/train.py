@@ -12,10 +12,15 @@ key=value overrides; overrides win. Common ones:
   lr=1e-3 warmup_steps=100   peak learning rate and linear warmup (then cosine)
   accum_steps=2              split each batch into micro-batches (exact full-batch loss)
   precision=bf16             bf16 autocast (fast on CPU) or fp32
-  loss={clip:1.0}            loss terms and weights; loss={siglip:1.0} needs
-                             model_overrides.init_logit_bias=-10
-  out_dir=runs/exp1          where metrics.jsonl, config.yaml and checkpoints go
-  resume=latest              continue exactly where the run in out_dir stopped
+  loss={clip:1.0}            loss terms and weights (>= 0), with or without a space after
+                             the colon: 'loss={clip: 1, siglip: 0.5}'; loss={siglip:1.0}
+                             needs model_overrides.init_logit_bias=-10
+  out_dir=runs/exp1          where metrics.jsonl, config.yaml and checkpoints go; one run
+                             at a time (a second one into it stops, naming the first)
+  resume=latest              continue exactly where the run in out_dir stopped (its newest
+                             complete checkpoint); changed lr, warmup_steps, steps,
+                             weight_decay, ... apply from there on (logged), a changed
+                             model architecture is refused
   max_seconds=300            stop (and checkpoint) after this much training time
   data.train_size=20000      number of training samples
   distributed.nproc=2        data-parallel over 2 local processes (gloo); batch_size stays

@@ -12,7 +12,9 @@ under one reason, never raised:
 - ``corrupt_image``: the image bytes do not decode (:class:`clipforge.images.ImageLoadError`);
 - ``no_caption``: no non-empty caption;
 - ``bad_row``: a row that does not parse (broken JSON, wrong column count, a label that is not an int);
-- ``bad_shard``: a tar shard that is unreadable or truncated (the rest of the shard is lost).
+- ``bad_shard``: a tar shard that is unreadable or truncated (the rest of the shard is lost);
+- ``bad_caption_encoding``: a CSV/TSV caption cell whose bytes are not UTF-8 (never read as replacement
+  characters; a non-UTF-8 image path is kept byte for byte).
 
 Formats
 - **Manifests** (:func:`iter_manifest`): CSV (``.csv``), TSV (``.tsv``), JSON lines (``.jsonl``)
@@ -35,6 +37,7 @@ import csv
 import io
 import json
 import os
+import re
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -48,7 +51,7 @@ from ..images import ImageLoadError, load_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 MANIFEST_EXTENSIONS = (".csv", ".tsv", ".jsonl", ".parquet")
-SKIP_REASONS = ("missing_image", "corrupt_image", "no_caption", "bad_row", "bad_shard")
+SKIP_REASONS = ("missing_image", "corrupt_image", "no_caption", "bad_row", "bad_shard", "bad_caption_encoding")
 
 
 @dataclass
@@ -139,12 +142,16 @@ def _finish(stats: ReadStats, key: str, image: Any, captions: list[str] | None, 
 # ---------------------------------------------------------------- manifests (CSV, TSV, JSONL, Parquet)
 
 
+_SURROGATE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, escaped by errors="surrogateescape"
+
+
 def manifest_rows(path: Path, stats: ReadStats) -> Iterator[tuple[int, dict[str, Any] | None]]:
     """(row number, row dict) pairs; a row that does not parse comes as None (counted by the caller)."""
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        # undecodable bytes become U+FFFD (the row then fails on its path or is read with that caption)
-        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        # undecodable bytes are kept as surrogate escapes: an image path keeps its exact bytes (os.fsencode),
+        # a caption holding them is counted as bad_caption_encoding by the caller instead of read garbled
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
             reader = csv.reader(f, delimiter="\t" if suffix == ".tsv" else ",")
             try:
                 header = next(reader, None)
@@ -205,6 +212,10 @@ def iter_manifest(path: str | os.PathLike, stats: ReadStats | None = None, image
             stats.skip("bad_row", f"{key}: unparsable row or no '{image_column}' value")
             continue
         cols = caption_columns or sorted(c for c in row if c.startswith("caption"))
+        undecodable = [c for c in cols if isinstance(row.get(c), str) and _SURROGATE.search(row[c])]
+        if undecodable:
+            stats.skip("bad_caption_encoding", f"{key}: column '{undecodable[0]}' is not UTF-8 text")
+            continue
         captions: list[str] | None = []
         for c in cols:
             got = clean_captions(row.get(c))

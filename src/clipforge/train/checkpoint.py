@@ -3,57 +3,190 @@
 A checkpoint is a directory ``step_000123/`` with ``model.safetensors`` (weights only),
 ``model_config.json`` (the architecture, so the directory loads with ``clipforge.models.load_model``),
 ``state.pt`` (optimizer, scheduler, RNG, step, data position; loaded with
-``weights_only=True``) and ``config.yaml``. Directories are written under a temporary name
-and renamed, so an interrupted save never replaces a good checkpoint with a broken one.
+``weights_only=True``), ``config.yaml`` and the completion marker ``COMPLETE`` (the size of every
+file in it, written last).
+
+A save never loses the previous checkpoint, wherever it is interrupted (``kill -9``, a full disk):
+
+1. every file is written under a unique temporary name ``.tmp_step_000123.<pid>.<random>/`` and
+   fsynced, the marker last;
+2. the directory is renamed to ``step_000123/`` (a ``step_000123/`` already there, from an abandoned
+   branch of the run, is first moved aside);
+3. ``latest.json`` is replaced atomically to name it;
+4. only then are checkpoints beyond ``keep`` moved aside and deleted.
+
+:func:`list_checkpoints` lists only directories whose marker is present and whose files have the
+sizes it records; :func:`resolve_checkpoint` (``resume=latest``) takes the newest of them and logs
+each newer directory it skips. Leftovers of interrupted saves are removed by the next save (the
+run directory's lock makes that safe).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..errors import CheckpointError, disk_full, is_disk_full
 from ..models.io import load_weights, save_model  # noqa: F401  (re-exported)
 
+log = logging.getLogger(__name__)
 
-def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, state: dict[str, Any], config_yaml: str, keep: int = 2) -> Path:
+MARKER = "COMPLETE"
+LATEST = "latest.json"
+TMP_PREFIX, ASIDE_PREFIX = ".tmp_", ".old_"
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to the device."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so that a reader sees the old or the new content, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except Exception:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync(path.parent)
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint directory: first renamed aside (atomic), so a half-deleted one is never listed."""
+    aside = path.with_name(f"{ASIDE_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}")
+    os.replace(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _clean_leftovers(root: Path) -> None:
+    """Temporary and moved-aside directories of interrupted saves (the caller holds the run's lock)."""
+    for p in root.glob(".*"):
+        if p.is_dir() and p.name.startswith((TMP_PREFIX, ASIDE_PREFIX)):
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.is_file() and p.name.startswith(TMP_PREFIX):
+            p.unlink(missing_ok=True)
+
+
+def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, state: dict[str, Any], config_yaml: str,
+                    keep: int = 2) -> Path:
+    """Write ``checkpoints/step_N/`` atomically (module docstring), point ``latest.json`` at it and
+    keep the newest ``keep`` checkpoints (0: all). A full disk raises a one-line
+    :class:`~clipforge.errors.DiskFullError` naming the checkpoint, with the previous ones intact."""
     ckpt_root = Path(out_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
+    _clean_leftovers(ckpt_root)
     final = ckpt_root / f"step_{step:07d}"
-    tmp = ckpt_root / f".tmp_step_{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_model(model, tmp, metadata={"step": str(step)})
-    torch.save(state, tmp / "state.pt")
-    (tmp / "config.yaml").write_text(config_yaml)
-    shutil.rmtree(final, ignore_errors=True)
+    tmp = ckpt_root / f"{TMP_PREFIX}{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        save_model(model, tmp, metadata={"step": str(step)})
+        torch.save(state, tmp / "state.pt")
+        (tmp / "config.yaml").write_text(config_yaml)
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        for name in files:
+            _fsync(tmp / name)
+        (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}))
+        _fsync(tmp / MARKER)
+        _fsync(tmp)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # frees the space it took; the checkpoints before it are untouched
+        if is_disk_full(e):
+            previous = list_checkpoints(out_dir)
+            kept = f"the last complete checkpoint {previous[-1]} is kept" if previous else "no checkpoint was written"
+            raise disk_full(e, f"checkpoint {final.name} in {ckpt_root}", kept) from None
+        raise
+    if final.exists():  # a checkpoint of the same step from an abandoned branch of the run
+        log.warning("replacing checkpoint %s (written by an earlier run that went past this step)", final)
+        _remove(final)
     os.replace(tmp, final)
-    (ckpt_root / "latest.json").write_text(json.dumps({"step": step, "path": final.name}))
+    _fsync(ckpt_root)
+    write_atomic(ckpt_root / LATEST, json.dumps({"step": step, "path": final.name}))
     for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return final
 
 
+def _incomplete(path: Path) -> str:
+    """Why ``path`` is not a complete checkpoint ("" if it is)."""
+    marker = path / MARKER
+    if not marker.is_file():
+        return f"no {MARKER} marker (an interrupted save)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"an unreadable {MARKER} marker"
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written"
+    return ""
+
+
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """The complete checkpoints of a run, oldest first (directories without a valid marker are left out)."""
     root = Path(out_dir) / "checkpoints"
-    return sorted(p for p in root.glob("step_*") if p.is_dir()) if root.exists() else []
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and not _incomplete(p))
 
 
 def resolve_checkpoint(out_dir: str | Path, resume: str) -> Path:
-    """``resume`` is "latest" (newest in ``out_dir``) or a checkpoint directory."""
+    """``resume`` is "latest" (the newest complete checkpoint in ``out_dir``) or a checkpoint directory."""
     if resume == "latest":
-        found = list_checkpoints(out_dir)
-        if not found:
-            raise FileNotFoundError(f"resume=latest but '{out_dir}/checkpoints' holds no checkpoint; start without resume")
-        return found[-1]
+        root = Path(out_dir) / "checkpoints"
+        candidates = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True) if root.is_dir() else []
+        for path in candidates:
+            why = _incomplete(path)
+            if not why:
+                return path
+            log.warning("resume=latest: skipping the incomplete checkpoint %s (%s); trying the one before it",
+                        path, why)
+        raise CheckpointError(f"resume=latest but '{root}' holds no complete checkpoint"
+                              f"{' (only incomplete ones)' if candidates else ''}; start without resume, or name a "
+                              "checkpoint directory with resume=DIR")
     path = Path(resume)
     if not (path / "model.safetensors").exists():
-        raise FileNotFoundError(f"'{path}' is not a clipforge checkpoint directory (no model.safetensors inside)")
+        raise CheckpointError(f"'{path}' is not a clipforge checkpoint directory (no model.safetensors inside); "
+                              "give a checkpoints/step_N directory or resume=latest")
+    why = _incomplete(path)
+    if why and (path / MARKER).exists():
+        others = ", ".join(p.name for p in list_checkpoints(path.parent.parent)) or "none is complete"
+        raise CheckpointError(f"checkpoint '{path}' is incomplete ({why}); resume from another one ({others})")
     return path
+
+
+def repair_latest(out_dir: str | Path) -> None:
+    """Point ``latest.json`` at the newest complete checkpoint if a crash left it behind (or naming a lost one)."""
+    root = Path(out_dir) / "checkpoints"
+    found = list_checkpoints(out_dir)
+    if not found:
+        return
+    try:
+        named = json.loads((root / LATEST).read_text()).get("path")
+    except (OSError, ValueError, AttributeError):
+        named = None
+    if named != found[-1].name:
+        log.warning("%s named %s; it now names the newest complete checkpoint %s", root / LATEST, named, found[-1].name)
+        write_atomic(root / LATEST, json.dumps({"step": int(found[-1].name.split("_")[1]), "path": found[-1].name}))
 
 
 def load_state(ckpt_dir: str | Path) -> dict[str, Any]:

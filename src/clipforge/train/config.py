@@ -6,12 +6,16 @@ loss.siglip=1.0``) are merged on top, with type checking and a clear error for u
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from ..errors import ConfigError, MissingInputError
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -143,54 +147,103 @@ class TrainConfig:
             required = getattr(LOSSES.get(kind), "requires_data", {}) if kind in LOSSES else {}
             wrong = {k: v for k, v in required.items() if getattr(self.data, k) != v}
             if wrong:
-                raise ValueError(f"loss {name} needs " + " ".join(f"data.{k}={v}" for k, v in required.items())
+                raise ConfigError(f"loss {name} needs " + " ".join(f"data.{k}={v}" for k, v in required.items())
                                  + f" (got {', '.join(f'data.{k}={getattr(self.data, k)}' for k in wrong)}); set them")
 
     def validate(self) -> "TrainConfig":
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got '{self.precision}'")
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got '{self.precision}'")
         for name, value in {"batch_size": self.batch_size, "accum_steps": self.accum_steps, "steps": self.steps}.items():
             if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+                raise ConfigError(f"{name} must be >= 1, got {value}")
         if self.batch_size % self.accum_steps:
-            raise ValueError(f"batch_size {self.batch_size} must be divisible by accum_steps {self.accum_steps}")
+            raise ConfigError(f"batch_size {self.batch_size} must be divisible by accum_steps {self.accum_steps}")
         if self.distributed.nproc < 1:
-            raise ValueError(f"distributed.nproc must be >= 1, got {self.distributed.nproc}")
+            raise ConfigError(f"distributed.nproc must be >= 1, got {self.distributed.nproc}")
         if self.distributed.timeout_minutes <= 0:
-            raise ValueError(f"distributed.timeout_minutes must be > 0, got {self.distributed.timeout_minutes}")
+            raise ConfigError(f"distributed.timeout_minutes must be > 0, got {self.distributed.timeout_minutes}")
         if len(self.betas) != 2:
-            raise ValueError(f"betas needs two values, got {self.betas}")
+            raise ConfigError(f"betas needs two values, got {self.betas}")
         if not self.loss:
-            raise ValueError("loss needs at least one term, e.g. loss={clip: 1.0}")
+            raise ConfigError("loss needs at least one term, e.g. loss={clip: 1.0}")
         if not 0.0 <= self.ema_momentum < 1.0:
-            raise ValueError(f"ema_momentum must be in [0, 1), got {self.ema_momentum}")
+            raise ConfigError(f"ema_momentum must be in [0, 1), got {self.ema_momentum}")
         if self.data.caption_policy not in ("auto", "random", "first", "longest"):
-            raise ValueError(f"data.caption_policy must be auto, random, first or longest, got '{self.data.caption_policy}'")
+            raise ConfigError(f"data.caption_policy must be auto, random, first or longest, got "
+                              f"'{self.data.caption_policy}'")
         if self.data.streaming and self.data.dataset == "shapes":
-            raise ValueError("data.streaming reads webdataset shards: set data.dataset=shards data.root=DIR "
+            raise ConfigError("data.streaming reads webdataset shards: set data.dataset=shards data.root=DIR "
                              "(or a built corpus such as openclipart)")
         if self.data.languages and self.data.dataset == "shapes":
-            raise ValueError("data.languages filters the captions of built corpora (e.g. emoji); shapes has English only")
+            raise ConfigError("data.languages filters the captions of built corpora (e.g. emoji); shapes has English "
+                              "only")
         if self.data.languages and self.data.streaming:
-            raise ValueError("data.languages is not supported with data.streaming yet; use the map-style loader")
+            raise ConfigError("data.languages is not supported with data.streaming yet; use the map-style loader")
         if self.data.root and self.data.dataset == "shapes":
-            raise ValueError("data.root names a shard directory; shapes is rendered in memory (set data.dataset too)")
+            raise ConfigError("data.root names a shard directory; shapes is rendered in memory (set data.dataset too)")
         if self.data.positives < 1:
-            raise ValueError(f"data.positives must be >= 1, got {self.data.positives}")
+            raise ConfigError(f"data.positives must be >= 1, got {self.data.positives}")
         if self.data.positive_source not in ("captions", "subcaptions", "first_sentence"):
-            raise ValueError(f"data.positive_source must be captions, subcaptions or first_sentence, got "
+            raise ConfigError(f"data.positive_source must be captions, subcaptions or first_sentence, got "
                              f"'{self.data.positive_source}'")
         self._check_term_data_requirements()
         if self.long_context_factor < 1 or self.long_context_keep < 0:
-            raise ValueError(f"long_context_factor must be >= 1 and long_context_keep >= 0, got "
+            raise ConfigError(f"long_context_factor must be >= 1 and long_context_keep >= 0, got "
                              f"{self.long_context_factor} and {self.long_context_keep}")
         if len(self.data.view_scale) != 2 or not 0 < self.data.view_scale[0] <= self.data.view_scale[1] <= 1:
-            raise ValueError(f"data.view_scale must be [low, high] with 0 < low <= high <= 1, got {self.data.view_scale}")
+            raise ConfigError(f"data.view_scale must be [low, high] with 0 < low <= high <= 1, got "
+                              f"{self.data.view_scale}")
         if self.data.view_jitter < 0:
-            raise ValueError(f"data.view_jitter must be >= 0, got {self.data.view_jitter}")
+            raise ConfigError(f"data.view_jitter must be >= 0, got {self.data.view_jitter}")
         if self.data.hard_negatives < 1:
-            raise ValueError(f"data.hard_negatives must be >= 1, got {self.data.hard_negatives}")
+            raise ConfigError(f"data.hard_negatives must be >= 1, got {self.data.hard_negatives}")
+        self._validate_numbers()
+        if "shards" in self.data.dataset.split("+") and not self.data.root:
+            raise ConfigError("data.dataset=shards reads a shard directory: set data.root=DIR (shards written by "
+                              "`clipforge data convert SRC --out DIR` or `clipforge data build NAME --out DIR`)")
         return self
+
+    def _validate_numbers(self) -> None:
+        """Numbers that make no sense: named with the accepted range."""
+        at_least = {"log_every": (self.log_every, 1), "warmup_steps": (self.warmup_steps, 0),
+                    "eval_every": (self.eval_every, 0), "save_every": (self.save_every, 0),
+                    "keep_checkpoints": (self.keep_checkpoints, 0), "data.train_size": (self.data.train_size, 1),
+                    "data.eval_size": (self.data.eval_size, 1), "data.num_workers": (self.data.num_workers, 0),
+                    "data.shuffle_buffer": (self.data.shuffle_buffer, 1),
+                    "long_context_keep": (self.long_context_keep, 0)}
+        hints = {"log_every": " (1 logs every step)", "eval_every": " (0: evaluate only at the end)",
+                 "save_every": " (0: save only at the end)", "keep_checkpoints": " (0 keeps all)"}
+        for name, (value, low) in at_least.items():
+            if value < low:
+                raise ConfigError(f"{name} must be >= {low}{hints.get(name, '')}, got {value}")
+        positive = {"eps": self.eps}
+        if self.grad_clip is not None:
+            positive["grad_clip"] = self.grad_clip
+        if self.max_seconds is not None:
+            positive["max_seconds"] = self.max_seconds
+        for name, value in positive.items():
+            if not (math.isfinite(value) and value > 0):
+                off = " (grad_clip=null disables clipping)" if name == "grad_clip" else ""
+                raise ConfigError(f"{name} must be a finite number > 0{off}, got {value}")
+        for name, value in {"lr": self.lr, "weight_decay": self.weight_decay}.items():  # lr=0: weights stay as built
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1] (a fraction of lr), got {self.min_lr_ratio}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"betas must both be in [0, 1), got {list(self.betas)}")
+        if self.stop_at is not None and self.stop_at < 1:
+            raise ConfigError(f"stop_at must be a step >= 1 (or null), got {self.stop_at}")
+        weights = {}
+        for name, value in self.loss.items():
+            weight = value.get("weight", 1.0) if isinstance(value, dict) else value
+            number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+            if not number or not math.isfinite(weight) or weight < 0:
+                raise ConfigError(f"loss weight of '{name}' must be a finite number >= 0, got {weight!r}; "
+                                  "e.g. loss={clip: 1.0, siglip: 0.5}")
+            weights[name] = weight
+        if weights and not any(weights.values()):
+            raise ConfigError(f"every loss weight is 0 ({weights}): give at least one term a weight > 0")
 
 
 # Mappings that a layer states in full replace the default instead of merging into it:
@@ -206,26 +259,73 @@ def _merge_layer(base, layer, replace: tuple[str, ...]):
     return OmegaConf.merge(base, layer)
 
 
+def _split_glued_terms(layer: dict) -> dict:
+    """``loss={clip:1.0}`` (no space after the colon, as README and --help write it) reads in YAML as the key
+    "clip:1.0" without a value: split such keys into name and weight, in every mapping replaced whole."""
+    for key in REPLACED_WHOLE:
+        value = layer.get(key) if isinstance(layer, dict) else None
+        if not isinstance(value, dict):
+            continue
+        fixed = {}
+        for name, weight in value.items():
+            if weight is None and isinstance(name, str) and ":" in name:
+                name, _, text = name.partition(":")
+                try:
+                    weight = yaml.safe_load(text)
+                except yaml.YAMLError:
+                    weight = text
+            fixed[str(name).strip()] = weight
+        layer[key] = fixed
+    return layer
+
+
+def _load_yaml(path: str | Path):
+    """A config file as an OmegaConf layer; a missing, unreadable or broken file is a one-line ConfigError."""
+    if not Path(path).is_file():
+        raise MissingInputError(f"config file '{path}' does not exist or is not a file; give the path of a YAML file "
+                          "with --config")
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}: {problem}; fix the file "
+                          "(clipforge train --print-config prints a valid one)") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text; give a YAML file with --config") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a YAML mapping of config fields (key: value), "
+                          f"not a {type(data).__name__}")
+    return OmegaConf.create(_split_glued_terms(data))
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Defaults <- YAML file <- ``key=value`` overrides, type-checked against :class:`TrainConfig`."""
+    """Defaults <- YAML file <- ``key=value`` overrides, type-checked against :class:`TrainConfig`.
+
+    ``loss={clip:1.0}`` and ``loss={clip: 1.0}`` mean the same (YAML needs the space; it is added here)."""
     schema = OmegaConf.structured(TrainConfig)
     try:
         merged = schema
         if path is not None:
-            if not Path(path).exists():
-                raise FileNotFoundError(f"config file '{path}' does not exist")
-            merged = _merge_layer(merged, OmegaConf.load(path), replace=REPLACED_WHOLE)
+            merged = _merge_layer(merged, _load_yaml(path), replace=REPLACED_WHOLE)
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:
-                raise ValueError(f"overrides must look like key=value, got {bad}")
+                raise ConfigError(f"overrides must look like key=value, got {bad}")
             whole = {o.split("=", 1)[0].strip() for o in overrides} & set(REPLACED_WHOLE)
-            merged = _merge_layer(merged, OmegaConf.from_dotlist(list(overrides)), replace=tuple(whole))
+            layer = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
+            merged = _merge_layer(merged, OmegaConf.create(_split_glued_terms(layer)), replace=tuple(whole))
         cfg: TrainConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         msg = str(e).split("\n")[0]
-        raise ValueError(f"invalid training config: {key + ': ' if key else ''}{msg}") from None
+        raise ConfigError(f"invalid training config: {key + ': ' if key else ''}{msg}") from None
+    except yaml.YAMLError as e:  # an override whose value is not YAML, e.g. loss={clip: 1
+        raise ConfigError(f"invalid training config override: {str(e).splitlines()[0]}; check the brackets and "
+                          "quotes of the key=value overrides") from None
     return cfg.validate()
 
 

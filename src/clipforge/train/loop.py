@@ -26,11 +26,18 @@ each on its slice of every global batch; ``dist`` is a no-op for one process. Pe
 agree on batch sizes (``even_shares``), the loss terms gather features across them, the logged
 values are means over ranks and gradients are averaged before the optimizer step. Rank 0 alone
 writes, logs and evaluates.
+
+Nothing already written is lost (docs/security.md, "Training runs"): rank 0 holds the run
+directory's lock for the whole run; checkpoints are written atomically (:mod:`.checkpoint`) and
+only when the weights are finite and give finite features on a fixed probe batch; a resumed run
+applies the hyperparameters it is given from the checkpoint's step on (logged) and refuses another
+architecture; metrics.jsonl records past the checkpoint's step move to metrics.superseded.jsonl.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -40,22 +47,28 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import ClipforgeError, ConfigError, RunDirectoryError, disk_full, is_disk_full
+from ..locking import LockHeld, exclusive_lock
 from ..losses import EMATeacher, LossInputs, build_composite
 from ..models import load_model
-from .checkpoint import load_state, load_weights, resolve_checkpoint, save_checkpoint
-from .config import TrainConfig, to_yaml
+from .checkpoint import (list_checkpoints, load_state, load_weights, repair_latest, resolve_checkpoint, save_checkpoint,
+                         write_atomic)
+from .config import TrainConfig, to_dict, to_yaml
 from .data import sum_stream_stats
 from .distributed import Dist, check_batch_split, launch, launched, process_group
 from .optim import build_optimizer, build_scheduler
 from .inputs import EMA_KEYS, PRODUCED, encode_ema, encode_extras
 from .setup import build_loader, build_model, token_outputs
 
+logger = logging.getLogger(__name__)
+
 FEATURES = ("image_features", "text_features")
 TOKENS = ("image_tokens", "text_tokens", "text_mask")  # model outputs with return_tokens, LossInputs fields
 
 
-class TrainingDiverged(RuntimeError):
-    """Raised when the loss becomes NaN or infinite; the last good checkpoint is kept."""
+class TrainingDiverged(ClipforgeError, RuntimeError):
+    """Raised when the loss becomes NaN or infinite, or the weights stop giving finite features; the last
+    good checkpoint is kept and named."""
 
 
 @dataclass
@@ -106,6 +119,155 @@ def _quiet(*args, **kwargs) -> None:
     pass
 
 
+# ------------------------------------------------------------------ the run directory
+
+
+def check_out_dir(out_dir: str | Path) -> None:
+    """Refuse an ``out_dir`` that is a file or lies under one, before anything is written."""
+    path = Path(out_dir)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise RunDirectoryError(f"out_dir '{out_dir}' cannot be a run directory: '{p}' is a file, not a "
+                                        "directory; choose another out_dir")
+            return
+
+
+def _lock_run(stack: contextlib.ExitStack, out_dir: Path, dist: Dist) -> None:
+    """Rank 0 takes the run directory's lock (held until ``stack`` closes); every rank learns whether it could, so
+    that all of them stop with the holder named instead of the others waiting in a collective for rank 0."""
+    refused, kind = None, None
+    if dist.is_main:
+        try:
+            stack.enter_context(exclusive_lock(out_dir, what="training run"))
+        except LockHeld as e:
+            refused, kind = str(e), "held"
+        except OSError as e:  # e.g. no permission to create out_dir or its lock file
+            refused, kind = f"cannot lock the run directory '{out_dir}' ({e}); choose an out_dir you can write", "os"
+    if dist.enabled:
+        refused, kind = dist.all_gather_object((refused, kind))[0]
+    if refused:
+        raise LockHeld(refused) if kind == "held" else RunDirectoryError(refused)
+
+
+def _append_json(path: Path, record: dict, file=None) -> None:
+    """Append one JSON line to ``path`` (or to its open ``file``); a full disk is named as such."""
+    try:
+        if file is not None:
+            file.write(json.dumps(record) + "\n")
+            file.flush()
+        else:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        if is_disk_full(e):
+            found = list_checkpoints(path.parent)
+            kept = f"the last complete checkpoint {found[-1]} is kept" if found else ""
+            raise disk_full(e, str(path), kept) from None
+        raise
+
+
+def _supersede_metrics(out_dir: Path, step: int, mark: dict) -> None:
+    """On resume: the records of ``metrics.jsonl`` past the checkpoint's step (they are trained again) move to
+    ``metrics.superseded.jsonl``, and a record marking the resume point is appended."""
+    path = out_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    keep, aside = [], []
+    for line in lines:
+        try:
+            past = json.loads(line).get("step", 0) > step
+        except (ValueError, AttributeError, TypeError):  # a line torn by a kill: kept aside
+            past = True
+        (aside if past else keep).append(line)
+    if aside:
+        with open(out_dir / "metrics.superseded.jsonl", "a") as f:
+            f.write("".join(line + "\n" for line in aside))
+        write_atomic(path, "".join(line + "\n" for line in keep))
+    _append_json(path, {"step": step, "resume": {**mark, "superseded_records": len(aside)}})
+
+
+# ------------------------------------------------------------------ resuming with changed settings
+
+# what may differ between a checkpoint's run and its resumption without being reported
+NOT_SETTINGS = ("resume", "stop_at", "max_seconds", "progress", "out_dir")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+        return out
+    return {prefix.rstrip("."): tree}
+
+
+def _changed_settings(ckpt: Path, cfg: TrainConfig) -> dict[str, list]:
+    """{key: [checkpoint's value, this run's value]} for the config keys that differ from the checkpoint's run."""
+    saved = ckpt / "config.yaml"
+    if not saved.exists():
+        return {}
+    from omegaconf import OmegaConf
+
+    old = _flat(OmegaConf.to_container(OmegaConf.load(saved), resolve=True))
+    new = _flat(to_dict(cfg))
+    return {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and k.split(".")[0] not in NOT_SETTINGS}
+
+
+def _check_architecture(ckpt: Path, model) -> None:
+    """The model being resumed must be the checkpoint's architecture (same tensor shapes are not enough)."""
+    saved = ckpt / "model_config.json"
+    if not saved.exists() or not hasattr(model, "cfg"):
+        return
+    old, new = _flat(json.loads(saved.read_text())), _flat(json.loads(json.dumps(model.cfg.to_dict())))
+    diff = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if diff:
+        raise ConfigError(f"resume: the configured model is not the architecture of {ckpt} ({', '.join(diff[:6])}); "
+                          "the architecture cannot change on resume: set model/model_overrides as in its config.yaml, "
+                          f"or start a new run from its weights with init_from={ckpt}")
+
+
+def _apply_hyperparameters(optimizer, fresh_groups: list[dict]) -> None:
+    """After the optimizer's state was restored: its hyperparameters (peak lr, weight decay, betas, eps) become
+    this run's again (a restored state dict brings the checkpoint's). ``fresh_groups``: the groups as built, before
+    a scheduler touched them; the peak lr goes to ``initial_lr``, where the schedule reads it."""
+    for group, fresh in zip(optimizer.param_groups, fresh_groups):
+        group.update({k: v for k, v in fresh.items() if k not in ("params", "lr", "initial_lr")})
+        group["initial_lr"] = fresh["lr"]
+
+
+# ------------------------------------------------------------------ checking weights before a checkpoint
+
+
+PROBE_TEXTS = ("a photo of a dog", "two red squares and a blue circle")
+
+
+def _probe_batch(model, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed batch (seeded noise images, two captions) that never touches the global RNG."""
+    size = model.image_size
+    images = torch.rand(len(PROBE_TEXTS), 3, size, size, generator=torch.Generator().manual_seed(0))
+    return images, tokenizer(list(PROBE_TEXTS))
+
+
+def _unusable(model, probe: tuple[torch.Tensor, torch.Tensor], precision: str) -> str:
+    """Why the weights cannot be promoted to a checkpoint ("" if they can): non-finite weights, or non-finite
+    features of the probe batch (weights that exploded while staying finite)."""
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        return f"hold non-finite values (in {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast_context(precision):
+            image, text = model.encode_image(probe[0]).float(), model.encode_text(probe[1]).float()
+    finally:
+        model.train(was_training)
+    if not (torch.isfinite(image).all() and torch.isfinite(text).all()):
+        big = max(t.abs().max().item() for t in model.state_dict().values() if t.is_floating_point())
+        return f"give non-finite features for a fixed probe batch (largest weight {big:.3g})"
+    return ""
+
+
 def train(cfg: TrainConfig, evaluate: Callable | None = None) -> TrainResult:
     """Run (or resume) training as configured; returns losses, throughput and final evaluation.
 
@@ -115,6 +277,7 @@ def train(cfg: TrainConfig, evaluate: Callable | None = None) -> TrainResult:
     result is returned, its model loaded from the final checkpoint.
     """
     cfg.validate()
+    check_out_dir(cfg.out_dir)
     if cfg.distributed.nproc > 1 and not launched():
         check_batch_split(cfg.batch_size, cfg.accum_steps, cfg.distributed.nproc)
         result = launch(_train_in_started_process, cfg.distributed.nproc, cfg, evaluate)
@@ -131,8 +294,15 @@ def _train_in_started_process(cfg: TrainConfig, evaluate: Callable | None) -> Tr
 
 
 def _train(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> TrainResult:
+    """This process's part of the run, with the run directory locked (by rank 0) throughout."""
     check_batch_split(cfg.batch_size, cfg.accum_steps, dist.world_size)
-    say = print if dist.is_main else _quiet
+    with contextlib.ExitStack() as stack:
+        _lock_run(stack, Path(cfg.out_dir), dist)
+        return _train_locked(cfg, evaluate, dist)
+
+
+def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> TrainResult:
+    say = logger.info if dist.is_main else _quiet  # the CLI shows INFO lines on stdout
     out_dir = Path(cfg.out_dir)
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -146,6 +316,7 @@ def _train(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> TrainResu
         raise ValueError(f"the loss terms {needs_bias} need a logit bias: add model_overrides.init_logit_bias=-10 "
                          "(and model_overrides.init_logit_scale=2.3026 as in SigLIP)")
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
+    fresh_groups = [dict(g) for g in optimizer.param_groups]  # this run's hyperparameters, before any restore
     scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
 
     start_step, samples_seen, skipped_total = 0, 0, 0
@@ -164,13 +335,21 @@ def _train(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> TrainResu
     forward = {"return_tokens": True} if token_outputs(model, needs) else {}  # only when a term reads tokens
     ema = EMATeacher(model, cfg.ema_momentum) if needs & set(EMA_KEYS) else None
 
-    stream_state = None
+    stream_state, ckpt, changed = None, None, {}
     if cfg.resume:
         ckpt = resolve_checkpoint(out_dir, cfg.resume)
+        _check_architecture(ckpt, model)
         load_weights(model, ckpt)
         state = load_state(ckpt)
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        _apply_hyperparameters(optimizer, fresh_groups)
+        # the schedule continues from the checkpoint's position with this run's lr, warmup, steps and min_lr_ratio
+        scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio,
+                                    last_epoch=int(state["scheduler"]["last_epoch"]))
+        changed = _changed_settings(ckpt, cfg)
+        if changed and dist.is_main:
+            logger.info("resuming from %s with changed settings, applied from step %d on: %s", ckpt, int(state["step"]),
+                     ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items()))
         torch.set_rng_state(state["torch_rng"])
         start_step, samples_seen, skipped_total = int(state["step"]), int(state["samples_seen"]), int(state["skipped"])
         stream_state = dist.this_rank(state.get("data_stream"))
@@ -183,14 +362,39 @@ def _train(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> TrainResu
 
     with dist.main_first():  # rank 0 stores rewrites / teacher embeddings on the way; the others read them
         loader = build_loader(cfg, model, tokenizer, needs, out_dir, start_step, stream_state, dist.rank, dist.world_size)
-    metrics_file = open(out_dir / "metrics.jsonl", "a") if dist.is_main else None
+    metrics_path = out_dir / "metrics.jsonl"
     if dist.is_main:
-        (out_dir / "config.yaml").write_text(to_yaml(cfg))
+        repair_latest(out_dir)
+        if ckpt is not None:
+            _supersede_metrics(out_dir, start_step, {"checkpoint": str(ckpt), "changed": changed})
+        try:
+            write_atomic(out_dir / "config.yaml", to_yaml(cfg))
+        except OSError as e:
+            if is_disk_full(e):
+                raise disk_full(e, str(out_dir / "config.yaml")) from None
+            raise
+    metrics_file = open(metrics_path, "a") if dist.is_main else None
+    probe = _probe_batch(model, tokenizer)
+    # the checkpoint each step was saved in by this invocation (a resumed step is saved already, in this run)
+    saved: dict[int, Path | None] = {}
+    if ckpt is not None and ckpt.parent.resolve() == (out_dir / "checkpoints").resolve():
+        saved[start_step] = ckpt
 
     def save(step: int) -> Path | None:
-        """Every rank calls it (the stream positions are gathered); rank 0 writes and returns the checkpoint."""
+        """Every rank calls it (the stream positions are gathered); rank 0 writes and returns the checkpoint.
+        Weights that do not give finite features on the probe batch are never promoted: TrainingDiverged."""
+        if step in saved:  # the end of a run on the save cadence: written once
+            return saved[step] if dist.is_main else None
+        why = _unusable(model, probe, cfg.precision)  # the same weights on every rank: every rank stops
+        if why:
+            found = list_checkpoints(out_dir)
+            where = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+            raise TrainingDiverged(f"the weights after step {step} {why}, so they were not saved; {where}. Lower lr "
+                                   f"(now {cfg.lr}), keep grad_clip on, or train in precision=fp32, then resume from "
+                                   "that checkpoint.")
         streams = dist.all_gather_object(loader.state_dict()) if cfg.data.streaming else None
         if not dist.is_main:
+            saved[step] = None
             return None
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
                  "step": step, "samples_seen": samples_seen, "skipped": skipped_total}
@@ -198,12 +402,12 @@ def _train(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> TrainResu
             state["ema"] = ema.state_dict()
         if streams is not None:  # where each rank's stream stands after the batches of `step`
             state["data_stream"] = streams[0] if dist.world_size == 1 else streams
-        return save_checkpoint(out_dir, step, model, state, to_yaml(cfg), keep=cfg.keep_checkpoints)
+        saved[step] = save_checkpoint(out_dir, step, model, state, to_yaml(cfg), keep=cfg.keep_checkpoints)
+        return saved[step]
 
     def log(record: dict):
         if metrics_file is not None:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
+            _append_json(metrics_path, record, metrics_file)
 
     def loss_of(inputs: LossInputs) -> dict:
         inputs.rank, inputs.world_size = dist.rank, dist.world_size  # the terms gather the global batch
@@ -254,7 +458,7 @@ def _train(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> TrainResu
             logs = dist.mean_over_ranks(logs)  # each rank holds its share: the mean is the global-batch value
             loss_value = logs["loss"]
             if not math.isfinite(loss_value):  # the same mean on every rank: all of them stop here
-                last = sorted((out_dir / "checkpoints").glob("step_*"))
+                last = list_checkpoints(out_dir)
                 where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
                 raise TrainingDiverged(
                     f"loss became {loss_value} at step {step}; {where}. Lower lr (now {cfg.lr}), keep grad_clip on, "
@@ -303,15 +507,13 @@ def _train(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> TrainResu
     final = save(step)
     if dist.is_main and evaluate is not None:
         eval_result = evaluate(model, tokenizer)
-        with open(out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, "eval": eval_result}) + "\n")
+        _append_json(metrics_path, {"step": step, "eval": eval_result})
     if cfg.data.streaming:
         stream_stats = sum_stream_stats(dist.all_gather_object(loader.stats.as_dict()))  # every rank's stream
         if dist.is_main:
-            with open(out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, "data_stream": stream_stats.as_dict()}) + "\n")
+            _append_json(metrics_path, {"step": step, "data_stream": stream_stats.as_dict()})
             if cfg.progress:
-                print(stream_stats.summary())
+                logger.info(stream_stats.summary())
     if skipped_total:
         cut = ", with the readable ones cut to keep the ranks' slices equal" if dist.enabled else ""
         say(f"note: {skipped_total} unreadable samples were skipped{cut} (see metrics.jsonl)")

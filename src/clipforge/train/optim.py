@@ -28,5 +28,12 @@ def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float = 0.
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer, warmup: int, total: int, min_ratio: float = 0.0):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, warmup, total, min_ratio))
+def build_scheduler(optimizer, warmup: int, total: int, min_ratio: float = 0.0, last_epoch: int = -1):
+    """The warmup + cosine schedule; ``last_epoch`` = the number of steps already taken continues a resumed run
+    from there (its groups' ``initial_lr`` is the peak lr), with the lr of step ``last_epoch`` set at once."""
+    if last_epoch == 0:  # nothing taken yet: a fresh schedule from the groups' peak lr
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"]
+    last_epoch = max(last_epoch - 1, -1)  # LambdaLR steps once on construction
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, warmup, total, min_ratio),
+                                             last_epoch=last_epoch)

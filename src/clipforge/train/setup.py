@@ -11,6 +11,7 @@ caption of each step drawn as ``data.caption_policy`` / ``data.caption_sources``
 from __future__ import annotations
 
 import inspect
+import logging
 from pathlib import Path
 
 import torch
@@ -25,9 +26,11 @@ from .inputs import (COUNTS, EMA_KEYS, FROM_DATASET, NEGATIVES, POSITIVES, PRODU
                      TAGS, TEACHER_KEYS, TOKEN_KEYS, VIEW2)
 from .teachers import load_teacher_store
 
+logger = logging.getLogger(__name__)
 
-def build_model(cfg: TrainConfig, say=print):
-    """(model, tokenizer) as configured; ``say`` prints notes (silenced on ranks other than 0)."""
+
+def build_model(cfg: TrainConfig, say=logger.info):
+    """(model, tokenizer) as configured; ``say`` reports notes (the loop silences it on ranks other than 0)."""
     if cfg.init_from:
         from ..interop import load  # any checkpoint of the ecosystem; its tokenizer comes with it
 

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
 from torch import Tensor
 
 from ..data import build_dataset
@@ -80,8 +83,8 @@ def _cache_name(teacher_dir: Path, dataset_name: str, size: int, seed: int) -> s
 
 
 def load_teacher_store(teachers: Sequence[str], dataset_name: str, size: int, seed: int, cache_dir: str | Path,
-                       log=print) -> TeacherStore:
-    """Embeddings of every teacher, computed once and cached in ``cache_dir``."""
+                       log=logger.info) -> TeacherStore:
+    """Embeddings of every teacher, computed once and cached in ``cache_dir`` (``log`` reports each one computed)."""
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     image, text = [], []
