@@ -238,7 +238,7 @@ def test_multi_positive_training_gets_captions_or_dreamlip_subcaptions(tiny_cfg,
     from clipforge.train.data import make_collate
 
     encoded, seen = [], []
-    encode_extras, forward = loop._encode_extras, MultiPositiveLoss.forward
+    encode_extras, forward = loop.encode_extras, MultiPositiveLoss.forward
 
     def spy_extras(model, batch):
         extra = encode_extras(model, batch)
@@ -257,7 +257,7 @@ def test_multi_positive_training_gets_captions_or_dreamlip_subcaptions(tiny_cfg,
         seen.append((pos, grads, out["loss"].item()))
         return out
 
-    monkeypatch.setattr(loop, "_encode_extras", spy_extras)
+    monkeypatch.setattr(loop, "encode_extras", spy_extras)
     monkeypatch.setattr(MultiPositiveLoss, "forward", spy_forward)
     cfg = dataclasses.replace(tiny_cfg, steps=3, save_every=0, loss={"clip": 1.0, "multi_positive": 0.5},
                               out_dir=str(tmp_path / "mp"))
