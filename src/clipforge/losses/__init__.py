@@ -84,4 +84,7 @@ __all__ += ["counting_loss", "cosine_distill_loss", "dclip_loss", "grounded_cont
 from .long_clip import LongClipConfig, LongClipLoss, long_clip_loss, pca_reconstruct  # noqa: E402  (Long-CLIP)
 
 __all__ += ["LongClipConfig", "LongClipLoss", "long_clip_loss", "pca_reconstruct"]
+from .moe_balance import MoEBalanceLoss  # noqa: E402  (CLIP-MoE's balance loss, from the model's forward)
+
+__all__ += ["MoEBalanceLoss"]
 # --- end model-variant terms ---

@@ -83,11 +83,15 @@ class CoCaConfig(CLIPConfig):
 
 def config_from_dict(d: dict[str, Any]) -> CLIPConfig:
     """A CLIPConfig, or a CoCaConfig when the dict has a ``multimodal`` section."""
-    return CoCaConfig.from_dict(d) if "multimodal" in d else CLIPConfig.from_dict(d)
+    from .variants import variant_config  # towers branch: MobileCLIP (an ``mci`` section), CLIP-MoE (``moe``)
+
+    return CoCaConfig.from_dict(d) if "multimodal" in d else variant_config(d) or CLIPConfig.from_dict(d)
 
 
 def model_from_config(cfg: CLIPConfig) -> CLIP:
-    return CoCa(cfg) if isinstance(cfg, CoCaConfig) else CLIP(cfg)
+    from .variants import variant_model  # towers branch
+
+    return CoCa(cfg) if isinstance(cfg, CoCaConfig) else variant_model(cfg) or CLIP(cfg)
 
 
 class AttentionalPooler(nn.Module):
