@@ -78,7 +78,7 @@ class MoECLIPConfig(CLIPConfig):
 
 def route(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
     """(probabilities [T, E], chosen experts [T, k], renormalized gates [T, k]) of router logits [T, E]."""
-    probs = logits.float().softmax(dim=-1)
+    probs = logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))  # fp32 at least (bf16)
     top, chosen = probs.topk(top_k, dim=-1)
     return probs, chosen, top / top.sum(dim=-1, keepdim=True)
 
@@ -86,7 +86,7 @@ def route(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
 def balance_loss(logits: Tensor, top_k: int) -> Tensor:
     """E * sum_e f_e P_e over router logits [T, E] (module docstring)."""
     probs, chosen, _ = route(logits, top_k)
-    dispatched = F.one_hot(chosen, probs.shape[-1]).sum(dim=1).float()  # [T, E]: 1 where e is among the top k
+    dispatched = F.one_hot(chosen, probs.shape[-1]).sum(dim=1).to(probs.dtype)  # [T, E]: 1 where e is among the top k
     return probs.shape[-1] * (dispatched.mean(0) * probs.mean(0)).sum()
 
 
@@ -193,14 +193,14 @@ def upcycle(model: CLIP, experts: int = 4, top_k: int = 2, towers: tuple[str, ..
     upcycled FFN is the FFN of ``donors[e]`` (models of ``model``'s architecture that differ in their FFNs,
     the multiplet), or a copy of ``model``'s own FFN when ``donors`` is None (then the MoE equals the dense
     model). Routers start from PyTorch's default Linear initialization, as in the official code."""
+    moe = MoEConfig(experts, top_k, tuple(towers), layers)
+    moe_layers(model, moe)  # a tower without transformer FFNs: a clear error before anything is built
     if type(model) is not CLIP:
-        raise ValueError(f"upcycling takes a dense clipforge CLIP model, got a {type(model).__name__}; CoCa, "
-                         "MobileCLIP and already upcycled models are not supported")
+        raise ValueError(f"upcycling takes a dense clipforge CLIP model, got a {type(model).__name__}; CoCa and "
+                         "already upcycled models are not supported")
     if donors is not None and len(donors) != experts:
         raise ValueError(f"{len(donors)} donor models for {experts} experts: give one per expert")
-    cfg = MoECLIPConfig(**{f.name: getattr(model.cfg, f.name) for f in dataclasses.fields(CLIPConfig)},
-                        moe=MoEConfig(experts, top_k, tuple(towers), layers))
-    moe_layers(model, cfg.moe)  # clear errors before building
+    cfg = MoECLIPConfig(**{f.name: getattr(model.cfg, f.name) for f in dataclasses.fields(CLIPConfig)}, moe=moe)
     out = MoECLIP(cfg).to(next(model.parameters()).dtype)
     state = {k: v for k, v in model.state_dict().items()}
     own = out.state_dict()
