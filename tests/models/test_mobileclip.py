@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import clipforge
 from clipforge.models import create_model, get_model_config, load_model, save_model
 from clipforge.models.mobileclip import (MCi, MCt, MobileCLIP, MobileCLIPConfig, MobileOneBlock, RepMixer,
-                                         RepMixerBlock, reparameterize)
+                                         reparameterize)
 
 SMALL = dict(embed_dim=16, vision={"image_size": 32},
              mci={"layers": [1, 1, 1], "dims": [8, 16, 32], "token_mixers": ["repmixer", "repmixer", "attention"],
@@ -133,8 +133,8 @@ def test_reparameterizing_twice_is_an_error():
     with pytest.raises(ValueError, match="already reparameterized"):
         block.reparameterize()
     with pytest.raises(ValueError, match="MobileCLIP"):
-        reparameterize(create_model("tiny", seed=0, embed_dim=16, vision={"image_size": 16, "patch_size": 8, "width": 16,
-                                                                          "layers": 1, "heads": 2},
+        reparameterize(create_model("tiny", seed=0, embed_dim=16,
+                                    vision={"image_size": 16, "patch_size": 8, "width": 16, "layers": 1, "heads": 2},
                                     text={"context_length": 8, "width": 16, "layers": 1, "heads": 2}))
 
 
@@ -151,7 +151,8 @@ def test_save_and_load_both_forms(tmp_path):
             assert torch.allclose(loaded.encode_image(images), m.encode_image(images), atol=1e-6)
             assert torch.allclose(loaded.encode_text(ids), m.encode_text(ids), atol=1e-6)
     with torch.no_grad():  # float32 fold: equal to rounding
-        assert torch.allclose(load_model(tmp_path / "folded").encode_image(images), model.encode_image(images), atol=1e-4)
+        folded_loaded = load_model(tmp_path / "folded")
+        assert torch.allclose(folded_loaded.encode_image(images), model.encode_image(images), atol=1e-4)
     # clipforge.load reads it too, with the MCi image size for preprocessing
     loaded, tokenizer, preprocess = clipforge.load(str(tmp_path / "folded"))
     assert isinstance(loaded, MobileCLIP) and tokenizer(["x"]).shape == (1, 12)

@@ -43,7 +43,8 @@ def run(args) -> int:
 
     if not args.quiet:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = MultipletConfig(experts=args.experts, top_k=args.top_k, towers=tuple(t.strip() for t in args.towers.split(",")),
+    towers = tuple(t.strip() for t in args.towers.split(","))
+    cfg = MultipletConfig(experts=args.experts, top_k=args.top_k, towers=towers,
                           layers=args.layers, stage_steps=args.stage_steps, clusters=args.clusters,
                           batch_size=args.batch_size, lr=args.lr, dataset=args.dataset, train_size=args.train_size,
                           seed=args.seed)
@@ -52,8 +53,10 @@ def run(args) -> int:
     save_model(moe, args.out)
     active = sum(p.numel() for n, p in moe.named_parameters() if ".experts." not in n)
     per_expert = sum(p.numel() for n, p in moe.named_parameters() if ".experts.0." in n)
+    total = sum(p.numel() for p in moe.parameters())
+    experts = f"multiplet stages with {[int(x.max()) + 1 for x in labels]} pseudo-labels" if labels \
+        else "identical experts"
     print(f"upcycled {args.model}: {cfg.experts} experts, top-{cfg.top_k}, MoE blocks {moe.moe_blocks}; "
-          f"{sum(p.numel() for p in moe.parameters()):,} parameters ({active + cfg.top_k * per_expert:,} active per token); "
-          f"{'multiplet stages: ' + str([int(x.max()) + 1 for x in labels]) + ' pseudo-labels' if labels else 'identical experts'}; "
+          f"{total:,} parameters ({active + cfg.top_k * per_expert:,} active per token); {experts}; "
           f"saved to {args.out}")
     return 0

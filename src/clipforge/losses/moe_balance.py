@@ -37,5 +37,6 @@ class MoEBalanceLoss(nn.Module):
         value = inputs.extra.get("moe_balance_loss")
         if value is None:
             raise KeyError("the moe_balance term needs 'moe_balance_loss', which only a CLIP-MoE model returns; "
-                           "train a model written by 'clipforge upcycle' (init_from=DIR) or one with a 'moe' config section")
+                           "train a model written by 'clipforge upcycle' (init_from=DIR) or one with a 'moe' config "
+                           "section")
         return {"loss": value.float()}

@@ -128,7 +128,8 @@ class MobileCLIPConfig(CLIPConfig):
         if self.hf_text is not None:
             raise ValueError("MobileCLIP has its own MCt text tower; remove hf_text from the config")
         if self.text.causal or self.text.pool != "eot":
-            raise ValueError("MCt is bidirectional and pools the end-of-text token: set text.causal=false, text.pool='eot'")
+            raise ValueError("MCt is bidirectional and pools the end-of-text token: set text.causal=false and "
+                             "text.pool='eot'")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MobileCLIPConfig":
@@ -422,8 +423,8 @@ class MCi(nn.Module):
         super().__init__()
         self.cfg, self.image_size = cfg, image_size
         d = cfg.dims
-        self.stem = nn.Sequential(MobileOneBlock(3, d[0], 3, stride=2), MobileOneBlock(d[0], d[0], 3, stride=2, groups=d[0]),
-                                  MobileOneBlock(d[0], d[0], 1))
+        self.stem = nn.Sequential(MobileOneBlock(3, d[0], 3, stride=2),
+                                  MobileOneBlock(d[0], d[0], 3, stride=2, groups=d[0]), MobileOneBlock(d[0], d[0], 1))
         stages = []
         for i, (n, mixer) in enumerate(zip(cfg.layers, cfg.token_mixers)):
             blocks: list[nn.Module] = []
@@ -518,7 +519,8 @@ class MobileCLIP(CLIP):
         self.visual = MCi(cfg.mci, cfg.vision.image_size, cfg.embed_dim)
         self.text = MCt(cfg.text, cfg.mct, cfg.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
-        self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias))) if cfg.init_logit_bias is not None else None
+        bias = cfg.init_logit_bias
+        self.logit_bias = nn.Parameter(torch.tensor(float(bias))) if bias is not None else None
         if cfg.reparameterized:  # the folded layout of a saved inference model (weights are loaded after)
             _fold_all(self)
 
@@ -528,7 +530,8 @@ class MobileCLIP(CLIP):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if enable:
-            raise ValueError("gradient checkpointing is not implemented for MobileCLIP's towers; set grad_checkpointing=false")
+            raise ValueError("gradient checkpointing is not implemented for MobileCLIP's towers; "
+                             "set grad_checkpointing=false")
 
     def encode_image_tokens(self, images: Tensor):
         raise ValueError("MobileCLIP's convolutional image tower has no patch tokens; train token-level loss terms "

@@ -58,7 +58,8 @@ class MultipletConfig:
         MoEConfig(self.experts, self.top_k, tuple(self.towers), self.layers)  # validates those four
         if self.stage_steps < 0 or self.clusters < 2 or self.batch_size < 2 or self.train_size < self.clusters:
             raise ValueError(f"multiplet: stage_steps >= 0, clusters >= 2, batch_size >= 2 and train_size >= clusters "
-                             f"are needed, got {self.stage_steps}, {self.clusters}, {self.batch_size}, {self.train_size}")
+                             f"are needed, got {self.stage_steps}, {self.clusters}, {self.batch_size}, "
+                             f"{self.train_size}")
 
 
 def _load_pairs(model: CLIP, cfg: MultipletConfig) -> tuple[torch.Tensor, torch.Tensor]:
