@@ -110,6 +110,10 @@ def test_model_returns_the_balance_loss_with_gradients_to_the_routers():
     assert torch.allclose(out["moe_balance_loss"], expected)
     out["moe_balance_loss"].backward()
     assert moe.moe_ffns("vision")[0].router.weight.grad.abs().sum() > 0
+    import copy
+
+    twin = copy.deepcopy(moe)  # an EMA teacher copies the model after forward passes
+    assert twin.moe_ffns("vision")[0].last_logits is None and moe.moe_ffns("vision")[0].last_logits is not None
 
 
 def test_balance_loss_reaches_training(tiny_cfg, tmp_path):

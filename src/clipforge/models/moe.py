@@ -100,6 +100,11 @@ class MoEFFN(nn.Module):
         self.top_k = top_k
         self.last_logits: Tensor | None = None
 
+    def __getstate__(self):
+        # copies (copy.deepcopy: an EMA teacher, reparameterizing) and pickles leave out the last pass's logits,
+        # which may be part of an autograd graph
+        return {**self.__dict__, "last_logits": None}
+
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
