@@ -89,4 +89,7 @@ __all__ += ["CountingConfig", "counting_loss", "DclipConfig", "cosine_distill_lo
 from .long_clip import LongClipConfig, LongClipLoss, long_clip_loss, pca_reconstruct  # noqa: E402  (Long-CLIP)
 
 __all__ += ["LongClipConfig", "LongClipLoss", "long_clip_loss", "pca_reconstruct"]
+from .moe_balance import MoEBalanceLoss  # noqa: E402  (CLIP-MoE's balance loss, from the model's forward)
+
+__all__ += ["MoEBalanceLoss"]
 # --- end model-variant terms ---

@@ -3,8 +3,10 @@
 Every variant is chosen here from its config alone, so loading (:mod:`clipforge.models.io`),
 the registry of named architectures and :func:`create_model` agree on which class a config
 builds: a config with a ``multimodal`` section is a :class:`~clipforge.models.coca.CoCaConfig`
-and builds :class:`~clipforge.models.coca.CoCa`; anything else builds :class:`~clipforge.models.clip.CLIP`
-(Long-CLIP's stretched positions are a field of the text config, not a class).
+and builds :class:`~clipforge.models.coca.CoCa`, one with an ``mci`` section is MobileCLIP
+(:mod:`~clipforge.models.mobileclip`), one with a ``moe`` section CLIP-MoE (:mod:`~clipforge.models.moe`);
+anything else builds :class:`~clipforge.models.clip.CLIP` (Long-CLIP's stretched positions are a field of the
+text config, not a class).
 """
 from __future__ import annotations
 
@@ -17,17 +19,33 @@ import torch
 from .clip import CLIP
 from .coca import CoCa, CoCaConfig
 from .config import CLIPConfig
+from .mobileclip import MobileCLIP, MobileCLIPConfig
+from .moe import MoECLIP, MoECLIPConfig
 from .registry import MODEL_CONFIGS
 
 
+# The section of a config dict that marks a variant, its config class and its model class.
+VARIANTS: tuple[tuple[str, type[CLIPConfig], type[CLIP]], ...] = (
+    ("multimodal", CoCaConfig, CoCa),
+    ("mci", MobileCLIPConfig, MobileCLIP),
+    ("moe", MoECLIPConfig, MoECLIP),
+)
+
+
 def config_from_dict(d: dict[str, Any]) -> CLIPConfig:
-    """A CLIPConfig, or a CoCaConfig when the dict has a ``multimodal`` section."""
-    return CoCaConfig.from_dict(d) if "multimodal" in d else CLIPConfig.from_dict(d)
+    """The config class of the variant whose section the dict has (see ``VARIANTS``), else a CLIPConfig."""
+    for section, config_cls, _ in VARIANTS:
+        if section in d:
+            return config_cls.from_dict(d)
+    return CLIPConfig.from_dict(d)
 
 
 def model_from_config(cfg: CLIPConfig) -> CLIP:
-    """A randomly initialized model of the class ``cfg`` describes (CoCa for a CoCaConfig)."""
-    return CoCa(cfg) if isinstance(cfg, CoCaConfig) else CLIP(cfg)
+    """A randomly initialized model of the class ``cfg`` describes."""
+    for _, config_cls, model_cls in VARIANTS:
+        if isinstance(cfg, config_cls):
+            return model_cls(cfg)
+    return CLIP(cfg)
 
 
 def get_model_config(name_or_path: str) -> CLIPConfig:

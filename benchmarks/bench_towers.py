@@ -1,0 +1,90 @@
+"""Parameters, GFLOPs and CPU inference throughput of the efficient and sparse towers (docs/models.md).
+
+For each model: parameters of the image tower, of the text tower and in all; forward GFLOPs per image and
+per text (``torch.utils.flop_counter.FlopCounterMode``: 2 FLOPs per multiply-add of matmuls, convolutions
+and attention; elementwise work is not counted); images/s and texts/s at batch 32 in evaluation mode
+without gradients (median of ``--reps`` timed batches after one warm-up), on ``--threads`` threads.
+
+Models: ``tiny`` (the ViT CLIP), ``mobileclip-tiny`` in its training form and reparameterized, a CLIP-MoE
+upcycled from ``tiny`` (4 experts, top-2, every FFN of both towers; random weights: speed only), and with
+``--s0`` the ``mobileclip-s0`` shape at 256 px.
+
+    nice python benchmarks/bench_towers.py --threads 1 --reps 5 [--s0]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import clipforge
+from clipforge.models import create_model
+from clipforge.models.mobileclip import reparameterize
+from clipforge.models.moe import upcycle
+
+
+def gflops(fn) -> float:
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def per_second(fn, n: int, reps: int) -> float:
+    with torch.no_grad():
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return n / statistics.median(times)
+
+
+def measure(name: str, model, reps: int, batch: int = 32) -> dict:
+    model = model.eval()
+    size = model.image_size
+    images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    ids = clipforge.tokenize(["two small red circles left of a large blue square"] * batch, model.context_length)
+    image_params = sum(p.numel() for p in model.visual.parameters())
+    text_params = sum(p.numel() for p in model.text.parameters())
+    row = {"model": name, "image_size": size, "params_total_m": sum(p.numel() for p in model.parameters()) / 1e6,
+           "params_image_m": image_params / 1e6, "params_text_m": text_params / 1e6,
+           "gflops_per_image": gflops(lambda: model.encode_image(images[:1])),
+           "gflops_per_text": gflops(lambda: model.encode_text(ids[:1])),
+           "images_per_s_b32": per_second(lambda: model.encode_image(images), batch, reps),
+           "texts_per_s_b32": per_second(lambda: model.encode_text(ids), batch, reps)}
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--s0", action="store_true", help="also the mobileclip-s0 shape (256 px; slower)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    tiny = create_model("tiny", seed=0)
+    mobile = create_model("mobileclip-tiny", seed=0).eval()
+    models = [("tiny", tiny), ("mobileclip-tiny", mobile), ("mobileclip-tiny reparameterized", reparameterize(mobile)),
+              ("tiny CLIP-MoE 4 experts top-2", upcycle(tiny.eval(), experts=4, top_k=2))]
+    if args.s0:
+        s0 = create_model("mobileclip-s0", seed=0).eval()
+        models += [("mobileclip-s0", s0), ("mobileclip-s0 reparameterized", reparameterize(s0))]
+    rows = []
+    for name, model in models:
+        rows.append(measure(name, model, args.reps))
+        print(json.dumps(rows[-1]), flush=True)
+    keys = list(rows[0])
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for r in rows:
+        print("| " + " | ".join(str(r[k]) for k in keys) + " |")
+
+
+if __name__ == "__main__":
+    main()
