@@ -146,6 +146,11 @@ def _train(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> TrainResu
         raise ValueError(f"the loss terms {needs_bias} need a logit bias: add model_overrides.init_logit_bias=-10 "
                          "(and model_overrides.init_logit_scale=2.3026 as in SigLIP)")
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
+    # loss terms with their own trainable heads (BYOL's predictors, SwAV's prototypes) train with the model
+    head_params = [p for p in loss_fn.parameters() if p.requires_grad]
+    if head_params:
+        dist.broadcast_model(loss_fn)
+        optimizer.add_param_group({"params": head_params, "weight_decay": 0.0})
     scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
 
     start_step, samples_seen, skipped_total = 0, 0, 0
@@ -169,6 +174,11 @@ def _train(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> TrainResu
         ckpt = resolve_checkpoint(out_dir, cfg.resume)
         load_weights(model, ckpt)
         state = load_state(ckpt)
+        if head_params:
+            if "loss_terms" not in state:
+                raise ValueError(f"{ckpt} holds no weights for the loss terms' heads {sorted(cfg.loss)}: resume it "
+                                 "with the loss it was trained with, or start a new run with init_from")
+            loss_fn.load_state_dict(state["loss_terms"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
@@ -196,6 +206,8 @@ def _train(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> TrainResu
                  "step": step, "samples_seen": samples_seen, "skipped": skipped_total}
         if ema is not None:
             state["ema"] = ema.state_dict()
+        if head_params:
+            state["loss_terms"] = loss_fn.state_dict()
         if streams is not None:  # where each rank's stream stands after the batches of `step`
             state["data_stream"] = streams[0] if dist.world_size == 1 else streams
         return save_checkpoint(out_dir, step, model, state, to_yaml(cfg), keep=cfg.keep_checkpoints)
@@ -261,9 +273,11 @@ def _train(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> TrainResu
                     "or train in precision=fp32, then resume from that checkpoint."
                 )
             dist.average_gradients(model)
+            dist.average_gradients(loss_fn)
             grad_norm = None
             if cfg.grad_clip:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+                params = [*model.parameters(), *head_params]
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
             optimizer.step()
             scheduler.step()
             if ema is not None:
