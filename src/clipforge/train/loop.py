@@ -19,7 +19,9 @@ cached and recomputed like the features under accumulation; projected token feat
 as the features (``return_tokens``), joined across micro-batches like them; the embeddings of
 an EMA copy of the model (DeGLA), whose weights are checkpointed with the run so that a resumed
 run is exact; and the stored embeddings of frozen teachers (MobileCLIP, :mod:`.teachers`). A
-plain CLIP run builds none of it.
+plain CLIP run builds none of it. Loss terms with trainable heads of their own (BYOL's predictors,
+SwAV's prototypes) train with the model: their parameters join the optimizer (no weight decay), the
+gradient averaging and clipping, and the checkpoint (``state.pt``, ``loss_terms``).
 
 Several processes (``distributed.nproc=N`` or torchrun, :mod:`.distributed`) run this same loop,
 each on its slice of every global batch; ``dist`` is a no-op for one process. Per step they
