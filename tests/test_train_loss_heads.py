@@ -44,3 +44,16 @@ def test_two_processes_train_the_heads_like_one(tiny_cfg, tmp_path):
     assert one.keys() == two.keys()
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_accumulation_gives_the_heads_the_full_batch_gradient(tiny_cfg, tmp_path):
+    """accum_steps=2 recomputes the full-batch loss per micro-batch; the heads end where accum_steps=1 puts them."""
+    loss = {"clip": 1.0, "byol": {"weight": 1.0, "embed_dim": 32, "hidden_dim": 8},
+            "swav": {"weight": 0.2, "embed_dim": 32, "num_prototypes": 6}}
+    cfg = dataclasses.replace(tiny_cfg, steps=2, save_every=0, loss=loss, out_dir=str(tmp_path / "one"))
+    train(cfg)
+    train(dataclasses.replace(cfg, out_dir=str(tmp_path / "acc"), accum_steps=2))
+    one = load_state(resolve_checkpoint(tmp_path / "one", "latest"))["loss_terms"]
+    acc = load_state(resolve_checkpoint(tmp_path / "acc", "latest"))["loss_terms"]
+    for key in one:
+        torch.testing.assert_close(acc[key], one[key], rtol=1e-5, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")

@@ -265,6 +265,9 @@ def _train(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> TrainResu
                     extra = _join([{**(own_extra if j == k else c), **e} for j, (c, e) in enumerate(zip(cached_extra, ema_extra))])
                     logs = loss_of(_loss_inputs(joined, b, extra))
                     logs["loss"].backward()
+                for p in head_params:  # every micro-batch's backward gave the heads the full-batch gradient once
+                    if p.grad is not None:
+                        p.grad /= len(micro_batches)
             logs = dist.mean_over_ranks(logs)  # each rank holds its share: the mean is the global-batch value
             loss_value = logs["loss"]
             if not math.isfinite(loss_value):  # the same mean on every rank: all of them stop here
