@@ -278,7 +278,8 @@ def _train(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> TrainResu
                     "or train in precision=fp32, then resume from that checkpoint."
                 )
             dist.average_gradients(model)
-            dist.average_gradients(loss_fn)
+            if head_params:
+                dist.average_gradients(loss_fn)
             grad_norm = None
             if cfg.grad_clip:
                 params = [*model.parameters(), *head_params]
