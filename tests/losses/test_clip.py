@@ -76,3 +76,17 @@ def test_bad_inputs_are_named():
         losses.build("clip", chunk_size=0)
     with pytest.raises(TypeError, match=r"no option\(s\) \['smoothing'\]; its options are"):
         losses.build("clip", smoothing=0.1)
+
+
+def test_second_image_view_averages_the_two_view_losses():
+    """Improved baselines' CLIP loss over a global and one augmented view: (L(x, y) + L(x2, y)) / 2, each
+    from the naive loop with label smoothing."""
+    x, x2, y = unit(5, 4, 11), unit(5, 4, 12), unit(5, 4, 13)
+    term = losses.build("clip", image_view2=True, label_smoothing=0.1)
+    assert term.extra_keys == ("image_features_view2",)
+    out = term(LossInputs(x, y, torch.tensor(4.0, dtype=F64), extra={"image_features_view2": x2}))
+    expect = 0.5 * (naive_clip(x, y, 4.0, 0.1) + naive_clip(x2, y, 4.0, 0.1))
+    assert torch.allclose(out["loss"], torch.as_tensor(expect, dtype=F64), atol=1e-12)
+    assert losses.build("clip").extra_keys == ()
+    with pytest.raises(KeyError, match="image_features_view2"):
+        term(LossInputs(x, y, torch.tensor(4.0, dtype=F64)))

@@ -15,7 +15,9 @@ TERMS = [("clip", {}), ("clip", {"chunk_size": 3}), ("siglip", {}), ("siglip", {
          ("counting", {}), ("alignment", {}), ("rafa", {}), ("protoclip", {"num_prototypes": 4}), ("degla_igc", {}),
          ("degla_tgc", {}), ("dclip", {}), ("hard_negative", {"scope": "batch"}), ("ema_distill", {"negatives": True}),
          ("distill_kl", {"teacher": "ema", "teacher_scale": 5.0}),
-         ("mlcd", {"centers": torch.randn(5, 6, generator=torch.Generator().manual_seed(9)), "num_labels": 2})]
+         ("mlcd", {"centers": torch.randn(5, 6, generator=torch.Generator().manual_seed(9)), "num_labels": 2}),
+         ("clip", {"image_view2": True, "label_smoothing": 0.1}), ("barlow_twins", {}), ("barlow_twins", {"image_view2": True}), ("swav", {"embed_dim": 6, "num_prototypes": 4}),
+         ("byol", {"embed_dim": 6, "hidden_dim": 5})]  # byol: per sample, local to each rank by design
 WORLD, LOCAL, DIM = 2, 4, 6
 
 

@@ -40,12 +40,18 @@ from .m2mix import M2MixConfig, M2MixLoss, m2mix_loss, slerp  # noqa: E402
 from .rafa import RafaConfig, RafaLoss, rafa_loss  # noqa: E402
 from .simclr import SimclrConfig, SimclrLoss, nt_xent  # noqa: E402
 from .symile import SymileConfig, SymileLoss, symile_loss  # noqa: E402
+# the self-supervised companions of "Improved baselines for vision-language pre-training" (Fini et al. 2023)
+from .barlow_twins import BarlowTwinsConfig, BarlowTwinsLoss, barlow_twins_loss  # noqa: E402
+from .byol import ByolConfig, ByolLoss, byol_loss  # noqa: E402
+from .swav import SwavConfig, SwavLoss, sinkhorn_codes, swapped_prediction, swav_loss  # noqa: E402
 
 __all__ += ["ClipConfig", "ClipLoss", "clip_loss", "SigLipConfig", "SigLipLoss", "siglip_loss", "chunked_clip_loss",
             "chunked_pairwise_sigmoid", "chunked_row_cross_entropy", "CloobConfig", "CloobLoss", "cloob_loss",
             "CwclConfig", "CwclLoss", "cwcl_loss", "AlignmentLoss", "UniformityLoss", "alignment_loss",
             "uniformity_loss", "M2MixConfig", "M2MixLoss", "m2mix_loss", "slerp", "RafaConfig", "RafaLoss", "rafa_loss",
-            "SimclrConfig", "SimclrLoss", "nt_xent", "SymileConfig", "SymileLoss", "symile_loss"]
+            "SimclrConfig", "SimclrLoss", "nt_xent", "SymileConfig", "SymileLoss", "symile_loss",
+            "BarlowTwinsConfig", "BarlowTwinsLoss", "barlow_twins_loss", "ByolConfig", "ByolLoss", "byol_loss",
+            "SwavConfig", "SwavLoss", "sinkhorn_codes", "swapped_prediction", "swav_loss"]
 # --- end CLIP, SigLIP and contrastive variants ---
 
 # --- clustering, transport, multi-positive and captioning (one module per method) ---

@@ -19,7 +19,9 @@ cached and recomputed like the features under accumulation; projected token feat
 as the features (``return_tokens``), joined across micro-batches like them; the embeddings of
 an EMA copy of the model (DeGLA), whose weights are checkpointed with the run so that a resumed
 run is exact; and the stored embeddings of frozen teachers (MobileCLIP, :mod:`.teachers`). A
-plain CLIP run builds none of it.
+plain CLIP run builds none of it. Loss terms with trainable heads of their own (BYOL's predictors,
+SwAV's prototypes) train with the model: their parameters join the optimizer (no weight decay), the
+gradient averaging and clipping, and the checkpoint (``state.pt``, ``loss_terms``).
 
 Several processes (``distributed.nproc=N`` or torchrun, :mod:`.distributed`) run this same loop,
 each on its slice of every global batch; ``dist`` is a no-op for one process. Per step they
@@ -316,6 +318,11 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> Tr
         raise ValueError(f"the loss terms {needs_bias} need a logit bias: add model_overrides.init_logit_bias=-10 "
                          "(and model_overrides.init_logit_scale=2.3026 as in SigLIP)")
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
+    # loss terms with their own trainable heads (BYOL's predictors, SwAV's prototypes) train with the model
+    head_params = [p for p in loss_fn.parameters() if p.requires_grad]
+    if head_params:
+        dist.broadcast_model(loss_fn)
+        optimizer.add_param_group({"params": head_params, "weight_decay": 0.0})
     fresh_groups = [dict(g) for g in optimizer.param_groups]  # this run's hyperparameters, before any restore
     scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
 
@@ -341,6 +348,11 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> Tr
         _check_architecture(ckpt, model)
         load_weights(model, ckpt)
         state = load_state(ckpt)
+        if head_params:
+            if "loss_terms" not in state:
+                raise ConfigError(f"{ckpt} holds no weights for the loss terms' heads {sorted(cfg.loss)}: resume it "
+                                 "with the loss it was trained with, or start a new run with init_from")
+            loss_fn.load_state_dict(state["loss_terms"])
         optimizer.load_state_dict(state["optimizer"])
         _apply_hyperparameters(optimizer, fresh_groups)
         # the schedule continues from the checkpoint's position with this run's lr, warmup, steps and min_lr_ratio
@@ -400,6 +412,8 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> Tr
                  "step": step, "samples_seen": samples_seen, "skipped": skipped_total}
         if ema is not None:
             state["ema"] = ema.state_dict()
+        if head_params:
+            state["loss_terms"] = loss_fn.state_dict()
         if streams is not None:  # where each rank's stream stands after the batches of `step`
             state["data_stream"] = streams[0] if dist.world_size == 1 else streams
         saved[step] = save_checkpoint(out_dir, step, model, state, to_yaml(cfg), keep=cfg.keep_checkpoints)
@@ -455,6 +469,9 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> Tr
                     extra = _join([{**(own_extra if j == k else c), **e} for j, (c, e) in enumerate(zip(cached_extra, ema_extra))])
                     logs = loss_of(_loss_inputs(joined, b, extra))
                     logs["loss"].backward()
+                for p in head_params:  # every micro-batch's backward gave the heads the full-batch gradient once
+                    if p.grad is not None:
+                        p.grad /= len(micro_batches)
             logs = dist.mean_over_ranks(logs)  # each rank holds its share: the mean is the global-batch value
             loss_value = logs["loss"]
             if not math.isfinite(loss_value):  # the same mean on every rank: all of them stop here
@@ -465,9 +482,12 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> Tr
                     "or train in precision=fp32, then resume from that checkpoint."
                 )
             dist.average_gradients(model)
+            if head_params:
+                dist.average_gradients(loss_fn)
             grad_norm = None
             if cfg.grad_clip:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+                params = [*model.parameters(), *head_params]
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
             optimizer.step()
             scheduler.step()
             if ema is not None:
