@@ -20,6 +20,7 @@ COMMANDS = {
     "adapt": ("clipforge.cli.adapt", "fit a few-shot adapter (Tip-Adapter(-F), CoOp, GDA, CLIPN) and report accuracy before/after"),
     "index": ("clipforge.cli.index", "embed an image folder or a corpus split into a search index (incremental)"),
     "serve": ("clipforge.cli.serve", "a search web page and JSON API over an index, on 127.0.0.1"),
+    "caption": ("clipforge.cli.caption", "caption images with a CoCa decoder (greedy/beam) or a MacCap decoder directory"),
 }
 
 EPILOG = """\
