@@ -12,7 +12,8 @@ from clipforge.models import create_model, save_model
 @pytest.fixture(scope="module")
 def coca_dir(tmp_path_factory, small_overrides):
     d = tmp_path_factory.mktemp("coca")
-    m = create_model("coca-tiny", seed=0, **small_overrides, multimodal={"layers": 1, "heads": 2, "n_queries": 4, "pool_heads": 2})
+    mm = {"layers": 1, "heads": 2, "n_queries": 4, "pool_heads": 2}
+    m = create_model("coca-tiny", seed=0, **small_overrides, multimodal=mm)
     return save_model(m, d / "model")
 
 
@@ -55,7 +56,8 @@ def test_maccap_directory(small_clip, image_dir, tmp_path):
     assert main(["caption", str(tmp_path / "mc"), "--images", str(image_dir), "--out", str(out)]) == 0
     recs = [json.loads(l) for l in out.read_text().splitlines()]
     assert len(recs) == 3 and all(len(r["candidates"]) == 2 and r["caption"] in r["candidates"] for r in recs)
-    assert main(["caption", str(tmp_path / "mc"), "--images", str(image_dir), "--method", "beam", "--out", str(out)]) == 2
+    assert main(["caption", str(tmp_path / "mc"), "--images", str(image_dir), "--method", "beam",
+                 "--out", str(out)]) == 2
 
 
 def test_model_without_decoder_and_empty_folder(small_clip, coca_dir, tmp_path, capsys):
@@ -64,7 +66,9 @@ def test_model_without_decoder_and_empty_folder(small_clip, coca_dir, tmp_path, 
     assert main(["caption", str(plain), "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "x.jsonl")]) == 2
     err = capsys.readouterr().err
     assert "without a captioning decoder" in err and "CoCa" in err and "MacCap" in err
-    assert main(["caption", str(coca_dir), "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "x.jsonl")]) == 2
+    assert main(["caption", str(coca_dir), "--images", str(tmp_path / "empty"),
+                 "--out", str(tmp_path / "x.jsonl")]) == 2
     assert "no images found" in capsys.readouterr().err
-    assert main(["caption", str(plain), "--images", str(tmp_path), "--method", "maccap", "--out", str(tmp_path / "x.jsonl")]) == 2
+    assert main(["caption", str(plain), "--images", str(tmp_path), "--method", "maccap",
+                 "--out", str(tmp_path / "x.jsonl")]) == 2
     assert "needs a MacCap decoder directory" in capsys.readouterr().err

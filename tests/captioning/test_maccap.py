@@ -6,7 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipforge.captioning import MacCapCaptioner, MacCapConfig, MacCapDecoder, noise_injection, region_features, train_maccap
+from clipforge.captioning import (
+    MacCapCaptioner,
+    MacCapConfig,
+    MacCapDecoder,
+    noise_injection,
+    region_features,
+    train_maccap,
+)
 from clipforge.captioning.maccap import last_layer_attention
 
 TEXTS = ["a red circle.", "two blue squares.", "a green star above a red circle."]
@@ -69,8 +76,9 @@ def test_region_features_match_naive_loop(small_clip, weights):
 def test_region_features_need_a_class_token():
     from clipforge.models import create_model
 
-    m = create_model("tiny", embed_dim=32, vision={"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "heads": 2,
-                                                   "class_token": False, "pool": "mean"},
+    vision = {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "heads": 2, "class_token": False,
+              "pool": "mean"}
+    m = create_model("tiny", embed_dim=32, vision=vision,
                      text={"context_length": 16, "width": 32, "layers": 1, "heads": 2})
     with pytest.raises(ValueError, match="class token"):
         region_features(m, torch.randn(1, 3, 32, 32), 4)

@@ -91,7 +91,7 @@ def test_cider_d_hand_case():
     # two images, one reference each, candidates equal to their references: every n-gram of image 1's
     # reference appears only in image 1 (df = 1), idf = log 2, so vectors are identical -> sim_n = 1 for n = 1..3
     # ("a b c" has no 4-gram: sim_4 = 0) -> CIDEr-D = 10 * (1 + 1 + 1 + 0) / 4 = 7.5
-    corpus, per = cider_d(["a b c", "d e f"], [["a b c"], ["d e f"]])
+    _, per = cider_d(["a b c", "d e f"], [["a b c"], ["d e f"]])
     assert per == pytest.approx([7.5, 7.5])
     with pytest.raises(ValueError, match="one non-empty set"):
         cider_d(["a"], [])

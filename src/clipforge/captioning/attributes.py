@@ -14,7 +14,8 @@ scenes have several and are skipped):
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ..data.shapes import COLORS, COUNT_WORDS, PLURALS, SHAPES
 
@@ -54,7 +55,7 @@ def attribute_accuracy(captions: Sequence[str], scenes: Sequence[dict[str, Any]]
 
 
 def _truth(scene: dict[str, Any]) -> tuple[str, str, int]:
-    if "labels" in scene and scene["labels"]:
+    if scene.get("labels"):
         lab = scene["labels"]
         return list(COLORS)[lab["color"]], SHAPES[lab["shape"]], lab["count"] + 1
     return scene["color"], scene["shape"], int(scene["count"])

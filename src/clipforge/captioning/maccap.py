@@ -38,9 +38,9 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +84,8 @@ class MacCapConfig:
         if self.noise_variance < 0 or self.infer_noise_variance < 0:
             raise ValueError("noise variances must be >= 0 (0 turns the noise injection off)")
         if self.region_weights not in ("softmax", "attention"):
-            raise ValueError(f"region_weights must be 'softmax' (official code) or 'attention', got {self.region_weights!r}")
+            raise ValueError(f"region_weights must be 'softmax' (official code) or 'attention', "
+                             f"got {self.region_weights!r}")
         if self.max_len < 2:
             raise ValueError(f"max_len must be >= 2 (start and end token), got {self.max_len}")
 
@@ -144,11 +145,13 @@ class MacCapDecoder(nn.Module):
         if embed_dim % cfg.align_heads:
             raise ValueError(f"the CLIP embedding width {embed_dim} must be divisible by align_heads {cfg.align_heads}")
         if len(vocab) < 4 or list(vocab[:3]) != [0, 49406, 49407]:
-            raise ValueError("the compact vocabulary starts with pad, start and end (0, 49406, 49407) and has >= 1 word")
+            raise ValueError("the compact vocabulary starts with pad, start and end (0, 49406, 49407) "
+                             "and has at least one word")
         self.cfg = cfg
         self.register_buffer("vocab", torch.tensor(list(vocab), dtype=torch.long), persistent=True)
         self.queries = nn.Parameter(torch.randn(cfg.n_queries, embed_dim) * embed_dim**-0.5)
-        self.aligner = nn.TransformerDecoderLayer(embed_dim, cfg.align_heads, dim_feedforward=4 * embed_dim, dropout=0.0,
+        self.aligner = nn.TransformerDecoderLayer(embed_dim, cfg.align_heads, dim_feedforward=4 * embed_dim,
+                                                  dropout=0.0,
                                                   batch_first=True, norm_first=True)
         self.align_proj = nn.Sequential(nn.Linear(embed_dim, cfg.width), nn.ReLU(), nn.Linear(cfg.width, cfg.width),
                                         nn.ReLU(), nn.Linear(cfg.width, cfg.width))
@@ -204,7 +207,8 @@ class MacCapDecoder(nn.Module):
 def caption_loss(decoder: MacCapDecoder, features: Tensor, compact_ids: Tensor) -> Tensor:
     """Next-token cross-entropy of the caption tokens (padding ignored) given the K features."""
     logits = decoder.logits(decoder.prefix(features), compact_ids[:, :-1])
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), compact_ids[:, 1:].reshape(-1), ignore_index=PAD)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), compact_ids[:, 1:].reshape(-1),
+                           ignore_index=PAD)
 
 
 @torch.no_grad()
@@ -239,7 +243,8 @@ class MacCapCaptioner:
         return v, [[draw[i] for draw in per_draw] for i in range(images.shape[0])]
 
     @torch.no_grad()
-    def caption(self, images: Tensor, generator: torch.Generator | None = None, max_len: int | None = None) -> list[dict]:
+    def caption(self, images: Tensor, generator: torch.Generator | None = None,
+                max_len: int | None = None) -> list[dict]:
         """One record per image: ``caption`` (the re-ranked best), ``clip_cosine`` and all ``candidates``."""
         v, cands = self.candidates(images, generator, max_len)
         out = []
@@ -263,10 +268,11 @@ class MacCapCaptioner:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path) -> "MacCapCaptioner":
+    def load(cls, directory: str | Path) -> MacCapCaptioner:
         directory = Path(directory)
         if not (directory / CONFIG_FILE).exists():
-            raise FileNotFoundError(f"'{directory}' is not a MacCap decoder directory (no {CONFIG_FILE}); write one with "
+            raise FileNotFoundError(f"'{directory}' is not a MacCap decoder directory (no {CONFIG_FILE}); "
+                                    "write one with "
                                     "clipforge.captioning.train_maccap(...).save(DIR)")
         meta = json.loads((directory / CONFIG_FILE).read_text())
         decoder = MacCapDecoder(MacCapConfig(**meta["config"]), meta["embed_dim"], meta["vocab"])

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -65,11 +65,13 @@ def ref_clip_s(caption_features: Tensor, image_features: Tensor, reference_featu
 
 
 def _no_refs(i: int) -> Tensor:
-    raise ValueError(f"caption {i} has no reference captions; RefCLIP-S needs at least one (use CLIP-S without references)")
+    raise ValueError(f"caption {i} has no reference captions; RefCLIP-S needs at least one "
+                     "(use CLIP-S without references)")
 
 
 @torch.no_grad()
-def clip_scores_for_texts(model, images: Tensor, captions: Sequence[str], references: Sequence[Sequence[str]] | None = None,
+def clip_scores_for_texts(model, images: Tensor, captions: Sequence[str],
+                          references: Sequence[Sequence[str]] | None = None,
                           prompt: str = "", batch_size: int = 256) -> dict[str, float]:
     """Mean CLIP-S (and RefCLIP-S when ``references`` are given) of ``captions`` for preprocessed ``images``
     under a clipforge CLIP; ``prompt`` is put before each caption (Hessel et al. use "A photo depicts ")."""

@@ -15,7 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
-DECODER_HELP = ("captioning needs a decoder: a CoCa model (model=coca-tiny, trained with loss={clip: 1.0, caption: 2.0}) "
+DECODER_HELP = ("captioning needs a decoder: a CoCa model (model=coca-tiny, trained with "
+                "loss={clip: 1.0, caption: 2.0}) "
                 "or a MacCap decoder directory (clipforge.captioning.train_maccap(clip, texts).save(DIR))")
 
 
@@ -26,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--dataset", metavar="NAME[:SPLIT]", help="a registered dataset with reference captions, e.g. "
                                                                "shapes:val (its captions become the references)")
     p.add_argument("--method", choices=["greedy", "beam", "maccap"], default=None,
-                   help="greedy or beam search with a CoCa decoder; maccap for a MacCap directory (the default for one)")
+                   help="greedy or beam search with a CoCa decoder; maccap for a MacCap directory "
+                        "(the default for one)")
     p.add_argument("--num-beams", type=int, default=4, help="hypotheses kept by --method beam (default 4)")
     p.add_argument("--max-len", type=int, default=32, help="tokens per caption, start and end included (default 32)")
     p.add_argument("--size", type=int, default=500, help="images taken from --dataset (default 500)")
@@ -47,7 +49,8 @@ def _load(args):
         cap = MacCapCaptioner.load(args.model)
         return "maccap", cap, image_transform(cap.image_size)
     if args.method == "maccap":
-        raise ValueError(f"--method maccap needs a MacCap decoder directory (with maccap.json); '{args.model}' is not one")
+        raise ValueError(f"--method maccap needs a MacCap decoder directory (with maccap.json); "
+                         f"'{args.model}' is not one")
     from .. import load
     from ..models import CoCa
 
@@ -67,7 +70,8 @@ def _batches(args, transform, image_size: int):
 
         files = _expand(args.images)
         if not files:
-            raise ValueError(f"no images found in {' '.join(args.images)} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}); "
+            raise ValueError(f"no images found in {' '.join(args.images)} "
+                             f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))}); "
                              "give a folder that holds images, or image files")
         def gen():
             for i in range(0, len(files), args.batch_size):
