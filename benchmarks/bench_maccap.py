@@ -11,7 +11,11 @@ Both are scored on held-out val scenes: attribute accuracy (color / shape / coun
 CIDEr-D against the val captions, and CLIP-S under two judges (CoCa's towers and the MacCap CLIP; MacCap
 re-ranks with its own CLIP, so that judge favors it).
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src nice python benchmarks/bench_maccap.py --seconds 240 --seeds 0 1 2
+With ``--scst-seconds S`` each captioner then gets S more seconds of self-critical sequence training with
+a CLIP-S reward (clipforge.captioning.scst; CoCa judged by a frozen copy of itself, MacCap by its CLIP) on
+train images (no captions), and is scored again: does SCST raise CLIP-S and attribute accuracy?
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src nice python benchmarks/bench_maccap.py --seconds 240 --scst-seconds 90 --seeds 0 1 2
 """
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from clipforge.captioning import MacCapConfig, attribute_accuracy, bleu, cider_d, clip_s, train_maccap
+from clipforge.captioning import (CoCaPolicy, MacCapConfig, MacCapPolicy, attribute_accuracy, bleu, cider_d, clip_s,
+                                  frozen_judge, scst_step, train_maccap)
 from clipforge.data import build_dataset
 from clipforge.tokenizer import get_tokenizer
 from clipforge.train import DataConfig, TrainConfig, train
@@ -72,8 +77,8 @@ def run_seed(seed: int, args, out: Path) -> dict:
         greedy = [tok.decode(g.tolist()) for g in coca_model.generate(images, max_len=32)]
     mc = [r["caption"] for i in range(0, len(val), 64)
           for r in maccap.caption(images[i : i + 64], torch.Generator().manual_seed(seed))]
-    judges = {"coca": coca_model, "maccap_clip": maccap.clip}
-    return {
+    judges = {"coca": frozen_judge(coca_model), "maccap_clip": frozen_judge(maccap.clip)}
+    result = {
         "seed": seed,
         "train_seconds": {"coca": round(coca.train_seconds, 1), "maccap_clip": round(clip.train_seconds, 1),
                           "maccap_decoder": round(maccap_seconds, 1)},
@@ -83,6 +88,28 @@ def run_seed(seed: int, args, out: Path) -> dict:
         "maccap": score("maccap", mc, val, images, judges),
         "examples": [{"truth": val[i]["captions"][0], "coca_greedy": greedy[i], "maccap": mc[i]} for i in range(6)],
     }
+    if args.scst_seconds > 0:
+        train_images = build_dataset("shapes", split="train", size=2000, seed=seed + 1, image_size=64)
+        for name, policy in (("coca", CoCaPolicy(coca_model)), ("maccap", MacCapPolicy(maccap))):
+            judge = judges["coca"] if name == "coca" else judges["maccap_clip"]
+            opt = torch.optim.Adam(policy.trainable_parameters(), lr=args.scst_lr)
+            gen, steps, t0, log = torch.Generator().manual_seed(seed), 0, time.perf_counter(), []
+            while time.perf_counter() - t0 < args.scst_seconds:
+                idx = torch.randint(len(train_images), (args.scst_batch,), generator=gen)
+                imgs = normalize_batch(torch.stack([train_images[int(i)]["image"] for i in idx]))
+                log.append(scst_step(policy, judge, imgs, opt, max_len=20, generator=gen))
+                steps += 1
+            if name == "coca":
+                with torch.no_grad():
+                    caps = [tok.decode(g.tolist()) for g in coca_model.eval().generate(images, max_len=32)]
+            else:
+                maccap.decoder.eval()
+                caps = [r["caption"] for i in range(0, len(val), 64)
+                        for r in maccap.caption(images[i : i + 64], torch.Generator().manual_seed(seed))]
+            result[f"{name}_after_scst"] = score(f"{name} after scst", caps, val, images, judges)
+            result[f"{name}_scst_steps"] = steps
+            result[f"{name}_scst_reward_first_last"] = [log[0], log[-1]] if log else []
+    return result
 
 
 def main() -> None:
@@ -91,6 +118,9 @@ def main() -> None:
     p.add_argument("--clip-fraction", type=float, default=0.6, help="share of MacCap's budget for its CLIP")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--scst-seconds", type=float, default=0, help="SCST after the comparison, per captioner (0: none)")
+    p.add_argument("--scst-batch", type=int, default=32)
+    p.add_argument("--scst-lr", type=float, default=5e-5, help="Adam learning rate (Rennie et al.: 5e-5)")
     p.add_argument("--train-size", type=int, default=20_000)
     p.add_argument("--text-scenes", type=int, default=5000, help="train scenes whose captions MacCap reads")
     p.add_argument("--val-size", type=int, default=300)
