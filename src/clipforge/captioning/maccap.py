@@ -303,8 +303,9 @@ def train_maccap(clip: CLIP, texts: Sequence[str], cfg: MacCapConfig | None = No
     dec_ids = ids[:, : cfg.max_len].clone()
     dec_ids[:, -1] = torch.where(dec_ids[:, -1] != 0, torch.full_like(dec_ids[:, -1], 49407), dec_ids[:, -1])
     vocab = [0, 49406, 49407] + sorted(set(dec_ids.unique().tolist()) - {0, 49406, 49407})
-    torch.manual_seed(seed)
-    decoder = MacCapDecoder(cfg, text_features.shape[1], vocab)
+    with torch.random.fork_rng(devices=[]):  # seeded initialization without touching the caller's RNG
+        torch.manual_seed(seed)
+        decoder = MacCapDecoder(cfg, text_features.shape[1], vocab)
     compact = decoder.to_compact(dec_ids)
     opt = torch.optim.AdamW(decoder.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(1, min(50, steps // 10))
