@@ -112,6 +112,25 @@ def run_seed(seed: int, args, out: Path) -> dict:
     return result
 
 
+def table(report: dict) -> str:
+    """Markdown: mean (min-max over seeds) of each metric per arm."""
+    runs = report["runs"]
+    arms = [a for a in ("coca_greedy", "maccap", "coca_after_scst", "maccap_after_scst") if a in runs[0]]
+    metrics = [("color", lambda r: r["attributes"]["color"]), ("shape", lambda r: r["attributes"]["shape"]),
+               ("count", lambda r: r["attributes"]["count"]), ("BLEU-4", lambda r: r["bleu4"]),
+               ("CIDEr-D", lambda r: r["cider_d"]), ("CLIP-S (CoCa judge)", lambda r: r["clip_s_judge_coca"]),
+               ("CLIP-S (MacCap CLIP judge)", lambda r: r["clip_s_judge_maccap_clip"])]
+    lines = ["| arm | " + " | ".join(m for m, _ in metrics) + " |", "|---|" + "---:|" * len(metrics)]
+    for arm in arms:
+        cells = []
+        for _, get in metrics:
+            vals = [get(run[arm]) for run in runs]
+            mean = sum(vals) / len(vals)
+            cells.append(f"{mean:.3f}" + (f" ({min(vals):.3f}-{max(vals):.3f})" if len(vals) > 1 else ""))
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--seconds", type=float, default=240, help="training wall-clock per method")
@@ -125,7 +144,11 @@ def main() -> None:
     p.add_argument("--text-scenes", type=int, default=5000, help="train scenes whose captions MacCap reads")
     p.add_argument("--val-size", type=int, default=300)
     p.add_argument("--out", default="runs/bench_maccap")
+    p.add_argument("--table", metavar="REPORT", help="print the markdown table of a report.json and exit")
     args = p.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
     out = Path(args.out)
