@@ -100,4 +100,7 @@ def test_demo_json_smoke(tmp_path, capsys):
     for key in ("zero_shot_top1", "zero_shot_chance", "retrieval_i2t_r1", "retrieval_t2i_r1", "samples_per_second", "train_seconds"):
         assert key in res
     assert res["zero_shot_chance"] == pytest.approx(1 / 30)
-    assert res["train_seconds"] < 15
+    # the budget is checked before every step, so training ends within one step of it (not a speed test: a loaded
+    # machine makes steps slow, never more numerous)
+    step_seconds = res["train_seconds"] / res["steps"]
+    assert res["steps"] >= 1 and res["train_seconds"] < 4 + 2 * step_seconds + 1
