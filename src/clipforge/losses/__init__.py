@@ -86,7 +86,9 @@ __all__ += ["CountingConfig", "counting_loss", "DclipConfig", "cosine_distill_lo
 # --- end hard negatives and distillation ---
 
 # --- model-variant terms ---
+from .cloc import ClocConfig, ClocLoss, cloc_loss, generalized_iou  # noqa: E402  (CLOC, needs a region head)
 from .long_clip import LongClipConfig, LongClipLoss, long_clip_loss, pca_reconstruct  # noqa: E402  (Long-CLIP)
 
-__all__ += ["LongClipConfig", "LongClipLoss", "long_clip_loss", "pca_reconstruct"]
+__all__ += ["LongClipConfig", "LongClipLoss", "long_clip_loss", "pca_reconstruct", "ClocConfig", "ClocLoss",
+            "cloc_loss", "generalized_iou"]
 # --- end model-variant terms ---

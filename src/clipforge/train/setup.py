@@ -22,8 +22,14 @@ from .config import TrainConfig
 from .data import TrainItems, stream_train_loader, train_loader, view_transform
 from .freeze import apply_freeze
 from .inputs import (COUNTS, EMA_KEYS, FROM_DATASET, NEGATIVES, POSITIVES, PRODUCED, SYNTHETIC,  # noqa: F401
-                     TAGS, TEACHER_KEYS, TOKEN_KEYS, VIEW2)
+                     TAGS, TEACHER_KEYS, TOKEN_KEYS, VIEW2, REGION_KEYS)
 from .teachers import load_teacher_store
+
+
+def _needs_region_head(loss: dict) -> bool:
+    from ..losses import LOSSES
+
+    return any(getattr(LOSSES.get(name), "needs_region_head", False) for name in loss if name in LOSSES.names())
 
 
 def build_model(cfg: TrainConfig, say=print):
@@ -35,7 +41,10 @@ def build_model(cfg: TrainConfig, say=print):
                                    allow_nonfinite=cfg.init_allow_nonfinite)
         model.train()
     else:
-        model = create_model(cfg.model, seed=cfg.seed, **cfg.model_overrides)
+        overrides = dict(cfg.model_overrides)
+        if _needs_region_head(cfg.loss) and "region_head" not in overrides:  # CLOC trains a region head
+            overrides["region_head"] = True
+        model = create_model(cfg.model, seed=cfg.seed, **overrides)
         if model.cfg.hf_text is not None:  # a pretrained Hugging Face text tower brings its own tokenizer
             from ..interop.text_tokenizers import HFTokenizer
 
@@ -169,6 +178,7 @@ def build_loader(cfg: TrainConfig, model, tokenizer, needs: set, out_dir: Path, 
                            positive_source=cfg.data.positive_source,
                            teachers=teachers, caption_policy=resolve_caption_policy(cfg.data.caption_policy, needs),
                            sources=sources, synthetic=SYNTHETIC in needs, short_tags=TAGS in needs,
+                           regions=bool(needs & set(REGION_KEYS)),
                            second_view=view_transform(model.image_size, cfg.data.view_scale, cfg.data.view_jitter)
                            if VIEW2 in needs else None)
         loader = train_loader(items, micro, cfg.seed, start_batch=start_step * cfg.accum_steps,
