@@ -118,3 +118,14 @@ def test_a_bad_regions_field_in_a_shard_fails_with_the_sample_named(tmp_path):
         regions_from_json({"boxes": [[0, 0, 1, 1]], "captions": []}, where="shard x: sample 7")
     with pytest.raises(RegionError, match="must be an object"):
         regions_from_json([[0, 0, 1, 1]])
+
+
+def test_built_shapes_shards_carry_the_regions(tmp_path):
+    from clipforge.data.corpora.shapes_shards import build
+
+    build(tmp_path / "s", limit=10, image_size=32, workers=1, progress=False)
+    ds = ShardDataset(tmp_path / "s", split="train", image_size=None)
+    gen = ShapesGenerator("train", seed=0, image_size=32)
+    for i in range(3):
+        s = gen.sample(int(ds[i]["key"].rsplit("-", 1)[1]))
+        assert np.allclose(ds[i]["boxes"], s.boxes, atol=1e-6) and ds[i]["region_captions"] == s.region_captions
