@@ -53,3 +53,15 @@ def test_evaluate_regions_matches_a_naive_loop(head):
     if not head:
         with pytest.raises(ValueError, match="needs a model with a region head"):
             region_features(model, torch.zeros(3, 32, 32, dtype=torch.uint8), np.array([[0, 0, 1, 1.0]]), "region_head")
+
+
+def test_suite_task_regions_reports_crop_and_region_head():
+    from clipforge.evaluation.suite import run_suite
+
+    tok = get_tokenizer(16)
+    plain = create_model("tiny", seed=0, **SMALL)
+    res = run_suite(plain, tok, tasks=["regions"], size=4, cache_dir=None, progress=False).results["regions"]
+    assert res["crop"]["method"] == "crop" and "no region head" in res["region_head"]
+    head = create_model("tiny", seed=0, region_head=True, **SMALL)
+    res = run_suite(head, tok, tasks=["regions"], size=4, cache_dir=None, progress=False).results["regions"]
+    assert res["region_head"] == evaluate_regions(head, tok, size=4, seed=12345, method="region_head")

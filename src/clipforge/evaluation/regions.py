@@ -11,8 +11,9 @@ CLOC paper compares against). Reported:
 - ``r2t_R@1``: a region's best-matching text among the distinct region captions of the set is its
   own caption ("a small red circle."); ``t2r_R@1``: a distinct caption's best region is one it describes.
 
-Not yet wired into ``clipforge eval``'s suites: :func:`evaluate_regions` is the Python entry point and
-``benchmarks/bench_regions.py`` measures with it.
+The ``regions`` task of the ``full`` suite (``clipforge eval MODEL --suite full``) runs it on shapes with
+crop-and-encode and, when the model has a region head, with the head; ``benchmarks/bench_regions.py``
+measures with it for the CLOC fidelity recipe.
 """
 from __future__ import annotations
 
