@@ -1,5 +1,4 @@
 """Regions (boxes + one caption per box) of shapes and of region corpora (clipforge.data.regions)."""
-import json
 import tarfile
 
 import numpy as np

@@ -42,8 +42,8 @@ def test_evaluate_regions_matches_a_naive_loop(head):
                 colors.append(list(COLORS).index(obj.color))
         cls = []
         for c in COLORS:
-            e = F.normalize(model.encode_text(tok([t.format(c) for t in ["a {} shape.", "something {}.", "a {} object."]])),
-                            dim=-1)
+            prompts = [t.format(c) for t in ["a {} shape.", "something {}.", "a {} object."]]
+            e = F.normalize(model.encode_text(tok(prompts)), dim=-1)
             cls.append(F.normalize(e.mean(0), dim=-1))
         pred = (torch.stack(feats) @ torch.stack(cls).t()).argmax(1)
     assert res["n_regions"] == len(feats)

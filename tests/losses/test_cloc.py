@@ -100,8 +100,8 @@ def test_cloc_gradcheck_and_registered_term():
     r, u, mask = _features(1)
     pred, true = _boxes(3, 2, seed=6), _boxes(3, 2, seed=7)
     t = torch.tensor(5.0, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda a, b, p: cloc_loss(a, b, mask, p, true, t)["loss"],
-                                    (r.clone().requires_grad_(), u.clone().requires_grad_(), pred.clone().requires_grad_()))
+    leaves = (r.clone().requires_grad_(), u.clone().requires_grad_(), pred.clone().requires_grad_())
+    assert torch.autograd.gradcheck(lambda a, b, p: cloc_loss(a, b, mask, p, true, t)["loss"], leaves)
     term = build("cloc", grounding=0.0)
     img = torch.zeros(3, 6, dtype=torch.float64)
     li = LossInputs(img, img, t, extra={"region_features": r, "region_text_features": u, "region_mask": mask,
@@ -153,4 +153,5 @@ def test_clipforge_train_clip_plus_cloc_on_shapes(tmp_path, capsys):
     model = clipforge.load_model(run)
     assert model.region_head is not None
     with torch.no_grad():
-        assert model.encode_regions(torch.zeros(1, 3, 32, 32), torch.tensor([[[0.1, 0.1, 0.6, 0.6]]])).shape == (1, 1, 32)
+        emb = model.encode_regions(torch.zeros(1, 3, 32, 32), torch.tensor([[[0.1, 0.1, 0.6, 0.6]]]))
+    assert emb.shape == (1, 1, 32)

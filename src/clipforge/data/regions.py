@@ -46,7 +46,8 @@ def check_regions(boxes: Any, captions: Sequence[str] | None = None, where: str 
     if captions is not None:
         if isinstance(captions, str) or len(captions) != len(arr):
             n = 1 if isinstance(captions, str) else len(captions)
-            raise RegionError(f"{where}: {n} region caption(s) for {len(arr)} box(es); give exactly one caption per box")
+            raise RegionError(f"{where}: {n} region caption(s) for {len(arr)} box(es); "
+                              "give exactly one caption per box")
         blank = [i for i, c in enumerate(captions) if not isinstance(c, str) or not c.strip()]
         if blank:
             raise RegionError(f"{where}: region caption {blank[0]} is empty or not a string; give one text per box")
