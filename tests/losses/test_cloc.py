@@ -155,3 +155,28 @@ def test_clipforge_train_clip_plus_cloc_on_shapes(tmp_path, capsys):
     with torch.no_grad():
         emb = model.encode_regions(torch.zeros(1, 3, 32, 32), torch.tensor([[[0.1, 0.1, 0.6, 0.6]]]))
     assert emb.shape == (1, 1, 32)
+
+
+def test_training_inputs_for_cloc_match_per_sample_calls():
+    """train.inputs' region entry: region embeddings = encode_regions of the batch's boxes, region caption features
+    = encode_text of each sample's region captions, grounded boxes = the head's grounding of those features."""
+    from clipforge.train.inputs import encode_extras
+
+    model = _tiny(region_head=True).eval()
+    g = torch.Generator().manual_seed(0)
+    boxes = torch.tensor([[[0.1, 0.1, 0.5, 0.5], [0.0, 0.0, 1.0, 1.0]], [[0.3, 0.2, 0.9, 0.8], [0.0, 0.0, 1.0, 1.0]]])
+    batch = {"images": torch.randn(2, 3, 32, 32, generator=g), "region_boxes": boxes,
+             "region_texts": torch.randint(1, 400, (2, 2, 16), generator=g),
+             "region_mask": torch.tensor([[True, False], [True, False]])}
+    with torch.no_grad():
+        extra = encode_extras(model, batch)
+        assert torch.allclose(extra["region_features"], model.encode_regions(batch["images"], boxes), atol=1e-5)
+        for i in range(2):
+            text = model.encode_text(batch["region_texts"][i])
+            assert torch.allclose(extra["region_text_features"][i], text, atol=1e-5)
+            _, tokens = model.encode_image_tokens(batch["images"][i:i + 1])
+            grounded = model.region_head.ground(tokens, text[None])[0]
+            assert torch.allclose(extra["grounded_boxes"][i], grounded, atol=1e-5)
+    assert torch.equal(extra["region_mask"], batch["region_mask"])
+    with pytest.raises(ValueError, match="no region head"):
+        encode_extras(_tiny(), batch)

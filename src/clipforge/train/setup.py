@@ -27,9 +27,11 @@ from .teachers import load_teacher_store
 
 
 def _needs_region_head(loss: dict) -> bool:
+    """Whether a configured loss term (by name, or by its ``term`` option) trains a region head (CLOC)."""
     from ..losses import LOSSES
 
-    return any(getattr(LOSSES.get(name), "needs_region_head", False) for name in loss if name in LOSSES.names())
+    kinds = [v.get("term", k) if isinstance(v, dict) else k for k, v in loss.items()]
+    return any(getattr(LOSSES.get(kind), "needs_region_head", False) for kind in kinds if kind in LOSSES.names())
 
 
 def build_model(cfg: TrainConfig, say=print):
