@@ -16,8 +16,8 @@ components of non-background pixels (:func:`component_boxes`, enough for ``shape
 uses a dense-captioning detector, GRiT), each entity takes the box whose sub-image its words
 match best (cosine). Simplifications, stated: a rule parser (shapes' relation phrases, a fixed
 list of English prepositions and verbs ending in -ing) stands in for the paper's language-model
-parser; one box per entity (the code can overlay several); a caption without a parsed entity,
-or an image without a box, scores as plain CLIP.
+parser; one box per entity (the code can overlay several); a caption the parser cannot split is one
+subject (the whole caption, matched to one box); an image without a box scores as plain CLIP.
 """
 from __future__ import annotations
 
