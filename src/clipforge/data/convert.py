@@ -55,6 +55,18 @@ def _resized_png(image: Any, image_size: int | None) -> bytes:
     return encode_png(center_crop(resize_shortest(load_image(image), image_size), image_size))
 
 
+def _moved_regions(item: dict[str, Any], image_size: int | None) -> dict[str, Any] | None:
+    """The item's ``regions`` field (clipforge.data.regions) checked, and moved with the center crop."""
+    from .regions import center_crop_regions, regions_from_json, regions_to_json
+
+    checked = regions_from_json(item["regions"], where=f"source item {item['key']}")
+    field = regions_to_json(checked["boxes"], checked["region_captions"])
+    if image_size is None:
+        return field
+    height, width = item["image"].shape[-2:]
+    return center_crop_regions(field, int(width), int(height))
+
+
 def _plan(src: Path, fractions: dict[str, float], reader_kwargs: dict[str, Any], bar) -> dict[str, Any]:
     stats = ReadStats()
     splits: dict[str, list[str]] = {s: [] for s in SPLITS}
@@ -116,8 +128,11 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, shard_bytes: int = 6
             n += 1
             if key != nxt:
                 continue
+            extra = {"source_key": item["key"]}
+            if item.get("regions") is not None:  # a region corpus: boxes follow the center crop
+                extra["regions"] = _moved_regions(item, image_size)
             yield ShardSample(key, _resized_png(item["image"], image_size), item["captions"], item["labels"],
-                              extra={"source_key": item["key"]})
+                              extra=extra)
             nxt = next(todo, None)
         while nxt is not None:  # the source yields fewer items than planned: it changed under us
             yield "vanished_on_resume"

@@ -440,6 +440,8 @@ def iter_webdataset(source: str | os.PathLike | Sequence[str | os.PathLike], sta
                 stats.skip("bad_row", f"{key}: labels are not integers")
                 continue
             extra = {"split": meta["split"]} if "split" in meta else {}
+            if meta.get("regions") is not None:  # a region corpus' boxes and region captions, checked on use
+                extra["regions"] = meta["regions"]
             item = _finish(stats, key, image, clean_captions(meta.get("captions")), labels, extra)
             if item is not None:
                 yield item

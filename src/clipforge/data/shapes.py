@@ -76,6 +76,16 @@ class ShapesSample:
     labels: dict[str, int] = field(default_factory=dict)
     negatives: dict[str, list[str]] = field(default_factory=dict)  # type -> hard-negative captions
 
+    @property
+    def boxes(self) -> np.ndarray:
+        """[N, 4] float32 normalized xyxy boxes of the objects, in ``objects`` order (:func:`object_box`)."""
+        return np.array([object_box(o) for o in self.objects], dtype=np.float32).reshape(-1, 4)
+
+    @property
+    def region_captions(self) -> list[str]:
+        """One caption per box (:func:`region_caption`)."""
+        return [region_caption(o) for o in self.objects]
+
 
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
@@ -96,6 +106,34 @@ def _polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tup
     else:
         raise ValueError(shape)
     return [(cx + rr[k] * math.cos(rot + 2 * math.pi * k / n), cy + rr[k] * math.sin(rot + 2 * math.pi * k / n)) for k in range(n)]
+
+
+def object_box(obj: ShapeObject) -> tuple[float, float, float, float]:
+    """The tight box of a drawn object, normalized ``(x0, y0, x1, y1)`` (fractions of the image side):
+    the circle's extent or the min/max of the polygon's vertices, as :func:`render` draws them."""
+    r = SIZES[obj.size]
+    if obj.shape == "circle":
+        xs, ys = (obj.x - r, obj.x + r), (obj.y - r, obj.y + r)
+    else:
+        pts = _polygon(obj.shape, obj.x, obj.y, r, 0.0)
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    return (max(0.0, min(xs)), max(0.0, min(ys)), min(1.0, max(xs)), min(1.0, max(ys)))
+
+
+def object_captions(color: str, shape: str, size: str) -> list[str]:
+    """The caption templates of a one-object scene; region captions use the same ones."""
+    return [
+        f"{_article(color)} {color} {shape}.",
+        f"{_article(size)} {size} {color} {shape}.",
+        f"a picture of {_article(color)} {color} {shape}.",
+        f"{_article(shape)} {shape} colored {color}.",
+    ]
+
+
+def region_caption(obj: ShapeObject) -> str:
+    """The caption of one object's region: the size-color-shape template of :func:`object_captions`
+    ("a small red circle.")."""
+    return object_captions(obj.color, obj.shape, obj.size)[1]
 
 
 def render(objects: list[ShapeObject], image_size: int, background: tuple[int, int, int], supersample: int = 2) -> np.ndarray:
@@ -188,13 +226,7 @@ class ShapesGenerator:
         if pos is None:
             return None
         obj = ShapeObject(shape, color, size, *pos[0])
-        a = _article(size)
-        captions = [
-            f"{_article(color)} {color} {shape}.",
-            f"{a} {size} {color} {shape}.",
-            f"a picture of {_article(color)} {color} {shape}.",
-            f"{_article(shape)} {shape} colored {color}.",
-        ]
+        captions = object_captions(color, shape, size)
         other_color = [c for c in COLORS if c != color][rng.integers(len(COLORS) - 1)]
         other_shape = [s for s in SHAPES if s != shape][rng.integers(len(SHAPES) - 1)]
         negatives = {

@@ -345,6 +345,10 @@ class ShardDataset(Dataset):
         item = {"image": image, "captions": captions, "labels": dict(meta.get("labels", {})), "key": meta["key"]}
         if meta.get("negatives"):  # typed hard negatives stored with the sample (e.g. shapes)
             item["negatives"] = {k: list(v) for k, v in meta["negatives"].items()}
+        if meta.get("regions") is not None:  # a region corpus: boxes + one caption per box (data.regions)
+            from .regions import regions_from_json
+
+            item.update(regions_from_json(meta["regions"], where=f"{self.root}: sample {meta['key']}"))
         return item
 
 

@@ -13,8 +13,10 @@ Methods (``METHODS``): ``tip`` (training-free Tip-Adapter), ``tip-f`` (Tip-Adapt
 (CoOp), ``gda`` (GDA + zero-shot, alpha on val), ``clipn`` (learned "no" prompts; reports OOD
 AUROC against the suite's OOD set instead of accuracy), ``tca`` (TCA token condensation,
 test-time: no support set; each eval split is streamed through the condensed image tower in a
-seeded random order per seed, results under ``results["test_time"]["tca"]``). Zero-shot is
-always reported.
+seeded random order per seed, results under ``results["test_time"]["tca"]``), ``comclip``
+(ComCLIP, training-free compositional matching: on ``shapes``' ``relations`` split, how often
+the true caption beats its relation-flipped and subject/object-swapped negatives, ComCLIP vs plain
+CLIP, under ``results["compositional"]["comclip"]``; no support set). Zero-shot is always reported.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 
 from ..adapt.clipn import CLIPNConfig, fit_clipn
+from ..adapt.comclip import ComCLIP, ComCLIPConfig, swap_accuracy
 from ..adapt.common import FeatureSet
 from ..adapt.coop import CoOpConfig, fit_coop
 from ..adapt.gda import gda_logits
@@ -40,7 +43,8 @@ from .suite_data import suite_data
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("tip", "tip-f", "coop", "gda", "clipn", "tca")
+METHODS = ("tip", "tip-f", "coop", "gda", "clipn", "tca", "comclip")
+NO_SUPPORT = ("tca", "comclip")  # methods without a support set
 
 
 @dataclass
@@ -64,6 +68,8 @@ class AdaptConfig:
     clipn: CLIPNConfig = field(default_factory=CLIPNConfig)
     tca: TCAConfig = field(default_factory=TCAConfig)
     tca_batch_size: int = 1  # test images per TCA step (the paper streams one at a time)
+    comclip: ComCLIPConfig = field(default_factory=ComCLIPConfig)
+    comclip_size: int = 200  # relation scenes ComCLIP is scored on (shapes' relations split)
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -129,7 +135,9 @@ def run_adaptation(model, tokenizer: Callable, cfg: AdaptConfig | None = None) -
     if "tca" in cfg.methods:
         results["test_time"] = {"tca": _run_tca(model, cls, scale, {"test": te} | ({"heldout": held} if held is not None else {}),
                                                 cfg)}
-    shot_methods = [m for m in cfg.methods if m != "tca"]
+    if "comclip" in cfg.methods:
+        results["compositional"] = {"comclip": _run_comclip(model, tokenizer, cfg)}
+    shot_methods = [m for m in cfg.methods if m not in NO_SUPPORT]
     for k in cfg.shots if shot_methods else ():
         per_method: dict[str, list[dict]] = {m: [] for m in shot_methods}
         for seed in cfg.seeds:
@@ -201,6 +209,21 @@ def _run_tca(model, classifier, scale: float, splits: dict, cfg: AdaptConfig) ->
     mean = {key: _mean(runs, key) for key in runs[0] if key != "seed"}
     return mean | {"gflops_plain": flops["gflops_plain"], "gflops_tca": flops["gflops_tca"], "gflops_saved": flops["saved"],
                    "runs": runs}
+
+
+def _run_comclip(model, tokenizer, cfg: AdaptConfig) -> dict[str, Any]:
+    """ComCLIP vs plain CLIP on ``cfg.comclip_size`` scenes of shapes' ``relations`` split (seed ``cfg.data_seed``)."""
+    if cfg.dataset != "shapes":
+        return {"skipped": f"ComCLIP is scored on shapes' relations split (boxes and swap negatives); "
+                           f"dataset {cfg.dataset} has neither"}
+    from ..data.shapes import ShapesGenerator
+
+    gen = ShapesGenerator("relations", seed=cfg.data_seed, image_size=model.image_size)
+    t0 = time.perf_counter()
+    out = swap_accuracy(ComCLIP(model, tokenizer, cfg.comclip), [gen.sample(i) for i in range(cfg.comclip_size)])
+    logger.info("comclip on %d relation scenes in %.1f s: %s", cfg.comclip_size, time.perf_counter() - t0,
+                ", ".join(f"{k} {v:.3f}" for k, v in out.items()))
+    return out | {"n": cfg.comclip_size, "weighting": cfg.comclip.weighting}
 
 
 def _config_dict(cfg: AdaptConfig) -> dict:

@@ -38,7 +38,7 @@ from .robustness import corrupt
 from .suite_data import suite_data
 
 TASKS = ("zero_shot", "retrieval", "linear_probe", "few_shot", "compositionality", "counting", "ood", "calibration",
-         "robustness", "diagnostics")
+         "robustness", "diagnostics", "regions")
 SUITES: dict[str, tuple[str, ...]] = {
     "quick": ("zero_shot", "retrieval", "diagnostics"),
     "full": TASKS,
@@ -250,10 +250,25 @@ def task_robustness(ctx: Context, view: str | None = None):
     return results, {}
 
 
+def task_regions(ctx: Context):
+    """Region classification and region-text retrieval on shapes' val scenes (:mod:`.regions`): crop-and-encode for
+    every model, and the region head's embeddings (CLOC's ``encode_regions``) for a model that has one."""
+    from .regions import evaluate_regions
+
+    out = {"crop": evaluate_regions(ctx.model, ctx.tokenizer, size=ctx.data.size, seed=ctx.data.seed, method="crop")}
+    if getattr(ctx.model, "region_head", None) is not None:
+        out["region_head"] = evaluate_regions(ctx.model, ctx.tokenizer, size=ctx.data.size, seed=ctx.data.seed,
+                                              method="region_head")
+    else:
+        out["region_head"] = "not run: the model has no region head (train with the cloc loss term)"
+    return out, {}
+
+
 RUNNERS: dict[str, Callable[[Context], tuple[dict, dict]]] = {
     "zero_shot": task_zero_shot, "retrieval": task_retrieval, "linear_probe": task_linear_probe,
     "few_shot": task_few_shot, "compositionality": task_compositionality, "counting": task_counting,
     "ood": task_ood, "calibration": task_calibration, "robustness": task_robustness, "diagnostics": task_diagnostics,
+    "regions": task_regions,
 }
 
 

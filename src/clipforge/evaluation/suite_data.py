@@ -255,6 +255,8 @@ class CorpusSuiteData:
             return f"{self.name} has no typed hard-negative captions"
         if task == "counting":
             return f"{self.name} has no count captions"
+        if task == "regions":
+            return f"{self.name} has no region annotations (the regions task runs on shapes)"
         if task == "ood":
             if self.name not in OOD_PARTNER:
                 return f"no out-of-distribution partner corpus for {self.name}"

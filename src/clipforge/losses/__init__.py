@@ -92,9 +92,11 @@ __all__ += ["CountingConfig", "counting_loss", "DclipConfig", "cosine_distill_lo
 # --- end hard negatives and distillation ---
 
 # --- model-variant terms ---
+from .cloc import ClocConfig, ClocLoss, cloc_loss, generalized_iou  # noqa: E402  (CLOC, needs a region head)
 from .long_clip import LongClipConfig, LongClipLoss, long_clip_loss, pca_reconstruct  # noqa: E402  (Long-CLIP)
 
-__all__ += ["LongClipConfig", "LongClipLoss", "long_clip_loss", "pca_reconstruct"]
+__all__ += ["LongClipConfig", "LongClipLoss", "long_clip_loss", "pca_reconstruct", "ClocConfig", "ClocLoss",
+            "cloc_loss", "generalized_iou"]
 from .moe_balance import MoEBalanceLoss  # noqa: E402  (CLIP-MoE's balance loss, from the model's forward)
 
 __all__ += ["MoEBalanceLoss"]

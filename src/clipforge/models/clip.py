@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from .compile import call_compiled
 from .config import CLIPConfig
 from .hf_text import HFTextTower
+from .region_head import RegionHead
 from .text import TextTransformer
 from .vision import VisionTransformer
 
@@ -46,6 +47,7 @@ class CLIP(nn.Module):
         self.text = HFTextTower(cfg.hf_text, cfg.embed_dim) if cfg.hf_text is not None else TextTransformer(cfg.text, cfg.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias))) if cfg.init_logit_bias is not None else None
+        self.region_head = RegionHead(cfg.embed_dim, self.visual.grid) if cfg.region_head else None
 
     @property
     def image_size(self) -> int:
@@ -108,6 +110,28 @@ class CLIP(nn.Module):
         positions = torch.arange(ids.shape[1], device=ids.device)
         mask = (positions >= 1) & (positions <= self.text.eot_index(ids)[:, None]) & (ids != self.text.cfg.pad_token_id)
         return F.normalize(self.text.project(self.text.pool(states, ids)), dim=-1), self.text.project(states), mask
+
+    def _require_region_head(self) -> RegionHead:
+        if self.region_head is None:
+            raise ValueError("this model has no region head, so it cannot encode regions; build it with "
+                             "region_head=True (clipforge train ... model_overrides.region_head=true, or a CLOC loss "
+                             "term) or crop the boxes and use encode_image")
+        return self.region_head
+
+    def encode_regions(self, images: Tensor, boxes: Tensor, normalize: bool = True) -> Tensor:
+        """CLOC region embeddings [B, R, d] of ``boxes`` [B, R, 4] (normalized x0, y0, x1, y1) in ``images``:
+        the region head (models/region_head.py) over one pass of the image tower's projected patch tokens."""
+        head = self._require_region_head()
+        _, tokens = self.encode_image_tokens(images)
+        x = head(tokens, boxes.to(tokens.dtype))
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def region_outputs(self, images: Tensor, boxes: Tensor, region_text_features: Tensor) -> tuple[Tensor, Tensor]:
+        """(normalized region embeddings [B, R, d], grounded boxes [B, R, 4]) from one pass of the image tower:
+        the boxes' embeddings and the boxes the head predicts for the region captions' embeddings (CLOC)."""
+        head = self._require_region_head()
+        _, tokens = self.encode_image_tokens(images)
+        return F.normalize(head(tokens, boxes.to(tokens.dtype)), dim=-1), head.ground(tokens, region_text_features)
 
     def scale(self) -> Tensor:
         return self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)

@@ -95,6 +95,8 @@ class CLIPConfig:
     # setting, not architecture: saved configs carry it, and it changes no result beyond rounding.
     # See clipforge/models/compile.py and docs/performance.md.
     compile: bool = False
+    # CLOC's promptable region head (models/region_head.py): ``encode_regions(images, boxes)``
+    region_head: bool = False
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CLIPConfig":

@@ -107,6 +107,10 @@ class TrainItems(Dataset):
     synthetic: bool = False
     # HQ-CLIP: short tags per sample, the item's ``short_tags`` source, else keyword_tags(caption)
     short_tags: bool = False
+    # CLOC: the item's boxes (normalized xyxy) and one caption per box, up to ``max_regions`` per sample
+    # (clipforge.data.regions); collated as region_boxes [B, R, 4], region_texts [B, R, L], region_mask [B, R]
+    regions: bool = False
+    max_regions: int = 4
 
     def __post_init__(self):
         if self.caption_policy not in CAPTION_POLICIES:
@@ -139,6 +143,8 @@ class TrainItems(Dataset):
                 captions = [captions]
             if not captions:
                 raise ValueError(f"sample {index} has no caption")
+            if self.regions:
+                boxes, region_captions = _regions(item, index, self.max_regions)
         except (ImageLoadError, ValueError, KeyError, OSError) as e:
             return {"error": f"sample {index}: {e}"}
         if self.caption_policy == "longest":  # Long-CLIP: the long caption (its first sentence is the short one)
@@ -154,6 +160,8 @@ class TrainItems(Dataset):
         if self.synthetic or self.short_tags:
             out.update(second_captions(item, caption, self.synthetic, self.short_tags,
                                        np.random.default_rng([self.seed, epoch, index, 3])))
+        if self.regions:
+            out["boxes"], out["region_captions"] = boxes, region_captions
         if self.teachers is not None:
             out["teacher_image"], out["teacher_text"] = self.teachers.lookup(index, which)
         if self.positives:
@@ -169,6 +177,19 @@ class TrainItems(Dataset):
             out["count_negative"] = counts[int(rng.integers(len(counts)))] if counts else None
             out["count_positive"] = same_wording(captions, out["count_negative"]) if counts else None
         return out
+
+
+def _regions(item: dict, index: int, max_regions: int) -> tuple[torch.Tensor, list[str]]:
+    """(boxes [N, 4] float32, N region captions) of a dataset item, checked (clipforge.data.regions)."""
+    from ..data.regions import check_regions
+
+    if item.get("boxes") is None or item.get("region_captions") is None:
+        raise ValueError(f"sample {index} has no boxes/region_captions; a region loss term needs a dataset with "
+                         "regions (shapes, shapes_long, or shards of a region corpus with a 'regions' json field)")
+    boxes = check_regions(item["boxes"], item["region_captions"], where=f"sample {index}")
+    if len(boxes) > max_regions:
+        raise ValueError(f"sample {index} has {len(boxes)} regions, more than max_regions={max_regions}")
+    return torch.as_tensor(boxes, dtype=torch.float32), list(item["region_captions"])
 
 
 def second_captions(item: dict, caption: str, synthetic: bool, short_tags: bool, rng) -> dict[str, str]:
@@ -238,10 +259,11 @@ def _padded(tokenizer, rows: list[list[str]], k: int | None) -> tuple[torch.Tens
 
 
 def make_collate(tokenizer: Callable[[list[str]], torch.Tensor], negatives: int | None = None,
-                 positives: int | None = None):
+                 positives: int | None = None, regions: int | None = None):
     """Stack a batch; per-sample negative (positive) captions are padded to ``negatives``
     (``positives``; default: the batch's largest count) with the mask False on the padding, so
-    every micro-batch of a step has the same [B, K] layout."""
+    every micro-batch of a step has the same [B, K] layout; region boxes and captions likewise to
+    ``regions`` slots (padding boxes are the whole image, masked out)."""
 
     def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
         good = [it for it in items if it is not None and "error" not in it]
@@ -272,6 +294,13 @@ def make_collate(tokenizer: Callable[[list[str]], torch.Tensor], negatives: int 
         for key in ("synthetic", "short_tags"):  # ALIP's synthetic caption, HQ-CLIP's short tags
             if key in good[0]:
                 batch[f"{key}_texts"] = tokenizer([it[key] for it in good])
+        if "boxes" in good[0]:
+            r = regions or max(1, max(len(it["boxes"]) for it in good))
+            boxes = torch.tensor([0.0, 0.0, 1.0, 1.0]).repeat(len(good), r, 1)
+            for row, it in enumerate(good):
+                boxes[row, :len(it["boxes"])] = it["boxes"]
+            batch["region_boxes"] = boxes
+            batch["region_texts"], batch["region_mask"] = _padded(tokenizer, [it["region_captions"] for it in good], r)
         if "count_negative" in good[0]:
             batch["count_negative_texts"] = tokenizer([it["count_negative"] or "" for it in good])
             batch["count_positive_texts"] = tokenizer([it["count_positive"] or "" for it in good])
@@ -311,7 +340,8 @@ def train_loader(items: TrainItems, batch_size: int, seed: int, start_batch: int
     if world_size > 1:
         sampler = RankSlices(sampler, accum_steps, rank, world_size)
     return DataLoader(items, batch_sampler=sampler,
-                      collate_fn=make_collate(tokenizer, items.negatives or None, items.positives or None),
+                      collate_fn=make_collate(tokenizer, items.negatives or None, items.positives or None,
+                                              items.max_regions if items.regions else None),
                       num_workers=num_workers,
                       persistent_workers=False)
 

@@ -22,12 +22,24 @@ from torch import Tensor, nn
 NEGATIVES, COUNTS, POSITIVES = "negative_text_features", "count_negative_text_features", "positive_text_features"
 VIEW2, SYNTHETIC, TAGS = "image_features_view2", "synthetic_text_features", "short_tag_features"
 TEACHER_KEYS = ("teacher_image_features", "teacher_text_features")
+REGION_KEYS = ("region_features", "region_text_features", "grounded_boxes")  # CLOC, with region_boxes/_mask
 TOKEN_KEYS = ("image_tokens", "text_tokens")  # LossInputs fields (with text_mask), from the model's forward
 
 
 def _per_sample(encode_text, ids: Tensor) -> Tensor:
     """[B, K, L] token ids (per-sample negatives or positives) -> [B, K, d] features."""
     return encode_text(ids.reshape(-1, ids.shape[-1])).float().view(ids.shape[0], ids.shape[1], -1)
+
+
+def _regions(model: nn.Module, batch: dict) -> dict:
+    """CLOC's inputs: region embeddings of the boxes (the region head over one pass of the image tower),
+    the region captions' text embeddings and the boxes the head grounds those captions to."""
+    if not hasattr(model, "region_outputs"):
+        raise ValueError(f"a region loss term needs a model with a region head, not a {type(model).__name__}")
+    texts = _per_sample(model.encode_text, batch["region_texts"])
+    regions, grounded = model.region_outputs(batch["images"], batch["region_boxes"], texts)
+    return {"region_features": regions.float(), "region_text_features": texts, "grounded_boxes": grounded.float(),
+            "region_boxes": batch["region_boxes"], "region_mask": batch["region_mask"]}
 
 
 def _ema_pair(model: nn.Module, batch: dict) -> dict:
@@ -73,6 +85,7 @@ INPUTS: tuple[ExtraInput, ...] = (
                lambda m, b: {COUNTS: m.encode_text(b["count_negative_texts"]).float(),
                              "count_positive_text_features": m.encode_text(b["count_positive_texts"]).float(),
                              "count_mask": b["count_mask"]}),
+    ExtraInput(REGION_KEYS, "model", "region_boxes", True, _regions),
     ExtraInput(TOKEN_KEYS, "model", None, False),  # the model's forward with return_tokens (setup.token_outputs)
     ExtraInput(("ema_image_features", "ema_text_features"), "ema", "images", False, lambda m, b: _ema_pair(m, b)),
     ExtraInput(("ema_negative_text_features",), "ema", "negative_texts", True,

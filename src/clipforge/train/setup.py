@@ -23,10 +23,18 @@ from .config import TrainConfig
 from .data import TrainItems, stream_train_loader, train_loader, view_transform
 from .freeze import apply_freeze
 from .inputs import (COUNTS, EMA_KEYS, FROM_DATASET, NEGATIVES, POSITIVES, PRODUCED, SYNTHETIC,  # noqa: F401
-                     TAGS, TEACHER_KEYS, TOKEN_KEYS, VIEW2)
+                     TAGS, TEACHER_KEYS, TOKEN_KEYS, VIEW2, REGION_KEYS)
 from .teachers import load_teacher_store
 
 logger = logging.getLogger(__name__)
+
+
+def _needs_region_head(loss: dict) -> bool:
+    """Whether a configured loss term (by name, or by its ``term`` option) trains a region head (CLOC)."""
+    from ..losses import LOSSES
+
+    kinds = [v.get("term", k) if isinstance(v, dict) else k for k, v in loss.items()]
+    return any(getattr(LOSSES.get(kind), "needs_region_head", False) for kind in kinds if kind in LOSSES.names())
 
 
 def build_model(cfg: TrainConfig, say=logger.info):
@@ -38,7 +46,10 @@ def build_model(cfg: TrainConfig, say=logger.info):
                                    allow_nonfinite=cfg.init_allow_nonfinite)
         model.train()
     else:
-        model = create_model(cfg.model, seed=cfg.seed, **cfg.model_overrides)
+        overrides = dict(cfg.model_overrides)
+        if _needs_region_head(cfg.loss) and "region_head" not in overrides:  # CLOC trains a region head
+            overrides["region_head"] = True
+        model = create_model(cfg.model, seed=cfg.seed, **overrides)
         if model.cfg.hf_text is not None:  # a pretrained Hugging Face text tower brings its own tokenizer
             from ..interop.text_tokenizers import HFTokenizer
 
@@ -172,6 +183,7 @@ def build_loader(cfg: TrainConfig, model, tokenizer, needs: set, out_dir: Path, 
                            positive_source=cfg.data.positive_source,
                            teachers=teachers, caption_policy=resolve_caption_policy(cfg.data.caption_policy, needs),
                            sources=sources, synthetic=SYNTHETIC in needs, short_tags=TAGS in needs,
+                           regions=bool(needs & set(REGION_KEYS)),
                            second_view=view_transform(model.image_size, cfg.data.view_scale, cfg.data.view_jitter)
                            if VIEW2 in needs else None)
         loader = train_loader(items, micro, cfg.seed, start_batch=start_step * cfg.accum_steps,

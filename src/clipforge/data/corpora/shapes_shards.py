@@ -5,7 +5,8 @@ webdataset reader see it like ``openclipart`` and ``emoji``.
 Splits keep the generator's meaning (they are not hash splits): ``train`` and ``val`` from
 its train/val splits, ``test`` = the ``compositional`` split (the five color-shape pairs never
 seen in training). Single-object images carry the ``shape``, ``color`` and ``object`` labels;
-every sample keeps its typed hard negatives in the json (``negatives``).
+every sample keeps its typed hard negatives in the json (``negatives``) and its object boxes with one
+caption each (``regions``, a region corpus: clipforge.data.regions).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import os
 from collections import Counter
 
 from ..formats import encode_png
+from ..regions import regions_to_json
 from ..shapes import LABEL_VIEWS, ShapesGenerator
 from ..shards import ShardSample, ShardSetWriter
 
@@ -39,7 +41,9 @@ def build(out: str | os.PathLike, image_size: int = 64, limit: int | None = None
                 s = gen.sample(int(key.rsplit("-", 1)[1]))
                 labels = {v: s.labels[v] for v in VIEWS if v in s.labels and s.kind == "single"}
                 png = encode_png(torch.from_numpy(s.image).permute(2, 0, 1))
-                yield ShardSample(key, png, list(s.captions), labels, "png", {"negatives": s.negatives, "kind": s.kind})
+                extra = {"negatives": s.negatives, "kind": s.kind,
+                         "regions": regions_to_json(s.boxes, s.region_captions)}
+                yield ShardSample(key, png, list(s.captions), labels, "png", extra)
 
         writer.write_split(split, [f"{source}-{i:07d}" for i in range(sizes[split])], produce)
     views = {v: {"classes": list(LABEL_VIEWS[v]["classes"]), "templates": list(LABEL_VIEWS[v]["templates"])} for v in VIEWS}
