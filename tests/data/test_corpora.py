@@ -178,11 +178,10 @@ def test_built_corpus_has_no_leakage(name, tmp_path):
     out = tmp_path / name
     if name == "openclipart":
         _openclipart_subset(tmp_path / "src")
-        openclipart.build(out, image_size=64, workers=1, progress=False, source=tmp_path / "src", log=lambda s: None)
+        openclipart.build(out, image_size=64, workers=1, progress=False, source=tmp_path / "src")
     else:
         _emoji_subset(tmp_path / "emoji-test.txt")
-        emoji_corpus.build(out, image_size=64, workers=1, progress=False, emoji_test=tmp_path / "emoji-test.txt",
-                           log=lambda s: None)
+        emoji_corpus.build(out, image_size=64, workers=1, progress=False, emoji_test=tmp_path / "emoji-test.txt")
     max_distance = json.loads((out / "stats.json").read_text())["leakage"]["max_distance"]
     assert max_distance == 8
     splits = {s: ShardDataset(out, s, image_size=None) for s in ("train", "val", "test")}
