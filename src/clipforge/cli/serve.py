@@ -43,7 +43,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--backend", default="auto", choices=["auto", "faiss", "numpy"],
-                   help="exact search with faiss (if installed: auto) or numpy; both give the same ranking")
+                   help="auto: the index's ANN index (ivf/ivfpq/hnsw) with faiss if it has one, else exact search with "
+                        "faiss if installed, else numpy; numpy: always exact (same ranking as faiss flat)")
+    p.add_argument("--nprobe", type=int, default=None, metavar="N",
+                   help="ivf/ivfpq indexes: inverted lists probed per query (default: the value tuned at index time; "
+                        "higher = better recall, slower)")
+    p.add_argument("--ef-search", type=int, default=None, metavar="N",
+                   help="hnsw indexes: candidate list size per query (default: the value tuned at index time)")
     from ..images import DEFAULT_MAX_IMAGE_PIXELS
     from ..serve.app import DECODE_WORKERS, MAX_LABEL_CHARS, MAX_LABELS, MAX_UPLOAD_BYTES, MAX_UPLOADS
 
@@ -76,7 +82,8 @@ def run(args) -> int:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    searcher = Searcher(args.index, model=args.model, backend=args.backend, max_image_pixels=args.max_image_pixels)
+    searcher = Searcher(args.index, model=args.model, backend=args.backend, max_image_pixels=args.max_image_pixels,
+                        nprobe=args.nprobe, ef_search=args.ef_search)
     app = create_app(searcher, max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_labels=args.max_labels,
                      max_label_chars=args.max_label_chars, decode_workers=args.decode_workers,
                      max_uploads=args.max_uploads)
