@@ -14,6 +14,10 @@ cosine similarity); the numpy one is the reference:
 
 ``backend="auto"`` takes faiss when it imports and numpy otherwise. Results of both are sorted
 by score, ties broken by the lower id.
+
+An index built with an approximate type (``clipforge index --index ivf|ivfpq|hnsw``, or ``auto``
+on a large collection: :mod:`clipforge.serve.ann`) is searched with :class:`AnnBackend` under
+``backend="auto"`` or ``"faiss"``; ``"numpy"`` stays exact.
 """
 from __future__ import annotations
 
