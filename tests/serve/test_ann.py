@@ -1,4 +1,4 @@
-"""Approximate search (issue 18 item 4): recall against exact search, the automatic choice, budgets, incremental adds."""
+"""Approximate search (issue 18 item 4): recall against exact search, the automatic choice, budgets, adds."""
 from __future__ import annotations
 
 import json

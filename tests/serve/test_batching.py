@@ -1,4 +1,4 @@
-"""Dynamic batching of text queries (issue 18 item 6): concurrent queries share a forward pass, each gets its own answer."""
+"""Dynamic batching of text queries (issue 18 item 6): concurrent queries share a forward, each gets its own answer."""
 from __future__ import annotations
 
 import threading

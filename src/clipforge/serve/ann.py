@@ -18,10 +18,10 @@ rules, in order (``choose_index``):
 IVF uses ``nlist`` = the power of two nearest ``sqrt(n)`` (at least 16) lists (autofaiss takes
 4-16 x sqrt(n); fewer lists train faster on a CPU, and the tuned ``nprobe`` makes up the recall),
 trained by 15 k-means iterations on a sample of at most ``TRAIN_MAX`` rows; the product
-quantizer trains on at most 64 x 256 of them, without polysemous training. The search parameter (``nprobe`` for IVF, ``efSearch`` for HNSW)
-is chosen at build time as the smallest one whose recall@10 against exact search reaches the
-target (0.95) on ``TUNE_QUERIES`` queries drawn near stored vectors; it is stored in the manifest
-and can be overridden at search time.
+quantizer trains on at most 64 x 256 of them, without polysemous training. The search parameter
+(``nprobe`` for IVF, ``efSearch`` for HNSW) is chosen at build time as the smallest one whose
+recall@10 against exact search reaches the target (0.95) on ``TUNE_QUERIES`` queries drawn near
+stored vectors; it is stored in the manifest and can be overridden at search time.
 
 Memory estimates (bytes; what the index holds in RAM, ``embeddings.npy`` excluded):
 flat ``4nd``; hnsw ``n(4d + 8M)``; ivf ``n(4d + 8) + 4 nlist d``; ivfpq ``n(m + 8) + 4 nlist d + 4*256 d``.

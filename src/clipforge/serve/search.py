@@ -33,7 +33,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from .ann import RERANK_MIN
-from .index import (IndexData, IndexNotFoundError, ModelMismatchError, check_indexed_file, check_same_model, describe_model,
+from .index import (IndexData, IndexNotFoundError, ModelMismatchError, check_indexed_file, check_same_model,
+                    describe_model,
                     indexed_roots, model_info, open_index, read_indexed_bytes)
 
 log = logging.getLogger(__name__)
@@ -429,5 +430,6 @@ class Searcher:
         return buf.getvalue(), "image/png"
 
 
-__all__ = ["Searcher", "Hit", "NumpyBackend", "FaissBackend", "AnnBackend", "make_backend", "faiss_available", "BACKENDS",
+__all__ = ["Searcher", "Hit", "NumpyBackend", "FaissBackend", "AnnBackend", "make_backend", "faiss_available",
+           "BACKENDS",
            "ModelMismatchError"]
