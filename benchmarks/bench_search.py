@@ -17,6 +17,20 @@ The text tower is ``tiny``'s (random weights: latency does not depend on what wa
 ``--model`` takes a trained one instead.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_search.py [--sizes 10000 30000 100000] [--queries 200]
+
+``--ann N``: search over millions instead. N synthetic vectors of ``--dim`` (512) stored float16
+in a memory-mapped ``embeddings.npy``, clustered like CLIP image embeddings: every vector is
+``0.6 * m + c_j + e`` normalized, with ``m`` one direction shared by all (CLIP embeddings of
+unrelated images have cosines around 0.5), ``c_j`` one of N/100 cluster centres drawn with a
+decaying spectrum (variance of dimension i proportional to 1/(1 + i/32), in a random rotation)
+and ``e`` isotropic noise. Per index type (``--types``; ``flat`` is faiss ``IndexFlatIP``):
+build time (training + adding; ``tune s`` separately: exact search of 200 tuning queries and the
+recall sweep), index memory (faiss's serialized size, and its ratio to the float32 vectors
+``4 N d``), recall@10 of 200 other queries against exact numpy search, p50/p99 latency of one
+query at a time (batch 1, the backend's ``search`` as ``clipforge serve`` calls it, ivfpq's
+re-ranking included).
+
+    nice python benchmarks/bench_search.py --ann 1000000 --max-memory 512MB --types ivfpq ivf
 """
 from __future__ import annotations
 
@@ -54,6 +68,97 @@ def write_random_index(root: Path, model, n: int, seed: int = 0) -> None:
                   "sources": [{"kind": "random", "n": n}]}, emb, meta)
 
 
+def clip_like(path: Path, n: int, d: int, seed: int = 0) -> np.ndarray:
+    """N x d float16 unit vectors clustered like CLIP embeddings (see the module docstring), memory-mapped."""
+    rng = np.random.default_rng(seed)
+    rot, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    scale = (1.0 / np.sqrt(1 + np.arange(d) / 32)).astype(np.float32)
+    shared = rng.standard_normal(d).astype(np.float32)
+    shared /= np.linalg.norm(shared)
+    k = max(n // 100, 1)
+    centres = ((rng.standard_normal((k, d)) * scale) @ rot).astype(np.float32)
+    centres *= 0.8 / np.sqrt(np.mean(np.sum(centres ** 2, axis=1)))
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, d))
+    for s in range(0, n, 50_000):
+        m = min(50_000, n - s)
+        x = 0.6 * shared + centres[rng.integers(0, k, m)] + rng.standard_normal((m, d)).astype(np.float32) * (
+            0.5 / np.sqrt(d))
+        out[s:s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    out.flush()
+    del out
+    return np.load(path, mmap_mode="r")
+
+
+def run_ann(args) -> None:
+    import faiss
+
+    from clipforge.serve import ann
+    from clipforge.serve.search import AnnBackend, FaissBackend
+
+    n, d = args.ann, args.dim
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, faiss {faiss.__version__} "
+          f"threads {faiss.omp_get_max_threads()}; N={n:,} d={d} float16 memory-mapped, clustered (CLIP-like); "
+          f"k=10, {args.queries} timed queries at batch 1; load average {os.getloadavg()[0]:.1f} at start", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        t0 = time.perf_counter()
+        x = clip_like(Path(tmp) / "embeddings.npy", n, d)
+        print(f"  generated in {time.perf_counter() - t0:.0f} s; auto would choose: "
+              f"{ann.choose_index(n, d, args.max_memory).reason}", flush=True)
+        q = ann.tuning_queries(x, args.queries, seed=99)  # other queries than the build-time tuning's (seed 1)
+        t0 = time.perf_counter()
+        truth = ann.exact_topk(x, q, args.k)
+        print(f"  exact reference for {len(q)} queries in {time.perf_counter() - t0:.0f} s", flush=True)
+        float32_bytes = 4 * n * d
+        for kind in args.types:
+            t0 = time.perf_counter()
+            if kind == "flat":
+                backend = FaissBackend(x)
+                build_s, tune_s, mem, param = time.perf_counter() - t0, 0.0, backend.index.ntotal * d * 4, "exact"
+            else:
+                spec = ann.choose_index(n, d, args.max_memory if kind == "ivfpq" else None, kind)
+                index = ann.build(x, spec)
+                build_s = time.perf_counter() - t0
+                record = {"spec": spec.to_dict(), "count": n}
+                t1 = time.perf_counter()
+                tuning = ann.tune(index, kind, x, AnnBackend(index, x, record).search)
+                tune_s = time.perf_counter() - t1
+                record["search"] = {tuning.param: tuning.value}
+                backend = AnnBackend(index, x, record)
+                mem = len(faiss.serialize_index(index))
+                param = f"{spec.factory()} {tuning.param}={tuning.value}"
+            for i in range(10):  # warm-up
+                backend.search(q[i:i + 1], args.k)
+            times, found = [], []
+            for i in range(len(q)):
+                t1 = time.perf_counter()
+                _, ids = backend.search(q[i:i + 1], args.k)
+                times.append(time.perf_counter() - t1)
+                found.append(ids[0])
+            recall = ann.recall_at(np.asarray(found), truth)
+            rows.append([kind, param, f"{build_s:.1f}", f"{tune_s:.1f}", f"{mem / 2**20:,.0f}",
+                         f"{100 * mem / float32_bytes:.1f}%", f"{recall:.3f}", f"{percentile_ms(times, 50):.2f}",
+                         f"{percentile_ms(times, 99):.2f}"])
+            print("  done", rows[-1], f"load {os.getloadavg()[0]:.1f}", flush=True)
+            del backend
+    print_table(["type", "index (search parameter)", "build s", "tune s", "memory MiB", "of float32",
+                 "recall@10", "p50 ms", "p99 ms"], rows, left=2)
+
+
+def print_table(header: list[str], rows: list[list[str]], left: int = 2) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+
+    def line(cells):
+        return "| " + " | ".join(c.rjust(w) if j >= left else c.ljust(w)
+                                 for j, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    print()
+    print(line(header))
+    print("|" + "|".join("-" * (w + 1) + (":" if j >= left else "-") for j, w in enumerate(widths)) + "|")
+    for r in rows:
+        print(line(r))
+
+
 def percentile_ms(times: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(times) * 1000, q))
 
@@ -65,7 +170,17 @@ def main() -> None:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--batch", type=int, default=64, help="queries per batch for the batched throughput")
     p.add_argument("--model", help="a trained model (default: tiny with random weights)")
+    p.add_argument("--ann", type=int, metavar="N", help="search over millions: N synthetic vectors, per index type")
+    p.add_argument("--dim", type=int, default=512, help="--ann: dimension (default 512)")
+    p.add_argument("--types", nargs="+", default=["flat", "ivf", "ivfpq", "hnsw"],
+                   choices=["flat", "ivf", "ivfpq", "hnsw"], help="--ann: index types to measure")
+    p.add_argument("--max-memory", default="512MB", help="--ann: the ivfpq budget (default 512MB, 25%% of 1M x 512 "
+                                                           "float32)")
+    p.add_argument("--tmp", default=None, help="--ann: where the embeddings file goes (default the system's)")
     args = p.parse_args()
+    if args.ann:
+        run_ann(args)
+        return
 
     if args.model:
         model, tok, pre = clipforge.load(args.model)

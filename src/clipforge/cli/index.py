@@ -15,7 +15,22 @@ examples:
 what is written (INDEX_DIR):
   embeddings.npy     L2-normalized image embeddings [N, dim], float16 (or --dtype float32)
   metadata.parquet   one row per image: id, key (path or NAME/SPLIT/KEY), caption, size, mtime, ...
-  manifest.json      the model (source, checkpoint, SHA-256 of its weights), dim, count, sources
+  manifest.json      the model (source, checkpoint, SHA-256 of its weights), dim, count, sources, and
+                     "ann": the index type chosen, why, its memory, the tuned nprobe/efSearch and recall
+  ann.faiss          the approximate index (ivf, ivfpq, hnsw; none for flat)
+
+index types (--index; faiss for all but flat):
+  auto    (default) chosen from the collection size and --max-memory: flat below 20,000 images;
+          hnsw below 1,000,000 when its graph and vectors fit; ivf when the float32 vectors fit;
+          else ivfpq with the largest code that fits; the choice and why are logged and stored
+  flat    exact search (faiss IndexFlatIP, or numpy without faiss)
+  ivf     inverted lists of float32 vectors (exact scores within the lists probed)
+  ivfpq   inverted lists of product-quantized codes, shortlist re-scored from embeddings.npy
+  hnsw    a graph (M=32) over the float32 vectors
+  The search parameter (nprobe for ivf/ivfpq, efSearch for hnsw) is the smallest that reaches
+  --recall-target recall@10 against exact search on 200 queries; clipforge serve --nprobe /
+  --ef-search overrides it. New images are added to a trained index until the collection
+  outgrows it (twice the lists it was trained for), then it is rebuilt (logged).
 
 Running the same command again embeds only what is new or changed: a file whose path, size
 and modification time are already in the index is skipped; a changed one is re-embedded; an
@@ -55,6 +70,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rebuild", action="store_true", help="discard what the index holds and embed everything again")
     p.add_argument("--commit-every", type=int, default=10_000, metavar="N",
                    help="write the index every N new images, so an interrupted run keeps its work (default 10000)")
+    p.add_argument("--index", default="auto", choices=["auto", "flat", "ivf", "ivfpq", "hnsw"], dest="index_kind",
+                   help="the search index type (default auto: chosen from the size and --max-memory)")
+    p.add_argument("--max-memory", metavar="SIZE", default=None,
+                   help="memory budget of the search index, e.g. 2GB or 512MB (default 4GB); a budget too small "
+                        "for any type is an error before anything is embedded")
+    p.add_argument("--recall-target", type=float, default=0.95, metavar="R",
+                   help="recall@10 against exact search the search parameter is tuned for (default 0.95)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="if another clipforge index is writing INDEX_DIR, wait up to SECONDS for it to finish and "
@@ -91,12 +113,19 @@ def run(args) -> int:
         report = build_index(model, preprocess, args.out, candidates, model_source=args.model, folder_roots=roots,
                              source=source, dtype=args.dtype, batch_size=args.batch_size, rebuild=args.rebuild,
                              commit_every=args.commit_every, progress=not args.quiet, on_skip=warn,
-                             lock_timeout=args.wait)
+                             lock_timeout=args.wait, index_kind=args.index_kind, max_memory=args.max_memory,
+                             recall_target=args.recall_target)
     except LockHeld as e:
         hint = "" if args.wait > 0 else "; or rerun with --wait SECONDS to add to the index once it is free"
         print(f"clipforge index: error: {e}{hint}", file=sys.stderr)
         return 2
     print(report.summary())
+    ann = report.ann
+    if ann:
+        tuned = "".join(f"; {k}={v}" for k, v in ann.get("search", {}).items())
+        recall = (f", recall@10 {ann['tuned_recall_at_10']:.3f} on the tuning queries"
+                  if "tuned_recall_at_10" in ann else "")
+        print(f"search index: {ann['spec']['reason']}{tuned}{recall}")
     if report.skipped:
         print(f"warning: {len(report.skipped)} unreadable image(s) were skipped and are not in the index "
               "(they are tried again on the next run)", file=sys.stderr)

@@ -43,9 +43,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--backend", default="auto", choices=["auto", "faiss", "numpy"],
-                   help="exact search with faiss (if installed: auto) or numpy; both give the same ranking")
+                   help="auto: the index's ANN index (ivf/ivfpq/hnsw) with faiss if it has one, else exact search with "
+                        "faiss if installed, else numpy; numpy: always exact (same ranking as faiss flat)")
+    p.add_argument("--nprobe", type=int, default=None, metavar="N",
+                   help="ivf/ivfpq indexes: inverted lists probed per query (default: the value tuned at index time; "
+                        "higher = better recall, slower)")
+    p.add_argument("--ef-search", type=int, default=None, metavar="N",
+                   help="hnsw indexes: candidate list size per query (default: the value tuned at index time)")
     from ..images import DEFAULT_MAX_IMAGE_PIXELS
-    from ..serve.app import DECODE_WORKERS, MAX_LABEL_CHARS, MAX_LABELS, MAX_UPLOAD_BYTES, MAX_UPLOADS
+    from ..serve.app import (DECODE_WORKERS, MAX_LABEL_CHARS, MAX_LABELS, MAX_UPLOAD_BYTES, MAX_UPLOADS, TEXT_BATCH,
+                             TEXT_BATCH_WAIT_MS)
 
     p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_BYTES / (1 << 20), metavar="MB",
                    help=f"largest image upload in MiB (default {MAX_UPLOAD_BYTES >> 20})")
@@ -60,6 +67,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"labels per /classify request (default {MAX_LABELS})")
     p.add_argument("--max-label-chars", type=int, default=MAX_LABEL_CHARS, metavar="N",
                    help=f"characters per label (default {MAX_LABEL_CHARS})")
+    p.add_argument("--text-batch", type=int, default=TEXT_BATCH, metavar="N",
+                   help=f"concurrent text queries encoded in one forward pass, at most (default {TEXT_BATCH}; "
+                        "1 turns batching off)")
+    p.add_argument("--batch-wait-ms", type=float, default=TEXT_BATCH_WAIT_MS, metavar="MS",
+                   help=f"how long a text query waits for others to share its forward pass (default "
+                        f"{TEXT_BATCH_WAIT_MS:g})")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -72,14 +85,16 @@ def run(args) -> int:
     from ..serve.search import Searcher
 
     for name in ("max_upload_mb", "max_image_pixels", "decode_workers", "max_uploads", "max_labels",
-                 "max_label_chars"):
+                 "max_label_chars", "text_batch"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    searcher = Searcher(args.index, model=args.model, backend=args.backend, max_image_pixels=args.max_image_pixels)
+    searcher = Searcher(args.index, model=args.model, backend=args.backend, max_image_pixels=args.max_image_pixels,
+                        nprobe=args.nprobe, ef_search=args.ef_search)
     app = create_app(searcher, max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_labels=args.max_labels,
                      max_label_chars=args.max_label_chars, decode_workers=args.decode_workers,
-                     max_uploads=args.max_uploads)
+                     max_uploads=args.max_uploads, text_batch=args.text_batch,
+                     text_batch_wait_ms=args.batch_wait_ms)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding {args.host}: the search API has no authentication and serves the indexed images "
               "to anyone who can reach this port", file=sys.stderr)

@@ -37,8 +37,11 @@ Searcher) works without the ``serve`` extra installed.
 # runtime, and the fastapi types are imported inside create_app, out of reach of string annotations
 import hashlib
 import json
+import logging
+import queue
 import threading
 import time
+from concurrent.futures import Future
 from functools import lru_cache
 from importlib import resources
 from typing import Any
@@ -55,6 +58,10 @@ MAX_LABEL_CHARS = 200
 MAX_TEMPLATE_CHARS = 500
 DECODE_WORKERS = 2
 MAX_UPLOADS = 16
+TEXT_BATCH = 32  # text queries encoded in one forward pass at most
+TEXT_BATCH_WAIT_MS = 5.0  # how long the first query of a batch waits for others
+
+log = logging.getLogger(__name__)
 UPLOAD_PATHS = ("/search/image", "/classify")
 CLOSE = [(b"connection", b"close")]
 
@@ -161,6 +168,62 @@ class DecodeWorkers:
             return fn(*args)
 
 
+class TextBatcher:
+    """Dynamic batching of text queries: those arriving within ``wait_ms`` of each other share one forward pass.
+
+    Callers (the server's worker threads) put their query on a queue and wait for their own
+    answer; one thread takes the first waiting query, collects whatever else arrives in the next
+    ``wait_ms`` milliseconds (at most ``max_batch`` queries), encodes them together with
+    :meth:`Searcher.encode_text` and searches each embedding with its own ``k``. A lone query
+    waits at most ``wait_ms`` longer than it would without batching; under load, N concurrent
+    queries cost about one forward pass instead of N serialized ones. An error of the batch is
+    raised to each of its callers. ``stats``: queries answered and forward passes run.
+    """
+
+    def __init__(self, searcher: Searcher, max_batch: int = TEXT_BATCH, wait_ms: float = TEXT_BATCH_WAIT_MS):
+        if max_batch < 1 or wait_ms < 0:
+            raise ValueError(f"text batching needs max_batch >= 1 and wait_ms >= 0, got {max_batch} and {wait_ms}")
+        self.searcher, self.max_batch, self.wait = searcher, int(max_batch), wait_ms / 1000.0
+        self._queue: queue.Queue = queue.Queue()
+        self._start = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.stats = {"queries": 0, "forwards": 0, "largest": 0}
+
+    def search(self, text: str, k: int):
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("the text query is empty")
+        with self._start:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="clipforge-text-batcher", daemon=True)
+                self._thread.start()
+        future: Future = Future()
+        self._queue.put((text, k, future))
+        return future.result()
+
+    def _loop(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            deadline = time.monotonic() + self.wait
+            while len(batch) < self.max_batch:
+                remaining = deadline - time.monotonic()
+                try:
+                    batch.append(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                embeddings = self.searcher.encode_text([t for t, _, _ in batch])
+                self.stats["forwards"] += 1
+                self.stats["queries"] += len(batch)
+                self.stats["largest"] = max(self.stats["largest"], len(batch))
+                for (_, k, future), e in zip(batch, embeddings):
+                    future.set_result(self.searcher.vector(e, k))
+            except Exception as e:  # noqa: BLE001 - handed to every caller of the batch
+                log.exception("text batch of %d failed", len(batch))
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_exception(e)
+
+
 def page_html() -> str:
     """The search page, read from the package (``clipforge/serve/page.html``)."""
     return resources.files("clipforge.serve").joinpath("page.html").read_text(encoding="utf-8")
@@ -168,8 +231,12 @@ def page_html() -> str:
 
 def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES, thumb_cache: int = 1024, *,
                max_labels: int = MAX_LABELS, max_label_chars: int = MAX_LABEL_CHARS,
-               decode_workers: int = DECODE_WORKERS, max_uploads: int = MAX_UPLOADS):
+               decode_workers: int = DECODE_WORKERS, max_uploads: int = MAX_UPLOADS, text_batch: int = TEXT_BATCH,
+               text_batch_wait_ms: float = TEXT_BATCH_WAIT_MS):
     """A FastAPI application serving ``searcher``'s index (see the module docstring for the routes and limits).
+
+    ``text_batch`` > 1: concurrent text searches arriving within ``text_batch_wait_ms`` are encoded
+    together (:class:`TextBatcher`); 1 encodes each on its own.
 
     The pixel limit of uploads and thumbnails is the searcher's (``Searcher(max_image_pixels=)``).
     """
@@ -182,6 +249,7 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES, thu
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     workers = DecodeWorkers(decode_workers)
+    batcher = TextBatcher(searcher, text_batch, text_batch_wait_ms) if text_batch > 1 else None
     app = FastAPI(title="clipforge search", version="1", docs_url="/docs", redoc_url=None)
     app.add_middleware(RequestLimits, max_body_bytes=max_upload_bytes + FORM_BYTES,
                        max_uploads=max(max_uploads, decode_workers))
@@ -220,14 +288,15 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES, thu
     def health():
         return {"status": "ok", "count": len(searcher), "dim": searcher.dim, "model": searcher.model_description,
                 "backend": searcher.backend.name, "index": str(searcher.root), "dtype": manifest["dtype"],
-                "sources": manifest.get("sources", [])}
+                "sources": manifest.get("sources", []),
+                "text_batching": dict(batcher.stats, max_batch=batcher.max_batch) if batcher else None}
 
     @app.get("/search")
     def search_text(q: str = Query(..., min_length=1, max_length=1000, description="the text query"),
                     k: int = Query(10, ge=1, le=MAX_K, description="number of results")):
         t0 = time.perf_counter()
         try:
-            hits = searcher.text(q, k)
+            hits = batcher.search(q, k) if batcher is not None else searcher.text(q, k)
         except ValueError as e:
             raise HTTPException(400, str(e)) from None
         return hits_json(hits, q, k, t0)

@@ -38,6 +38,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from .ann import ANN_FILE, KINDS, RECALL_TARGET, choose_index, parse_memory
+
 log = logging.getLogger(__name__)
 
 FORMAT = "clipforge-index-1"
@@ -128,8 +130,9 @@ class IndexData:
 
     root: Path
     manifest: dict[str, Any]
-    embeddings: np.ndarray
+    embeddings: np.ndarray  # memory-mapped, read-only
     meta: dict[str, list]
+    ann: Any = None  # the faiss ANN index the manifest records (read with the same generation), or None
 
     def __len__(self) -> int:
         return int(self.embeddings.shape[0])
@@ -152,10 +155,11 @@ def _read_once(root: Path) -> IndexData:
     try:
         first = (root / MANIFEST).read_text()
         manifest = json.loads(first)
-        embeddings = np.load(root / EMBEDDINGS, mmap_mode=None)
+        embeddings = np.load(root / EMBEDDINGS, mmap_mode="r")  # memory-mapped: pages read as searches touch them
         table = pq.read_table(root / METADATA)
+        ann = _read_ann(root, manifest)
         second = (root / MANIFEST).read_text()
-    except (FileNotFoundError, json.JSONDecodeError, ValueError, OSError) as e:
+    except (FileNotFoundError, json.JSONDecodeError, ValueError, OSError, RuntimeError) as e:
         raise _Changing(str(e)) from None
     if first != second:  # a writer replaced the arrays while they were read
         raise _Changing("manifest changed during the read")
@@ -168,7 +172,24 @@ def _read_once(root: Path) -> IndexData:
             f"index '{root}' is inconsistent: manifest says {n} x {manifest['dim']}, embeddings.npy holds "
             f"{embeddings.shape} and metadata.parquet {table.num_rows} rows (an interrupted write?). "
             "Rerun the `clipforge index` command that built it, with --rebuild.")
-    return IndexData(root, manifest, embeddings, meta)
+    return IndexData(root, manifest, embeddings, meta, ann)
+
+
+def ann_kind(manifest: dict[str, Any]) -> str | None:
+    """The stored ANN index type of a manifest (``ivf``, ``ivfpq``, ``hnsw``), or None (flat or none)."""
+    record = manifest.get("ann") or {}
+    kind = record.get("spec", {}).get("kind")
+    return kind if kind and kind != "flat" else None
+
+
+def _read_ann(root: Path, manifest: dict[str, Any]):
+    if ann_kind(manifest) is None:
+        return None
+    try:
+        import faiss
+    except ImportError:  # searched exactly instead (Searcher says so)
+        return None
+    return faiss.read_index(str(root / ANN_FILE))
 
 
 def open_index(index_dir: str | os.PathLike, wait: float = 30.0) -> IndexData:
@@ -401,6 +422,7 @@ class BuildReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) of unreadable images
     count: int = 0  # rows in the index afterwards
     seconds: float = 0.0
+    ann: dict[str, Any] | None = None  # the manifest's ann record written (None when nothing was written)
 
     def summary(self) -> str:
         s = (f"index {self.index_dir}: {self.count} images ({self.added} added, {self.updated} re-embedded, "
@@ -427,7 +449,7 @@ def _temp_path(root: Path, name: str) -> Path:
 def remove_stale_temporaries(root: Path) -> list[str]:
     """Delete temporary files a killed writer left (our ``.NAME.*.tmp`` pattern only); call with the lock held."""
     removed = []
-    for name in (EMBEDDINGS, METADATA, MANIFEST):
+    for name in (EMBEDDINGS, METADATA, MANIFEST, ANN_FILE):
         for p in root.glob(f".{name}.*{TMP_SUFFIX}"):
             if p.is_file():
                 p.unlink(missing_ok=True)
@@ -435,7 +457,8 @@ def remove_stale_temporaries(root: Path) -> list[str]:
     return removed
 
 
-def _write(root: Path, manifest: dict[str, Any], embeddings: np.ndarray, meta: dict[str, list]) -> None:
+def _write(root: Path, manifest: dict[str, Any], embeddings: np.ndarray, meta: dict[str, list],
+           ann_index: Any = None) -> None:
     """Write the three files, each through a temporary file of its own, the manifest last.
 
     The manifest is removed before the arrays are replaced and written anew, with a fresh
@@ -443,6 +466,8 @@ def _write(root: Path, manifest: dict[str, Any], embeddings: np.ndarray, meta: d
     arrays and retries unless both reads are the same generation, so a reader gets the old or
     the new index whole. Writers are serialized by the index lock (:func:`build_index`); the
     unique temporary names keep even unlocked writers from crashing on each other's files.
+    ``ann_index``: a faiss index written to ``ann.faiss`` in the same way; without one, an
+    ``ann.faiss`` the manifest does not name any more is removed (before the manifest is written).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -453,16 +478,25 @@ def _write(root: Path, manifest: dict[str, Any], embeddings: np.ndarray, meta: d
              "length": pa.int64(), "mtime_ns": pa.int64(), "ext": pa.string(), "caption": pa.string()}
     table = pa.table({"id": pa.array(np.arange(n, dtype=np.int64)),
                       **{c: pa.array(meta[c], type=types[c]) for c in COLUMNS}})
-    tmp = {name: _temp_path(root, name) for name in (EMBEDDINGS, METADATA, MANIFEST)}
+    names = (EMBEDDINGS, METADATA, MANIFEST) + ((ANN_FILE,) if ann_index is not None else ())
+    tmp = {name: _temp_path(root, name) for name in names}
     try:
         with open(tmp[EMBEDDINGS], "wb") as f:
             np.save(f, embeddings)
         pq.write_table(table, tmp[METADATA])
+        if ann_index is not None:
+            import faiss
+
+            faiss.write_index(ann_index, str(tmp[ANN_FILE]))
         tmp[MANIFEST].write_text(json.dumps({**manifest, "count": n, "generation": uuid.uuid4().hex}, indent=2))
         # the manifest goes first out of the way, so a reader never pairs a new manifest with old arrays
         (root / MANIFEST).unlink(missing_ok=True)
         os.replace(tmp[EMBEDDINGS], root / EMBEDDINGS)
         os.replace(tmp[METADATA], root / METADATA)
+        if ann_index is not None:
+            os.replace(tmp[ANN_FILE], root / ANN_FILE)
+        elif ann_kind(manifest) is None:
+            (root / ANN_FILE).unlink(missing_ok=True)
         os.replace(tmp[MANIFEST], root / MANIFEST)
     finally:
         for t in tmp.values():
@@ -478,7 +512,9 @@ def build_index(model, preprocess, out: str | os.PathLike, candidates: Sequence[
                 model_source: str | os.PathLike | None = None, folder_roots: Sequence[Path] = (),
                 source: dict[str, Any] | None = None, dtype: str = "float16", batch_size: int = 64,
                 rebuild: bool = False, commit_every: int = 10_000, progress: bool = True,
-                on_skip: Callable[[str, str], None] | None = None, lock_timeout: float = 0.0) -> BuildReport:
+                on_skip: Callable[[str, str], None] | None = None, lock_timeout: float = 0.0,
+                index_kind: str = "auto", max_memory: int | str | None = None,
+                recall_target: float = RECALL_TARGET) -> BuildReport:
     """Embed ``candidates`` into the index at ``out``, creating it or adding to it incrementally.
 
     ``model``/``preprocess``: as returned by :func:`clipforge.load`. ``folder_roots``: the
@@ -492,7 +528,26 @@ def build_index(model, preprocess, out: str | os.PathLike, candidates: Sequence[
     version and lose one's images: the second raises :class:`clipforge.locking.LockHeld` naming
     the holder's pid and host, or with ``lock_timeout`` > 0 waits that many seconds for it and
     then adds to what the first wrote. Temporary files a killed builder left are removed.
+
+    ``index_kind``: ``auto`` (chosen from the collection size and ``max_memory``, see
+    :mod:`clipforge.serve.ann`), ``flat``, ``ivf``, ``ivfpq`` or ``hnsw``; the ANN index is
+    written as ``ann.faiss`` with the choice, its reason and the tuned search parameter in the
+    manifest's ``ann`` record. New rows are added to a trained IVF/HNSW index while the choice
+    for the new size is the same one; otherwise it is rebuilt (logged). ``recall_target``: the
+    recall@10 the search parameter is tuned for.
     """
+    if index_kind not in KINDS:
+        raise ValueError(f"--index {index_kind!r} is not an index type; choose one of {', '.join(KINDS)}")
+    if index_kind not in ("auto", "flat"):
+        try:
+            import faiss  # noqa: F401
+        except ImportError:
+            raise ValueError(f"--index {index_kind} needs faiss: pip install faiss-cpu (or use --index flat, exact "
+                             "search with numpy)") from None
+    if max_memory is not None:
+        max_memory = parse_memory(max_memory)
+    if not 0 < recall_target <= 1:
+        raise ValueError(f"the recall target must be in (0, 1], got {recall_target}")
     from ..locking import LOCK_NAME, exclusive_lock
 
     root = Path(out)
@@ -507,12 +562,13 @@ def build_index(model, preprocess, out: str | os.PathLike, candidates: Sequence[
             log.warning("index %s: removed %d temporary file(s) left by an interrupted run", root, len(stale))
         return _build_index_locked(model, preprocess, root, candidates, model_source=model_source,
                                    folder_roots=folder_roots, source=source, dtype=dtype, batch_size=batch_size,
-                                   rebuild=rebuild, commit_every=commit_every, progress=progress, on_skip=on_skip)
+                                   rebuild=rebuild, commit_every=commit_every, progress=progress, on_skip=on_skip,
+                                   ann_options=(index_kind, max_memory, recall_target))
 
 
 def _build_index_locked(model, preprocess, root: Path, candidates: Sequence[Candidate], *, model_source,
                         folder_roots, source, dtype, batch_size, rebuild, commit_every, progress,
-                        on_skip) -> BuildReport:
+                        on_skip, ann_options) -> BuildReport:
     import torch
     from tqdm.auto import tqdm
 
@@ -524,6 +580,7 @@ def _build_index_locked(model, preprocess, root: Path, candidates: Sequence[Cand
     info = model_info(model, model_source)
     report = BuildReport(root)
     sources: list[dict[str, Any]] = []
+    old_ann: dict[str, Any] | None = None
     if not rebuild and (root / MANIFEST).exists():
         old = open_index(root)
         check_same_model(root, old.manifest["model"], info,
@@ -534,6 +591,7 @@ def _build_index_locked(model, preprocess, root: Path, candidates: Sequence[Cand
                              f"{old.manifest['dtype']} to add to it, or --rebuild to convert it")
         embeddings, meta = old.embeddings, old.meta
         sources = list(old.manifest.get("sources", []))
+        old_ann = old.manifest.get("ann")
     elif (not rebuild and root.exists() and not (root / EMBEDDINGS).exists()
           and any(p.name != ".lock" for p in root.iterdir())):
         raise ValueError(f"--out {root} exists, is not empty and is not a clipforge index: choose another directory")
@@ -576,13 +634,27 @@ def _build_index_locked(model, preprocess, root: Path, candidates: Sequence[Cand
     manifest = {"format": FORMAT, "model": info, "dim": info["embed_dim"], "dtype": dtype, "normalized": True,
                 "sources": sources}
 
+    index_kind, max_memory, recall_target = ann_options
+    requested = {"index": index_kind, "max_memory": max_memory, "recall_target": recall_target}
+    # the budget is checked before anything is embedded: a choice that cannot be made fails now, not after hours
+    choose_index(len(keep) + len(todo), info["embed_dim"], max_memory, index_kind)
+    ann_changed = old_ann is None or old_ann.get("requested") != requested
+    # rows keep their ids while nothing is dropped: the stored ANN index stays valid for the rows it covers
+    prefix_stable = not drop and not rebuild and old_ann is not None
+
     new_chunks: list[np.ndarray] = []
     new_meta = _empty_meta()
 
-    def commit() -> None:
+    def commit(final: bool = False) -> None:
         emb = np.concatenate([base_emb, *new_chunks]) if new_chunks else base_emb
+        emb = emb.astype(dtype, copy=False)
         merged = {c: base_meta[c] + new_meta[c] for c in COLUMNS}
-        _write(root, {**manifest, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, emb.astype(dtype), merged)
+        ann_index, record = None, (old_ann if prefix_stable else None)
+        if final:
+            ann_index, record = update_ann(root, emb, old_ann if prefix_stable else None, requested)
+            report.ann = record
+        _write(root, {**manifest, "ann": record, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, emb, merged,
+               ann_index=ann_index)
 
     was_training = model.training
     model.eval()
@@ -619,8 +691,64 @@ def _build_index_locked(model, preprocess, root: Path, candidates: Sequence[Cand
     report.added = len(new_meta["key"]) - report.updated
     # rows dropped: deleted files, and changed files that are now unreadable (their old embedding is stale)
     report.removed = deleted + sum(1 for k, _ in report.skipped if k in by_key)
-    if todo or drop or captions_edited or new_source or rebuild or not (root / MANIFEST).exists():
-        commit()
+    if todo or drop or captions_edited or new_source or rebuild or ann_changed or not (root / MANIFEST).exists():
+        commit(final=True)
     report.count = len(base_meta["key"]) + len(new_meta["key"])
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def update_ann(root: Path, embeddings: np.ndarray, old: dict[str, Any] | None,
+               requested: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The ANN index for ``embeddings`` and its manifest record: the old one extended, or a new one.
+
+    ``old``: the record of the stored ``ann.faiss`` whose rows are still rows ``0..old['count']``
+    of ``embeddings`` (None after a rebuild or when rows were dropped). Returns ``(None, record)``
+    for a flat choice (nothing stored).
+    """
+    from . import ann as annlib
+
+    n, d = embeddings.shape
+    spec = annlib.choose_index(n, d, requested["max_memory"], requested["index"])
+    log.info("index %s: %s", root, spec.reason)
+    record: dict[str, Any] = {"spec": spec.to_dict(), "requested": requested, "count": n}
+    if spec.kind == "flat":
+        return None, record
+    t0 = time.perf_counter()
+    prev = (old or {}).get("spec", {})
+    reuse = (old is not None and prev.get("kind") == spec.kind and prev.get("m") == spec.m
+             and prev.get("hnsw_m") == spec.hnsw_m and spec.nlist <= 2 * max(prev.get("nlist", 0), 1)
+             and (root / ANN_FILE).exists())
+    index = None
+    if reuse:
+        import faiss
+
+        index = faiss.read_index(str(root / ANN_FILE))
+        if index.ntotal != old["count"] or index.ntotal > n:
+            log.warning("index %s: ann.faiss holds %d vectors, not the %d recorded: rebuilding it", root,
+                        index.ntotal, old["count"])
+            index = None
+    if index is not None:
+        added = n - index.ntotal
+        annlib.add(index, embeddings, index.ntotal)
+        spec = annlib.AnnSpec(**{**prev, "n": n, "reason": prev.get("reason", "") + f"; {added} vectors added"})
+        record["spec"] = spec.to_dict()
+        record["trained_on"] = old.get("trained_on", old["count"])
+        log.info("index %s: added %d vectors to the trained %s index (%s)", root, added, spec.kind, spec.factory())
+    else:
+        if old is not None and prev.get("kind") not in (None, "flat"):
+            log.info("index %s: rebuilding the %s index (%s) as %s: the collection of %d vectors outgrew it or "
+                     "the options changed", root, prev.get("kind"), prev.get("nlist"), spec.factory(), n)
+        index = annlib.build(embeddings, spec)
+        record["trained_on"] = n
+    record["build_seconds"] = round(time.perf_counter() - t0, 2)
+    from .search import AnnBackend
+
+    backend = AnnBackend(index, embeddings, record)
+    tuning = annlib.tune(index, spec.kind, embeddings, backend.search, target=requested["recall_target"])
+    record["search"] = {tuning.param: tuning.value}
+    record["tuned_recall_at_10"] = round(tuning.recall, 4)
+    record["tuning"] = {str(k): v for k, v in tuning.tried.items()}
+    log.info("index %s: %s=%d reaches recall@10 %.3f against exact search on %d queries", root, tuning.param,
+             tuning.value, tuning.recall, min(annlib.TUNE_QUERIES, n))
+    return index, record

@@ -14,10 +14,15 @@ cosine similarity); the numpy one is the reference:
 
 ``backend="auto"`` takes faiss when it imports and numpy otherwise. Results of both are sorted
 by score, ties broken by the lower id.
+
+An index built with an approximate type (``clipforge index --index ivf|ivfpq|hnsw``, or ``auto``
+on a large collection: :mod:`clipforge.serve.ann`) is searched with :class:`AnnBackend` under
+``backend="auto"`` or ``"faiss"``; ``"numpy"`` stays exact.
 """
 from __future__ import annotations
 
 import io
+import logging
 import mimetypes
 import os
 import threading
@@ -27,8 +32,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .index import (IndexData, ModelMismatchError, check_indexed_file, check_same_model, describe_model,
+from .ann import RERANK_MIN
+from .index import (IndexData, IndexNotFoundError, ModelMismatchError, check_indexed_file, check_same_model,
+                    describe_model,
                     indexed_roots, model_info, open_index, read_indexed_bytes)
+
+log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "faiss", "numpy")
 PLACEHOLDERS = ("{}", "{c}")
@@ -133,6 +142,65 @@ class FaissBackend:
         return s[:, :k], i[:, :k]
 
 
+class AnnBackend:
+    """Approximate search with a faiss IVF, IVF-PQ or HNSW index built by ``clipforge index`` (``ann.faiss``).
+
+    Rows the index does not cover yet (``count`` in its manifest record is smaller than the
+    collection: an interrupted build committed new rows) are searched exactly and merged. An
+    ``ivfpq`` shortlist of ``max(100, 4k)`` candidates is re-scored exactly from the stored
+    (memory-mapped) embeddings, so scores are the same cosines the exact backends return.
+    ``nprobe`` / ``ef_search``: the search parameter (default: the one tuned at build time).
+    """
+
+    def __init__(self, index, vectors: np.ndarray, record: dict[str, Any], nprobe: int | None = None,
+                 ef_search: int | None = None):
+        from .ann import set_search_param
+
+        self.index, self.vectors, self.record = index, vectors, record
+        self.kind = record["spec"]["kind"]
+        self.name = f"faiss-{self.kind}"
+        self.covered = int(index.ntotal)
+        tuned = record.get("search", {})
+        if self.kind == "hnsw":
+            value, given, opt = (ef_search if ef_search is not None else tuned.get("ef_search")), ef_search, "ef_search"
+        else:
+            value, given, opt = (nprobe if nprobe is not None else tuned.get("nprobe")), nprobe, "nprobe"
+        if given is not None and int(given) < 1:
+            raise ValueError(f"--{opt.replace('_', '-')} must be >= 1, got {given}")
+        self.param = (opt, int(value) if value is not None else None)
+        set_search_param(index, self.kind, value)
+
+    def __len__(self) -> int:
+        return int(self.vectors.shape[0])
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        n = len(self)
+        k = min(k, n)
+        if k <= 0:
+            return np.zeros((q.shape[0], 0), np.float32), np.zeros((q.shape[0], 0), np.int64)
+        kk = min(k + 1, n)
+        short = min(max(RERANK_MIN, 4 * kk), self.covered) if self.kind == "ivfpq" else min(kk, self.covered)
+        s, i = self.index.search(q, short) if short > 0 else (np.zeros((len(q), 0), np.float32),
+                                                              np.zeros((len(q), 0), np.int64))
+        i = i.astype(np.int64)
+        if self.kind == "ivfpq":  # exact scores of the shortlist from the stored vectors
+            s = np.full(i.shape, -np.inf, np.float32)
+            for r in range(len(q)):
+                ok = i[r] >= 0
+                rows = np.sort(i[r][ok])
+                i[r][ok] = rows
+                s[r][ok] = np.asarray(self.vectors[rows], dtype=np.float32) @ q[r]
+        if self.covered < n:  # rows added after the index was last built: exact
+            tail = np.asarray(self.vectors[self.covered:], dtype=np.float32)
+            ts = q @ tail.T
+            s = np.concatenate([s, ts], axis=1)
+            i = np.concatenate([i, np.broadcast_to(np.arange(self.covered, n), ts.shape)], axis=1)
+        s = np.where(i >= 0, s, -np.inf).astype(np.float32)
+        s, i = _order(s, i)
+        return s[:, :k], i[:, :k]
+
+
 def faiss_available() -> bool:
     try:
         import faiss  # noqa: F401
@@ -189,7 +257,7 @@ class Searcher:
     """
 
     def __init__(self, index_dir: str | os.PathLike, model: Any = None, backend: str = "auto",
-                 max_image_pixels: int | None = None):
+                 max_image_pixels: int | None = None, nprobe: int | None = None, ef_search: int | None = None):
         self.max_image_pixels = max_image_pixels  # None: clipforge.images' limit (CLIPFORGE_MAX_IMAGE_PIXELS, 40 M)
         self.data: IndexData = open_index(index_dir)
         self.root = Path(index_dir)
@@ -216,8 +284,31 @@ class Searcher:
                f"or rebuild the index with this model: clipforge index {source or 'MODEL'} ... --out {self.root} --rebuild")
         check_same_model(self.root, built, current, fix)
         self.model_description = describe_model(built)
-        self.backend = make_backend(self.data.embeddings, backend)
+        self.backend = self._backend(backend, nprobe, ef_search)
         self._lock = threading.Lock()  # one forward pass at a time: bounded memory, no thread oversubscription
+
+    def _backend(self, backend: str, nprobe: int | None, ef_search: int | None):
+        """The index's ANN backend when it has one and faiss is wanted, else exact search (``make_backend``)."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got '{backend}'")
+        record = self.data.manifest.get("ann")
+        if record and record["spec"]["kind"] != "flat" and backend != "numpy":
+            if faiss_available():
+                index = self.data.ann
+                if index.ntotal != record["count"] or index.ntotal > len(self.data):
+                    raise IndexNotFoundError(
+                        f"index '{self.root}': ann.faiss holds {index.ntotal} vectors, the manifest says "
+                        f"{record['count']} of {len(self.data)} (an interrupted write?). Rerun the `clipforge index` "
+                        "command that built it, with --rebuild.")
+                ann = AnnBackend(index, self.data.embeddings, record, nprobe=nprobe, ef_search=ef_search)
+                log.info("index %s: %s search (%s=%s)", self.root, ann.name, *ann.param)
+                return ann
+            if backend == "faiss":
+                raise ValueError(f"index {self.root} has a {record['spec']['kind']} index, which needs faiss: "
+                                 "pip install faiss-cpu (or use --backend numpy for exact search)")
+            log.warning("index %s has a %s index but faiss is not installed: searching exactly with numpy "
+                        "(pip install faiss-cpu for the fast path)", self.root, record["spec"]["kind"])
+        return make_backend(self.data.embeddings, backend)
 
     def __len__(self) -> int:
         return len(self.data)
@@ -250,7 +341,7 @@ class Searcher:
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
         m = self.data.meta
         return [Hit(int(i), float(s), m["key"][i], m["caption"][i], m["kind"][i],
-                    m["path"][i] if m["kind"][i] == "file" else None) for s, i in zip(scores, ids)]
+                    m["path"][i] if m["kind"][i] == "file" else None) for s, i in zip(scores, ids) if i >= 0]
 
     def vector(self, query: np.ndarray, k: int = 10) -> list[Hit]:
         """The ``k`` items nearest to an embedding (normalized here)."""
@@ -339,5 +430,6 @@ class Searcher:
         return buf.getvalue(), "image/png"
 
 
-__all__ = ["Searcher", "Hit", "NumpyBackend", "FaissBackend", "make_backend", "faiss_available", "BACKENDS",
+__all__ = ["Searcher", "Hit", "NumpyBackend", "FaissBackend", "AnnBackend", "make_backend", "faiss_available",
+           "BACKENDS",
            "ModelMismatchError"]
