@@ -129,6 +129,9 @@ class TrainConfig:
     # momentum of the EMA copy of the model (DeGLA: 0.996); kept only when a loss term reads ema_* features
     ema_momentum: float = 0.996
     log_every: int = 10
+    # besides metrics.jsonl, report every logged number to: tensorboard (event files in out_dir) and/or wandb
+    # (offline mode); rank 0 only. See clipforge.train.report
+    report_to: List[str] = field(default_factory=list)
     eval_every: int = 0  # 0: evaluate only at the end
     save_every: int = 250  # checkpoint every N steps (and at the end)
     keep_checkpoints: int = 2

@@ -59,6 +59,7 @@ from .device import DevicePlan, device_plan
 from .distributed import Dist, adopt_slurm_environment, check_batch_split, launch, launched, local_rank, process_group
 from .optim import build_optimizer, build_scheduler
 from .inputs import EMA_KEYS, PRODUCED, encode_ema, encode_extras
+from .report import Reporters, check_reporters
 from .setup import build_loader, build_model, token_outputs
 
 logger = logging.getLogger(__name__)
@@ -283,6 +284,7 @@ def train(cfg: TrainConfig, evaluate: Callable | None = None) -> TrainResult:
     cfg.validate()
     adopt_slurm_environment()  # srun with several tasks: the launcher variables from SLURM's
     plan = device_plan(cfg.device, cfg.precision, local_rank=local_rank())  # an absent device fails here, first
+    check_reporters(list(cfg.report_to))  # so does a reporter whose package is missing
     check_out_dir(cfg.out_dir)
     if cfg.distributed.nproc > 1 and not launched():
         check_batch_split(cfg.batch_size, cfg.accum_steps, cfg.distributed.nproc)
@@ -388,6 +390,7 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan:
                 raise disk_full(e, str(out_dir / "config.yaml")) from None
             raise
     metrics_file = open(metrics_path, "a") if dist.is_main else None
+    reporters = Reporters(list(cfg.report_to), out_dir, to_dict(cfg), start_step, enabled=dist.is_main)
     probe = plan.move(_probe_batch(model, tokenizer))
     # the checkpoint each step was saved in by this invocation (a resumed step is saved already, in this run)
     saved: dict[int, Path | None] = {}
@@ -424,6 +427,7 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan:
     def log(record: dict):
         if metrics_file is not None:
             _append_json(metrics_path, record, metrics_file)
+            reporters.log(record)
 
     def backward(loss: torch.Tensor) -> None:
         (loss if scaler is None else scaler.scale(loss)).backward()
@@ -534,6 +538,8 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan:
     if dist.is_main and evaluate is not None:
         eval_result = evaluate(model, tokenizer)
         _append_json(metrics_path, {"step": step, "eval": eval_result})
+        reporters.log({"step": step, "eval": eval_result})
+    reporters.close()
     if cfg.data.streaming:
         stream_stats = sum_stream_stats(dist.all_gather_object(loader.stats.as_dict()))  # every rank's stream
         if dist.is_main:
