@@ -53,8 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = METHOD_HELP
     p.add_argument("model", help="a run directory (its newest checkpoint), a checkpoint/model directory, or any source "
                                  "clipforge.load reads")
-    p.add_argument("--device", default="auto", help="where the model runs: auto (a GPU when there is one, else the CPU; "
-                   "default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--device", default="auto",
+                   help="where the model runs: auto (a GPU when there is one, else the CPU; default), cpu, cuda, "
+                        "cuda:N or mps")
     p.add_argument("--method", nargs="+", default=["tip-f"], choices=[*METHODS, "all"], metavar="METHOD",
                    help=f"one or more of {', '.join(METHODS)}, or all (default tip-f)")
     p.add_argument("--dataset", default="shapes", help="shapes (default) or a built corpus: openclipart, emoji")

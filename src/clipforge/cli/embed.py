@@ -16,8 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--text-file", help="a file with one text per line")
     p.add_argument("--out", required=True, help="output file: .npy (array [N, d]) or .parquet (columns: item, embedding)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--device", default="auto", help="where the model runs: auto (a GPU when there is one, else the CPU; "
-                   "default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--device", default="auto",
+                   help="where the model runs: auto (a GPU when there is one, else the CPU; default), cpu, cuda, "
+                        "cuda:N or mps")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (they are listed) instead of stopping")
     add_load_arguments(p)
 

@@ -59,8 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="if another clipforge index is writing INDEX_DIR, wait up to SECONDS for it to finish and "
                         "then add to what it wrote (default 0: stop at once with a message naming it)")
-    p.add_argument("--device", default="auto", help="where the model runs: auto (a GPU when there is one, else the CPU; "
-                   "default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--device", default="auto",
+                   help="where the model runs: auto (a GPU when there is one, else the CPU; default), cpu, cuda, "
+                        "cuda:N or mps")
     add_load_arguments(p)
 
 

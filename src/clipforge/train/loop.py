@@ -376,8 +376,8 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan:
                 say(f"note: {ckpt} holds no EMA teacher; it starts from the resumed weights")
 
     with dist.main_first():  # rank 0 stores rewrites / teacher embeddings on the way; the others read them
-        loader = build_loader(cfg, model, tokenizer, needs, out_dir, start_step, stream_state, dist.rank, dist.world_size,
-                              pin_memory=plan.pin_memory)
+        loader = build_loader(cfg, model, tokenizer, needs, out_dir, start_step, stream_state, dist.rank,
+                              dist.world_size, pin_memory=plan.pin_memory)
     metrics_path = out_dir / "metrics.jsonl"
     if dist.is_main:
         repair_latest(out_dir)
