@@ -59,6 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = METHOD_HELP
     p.add_argument("model", help="a run directory (its newest checkpoint), a checkpoint/model directory, or any source "
                                  "clipforge.load reads")
+    p.add_argument("--device", default="auto",
+                   help="where the model runs: auto (a GPU when there is one, else the CPU; default), cpu, cuda, "
+                        "cuda:N or mps")
     p.add_argument("--method", nargs="+", default=["tip-f"], choices=[*METHODS, "all"], metavar="METHOD",
                    help=f"one or more of {', '.join(METHODS)}, or all (default tip-f)")
     p.add_argument("--dataset", default="shapes", help="shapes (default) or a built corpus: openclipart, emoji")
@@ -128,8 +131,10 @@ def run(args) -> int:
     from ..adapt.tip_adapter import TipAdapterFConfig
     from ..evaluation.adaptation import METHODS, AdaptConfig, run_adaptation
     from ..interop import load
+    from ..train.device import resolve_device
     from .common import dump_json, quiet_logger, table
 
+    device = resolve_device(args.device)  # an absent GPU is named before anything loads
     methods = tuple(METHODS) if "all" in args.method else tuple(dict.fromkeys(args.method))
     init = None if args.coop_ctx_init.lower() == "none" else args.coop_ctx_init
     cfg = AdaptConfig(dataset=args.dataset, view=args.view, methods=methods, shots=tuple(args.shots),
@@ -145,6 +150,7 @@ def run(args) -> int:
                       tca_batch_size=args.tca_batch_size,
                       comclip=ComCLIPConfig(weighting=args.comclip_weighting), comclip_size=args.comclip_size)
     model, tokenizer, _ = load(args.model, **load_options(args))
+    model.to(device)
     with quiet_logger("clipforge", args.quiet or args.json):
         results, adapters = run_adaptation(model, tokenizer, cfg)
     results["model"] = str(args.model)

@@ -16,6 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--text-file", help="a file with one text per line")
     p.add_argument("--out", required=True, help="output file: .npy (array [N, d]) or .parquet (columns: item, embedding)")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="auto",
+                   help="where the model runs: auto (a GPU when there is one, else the CPU; default), cpu, cuda, "
+                        "cuda:N or mps")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (they are listed) instead of stopping")
     add_load_arguments(p)
 
@@ -40,14 +43,16 @@ def run(args) -> int:
     from .. import load
     from ..evaluation import encode_texts
     from ..images import ImageLoadError, load_image
+    from ..train.device import resolve_device
 
     out = Path(args.out)
     if out.suffix not in (".npy", ".parquet"):
         raise ValueError(f"--out must end in .npy or .parquet, got '{out.name}'")
+    device = resolve_device(args.device)  # an absent GPU is named before the model loads
     # any format clipforge.load reads, with the model's own tokenizer and preprocessing
     # (CLIP BPE, a Hugging Face text tower's tokenizer, or raw text for a uCLIP pivot model)
     model, tokenizer, transform = load(args.model, **load_options(args))
-    model.eval()
+    model.eval().to(device)
     if args.images:
         import torch
 
@@ -66,7 +71,7 @@ def run(args) -> int:
                     bad.append(str(f))
             if pixels:
                 with torch.no_grad():
-                    chunks.append(model.encode_image(torch.stack(pixels)).float())
+                    chunks.append(model.encode_image(torch.stack(pixels).to(device)).float().cpu())
         emb = torch.cat(chunks).numpy() if chunks else np.zeros((0, model.cfg.embed_dim), np.float32)
         if bad:
             print(f"skipped {len(bad)} unreadable images: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")

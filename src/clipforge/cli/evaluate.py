@@ -51,7 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=64, help="images per encoding batch (default 64)")
     g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes decoding images (default 2)")
     g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: encode under bf16 autocast")
-    g.add_argument("--device", default="cpu", help="where the model runs for your own data (default cpu)")
+    g.add_argument("--device", default="auto", help="where the model runs for your own data: auto (a GPU when there "
+                   "is one, else the CPU; default), cpu, cuda, cuda:N or mps (the built-in suites run on the CPU)")
     add_load_arguments(p)
 
 
@@ -115,15 +116,17 @@ def _evaluate_one(spec: str, data, train, ood, model, tokenizer, transform, args
     """(results, artifacts) of one dataset: the built-in suite data, or a user spec streamed from disk."""
     from ..evaluation.suite import run_suite
     from ..evaluation.user_suite import run_user_suite
+    from ..train.device import resolve_device
 
     if data is None:
         res = run_suite(model.cpu(), tokenizer, args.suite, dataset=spec, size=args.size, seed=args.seed, cache_dir=cache,
                         progress=not args.quiet, data_root=args.data_root, tasks=tasks)
         return res.results, res.artifacts
-    model.to(args.device)
+    device = str(resolve_device(args.device))
+    model.to(device)
     res = run_user_suite(model, tokenizer, data, args.suite, tasks, cache_dir=cache, progress=not args.quiet, train=train,
                          ood=ood, transform=transform, batch_size=args.batch_size, workers=args.workers,
-                         precision=args.precision, device=args.device)
+                         precision=args.precision, device=device)
     return res.results, res.artifacts
 
 
@@ -150,6 +153,9 @@ def run(args) -> int:
         raise ValueError("--batch-size must be at least 1 and --workers at least 0")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     resolve_tasks(args.suite, tasks)  # an unknown suite or task fails before the model loads
+    from ..train.device import resolve_device
+
+    resolve_device(args.device)  # so does an absent GPU
     user_data, train, ood = _read_specs(specs, args)
     model, tokenizer, transform = load(args.model, **load_options(args))
     cache = None if args.no_cache else (args.cache_dir or DEFAULT_ROOT)

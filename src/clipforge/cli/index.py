@@ -81,7 +81,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="if another clipforge index is writing INDEX_DIR, wait up to SECONDS for it to finish and "
                         "then add to what it wrote (default 0: stop at once with a message naming it)")
+    p.add_argument("--device", default="auto",
+                   help="where the model runs: auto (a GPU when there is one, else the CPU; default), cpu, cuda, "
+                        "cuda:N or mps")
     add_load_arguments(p)
+
+
+class OnDevice:
+    """A loaded model whose ``encode_image`` takes CPU pixels, runs on ``device`` and returns CPU features; every
+    other attribute is the model's (what the index reads from it, such as its weights' fingerprint)."""
+
+    def __init__(self, model, device):
+        self._model, self._device = model.to(device), device
+
+    def encode_image(self, pixels, *args, **kwargs):
+        return self._model.encode_image(pixels.to(self._device), *args, **kwargs).float().cpu()
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
 
 
 def run(args) -> int:
@@ -94,6 +111,9 @@ def run(args) -> int:
         raise ValueError("--batch-size and --commit-every must be >= 1")
     if args.wait < 0:
         raise ValueError(f"--wait must be >= 0 seconds, got {args.wait}")
+    from ..train.device import resolve_device
+
+    device = resolve_device(args.device)  # an absent GPU is named before anything is scanned
     if args.images:
         candidates, roots = scan_folders(args.images)
         source = {"kind": "images", "paths": [str(r) for r in roots]}
@@ -105,6 +125,8 @@ def run(args) -> int:
                   **({"languages": list(args.languages)} if args.languages else {})}
     print(f"{len(candidates)} images found; loading {args.model}", file=sys.stderr)
     model, _, preprocess = load(args.model, **load_options(args))
+    if device.type != "cpu":
+        model = OnDevice(model, device)
 
     def warn(key: str, reason: str) -> None:
         print(f"warning: skipped unreadable image: {reason}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Encode images and texts in batches, in eval mode, without gradients."""
+"""Encode images and texts in batches, in eval mode, without gradients, on the model's device (features
+come back on the CPU)."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -9,6 +10,12 @@ from torch import Tensor
 from ..transforms import image_transform, normalize_batch
 
 
+def _on_model_device(x, model):
+    """``x`` on the device of ``model``'s parameters (non-tensors, such as a pivot model's raw texts, as they are)."""
+    param = next(model.parameters(), None)
+    return x.to(param.device) if torch.is_tensor(x) and param is not None else x
+
+
 @torch.no_grad()
 def encode_texts(model, texts: Sequence[str], tokenizer: Callable, batch_size: int = 256) -> Tensor:
     was_training = model.training
@@ -16,7 +23,7 @@ def encode_texts(model, texts: Sequence[str], tokenizer: Callable, batch_size: i
     out = []
     for i in range(0, len(texts), batch_size):
         ids = tokenizer(list(texts[i : i + batch_size]))
-        out.append(model.encode_text(ids).float())
+        out.append(model.encode_text(_on_model_device(ids, model)).float().cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, model.cfg.embed_dim)
 
@@ -34,6 +41,6 @@ def encode_images(model, images: Sequence, batch_size: int = 256) -> Tensor:
             pixels = normalize_batch(torch.stack(list(chunk)))
         else:
             pixels = torch.stack([transform(im) for im in chunk])
-        out.append(model.encode_image(pixels).float())
+        out.append(model.encode_image(_on_model_device(pixels, model)).float().cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, model.cfg.embed_dim)

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .clip import CLIP
 from .config import CLIPConfig
@@ -155,11 +156,18 @@ class MultimodalDecoder(nn.Module):
             nn.init.normal_(block.mlp[0].weight, std=fc_std)
             nn.init.normal_(block.mlp[2].weight, std=proj_std)
         nn.init.normal_(self.head.weight, std=width**-0.5)
+        self.grad_checkpointing = False  # recompute each layer's activations in backward (non-reentrant)
+
+    def _layer(self, x: Tensor, image_tokens: Tensor, k: int) -> Tensor:
+        return self.cross[k](self.blocks[k](x, is_causal=True), image_tokens.to(x.dtype))
 
     def forward(self, text_states: Tensor, image_tokens: Tensor) -> Tensor:
         x = text_states
-        for block, cross in zip(self.blocks, self.cross):
-            x = cross(block(x, is_causal=True), image_tokens.to(x.dtype))
+        for k in range(len(self.blocks)):
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(self._layer, x, image_tokens, k, use_reentrant=False)
+            else:
+                x = self._layer(x, image_tokens, k)
         return self.head(self.ln_final(x))
 
 
@@ -176,6 +184,11 @@ class CoCa(CLIP):
         self.attn_pool_caption = AttentionalPooler(w, cfg.vision.width, mm.pool_heads, mm.n_queries, mm.ln_eps)
         self.ln_caption = nn.LayerNorm(w, eps=mm.ln_eps)
         self.decoder = MultimodalDecoder(w, mm, cfg.text.vocab_size)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Both towers' blocks and the multimodal decoder's layers recompute their activations in backward."""
+        super().set_grad_checkpointing(enable)
+        self.decoder.grad_checkpointing = enable
 
     def image_and_caption_tokens(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """(unnormalized contrastive image embedding [B, d], pooled image tokens for the decoder [B, Q, w])."""

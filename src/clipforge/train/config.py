@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import ConfigError, MissingInputError
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -97,7 +97,10 @@ class TrainConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     grad_clip: Optional[float] = 1.0  # max global grad norm; null disables
-    precision: str = "bf16"  # bf16 autocast (about 4x faster matmuls on modern CPUs) or fp32
+    precision: str = "bf16"  # bf16 autocast (about 4x faster matmuls on modern CPUs), fp32, or fp16 (GPUs, GradScaler)
+    # where the run computes: auto (CUDA when available, else CPU), cpu, cuda, cuda:N, mps; every choice that follows
+    # from it (autocast dtype, loss scaling, pinned memory, TF32, nccl/gloo, attention path) is in train/device.py
+    device: str = "auto"
     seed: int = 0
     grad_checkpointing: bool = False
     # start from these weights instead of a random init: any source clipforge.load reads (a clipforge
@@ -126,6 +129,9 @@ class TrainConfig:
     # momentum of the EMA copy of the model (DeGLA: 0.996); kept only when a loss term reads ema_* features
     ema_momentum: float = 0.996
     log_every: int = 10
+    # besides metrics.jsonl, report every logged number to: tensorboard (event files in out_dir) and/or wandb
+    # (offline mode); rank 0 only. See clipforge.train.report
+    report_to: List[str] = field(default_factory=list)
     eval_every: int = 0  # 0: evaluate only at the end
     save_every: int = 250  # checkpoint every N steps (and at the end)
     keep_checkpoints: int = 2
@@ -153,6 +159,9 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got '{self.precision}'")
+        from .device import parse_device
+
+        parse_device(self.device)
         for name, value in {"batch_size": self.batch_size, "accum_steps": self.accum_steps, "steps": self.steps}.items():
             if value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")

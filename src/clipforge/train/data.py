@@ -333,7 +333,8 @@ def trim_batch(batch: dict[str, Any], n: int) -> dict[str, Any]:
 
 
 def train_loader(items: TrainItems, batch_size: int, seed: int, start_batch: int, num_batches: int, tokenizer,
-                 num_workers: int = 0, rank: int = 0, world_size: int = 1, accum_steps: int = 1) -> DataLoader:
+                 num_workers: int = 0, rank: int = 0, world_size: int = 1, accum_steps: int = 1,
+                 pin_memory: bool = False) -> DataLoader:
     """Micro-batches of ``batch_size`` samples in the resumable order; with ``world_size > 1``
     this rank's slices of them (:class:`RankSlices`): ``batch_size / world_size`` samples each."""
     sampler = ResumableBatchSampler(len(items), batch_size, seed, start_batch, num_batches)
@@ -342,7 +343,7 @@ def train_loader(items: TrainItems, batch_size: int, seed: int, start_batch: int
     return DataLoader(items, batch_sampler=sampler,
                       collate_fn=make_collate(tokenizer, items.negatives or None, items.positives or None,
                                               items.max_regions if items.regions else None),
-                      num_workers=num_workers,
+                      num_workers=num_workers, pin_memory=pin_memory,  # pinned: asynchronous copies to a GPU
                       persistent_workers=False)
 
 

@@ -1,4 +1,4 @@
-"""Data-parallel training over several processes with ``torch.distributed`` (gloo, on CPU).
+"""Data-parallel training over several processes with ``torch.distributed`` (gloo on CPU, nccl on CUDA).
 
 Two ways to start a run, one program:
 
@@ -8,6 +8,8 @@ Two ways to start a run, one program:
       torchrun --nproc_per_node 2 -m clipforge.cli.main train batch_size=256 ...
 
   Every process runs ``clipforge train``; :func:`process_group` joins them from those variables.
+- **SLURM**: ``srun clipforge train ...`` with several tasks; :func:`adopt_slurm_environment` derives
+  those variables from SLURM's (docs/distributed.md has an sbatch script).
 - **``distributed.nproc=N``** in the config: ``clipforge train`` starts the N local processes
   itself (:func:`launch`), sets the same variables for each and runs the same program in them;
   the calling process waits, re-raises the first error a process reported (stopping the others),
@@ -37,7 +39,9 @@ from the forward output yet never gets a gradient, which stalls DDP's reducer ev
 (3) hard-negative and count captions go through ``model.encode_text`` outside the wrapper's
 forward. Averaging once per optimizer step, after all micro-batches, in ~25 MB buckets (DDP's
 default bucket size) is exactly DDP's arithmetic without those constraints; what it gives up is
-DDP's overlap of communication with the backward pass, which matters little for gloo on CPU.
+DDP's overlap of communication with the backward pass, which matters little for gloo on CPU. On CUDA
+(``device=cuda``, nccl) the same all-reduces run after the backward pass; overlapping them with it
+(asynchronous bucketed all-reduces launched from gradient hooks) is not implemented yet (issue 12).
 """
 from __future__ import annotations
 
@@ -73,6 +77,7 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    device: torch.device = torch.device("cpu")  # where the small tensors of the collectives live (CUDA for nccl)
 
     @property
     def enabled(self) -> bool:
@@ -99,7 +104,7 @@ class Dist:
         if not self.enabled:
             return
         params = [p for p in module.parameters() if p.requires_grad]
-        has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+        has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=self.device)
         dist.all_reduce(has_grad)
         live = [p for p, h in zip(params, has_grad.tolist()) if h]
         for p in live:
@@ -121,7 +126,7 @@ class Dist:
         floats = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in values.items()}
         if not self.enabled:
             return floats
-        t = torch.tensor(list(floats.values()), dtype=torch.float64)
+        t = torch.tensor(list(floats.values()), dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return dict(zip(floats, (t / self.world_size).tolist()))
 
@@ -137,8 +142,9 @@ class Dist:
         skipped = sum(int(b["skipped"]) for b in micro_batches)
         if not self.enabled:
             return [b for b, n in zip(micro_batches, good) if n], skipped
-        row = torch.tensor(good + [skipped], dtype=torch.int64)
+        row = torch.tensor(good + [skipped], dtype=torch.int64, device=self.device)
         table = torch.stack(self._all_gather(row))  # [world, accum + 1]
+        table = table.cpu()
         shares = table[:, :-1].min(dim=0).values
         cut_off = int((table[:, :-1] - shares).sum())
         kept = [b if n == s else trim_batch(b, s) for b, n, s in zip(micro_batches, good, shares.tolist()) if s > 0]
@@ -148,7 +154,7 @@ class Dist:
         """Rank 0's value of ``flag`` on every rank (for decisions taken on timings, which differ)."""
         if not self.enabled:
             return flag
-        t = torch.tensor([int(flag)], dtype=torch.int32)
+        t = torch.tensor([int(flag)], dtype=torch.int32, device=self.device)
         dist.broadcast(t, src=0)
         return bool(t.item())
 
@@ -241,28 +247,80 @@ def _world_from_env(nproc: int) -> tuple[int, int, int]:
 
 
 @contextlib.contextmanager
-def process_group(nproc: int = 1, timeout_minutes: float = 30.0) -> Iterator[Dist]:
-    """This process's :class:`Dist`: joins the gloo group described by the launcher's environment
+def process_group(nproc: int = 1, timeout_minutes: float = 30.0, backend: str = "gloo",
+                  device: torch.device | None = None) -> Iterator[Dist]:
+    """This process's :class:`Dist`: joins the group described by the launcher's environment
     variables (and leaves it at the end) when there are several processes; ``Dist()`` otherwise.
-    A group that the caller initialized already is used and left alone."""
+    ``backend``/``device`` come from the run's :class:`~clipforge.train.device.DevicePlan` (nccl and
+    this rank's GPU on CUDA, gloo and the CPU otherwise). A group that the caller initialized already
+    is used and left alone."""
+    device = torch.device("cpu") if device is None else device
     if not launched():
-        yield Dist()
+        yield Dist(device=device)
         return
     rank, world, local = _world_from_env(nproc)
     if world == 1:
-        yield Dist(0, 1, 0)
+        yield Dist(0, 1, 0, device)
         return
     owned = not dist.is_initialized()
     if owned:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(minutes=timeout_minutes))
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=timeout_minutes))
     elif (dist.get_rank(), dist.get_world_size()) != (rank, world):
         raise RuntimeError(f"the initialized process group has rank {dist.get_rank()} of {dist.get_world_size()}, "
                            f"the environment says {rank} of {world}")
     try:
-        yield Dist(rank, world, local)
+        yield Dist(rank, world, local, device)
     finally:
         if owned:
             dist.destroy_process_group()
+
+
+def local_rank() -> int | None:
+    """This process's index on its machine under a launcher (LOCAL_RANK), else None."""
+    return int(os.environ["LOCAL_RANK"]) if launched() and "LOCAL_RANK" in os.environ else None
+
+
+# ------------------------------------------------------------------ SLURM
+
+
+def first_host(nodelist: str) -> str:
+    """The first host name of a SLURM node list in its compact form: ``gpu[07-09,12],cpu1`` -> ``gpu07``,
+    ``node3,node4`` -> ``node3`` (what ``scontrol show hostnames | head -n 1`` prints)."""
+    nodelist = nodelist.strip()
+    if not nodelist:
+        raise ValueError("the SLURM node list is empty")
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[:nodelist.index("]") + 1]
+    if "[" not in head:
+        return head
+    prefix, ranges = head[:head.index("[")], head[head.index("[") + 1:head.index("]")]
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def slurm_environment(environ: dict[str, str] | None = None, port: int = 29500) -> dict[str, str]:
+    """The launcher variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) of a process started by
+    ``srun`` with several tasks, read as OpenCLIP does: the rank from SLURM_PROCID, the world size from
+    SLURM_NTASKS, the local rank from SLURM_LOCALID, and the master as the first host of SLURM_JOB_NODELIST (or
+    SLURM_NODELIST) unless MASTER_ADDR / MASTER_PORT are set. {} when this is not such a process, or when a
+    launcher (torchrun under srun) set RANK already."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env or "WORLD_SIZE" in env or "SLURM_PROCID" not in env or int(env.get("SLURM_NTASKS", "1")) <= 1:
+        return {}
+    nodes = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if "MASTER_ADDR" not in env and not nodes:
+        raise ValueError("SLURM_PROCID and SLURM_NTASKS are set but neither MASTER_ADDR nor SLURM_JOB_NODELIST: "
+                         "export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1) in the "
+                         "sbatch script")
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"], "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodes),
+            "MASTER_PORT": env.get("MASTER_PORT", str(port))}
+
+
+def adopt_slurm_environment() -> bool:
+    """Under ``srun`` with several tasks (and no torchrun), set the launcher variables from SLURM's
+    (:func:`slurm_environment`) so that :func:`process_group` joins the run; whether it did."""
+    found = slurm_environment()
+    os.environ.update(found)
+    return bool(found)
 
 
 # ------------------------------------------------------------------ starting the processes ourselves

@@ -57,9 +57,11 @@ from .checkpoint import (list_checkpoints, load_state, load_weights, repair_late
                          write_atomic)
 from .config import TrainConfig, to_dict, to_yaml
 from .data import sum_stream_stats
-from .distributed import Dist, check_batch_split, launch, launched, process_group
+from .device import DevicePlan, device_plan
+from .distributed import Dist, adopt_slurm_environment, check_batch_split, launch, launched, local_rank, process_group
 from .optim import build_optimizer, build_scheduler
 from .inputs import EMA_KEYS, PRODUCED, encode_ema, encode_extras
+from .report import Reporters, check_reporters
 from .setup import build_loader, build_model, token_outputs
 
 logger = logging.getLogger(__name__)
@@ -87,9 +89,12 @@ class TrainResult:
     model: Any = None  # the trained model (from that checkpoint when distributed.nproc started processes)
 
 
-def autocast_context(precision: str):
+def autocast_context(precision: str, device_type: str = "cpu"):
+    """The forward passes' autocast for ``precision`` on a device type (train/device.py decides which)."""
     if precision == "bf16":
-        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    if precision == "fp16":
+        return torch.autocast(device_type=device_type, dtype=torch.float16)
     return contextlib.nullcontext()
 
 
@@ -251,7 +256,7 @@ def _probe_batch(model, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     return images, tokenizer(list(PROBE_TEXTS))
 
 
-def _unusable(model, probe: tuple[torch.Tensor, torch.Tensor], precision: str) -> str:
+def _unusable(model, probe: tuple[torch.Tensor, torch.Tensor], plan: DevicePlan) -> str:
     """Why the weights cannot be promoted to a checkpoint ("" if they can): non-finite weights, or non-finite
     features of the probe batch (weights that exploded while staying finite)."""
     bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
@@ -260,7 +265,7 @@ def _unusable(model, probe: tuple[torch.Tensor, torch.Tensor], precision: str) -
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), autocast_context(precision):
+        with torch.no_grad(), plan.autocast():
             image, text = model.encode_image(probe[0]).float(), model.encode_text(probe[1]).float()
     finally:
         model.train(was_training)
@@ -279,14 +284,17 @@ def train(cfg: TrainConfig, evaluate: Callable | None = None) -> TrainResult:
     result is returned, its model loaded from the final checkpoint.
     """
     cfg.validate()
+    adopt_slurm_environment()  # srun with several tasks: the launcher variables from SLURM's
+    plan = device_plan(cfg.device, cfg.precision, local_rank=local_rank())  # an absent device fails here, first
+    check_reporters(list(cfg.report_to))  # so does a reporter whose package is missing
     check_out_dir(cfg.out_dir)
     if cfg.distributed.nproc > 1 and not launched():
         check_batch_split(cfg.batch_size, cfg.accum_steps, cfg.distributed.nproc)
         result = launch(_train_in_started_process, cfg.distributed.nproc, cfg, evaluate)
         result.model = load_model(result.checkpoint).train()
         return result
-    with process_group(cfg.distributed.nproc, cfg.distributed.timeout_minutes) as dist:
-        return _train(cfg, evaluate, dist)
+    with process_group(cfg.distributed.nproc, cfg.distributed.timeout_minutes, plan.backend, plan.device) as dist:
+        return _train(cfg, evaluate, dist, plan)
 
 
 def _train_in_started_process(cfg: TrainConfig, evaluate: Callable | None) -> TrainResult:
@@ -295,24 +303,28 @@ def _train_in_started_process(cfg: TrainConfig, evaluate: Callable | None) -> Tr
     return result
 
 
-def _train(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> TrainResult:
+def _train(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan: DevicePlan) -> TrainResult:
     """This process's part of the run, with the run directory locked (by rank 0) throughout."""
     check_batch_split(cfg.batch_size, cfg.accum_steps, dist.world_size)
     with contextlib.ExitStack() as stack:
         _lock_run(stack, Path(cfg.out_dir), dist)
-        return _train_locked(cfg, evaluate, dist)
+        return _train_locked(cfg, evaluate, dist, plan)
 
 
-def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> TrainResult:
+def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan: DevicePlan) -> TrainResult:
     say = logger.info if dist.is_main else _quiet  # the CLI shows INFO lines on stdout
     out_dir = Path(cfg.out_dir)
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
+    plan.apply()
+    if plan.note:
+        say(f"note: {plan.note}")
 
     model, tokenizer = build_model(cfg, say)
+    model.to(plan.device)
     dist.broadcast_model(model)  # every rank starts from rank 0's weights
-    loss_fn = build_composite(cfg.loss)
+    loss_fn = build_composite(cfg.loss).to(plan.device)
     needs_bias = sorted(name for name, term in loss_fn.terms.items() if getattr(term, "needs_logit_bias", False))
     if needs_bias and model.logit_bias is None:
         raise ValueError(f"the loss terms {needs_bias} need a logit bias: add model_overrides.init_logit_bias=-10 "
@@ -342,6 +354,7 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> Tr
     forward = {"return_tokens": True} if token_outputs(model, needs) else {}  # only when a term reads tokens
     ema = EMATeacher(model, cfg.ema_momentum) if needs & set(EMA_KEYS) else None
 
+    scaler = plan.make_scaler()  # fp16 only: loss scaling, its state saved with the checkpoints
     stream_state, ckpt, changed = None, None, {}
     if cfg.resume:
         ckpt = resolve_checkpoint(out_dir, cfg.resume)
@@ -362,6 +375,8 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> Tr
         if changed and dist.is_main:
             logger.info("resuming from %s with changed settings, applied from step %d on: %s", ckpt, int(state["step"]),
                      ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items()))
+        if scaler is not None and "grad_scaler" in state:
+            scaler.load_state_dict(state["grad_scaler"])
         torch.set_rng_state(state["torch_rng"])
         start_step, samples_seen, skipped_total = int(state["step"]), int(state["samples_seen"]), int(state["skipped"])
         stream_state = dist.this_rank(state.get("data_stream"))
@@ -373,7 +388,8 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> Tr
                 say(f"note: {ckpt} holds no EMA teacher; it starts from the resumed weights")
 
     with dist.main_first():  # rank 0 stores rewrites / teacher embeddings on the way; the others read them
-        loader = build_loader(cfg, model, tokenizer, needs, out_dir, start_step, stream_state, dist.rank, dist.world_size)
+        loader = build_loader(cfg, model, tokenizer, needs, out_dir, start_step, stream_state, dist.rank,
+                              dist.world_size, pin_memory=plan.pin_memory)
     metrics_path = out_dir / "metrics.jsonl"
     if dist.is_main:
         repair_latest(out_dir)
@@ -386,7 +402,8 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> Tr
                 raise disk_full(e, str(out_dir / "config.yaml")) from None
             raise
     metrics_file = open(metrics_path, "a") if dist.is_main else None
-    probe = _probe_batch(model, tokenizer)
+    reporters = Reporters(list(cfg.report_to), out_dir, to_dict(cfg), start_step, enabled=dist.is_main)
+    probe = plan.move(_probe_batch(model, tokenizer))
     # the checkpoint each step was saved in by this invocation (a resumed step is saved already, in this run)
     saved: dict[int, Path | None] = {}
     if ckpt is not None and ckpt.parent.resolve() == (out_dir / "checkpoints").resolve():
@@ -397,7 +414,7 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> Tr
         Weights that do not give finite features on the probe batch are never promoted: TrainingDiverged."""
         if step in saved:  # the end of a run on the save cadence: written once
             return saved[step] if dist.is_main else None
-        why = _unusable(model, probe, cfg.precision)  # the same weights on every rank: every rank stops
+        why = _unusable(model, probe, plan)  # the same weights on every rank: every rank stops
         if why:
             found = list_checkpoints(out_dir)
             where = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
@@ -414,6 +431,8 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> Tr
             state["ema"] = ema.state_dict()
         if head_params:
             state["loss_terms"] = loss_fn.state_dict()
+        if scaler is not None:
+            state["grad_scaler"] = scaler.state_dict()
         if streams is not None:  # where each rank's stream stands after the batches of `step`
             state["data_stream"] = streams[0] if dist.world_size == 1 else streams
         saved[step] = save_checkpoint(out_dir, step, model, state, to_yaml(cfg), keep=cfg.keep_checkpoints)
@@ -422,6 +441,10 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> Tr
     def log(record: dict):
         if metrics_file is not None:
             _append_json(metrics_path, record, metrics_file)
+            reporters.log(record)
+
+    def backward(loss: torch.Tensor) -> None:
+        (loss if scaler is None else scaler.scale(loss)).backward()
 
     def loss_of(inputs: LossInputs) -> dict:
         inputs.rank, inputs.world_size = dist.rank, dist.world_size  # the terms gather the global batch
@@ -438,26 +461,27 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> Tr
         while step < cfg.steps:
             t0 = time.perf_counter()
             micro_batches, skipped = dist.even_shares([next(batches) for _ in range(cfg.accum_steps)])
+            micro_batches = [plan.move(b) for b in micro_batches]
             skipped_total += skipped
             if not micro_batches:
                 step += 1  # every sample of this step was unreadable: the step still counts as consumed
                 scheduler.step()
                 continue
             optimizer.zero_grad(set_to_none=True)
-            with autocast_context(cfg.precision):
+            with plan.autocast():
                 ema_extra = [encode_ema(ema, b) for b in micro_batches]
             if len(micro_batches) == 1:
-                with autocast_context(cfg.precision):
+                with plan.autocast():
                     out = model(micro_batches[0]["images"], micro_batches[0]["texts"], **forward)
                     extra = {**encode_extras(model, micro_batches[0]), **ema_extra[0]}
                 logs = loss_of(_loss_inputs(out, micro_batches[0], extra))
-                logs["loss"].backward()
+                backward(logs["loss"])
             else:
-                with torch.no_grad(), autocast_context(cfg.precision):
+                with torch.no_grad(), plan.autocast():
                     cached = [model(b["images"], b["texts"], **forward) for b in micro_batches]
                     cached_extra = [encode_extras(model, b) for b in micro_batches]
                 for k, b in enumerate(micro_batches):
-                    with autocast_context(cfg.precision):
+                    with plan.autocast():
                         out = model(b["images"], b["texts"], **forward)
                         own_extra = encode_extras(model, b)
                     joined = dict(out)
@@ -468,7 +492,7 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> Tr
                             joined[key] = None if out[key] is None else out[key].detach()
                     extra = _join([{**(own_extra if j == k else c), **e} for j, (c, e) in enumerate(zip(cached_extra, ema_extra))])
                     logs = loss_of(_loss_inputs(joined, b, extra))
-                    logs["loss"].backward()
+                    backward(logs["loss"])
                 for p in head_params:  # every micro-batch's backward gave the heads the full-batch gradient once
                     if p.grad is not None:
                         p.grad /= len(micro_batches)
@@ -484,11 +508,17 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> Tr
             dist.average_gradients(model)
             if head_params:
                 dist.average_gradients(loss_fn)
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # clipping and the logged norm see the true gradients
             grad_norm = None
             if cfg.grad_clip:
                 params = [*model.parameters(), *head_params]
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)  # skipped when a gradient is inf/NaN (the scale then shrinks)
+                scaler.update()
+            else:
+                optimizer.step()
             scheduler.step()
             if ema is not None:
                 ema.update(model)
@@ -528,6 +558,8 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist) -> Tr
     if dist.is_main and evaluate is not None:
         eval_result = evaluate(model, tokenizer)
         _append_json(metrics_path, {"step": step, "eval": eval_result})
+        reporters.log({"step": step, "eval": eval_result})
+    reporters.close()
     if cfg.data.streaming:
         stream_stats = sum_stream_stats(dist.all_gather_object(loader.stats.as_dict()))  # every rank's stream
         if dist.is_main:

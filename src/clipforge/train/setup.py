@@ -144,7 +144,7 @@ def with_caption_sources(cfg: TrainConfig, dataset, out_dir: Path, needs: set):
 
 
 def build_loader(cfg: TrainConfig, model, tokenizer, needs: set, out_dir: Path, start_step: int, stream_state=None,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, pin_memory: bool = False):
     """The iterable of (micro-)batches from ``start_step`` on; with ``world_size > 1``, rank
     ``rank``'s share of them (a slice of every global batch, or its shards of the stream)."""
     micro = cfg.batch_size // cfg.accum_steps  # global micro-batch: world_size slices of it per step and micro-batch
@@ -189,5 +189,5 @@ def build_loader(cfg: TrainConfig, model, tokenizer, needs: set, out_dir: Path, 
         loader = train_loader(items, micro, cfg.seed, start_batch=start_step * cfg.accum_steps,
                               num_batches=(cfg.steps - start_step) * cfg.accum_steps, tokenizer=tokenizer,
                               num_workers=cfg.data.num_workers, rank=rank, world_size=world_size,
-                              accum_steps=cfg.accum_steps)
+                              accum_steps=cfg.accum_steps, pin_memory=pin_memory)
     return loader
