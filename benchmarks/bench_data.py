@@ -94,11 +94,10 @@ class _Augmented:
 
 
 def bench_loader(root: str | None, workers: int, images: int, batch: int = 64) -> list[list]:
+    from corpus_setup import ensure_corpus
     from torch.utils.data import DataLoader
 
     from clipforge.data import build_dataset
-
-    from corpus_setup import ensure_corpus
 
     root = ensure_corpus("openclipart", root)
     rows = []

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipforge.data import build_dataset
 from clipforge.cli.train import evaluate_corpora
+from clipforge.data import build_dataset
 from clipforge.evaluation.shapes_eval import evaluate_shapes
 from clipforge.interop.pretrained import minilm_l6_path, minilm_text_config
 from clipforge.interop.text_tokenizers import HFTokenizer

@@ -27,8 +27,18 @@ from pathlib import Path
 
 import torch
 
-from clipforge.captioning import (CoCaPolicy, MacCapConfig, MacCapPolicy, attribute_accuracy, bleu, cider_d, clip_s,
-                                  frozen_judge, scst_step, train_maccap)
+from clipforge.captioning import (
+    CoCaPolicy,
+    MacCapConfig,
+    MacCapPolicy,
+    attribute_accuracy,
+    bleu,
+    cider_d,
+    clip_s,
+    frozen_judge,
+    scst_step,
+    train_maccap,
+)
 from clipforge.data import build_dataset
 from clipforge.tokenizer import get_tokenizer
 from clipforge.train import DataConfig, TrainConfig, train

@@ -38,8 +38,9 @@ LANGS = ["en", "es", "pt", "it", "fr", "de", "id", "tr", "ru", "fa", "ar", "ja",
 
 def english_clip(a):
     """Train (or load) the English LiT CLIP of step 1; returns (model, tokenizer)."""
-    import clipforge
     from bench_locked_text import fit_arm
+
+    import clipforge
 
     if a.clip and (Path(a.clip) / "model_config.json").exists():
         model, tokenizer, _ = clipforge.load(a.clip)

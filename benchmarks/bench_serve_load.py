@@ -57,11 +57,13 @@ def rss_mb(pid: int) -> dict[str, float]:
 
 def build_index(root: Path, n: int, image_size: int) -> Path:
     """``n`` shapes renders in ``root/images``, indexed by a random ``tiny`` saved in ``root/model``."""
+    from PIL import Image
+
     import clipforge
     from clipforge.data.shapes import ShapesGenerator
     from clipforge.models import save_model
-    from clipforge.serve import build_index as build, scan_folders
-    from PIL import Image
+    from clipforge.serve import build_index as build
+    from clipforge.serve import scan_folders
 
     model_dir = save_model(clipforge.create_model("tiny", seed=0), root / "model")
     images = root / "images"
@@ -77,8 +79,9 @@ def build_index(root: Path, n: int, image_size: int) -> Path:
 
 
 def query_material(n_uploads: int, image_size: int):
-    from clipforge.data.shapes import ShapesGenerator
     from PIL import Image
+
+    from clipforge.data.shapes import ShapesGenerator
 
     gen = ShapesGenerator("train", seed=123, image_size=image_size)  # other images than the index's
     uploads, captions = [], []

@@ -33,10 +33,10 @@ import torch
 from clipforge.adapt.tca import TCA, TCAConfig, run_stream
 from clipforge.evaluation.cache import EmbeddingCache
 from clipforge.evaluation.robustness import corrupt
-from clipforge.metrics import top1
 from clipforge.evaluation.suite import Context
 from clipforge.evaluation.suite_data import suite_data
 from clipforge.interop import load
+from clipforge.metrics import top1
 from clipforge.transforms import normalize_batch
 
 TRAIN_ARGS = ["steps=400", "lr=2e-3", "warmup_steps=30", "weight_decay=0.1"]

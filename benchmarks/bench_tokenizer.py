@@ -17,9 +17,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from reference.clip_bpe import PATTERN, NaiveCLIPBPE  # noqa: E402
+
 from clipforge.data.shapes import ShapesGenerator  # noqa: E402
 from clipforge.tokenizer import CLIPTokenizer, clean_text, default_bpe_path  # noqa: E402
-from reference.clip_bpe import PATTERN, NaiveCLIPBPE  # noqa: E402
 
 
 def corpus(n: int) -> list[str]:

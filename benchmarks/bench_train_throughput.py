@@ -50,7 +50,6 @@ def model_spec(name: str, overrides: dict | None = None) -> dict:
 
 def train_flops_per_sample(spec: dict, batch: int = 8) -> float:
     """FLOPs of one forward + backward per sample, counted by FlopCounterMode (fp32, eager)."""
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from clipforge.losses import clip_loss

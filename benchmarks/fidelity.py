@@ -746,7 +746,7 @@ def markdown(recipes: Sequence[Recipe], data: dict, source: str = "fidelity.json
             body += ["", "</details>", ""]
     if missing:
         lines += [f"**No {MIN_SEEDS}-seed run at the default budget yet:** " + ", ".join(missing) + ". Their verdicts "
-                  f"below are not available until `python benchmarks/fidelity.py NAME --seeds 0 1 2` has run.", ""]
+                  "below are not available until `python benchmarks/fidelity.py NAME --seeds 0 1 2` has run.", ""]
     return "\n".join(lines + summary + [""] + body).rstrip() + "\n"
 
 

@@ -110,7 +110,7 @@ def time_training(model, loss_fn, images, texts, steps: int, warmup: int, device
     return times
 
 
-def clip_objective(out) -> "torch.Tensor":  # noqa: F821
+def clip_objective(out) -> torch.Tensor:  # noqa: F821
     import torch
     import torch.nn.functional as F
 

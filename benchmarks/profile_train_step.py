@@ -64,12 +64,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    import clipforge.models.transformer as transformer
     from bench_train_throughput import inputs, model_spec
+    from torch.profiler import ProfilerActivity, profile
+
+    import clipforge.models.transformer as transformer
     from clipforge.losses import clip_loss
     from clipforge.models import CLIP, CLIPConfig
     from clipforge.train.optim import build_optimizer
-    from torch.profiler import ProfilerActivity, profile
 
     if args.sdpa:
         transformer.use_short_attention = lambda x, mask: False

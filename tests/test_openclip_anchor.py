@@ -1,7 +1,6 @@
 """tests/openclip_anchor.py: a missing OpenCLIP anchor skips the parity tests, except under CI=true, where it fails."""
-import pytest
-
 import openclip_anchor
+import pytest
 
 
 def test_missing_anchor_skips_outside_ci(monkeypatch, tmp_path):

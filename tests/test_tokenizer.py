@@ -3,10 +3,10 @@ import json
 
 import pytest
 import torch
+from reference.clip_bpe import NaiveCLIPBPE
 
 import clipforge
 from clipforge.tokenizer import VOCAB_SIZE, CLIPTokenizer, default_bpe_path, get_tokenizer, load_bpe
-from reference.clip_bpe import NaiveCLIPBPE
 
 LONG = " ".join(f"word{i} and the {i}th number" for i in range(200))
 CORPUS = [

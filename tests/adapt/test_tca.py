@@ -8,8 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipforge.adapt.tca import (TCA, TCAConfig, TokenReservoir, condense, kcenter_assign, plan_condensation,
-                                 reservoir_logits, run_stream, tca_flops, token_schedule)
+from clipforge.adapt.tca import (
+    TCA,
+    TCAConfig,
+    TokenReservoir,
+    condense,
+    kcenter_assign,
+    plan_condensation,
+    reservoir_logits,
+    run_stream,
+    tca_flops,
+    token_schedule,
+)
 
 # 4 blocks, 8x8 = 64 patch tokens: enough tokens and depth for three condensation blocks
 VIS = {"image_size": 32, "patch_size": 4, "width": 32, "layers": 4, "heads": 4}

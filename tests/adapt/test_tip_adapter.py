@@ -3,8 +3,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipforge.adapt import (FeatureSet, TipAdapterF, TipAdapterFConfig, TipSearch, fit_tip_adapter, fit_tip_adapter_f,
-                             search_alpha_beta, tip_adapter_logits)
+from clipforge.adapt import (
+    FeatureSet,
+    TipAdapterF,
+    TipAdapterFConfig,
+    TipSearch,
+    fit_tip_adapter,
+    fit_tip_adapter_f,
+    search_alpha_beta,
+    tip_adapter_logits,
+)
 from clipforge.evaluation import few_shot
 from clipforge.metrics import top1
 

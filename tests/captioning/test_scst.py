@@ -5,8 +5,15 @@ import math
 import pytest
 import torch
 
-from clipforge.captioning import (CoCaPolicy, MacCapConfig, MacCapPolicy, frozen_judge, scst_loss, scst_step,
-                                  train_maccap)
+from clipforge.captioning import (
+    CoCaPolicy,
+    MacCapConfig,
+    MacCapPolicy,
+    frozen_judge,
+    scst_loss,
+    scst_step,
+    train_maccap,
+)
 from clipforge.captioning.scst import clip_s_reward, decode, sequence_logprobs
 from clipforge.models import create_model
 

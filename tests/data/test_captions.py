@@ -7,8 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from clipforge.data.captions import (CAPTION_SOURCES, CaptionPolicy, caption_records, caption_sources,
-                                     source_negatives)
+from clipforge.data.captions import CAPTION_SOURCES, CaptionPolicy, caption_records, caption_sources, source_negatives
 
 N = 20_000
 

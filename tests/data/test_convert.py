@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from datahelpers import make_items
 
 from clipforge.cli.main import main
 from clipforge.data import convert as convert_mod
@@ -12,8 +13,6 @@ from clipforge.data.convert import convert
 from clipforge.data.formats import encode_png, write_image_folder, write_manifest
 from clipforge.data.shards import ShardDataset
 from clipforge.data.streaming import StreamingLoader, StreamingShards
-
-from datahelpers import make_items
 
 
 def _csv_source(root, n=12):

@@ -7,9 +7,20 @@ import tarfile
 import pytest
 import torch
 
-from clipforge.data.formats import (ReadStats, add_tar_member, iter_image_folder, iter_manifest, iter_source,
-                                    iter_webdataset, image_folder_classes, sample_json, write_image_folder,
-                                    write_manifest, write_webdataset, encode_png)
+from clipforge.data.formats import (
+    ReadStats,
+    add_tar_member,
+    encode_png,
+    image_folder_classes,
+    iter_image_folder,
+    iter_manifest,
+    iter_source,
+    iter_webdataset,
+    sample_json,
+    write_image_folder,
+    write_manifest,
+    write_webdataset,
+)
 
 
 def _save_pngs(tmp_path, items, sub="img"):

@@ -4,8 +4,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clipforge.data.long_captions import (corpus_length_stats, length_stats, sample_subcaptions, short_and_long,
-                                          split_sentences, subcaptions_at)
+from clipforge.data.long_captions import (
+    corpus_length_stats,
+    length_stats,
+    sample_subcaptions,
+    short_and_long,
+    split_sentences,
+    subcaptions_at,
+)
 
 
 @pytest.mark.parametrize("text, want", [

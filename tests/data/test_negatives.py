@@ -6,9 +6,21 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from clipforge.data.negatives import (NEGATIVE_TYPES, NegativesDataset, change_count, generate, negate,
-                                      negatives_for_captions, negatives_for_item, replace_attribute, replace_object,
-                                      replace_relation, shuffle_words, swap_attribute, swap_objects)
+from clipforge.data.negatives import (
+    NEGATIVE_TYPES,
+    NegativesDataset,
+    change_count,
+    generate,
+    negate,
+    negatives_for_captions,
+    negatives_for_item,
+    replace_attribute,
+    replace_object,
+    replace_relation,
+    shuffle_words,
+    swap_attribute,
+    swap_objects,
+)
 from clipforge.data.shapes import COLORS, COUNT_WORDS, RELATIONS, SHAPES, SIZES, ShapesGenerator
 from clipforge.data.vocabulary import ATTRIBUTES, OBJECTS, WORD, normalize, noun_number
 

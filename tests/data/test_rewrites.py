@@ -7,8 +7,18 @@ import numpy as np
 import pytest
 
 from clipforge.data.captions import CaptionPolicy, SourcedCaptions
-from clipforge.data.rewrites import (LMRewriter, RewriteError, RewriteProvider, Rewrites, RuleRewriter,
-                                     StaleRewritesError, laclip_prompt, load_rewrites, sidecar_path, store_rewrites)
+from clipforge.data.rewrites import (
+    LMRewriter,
+    RewriteError,
+    RewriteProvider,
+    Rewrites,
+    RuleRewriter,
+    StaleRewritesError,
+    laclip_prompt,
+    load_rewrites,
+    sidecar_path,
+    store_rewrites,
+)
 from clipforge.data.shapes import ShapesGenerator
 from clipforge.data.vocabulary import normalize
 

@@ -5,12 +5,11 @@ import json
 
 import pytest
 import torch
+from datahelpers import make_items
 
 from clipforge.data import DataNotBuiltError, build_dataset
 from clipforge.data.formats import ReadStats, encode_png, iter_webdataset
 from clipforge.data.shards import ShardDataset, ShardSample, ShardSetWriter
-
-from datahelpers import make_items
 
 VIEWS = {"kind": {"classes": ["a", "b", "c"], "templates": ["a {}."]},
          "parity": {"classes": ["even", "odd"], "templates": ["{}."]}}

@@ -8,11 +8,10 @@ import tarfile
 from collections import Counter
 
 import pytest
+from datahelpers import make_items
 
 from clipforge.data.formats import add_tar_member, encode_png, sample_json
 from clipforge.data.streaming import StreamingLoader, StreamingShards, shuffled, tar_records
-
-from datahelpers import make_items
 
 SHARDS, PER_SHARD = 7, 6
 

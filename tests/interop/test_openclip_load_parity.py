@@ -12,11 +12,11 @@ import textwrap
 
 import pytest
 import torch
+from openclip_anchor import openclip_python
 from safetensors.torch import load_file
 from torch import nn
 
 import clipforge
-from openclip_anchor import openclip_python
 
 CASES = {
     "gelu-p8": dict(embed_dim=24, quick_gelu=False, vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16),

@@ -22,10 +22,10 @@ import textwrap
 
 import pytest
 import torch
+from openclip_anchor import openclip_python
 from safetensors.torch import load_file
 
 import clipforge
-from openclip_anchor import openclip_python
 
 # tag -> (OpenCLIP model name, create_model keywords, formats written)
 # (train_params: a ViT-B-32 run with --force-quick-gelu is the ViT-B-32-quickgelu model, so it is written from that)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from openclip_anchor import openclip_python
 from safetensors.torch import save_file
 
 import clipforge
@@ -17,7 +18,6 @@ from clipforge.interop import openclip_models
 from clipforge.interop.keymap import export_state
 from clipforge.interop.load import Checkpoint, resolve_openclip
 from clipforge.interop.openclip_layout import openclip_rules
-from openclip_anchor import openclip_python
 
 SMALL = {"embed_dim": 16, "vision": {"image_size": 16, "patch_size": 8, "width": 64, "layers": 1, "heads": 1},
          "text": {"context_length": 8, "width": 64, "layers": 1, "heads": 1}}

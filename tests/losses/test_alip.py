@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
+from reference.naive_losses import dot, log_softmax_at, unit
 
 from clipforge import losses
 from clipforge.losses import LossInputs, alip_loss, clip_loss
 from clipforge.losses.alip import alip_gates
-from reference.naive_losses import dot, log_softmax_at, unit
 
 F64 = torch.float64
 

@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
+from reference.naive_losses import unit
 
 from clipforge import losses
 from clipforge.losses import LossInputs, barlow_twins_loss
-from reference.naive_losses import unit
 
 
 def naive_barlow(a, b, lam, scale, eps=1e-5):

@@ -3,10 +3,10 @@ directions with the predictor MLP written out by hand, float64 gradcheck, no gra
 EMA targets, the predictor-free form, and errors that name the fix."""
 import pytest
 import torch
+from reference.naive_losses import dot, unit
 
 from clipforge import losses
 from clipforge.losses import LossInputs, byol_loss
-from reference.naive_losses import dot, unit
 
 F64 = torch.float64
 

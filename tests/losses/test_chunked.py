@@ -4,12 +4,12 @@ autograd function, the distributed (offset) form against a naive loop, and the m
 property: no tensor of B x B elements is ever created."""
 import pytest
 import torch
+from reference.naive_losses import dot, unit
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from clipforge import losses
 from clipforge.losses import LossInputs, clip_loss, siglip_loss
 from clipforge.losses.chunked import chunked_clip_loss, chunked_pairwise_sigmoid, chunked_row_cross_entropy
-from reference.naive_losses import dot, unit
 
 F64 = torch.float64
 

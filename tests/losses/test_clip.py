@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from reference.naive_losses import dot, unit
 
 from clipforge import losses
 from clipforge.losses import LossInputs, clip_loss
-from reference.naive_losses import dot, unit
 
 F64 = torch.float64
 

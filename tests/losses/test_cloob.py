@@ -2,11 +2,11 @@
 gradcheck, batch-permutation invariance, a limiting case of the retrieval and the registry."""
 import pytest
 import torch
+from reference.naive_losses import dot, unit
 
 from clipforge import losses
 from clipforge.losses import LossInputs, cloob_loss
 from clipforge.losses.cloob import hopfield_retrieve
-from reference.naive_losses import dot, unit
 
 F64 = torch.float64
 

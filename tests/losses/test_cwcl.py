@@ -4,10 +4,10 @@ the trained modality; autograd of the naive reference, with the same detached we
 reference modality), the limiting case w = I (plain CLIP) and the registry entry."""
 import pytest
 import torch
+from reference.naive_losses import dot, unit
 
 from clipforge import losses
 from clipforge.losses import LossInputs, clip_loss, cwcl_loss
-from reference.naive_losses import dot, unit
 
 F64 = torch.float64
 

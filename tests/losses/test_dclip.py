@@ -1,11 +1,11 @@
 """DCLIP's hybrid loss: alpha * CLIP + (1 - alpha) * cosine distance to the teacher's embeddings."""
 import pytest
 import torch
+from reference.naive_losses import clip as naive_clip
+from reference.naive_losses import dot, unit
 
 from clipforge import losses
 from clipforge.losses import LossInputs, clip_loss, cosine_distill_loss, dclip_loss
-from reference.naive_losses import clip as naive_clip
-from reference.naive_losses import dot, unit
 
 F64 = torch.float64
 

@@ -3,9 +3,9 @@ losses equals the single-process loss on the whole batch, and each rank's featur
 (divided by the world size, as DDP's gradient averaging does) equal the single-process ones."""
 
 import torch
+from reference.distributed import check_terms_across_processes
 
 from clipforge.losses import LossInputs
-from reference.distributed import check_terms_across_processes
 
 TERMS = [("clip", {}), ("clip", {"chunk_size": 3}), ("siglip", {}), ("siglip", {"chunk_size": 2}), ("cwcl", {}),
          ("uniformity", {}), ("cloob", {}), ("symile", {}), ("hard_negative", {}), ("simclr", {}), ("m2mix", {}),

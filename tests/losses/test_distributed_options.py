@@ -4,9 +4,9 @@ divided by the world size (DDP averages) equal the single-process ones. (The def
 of every term are covered by test_distributed.py.)"""
 
 import torch
+from reference.distributed import check_terms_across_processes
 
 from clipforge.losses import LossInputs
-from reference.distributed import check_terms_across_processes
 
 TERMS = [("clip", {"label_smoothing": 0.1}), ("clip", {"label_smoothing": 0.1, "chunk_size": 3}),
          ("cwcl", {"reference": "text", "symmetric": False}), ("cwcl", {"weights_key": "teacher"}),

@@ -3,11 +3,11 @@ import math
 
 import pytest
 import torch
+from reference.naive_losses import dot, log_softmax_at, unit
 
 from clipforge import losses
 from clipforge.losses import LossInputs, dreamlip_grouping_loss
 from clipforge.losses.dreamlip import grouping_weights
-from reference.naive_losses import dot, log_softmax_at, unit
 
 F64 = torch.float64
 

@@ -1,10 +1,10 @@
 """EMA self-distillation of DeGLA: the EMATeacher update and the squared-distance loss."""
 import pytest
 import torch
+from reference.naive_losses import unit
 
 from clipforge import losses
 from clipforge.losses import EMATeacher, LossInputs, ema_distill_loss
-from reference.naive_losses import unit
 
 F64 = torch.float64
 

@@ -1,10 +1,10 @@
 """Hard-negative contrast (NegCLIP / CLIP-IN's symmetric form) against a naive loop reference."""
 import pytest
 import torch
+from reference.naive_losses import dot, log_softmax_at, unit
 
 from clipforge import losses
 from clipforge.losses import LossInputs, clip_loss, hard_negative_loss
-from reference.naive_losses import dot, log_softmax_at, unit
 
 F64 = torch.float64
 

@@ -2,10 +2,10 @@
 import math
 
 import torch
+from reference.naive_losses import dot, log_softmax_at, unit
 
 from clipforge import losses
 from clipforge.losses import LossInputs, clip_loss, hqclip_loss
-from reference.naive_losses import dot, log_softmax_at, unit
 
 F64 = torch.float64
 

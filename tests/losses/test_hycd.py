@@ -3,10 +3,10 @@ import math
 
 import pytest
 import torch
+from reference.naive_losses import dot, log_softmax_at, unit
 
 from clipforge import losses
 from clipforge.losses import LossInputs, clip_loss, distill_kl_loss, hycd_loss
-from reference.naive_losses import dot, log_softmax_at, unit
 
 F64 = torch.float64
 

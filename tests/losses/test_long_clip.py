@@ -2,11 +2,11 @@
 of the covariance written in the test (not the SVD the term uses), CLIP by loops."""
 import pytest
 import torch
+from reference.naive_losses import clip as naive_clip
+from reference.naive_losses import unit
 
 from clipforge import losses
 from clipforge.losses import LossInputs, clip_loss, long_clip_loss, pca_reconstruct
-from reference.naive_losses import clip as naive_clip
-from reference.naive_losses import unit
 
 F64 = torch.float64
 

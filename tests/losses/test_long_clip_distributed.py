@@ -10,11 +10,11 @@ on the whole batch unless the PCA is the identity:
   losses by loops over the whole batch."""
 
 import torch
+from reference.distributed import run_terms_across_processes
+from reference.naive_losses import clip as naive_clip
 
 from clipforge import losses
 from clipforge.losses import LossInputs
-from reference.distributed import run_terms_across_processes
-from reference.naive_losses import clip as naive_clip
 
 WORLD, LOCAL, DIM = 2, 8, 4  # LOCAL - 1 >= DIM: distinct covariance eigenvalues, so eigh has finite gradients
 IDENTITY_K, K, SHORT_WEIGHT = DIM, 2, 0.5

@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
+from reference.naive_losses import dot, unit
 
 from clipforge import losses
 from clipforge.losses import LossInputs, m2mix_loss, slerp
-from reference.naive_losses import dot, unit
 
 F64 = torch.float64
 

@@ -3,11 +3,11 @@ import math
 
 import pytest
 import torch
+from reference.naive_losses import dot, unit
 
 from clipforge import losses
 from clipforge.losses import LossInputs, cluster_centers, mlcd_loss
 from clipforge.losses.mlcd import nearest_centers
-from reference.naive_losses import dot, unit
 
 F64 = torch.float64
 

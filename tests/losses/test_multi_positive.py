@@ -2,10 +2,10 @@
 rewrites) against naive loops, in its joint and per-slot forms."""
 import pytest
 import torch
+from reference.naive_losses import dot, log_softmax_at, unit
 
 from clipforge import losses
 from clipforge.losses import LossInputs, clip_loss, multi_positive_loss
-from reference.naive_losses import dot, log_softmax_at, unit
 
 F64 = torch.float64
 

@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
+from reference.naive_losses import dot, unit
 
 from clipforge import losses
 from clipforge.losses import LossInputs, NortonConfig, clip_loss, norton_loss, sinkhorn_log
 from clipforge.losses.norton import matched_quantile, norton_scores, ot_scores, rectified_targets, soft_maximum_scores
-from reference.naive_losses import dot, unit
 
 F64 = torch.float64
 

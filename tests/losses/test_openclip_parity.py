@@ -5,10 +5,10 @@ skipped where it is absent, failed under CI=true."""
 import subprocess
 
 import torch
-
-from clipforge.losses import clip_loss, siglip_loss
 from openclip_anchor import openclip_python
 from reference.naive_losses import unit
+
+from clipforge.losses import clip_loss, siglip_loss
 
 SCRIPT = """
 import sys, torch

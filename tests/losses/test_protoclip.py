@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
+from reference.naive_losses import dot, unit
 
 from clipforge import losses
 from clipforge.losses import LossInputs, kmeans, protoclip_loss
 from clipforge.losses.protoclip import Prototypes, build_prototypes
-from reference.naive_losses import dot, unit
 
 F64 = torch.float64
 
@@ -48,7 +48,7 @@ def naive_protoclip(x, y, mem_x, mem_y, tau, tau_t, pbt):
     c_img, a_img = kmeans(mem_x, k, 20, 0)  # the clustering itself is checked in test_kmeans_matches_naive_lloyd
     c_txt, a_txt = kmeans(mem_y, k, 20, 1)
     total = 0.0
-    for feats, teacher, student_mem, teacher_mem, c_teacher, a_teacher in (
+    for feats, teacher, student_mem, _teacher_mem, c_teacher, a_teacher in (
             (x, y, mem_x, mem_y, c_txt, a_txt), (y, x, mem_y, mem_x, c_img, a_img)):
         present = [c for c in range(k) if any(int(a_teacher[j]) == c for j in range(len(student_mem)))]
         if pbt:  # back translation: the mean student-modality feature of each teacher cluster's members

@@ -3,11 +3,11 @@ a naive loop, float64 gradcheck, limiting case (features on the reference give 0
 of the draws, reproducibility from torch's RNG, and the registry entry."""
 import pytest
 import torch
+from reference.naive_losses import unit
 
 from clipforge import losses
 from clipforge.losses import LossInputs, rafa_loss
 from clipforge.losses.rafa import RafaConfig, sample_reference
-from reference.naive_losses import unit
 
 F64 = torch.float64
 

@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
+from reference.naive_losses import siglip, unit
 
 from clipforge import losses
 from clipforge.losses import LossInputs, siglip_loss
-from reference.naive_losses import siglip, unit
 
 F64 = torch.float64
 

@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
+from reference.naive_losses import unit
 
 from clipforge import losses
 from clipforge.losses import LossInputs, sinkhorn_codes, swapped_prediction, swav_loss
-from reference.naive_losses import unit
 
 F64 = torch.float64
 

@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
+from reference.naive_losses import unit
 
 from clipforge import losses
 from clipforge.losses import LossInputs, clip_loss, symile_loss
-from reference.naive_losses import unit
 
 F64 = torch.float64
 

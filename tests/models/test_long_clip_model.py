@@ -11,8 +11,6 @@ from clipforge.models import create_model
 from clipforge.models.long_clip import LongContextConfig, stretch_context, stretch_positional_embedding
 
 
-
-
 def naive_stretch(pos, keep, factor):
     """Row by row, as the Long-CLIP code writes it for factor 4 (generalized to any factor)."""
     length, dim = pos.shape

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 
 import clipforge
 from clipforge.models import create_model, get_model_config, load_model, save_model
-from clipforge.models.mobileclip import (MCi, MCt, MobileCLIP, MobileCLIPConfig, MobileOneBlock, RepMixer,
-                                         reparameterize)
+from clipforge.models.mobileclip import MCi, MCt, MobileCLIP, MobileCLIPConfig, MobileOneBlock, RepMixer, reparameterize
 
 SMALL = dict(embed_dim=16, vision={"image_size": 32},
              mci={"layers": [1, 1, 1], "dims": [8, 16, 32], "token_mixers": ["repmixer", "repmixer", "attention"],

@@ -10,12 +10,12 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
+from servehelpers import LocalServer  # noqa: E402
 
 import clipforge  # noqa: E402
 from clipforge.cli.main import build_parser, main  # noqa: E402
 from clipforge.serve import Searcher  # noqa: E402
 from clipforge.serve.app import create_app  # noqa: E402
-from servehelpers import LocalServer  # noqa: E402
 
 
 @pytest.fixture

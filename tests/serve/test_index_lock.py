@@ -14,7 +14,6 @@ from PIL import Image
 from clipforge.serve import open_index
 from clipforge.serve.index import COLUMNS, FORMAT, _write
 
-
 # Runs `clipforge index ARGS` once a go-file appears, each image load slowed by 50 ms so that two runs started
 # together overlap for seconds (the window in which the unlocked code lost one run's images).
 RUNNER = r"""

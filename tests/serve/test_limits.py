@@ -20,12 +20,12 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
+from servehelpers import LocalServer  # noqa: E402
 
 import clipforge  # noqa: E402
 from clipforge.cli.main import main  # noqa: E402
 from clipforge.serve import Searcher  # noqa: E402
 from clipforge.serve.app import create_app  # noqa: E402
-from servehelpers import LocalServer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_images import bomb_png, peak_rss_mb, peak_rss_reset  # noqa: E402

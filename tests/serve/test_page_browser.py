@@ -24,10 +24,10 @@ def _chromium(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_page_renders_results_in_browser(model_dir, image_dir, tmp_path):
+    from servehelpers import LocalServer
+
     from clipforge.serve import Searcher
     from clipforge.serve.app import create_app
-
-    from servehelpers import LocalServer
 
     out = tmp_path / "idx"
     assert main(["index", str(model_dir), "--images", str(image_dir), "--out", str(out), "--quiet"]) == 0

@@ -18,8 +18,16 @@ from .common import FeatureSet
 from .coop import CoOpConfig, PromptLearner, fit_coop
 from .gda import gda_classifier, gda_logits
 from .tca import TCA, TCAConfig, TokenReservoir, tca_flops
-from .tip_adapter import (TipAdapterF, TipAdapterFConfig, TipSearch, caps_adapter_logits, fit_tip_adapter,
-                          fit_tip_adapter_f, search_alpha_beta, tip_adapter_logits)
+from .tip_adapter import (
+                          TipAdapterF,
+                          TipAdapterFConfig,
+                          TipSearch,
+                          caps_adapter_logits,
+                          fit_tip_adapter,
+                          fit_tip_adapter_f,
+                          search_alpha_beta,
+                          tip_adapter_logits,
+)
 
 __all__ = ["FeatureSet", "CoOpConfig", "PromptLearner", "fit_coop", "gda_classifier", "gda_logits",
            "TCA", "TCAConfig", "TokenReservoir", "tca_flops", "TipAdapterF", "TipAdapterFConfig", "TipSearch", "caps_adapter_logits", "fit_tip_adapter",

@@ -5,8 +5,15 @@ A program at the evaluation level: it reads the library core (models, data, toke
 imports it. See docs/captioning.md.
 """
 from .attributes import attribute_accuracy
-from .maccap import (MacCapCaptioner, MacCapConfig, MacCapDecoder, is_maccap_dir, noise_injection, region_features,
-                     train_maccap)
+from .maccap import (
+                     MacCapCaptioner,
+                     MacCapConfig,
+                     MacCapDecoder,
+                     is_maccap_dir,
+                     noise_injection,
+                     region_features,
+                     train_maccap,
+)
 from .metrics import bleu, cider_d, clip_s, clip_scores_for_texts, ref_clip_s
 from .scst import CoCaPolicy, MacCapPolicy, frozen_judge, scst_loss, scst_step
 

@@ -103,9 +103,8 @@ class OnDevice:
 
 def run(args) -> int:
     from ..interop import load
-    from ..serve.index import build_index, scan_corpus, scan_folders
-
     from ..locking import LockHeld
+    from ..serve.index import build_index, scan_corpus, scan_folders
 
     if args.batch_size < 1 or args.commit_every < 1:
         raise ValueError("--batch-size and --commit-every must be >= 1")

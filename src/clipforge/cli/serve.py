@@ -51,8 +51,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ef-search", type=int, default=None, metavar="N",
                    help="hnsw indexes: candidate list size per query (default: the value tuned at index time)")
     from ..images import DEFAULT_MAX_IMAGE_PIXELS
-    from ..serve.app import (DECODE_WORKERS, MAX_LABEL_CHARS, MAX_LABELS, MAX_UPLOAD_BYTES, MAX_UPLOADS, TEXT_BATCH,
-                             TEXT_BATCH_WAIT_MS)
+    from ..serve.app import (
+        DECODE_WORKERS,
+        MAX_LABEL_CHARS,
+        MAX_LABELS,
+        MAX_UPLOAD_BYTES,
+        MAX_UPLOADS,
+        TEXT_BATCH,
+        TEXT_BATCH_WAIT_MS,
+    )
 
     p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_BYTES / (1 << 20), metavar="MB",
                    help=f"largest image upload in MiB (default {MAX_UPLOAD_BYTES >> 20})")

@@ -7,7 +7,7 @@ names a dataset). No module of the package imports another for its side effect.
 """
 from . import shapes_long  # noqa: F401  (registers shapes_long)
 from .datasets import DATASETS, ShapesDataset, build_dataset
-from .shapes import HELDOUT_PAIRS, LABEL_VIEWS, SHAPES, COLORS, ShapesGenerator, ShapesSample
+from .shapes import COLORS, HELDOUT_PAIRS, LABEL_VIEWS, SHAPES, ShapesGenerator, ShapesSample
 from .shards import DataNotBuiltError, ShardDataset, ShardSetWriter, corpus_root, data_home
 
 __all__ = ["DATASETS", "ShapesDataset", "build_dataset", "ShapesGenerator", "ShapesSample", "LABEL_VIEWS",

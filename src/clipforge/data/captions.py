@@ -114,7 +114,7 @@ class CaptionPolicy:
         object.__setattr__(self, "weights", dict(self.weights))
 
     @classmethod
-    def mix(cls, synthetic_ratio: float, synthetic: str = "synthetic", raw: str = "original") -> "CaptionPolicy":
+    def mix(cls, synthetic_ratio: float, synthetic: str = "synthetic", raw: str = "original") -> CaptionPolicy:
         """A fraction ``synthetic_ratio`` of the steps on the ``synthetic`` source and the rest on
         ``raw`` ("CLIP with Quality Captions": the synthetic/raw mix ratio)."""
         if isinstance(synthetic_ratio, bool) or not isinstance(synthetic_ratio, (int, float)) \
@@ -125,7 +125,7 @@ class CaptionPolicy:
         return cls(weights={synthetic: float(synthetic_ratio), raw: 1.0 - float(synthetic_ratio)})
 
     @classmethod
-    def parse(cls, spec: str | Mapping[str, float] | "CaptionPolicy") -> "CaptionPolicy":
+    def parse(cls, spec: str | Mapping[str, float] | CaptionPolicy) -> CaptionPolicy:
         """From ``"original=0.5,rewrites=0.5"``, a {source: weight} dict or a policy."""
         if isinstance(spec, CaptionPolicy):
             return spec

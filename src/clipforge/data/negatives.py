@@ -30,8 +30,20 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from .vocabulary import (ATTRIBUTES, COUNT_VALUES, COUNTS, DETERMINERS, OBJECTS, RELATIONS, WORD, article_for,
-                         match_case, noun_number, normalize, plural)
+from .vocabulary import (
+    ATTRIBUTES,
+    COUNT_VALUES,
+    COUNTS,
+    DETERMINERS,
+    OBJECTS,
+    RELATIONS,
+    WORD,
+    article_for,
+    match_case,
+    normalize,
+    noun_number,
+    plural,
+)
 
 NEGATIVE_TYPES = ("replace_attribute", "swap_attribute", "replace_object", "swap_objects", "replace_relation",
                   "change_count", "shuffle_words", "negate")
@@ -412,7 +424,7 @@ def negatives_for_item(item: dict[str, Any], types: Iterable[str] | None = None,
     return out
 
 
-def with_negatives(dataset, **kwargs) -> "NegativesDataset":
+def with_negatives(dataset, **kwargs) -> NegativesDataset:
     """``dataset`` whose items carry generated typed ``negatives`` (see :func:`negatives_for_item`)."""
     return NegativesDataset(dataset, **kwargs)
 

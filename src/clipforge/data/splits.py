@@ -24,7 +24,7 @@ DEFAULT_FRACTIONS = {"val": 0.1, "test": 0.1}
 
 def hash_split(key: str, fractions: dict[str, float] = DEFAULT_FRACTIONS, salt: str = "clipforge-split-v1") -> str:
     """``val``/``test``/``train`` for ``key``: a uniform draw in [0, 1) from SHA-1 of ``salt + key``."""
-    u = int.from_bytes(hashlib.sha1(f"{salt}:{key}".encode("utf-8")).digest()[:8], "big") / 2.0**64
+    u = int.from_bytes(hashlib.sha1(f"{salt}:{key}".encode()).digest()[:8], "big") / 2.0**64
     lo = 0.0
     for split, frac in fractions.items():
         if lo <= u < lo + frac:

@@ -341,7 +341,7 @@ class StreamStats:
                 "skipped": dict(sorted(self.skipped.items())), "examples": {k: list(v) for k, v in self.examples.items()}}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "StreamStats":
+    def from_dict(cls, d: dict[str, Any]) -> StreamStats:
         return cls(samples=int(d["samples"]), skipped=Counter(d["skipped"]), batches=int(d["batches"]),
                    examples={k: list(v) for k, v in d.get("examples", {}).items()})
 

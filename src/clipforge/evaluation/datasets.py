@@ -39,8 +39,8 @@ from ..data.formats import (
     IMAGE_EXTENSIONS,
     ReadStats,
     as_label,
-    manifest_rows,
     clean_captions,
+    manifest_rows,
 )
 from .templates import (
     PromptError,

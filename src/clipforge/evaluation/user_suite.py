@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..metrics import top1
 from .cache import DEFAULT_ROOT, EmbeddingCache
 from .datasets import EvalData, EvalSplit
 from .loader import autocast, decode_for_display, encode_refs
-from ..metrics import top1
 from .suite import CORRUPTIONS, RUNNERS, SEVERITIES, SUITES, Context, SuiteResult
 from .suite_data import Labelled, OODSet, RetrievalSet
 

@@ -30,20 +30,20 @@ __all__ = ["LossInputs", "CompositeLoss", "LOSSES", "available", "build", "build
 
 # importing a module registers its terms
 # --- CLIP, SigLIP and contrastive variants (one module per method) ---
-from .clip import ClipConfig, ClipLoss, clip_loss  # noqa: E402
-from .siglip import SigLipConfig, SigLipLoss, siglip_loss  # noqa: E402
+# the self-supervised companions of "Improved baselines for vision-language pre-training" (Fini et al. 2023)
+from .barlow_twins import BarlowTwinsConfig, BarlowTwinsLoss, barlow_twins_loss  # noqa: E402
+from .byol import ByolConfig, ByolLoss, byol_loss  # noqa: E402
 from .chunked import chunked_clip_loss, chunked_pairwise_sigmoid, chunked_row_cross_entropy  # noqa: E402
+from .clip import ClipConfig, ClipLoss, clip_loss  # noqa: E402
 from .cloob import CloobConfig, CloobLoss, cloob_loss  # noqa: E402
 from .cwcl import CwclConfig, CwclLoss, cwcl_loss  # noqa: E402
 from .gap import AlignmentLoss, UniformityLoss, alignment_loss, uniformity_loss  # noqa: E402
 from .m2mix import M2MixConfig, M2MixLoss, m2mix_loss, slerp  # noqa: E402
 from .rafa import RafaConfig, RafaLoss, rafa_loss  # noqa: E402
+from .siglip import SigLipConfig, SigLipLoss, siglip_loss  # noqa: E402
 from .simclr import SimclrConfig, SimclrLoss, nt_xent  # noqa: E402
-from .symile import SymileConfig, SymileLoss, symile_loss  # noqa: E402
-# the self-supervised companions of "Improved baselines for vision-language pre-training" (Fini et al. 2023)
-from .barlow_twins import BarlowTwinsConfig, BarlowTwinsLoss, barlow_twins_loss  # noqa: E402
-from .byol import ByolConfig, ByolLoss, byol_loss  # noqa: E402
 from .swav import SwavConfig, SwavLoss, sinkhorn_codes, swapped_prediction, swav_loss  # noqa: E402
+from .symile import SymileConfig, SymileLoss, symile_loss  # noqa: E402
 
 __all__ += ["ClipConfig", "ClipLoss", "clip_loss", "SigLipConfig", "SigLipLoss", "siglip_loss", "chunked_clip_loss",
             "chunked_pairwise_sigmoid", "chunked_row_cross_entropy", "CloobConfig", "CloobLoss", "cloob_loss",
@@ -57,8 +57,7 @@ __all__ += ["ClipConfig", "ClipLoss", "clip_loss", "SigLipConfig", "SigLipLoss",
 # --- clustering, transport, multi-positive and captioning (one module per method) ---
 from .alip import AlipConfig, AlipLoss, alip_loss  # noqa: E402
 from .caption import CaptionConfig, CaptionLoss, caption_loss  # noqa: E402
-from .dreamlip import (DreamlipGroupingConfig, DreamlipGroupingLoss,  # noqa: E402
-                       dreamlip_grouping_loss)
+from .dreamlip import DreamlipGroupingConfig, DreamlipGroupingLoss, dreamlip_grouping_loss  # noqa: E402
 from .kmeans import kmeans  # noqa: E402
 from .mlcd import MlcdConfig, MlcdLoss, cluster_centers, mlcd_loss  # noqa: E402
 from .multi_positive import MultiPositiveConfig, MultiPositiveLoss, multi_positive_loss  # noqa: E402
@@ -76,10 +75,9 @@ __all__ += ["AlipConfig", "AlipLoss", "alip_loss", "CaptionConfig", "CaptionLoss
 # --- hard negatives and distillation ---
 from .counting import CountingConfig, counting_loss  # noqa: E402
 from .dclip import DclipConfig, cosine_distill_loss, dclip_loss  # noqa: E402
-from .degla import (ImageGroundedConfig, TextGroundedConfig,  # noqa: E402
-                    grounded_contrast)
+from .degla import ImageGroundedConfig, TextGroundedConfig, grounded_contrast  # noqa: E402
 from .distill_kl import DistillKLConfig, distill_kl_loss  # noqa: E402
-from .ema import EMATeacher, EmaDistillConfig, ema_distill_loss  # noqa: E402
+from .ema import EmaDistillConfig, EMATeacher, ema_distill_loss  # noqa: E402
 from .hard_negative import HardNegativeConfig, hard_negative_loss  # noqa: E402
 from .hqclip import HqClipConfig, hqclip_loss  # noqa: E402
 from .hycd import HycdConfig, hycd_loss  # noqa: E402

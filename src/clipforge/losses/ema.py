@@ -38,7 +38,7 @@ class EMATeacher(nn.Module):
         self.momentum = float(momentum)
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "EMATeacher":
+    def train(self, mode: bool = True) -> EMATeacher:
         super().train(mode)
         self.model.eval()  # the teacher always runs in inference mode
         return self

@@ -74,7 +74,7 @@ class CoCaConfig(CLIPConfig):
                              f"{self.multimodal.heads} and pool_heads {self.multimodal.pool_heads}")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CoCaConfig":
+    def from_dict(cls, d: dict[str, Any]) -> CoCaConfig:
         d = dict(d)
         mm = d.pop("multimodal", {})
         base = CLIPConfig.from_dict(d)

@@ -99,7 +99,7 @@ class CLIPConfig:
     region_head: bool = False
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CLIPConfig":
+    def from_dict(cls, d: dict[str, Any]) -> CLIPConfig:
         d = dict(d)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known - {"name", "description"}

@@ -23,7 +23,6 @@ from .mobileclip import MobileCLIP, MobileCLIPConfig
 from .moe import MoECLIP, MoECLIPConfig
 from .registry import MODEL_CONFIGS
 
-
 # The section of a config dict that marks a variant, its config class and its model class.
 VARIANTS: tuple[tuple[str, type[CLIPConfig], type[CLIP]], ...] = (
     ("multimodal", CoCaConfig, CoCa),

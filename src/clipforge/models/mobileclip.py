@@ -128,7 +128,7 @@ class MobileCLIPConfig(CLIPConfig):
                              "text.pool='eot'")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MobileCLIPConfig":
+    def from_dict(cls, d: dict[str, Any]) -> MobileCLIPConfig:
         d = dict(d)
         mci, mct, rep = d.pop("mci", {}), d.pop("mct", {}), bool(d.pop("reparameterized", False))
         text = {"causal": False, "pad_mask": False, **d.pop("text", {})}

@@ -68,7 +68,7 @@ class MoECLIPConfig(CLIPConfig):
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MoECLIPConfig":
+    def from_dict(cls, d: dict[str, Any]) -> MoECLIPConfig:
         d = dict(d)
         moe = d.pop("moe", {})
         base = CLIPConfig.from_dict(d)

@@ -66,7 +66,7 @@ def use_short_attention(x: Tensor, attn_mask: Tensor | None) -> bool:
 def short_attention(qkv: Tensor, heads: int, is_causal: bool = False) -> Tensor:
     """softmax(q k^T / sqrt(d) [+ causal mask]) v from the fused projection ``qkv`` [B, N, 3C]
     to [B, N, C]: the result of ``F.scaled_dot_product_attention`` (equal up to rounding;
-    tests/test_models.py checks values and gradients), with fewer copies on CPU."""
+    tests/models/test_models.py checks values and gradients), with fewer copies on CPU."""
     b, n, c3 = qkv.shape
     c = c3 // 3
     d = c // heads

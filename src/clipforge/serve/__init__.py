@@ -11,8 +11,16 @@ the core never imports it.
 """
 from __future__ import annotations
 
-from .index import (BuildReport, IndexNotFoundError, ModelMismatchError, build_index, open_index, scan_corpus,
-                    scan_folders, weights_sha256)
+from .index import (
+                    BuildReport,
+                    IndexNotFoundError,
+                    ModelMismatchError,
+                    build_index,
+                    open_index,
+                    scan_corpus,
+                    scan_folders,
+                    weights_sha256,
+)
 from .search import Hit, Searcher, faiss_available, make_backend
 
 __all__ = ["Searcher", "Hit", "build_index", "open_index", "scan_folders", "scan_corpus", "weights_sha256",

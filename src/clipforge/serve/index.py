@@ -34,7 +34,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -309,7 +309,7 @@ def read_indexed_bytes(row: dict[str, Any], roots: Sequence[str] = ()) -> bytes:
     except FileNotFoundError:
         raise FileNotFoundError(f"item {row['key']!r}: {path} no longer exists ({_FIX})") from None
     except OSError as e:  # ELOOP: the last component became a symlink between the two calls
-        raise ItemChangedError(f"item {row['key']!r}: {path} cannot be opened safely ({e.strerror}); not served")
+        raise ItemChangedError(f"item {row['key']!r}: {path} cannot be opened safely ({e.strerror}); not served") from None
     with os.fdopen(fd, "rb") as f:
         _check_stat(row, path, os.fstat(fd))
         if row["kind"] == "corpus":
@@ -584,8 +584,8 @@ def _build_index_locked(model, preprocess, root: Path, candidates: Sequence[Cand
     if not rebuild and (root / MANIFEST).exists():
         old = open_index(root)
         check_same_model(root, old.manifest["model"], info,
-                         f"Index with the model it was built with, or re-embed everything with this one: "
-                         f"add --rebuild (or choose another --out).")
+                         "Index with the model it was built with, or re-embed everything with this one: "
+                         "add --rebuild (or choose another --out).")
         if old.manifest["dtype"] != dtype:
             raise ValueError(f"index {root} stores {old.manifest['dtype']} embeddings; pass --dtype "
                              f"{old.manifest['dtype']} to add to it, or --rebuild to convert it")

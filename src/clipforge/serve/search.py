@@ -33,9 +33,18 @@ from typing import Any, Sequence
 import numpy as np
 
 from .ann import RERANK_MIN
-from .index import (IndexData, IndexNotFoundError, ModelMismatchError, check_indexed_file, check_same_model,
-                    describe_model,
-                    indexed_roots, model_info, open_index, read_indexed_bytes)
+from .index import (
+    IndexData,
+    IndexNotFoundError,
+    ModelMismatchError,
+    check_indexed_file,
+    check_same_model,
+    describe_model,
+    indexed_roots,
+    model_info,
+    open_index,
+    read_indexed_bytes,
+)
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import yaml
 from omegaconf import OmegaConf
@@ -37,14 +37,14 @@ class DataConfig:
     positives: int = 2
     positive_source: str = "captions"
     # which of the dataset's negative types to draw from (shapes: color, shape, count, relation, swap); [] = all
-    negative_types: List[str] = field(default_factory=list)
+    negative_types: list[str] = field(default_factory=list)
     # frozen teacher models (checkpoint or run directories) whose embeddings of the training set are
     # stored once and delivered with the batches, only when a loss term reads them (distill_kl, hycd, dclip)
-    teachers: List[str] = field(default_factory=list)
-    teacher_cache: Optional[str] = None  # where the embeddings are stored; default <out_dir>/teacher_cache
+    teachers: list[str] = field(default_factory=list)
+    teacher_cache: str | None = None  # where the embeddings are stored; default <out_dir>/teacher_cache
     # the second view of each image, made only when a loss term reads it (simclr): a random resized crop
     # covering view_scale of the image plus color jitter of strength view_jitter
-    view_scale: List[float] = field(default_factory=lambda: [0.5, 1.0])
+    view_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
     view_jitter: float = 0.4
     # which caption of a sample a step uses: random | first | longest (Long-CLIP's long caption) | auto (first
     # when a loss term reads hard negatives, which are written from a sample's first caption; random otherwise)
@@ -59,9 +59,9 @@ class DataConfig:
     rewrites: str = ""
     # keep only captions in these languages, for corpora that tag them (emoji: en, es, ja, ... 14 in all);
     # [] = every caption. e.g. data.languages=[en] trains an English CLIP (the pivot of uCLIP alignment)
-    languages: List[str] = field(default_factory=list)
+    languages: list[str] = field(default_factory=list)
     # the shard directory of a built corpus or of data.dataset=shards (default for corpora: $CLIPFORGE_DATA/NAME)
-    root: Optional[str] = None
+    root: str | None = None
     # stream the shards of data.dataset (a corpus name or shards) with clipforge.data.streaming instead of
     # indexing them: endless epochs, reshuffled per epoch; data.train_size is not used; resume is exact
     # with the same data.num_workers
@@ -82,11 +82,11 @@ class DistributedConfig:
 @dataclass
 class TrainConfig:
     model: str = "tiny"
-    model_overrides: Dict[str, Any] = field(default_factory=dict)
+    model_overrides: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     # loss terms and their weights, e.g. {"clip": 1.0} or {"siglip": 1.0}; see clipforge.losses.available()
-    loss: Dict[str, Any] = field(default_factory=lambda: {"clip": 1.0})
+    loss: dict[str, Any] = field(default_factory=lambda: {"clip": 1.0})
     batch_size: int = 128
     accum_steps: int = 1  # micro-batches per optimizer step (features cached: exact full-batch loss)
     steps: int = 1000  # optimizer steps
@@ -94,9 +94,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100
     weight_decay: float = 0.1
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
-    grad_clip: Optional[float] = 1.0  # max global grad norm; null disables
+    grad_clip: float | None = 1.0  # max global grad norm; null disables
     precision: str = "bf16"  # bf16 autocast (about 4x faster matmuls on modern CPUs), fp32, or fp16 (GPUs, GradScaler)
     # where the run computes: auto (CUDA when available, else CPU), cpu, cuda, cuda:N, mps; every choice that follows
     # from it (autocast dtype, loss scaling, pinned memory, TF32, nccl/gloo, attention path) is in train/device.py
@@ -106,12 +106,12 @@ class TrainConfig:
     # start from these weights instead of a random init: any source clipforge.load reads (a clipforge
     # run/model directory, a Hugging Face CLIP/SigLIP directory, OpenCLIP or OpenAI weights); the
     # architecture and tokenizer come from it and `model`/`model_overrides` are ignored
-    init_from: Optional[str] = None
+    init_from: str | None = None
     # what clipforge.load needs for some init_from / init_vision_from sources: the OpenCLIP model name of a state
     # dict without a config beside it (e.g. ViT-B-32, ViT-B-32-quickgelu), the opt-in to full unpickling and
     # TorchScript archives (both run code from the file), and loading weights that hold NaN/inf
-    init_model_name: Optional[str] = None
-    init_vision_model_name: Optional[str] = None
+    init_model_name: str | None = None
+    init_vision_model_name: str | None = None
     init_trust_pickle: bool = False
     init_allow_nonfinite: bool = False
     # Long-CLIP's knowledge-preserved stretching (clipforge.models.long_clip) of the text positions of the built or
@@ -121,24 +121,24 @@ class TrainConfig:
     long_context_keep: int = 20
     # copy only the image tower from this checkpoint into the configured model (whose vision config must
     # match): ProCLIP's first stage puts a pretrained language model beside a trained CLIP's image tower
-    init_vision_from: Optional[str] = None
+    init_vision_from: str | None = None
     # parameter-name patterns (fnmatch): freeze these / train only these (see clipforge.train.freeze);
     # LiT: freeze=[text.*]; projection-only alignment (uCLIP): trainable=[visual.proj, text.proj, logit_scale]
-    freeze: List[str] = field(default_factory=list)
-    trainable: List[str] = field(default_factory=list)
+    freeze: list[str] = field(default_factory=list)
+    trainable: list[str] = field(default_factory=list)
     # momentum of the EMA copy of the model (DeGLA: 0.996); kept only when a loss term reads ema_* features
     ema_momentum: float = 0.996
     log_every: int = 10
     # besides metrics.jsonl, report every logged number to: tensorboard (event files in out_dir) and/or wandb
     # (offline mode); rank 0 only. See clipforge.train.report
-    report_to: List[str] = field(default_factory=list)
+    report_to: list[str] = field(default_factory=list)
     eval_every: int = 0  # 0: evaluate only at the end
     save_every: int = 250  # checkpoint every N steps (and at the end)
     keep_checkpoints: int = 2
     out_dir: str = "runs/default"
-    resume: Optional[str] = None  # "latest" or a checkpoint directory
-    max_seconds: Optional[float] = None  # stop (and checkpoint) after this much training time
-    stop_at: Optional[int] = None  # pause (and checkpoint) at this step; the schedule still spans `steps`
+    resume: str | None = None  # "latest" or a checkpoint directory
+    max_seconds: float | None = None  # stop (and checkpoint) after this much training time
+    stop_at: int | None = None  # pause (and checkpoint) at this step; the schedule still spans `steps`
     progress: bool = True
 
     def _check_term_data_requirements(self) -> None:
@@ -156,7 +156,7 @@ class TrainConfig:
                 raise ConfigError(f"loss {name} needs " + " ".join(f"data.{k}={v}" for k, v in required.items())
                                  + f" (got {', '.join(f'data.{k}={getattr(self.data, k)}' for k in wrong)}); set them")
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got '{self.precision}'")
         from .device import parse_device

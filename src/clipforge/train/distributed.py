@@ -355,7 +355,7 @@ def _run_rank(fn: Callable, args: tuple, rank: int, world: int, port: int, threa
         except Exception:  # noqa: BLE001  (an exception that cannot travel: send its text)
             err = RuntimeError(f"{type(e).__name__}: {e}")
         conn.send(("error", err, tb))
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     finally:
         conn.close()
 

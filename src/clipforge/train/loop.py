@@ -53,14 +53,21 @@ from ..errors import ClipforgeError, ConfigError, RunDirectoryError, disk_full, 
 from ..locking import LockHeld, exclusive_lock
 from ..losses import EMATeacher, LossInputs, build_composite
 from ..models import load_model
-from .checkpoint import (list_checkpoints, load_state, load_weights, repair_latest, resolve_checkpoint, save_checkpoint,
-                         write_atomic)
+from .checkpoint import (
+    list_checkpoints,
+    load_state,
+    load_weights,
+    repair_latest,
+    resolve_checkpoint,
+    save_checkpoint,
+    write_atomic,
+)
 from .config import TrainConfig, to_dict, to_yaml
 from .data import sum_stream_stats
 from .device import DevicePlan, device_plan
 from .distributed import Dist, adopt_slurm_environment, check_batch_split, launch, launched, local_rank, process_group
-from .optim import build_optimizer, build_scheduler
 from .inputs import EMA_KEYS, PRODUCED, encode_ema, encode_extras
+from .optim import build_optimizer, build_scheduler
 from .report import Reporters, check_reporters
 from .setup import build_loader, build_model, token_outputs
 

@@ -87,13 +87,14 @@ def pivot_losses(z: Tensor, t: Tensor, cfg: PivotConfig, v: Tensor | None = None
     return out
 
 
-def train_pivot(clip, tokenizer: Callable, encoder, texts: Sequence[str], cfg: PivotConfig = PivotConfig(),
+def train_pivot(clip, tokenizer: Callable, encoder, texts: Sequence[str], cfg: PivotConfig | None = None,
                 image_features: Tensor | None = None, progress: bool = True) -> tuple[PivotCLIP, list[dict]]:
     """Train P on English ``texts`` (deduplicated); returns the :class:`PivotCLIP` and the loss log.
 
     ``image_features``: CLIP image embeddings [K, d] of unpaired images for the image term
     (needed when ``cfg.image_weight > 0``). ``clip`` and ``encoder`` are not changed.
     """
+    cfg = cfg if cfg is not None else PivotConfig()
     texts = list(dict.fromkeys(str(t) for t in texts))
     if len(texts) < 2:
         raise ValueError(f"pivot alignment needs at least 2 distinct English texts, got {len(texts)}")

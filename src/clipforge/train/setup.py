@@ -22,8 +22,20 @@ from ..tokenizer import get_tokenizer
 from .config import TrainConfig
 from .data import TrainItems, stream_train_loader, train_loader, view_transform
 from .freeze import apply_freeze
-from .inputs import (COUNTS, EMA_KEYS, FROM_DATASET, NEGATIVES, POSITIVES, PRODUCED, SYNTHETIC,  # noqa: F401
-                     TAGS, TEACHER_KEYS, TOKEN_KEYS, VIEW2, REGION_KEYS)
+from .inputs import (  # noqa: F401
+    COUNTS,
+    EMA_KEYS,
+    FROM_DATASET,
+    NEGATIVES,
+    POSITIVES,
+    PRODUCED,
+    REGION_KEYS,
+    SYNTHETIC,
+    TAGS,
+    TEACHER_KEYS,
+    TOKEN_KEYS,
+    VIEW2,
+)
 from .teachers import load_teacher_store
 
 logger = logging.getLogger(__name__)

@@ -55,7 +55,7 @@ def test_accumulation_matches_full_batch_gradient(tiny_cfg, monkeypatch):
 
 
 def test_checkpoints_metrics_and_pruning(tiny_cfg):
-    result = train(tiny_cfg)
+    train(tiny_cfg)
     ckpts = list_checkpoints(tiny_cfg.out_dir)
     assert [c.name for c in ckpts] == ["step_0000008", "step_0000012"]
     for c in ckpts:
@@ -175,8 +175,8 @@ def test_siglip_training_needs_bias(tiny_cfg):
 def test_hard_negative_and_counting_terms_get_their_captions(tiny_cfg):
     """The loop delivers per-sample negative captions only when a configured term reads them."""
     from clipforge.data import build_dataset
-    from clipforge.train.data import TrainItems, make_collate
     from clipforge.tokenizer import get_tokenizer
+    from clipforge.train.data import TrainItems, make_collate
 
     ds = build_dataset("shapes", split="train", size=64, seed=0, image_size=32)
     items = TrainItems(ds, seed=0, image_size=32, negatives=2, count_negatives=True)
@@ -199,6 +199,6 @@ def test_hard_negative_and_counting_terms_get_their_captions(tiny_cfg):
     assert len(records) == 3 and all(r["counting"] >= 0 for r in records)
     assert all(math.isfinite(l) for l in result.losses)
     # gradient accumulation with per-sample extra captions: the exact full-batch loss
-    # (tests/test_train_extras.py checks it against accum_steps=1)
+    # (tests/train/test_train_extras.py checks it against accum_steps=1)
     tiny_cfg.accum_steps, tiny_cfg.out_dir = 2, tiny_cfg.out_dir + "_acc"
     assert train(tiny_cfg).losses == pytest.approx(result.losses, abs=1e-4)

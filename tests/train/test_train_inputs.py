@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from test_train_extras import first_step_gradients
 
 import clipforge.train.loop as loop
 import clipforge.train.setup as setup
@@ -19,8 +20,6 @@ from clipforge.tokenizer import get_tokenizer
 from clipforge.train import DistributedConfig, train
 from clipforge.train.data import TrainItems, make_collate, view_transform
 from clipforge.transforms import image_transform
-
-from test_train_extras import first_step_gradients
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: a second thread only adds waiting on a loaded machine
 

@@ -12,7 +12,7 @@ import torch
 
 from clipforge.train import load_config, train
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RECIPES = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
 FAST = ["steps=2", "batch_size=8", "data.train_size=16", "data.eval_size=8", "save_every=0", "log_every=1",
         "warmup_steps=1", "progress=false", "precision=fp32", "max_seconds=null"]

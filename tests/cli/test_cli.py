@@ -26,16 +26,17 @@ def test_each_command_has_help(cmd, capsys):
 def test_console_script_installed():
     """The ``clipforge`` script pip wrote next to this interpreter runs (``python -m`` would bypass the entry point)."""
     import shutil
-    import tomllib
     from importlib.metadata import entry_points
     from pathlib import Path
+
+    import tomllib
 
     from clipforge import __version__
 
     bindir = Path(sys.executable).parent
     script = shutil.which("clipforge", path=str(bindir)) or shutil.which("clipforge")
     assert script, f"no clipforge console script in {bindir} or on PATH: install the package (pip install -e .)"
-    declared = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    declared = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["scripts"]
     installed = {ep.name: ep.value for ep in entry_points(group="console_scripts") if ep.name == "clipforge"}
     assert installed == {"clipforge": declared["clipforge"]}, "installed entry point differs from pyproject.toml"
     out = subprocess.run([script, "--version"], capture_output=True, text=True)

@@ -4,7 +4,6 @@ data is read, loss scaling is wired into the loop, and SLURM's variables become 
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import pytest
 import torch

@@ -31,7 +31,7 @@ def test_heads_train_are_checkpointed_and_resume_exactly(tiny_cfg, tmp_path):
 
 def test_two_processes_train_the_heads_like_one(tiny_cfg, tmp_path):
     """distributed.nproc=2 with the global batch split: the heads in the final checkpoint match a one-process
-    run (gradients averaged over ranks; tolerance as in tests/test_train_distributed.py)."""
+    run (gradients averaged over ranks; tolerance as in tests/train/test_train_distributed.py)."""
     from clipforge.train import DistributedConfig
 
     loss = {"clip": 1.0, "byol": {"weight": 1.0, "embed_dim": 32, "hidden_dim": 8},
