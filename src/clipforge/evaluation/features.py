@@ -11,8 +11,10 @@ from ..transforms import image_transform, normalize_batch
 
 
 def _on_model_device(x, model):
-    """``x`` on the device of ``model``'s parameters (non-tensors, such as a pivot model's raw texts, as they are)."""
-    param = next(model.parameters(), None)
+    """``x`` on the device of ``model``'s parameters (non-tensors, such as a pivot model's raw texts, as they are;
+    a model without parameters, such as a stand-in in a test, runs where ``x`` is)."""
+    parameters = getattr(model, "parameters", None)
+    param = next(parameters(), None) if callable(parameters) else None
     return x.to(param.device) if torch.is_tensor(x) and param is not None else x
 
 
