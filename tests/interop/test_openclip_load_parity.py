@@ -14,7 +14,7 @@ import pytest
 import torch
 from openclip_anchor import openclip_python
 from safetensors.torch import load_file
-from torch import nn
+from torchscript_archive import scripted_state
 
 import clipforge
 
@@ -89,30 +89,11 @@ def test_openclip_pickle_weights_only(anchor_dir, tmp_path):
     check(model, load_file(str(anchor_dir / "gelu-p8.io.safetensors")))
 
 
-def _scriptable(sd):
-    """A TorchScript archive holding ``sd`` under the same dotted names, like OpenAI's JIT checkpoints."""
-
-    class Holder(nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x
-
-    root = Holder()
-    for key, value in sd.items():
-        *path, leaf = key.split(".")
-        mod = root
-        for part in path:
-            if not hasattr(mod, part):
-                mod.add_module(part, Holder())
-            mod = getattr(mod, part)
-        mod.register_parameter(leaf, nn.Parameter(value.clone(), requires_grad=False))
-    return torch.jit.script(root)
-
-
 def test_openai_torchscript_archive(anchor_dir, tmp_path):
     """OpenAI checkpoints: no config, quick_gelu and 64-wide heads are implied; the JIT archive is read too."""
     sd = load_file(str(anchor_dir / "quickgelu-p16.safetensors"))
     sd["input_resolution"] = torch.tensor(48)  # metadata OpenAI's archives carry
-    _scriptable(sd).save(str(tmp_path / "ViT-tiny.pt"))
+    scripted_state(sd).save(str(tmp_path / "ViT-tiny.pt"))
     model, tokenizer, _ = clipforge.load(tmp_path / "ViT-tiny.pt", trust_pickle=True)  # TorchScript runs code
     assert model.cfg.vision.act == "quick_gelu" and model.cfg.text.act == "quick_gelu"
     assert model.cfg.vision.heads == 1 and model.cfg.text.heads == 1  # OpenAI's rule: width // 64 (at least 1)

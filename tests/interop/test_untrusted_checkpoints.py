@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
+from torchscript_archive import scripted_state
 
 import clipforge
 from clipforge.cli.main import main
@@ -47,27 +48,6 @@ class Payload(nn.Module):
         self.weight = state[1]
         self.training = state[2]
         self.probe = torch.from_file(self.marker, shared=True, size=1, dtype=torch.uint8)
-
-
-class Holder(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-def scripted_state(sd: dict, payload: nn.Module | None = None):
-    """A TorchScript archive holding ``sd`` under the same dotted names, like OpenAI's JIT checkpoints."""
-    root = Holder()
-    for key, value in sd.items():
-        *path, leaf = key.split(".")
-        mod = root
-        for part in path:
-            if not hasattr(mod, part):
-                mod.add_module(part, Holder())
-            mod = getattr(mod, part)
-        mod.register_parameter(leaf, nn.Parameter(value.clone(), requires_grad=False))
-    if payload is not None:
-        root.add_module("payload", payload)
-    return torch.jit.script(root)
 
 
 @pytest.fixture(scope="module")

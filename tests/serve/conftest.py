@@ -76,3 +76,24 @@ def corpus_dir(tmp_path):
         w.write_split(split, keys, produce)
     w.finish("toy", label_views={})
     return root
+
+
+@pytest.fixture
+def searcher(model_dir, image_dir, tmp_path):
+    """A numpy-backed Searcher over ``image_dir``, indexed by ``clipforge index``."""
+    from clipforge.cli.main import main
+    from clipforge.serve.search import Searcher
+
+    out = tmp_path / "idx"
+    assert main(["index", str(model_dir), "--images", str(image_dir), "--out", str(out), "--quiet"]) == 0
+    return Searcher(out, backend="numpy")
+
+
+@pytest.fixture
+def client(searcher):
+    """A test client of the app over ``searcher``, with a 200 kB upload limit."""
+    from fastapi.testclient import TestClient
+
+    from clipforge.serve.app import create_app
+
+    return TestClient(create_app(searcher, max_upload_bytes=200_000))

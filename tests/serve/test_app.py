@@ -9,25 +9,11 @@ import pytest
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
-from fastapi.testclient import TestClient  # noqa: E402
 from servehelpers import LocalServer  # noqa: E402
 
 import clipforge  # noqa: E402
 from clipforge.cli.main import build_parser, main  # noqa: E402
-from clipforge.serve import Searcher  # noqa: E402
 from clipforge.serve.app import create_app  # noqa: E402
-
-
-@pytest.fixture
-def searcher(model_dir, image_dir, tmp_path):
-    out = tmp_path / "idx"
-    assert main(["index", str(model_dir), "--images", str(image_dir), "--out", str(out), "--quiet"]) == 0
-    return Searcher(out, backend="numpy")
-
-
-@pytest.fixture
-def client(searcher):
-    return TestClient(create_app(searcher, max_upload_bytes=200_000))
 
 
 def test_page_is_self_contained_with_search_form(client):

@@ -31,18 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_images import bomb_png, peak_rss_mb, peak_rss_reset  # noqa: E402
 
 
-@pytest.fixture
-def searcher(model_dir, image_dir, tmp_path):
-    out = tmp_path / "idx"
-    assert main(["index", str(model_dir), "--images", str(image_dir), "--out", str(out), "--quiet"]) == 0
-    return Searcher(out, backend="numpy")
-
-
-@pytest.fixture
-def client(searcher):
-    return TestClient(create_app(searcher, max_upload_bytes=200_000))
-
-
 def _img(searcher, i=0) -> bytes:
     return Path(searcher.data.meta["path"][i]).read_bytes()
 
