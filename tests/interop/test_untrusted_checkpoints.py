@@ -138,7 +138,7 @@ def test_no_command_runs_the_archive(places, tmp_path, capsys, where):
 
 
 def test_every_loading_command_offers_the_opt_ins(capsys):
-    for cmd in ("eval", "embed", "export", "index", "adapt", "pivot"):
+    for cmd in ("eval", "embed", "export", "index", "adapt", "pivot", "serve", "caption"):
         with pytest.raises(SystemExit):
             main([cmd, "--help"])
         out = capsys.readouterr().out

@@ -127,3 +127,21 @@ def test_moved_model_asks_for_model(index_dir, model_dir, tmp_path):
 def test_unknown_index_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="no index at .*`clipforge index MODEL"):
         Searcher(tmp_path / "missing")
+
+
+def test_serve_loads_a_bare_state_dict_with_the_options_it_was_indexed_with(image_dir, tmp_path):
+    """An index built from an OpenCLIP-layout state dict with no config beside it (``--openai``): the searcher
+    cannot load that model by path alone (clipforge.load never guesses the activation), and loads it with the
+    same option, as ``clipforge serve --openai`` passes it."""
+    from clipforge.interop.keymap import export_state
+    from clipforge.interop.openclip_layout import openclip_rules
+
+    model = clipforge.create_model("tiny", seed=0, vision={"act": "quick_gelu"}, text={"act": "quick_gelu"})
+    weights = tmp_path / "bare.bin"
+    torch.save(export_state(openclip_rules(model.cfg), model.state_dict()), weights)
+    out = tmp_path / "idx"
+    assert main(["index", str(weights), "--openai", "--images", str(image_dir), "--out", str(out), "--quiet"]) == 0
+    with pytest.raises(ValueError, match="model_name"):
+        Searcher(out, backend="numpy")
+    searcher = Searcher(out, backend="numpy", load_options={"openai": True})
+    assert len(searcher.text("a red circle", k=2)) == 2

@@ -15,6 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
+from .common import add_load_arguments, load_options
+
 DECODER_HELP = ("captioning needs a decoder: a CoCa model (model=coca-tiny, trained with "
                 "loss={clip: 1.0, caption: 2.0}) "
                 "or a MacCap decoder directory (clipforge.captioning.train_maccap(clip, texts).save(DIR))")
@@ -35,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=12345, help="--dataset seed, and MacCap's noise seed (default 12345)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", required=True, help="output .jsonl file, one record per image")
+    add_load_arguments(p)
 
 
 def _load(args):
@@ -54,7 +57,7 @@ def _load(args):
     from .. import load
     from ..models import CoCa
 
-    model, _tok, transform = load(args.model)
+    model, _tok, transform = load(args.model, **load_options(args))
     if not isinstance(model, CoCa):
         raise ValueError(f"'{args.model}' is a {type(model).__name__} without a captioning decoder; {DECODER_HELP}")
     return "coca", model.eval(), transform

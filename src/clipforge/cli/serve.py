@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .common import add_load_arguments, load_options
+
 EPILOG = """\
 examples:
   clipforge serve indexes/emoji-test                  # http://127.0.0.1:8000
@@ -81,6 +83,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"how long a text query waits for others to share its forward pass (default "
                         f"{TEXT_BATCH_WAIT_MS:g})")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_load_arguments(p)  # the same loading options the index was built with (--model-name, --trust-pickle, ...)
 
 
 def run(args) -> int:
@@ -97,7 +100,7 @@ def run(args) -> int:
         if value is not None and value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
     searcher = Searcher(args.index, model=args.model, backend=args.backend, max_image_pixels=args.max_image_pixels,
-                        nprobe=args.nprobe, ef_search=args.ef_search)
+                        nprobe=args.nprobe, ef_search=args.ef_search, load_options=load_options(args))
     app = create_app(searcher, max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_labels=args.max_labels,
                      max_label_chars=args.max_label_chars, decode_workers=args.decode_workers,
                      max_uploads=args.max_uploads, text_batch=args.text_batch,

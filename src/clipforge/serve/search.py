@@ -259,14 +259,17 @@ class Searcher:
     string goes through :func:`clipforge.load`; a ``(model, tokenizer, preprocess)`` tuple (what
     ``clipforge.load`` returns) is used as is. The weights are hashed and compared with the
     manifest's; a different model raises :class:`ModelMismatchError` naming both.
-    ``backend``: ``auto``, ``faiss`` or ``numpy`` (see the module docstring).
+    ``backend``: ``auto``, ``faiss`` or ``numpy`` (see the module docstring). ``load_options``: keyword
+    arguments of :func:`clipforge.load` for a model given by path (``model_name``, ``trust_pickle``, ...), as
+    ``clipforge index`` took them.
 
     >>> s = Searcher("indexes/emoji")                       # doctest: +SKIP
     >>> [(h.caption, round(h.score, 3)) for h in s.text("a red heart", k=3)]  # doctest: +SKIP
     """
 
     def __init__(self, index_dir: str | os.PathLike, model: Any = None, backend: str = "auto",
-                 max_image_pixels: int | None = None, nprobe: int | None = None, ef_search: int | None = None):
+                 max_image_pixels: int | None = None, nprobe: int | None = None, ef_search: int | None = None,
+                 load_options: dict[str, Any] | None = None):
         self.max_image_pixels = max_image_pixels  # None: clipforge.images' limit (CLIPFORGE_MAX_IMAGE_PIXELS, 40 M)
         self.data: IndexData = open_index(index_dir)
         self.root = Path(index_dir)
@@ -283,7 +286,7 @@ class Searcher:
             from ..interop import load
 
             source = str(model)
-            self.model, self.tokenizer, self.preprocess = load(source)
+            self.model, self.tokenizer, self.preprocess = load(source, **(load_options or {}))
         else:
             source = None
             self.model, self.tokenizer, self.preprocess = model
