@@ -23,8 +23,9 @@ being trained (a simplification: the paper's labels come from the offline featur
 The paper's set-up is the option ``clusters``: a file of ``clipforge data cluster``
 (clipforge.train.clusters), computed once from a trained model's features of the training set.
 Its centers become the (fixed) centers and the training program feeds each sample's labels, the
-``num_labels`` centers nearest to its *stored* feature, as ``extra["cluster_labels"]``. The paper
-trains the class centers as a classifier initialized from the clustering; here they stay fixed.
+``num_labels`` centers nearest to its *stored* feature, as ``extra["cluster_labels"]``. The centers
+stay fixed here (whether the paper's classifier weights are trained from them we could not check
+from its abstract).
 """
 from __future__ import annotations
 

@@ -12,8 +12,10 @@ the term's centers are the stored ones (fixed) and each sample's labels are the 
 centers nearest to its *stored* feature (:func:`load_cluster_labels`), not to the features of
 the model being trained.
 
-Simplification: the paper clusters hundreds of millions of images into a million centers and
-trains the class centers as a classifier initialized from them; here the centers stay fixed.
+Simplifications: the paper clusters LAION-400M into one million centers with off-the-shelf embedding
+features; here a small training set into K centers with a clipforge model. The discrimination step here
+scores the fixed centers (whether the paper's classifier weights are trained from them we could not
+check from its abstract).
 """
 from __future__ import annotations
 
