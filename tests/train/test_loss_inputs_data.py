@@ -312,3 +312,25 @@ def test_cluster_command_and_mlcd_training_on_offline_labels(tiny_cfg, tmp_path,
     assert "--out FILE" in capsys.readouterr().err
     metrics = [json.loads(line) for line in open(Path(cfg.out_dir) / "metrics.jsonl")]
     assert all(math.isfinite(r["mlcd"]) for r in metrics if "mlcd" in r)
+
+
+# ------------------------------------------------------------------ accumulation and two processes
+
+
+def test_negative_images_and_third_views_under_accumulation_and_two_processes(tiny_cfg, shards, tmp_path, monkeypatch):
+    from test_train_extras import first_step_gradients
+
+    from clipforge.train import DistributedConfig
+
+    cases = [(dataclasses.replace(tiny_cfg, loss={"clip": 1.0, "hard_negative": {
+        "weight": 1.0, "negative_images": True, "scope": "batch"}}), {}),
+        (dataclasses.replace(tiny_cfg, loss={"clip": 1.0, "symile": 1.0}), {"dataset": "shards", "root": str(shards)})]
+    for k, (base, data) in enumerate(cases):
+        cfg = dataclasses.replace(short(base, steps=2, **data), out_dir=str(tmp_path / f"one{k}"))
+        full, g_full = first_step_gradients(cfg, monkeypatch)
+        acc, g_acc = first_step_gradients(dataclasses.replace(cfg, accum_steps=4, out_dir=str(tmp_path / f"acc{k}")),
+                                          monkeypatch)
+        for a, b in zip(g_full, g_acc):  # the edited images and third views of every micro-batch join the loss
+            assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+        two = train(dataclasses.replace(cfg, out_dir=str(tmp_path / f"two{k}"), distributed=DistributedConfig(nproc=2)))
+        assert two.losses == pytest.approx(full.losses, rel=1e-5, abs=1e-5)
