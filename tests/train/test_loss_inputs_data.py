@@ -34,7 +34,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def short(cfg, steps=3, **data):
-    return dataclasses.replace(cfg, steps=steps, save_every=0, data=dataclasses.replace(cfg.data, train_size=64, **data))
+    data = dataclasses.replace(cfg.data, train_size=64, **data)
+    return dataclasses.replace(cfg, steps=steps, save_every=0, data=data)
 
 
 def init_model(cfg):
@@ -56,7 +57,8 @@ def test_every_data_input_is_reached_from_the_table_and_its_options_are_train_it
     with pytest.raises(TypeError, match=r"no option\(s\) \['bogus'\]"):
         TrainItems(ds, 0, 32, bogus=1)
     # the keys a term reads decide the data inputs, in table order
-    assert [d.name for d in inputs.needed_data({"negative_text_features", "ema_negative_text_features"})] == ["negatives"]
+    negatives = {"negative_text_features", "ema_negative_text_features"}
+    assert [d.name for d in inputs.needed_data(negatives)] == ["negatives"]
     assert [d.name for d in inputs.needed_data({"short_tag_features", "image_features_view2"})] == \
         ["view2", "second_captions"]
 

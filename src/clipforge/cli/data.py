@@ -4,8 +4,8 @@
     clipforge data build emoji --out DIR
     clipforge data info DIR
     clipforge data convert SRC --out DIR [--shard-size-mb 64] [--image-size N] [--val-fraction F]
-    clipforge data export-wds SRC --out DIR     # CLIP_benchmark's webdataset layout, for clipforge eval and clip_benchmark
-    clipforge data cluster RUN --k N [--dataset NAME --size N --seed S --root DIR] [--out FILE]   # MLCD's centers
+    clipforge data export-wds SRC --out DIR     # CLIP_benchmark's webdataset layout (clipforge eval, clip_benchmark)
+    clipforge data cluster RUN --k N [--dataset NAME --size N --seed S --root DIR] [--out FILE]   # MLCD
 
 ``--out`` defaults to ``$CLIPFORGE_DATA/NAME`` (``~/.cache/clipforge/data/NAME``), where
 ``build_dataset(NAME, ...)`` looks for it. An interrupted build resumes when run again.
@@ -79,7 +79,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     k.add_argument("--iters", type=int, default=20, help="k-means iterations (default 20)")
     k.add_argument("--cluster-seed", type=int, default=0, help="seed of the k-means start (default 0)")
     k.add_argument("--out", help="the cluster file (default: next to the data for shard datasets)")
-    i = sub.add_parser("info", help="summarize a built shard directory", description="summarize a built shard directory")
+    i = sub.add_parser(
+        "info", help="summarize a built shard directory", description="summarize a built shard directory"
+    )
     i.add_argument("dir", help="a shard directory, or the name of a corpus in the data home")
     i.add_argument("--json", action="store_true", help="print manifest and stats as one JSON object")
     p.set_defaults(_data_parser=p)
@@ -157,7 +159,9 @@ def run(args) -> int:
                 for name, s in rep["splits"].items()]
         print(f"{rep['source']} -> {args.out} ({rep['type']})")
         print(table(rows, ["split", "samples", "shards", "skipped"]))
-        print(f"done in {time.perf_counter() - t0:.1f} s; evaluate it with clipforge eval MODEL --dataset wds:{args.out}")
+        print(
+            f"done in {time.perf_counter() - t0:.1f} s; evaluate it with clipforge eval MODEL --dataset wds:{args.out}"
+        )
         return 0
     if args.data_command == "info":
         root = Path(args.dir)
@@ -215,7 +219,8 @@ def _cluster(args) -> int:
 
     sizes = torch.bincount(nearest(clusters["features"], clusters["centers"]), minlength=args.k).tolist()
     print(f"{args.k} centers of {len(dataset)} {data.dataset} training images (model {run}, sha256 "
-          f"{fingerprint[:12]}), cluster sizes {min(sizes)}..{max(sizes)}, in {time.perf_counter() - t0:.1f} s -> {path}")
+          f"{fingerprint[:12]}), cluster sizes {min(sizes)}..{max(sizes)}, "
+          f"in {time.perf_counter() - t0:.1f} s -> {path}")
     print(f"train with loss='{{clip: 1.0, mlcd: {{weight: 1.0, clusters: {path}}}}}' and the same data.dataset, "
           "data.train_size and data.seed")
     return 0

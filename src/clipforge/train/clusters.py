@@ -61,7 +61,8 @@ def image_features(model, dataset, batch_size: int = 128) -> Tensor:
     return torch.cat(out)
 
 
-def compute_clusters(model, dataset, k: int, iters: int = 20, seed: int = 0, batch_size: int = 128) -> dict[str, Tensor]:
+def compute_clusters(model, dataset, k: int, iters: int = 20, seed: int = 0,
+                     batch_size: int = 128) -> dict[str, Tensor]:
     """{"centers": [k, d] unit vectors, "features": [N, d]} of ``dataset`` under ``model``."""
     from ..losses.mlcd import cluster_centers
 
@@ -76,7 +77,8 @@ def save_clusters(path: str | Path, clusters: dict[str, Tensor], model_info: dic
     """Write the centers, the features and who and what made them to ``path`` (torch, tensors and plain values)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"format": CLUSTERS_FORMAT, "centers": clusters["centers"].contiguous(), "features": clusters["features"].contiguous(),
+    record = {"format": CLUSTERS_FORMAT, "centers": clusters["centers"].contiguous(),
+              "features": clusters["features"].contiguous(),
               "model": dict(model_info), "data": dict(data_info), "k": k, "iters": iters, "seed": seed}
     tmp = path.with_name(path.name + ".tmp")
     torch.save(record, tmp)

@@ -255,7 +255,8 @@ def _collate_second_captions(rows, tokenizer, slots) -> dict:
             **_tokens("short_tags", "short_tags_texts")(rows, tokenizer, slots)}
 
 
-SECOND_CAPTIONS_DATA = DataInput("second_captions", ("synthetic", "short_tags"), {"synthetic": False, "short_tags": False},
+SECOND_CAPTIONS_DATA = DataInput("second_captions", ("synthetic", "short_tags"),
+                                 {"synthetic": False, "short_tags": False},
                                  _configure_second_captions, _produce_second_captions, _collate_second_captions,
                                  switches=("synthetic", "short_tags"))
 
@@ -280,7 +281,8 @@ def _produce_teachers(s: Sample, items) -> dict:
 
 
 def _collate_teachers(rows, tokenizer, slots) -> dict:  # one [B, d_k] tensor per teacher
-    return {key: [torch.stack(per) for per in zip(*(r[key] for r in rows))] for key in ("teacher_image", "teacher_text")}
+    return {key: [torch.stack(per) for per in zip(*(r[key] for r in rows))]
+            for key in ("teacher_image", "teacher_text")}
 
 
 TEACHERS_DATA = DataInput("teachers", ("teacher_image", "teacher_text"), {"teachers": None}, _configure_teachers,

@@ -135,7 +135,9 @@ def with_caption_sources(cfg: TrainConfig, dataset, out_dir: Path, needs: set):
     from ..data.captions import CaptionPolicy, SourcedCaptions
 
     # ALIP reads the rewrites as the synthetic caption beside the original one: the step's caption stays original
-    policy = CaptionPolicy.parse(cfg.data.caption_sources or ("original=1" if SYNTHETIC in needs else "original=1,rewrites=1"))
+    policy = CaptionPolicy.parse(
+        cfg.data.caption_sources or ("original=1" if SYNTHETIC in needs else "original=1,rewrites=1")
+    )
     if needs & (set(TEACHER_KEYS) | {NEGATIVES, "ema_negative_text_features"}):
         raise ValueError("data.caption_sources draws captions from several sources; the loss terms "
                          f"{sorted(cfg.loss)} pair stored teacher embeddings or hard negatives with a dataset caption. "
