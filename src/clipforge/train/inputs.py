@@ -24,7 +24,7 @@ How to add an input (one entry; nothing in data.py, setup.py or loop.py changes)
    ``produce(sample, items) -> {field: value}`` from ``sample.item`` (draw randomness from a stream
    of its own, ``sample.stream(k)`` with an unused ``k``, so that the other inputs' draws stay as
    they were); ``collate(rows, tokenizer, slots) -> {batch entry: tensor}`` over the rows that hold
-   its first field (pad per-sample lists to ``slots``, see ``_padded``); ``slots(items)`` if it pads.
+   its fields (pad per-sample lists to ``slots``, see ``_padded``); ``slots(items)`` if it pads.
 3. Add ``ExtraInput(keys, "model", batch_field, True, encode, data=that DataInput)`` to :data:`INPUTS`,
    and, for a new config field, a field of ``DataConfig`` with its comment.
 4. Test the producer against the dataset item and the encoder against a per-sample loop
@@ -113,7 +113,7 @@ class DataInput:
     when one of ``switches`` (default: the first option) is set. ``configure(ctx) -> options`` for a
     run; ``produce(sample, items) -> {field: value}`` per sample (``items`` is the TrainItems, its options
     are attributes); ``collate(rows, tokenizer, slots) -> {entry: tensor}`` over the batch's rows when they
-    hold ``fields[0]``; ``slots(items)``: the padded width of its per-sample lists (None: the batch's
+    hold one of its ``fields``; ``slots(items)``: the padded width of its per-sample lists (None: the batch's
     longest); ``skips``: a ValueError/KeyError/OSError of ``produce`` skips the sample (as a broken image
     does) instead of stopping the run."""
 
