@@ -60,6 +60,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .data import trim_batch
 
@@ -100,10 +101,11 @@ class Dist:
 
         A parameter that received no gradient on any rank keeps ``grad=None`` (AdamW then skips
         it, exactly as in a one-process run); one that received a gradient on some ranks only
-        counts zero for the others."""
+        counts zero for the others. Parameters sharded by FSDP (``distributed.strategy=fsdp``) are left alone:
+        FSDP reduce-scatters their gradients itself."""
         if not self.enabled:
             return
-        params = [p for p in module.parameters() if p.requires_grad]
+        params = [p for p in module.parameters() if p.requires_grad and not isinstance(p, DTensor)]
         has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=self.device)
         dist.all_reduce(has_grad)
         live = [p for p, h in zip(params, has_grad.tolist()) if h]
