@@ -62,6 +62,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from ..errors import ClipforgeError, ConfigError
 from .data import trim_batch
 
 BUCKET_BYTES = 25 * 2**20  # gradients all-reduced per bucket, DDP's default bucket_cap_mb
@@ -238,6 +239,12 @@ def check_batch_split(batch_size: int, accum_steps: int, world_size: int) -> Non
 
 def _world_from_env(nproc: int) -> tuple[int, int, int]:
     missing = [k for k in ENV_KEYS if k not in os.environ]
+    endpoint = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k in missing]
+    if endpoint and not set(missing) - set(endpoint):
+        raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but no rendezvous endpoint ({' and '.join(endpoint)} "
+                          "not set): with torchrun across machines pass --rdzv_endpoint HOST:PORT (the same host and "
+                          "port on every node, HOST reachable from all of them); when setting the variables yourself, "
+                          "export MASTER_ADDR and MASTER_PORT")
     if missing:
         raise ValueError(f"WORLD_SIZE is set but {missing} are not: start the processes with torchrun, or unset "
                          "WORLD_SIZE and use distributed.nproc=N")
@@ -326,6 +333,23 @@ def adopt_slurm_environment() -> bool:
 
 
 # ------------------------------------------------------------------ starting the processes ourselves
+
+
+class DistributedRunStopped(ClipforgeError, RuntimeError):
+    """Another process of the run died, or did not answer within ``distributed.timeout_minutes``; this one stops
+    too (instead of waiting forever) and names the checkpoint to resume from."""
+
+
+# what torch.distributed raises when a peer is gone (gloo: the connection closed) or silent past the timeout
+PEER_LOST = (dist.DistError,)
+PEER_LOST_TEXT = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "Broken pipe",
+                  "Socket Timeout", "ProcessGroupGloo")
+
+
+def peer_lost(error: BaseException) -> bool:
+    """Whether ``error`` is a collective failing because another rank is gone or silent."""
+    return isinstance(error, PEER_LOST) or (isinstance(error, RuntimeError) and any(
+        t in str(error) for t in PEER_LOST_TEXT))
 
 
 class RemoteTraceback(Exception):

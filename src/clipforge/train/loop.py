@@ -68,7 +68,17 @@ from .checkpoint import (
 from .config import TrainConfig, to_dict, to_yaml
 from .data import sum_stream_stats
 from .device import DevicePlan, device_plan
-from .distributed import Dist, adopt_slurm_environment, check_batch_split, launch, launched, local_rank, process_group
+from .distributed import (
+    Dist,
+    DistributedRunStopped,
+    adopt_slurm_environment,
+    check_batch_split,
+    launch,
+    launched,
+    local_rank,
+    peer_lost,
+    process_group,
+)
 from .fsdp import (
     Trainables,
     check_wrappable,
@@ -333,7 +343,18 @@ def _train(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan: Device
     check_batch_split(cfg.batch_size, cfg.accum_steps, dist.world_size)
     with contextlib.ExitStack() as stack:
         _lock_run(stack, Path(cfg.out_dir), dist)
-        return _train_locked(cfg, evaluate, dist, plan)
+        try:
+            return _train_locked(cfg, evaluate, dist, plan)
+        except Exception as e:
+            if not (dist.enabled and peer_lost(e)):
+                raise
+            found = list_checkpoints(cfg.out_dir)
+            where = f"the last complete checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise DistributedRunStopped(
+                f"another process of the run stopped (it died, or did not answer within distributed.timeout_minutes="
+                f"{cfg.distributed.timeout_minutes}); rank {dist.rank} of {dist.world_size} stops too ({first}); "
+                f"{where}: resume with resume=latest") from e
 
 
 def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan: DevicePlan) -> TrainResult:
