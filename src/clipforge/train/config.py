@@ -83,6 +83,9 @@ class DistributedConfig:
     strategy: str = "ddp"
     reshard_after_forward: bool = True  # fsdp: free each block's gathered weights after its forward (less memory)
     cpu_offload: bool = False  # fsdp on CUDA: sharded weights and optimizer state in host memory
+    # ddp: average gradients with bucketed all-reduces launched from gradient hooks during the backward pass
+    # (null: on CUDA only; true also on CPU, where it is tested against the plain path)
+    overlap: bool | None = None
 
 
 @dataclass

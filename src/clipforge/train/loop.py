@@ -71,6 +71,7 @@ from .device import DevicePlan, device_plan
 from .distributed import (
     Dist,
     DistributedRunStopped,
+    GradientOverlap,
     adopt_slurm_environment,
     check_batch_split,
     launch,
@@ -395,6 +396,9 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan:
         shard_model(model, plan.device, dist.world_size, cfg.precision, cfg.distributed.reshard_after_forward,
                     cfg.distributed.cpu_offload)
     trainables = Trainables(model, loss_fn)  # names the optimizer's state in sharded checkpoints
+    overlap_wanted = plan.device.type == "cuda" if cfg.distributed.overlap is None else cfg.distributed.overlap
+    overlap = GradientOverlap(dist, [p for p in model.parameters() if p.requires_grad]) \
+        if dist.enabled and not sharded and overlap_wanted else None  # ddp: all-reduces during the last backward
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
     # loss terms with their own trainable heads (BYOL's predictors, SwAV's prototypes) train with the model
     head_params = [p for p in loss_fn.parameters() if p.requires_grad]
@@ -548,6 +552,8 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan:
                     out = model(micro_batches[0]["images"], micro_batches[0]["texts"], **forward)
                     extra = {**encode_extras(model, micro_batches[0]), **ema_extra[0]}
                 logs = loss_of(_loss_inputs(out, micro_batches[0], extra))
+                if overlap is not None:
+                    overlap.arm()
                 backward(logs["loss"])
             else:
                 with torch.no_grad(), plan.autocast():
@@ -565,6 +571,8 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan:
                             joined[key] = None if out[key] is None else out[key].detach()
                     extra = _join([{**(own_extra if j == k else c), **e} for j, (c, e) in enumerate(zip(cached_extra, ema_extra))])
                     logs = loss_of(_loss_inputs(joined, b, extra))
+                    if overlap is not None and k == len(micro_batches) - 1:
+                        overlap.arm()
                     backward(logs["loss"])
                 for p in head_params:  # every micro-batch's backward gave the heads the full-batch gradient once
                     if p.grad is not None:
@@ -578,7 +586,8 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan:
                     f"loss became {loss_value} at step {step}; {where}. Lower lr (now {cfg.lr}), keep grad_clip on, "
                     "or train in precision=fp32, then resume from that checkpoint."
                 )
-            dist.average_gradients(model)  # the replicated parameters (FSDP has reduce-scattered the sharded ones)
+            done = overlap.finish() if overlap is not None else frozenset()  # buckets averaged during backward
+            dist.average_gradients(model, done)  # the replicated rest (FSDP has reduce-scattered the sharded ones)
             if head_params:
                 dist.average_gradients(loss_fn)
             if scaler is not None:
