@@ -38,10 +38,15 @@ from the forward output yet never gets a gradient, which stalls DDP's reducer ev
 ``find_unused_parameters=True`` (that search starts from the forward output, not the loss);
 (3) hard-negative and count captions go through ``model.encode_text`` outside the wrapper's
 forward. Averaging once per optimizer step, after all micro-batches, in ~25 MB buckets (DDP's
-default bucket size) is exactly DDP's arithmetic without those constraints; what it gives up is
-DDP's overlap of communication with the backward pass, which matters little for gloo on CPU. On CUDA
-(``device=cuda``, nccl) the same all-reduces run after the backward pass; overlapping them with it
-(asynchronous bucketed all-reduces launched from gradient hooks) is not implemented yet (issue 12).
+default bucket size) is exactly DDP's arithmetic without those constraints. DDP's overlap of
+communication with the backward pass is kept by :class:`GradientOverlap`: hooks on the parameters
+(``register_post_accumulate_grad_hook``, which fire wherever the gradient comes from, inside or outside
+a wrapper's forward) launch each bucket's all-reduce asynchronously as soon as its gradients are
+complete, during the step's last backward only; buckets that do not fill up (parameters without
+gradient) are averaged after the backward as before. It is on by default on CUDA (nccl), where the
+overlap pays; on the CPU (gloo) the plain path stays the default and ``distributed.overlap=true``
+selects the overlapped one, which the tests check against one process. ``distributed.strategy=fsdp``
+shards the model instead (:mod:`clipforge.train.fsdp`).
 """
 from __future__ import annotations
 
