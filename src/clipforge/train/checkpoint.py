@@ -6,6 +6,12 @@ A checkpoint is a directory ``step_000123/`` with ``model.safetensors`` (weights
 ``weights_only=True``), ``config.yaml`` and the completion marker ``COMPLETE`` (the size of every
 file in it, written last).
 
+Under ``distributed.strategy=fsdp`` a checkpoint is *sharded* (:func:`save_sharded_checkpoint`): the weights
+and the optimizer state are ``torch.distributed.checkpoint`` files (``.metadata`` and one ``__R_0.distcp`` per
+rank, every rank writing its own) instead of ``model.safetensors`` and the optimizer entry of ``state.pt``; the
+rest, and the steps below, are the same. It resumes with any number of processes
+(:func:`load_sharded` reshards), and :func:`clipforge.models.load_model` reads it in one process.
+
 A save never loses the previous checkpoint, wherever it is interrupted (``kill -9``, a full disk):
 
 1. every file is written under a unique temporary name ``.tmp_step_000123.<pid>.<random>/`` and
