@@ -112,7 +112,8 @@ class Dist:
         :class:`GradientOverlap`)."""
         if not self.enabled:
             return
-        params = [p for p in module.parameters() if p.requires_grad and not isinstance(p, DTensor) and id(p) not in done]
+        params = [p for p in module.parameters()
+                  if p.requires_grad and not isinstance(p, DTensor) and id(p) not in done]
         has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=self.device)
         dist.all_reduce(has_grad)
         live = [p for p, h in zip(params, has_grad.tolist()) if h]

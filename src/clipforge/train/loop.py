@@ -293,7 +293,8 @@ def _unusable(model, probe: tuple[torch.Tensor, torch.Tensor], plan: DevicePlan,
     features of the probe batch (weights that exploded while staying finite). Every rank calls it; with sharded
     weights each checks its shards and the names are gathered, and the probe batch runs through the sharded
     model on every rank."""
-    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(local(t)).all()]
+    bad = [name for name, t in model.state_dict().items()
+           if t.is_floating_point() and not torch.isfinite(local(t)).all()]
     if any(is_sharded(p) for p in model.parameters()):
         bad = sorted({name for names in dist.all_gather_object(bad) for name in names})
     if bad:
@@ -306,7 +307,8 @@ def _unusable(model, probe: tuple[torch.Tensor, torch.Tensor], plan: DevicePlan,
     finally:
         model.train(was_training)
     if not (torch.isfinite(image).all() and torch.isfinite(text).all()):
-        big = max(local(t).abs().max().item() for t in model.state_dict().values() if t.is_floating_point() and local(t).numel())
+        big = max(local(t).abs().max().item() for t in model.state_dict().values()
+                  if t.is_floating_point() and local(t).numel())
         return f"give non-finite features for a fixed probe batch (largest weight {big:.3g})"
     return ""
 
@@ -413,7 +415,9 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan:
     from_model = needs & set(getattr(model, "extra_outputs", ()))
     unsupported = needs - PRODUCED - from_model
     if unsupported:
-        lacking = sorted(name for name, term in loss_fn.terms.items() if unsupported & set(getattr(term, "extra_keys", ())))
+        lacking = sorted(
+            name for name, term in loss_fn.terms.items() if unsupported & set(getattr(term, "extra_keys", ()))
+        )
         coca = " (a CoCa model such as model=coca-tiny returns caption_logits and caption_targets)" \
             if unsupported & {"caption_logits", "caption_targets"} else ""
         raise ValueError(f"the loss terms {lacking} need inputs {sorted(unsupported)} that the training program does "
@@ -458,7 +462,7 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan:
 
     with dist.main_first():  # rank 0 stores rewrites / teacher embeddings on the way; the others read them
         loader = build_loader(cfg, model, tokenizer, needs, out_dir, start_step, stream_state, dist.rank,
-                              dist.world_size, pin_memory=plan.pin_memory)
+                              dist.world_size, pin_memory=plan.pin_memory, terms=tuple(loss_fn.terms.values()))
     metrics_path = out_dir / "metrics.jsonl"
     if dist.is_main:
         repair_latest(out_dir)
@@ -508,9 +512,9 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan:
         if streams is not None:  # where each rank's stream stands after the batches of `step`
             state["data_stream"] = streams[0] if dist.world_size == 1 else streams
         if fsdp_run:  # every rank writes its shards; rank 0 the rest, and promotes the checkpoint when complete
-            saved[step] = save_sharded_checkpoint(out_dir, step, tensors, state, json.dumps(model.cfg.to_dict(), indent=2),
-                                                  to_yaml(cfg), cfg.keep_checkpoints, dist.is_main,
-                                                  lambda value: dist.all_gather_object(value)[0])
+            saved[step] = save_sharded_checkpoint(
+                out_dir, step, tensors, state, json.dumps(model.cfg.to_dict(), indent=2), to_yaml(cfg),
+                cfg.keep_checkpoints, dist.is_main, lambda value: dist.all_gather_object(value)[0])
         else:
             saved[step] = save_checkpoint(out_dir, step, model, state, to_yaml(cfg), keep=cfg.keep_checkpoints)
         return saved[step]
@@ -530,7 +534,14 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan:
     losses: list[float] = []
     step = start_step
     batches = iter(loader)
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=not (cfg.progress and dist.is_main), desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.steps,
+        initial=start_step,
+        disable=not (cfg.progress and dist.is_main),
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+    )
     train_time, t_window, n_window, samples_this_run = 0.0, time.perf_counter(), 0, 0
     eval_result: dict = {}
     model.train()
@@ -569,7 +580,9 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan:
                     if k > 0:  # the full-batch loss is recomputed per micro-batch: its scale and bias get gradient once
                         for key in ("logit_scale", "logit_bias"):
                             joined[key] = None if out[key] is None else out[key].detach()
-                    extra = _join([{**(own_extra if j == k else c), **e} for j, (c, e) in enumerate(zip(cached_extra, ema_extra))])
+                    extra = _join(
+                        [{**(own_extra if j == k else c), **e} for j, (c, e) in enumerate(zip(cached_extra, ema_extra))]
+                    )
                     logs = loss_of(_loss_inputs(joined, b, extra))
                     if overlap is not None and k == len(micro_batches) - 1:
                         overlap.arm()
@@ -616,8 +629,14 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan:
                 now = time.perf_counter()
                 sps = n_window / max(now - t_window, 1e-9)
                 t_window, n_window = now, 0
-                record = {"step": step, "lr": scheduler.get_last_lr()[0], "samples_per_second": sps, "skipped": skipped_total,
-                          "logit_scale": model.scale().detach().item(), **logs}
+                record = {
+                    "step": step,
+                    "lr": scheduler.get_last_lr()[0],
+                    "samples_per_second": sps,
+                    "skipped": skipped_total,
+                    "logit_scale": model.scale().detach().item(),
+                    **logs,
+                }
                 if grad_norm is not None:
                     record["grad_norm"] = grad_norm
                 log(record)
