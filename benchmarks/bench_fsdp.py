@@ -166,6 +166,7 @@ def throughput(args) -> None:
             env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS=str(threads))
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
             results[label].append(json.loads(out.strip().splitlines()[-1])["sps"])
+            print(f"# {label}: {results[label][-1]:.1f} samples/s", flush=True)  # kept if the run is cut short
     base = statistics.median(results[arms[0][0]])
     print(f"| arm (tiny model, batch {args.batch}, fp32) | samples/s median (min-max) | ratio to 1 x 2 threads |")
     print("|---|---|---|")
