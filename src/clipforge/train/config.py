@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ..errors import ConfigError, MissingInputError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+STRATEGIES = ("ddp", "fsdp")  # distributed.strategy
 
 
 @dataclass
@@ -81,6 +82,14 @@ class DistributedConfig:
     # See clipforge.train.distributed
     nproc: int = 1
     timeout_minutes: float = 30.0  # how long a rank waits in a collective for the others before failing
+    # ddp: replicated weights, averaged gradients; fsdp: weights, gradients and optimizer state sharded over the
+    # ranks (FSDP2, clipforge.train.fsdp) and sharded checkpoints (torch.distributed.checkpoint)
+    strategy: str = "ddp"
+    reshard_after_forward: bool = True  # fsdp: free each block's gathered weights after its forward (less memory)
+    cpu_offload: bool = False  # fsdp on CUDA: sharded weights and optimizer state in host memory
+    # ddp: average gradients with bucketed all-reduces launched from gradient hooks during the backward pass
+    # (null: on CUDA only; true also on CPU, where it is tested against the plain path)
+    overlap: bool | None = None
 
 
 @dataclass
@@ -177,6 +186,9 @@ class TrainConfig:
             raise ConfigError(f"batch_size {self.batch_size} must be divisible by accum_steps {self.accum_steps}")
         if self.distributed.nproc < 1:
             raise ConfigError(f"distributed.nproc must be >= 1, got {self.distributed.nproc}")
+        if self.distributed.strategy not in STRATEGIES:
+            raise ConfigError(f"distributed.strategy must be one of {', '.join(STRATEGIES)}, got "
+                              f"'{self.distributed.strategy}'")
         if self.distributed.timeout_minutes <= 0:
             raise ConfigError(f"distributed.timeout_minutes must be > 0, got {self.distributed.timeout_minutes}")
         if len(self.betas) != 2:
