@@ -111,6 +111,13 @@ class TrainItems(Dataset):
     # (clipforge.data.regions); collated as region_boxes [B, R, 4], region_texts [B, R, L], region_mask [B, R]
     regions: bool = False
     max_regions: int = 4
+    # FG-CLIP 2: K attribute-changed negatives per region caption (clipforge.data.regions.region_negative_captions),
+    # collated as region_negative_texts [B, R, K, L] and region_negative_mask [B, R, K]
+    region_negatives: int = 0
+    # FG-CLIP 2's long-caption branch: the sample's longest caption besides the step's one, as long_texts [B, L]
+    long_caption: bool = False
+    # GA-DMS: the step's caption ids once more as mask_texts [B, L], which the training program re-encodes masked
+    token_masking: bool = False
 
     def __post_init__(self):
         if self.caption_policy not in CAPTION_POLICIES:
@@ -162,6 +169,15 @@ class TrainItems(Dataset):
                                        np.random.default_rng([self.seed, epoch, index, 3])))
         if self.regions:
             out["boxes"], out["region_captions"] = boxes, region_captions
+            if self.region_negatives:
+                from ..data.regions import region_negative_captions
+
+                out["region_negatives"] = region_negative_captions(
+                    region_captions, self.region_negatives, np.random.default_rng([self.seed, epoch, index, 4]))
+        if self.long_caption:
+            out["long_caption"] = max(captions, key=len)
+        if self.token_masking:
+            out["token_masking"] = True
         if self.teachers is not None:
             out["teacher_image"], out["teacher_text"] = self.teachers.lookup(index, which)
         if self.positives:
@@ -259,7 +275,7 @@ def _padded(tokenizer, rows: list[list[str]], k: int | None) -> tuple[torch.Tens
 
 
 def make_collate(tokenizer: Callable[[list[str]], torch.Tensor], negatives: int | None = None,
-                 positives: int | None = None, regions: int | None = None):
+                 positives: int | None = None, regions: int | None = None, region_negatives: int | None = None):
     """Stack a batch; per-sample negative (positive) captions are padded to ``negatives``
     (``positives``; default: the batch's largest count) with the mask False on the padding, so
     every micro-batch of a step has the same [B, K] layout; region boxes and captions likewise to
@@ -301,6 +317,16 @@ def make_collate(tokenizer: Callable[[list[str]], torch.Tensor], negatives: int 
                 boxes[row, :len(it["boxes"])] = it["boxes"]
             batch["region_boxes"] = boxes
             batch["region_texts"], batch["region_mask"] = _padded(tokenizer, [it["region_captions"] for it in good], r)
+            if "region_negatives" in good[0]:  # [B, R, K, L], padding regions and missing negatives masked
+                k = region_negatives or max(1, max(len(n) for it in good for n in it["region_negatives"]))
+                rows = [n for it in good for n in it["region_negatives"] + [[]] * (r - len(it["region_negatives"]))]
+                ids, mask = _padded(tokenizer, rows, k)
+                batch["region_negative_texts"] = ids.view(len(good), r, k, -1)
+                batch["region_negative_mask"] = mask.view(len(good), r, k)
+        if "long_caption" in good[0]:
+            batch["long_texts"] = tokenizer([it["long_caption"] for it in good])
+        if "token_masking" in good[0]:
+            batch["mask_texts"] = batch["texts"]
         if "count_negative" in good[0]:
             batch["count_negative_texts"] = tokenizer([it["count_negative"] or "" for it in good])
             batch["count_positive_texts"] = tokenizer([it["count_positive"] or "" for it in good])
@@ -342,7 +368,8 @@ def train_loader(items: TrainItems, batch_size: int, seed: int, start_batch: int
         sampler = RankSlices(sampler, accum_steps, rank, world_size)
     return DataLoader(items, batch_sampler=sampler,
                       collate_fn=make_collate(tokenizer, items.negatives or None, items.positives or None,
-                                              items.max_regions if items.regions else None),
+                                              items.max_regions if items.regions else None,
+                                              items.region_negatives or None),
                       num_workers=num_workers, pin_memory=pin_memory,  # pinned: asynchronous copies to a GPU
                       persistent_workers=False)
 

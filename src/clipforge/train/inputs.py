@@ -24,6 +24,8 @@ VIEW2, SYNTHETIC, TAGS = "image_features_view2", "synthetic_text_features", "sho
 TEACHER_KEYS = ("teacher_image_features", "teacher_text_features")
 REGION_KEYS = ("region_features", "region_text_features", "grounded_boxes")  # CLOC, with region_boxes/_mask
 TOKEN_KEYS = ("image_tokens", "text_tokens")  # LossInputs fields (with text_mask), from the model's forward
+REGION_NEGATIVES, LONG = "region_negative_text_features", "long_text_features"  # FG-CLIP 2's region negatives, long
+GA_DMS_KEYS = ("ga_dms_text_features", "ga_dms_mtp_tokens")  # GA-DMS: noise-masked captions, masked-token states
 
 
 def _per_sample(encode_text, ids: Tensor) -> Tensor:
@@ -32,14 +34,40 @@ def _per_sample(encode_text, ids: Tensor) -> Tensor:
 
 
 def _regions(model: nn.Module, batch: dict) -> dict:
-    """CLOC's inputs: region embeddings of the boxes (the region head over one pass of the image tower),
-    the region captions' text embeddings and the boxes the head grounds those captions to."""
-    if not hasattr(model, "region_outputs"):
-        raise ValueError(f"a region loss term needs a model with a region head, not a {type(model).__name__}")
+    """The region captions' text embeddings with the boxes and mask (every region term) and, for a model with
+    a region head (CLOC), the region embeddings of the boxes (the head over one pass of the image tower) and
+    the boxes the head grounds the captions to. A term that reads those on a model without a region head is
+    refused at start-up (train/setup.py)."""
     texts = _per_sample(model.encode_text, batch["region_texts"])
-    regions, grounded = model.region_outputs(batch["images"], batch["region_boxes"], texts)
-    return {"region_features": regions.float(), "region_text_features": texts, "grounded_boxes": grounded.float(),
-            "region_boxes": batch["region_boxes"], "region_mask": batch["region_mask"]}
+    out = {"region_text_features": texts, "region_boxes": batch["region_boxes"], "region_mask": batch["region_mask"]}
+    if getattr(model, "region_head", None) is not None:
+        regions, grounded = model.region_outputs(batch["images"], batch["region_boxes"], texts)
+        out.update(region_features=regions.float(), grounded_boxes=grounded.float())
+    return out
+
+
+def _region_negatives(model: nn.Module, batch: dict) -> dict:
+    """[B, R, K, d] embeddings of each region caption's K negatives (FG-CLIP 2), with their [B, R, K] mask."""
+    ids = batch["region_negative_texts"]
+    feats = model.encode_text(ids.reshape(-1, ids.shape[-1])).float().view(*ids.shape[:3], -1)
+    return {REGION_NEGATIVES: feats, "region_negative_mask": batch["region_negative_mask"]}
+
+
+def _ga_dms(model: nn.Module, batch: dict) -> dict:
+    """GA-DMS's two re-encodings of the step's captions (clipforge.losses.ga_dms.dual_masks): without the
+    tokens of lowest gradient-attention score (noise), and with the highest-scoring ones masked (for
+    masked-token prediction); the scores come from a pass without gradients."""
+    from ..losses.ga_dms import dual_masks
+
+    ids = batch["mask_texts"]
+    with torch.no_grad():
+        image = model.encode_image(batch["images"]).float()
+        text, tokens, mask = model.encode_text_tokens(ids)
+    denoised, masked, targets = dual_masks(ids, image, text.float(), tokens.float(), mask,
+                                           pad_id=model.text.cfg.pad_token_id, eot_id=model.text.cfg.eot_token_id)
+    _, mtp_tokens, _ = model.encode_text_tokens(masked)
+    return {"ga_dms_text_features": model.encode_text(denoised).float(), "ga_dms_mtp_tokens": mtp_tokens.float(),
+            "ga_dms_mtp_targets": targets}
 
 
 def _ema_pair(model: nn.Module, batch: dict) -> dict:
@@ -86,6 +114,9 @@ INPUTS: tuple[ExtraInput, ...] = (
                              "count_positive_text_features": m.encode_text(b["count_positive_texts"]).float(),
                              "count_mask": b["count_mask"]}),
     ExtraInput(REGION_KEYS, "model", "region_boxes", True, _regions),
+    ExtraInput((REGION_NEGATIVES,), "model", "region_negative_texts", True, _region_negatives),
+    ExtraInput((LONG,), "model", "long_texts", True, lambda m, b: {LONG: m.encode_text(b["long_texts"]).float()}),
+    ExtraInput(GA_DMS_KEYS, "model", "mask_texts", True, _ga_dms),
     ExtraInput(TOKEN_KEYS, "model", None, False),  # the model's forward with return_tokens (setup.token_outputs)
     ExtraInput(("ema_image_features", "ema_text_features"), "ema", "images", False, lambda m, b: _ema_pair(m, b)),
     ExtraInput(("ema_negative_text_features",), "ema", "negative_texts", True,
