@@ -104,18 +104,13 @@ class RegionTokens(nn.Module):
 
     def __init__(self, dim: int, queries: int, heads: int, seed: int):
         super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.queries = nn.Parameter(torch.randn(queries, dim, generator=g) * 0.02)
-        self.layer = nn.TransformerDecoderLayer(dim, heads if dim % heads == 0 else 1, 2 * dim, dropout=0.0,
-                                                batch_first=True, norm_first=True)
-        self.embed = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim))
-        self.box = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 4))
         with torch.random.fork_rng(devices=[]):  # the same initial head on every process, the global RNG untouched
             torch.manual_seed(seed)
-            for m in (self.layer, self.embed, self.box):
-                for p in m.parameters():
-                    if p.ndim > 1:
-                        nn.init.xavier_uniform_(p)
+            self.queries = nn.Parameter(torch.randn(queries, dim) * 0.02)
+            self.layer = nn.TransformerDecoderLayer(dim, heads if dim % heads == 0 else 1, 2 * dim, dropout=0.0,
+                                                    batch_first=True, norm_first=True)
+            self.embed = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim))
+            self.box = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 4))
 
     def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
         x = self.layer(self.queries.to(tokens.dtype).expand(tokens.shape[0], -1, -1), tokens)
