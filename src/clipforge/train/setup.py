@@ -53,7 +53,7 @@ def _needs_region_head(loss: dict, flag: str = "needs_region_head") -> bool:
     return any(getattr(LOSSES.get(kind), flag, False) for kind in kinds if kind in LOSSES.names())
 
 
-def _check_model_parts(cfg: TrainConfig, model) -> None:
+def check_model_parts(cfg: TrainConfig, model) -> None:
     """A loss term that trains a model part the model lacks (a model loaded with init_from) stops the run here."""
     from ..errors import ConfigError
 
@@ -100,7 +100,7 @@ def build_model(cfg: TrainConfig, say=logger.info):
     if cfg.init_vision_from:
         copy_image_tower(model, cfg.init_vision_from, model_name=cfg.init_vision_model_name,
                          trust_pickle=cfg.init_trust_pickle, allow_nonfinite=cfg.init_allow_nonfinite)
-    _check_model_parts(cfg, model)
+    check_model_parts(cfg, model)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     if cfg.freeze or cfg.trainable:
         n_train, n_total = apply_freeze(model, cfg.freeze, cfg.trainable)
