@@ -67,11 +67,11 @@ def test_ga_dms_loss_matches_the_naive_equations_and_the_term():
     for mtp in (1.0, 0.3):
         got = ga_dms_loss(img, txt, logits, targets, t, mtp)["loss"]
         assert abs(float(got) - _naive(img, txt, logits, targets, 6.0, mtp)) < 1e-9
-    term = build("ga_dms", embed_dim=4, vocab_size=7, heads=2).double()
+    term = build("ga_dms", embed_dim=4, vocab_size=7, heads=2)
     states, patches = unit(3, 5, 4), unit(3, 9, 4)
     li = LossInputs(img, img, t, image_tokens=patches, extra={"ga_dms_text_features": txt, "ga_dms_mtp_tokens": states,
                                                               "ga_dms_mtp_targets": targets})
-    assert torch.allclose(term(li)["loss"], ga_dms_loss(img, txt, term.predictor(states, patches), targets, t)["loss"])
+    assert torch.allclose(term(li)["loss"], ga_dms_loss(img, txt, term.predictor.double()(states, patches), targets, t)["loss"])
     with pytest.raises(ValueError, match="embed_dim=4"):
         build("ga_dms", vocab_size=7)(li)
     li.extra["ga_dms_mtp_targets"] = torch.full_like(targets, 9)

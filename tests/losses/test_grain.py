@@ -1,5 +1,6 @@
 """GRAIN: the exact matching against scipy's Hungarian solver, the region terms against a naive reference
 written from the equations here, the region-token head, and a few training steps from the command line."""
+import copy
 import json
 import math
 
@@ -81,12 +82,12 @@ def test_grain_gradcheck_term_head_and_errors():
     t = torch.tensor(4.0, dtype=torch.float64)
     leaves = (e.clone().requires_grad_(), pb.clone().requires_grad_(), u.clone().requires_grad_())
     assert torch.autograd.gradcheck(lambda a, p, c: grain_loss(a, p, c, tb, mask, t)["loss"], leaves)
-    term = build("grain", embed_dim=6, queries=4, heads=2).double()
+    term = build("grain", embed_dim=6, queries=4, heads=2)
     tokens = torch.randn(3, 16, 6, dtype=torch.float64, requires_grad=True)
     li = LossInputs(torch.zeros(3, 6, dtype=torch.float64), torch.zeros(3, 6, dtype=torch.float64), t,
                     image_tokens=tokens, extra={"region_text_features": u, "region_boxes": tb, "region_mask": mask})
     out = term(li)
-    emb, boxes = term.tokens(tokens)
+    emb, boxes = copy.deepcopy(term.tokens).double()(tokens)
     assert torch.allclose(out["loss"], grain_loss(emb, boxes, u, tb, mask, t)["loss"])
     assert torch.allclose(emb.norm(dim=-1), torch.ones(3, 4, dtype=torch.float64))
     assert ((boxes[..., 2:] >= boxes[..., :2]).all() and boxes.shape == (3, 4, 4))

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from .base import LossInputs
 from .fgclip_region import global_infonce
 from .gather import gather
+from .grain import in_dtype
 from .registry import register
 from .validate import parse_options
 
@@ -155,7 +156,7 @@ class GaDmsLoss(nn.Module):
         if states.shape[-1] != self.cfg.embed_dim:
             raise ValueError(f"ga_dms was built for embed_dim={self.cfg.embed_dim} but the token states have "
                              f"{states.shape[-1]} dimensions: set the ga_dms option embed_dim={states.shape[-1]}")
-        logits = self.predictor(states, patches)
+        logits = in_dtype(self.predictor, states.dtype, states, patches.to(states.dtype))
         if int(targets.max()) >= logits.shape[-1]:
             raise ValueError(f"ga_dms was built for vocab_size={self.cfg.vocab_size} but a caption holds token id "
                              f"{int(targets.max())}: set the ga_dms option vocab_size to the text tower's")

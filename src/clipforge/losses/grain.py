@@ -41,6 +41,13 @@ from .validate import parse_options
 MAX_QUERIES = 6  # exact matching enumerates Q! / (Q - R)! assignments
 
 
+def in_dtype(module: nn.Module, dtype: torch.dtype, *args):
+    """``module(*args)`` with its parameters cast to ``dtype`` (gradients flow back to them): a loss term's head
+    runs in the features' dtype (float64 in the tests, float32 in training)."""
+    params = {name: p.to(dtype) for name, p in module.named_parameters()}
+    return torch.func.functional_call(module, params, args)
+
+
 def box_cost(pred: Tensor, true: Tensor) -> Tensor:
     """C(b, b') = ||b - b'||_1 + 1 - GIoU(b, b') of every prediction [Q, 4] with every box [R, 4] -> [Q, R]."""
     p, t = pred[:, None].expand(-1, true.shape[0], -1), true[None].expand(pred.shape[0], -1, -1)
@@ -160,6 +167,6 @@ class GrainLoss(nn.Module):
         if texts.ndim != 3 or tuple(boxes.shape) != (*texts.shape[:2], 4) or tuple(mask.shape) != tuple(texts.shape[:2]):
             raise ValueError(f"grain needs region_text_features [B, R, d], region_boxes [B, R, 4] and region_mask "
                              f"[B, R] of one B and R, got {tuple(texts.shape)}, {tuple(boxes.shape)}, {tuple(mask.shape)}")
-        embeddings, predicted = self.tokens(patches)
-        return grain_loss(embeddings.to(texts.dtype), predicted.to(texts.dtype), texts, boxes, mask,
+        embeddings, predicted = in_dtype(self.tokens, texts.dtype, patches.to(texts.dtype))
+        return grain_loss(embeddings, predicted, texts, boxes, mask,
                           inputs.logit_scale, self.cfg.desc, self.cfg.box, inputs.rank, inputs.world_size)

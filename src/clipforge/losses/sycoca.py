@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from .base import LossInputs
@@ -30,7 +31,8 @@ def tgmim_loss(prediction: Tensor, target: Tensor) -> Tensor:
     if prediction.shape != target.shape or prediction.ndim != 3:
         raise ValueError(f"sycoca_tgmim needs tgmim_pred and tgmim_target of one shape [B, M, P], got "
                          f"{tuple(prediction.shape)} and {tuple(target.shape)}")
-    return (prediction.float() - target.float()).pow(2).mean()
+    dtype = torch.promote_types(torch.float32, torch.promote_types(prediction.dtype, target.dtype))  # bf16 -> fp32
+    return (prediction.to(dtype) - target.to(dtype)).pow(2).mean()
 
 
 @dataclass
