@@ -66,7 +66,8 @@ def _naive(r, u, mask, t, negs, neg_mask, img, long, w_region, w_hard, w_long):
 
 def _batch(seed=0, b=3, r=2, k=2, d=6):
     mask = torch.tensor([[True, True], [True, False], [False, True]])
-    neg_mask = torch.tensor([[[True, True], [True, False]], [[False, True], [True, True]], [[True, True], [False, False]]])
+    neg_mask = torch.tensor([[[True, True], [True, False]], [[False, True], [True, True]],
+                             [[True, True], [False, False]]])
     return (_unit(b, r, d, seed=seed), _unit(b, r, d, seed=seed + 1), mask, _unit(b, r, k, d, seed=seed + 2), neg_mask,
             _unit(b, d, seed=seed + 3), _unit(b, d, seed=seed + 4))
 

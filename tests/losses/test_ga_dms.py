@@ -12,7 +12,8 @@ from clipforge.losses.ga_dms import ATTENTION_TAU, IGNORE
 
 def test_ga_scores_are_attention_times_the_autograd_gradient_of_the_similarity():
     g = torch.Generator().manual_seed(0)
-    image, text = torch.randn(2, 5, generator=g, dtype=torch.float64), torch.randn(2, 5, generator=g, dtype=torch.float64)
+    image = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    text = torch.randn(2, 5, generator=g, dtype=torch.float64)
     tokens = torch.randn(2, 6, 5, generator=g, dtype=torch.float64)
     content = torch.tensor([[False, True, True, True, False, False], [False, True, True, True, True, True]])
     got = ga_scores(image, text, tokens, content)
@@ -71,7 +72,8 @@ def test_ga_dms_loss_matches_the_naive_equations_and_the_term():
     states, patches = unit(3, 5, 4), unit(3, 9, 4)
     li = LossInputs(img, img, t, image_tokens=patches, extra={"ga_dms_text_features": txt, "ga_dms_mtp_tokens": states,
                                                               "ga_dms_mtp_targets": targets})
-    assert torch.allclose(term(li)["loss"], ga_dms_loss(img, txt, term.predictor.double()(states, patches), targets, t)["loss"])
+    got = term(li)["loss"]
+    assert torch.allclose(got, ga_dms_loss(img, txt, term.predictor.double()(states, patches), targets, t)["loss"])
     with pytest.raises(ValueError, match="embed_dim=4"):
         build("ga_dms", vocab_size=7)(li)
     li.extra["ga_dms_mtp_targets"] = torch.full_like(targets, 9)

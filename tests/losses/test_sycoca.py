@@ -102,9 +102,9 @@ def test_clipforge_train_sycoca_on_shapes_adds_the_branch_to_coca(tmp_path):
     from clipforge.cli.main import main
 
     small = ["model=coca-tiny", "model_overrides={embed_dim: 32, vision: {image_size: 32, patch_size: 8, width: 32, "
-             "layers: 1, heads: 2}, text: {context_length: 16, width: 32, layers: 1, heads: 2}, multimodal: {layers: 1, "
-             "heads: 2, n_queries: 4, pool_heads: 2}}", "data.train_size=32", "data.eval_size=8", "batch_size=8",
-             "steps=2", "warmup_steps=1", "progress=false", "precision=fp32", "log_every=1"]
+             "layers: 1, heads: 2}, text: {context_length: 16, width: 32, layers: 1, heads: 2}, multimodal: "
+             "{layers: 1, heads: 2, n_queries: 4, pool_heads: 2}}", "data.train_size=32", "data.eval_size=8",
+             "batch_size=8", "steps=2", "warmup_steps=1", "progress=false", "precision=fp32", "log_every=1"]
     run = tmp_path / "run"
     assert main(["train", f"out_dir={run}", "loss={clip: 1, caption: 2, sycoca_tgmim: 1}", *small]) == 0
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

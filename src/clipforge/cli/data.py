@@ -4,7 +4,7 @@
     clipforge data build emoji --out DIR
     clipforge data info DIR
     clipforge data convert SRC --out DIR [--shard-size-mb 64] [--image-size N] [--val-fraction F]
-    clipforge data export-wds SRC --out DIR     # CLIP_benchmark's webdataset layout, for clipforge eval and clip_benchmark
+    clipforge data export-wds SRC --out DIR     # CLIP_benchmark's webdataset layout (clipforge eval, clip_benchmark)
 
 ``--out`` defaults to ``$CLIPFORGE_DATA/NAME`` (``~/.cache/clipforge/data/NAME``), where
 ``build_dataset(NAME, ...)`` looks for it. An interrupted build resumes when run again.
@@ -65,7 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="templates written where the source has none: openai_imagenet, openai_short, simple or a file")
     e.add_argument("--max-count", type=int, default=10_000, help="samples per tar shard (default 10000)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
-    i = sub.add_parser("info", help="summarize a built shard directory", description="summarize a built shard directory")
+    i = sub.add_parser(
+        "info", help="summarize a built shard directory", description="summarize a built shard directory"
+    )
     i.add_argument("dir", help="a shard directory, or the name of a corpus in the data home")
     i.add_argument("--json", action="store_true", help="print manifest and stats as one JSON object")
     p.set_defaults(_data_parser=p)
@@ -143,7 +145,9 @@ def run(args) -> int:
                 for name, s in rep["splits"].items()]
         print(f"{rep['source']} -> {args.out} ({rep['type']})")
         print(table(rows, ["split", "samples", "shards", "skipped"]))
-        print(f"done in {time.perf_counter() - t0:.1f} s; evaluate it with clipforge eval MODEL --dataset wds:{args.out}")
+        print(
+            f"done in {time.perf_counter() - t0:.1f} s; evaluate it with clipforge eval MODEL --dataset wds:{args.out}"
+        )
         return 0
     if args.data_command == "info":
         root = Path(args.dir)

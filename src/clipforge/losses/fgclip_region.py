@@ -158,7 +158,8 @@ class FgclipRegionLoss(nn.Module):
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
         tokens, texts = inputs.require("image_tokens"), inputs.require("region_text_features")
         boxes, mask = inputs.require("region_boxes"), inputs.require("region_mask")
-        if texts.ndim != 3 or tuple(boxes.shape) != (*texts.shape[:2], 4) or tuple(mask.shape) != tuple(texts.shape[:2]):
+        b_r = tuple(texts.shape[:2])
+        if texts.ndim != 3 or tuple(boxes.shape) != (*b_r, 4) or tuple(mask.shape) != b_r:
             raise ValueError(f"fgclip_region needs region_text_features [B, R, d], region_boxes [B, R, 4] and "
                              f"region_mask [B, R] of one B and R, got {tuple(texts.shape)}, {tuple(boxes.shape)} and "
                              f"{tuple(mask.shape)}")

@@ -2,11 +2,12 @@
 
 "Grounding Descriptions in Images informs Zero-Shot Visual Recognition" (GRAIN, 2024), Sec. 3:
 besides CLIP's image-caption contrast (add ``clip`` beside this term), the image tower emits Q region
-tokens, each with a predicted box and a region embedding; predictions are matched one-to-one to the annotated regions (boxes with their descriptions) by bipartite matching on
-the box cost, as in DETR; the matched region embeddings are contrasted with every description of
-the batch, and the matched boxes regress to the annotated ones. With e_q / b_q the embedding and box of
-region token q of image i, sigma_i the matching, u_j and b_j the description embedding and box of
-annotated region j, M the valid regions of the (gathered) batch and t the logit scale:
+tokens, each with a predicted box and a region embedding; predictions are matched one-to-one to the
+annotated regions (boxes with their descriptions) by bipartite matching on the box cost, as in DETR;
+the matched region embeddings are contrasted with every description of the batch, and the matched
+boxes regress to the annotated ones. With e_q / b_q the embedding and box of region token q of image i,
+sigma_i the matching, u_j and b_j the description embedding and box of annotated region j, M the valid
+regions of the (gathered) batch and t the logit scale:
 
     sigma_i = argmin_sigma sum_{j in M_i} C(b_{sigma(j)}, b_j),   C(b, b') = ||b - b'||_1 + 1 - GIoU(b, b')
     L_desc  = 1/|M| sum_{j in M} -log softmax_{k in M}(t e_{sigma(j)} . u_k)[j]
@@ -164,9 +165,11 @@ class GrainLoss(nn.Module):
                              f"{patches.shape[-1]} dimensions: set the grain option embed_dim={patches.shape[-1]}")
         texts, boxes = inputs.require("region_text_features"), inputs.require("region_boxes")
         mask = inputs.require("region_mask")
-        if texts.ndim != 3 or tuple(boxes.shape) != (*texts.shape[:2], 4) or tuple(mask.shape) != tuple(texts.shape[:2]):
+        b_r = tuple(texts.shape[:2])
+        if texts.ndim != 3 or tuple(boxes.shape) != (*b_r, 4) or tuple(mask.shape) != b_r:
             raise ValueError(f"grain needs region_text_features [B, R, d], region_boxes [B, R, 4] and region_mask "
-                             f"[B, R] of one B and R, got {tuple(texts.shape)}, {tuple(boxes.shape)}, {tuple(mask.shape)}")
+                             f"[B, R] of one B and R, got {tuple(texts.shape)}, {tuple(boxes.shape)}, "
+                             f"{tuple(mask.shape)}")
         embeddings, predicted = in_dtype(self.tokens, texts.dtype, patches.to(texts.dtype))
         return grain_loss(embeddings, predicted, texts, boxes, mask,
                           inputs.logit_scale, self.cfg.desc, self.cfg.box, inputs.rank, inputs.world_size)
