@@ -1,5 +1,6 @@
 """GA-DMS: the gradient-attention score against autograd, the dual masks on a hand case, the loss against a naive
 reference written from the equations here, the training inputs, and a few training steps on noisy captions."""
+import copy
 import json
 import math
 
@@ -66,21 +67,25 @@ def test_ga_dms_loss_matches_the_naive_equations_and_the_term():
     targets = torch.tensor([[IGNORE, 2, IGNORE, 6, IGNORE], [IGNORE] * 5, [1, IGNORE, IGNORE, IGNORE, 0]])
     t = torch.tensor(6.0, dtype=torch.float64)
     for mtp in (1.0, 0.3):
-        got = ga_dms_loss(img, txt, logits, targets, t, mtp)["loss"]
+        got = ga_dms_loss(img, txt, logits[targets != IGNORE], targets, t, mtp)["loss"]
         assert abs(float(got) - _naive(img, txt, logits, targets, 6.0, mtp)) < 1e-9
     term = build("ga_dms", embed_dim=4, vocab_size=7, heads=2)
     states, patches = unit(3, 5, 4), unit(3, 9, 4)
     li = LossInputs(img, img, t, image_tokens=patches, extra={"ga_dms_text_features": txt, "ga_dms_mtp_tokens": states,
                                                               "ga_dms_mtp_targets": targets})
     got = term(li)["loss"]
-    assert torch.allclose(got, ga_dms_loss(img, txt, term.predictor.double()(states, patches), targets, t)["loss"])
+    full = copy.deepcopy(term.predictor).double()
+    full.head = torch.nn.Identity()  # hidden states at every position, then the vocabulary map by hand
+    hidden = full(states, patches, torch.ones(3, 5, dtype=torch.bool)).view(3, 5, 4)
+    logits = hidden @ term.predictor.head.weight.double().t() + term.predictor.head.bias.double()
+    assert torch.allclose(got, ga_dms_loss(img, txt, logits[targets != IGNORE], targets, t)["loss"])
     with pytest.raises(ValueError, match="embed_dim=4"):
         build("ga_dms", vocab_size=7)(li)
     li.extra["ga_dms_mtp_targets"] = torch.full_like(targets, 9)
     with pytest.raises(ValueError, match="vocab_size"):
         term(li)
     with pytest.raises(ValueError, match="no caption token"):
-        ga_dms_loss(img, txt, logits, torch.full_like(targets, IGNORE), t)
+        ga_dms_loss(img, txt, logits[:0].reshape(0, 7), torch.full_like(targets, IGNORE), t)
 
 
 def test_training_inputs_for_ga_dms_re_encode_the_two_masked_captions():

@@ -94,7 +94,8 @@ def dual_masks(ids: Tensor, image: Tensor, text: Tensor, tokens: Tensor, mask: T
 
 class TokenPredictor(nn.Module):
     """D and W of the module docstring: masked caption states [B, L, d] attend to each other and to the
-    patch tokens [B, N, d]; logits over the vocabulary [B, L, V]."""
+    patch tokens [B, N, d]; logits over the vocabulary [P, V] at the P positions where ``picked`` [B, L] is True
+    (row-major; the vocabulary map runs on those positions only)."""
 
     def __init__(self, dim: int, vocab_size: int, heads: int, seed: int):
         super().__init__()
@@ -105,20 +106,23 @@ class TokenPredictor(nn.Module):
             self.norm = nn.LayerNorm(dim)
             self.head = nn.Linear(dim, vocab_size)
 
-    def forward(self, states: Tensor, patches: Tensor) -> Tensor:
-        return self.head(self.norm(self.layer(states, patches.to(states.dtype))))
+    def forward(self, states: Tensor, patches: Tensor, picked: Tensor) -> Tensor:
+        return self.head(self.norm(self.layer(states, patches.to(states.dtype)))[picked])
 
 
 def ga_dms_loss(image_features: Tensor, denoised_text_features: Tensor, logits: Tensor, targets: Tensor, logit_scale,
                 mtp: float = 1.0, rank: int = 0, world_size: int = 1) -> dict[str, Tensor]:
-    """L_align + mtp * L_mtp (module docstring); ``logits`` [B, L, V] and ``targets`` [B, L] are local, the
-    prediction loss is averaged over the masked positions of the gathered batch."""
+    """L_align + mtp * L_mtp (module docstring); ``targets`` [B, L] are local, ``logits`` [P, V] are those of
+    the P positions whose target is not :data:`IGNORE` (row-major); the prediction loss is averaged over the
+    masked positions of the gathered batch."""
     l_align = global_infonce(image_features, denoised_text_features, logit_scale, rank, world_size)
     picked = targets != IGNORE
+    if logits.shape[0] != int(picked.sum()):
+        raise ValueError(f"ga_dms needs logits for the {int(picked.sum())} masked positions, got {logits.shape[0]}")
     count = gather(picked.sum().to(logits.dtype).reshape(1), rank, world_size).sum().detach()
     if count == 0:
         raise ValueError("ga_dms found no caption token to predict; captions need at least one word")
-    l_mtp = F.cross_entropy(logits[picked], targets[picked], reduction="sum") * world_size / count
+    l_mtp = F.cross_entropy(logits, targets[picked], reduction="sum") * world_size / count
     return {"loss": l_align + mtp * l_mtp, "align": l_align.detach(), "mtp": l_mtp.detach()}
 
 
@@ -156,9 +160,9 @@ class GaDmsLoss(nn.Module):
         if states.shape[-1] != self.cfg.embed_dim:
             raise ValueError(f"ga_dms was built for embed_dim={self.cfg.embed_dim} but the token states have "
                              f"{states.shape[-1]} dimensions: set the ga_dms option embed_dim={states.shape[-1]}")
-        logits = in_dtype(self.predictor, states.dtype, states, patches.to(states.dtype))
-        if int(targets.max()) >= logits.shape[-1]:
+        if int(targets.max()) >= self.cfg.vocab_size:
             raise ValueError(f"ga_dms was built for vocab_size={self.cfg.vocab_size} but a caption holds token id "
                              f"{int(targets.max())}: set the ga_dms option vocab_size to the text tower's")
+        logits = in_dtype(self.predictor, states.dtype, states, patches.to(states.dtype), targets != IGNORE)
         return ga_dms_loss(inputs.image_features, denoised, logits, targets, inputs.logit_scale, self.cfg.mtp,
                            inputs.rank, inputs.world_size)
