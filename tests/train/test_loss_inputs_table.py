@@ -13,6 +13,7 @@ NOT_FED = {
     "mlcd": {"cluster_centers"},
     "caption": {"caption_logits", "caption_targets"},
     "moe_balance": {"moe_balance_loss"},
+    "sycoca_tgmim": {"tgmim_pred", "tgmim_target"},  # a CoCa with its TG-MIM branch returns them
 }
 
 
@@ -75,3 +76,22 @@ def test_encoders_match_per_sample_loops():
     assert inputs.encode_ema(None, batch) == {}
     plain = inputs.encode_extras(m, {"images": batch["images"], "texts": batch["texts"]})
     assert plain == {}  # a plain CLIP batch asks for nothing extra
+
+
+def test_region_negative_and_long_caption_encoders_match_per_sample_loops():
+    g = torch.Generator().manual_seed(1)
+    b, r, k, length = 2, 3, 2, 4
+    batch = {"images": torch.randn(b, 5, generator=g), "texts": torch.randint(1, 50, (b, length), generator=g),
+             "region_negative_texts": torch.randint(1, 50, (b, r, k, length), generator=g),
+             "region_negative_mask": torch.rand(b, r, k, generator=g) < 0.5,
+             "long_texts": torch.randint(1, 50, (b, length), generator=g)}
+    extra = inputs.encode_extras(Towers(), batch)
+    text = lambda t: torch.tensor([float(sum(t.tolist())), float(t[0])])  # noqa: E731
+    assert extra["region_negative_text_features"].shape == (b, r, k, 2)
+    for i in range(b):
+        for j in range(r):
+            for n in range(k):  # sample i's region j's n-th negative, in place
+                assert torch.equal(extra["region_negative_text_features"][i, j, n],
+                                   text(batch["region_negative_texts"][i, j, n]))
+        assert torch.equal(extra["long_text_features"][i], text(batch["long_texts"][i]))
+    assert torch.equal(extra["region_negative_mask"], batch["region_negative_mask"])
