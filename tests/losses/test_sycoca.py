@@ -85,6 +85,17 @@ def test_the_reconstruction_never_sees_the_masked_pixels():
     assert pix.shape == (2, 16, 48)
 
 
+def test_tgmim_runs_under_bf16_autocast():
+    model = _coca().train()
+    images, texts = _batch(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images, texts)
+    loss = tgmim_loss(out["tgmim_pred"], out["tgmim_target"])
+    loss.backward()
+    assert loss.dtype == torch.float32 and math.isfinite(loss.item())
+    assert model.tgmim.mask_token.grad is not None and model.visual.patch_embed.weight.grad is not None
+
+
 def test_tgmim_config_round_trip_and_errors():
     model = _coca(mask_ratio=0.3, layers=2)
     cfg = CoCaConfig.from_dict(model.cfg.to_dict())

@@ -228,8 +228,9 @@ class TextGuidedMIM(nn.Module):
         encoded visible patches [B, K, vision_width] (indices ``keep`` [B, K]) and the caption's states."""
         b, k = keep.shape
         n = k + masked.shape[1]
-        x = self.mask_token.to(visible.dtype).expand(b, n, -1).clone()
-        x = x.scatter(1, keep[..., None].expand(-1, -1, x.shape[-1]), self.visible_in(visible))
+        src = self.visible_in(visible)  # under autocast a lower precision than the visible tokens
+        x = self.mask_token.to(src.dtype).expand(b, n, -1).clone()
+        x = x.scatter(1, keep[..., None].expand(-1, -1, x.shape[-1]), src)
         x = x + self.pos.to(x.dtype)
         for block, cross in zip(self.blocks, self.cross):
             x = cross(block(x), text_states.to(x.dtype))
