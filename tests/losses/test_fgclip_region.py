@@ -126,7 +126,7 @@ def test_region_negative_captions_change_one_word_and_the_collate_pads_them():
              {"pixels": torch.zeros(3, 8, 8), "caption": "x", "index": 1,
               "boxes": torch.tensor([[0, 0, .5, .5], [.5, .5, 1, 1]]), "region_captions": ["a red circle.", "b."],
               "region_negatives": [["a red star.", "a green circle."], []], "long_caption": "w."}]
-    batch = make_collate(tok, regions=3, region_negatives=2)(items)
+    batch = make_collate(tok, regions=3, region_negatives=(3, 2))(items)
     assert batch["region_negative_texts"].shape == (2, 3, 2, 16)
     assert batch["region_negative_mask"].tolist() == [[[True, False], [False, False], [False, False]],
                                                       [[True, True], [False, False], [False, False]]]

@@ -6,15 +6,11 @@ from clipforge import losses
 from clipforge.train import inputs
 
 # read by a default-option term but not produced by the training program (docs/losses.md says why):
-# Symile's third modality, MLCD's centers unless given as its option, and the outputs that a model variant
-# itself returns from its forward (its extra_outputs): CoCa's decoder outputs, CLIP-MoE's balance loss
-NOT_FED = {
-    "symile": {"modality_features"},
-    "mlcd": {"cluster_centers"},
-    "caption": {"caption_logits", "caption_targets"},
-    "moe_balance": {"moe_balance_loss"},
-    "sycoca_tgmim": {"tgmim_pred", "tgmim_target"},  # a CoCa with its TG-MIM branch returns them
-}
+# MLCD's centers unless given as its option (centers, or a cluster file: clusters), and the outputs that a model
+# variant itself returns from its forward (its extra_outputs): CoCa's decoder outputs, CLIP-MoE's balance loss
+NOT_FED = {"mlcd": {"cluster_centers"}, "caption": {"caption_logits", "caption_targets"},
+           "moe_balance": {"moe_balance_loss"},
+           "sycoca_tgmim": {"tgmim_pred", "tgmim_target"}}  # a CoCa with its TG-MIM branch returns them
 
 
 def test_every_input_a_term_reads_is_declared_or_known_not_fed():
@@ -95,3 +91,34 @@ def test_region_negative_and_long_caption_encoders_match_per_sample_loops():
                                    text(batch["region_negative_texts"][i, j, n]))
         assert torch.equal(extra["long_text_features"][i], text(batch["long_texts"][i]))
     assert torch.equal(extra["region_negative_mask"], batch["region_negative_mask"])
+
+
+def test_region_negatives_long_captions_and_mask_texts_from_the_items():
+    """The data side of fgclip_region's and ga_dms's inputs: TrainItems with the options the table sets, against
+    the dataset item and region_negative_captions called with the same stream."""
+    import numpy as np
+
+    from clipforge.data import build_dataset
+    from clipforge.data.regions import region_negative_captions
+    from clipforge.tokenizer import get_tokenizer
+    from clipforge.train.data import TrainItems, make_collate
+
+    ds = build_dataset("shapes", split="train", size=8, seed=0, image_size=32)
+    items = TrainItems(ds, 3, 32, regions=True, region_negatives=2, long_caption=True, token_masking=True)
+    rows = [items[(1, i)] for i in range(4)]
+    for i, row in enumerate(rows):
+        item = ds[i]
+        want = region_negative_captions(item["region_captions"], 2, np.random.default_rng([3, 1, i, 7]))
+        assert row["region_negatives"] == want and row["long_caption"] == max(item["captions"], key=len)
+        assert row["mask_caption"] == row["caption"]
+    tok = get_tokenizer(32)
+    batch = make_collate(tok, regions=4, region_negatives=(4, 2))(rows)
+    assert batch["region_negative_texts"].shape == (4, 4, 2, 32) and batch["region_mask"].shape == (4, 4)
+    assert torch.equal(batch["mask_texts"], batch["texts"]) and torch.equal(batch["long_texts"],
+                                                                             tok([r["long_caption"] for r in rows]))
+    for i, row in enumerate(rows):
+        for j, negs in enumerate(row["region_negatives"]):
+            assert batch["region_negative_mask"][i, j].tolist() == [n < len(negs) for n in range(2)]
+            for n, neg in enumerate(negs):
+                assert torch.equal(batch["region_negative_texts"][i, j, n], tok([neg])[0])
+        assert not batch["region_negative_mask"][i, len(row["region_negatives"]):].any()  # padding regions
