@@ -23,6 +23,10 @@ COMMANDS = {
     "serve": ("clipforge.cli.serve", "a search web page and JSON API over an index, on 127.0.0.1"),
     "upcycle": ("clipforge.cli.upcycle", "turn a dense CLIP into a sparse top-k mixture of experts (CLIP-MoE)"),
     "caption": ("clipforge.cli.caption", "caption images with a CoCa decoder (greedy/beam) or a MacCap decoder directory"),
+    "train-diffusion": ("clipforge.cli.train_diffusion",
+                        "train a small diffusion model on shapes conditioned on a frozen CLIP (for DIVA, un^2CLIP)"),
+    "diffusion-feedback": ("clipforge.cli.diffusion_feedback",
+                           "post-train a CLIP image tower through a frozen diffusion model (DIVA, un^2CLIP)"),
 }
 
 EPILOG = """\
