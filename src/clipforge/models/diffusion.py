@@ -6,7 +6,8 @@ tower through; ``clipforge train-diffusion`` trains it.
 The noise schedule and the loss are those of DDPM (Ho et al., "Denoising Diffusion Probabilistic Models", NeurIPS
 2020): linear betas ``beta_1 .. beta_T``, ``alpha_bar_t = prod_{s<=t} (1 - beta_s)``; the forward process (Eq. 4)
 
-    q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I),  so  x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
+    q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I),
+    so x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
 
 and the simplified objective (Eq. 14) ``L_simple = E_{t, x_0, eps} || eps - eps_theta(x_t, t, c) ||^2`` with t uniform
 in 1..T (here 0..T-1) and eps ~ N(0, I). The network eps_theta is a small U-Net (two resolutions below the input, one
