@@ -16,9 +16,9 @@ denoising loss (:func:`diffusion_feedback`, ``clipforge diffusion-feedback``):
   the generator is an unCLIP decoder, conditioned on CLIP image embeddings (``condition: image``); the image tower is
   trained so that its embedding, fed to the frozen decoder, minimizes the decoder's denoising loss,
   ``min_theta E ||eps - eps_dec(x_t, t, f_img_theta(x))||^2``, with no projection, so the embedding stays in the
-  space the decoder (and the frozen text tower) share. The official code was not available when this was written;
-  this follows the abstract and the unCLIP set-up it inverts. Simplification: no noise augmentation of the
-  condition and no other regularizer.
+  space the decoder (and the frozen text tower) share. Its official code (github.com/LiYinqi/un2CLIP) was not in
+  the code index this was written from; this follows the abstract and the unCLIP set-up it inverts. Simplification:
+  no noise augmentation of the condition and no other regularizer.
 
 In both methods the text tower, the logit scale and the diffusion model get no gradient (tests/train/
 test_diffusion_feedback.py::test_gradient_reaches_only_the_image_tower).
