@@ -35,6 +35,14 @@ COMMANDS = {
         "clipforge.cli.caption",
         "caption images with a CoCa decoder (greedy/beam) or a MacCap decoder directory",
     ),
+    "train-diffusion": (
+        "clipforge.cli.train_diffusion",
+        "train a small diffusion model on shapes conditioned on a frozen CLIP (for DIVA, un^2CLIP)",
+    ),
+    "diffusion-feedback": (
+        "clipforge.cli.diffusion_feedback",
+        "post-train a CLIP image tower through a frozen diffusion model (DIVA, un^2CLIP)",
+    ),
 }
 
 EPILOG = """\
