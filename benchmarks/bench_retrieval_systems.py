@@ -47,6 +47,9 @@ def base_model_dir(corpus: str, seed: int, steps: int, batch: int) -> Path:
     from clipforge.train import load_config, train
 
     out = CACHE / f"coca-{corpus}-s{seed}-n{steps}-b{batch}"
+    deadline = time.monotonic() + 3600
+    while out.exists() and not (out / "checkpoints" / "latest.json").exists() and time.monotonic() < deadline:
+        time.sleep(10)  # another benchmark process is training this base: wait for its checkpoint
     if not (out / "checkpoints" / "latest.json").exists():
         cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "coca.yaml", [
             f"data.dataset={corpus}", "data.languages=[en]", f"steps={steps}", f"batch_size={batch}", "lr=2e-3",

@@ -22,6 +22,10 @@
   The adjusted Rand index (Hubert and Arabie, 1985) is (TP - E) / ((sum_i C(a_i,2) + sum_j C(b_j,2)) / 2 - E)
   with E = sum_i C(a_i,2) sum_j C(b_j,2) / C(n, 2).
 
+- Image retrieval, mAP@k: for a query with R relevant items and ranked list r_1..r_N,
+  AP@k = 1 / min(R, k) * sum_{i <= k} P(i) rel(i), P(i) the precision of the top i; mAP@k is the mean
+  over queries (the query itself is excluded from its own ranking).
+
 This module sits below both :mod:`clipforge.adapt` and :mod:`clipforge.evaluation` (the layer
 order is in ``tests/test_architecture.py``), so neither has to import the other for a metric.
 """
@@ -150,3 +154,32 @@ def adjusted_rand_index(true_labels, pred_labels) -> float:
     if top == expected:  # both labellings are all-singletons or one cluster: identical partitions up to naming
         return 1.0
     return float((both - expected) / (top - expected))
+
+
+def map_at_k(features, groups, k: int = 10) -> float:
+    """Mean average precision at ``k`` of image-to-image retrieval: every row of ``features`` [N, d] (compared by
+    cosine) queries all the others, the relevant ones being those of its ``groups`` entry (a near-duplicate family or
+    an augmentation pair). Queries without another item of their group are skipped."""
+    x = torch.as_tensor(features, dtype=torch.float64)
+    g = np.asarray(groups)
+    if x.ndim != 2 or x.shape[0] != len(g):
+        raise ValueError(f"map_at_k needs features [N, d] and N group ids, got {tuple(x.shape)} and {len(g)}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    x = torch.nn.functional.normalize(x, dim=-1)
+    sims = (x @ x.t()).numpy()
+    np.fill_diagonal(sims, -np.inf)
+    aps = []
+    for i in range(len(g)):
+        relevant = (g == g[i])
+        relevant[i] = False
+        total = int(relevant.sum())
+        if total == 0:
+            continue
+        order = np.argsort(-sims[i], kind="stable")[:k]
+        hits = relevant[order].astype(np.float64)
+        precision = np.cumsum(hits) / np.arange(1, len(order) + 1)
+        aps.append(float((precision * hits).sum() / min(total, k)))
+    if not aps:
+        raise ValueError("map_at_k: no query has another item of its group")
+    return float(np.mean(aps))
