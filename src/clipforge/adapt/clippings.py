@@ -17,7 +17,7 @@ nearest other record when their cosine is at least ``threshold``, and the links'
 are the entities; or (ii) by clustering: average-linkage agglomerative clustering on cosine distance,
 cut at ``1 - threshold`` (scipy.cluster.hierarchy).
 
-Simplifications, said here and in docs/adaptation.md: no self-supervised image-OCR pre-training stage
+Simplifications, said here and in docs/retrieval_systems.md: no self-supervised image-OCR pre-training stage
 (the model given is fine-tuned directly); nearest-neighbour linkage is within the record set (the paper
 also links to an offline exemplar index); batches are drawn with ``per_entity`` records of each of
 ``batch_entities`` entities (the paper's sampler keeps several records per class in a batch as well);

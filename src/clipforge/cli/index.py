@@ -16,7 +16,7 @@ examples:
 vision-free retrieval (--describe): MODEL is a captioner (a CoCa model, or a MacCap decoder directory);
 every image is described once and the description embedded by a sentence encoder (default
 all-MiniLM-L6-v2, offline); clipforge serve searches such an index text-to-text and says so in
-its answers. See clipforge.serve.describe and docs/serving.md.
+its answers. See clipforge.serve.describe and docs/retrieval_systems.md.
 
 what is written (INDEX_DIR):
   embeddings.npy     L2-normalized image embeddings [N, dim], float16 (or --dtype float32)

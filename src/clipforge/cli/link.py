@@ -4,7 +4,7 @@
     clipforge link records.csv --model runs/a --method cluster --threshold 0.7 --out links.csv
     clipforge link test.jsonl --model runs/a --finetune train.jsonl --steps 200 --out links.csv
 
-See :mod:`clipforge.adapt.clippings` and docs/adaptation.md.
+See :mod:`clipforge.adapt.clippings` and docs/retrieval_systems.md.
 """
 from __future__ import annotations
 

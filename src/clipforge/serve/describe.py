@@ -11,7 +11,7 @@ query ``q`` against image ``i`` is the cosine
 
 and retrieval ranks the images by ``s`` (the paper's text-to-text retrieval; its Sec. 3).
 
-Simplifications, said here and in docs/serving.md:
+Simplifications, said here and in docs/retrieval_systems.md:
 
 - The describer ``G`` is a clipforge captioner (a CoCa decoder, greedy or beam, or a MacCap decoder
   directory with its noise draws and CLIP re-ranking), not the paper's VLLM producing structured
