@@ -37,7 +37,8 @@ of TRAIN (which need entity), batches of --batch-entities entities x --per-entit
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = EPILOG
     p.add_argument("records", help="the records to link: .jsonl or .csv with id, image, text[, entity]")
-    p.add_argument("--model", required=True, help="a CLIP: run directory, checkpoint, or any source clipforge.load reads")
+    p.add_argument("--model", required=True,
+                   help="a CLIP: run directory, checkpoint, or any source clipforge.load reads")
     p.add_argument("--out", required=True, help="the links .csv to write")
     p.add_argument("--method", choices=["nn", "cluster"], default="nn",
                    help="nn: link each record to its nearest neighbour above --threshold, entities are the connected "
