@@ -26,7 +26,6 @@ greedily or with beam search.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,11 +74,7 @@ class CoCaConfig(CLIPConfig):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CoCaConfig:
-        d = dict(d)
-        mm = d.pop("multimodal", {})
-        base = CLIPConfig.from_dict(d)
-        values = {f.name: getattr(base, f.name) for f in dataclasses.fields(CLIPConfig)}
-        return cls(**values, multimodal=MultimodalConfig(**mm) if isinstance(mm, dict) else mm)
+        return cls.variant_from_dict(d, {"multimodal": MultimodalConfig})
 
 
 class AttentionalPooler(nn.Module):
