@@ -62,7 +62,11 @@ def build_model(cfg: TrainConfig, say=logger.info):
         if _needs_region_head(cfg.loss) and "region_head" not in overrides:  # CLOC trains a region head
             overrides["region_head"] = True
         model = create_model(cfg.model, seed=cfg.seed, **overrides)
-        if model.cfg.hf_text is not None:  # a pretrained Hugging Face text tower brings its own tokenizer
+        if getattr(model.cfg, "lm", None) is not None:  # LLM2CLIP: the causal LM brings its own tokenizer
+            from ..interop.text_tokenizers import CausalLMTokenizer
+
+            tokenizer = CausalLMTokenizer(model.cfg.lm.path, model.context_length, model.cfg.lm.gguf_file)
+        elif model.cfg.hf_text is not None:  # a pretrained Hugging Face text tower brings its own tokenizer
             from ..interop.text_tokenizers import HFTokenizer
 
             tokenizer = HFTokenizer(model.cfg.hf_text.path, model.context_length)
