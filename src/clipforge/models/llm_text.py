@@ -31,6 +31,7 @@ tower, and loading it reads the LM from ``lm.path`` again.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -102,25 +103,32 @@ def _read_causal_lm(path: str, gguf_file: str | None, head: bool) -> nn.Module:
         from transformers import AutoModel, AutoModelForCausalLM
     except ImportError as e:  # pragma: no cover - transformers is in the dev/llm extras
         raise ImportError("a language-model text tower needs transformers: pip install 'clipforge[llm]'") from e
-    from transformers.utils import logging as hf_logging
-
     cls = AutoModelForCausalLM if head else AutoModel
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with no_progress_bars():
         if not gguf_file:
             return cls.from_pretrained(str(where), dtype=torch.float32)
         # transformers dequantizes the GGUF tensors to float32 but marks the model as quantized (no .float(),
         # a saved copy would name the GGUF file): rebuild it as a plain model with those weights
         read = cls.from_pretrained(str(where), gguf_file=gguf_file)
-        config = read.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        model = cls.from_config(config, dtype=torch.float32)
-        model.load_state_dict(read.state_dict())
-        return model
+    config = read.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = cls.from_config(config, dtype=torch.float32)
+    model.load_state_dict(read.state_dict())
+    return model
+
+
+@contextmanager
+def no_progress_bars():
+    """transformers' progress bars (reading, de-quantizing, writing weights) off for the block."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
     finally:
-        if bar:
+        if shown:
             hf_logging.enable_progress_bar()
 
 

@@ -37,7 +37,7 @@ from ..data import build_dataset
 from ..errors import ConfigError
 from ..interop.text_tokenizers import CausalLMTokenizer
 from ..losses.clip import clip_loss
-from ..models.llm_text import lm_eos_token_id, lm_pooled_grad, load_causal_lm
+from ..models.llm_text import lm_eos_token_id, lm_pooled_grad, load_causal_lm, no_progress_bars
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,8 @@ def caption_contrast(cfg: CaptionContrastConfig, out: str | Path) -> dict:
     after = pair_accuracy(lm, tokenizer, held_pairs, eos, cfg.pool) if held_pairs[0] else float("nan")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    lm.save_pretrained(str(out))
+    with no_progress_bars():
+        lm.save_pretrained(str(out))
     tokenizer.save(out)
     report = {"config": asdict(cfg), "losses": losses, "held_out_pairs": len(held_pairs[0]),
               "pair_accuracy_before": before, "pair_accuracy_after": after}
