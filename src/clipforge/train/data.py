@@ -93,6 +93,9 @@ class TrainItems(Dataset):
     positives: int = 0  # P positive captions per sample for multi-positive terms
     positive_source: str = "captions"  # "captions" (the sample's captions) or "subcaptions" (DreamLIP)
     teachers: Any = None  # a TeacherStore: stored teacher embeddings of the image and of the drawn caption
+    # a ReinforcedStore (train/reinforce.py): replay one of the sample's K stored augmentations, draw from its stored
+    # captions, and hand on the teachers' embeddings of that view and that caption
+    reinforced: Any = None
     # "random": one of the sample's captions per step; "first": always captions[0], the caption a
     # dataset writes its hard negatives from (a random other wording would let a model tell the
     # negative from the positive by the template alone, not by its meaning)
@@ -116,6 +119,8 @@ class TrainItems(Dataset):
         if self.caption_policy not in CAPTION_POLICIES:
             raise ValueError(f"caption_policy must be one of {CAPTION_POLICIES}, got '{self.caption_policy}'")
         self.transform = image_transform(self.image_size, is_train=self.augment)
+        if self.reinforced is not None:
+            self.transform = self.reinforced.transform()
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -129,7 +134,11 @@ class TrainItems(Dataset):
         try:
             item = self.dataset[index]
             image = item["image"]
-            if isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.shape[-1] == self.image_size:
+            if self.reinforced is not None:  # the stored view its teachers embedded
+                view = int(np.random.default_rng([self.seed, epoch, index, 4]).integers(self.reinforced.k))
+                pixels = self.transform.replay(image, self.reinforced.augmentation(index, view))
+                item = {**item, "captions": self.reinforced.captions[index]}
+            elif isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.shape[-1] == self.image_size:
                 pixels = image  # already rendered at the model's size: normalized batch-wise in collate
             elif self.augment:
                 pixels = self.transform(image, generator=torch.Generator().manual_seed(int(rng.integers(2**62))))
@@ -164,6 +173,8 @@ class TrainItems(Dataset):
             out["boxes"], out["region_captions"] = boxes, region_captions
         if self.teachers is not None:
             out["teacher_image"], out["teacher_text"] = self.teachers.lookup(index, which)
+        if self.reinforced is not None:
+            out["teacher_image"], out["teacher_text"] = self.reinforced.lookup(index, view, which)
         if self.positives:
             out["positives"] = self._positives(captions, rng)
         typed = item.get("negatives") or {}

@@ -183,8 +183,13 @@ def build_loader(cfg: TrainConfig, model, tokenizer, needs: set, out_dir: Path, 
                 raise ValueError(f"the loss terms {sorted(cfg.loss)} pair each caption with a synthetic caption (ALIP) "
                                  f"and data.dataset={cfg.data.dataset} has none: set data.rewrites=rule (a stored rule "
                                  "rewrite of the sample's captions stands in for it) or a sidecar file of rewrites")
-        teachers = None
-        if needs & set(TEACHER_KEYS):
+        teachers = reinforced = None
+        if cfg.data.reinforced:  # MobileCLIP's reinforced dataset brings its own views, captions and teachers
+            from .reinforce import load_reinforced
+
+            reinforced = load_reinforced(cfg.data.reinforced)
+            reinforced.check_matches(cfg.data.dataset, len(dataset), cfg.data.seed, model.image_size)
+        elif needs & set(TEACHER_KEYS):
             if not cfg.data.teachers:
                 raise ValueError(f"the loss terms {sorted(cfg.loss)} read stored teacher embeddings: name the frozen "
                                  "teacher models with data.teachers=[<checkpoint or run directory>, ...]")
@@ -197,7 +202,7 @@ def build_loader(cfg: TrainConfig, model, tokenizer, needs: set, out_dir: Path, 
                            negative_types=tuple(cfg.data.negative_types), count_negatives=COUNTS in needs,
                            positives=cfg.data.positives if POSITIVES in needs else 0,
                            positive_source=cfg.data.positive_source,
-                           teachers=teachers, caption_policy=resolve_caption_policy(cfg.data.caption_policy, needs),
+                           teachers=teachers, reinforced=reinforced, caption_policy=resolve_caption_policy(cfg.data.caption_policy, needs),
                            sources=sources, synthetic=SYNTHETIC in needs, short_tags=TAGS in needs,
                            regions=bool(needs & set(REGION_KEYS)),
                            second_view=view_transform(model.image_size, cfg.data.view_scale, cfg.data.view_jitter)
