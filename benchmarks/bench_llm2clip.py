@@ -87,7 +87,8 @@ def fit(arm: str, seed: int, steps: int, batch: int, layers: int, contrast_steps
         opt.step()
         sched.step()
         if step % 20 == 0 or step == steps - 1:
-            print(f"[{arm} seed {seed}] step {step} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+            print(f"[{arm} seed {seed}] step {step} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)",
+                  flush=True)
     return model.eval(), tokenizer, time.perf_counter() - t0, path
 
 

@@ -133,7 +133,8 @@ def apply_jitter(x: Tensor, factors: tuple[float | None, float | None, float | N
 
 
 def color_jitter(x: Tensor, brightness: float, contrast: float, saturation: float, g: torch.Generator | None) -> Tensor:
-    """Random brightness, contrast and saturation factors in [1 - s, 1 + s], applied in that order to [3, H, W] in [0, 1]."""
+    """Random brightness, contrast and saturation factors in [1 - s, 1 + s], applied in that order to
+    [3, H, W] images in [0, 1]."""
     return apply_jitter(x, jitter_factors(brightness, contrast, saturation, g))
 
 

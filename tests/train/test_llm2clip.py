@@ -27,7 +27,8 @@ def lm_dir(tmp_path_factory):
 
 def test_caption_contrast_loss_matches_the_equation(lm_dir):
     lm, tok = load_causal_lm(str(lm_dir)), CausalLMTokenizer(lm_dir, 12)
-    a, b = ["a red circle", "two blue stars", "one square"], ["a circle colored red", "a picture of two stars", "a square"]
+    a = ["a red circle", "two blue stars", "one square"]
+    b = ["a circle colored red", "a picture of two stars", "a square"]
     got = pair_loss(lm, tok, a, b, tok.eos_token_id, "mean", 0.05)
 
     def embed(texts):  # each caption alone, unpadded, mean over its tokens and the end token

@@ -61,7 +61,7 @@ def test_stored_augmentations_replay_to_the_pixels_the_teacher_embedded(store_di
 def test_training_items_replay_a_stored_view_with_its_teacher_embeddings(store_dir):
     store = load_reinforced(store_dir / "data")
     ds = build_dataset("shapes", split="train", size=12, seed=0, image_size=32)
-    items = TrainItems(ds, seed=3, image_size=32, reinforced=store)
+    items = TrainItems(ds, seed=3, image_size=32, teachers=store)
     seen = set()
     for epoch in range(4):
         for i in range(12):

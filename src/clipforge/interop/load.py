@@ -319,7 +319,8 @@ def _load_dir(path: Path, trust_pickle: bool, allow_nonfinite: bool) -> tuple[An
         model = load_model(path, allow_nonfinite=allow_nonfinite)
         if getattr(model.cfg, "lm", None) is not None:  # LLM2CLIP: the causal LM's own tokenizer
             lm = model.cfg.lm
-            return model, CausalLMTokenizer(lm.path, model.context_length, lm.gguf_file), EvalTransform(model.image_size)
+            tokenizer = CausalLMTokenizer(lm.path, model.context_length, lm.gguf_file)
+            return model, tokenizer, EvalTransform(model.image_size)
         if model.cfg.hf_text is not None:
             return model, HFTokenizer(model.cfg.hf_text.path, model.context_length), EvalTransform(model.image_size)
         return model, _clip_tokenizer(None, model.cfg), EvalTransform(model.image_size)

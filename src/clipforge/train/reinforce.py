@@ -10,8 +10,9 @@ For each training image i, :func:`reinforce` stores
 - for every teacher t, the embedding of every augmented view, image[t] [N, K, d_t], and of every caption,
   text[t] [N, C, d_t] (zero rows past a sample's last caption), each L2-normalized.
 
-Training with ``data.reinforced=DIR`` draws, for each sample and step, one of the K stored augmentations and
-one caption, replays the augmentation (so the image the student sees is the one the teacher embedded) and
+Training with ``data.reinforced=DIR`` (and a term that reads teacher embeddings) draws, for each sample and
+step, one of the K stored augmentations and one of the stored captions (uniformly; the caption policy does not
+apply), replays the augmentation (so the image the student sees is the one the teacher embedded) and
 hands the two stored embeddings to the distillation terms (``distill_kl``, ...) as ``teacher_image_features``
 and ``teacher_text_features``: no teacher runs during training.
 
@@ -92,6 +93,17 @@ class ReinforcedStore:
     def lookup(self, index: int, k: int, caption: int) -> tuple[list[Tensor], list[Tensor]]:
         """Every teacher's embedding of sample ``index``'s view ``k`` and of its caption number ``caption``."""
         return [t[index, k] for t in self.image], [t[index, caption] for t in self.text]
+
+    def produce(self, sample) -> dict:
+        """A training sample's fields (a :class:`clipforge.train.inputs.Sample`): one of its K stored views
+        replayed and one of its stored captions, each drawn from a stream of the sample's own (uniformly, whatever
+        the caption policy), and every teacher's embeddings of that view and that caption."""
+        view = int(sample.stream(6).integers(self.k))
+        captions = self.captions[sample.index]
+        which = int(sample.stream(7).integers(len(captions)))
+        pixels = self.transform().replay(sample.item["image"], self.augmentation(sample.index, view))
+        image, text = self.lookup(sample.index, view, which)
+        return {"pixels": pixels, "caption": captions[which], "teacher_image": image, "teacher_text": text}
 
     def check_matches(self, dataset: str, size: int, seed: int, image_size: int) -> None:
         want = {"dataset": dataset, "size": size, "seed": seed, "image_size": image_size}
