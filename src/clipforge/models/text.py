@@ -104,9 +104,11 @@ class TextTransformer(nn.Module):
 
     def trims(self, ids: Tensor) -> bool:
         """Whether :meth:`forward` runs ``ids`` on the trimmed path: no gradients, a causal tower
-        pooled at the end-of-text token, ``trim_padding`` on, integer ids [B, L]."""
+        pooled at the end-of-text token, ``trim_padding`` on, integer ids [B, L], and not being traced
+        (an exported graph must take any batch, so it keeps the full padded pass)."""
         return (self.trim_padding and not torch.is_grad_enabled() and self.cfg.causal and self.cfg.pool == "eot"
-                and ids.ndim == 2 and ids.shape[1] > 0)
+                and ids.ndim == 2 and ids.shape[1] > 0 and not torch.jit.is_tracing()
+                and not torch.compiler.is_compiling())
 
     def forward(self, ids: Tensor, embeddings: Tensor | None = None) -> Tensor:
         if self.trims(ids):
