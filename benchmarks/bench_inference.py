@@ -29,7 +29,8 @@ Texts are 32 hand-written captions of realistic lengths (5 to 62 words: 8 to 72 
 Timing: within each repeat, every (dtype, input, batch) cell runs the three libraries one after
 the other, in an order that rotates between repeats, so that a shared machine's load hits all
 alike; each library makes one warm-up call on the first 8 rows of the batch and then
-``--calls`` timed calls, whose median is that repeat's time. Reported per cell: items/s as the median over repeats (min..max) and the
+``--calls`` timed calls, whose median is that repeat's time. Reported per cell: items/s as the
+median over repeats (min..max) and the
 ratios clipforge / transformers and clipforge / OpenCLIP, each the median of the per-repeat
 ratios of calls taken side by side. Runs on ``--threads`` intra-op threads in every library.
 """
@@ -331,7 +332,8 @@ def main() -> None:
             v = r.get(lib)
             cols.append(f"{v['median']:.1f} ({v['min']:.1f}..{v['max']:.1f})" if v else "-")
         ratios = [f"{r[k]:.2f}x" if k in r else "-" for k in ("vs transformers", "vs OpenCLIP")]
-        print(f"| {r['model']} | {r['dtype']} | {unit[r['input']]} | {r['batch']} | " + " | ".join(cols + ratios) + " |")
+        head = f"| {r['model']} | {r['dtype']} | {unit[r['input']]} | {r['batch']} | "
+        print(head + " | ".join(cols + ratios) + " |")
     print(f"\nload average at end {os.getloadavg()[0]:.1f}")
     if a.json:
         Path(a.json).write_text(json.dumps({"threads": a.threads, "load_average_start": load[0], "rows": results},

@@ -6,11 +6,38 @@ import clipforge
 from clipforge.cli.main import main
 from clipforge.models import save_model
 
-SIGLIP_LIKE = dict(embed_dim=64, init_logit_bias=-10.0,
-                   vision=dict(image_size=32, patch_size=8, width=64, layers=2, heads=4, class_token=False, ln_pre=False,
-                               patch_bias=True, pool="map", proj=False, attn_pool_heads=4, act="gelu_tanh", ln_eps=1e-6),
-                   text=dict(vocab_size=300, context_length=16, width=48, layers=2, heads=4, causal=False, pad_mask=False,
-                             pool="last", proj_bias=True, act="gelu_tanh", ln_eps=1e-6))
+SIGLIP_LIKE = dict(
+    embed_dim=64,
+    init_logit_bias=-10.0,
+    vision=dict(
+        image_size=32,
+        patch_size=8,
+        width=64,
+        layers=2,
+        heads=4,
+        class_token=False,
+        ln_pre=False,
+        patch_bias=True,
+        pool="map",
+        proj=False,
+        attn_pool_heads=4,
+        act="gelu_tanh",
+        ln_eps=1e-6,
+    ),
+    text=dict(
+        vocab_size=300,
+        context_length=16,
+        width=48,
+        layers=2,
+        heads=4,
+        causal=False,
+        pad_mask=False,
+        pool="last",
+        proj_bias=True,
+        act="gelu_tanh",
+        ln_eps=1e-6,
+    ),
+)
 
 
 def test_cli_export_run_to_hf(tmp_path):
@@ -19,7 +46,10 @@ def test_cli_export_run_to_hf(tmp_path):
     save_model(model, tmp_path / "run")
     assert main(["export", str(tmp_path / "run"), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
     hf = transformers.CLIPModel.from_pretrained(tmp_path / "hf").eval()
-    pixels, ids = torch.randn(2, 3, 64, 64), clipforge.tokenize(["a red circle", "three green stars"], context_length=32)
+    pixels, ids = (
+        torch.randn(2, 3, 64, 64),
+        clipforge.tokenize(["a red circle", "three green stars"], context_length=32),
+    )
     with torch.no_grad():
         img = torch.nn.functional.normalize(hf.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
         txt = torch.nn.functional.normalize(hf.get_text_features(input_ids=ids).pooler_output, dim=-1)
@@ -105,5 +135,6 @@ def test_quantized_onnx_export_is_refused_by_load_and_training(tmp_path, capsys)
     assert main(["train", f"out_dir={tmp_path / 'train'}", f"init_from={out}", "steps=1"]) == 2
     err = capsys.readouterr().err
     assert "int8-quantized ONNX export" in err and len(err.strip().splitlines()) == 1
-    assert main(["export", str(tmp_path / "run"), "--to", "hf", "--quantize", "int8", "--out", str(tmp_path / "x")]) == 2
+    args = ["export", str(tmp_path / "run"), "--to", "hf", "--quantize", "int8", "--out", str(tmp_path / "x")]
+    assert main(args) == 2
     assert "--quantize int8 applies to --to onnx only" in capsys.readouterr().err

@@ -29,6 +29,23 @@ from .tip_adapter import (
                           tip_adapter_logits,
 )
 
-__all__ = ["FeatureSet", "CoOpConfig", "PromptLearner", "fit_coop", "gda_classifier", "gda_logits",
-           "TCA", "TCAConfig", "TokenReservoir", "tca_flops", "TipAdapterF", "TipAdapterFConfig", "TipSearch", "caps_adapter_logits", "fit_tip_adapter",
-           "fit_tip_adapter_f", "search_alpha_beta", "tip_adapter_logits"]
+__all__ = [
+    "FeatureSet",
+    "CoOpConfig",
+    "PromptLearner",
+    "fit_coop",
+    "gda_classifier",
+    "gda_logits",
+    "TCA",
+    "TCAConfig",
+    "TokenReservoir",
+    "tca_flops",
+    "TipAdapterF",
+    "TipAdapterFConfig",
+    "TipSearch",
+    "caps_adapter_logits",
+    "fit_tip_adapter",
+    "fit_tip_adapter_f",
+    "search_alpha_beta",
+    "tip_adapter_logits",
+]

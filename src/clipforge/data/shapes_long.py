@@ -61,6 +61,7 @@ class ShapesLongDataset(ShapesDataset):
         self._images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).contiguous()
         self._meta = [(s.captions, s.labels, s.negatives, s.kind) for s in samples]
         self._regions = [(s.boxes, s.region_captions) for s in samples]
+        self._scenes = [(s.objects, s.background) for s in samples]
         self._long = [long_caption(s.captions[0], s.objects, tuple(s.image[0, 0])) for s in samples]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -74,5 +75,7 @@ class ShapesLongDataset(ShapesDataset):
 
 
 @DATASETS.register("shapes_long")
-def _shapes_long(split: str = "train", size: int = 10_000, seed: int = 0, image_size: int = 64, **kw) -> ShapesLongDataset:
+def _shapes_long(
+    split: str = "train", size: int = 10_000, seed: int = 0, image_size: int = 64, **kw
+) -> ShapesLongDataset:
     return ShapesLongDataset(split=split, size=size, seed=seed, image_size=image_size, **kw)

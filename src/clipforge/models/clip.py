@@ -53,9 +53,15 @@ class CLIP(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.visual = VisionTransformer(cfg.vision, cfg.embed_dim)
-        self.text = HFTextTower(cfg.hf_text, cfg.embed_dim) if cfg.hf_text is not None else TextTransformer(cfg.text, cfg.embed_dim)
+        self.text = (
+            HFTextTower(cfg.hf_text, cfg.embed_dim)
+            if cfg.hf_text is not None
+            else TextTransformer(cfg.text, cfg.embed_dim)
+        )
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
-        self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias))) if cfg.init_logit_bias is not None else None
+        self.logit_bias = (
+            nn.Parameter(torch.tensor(float(cfg.init_logit_bias))) if cfg.init_logit_bias is not None else None
+        )
         self.region_head = RegionHead(cfg.embed_dim, self.visual.grid) if cfg.region_head else None
 
     def to_inference(self, dtype: torch.dtype | str | None = None) -> CLIP:
@@ -73,7 +79,8 @@ class CLIP(nn.Module):
     def train(self, mode: bool = True) -> CLIP:
         if mode and self.inference_dtype is not None:
             raise ConfigError("this model was prepared for inference with to_inference() (frozen, "
-                              f"{self.inference_dtype} weights) and cannot be trained; load or build it again for training")
+                              f"{self.inference_dtype} weights) and cannot be trained; load or build it again "
+                              "for training")
         return super().train(mode)
 
     def _finish(self, x: Tensor, normalize: bool) -> Tensor:
@@ -177,7 +184,9 @@ class CLIP(nn.Module):
         if not return_tokens:
             return {"image_features": self.encode_image(images) if images is not None else None,
                     "text_features": self.encode_text(texts) if texts is not None else None, **out}
-        out["image_features"], out["image_tokens"] = self.encode_image_tokens(images) if images is not None else (None, None)
+        out["image_features"], out["image_tokens"] = (
+            self.encode_image_tokens(images) if images is not None else (None, None)
+        )
         out["text_features"], out["text_tokens"], out["text_mask"] = \
             self.encode_text_tokens(texts) if texts is not None else (None, None, None)
         return out
