@@ -284,7 +284,7 @@ def load(source: str | Path, model_config: str | Path | dict | None = None, trus
         raise FileNotFoundError(f"'{source}' does not exist. clipforge.load reads: {_formats_help()}")
     reason = onnx_export_reason(path)
     if reason:
-        raise ConfigError(reason)
+        raise ConfigError(f"{reason}. clipforge.load reads: {_formats_help()}")
     if isinstance(model_config, (str, Path)):
         model_config = json.loads(Path(model_config).read_text())
         model_config = model_config.get("model_cfg", model_config)
