@@ -35,9 +35,21 @@ COMMANDS = {
         "clipforge.cli.link",
         "link records (image + text) that belong together: pooled CLIP embeddings (CLIPPINGS)",
     ),
+    "lm-finetune": (
+        "clipforge.cli.lm_finetune",
+        "fine-tune a causal LM into a caption embedder (LLM2CLIP's first stage)",
+    ),
     "caption": (
         "clipforge.cli.caption",
         "caption images with a CoCa decoder (greedy/beam) or a MacCap decoder directory",
+    ),
+    "train-diffusion": (
+        "clipforge.cli.train_diffusion",
+        "train a small diffusion model on shapes conditioned on a frozen CLIP (for DIVA, un^2CLIP)",
+    ),
+    "diffusion-feedback": (
+        "clipforge.cli.diffusion_feedback",
+        "post-train a CLIP image tower through a frozen diffusion model (DIVA, un^2CLIP)",
     ),
 }
 
