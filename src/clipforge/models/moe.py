@@ -69,11 +69,7 @@ class MoECLIPConfig(CLIPConfig):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MoECLIPConfig:
-        d = dict(d)
-        moe = d.pop("moe", {})
-        base = CLIPConfig.from_dict(d)
-        values = {f.name: getattr(base, f.name) for f in dataclasses.fields(CLIPConfig)}
-        return cls(**values, moe=MoEConfig(**moe) if isinstance(moe, dict) else moe)
+        return cls.variant_from_dict(d, {"moe": MoEConfig})
 
 
 def route(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
