@@ -92,14 +92,13 @@ def retrieval(corpus: str, seed: int, steps: int, batch: int, index: str, max_qu
     with tempfile.TemporaryDirectory(prefix="bench-retrieval-") as tmp:
         if index == "describe":
             model, preprocess = load_describer(str(model_dir), max_len=16, sentence_spec="minilm")
-            extra = {"describe": model.record}
+            extra, loaded = {"describe": model.record}, (model, preprocess)
         else:
-            model, _, preprocess = load(str(model_dir))
-            extra = None
+            model, tokenizer, preprocess = load(str(model_dir))
+            extra, loaded = None, (model, tokenizer, preprocess)
         build_index(model, preprocess, Path(tmp) / "idx", candidates, model_source=str(model_dir), dtype="float32",
                     progress=False, index_kind="flat", manifest_extra=extra)
-        s = Searcher(Path(tmp) / "idx", model=(model, preprocess) if index == "describe" else
-                     (model, load(str(model_dir))[1], preprocess), backend="numpy")
+        s = Searcher(Path(tmp) / "idx", model=loaded, backend="numpy")
         keys = s.data.meta["key"]
         ranks, times = [], []
         for c, q in zip(candidates, queries):

@@ -35,6 +35,10 @@ COMMANDS = {
         "clipforge.cli.link",
         "link records (image + text) that belong together: pooled CLIP embeddings (CLIPPINGS)",
     ),
+    "lm-finetune": (
+        "clipforge.cli.lm_finetune",
+        "fine-tune a causal LM into a caption embedder (LLM2CLIP's first stage)",
+    ),
     "caption": (
         "clipforge.cli.caption",
         "caption images with a CoCa decoder (greedy/beam) or a MacCap decoder directory",

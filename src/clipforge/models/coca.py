@@ -26,7 +26,6 @@ greedily or with beam search.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,12 +91,9 @@ class CoCaConfig(CLIPConfig):
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CoCaConfig:
         d = dict(d)
-        mm = d.pop("multimodal", {})
-        tg = d.pop("tgmim", None)
-        tg = TgmimConfig() if tg is True else None if tg is False else TgmimConfig(**tg) if isinstance(tg, dict) else tg
-        base = CLIPConfig.from_dict(d)
-        values = {f.name: getattr(base, f.name) for f in dataclasses.fields(CLIPConfig)}
-        return cls(**values, multimodal=MultimodalConfig(**mm) if isinstance(mm, dict) else mm, tgmim=tg)
+        if isinstance(d.get("tgmim"), bool):  # tgmim: true turns SyCoCa's branch on with its defaults
+            d["tgmim"] = TgmimConfig() if d["tgmim"] else None
+        return cls.variant_from_dict(d, {"multimodal": MultimodalConfig, "tgmim": TgmimConfig})
 
 
 class AttentionalPooler(nn.Module):

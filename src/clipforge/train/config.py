@@ -47,6 +47,9 @@ class DataConfig:
     # stored once and delivered with the batches, only when a loss term reads them (distill_kl, hycd, dclip)
     teachers: list[str] = field(default_factory=list)
     teacher_cache: str | None = None  # where the embeddings are stored; default <out_dir>/teacher_cache
+    # MobileCLIP's reinforced dataset (clipforge data reinforce): K stored augmentations, synthetic captions and
+    # teacher embeddings per augmentation and caption; each step replays one stored augmentation (train/reinforce.py)
+    reinforced: str | None = None
     # the second view of each image, made only when a loss term reads it (simclr): a random resized crop
     # covering view_scale of the image plus color jitter of strength view_jitter
     view_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])

@@ -268,6 +268,12 @@ def _configure_teachers(ctx: DataContext) -> dict:
     from .teachers import load_teacher_store
 
     cfg = ctx.cfg
+    if cfg.data.reinforced:  # MobileCLIP's reinforced dataset: stored views, captions and teachers (train/reinforce.py)
+        from .reinforce import load_reinforced
+
+        store = load_reinforced(cfg.data.reinforced)
+        store.check_matches(cfg.data.dataset, len(ctx.dataset), cfg.data.seed, ctx.image_size)
+        return {"teachers": store}
     if not cfg.data.teachers:
         raise ValueError(f"the loss terms {sorted(cfg.loss)} read stored teacher embeddings: name the frozen "
                          "teacher models with data.teachers=[<checkpoint or run directory>, ...]")
@@ -278,6 +284,10 @@ def _configure_teachers(ctx: DataContext) -> dict:
 
 
 def _produce_teachers(s: Sample, items) -> dict:
+    from .reinforce import ReinforcedStore
+
+    if isinstance(items.teachers, ReinforcedStore):  # a stored view and caption replace the sample's own
+        return items.teachers.produce(s)
     image, text = items.teachers.lookup(s.index, s.which)
     return {"teacher_image": image, "teacher_text": text}
 

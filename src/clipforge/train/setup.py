@@ -85,7 +85,11 @@ def build_model(cfg: TrainConfig, say=logger.info):
             if isinstance(get_model_config(cfg.model), CoCaConfig):
                 overrides["tgmim"] = True
         model = create_model(cfg.model, seed=cfg.seed, **overrides)
-        if model.cfg.hf_text is not None:  # a pretrained Hugging Face text tower brings its own tokenizer
+        if getattr(model.cfg, "lm", None) is not None:  # LLM2CLIP: the causal LM brings its own tokenizer
+            from ..interop.text_tokenizers import CausalLMTokenizer
+
+            tokenizer = CausalLMTokenizer(model.cfg.lm.path, model.context_length, model.cfg.lm.gguf_file)
+        elif model.cfg.hf_text is not None:  # a pretrained Hugging Face text tower brings its own tokenizer
             from ..interop.text_tokenizers import HFTokenizer
 
             tokenizer = HFTokenizer(model.cfg.hf_text.path, model.context_length)
@@ -204,6 +208,10 @@ def build_loader(cfg: TrainConfig, model, tokenizer, needs: set, out_dir: Path, 
             dataset = NoisyCaptions(dataset, cfg.data.caption_noise, cfg.data.caption_noise_kinds,
                                     seed=cfg.data.seed)
         dataset, sources = with_caption_sources(cfg, dataset, out_dir, needs)
+        if cfg.data.reinforced and not needs & set(TEACHER_KEYS):
+            raise ValueError(f"data.reinforced holds teacher embeddings, which none of the loss terms "
+                             f"{sorted(cfg.loss)} reads; add a distillation term "
+                             "(e.g. loss={clip: 1.0, distill_kl: 1.0}) or drop it")
         # every data input a needed key refers to sets its TrainItems options (train/inputs.py's table)
         ctx = DataContext(cfg, frozenset(needs), model.image_size, Path(out_dir), dataset, tuple(terms),
                           view_transform)
