@@ -96,14 +96,19 @@ fidelity_ood_arm.metrics = ("auroc_ctw", "auroc_atd")
 def main() -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")  # run_adaptation's progress
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", nargs="?", default="/tmp/runs/adapt-base", help="a trained run (default /tmp/runs/adapt-base)")
+    ap.add_argument(
+        "model", nargs="?", default="/tmp/runs/adapt-base", help="a trained run (default /tmp/runs/adapt-base)"
+    )
     ap.add_argument("--shots", nargs="+", type=int, default=[1, 4, 16])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--view", default="shape")
     ap.add_argument("--json", help="also write the full results here")
     args = ap.parse_args()
     if not (Path(args.model) / "checkpoints").exists() and not Path(args.model, "config.json").exists():
-        print(f"no trained model at {args.model}; training one: clipforge train out_dir={args.model} {' '.join(TRAIN_ARGS)}")
+        print(
+            f"no trained model at {args.model}; training one: clipforge train out_dir={args.model} "
+            f"{' '.join(TRAIN_ARGS)}"
+        )
         subprocess.run([sys.executable, "-m", "clipforge.cli.main", "train", f"out_dir={args.model}", *TRAIN_ARGS],
                        check=True)
     model, tokenizer, _ = load(args.model)
@@ -115,11 +120,18 @@ def main() -> int:
         res["shots"][k]["coop-csc"] = csc["shots"][k]["coop"]
     seconds = time.perf_counter() - t0
     zs = res["zero_shot"]
-    print(f"\n{args.model}: shapes / {res['view']} ({res['num_classes']} classes, chance {res['chance']:.3f}); "
-          f"test n={res['n']['test']}, heldout n={res['n']['heldout']}; mean over seeds {args.seeds}; {seconds:.0f} s\n")
+    print(
+        f"\n{args.model}: shapes / {res['view']} ({res['num_classes']} classes, chance {res['chance']:.3f}); "
+        f"test n={res['n']['test']}, heldout n={res['n']['heldout']}; mean over seeds {args.seeds}; {seconds:.0f} s\n"
+    )
     methods = ["tip", "tip-f", "coop", "coop-csc", "gda"]
-    names = {"tip": "Tip-Adapter", "tip-f": "Tip-Adapter-F", "coop": "CoOp (shared ctx)", "coop-csc": "CoOp (class-specific ctx)",
-             "gda": "GDA + zero-shot"}
+    names = {
+        "tip": "Tip-Adapter",
+        "tip-f": "Tip-Adapter-F",
+        "coop": "CoOp (shared ctx)",
+        "coop-csc": "CoOp (class-specific ctx)",
+        "gda": "GDA + zero-shot",
+    }
     for split in ("test", "heldout"):
         header = f"| {split} top-1 | " + " | ".join(f"{k}-shot" for k in args.shots) + " |"
         print(header)

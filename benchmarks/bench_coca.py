@@ -75,14 +75,19 @@ def main() -> None:
         return out
 
     report = {
-        "steps": args.steps, "batch_size": args.batch_size,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
         "train_seconds": {"coca-tiny": round(coca.train_seconds, 1), "tiny": round(clip.train_seconds, 1)},
         "caption_loss_train": cap_curve[:2] + cap_curve[-2:],
         "caption_loss_val": round(held_out, 3),
-        "greedy_exact_match_val": round(exact, 3), "greedy_ends_with_eot": round(ends, 3),
+        "greedy_exact_match_val": round(exact, 3),
+        "greedy_ends_with_eot": round(ends, 3),
         "attributes_named": {k: round(v, 3) for k, v in attributes.items()},
-        "examples": [{"truth": val[i]["captions"][0], "greedy": decoded[i], "beam4": tok.decode(beam[i])} for i in range(8)],
-        "coca_eval": summary(ev_coca), "clip_eval": summary(ev_clip),
+        "examples": [
+            {"truth": val[i]["captions"][0], "greedy": decoded[i], "beam4": tok.decode(beam[i])} for i in range(8)
+        ],
+        "coca_eval": summary(ev_coca),
+        "clip_eval": summary(ev_clip),
     }
     print(json.dumps(report, indent=1))
     (out / "report.json").write_text(json.dumps(report, indent=1))

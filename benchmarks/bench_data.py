@@ -68,10 +68,14 @@ def bench_curation(num_captions: int, num_entries: int, t: float) -> list[list]:
         ["synthetic corpus generation (not curation)", f"{gen:.1f} s", ""],
         ["automaton build", f"{build:.2f} s", f"{num_entries:,} entries"],
         ["matching", f"{match:.1f} s", f"{num_captions / match:,.0f} captions/s; {len(ids):,} matches"],
-        ["balancing + distributions", f"{bal:.2f} s", f"kept {int(keep.sum()):,} of {int((np.diff(indptr) > 0).sum()):,} "
-                                                       f"matched; head entries (> t={t:g}): {int(head.sum()):,}, "
-                                                       f"their share {counts[head].sum() / counts.sum():.1%} -> "
-                                                       f"{after[head].sum() / max(after.sum(), 1):.1%}"],
+        [
+            "balancing + distributions",
+            f"{bal:.2f} s",
+            f"kept {int(keep.sum()):,} of {int((np.diff(indptr) > 0).sum()):,} "
+            f"matched; head entries (> t={t:g}): {int(head.sum()):,}, "
+            f"their share {counts[head].sum() / counts.sum():.1%} -> "
+            f"{after[head].sum() / max(after.sum(), 1):.1%}",
+        ],
     ]
 
 
@@ -111,7 +115,9 @@ def bench_loader(root: str | None, workers: int, images: int, batch: int = 64) -
         for x in it:
             n += x.shape[0]
         dt = time.perf_counter() - t0
-        rows.append([f"{size} px", workers, n, f"{n / dt:,.0f}", str(tuple(x.shape[1:])), str(x.dtype).replace("torch.", "")])
+        rows.append(
+            [f"{size} px", workers, n, f"{n / dt:,.0f}", str(tuple(x.shape[1:])), str(x.dtype).replace("torch.", "")]
+        )
         del it, loader
     return rows
 
@@ -135,7 +141,12 @@ def main() -> None:
         print()
     if not args.skip_loader:
         print(f"### Loader: openclipart shards, decode + train augmentation, {args.workers} DataLoader workers\n")
-        print(table(bench_loader(args.root, args.workers, args.images), ["size", "workers", "images", "images/s", "shape", "dtype"]))
+        print(
+            table(
+                bench_loader(args.root, args.workers, args.images),
+                ["size", "workers", "images", "images/s", "shape", "dtype"],
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ sides alternate, and each side is repeated ``--repeats`` times.
     python benchmarks/bench_distributed.py [--batch 128] [--steps 20] [--threads 2] [--nproc 2] [--repeats 2]
 
 A third row, one process with ``T/N`` threads, separates the scaling of the N processes from
-what sharing the cores does to one multi-threaded process. Reported per side: the median over steps (after the first 3) of the loop's per-step samples/s
+what sharing the cores does to one multi-threaded process. Reported per side: the median over steps
+(after the first 3) of the loop's per-step samples/s
 (data loading, forward, backward, all-reduces, optimizer), the median over repeats; and the
 wall time of the whole ``train()`` call (process start, imports, model build, final checkpoint).
 Prints a markdown table.
@@ -81,7 +82,11 @@ def main() -> None:
         args.precision = precision
         # (processes, threads each): the comparison, and one process with one process's share of the
         # threads, which tells scaling apart from what contention for the cores does to a multi-threaded process
-        sides = {(1, args.threads): [], (args.nproc, args.threads // args.nproc): [], (1, args.threads // args.nproc): []}
+        sides = {
+            (1, args.threads): [],
+            (args.nproc, args.threads // args.nproc): [],
+            (1, args.threads // args.nproc): [],
+        }
         for _ in range(args.repeats):
             for nproc, threads in sides:
                 # the N-process side: a parent with all the threads, whose started processes split them

@@ -77,7 +77,11 @@ def fit_arm(arm: str, images: torch.Tensor, captions: list[list[str]], a):
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
     warmup = max(1, a.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, a.steps - warmup))))
+        opt,
+        lambda s: (
+            (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, a.steps - warmup)))
+        ),
+    )
     cache = CaptionCache(model.text, tokenizer) if arm != "scratch" else None
     rng = np.random.default_rng(a.seed)  # same batches and captions for both arms
     t0 = time.perf_counter()
@@ -170,8 +174,15 @@ def main() -> None:
     results = [train_arm(arm, images, captions, a) for arm in a.arms]
     print(json.dumps(results, indent=1))
     tasks = list(results[0]["zero_shot_top1"])
-    print(f"dataset {a.dataset}, {len(images)} training pairs, {a.steps} steps x {a.batch}; zero-shot top-1 (balanced accuracy)")
-    print("| text tower | train s | trainable params | " + " | ".join(f"zero-shot {t}" for t in tasks) + " | R@1 i2t | R@1 t2i |")
+    print(
+        f"dataset {a.dataset}, {len(images)} training pairs, {a.steps} steps x {a.batch}; zero-shot top-1 (balanced "
+        "accuracy)"
+    )
+    print(
+        "| text tower | train s | trainable params | "
+        + " | ".join(f"zero-shot {t}" for t in tasks)
+        + " | R@1 i2t | R@1 t2i |"
+    )
     print("|---" * (5 + len(tasks)) + "|")
     for r in results:
         ret = r["retrieval"]

@@ -41,7 +41,11 @@ def retrieval(model, val) -> dict:
                  for i in range(len(val))]
         txt = torch.cat([model.encode_text(tok(texts[j:j + 100])) for j in range(0, len(texts), 100)])
         m = retrieval_metrics(img, txt, torch.arange(len(val)))
-        out[kind] = {"i2t_R@1": round(m["i2t_R@1"], 3), "t2i_R@1": round(m["t2i_R@1"], 3), "t2i_R@5": round(m["t2i_R@5"], 3)}
+        out[kind] = {
+            "i2t_R@1": round(m["i2t_R@1"], 3),
+            "t2i_R@1": round(m["t2i_R@1"], 3),
+            "t2i_R@5": round(m["t2i_R@5"], 3),
+        }
     return out
 
 

@@ -15,7 +15,8 @@ With ``--scst-seconds S`` each captioner then gets S more seconds of self-critic
 a CLIP-S reward (clipforge.captioning.scst; CoCa judged by a frozen copy of itself, MacCap by its CLIP) on
 train images (no captions), and is scored again: does SCST raise CLIP-S and attribute accuracy?
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src nice python benchmarks/bench_maccap.py --seconds 240 --scst-seconds 90 --seeds 0 1 2
+    OMP_NUM_THREADS=1 PYTHONPATH=src nice python benchmarks/bench_maccap.py \
+        --seconds 240 --scst-seconds 90 --seeds 0 1 2
 """
 from __future__ import annotations
 

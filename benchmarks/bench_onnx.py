@@ -48,8 +48,14 @@ def main() -> None:
         with torch.inference_mode():
             diff_i = (onnx_model.encode_image(pixels) - model.encode_image(pixels)).abs().max().item()
             diff_t = (onnx_model.encode_text(ids) - model.encode_text(ids)).abs().max().item()
-            rows = [("PyTorch", rate(model.encode_image, pixels, a.iters), rate(model.encode_text, ids, a.iters)),
-                    ("onnxruntime", rate(onnx_model.encode_image, pixels, a.iters), rate(onnx_model.encode_text, ids, a.iters))]
+            rows = [
+                ("PyTorch", rate(model.encode_image, pixels, a.iters), rate(model.encode_text, ids, a.iters)),
+                (
+                    "onnxruntime",
+                    rate(onnx_model.encode_image, pixels, a.iters),
+                    rate(onnx_model.encode_text, ids, a.iters),
+                ),
+            ]
     print(f"model {a.model}, batch {a.batch}, {a.iters} iters, {a.threads} threads; "
           f"parity max|diff| image {diff_i:.2e}, text {diff_t:.2e}")
     print("| runtime | images/s | texts/s |\n|---|---|---|")

@@ -128,7 +128,11 @@ def main() -> None:
         for lang in LANGS:
             images, caps = eval_pairs(lang)
             img = encode_images(clip, list(images))
-            row = {"lang": lang, "n": len(caps), "CLIP text tower": scores(img, clip_text_targets(clip, tokenizer, caps))}
+            row = {
+                "lang": lang,
+                "n": len(caps),
+                "CLIP text tower": scores(img, clip_text_targets(clip, tokenizer, caps)),
+            }
             feats = encoder(caps)
             for name, m in models.items():
                 row[name] = scores(img, m.encode_text(feats))
@@ -144,9 +148,15 @@ def main() -> None:
     for r in rows:
         print(f"| {r['lang']} | " + " | ".join(f"{r[c]['i2t_R@1']:.3f} / {r[c]['t2i_R@1']:.3f}" for c in cols) + " |")
     others = [r for r in rows if r["lang"] != "en"]
-    print("| mean of 13 non-English | " + " | ".join(
-        f"{sum(r[c]['i2t_R@1'] for r in others) / len(others):.3f} / {sum(r[c]['t2i_R@1'] for r in others) / len(others):.3f}"
-        for c in cols) + " |")
+    print(
+        "| mean of 13 non-English | "
+        + " | ".join(
+            f"{sum(r[c]['i2t_R@1'] for r in others) / len(others):.3f} / "
+            f"{sum(r[c]['t2i_R@1'] for r in others) / len(others):.3f}"
+            for c in cols
+        )
+        + " |"
+    )
     print(f"saved the best arm ('{best}') to {a.out}: clipforge.load('{a.out}')")
 
 

@@ -63,7 +63,8 @@ def train_arm(arm: str, seed: int, steps: int, batch: int, root: str):
 
     spec = ARMS[arm]
     with tempfile.TemporaryDirectory(prefix=f"fidelity-rsm-{arm}-") as out:
-        cfg = TrainConfig(model="tiny", steps=steps, batch_size=batch, lr=2e-3, warmup_steps=min(30, max(1, steps // 10)),
+        cfg = TrainConfig(model="tiny", steps=steps, batch_size=batch, lr=2e-3,
+                          warmup_steps=min(30, max(1, steps // 10)),
                           weight_decay=0.1, seed=seed, save_every=0, eval_every=0, progress=False, out_dir=out,
                           loss=spec["loss"], ema_momentum=0.996,
                           data=DataConfig(dataset="emoji", root=root, languages=list(spec["languages"]),

@@ -187,7 +187,9 @@ def main() -> None:
     else:
         model = clipforge.create_model("tiny", seed=0).eval()
         tok, pre = clipforge.get_tokenizer(model.context_length), clipforge.image_transform(model.image_size)
-    texts = [s for i in range(args.queries + args.batch + 20) for s in ShapesGenerator("val", seed=1).sample(i).captions[:1]]
+    texts = [
+        s for i in range(args.queries + args.batch + 20) for s in ShapesGenerator("val", seed=1).sample(i).captions[:1]
+    ]
     warm, timed_q, batch = texts[:20], texts[20:20 + args.queries], texts[20 + args.queries:]
     backends = ["faiss", "numpy"] if faiss_available() else ["numpy"]
     threads = f"torch threads {torch.get_num_threads()}"
@@ -247,7 +249,9 @@ def main() -> None:
 
     header = ["N", "backend", "search p50 ms", "text->image p50 ms", "p95 ms", "q/s", f"batched q/s ({args.batch})"]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    line = lambda cells: "| " + " | ".join(c.rjust(w) if j > 1 else c.ljust(w) for j, (c, w) in enumerate(zip(cells, widths))) + " |"
+    line = lambda cells: (
+        "| " + " | ".join(c.rjust(w) if j > 1 else c.ljust(w) for j, (c, w) in enumerate(zip(cells, widths))) + " |"
+    )
     print()
     print(line(header))
     print("|" + "|".join("-" * (w + 1) + (":" if j > 1 else "-") for j, w in enumerate(widths)) + "|")

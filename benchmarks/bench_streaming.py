@@ -56,7 +56,9 @@ def main() -> None:
     root = ensure_corpus("openclipart", args.root)
     rows = []
     for _ in range(args.repeats):
-        maps = {} if args.skip_map else {int(r[0].split()[0]): r[3] for r in bench_loader(root, args.workers, args.images)}
+        maps = (
+            {} if args.skip_map else {int(r[0].split()[0]): r[3] for r in bench_loader(root, args.workers, args.images)}
+        )
         for size in (64, 224):
             n, ips = bench_streaming(root, size, args.workers, args.images, args.buffer)
             rows.append([f"{size} px", args.workers, n, f"{ips:,.0f}", maps.get(size, "-")])

@@ -57,7 +57,9 @@ def order_free(cfg: TCAConfig) -> bool:
     return cfg.correction_weight == 0 and (not cfg.anchors or cfg.keep_ratio >= 1.0)
 
 
-def forward_speed(model, cls: torch.Tensor, pixels: torch.Tensor, cfg: TCAConfig, batch: int = 128, repeats: int = 3) -> float:
+def forward_speed(
+    model, cls: torch.Tensor, pixels: torch.Tensor, cfg: TCAConfig, batch: int = 128, repeats: int = 3
+) -> float:
     """Images/s of the (unanchored) condensed forward alone, ``batch`` images at a time, best of ``repeats``."""
     tca = TCA(model, cls, cfg)
     best = float("inf")
@@ -76,7 +78,9 @@ def configs(keep_ratios: list[float], scale: float) -> dict[str, TCAConfig]:
     }
     mid = sorted(keep_ratios)[len(keep_ratios) // 2]
     rows[f"prune only (keep {mid})"] = TCAConfig(keep_ratio=mid, mode="prune", anchors=False, correction_weight=0.0)
-    rows[f"TCA condensation only, no anchors (keep {mid})"] = TCAConfig(keep_ratio=mid, anchors=False, correction_weight=0.0)
+    rows[f"TCA condensation only, no anchors (keep {mid})"] = TCAConfig(
+        keep_ratio=mid, anchors=False, correction_weight=0.0
+    )
     rows[f"TCA condensation only (keep {mid})"] = TCAConfig(keep_ratio=mid, correction_weight=0.0)
     for r in sorted(keep_ratios, reverse=True):
         rows[f"TCA (keep {r})"] = TCAConfig(keep_ratio=r)
@@ -87,7 +91,9 @@ def configs(keep_ratios: list[float], scale: float) -> dict[str, TCAConfig]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", nargs="?", default="/tmp/runs/adapt-base", help="a trained run (default /tmp/runs/adapt-base)")
+    ap.add_argument(
+        "model", nargs="?", default="/tmp/runs/adapt-base", help="a trained run (default /tmp/runs/adapt-base)"
+    )
     ap.add_argument("--keep-ratios", nargs="+", type=float, default=[0.9, 0.7, 0.5])
     ap.add_argument("--corruptions", nargs="+", default=["gaussian_noise", "gaussian_blur", "contrast", "pixelate"])
     ap.add_argument("--severity", type=int, default=3)
@@ -97,7 +103,10 @@ def main() -> int:
     ap.add_argument("--json", help="also write the full results here")
     args = ap.parse_args()
     if not (Path(args.model) / "checkpoints").exists() and not Path(args.model, "model_config.json").exists():
-        print(f"no trained model at {args.model}; training one: clipforge train out_dir={args.model} {' '.join(TRAIN_ARGS)}")
+        print(
+            f"no trained model at {args.model}; training one: clipforge train out_dir={args.model} "
+            f"{' '.join(TRAIN_ARGS)}"
+        )
         subprocess.run([sys.executable, "-m", "clipforge.cli.main", "train", f"out_dir={args.model}", *TRAIN_ARGS],
                        check=True)
     torch.set_num_threads(1)
@@ -113,8 +122,15 @@ def main() -> int:
         streams[f"{name}:{args.severity}"] = (_corrupted(test.images, name, args.severity), test.labels)
     clean_pixels = normalize_batch(torch.stack(test.images))
     t0 = time.perf_counter()
-    results: dict = {"model": args.model, "view": args.view, "logit_scale": scale, "n": {k: len(v[1]) for k, v in streams.items()},
-                     "seeds": args.seeds, "batch_size": args.batch_size, "rows": {}}
+    results: dict = {
+        "model": args.model,
+        "view": args.view,
+        "logit_scale": scale,
+        "n": {k: len(v[1]) for k, v in streams.items()},
+        "seeds": args.seeds,
+        "batch_size": args.batch_size,
+        "rows": {},
+    }
     for row, cfg in configs(args.keep_ratios, scale).items():
         acc: dict[str, list[float]] = {k: [] for k in streams}
         speed, flops = [], None

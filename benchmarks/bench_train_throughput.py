@@ -63,7 +63,9 @@ def train_flops_per_sample(spec: dict, batch: int = 8) -> float:
     return counter.get_total_flops() / batch
 
 
-def time_steps(model, loss_fn, images, texts, steps: int, precision: str, make_opt, warmup: int = 3) -> tuple[float, float]:
+def time_steps(
+    model, loss_fn, images, texts, steps: int, precision: str, make_opt, warmup: int = 3
+) -> tuple[float, float]:
     """(samples/s of the median step, seconds of the first step: the compilation when compiled)."""
     import torch
 
@@ -120,10 +122,22 @@ def run_openclip(spec: dict, batch: int, steps: int, precision: str) -> tuple[fl
     v, t = spec["vision"], spec["text"]
     cfg = {
         "embed_dim": spec["embed_dim"],
-        "vision_cfg": {"image_size": v["image_size"], "patch_size": v["patch_size"], "width": v["width"], "layers": v["layers"],
-                       "head_width": v["width"] // v["heads"], "mlp_ratio": v["mlp_ratio"]},
-        "text_cfg": {"context_length": t["context_length"], "vocab_size": t["vocab_size"], "width": t["width"],
-                     "heads": t["heads"], "layers": t["layers"], "mlp_ratio": t["mlp_ratio"]},
+        "vision_cfg": {
+            "image_size": v["image_size"],
+            "patch_size": v["patch_size"],
+            "width": v["width"],
+            "layers": v["layers"],
+            "head_width": v["width"] // v["heads"],
+            "mlp_ratio": v["mlp_ratio"],
+        },
+        "text_cfg": {
+            "context_length": t["context_length"],
+            "vocab_size": t["vocab_size"],
+            "width": t["width"],
+            "heads": t["heads"],
+            "layers": t["layers"],
+            "mlp_ratio": t["mlp_ratio"],
+        },
     }
     model = open_clip.CLIP(**cfg)
     loss = open_clip.ClipLoss()
@@ -175,7 +189,9 @@ def _median(values: list[float]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny")
-    ap.add_argument("--overrides", default="{}", help="JSON merged into the model config, e.g. '{\"vision\": {\"width\": 512}}'")
+    ap.add_argument(
+        "--overrides", default="{}", help='JSON merged into the model config, e.g. \'{"vision": {"width": 512}}\''
+    )
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=1)
@@ -217,20 +233,43 @@ def main() -> None:
                 results[(p, "clipforge compile=true")].append(sps)
                 compile_seconds.setdefault(p, first)  # later repeats reuse the compiled graphs
             if anchor is not None:
-                res = subprocess.run([str(anchor), __file__, "--_impl", "openclip", "--_spec", json.dumps(spec), "--batch",
-                                      str(args.batch), "--steps", str(args.steps), "--threads", str(args.threads),
-                                      "--precision", p], capture_output=True, text=True)
+                res = subprocess.run(
+                    [
+                        str(anchor),
+                        __file__,
+                        "--_impl",
+                        "openclip",
+                        "--_spec",
+                        json.dumps(spec),
+                        "--batch",
+                        str(args.batch),
+                        "--steps",
+                        str(args.steps),
+                        "--threads",
+                        str(args.threads),
+                        "--precision",
+                        p,
+                    ],
+                    capture_output=True,
+                    text=True,
+                )
                 if res.returncode == 0:
                     results[(p, "OpenCLIP")].append(json.loads(res.stdout.strip().splitlines()[-1])[p])
                 else:
                     print(res.stderr[-2000:], file=sys.stderr)
     v, t = spec["vision"], spec["text"]
-    print(f"\nmodel={args.model} (vision {v['image_size']}px/patch {v['patch_size']}/width {v['width']}/{v['layers']} layers; "
-          f"text {t['context_length']} tokens/width {t['width']}/{t['layers']} layers) batch={args.batch} steps={args.steps} "
-          f"repeats={args.repeats} threads={args.threads} torch={torch.__version__}")
+    print(
+        f"\nmodel={args.model} (vision {v['image_size']}px/patch {v['patch_size']}/width {v['width']}/{v['layers']} "
+        "layers; "
+        f"text {t['context_length']} tokens/width {t['width']}/{t['layers']} layers) batch={args.batch} "
+        f"steps={args.steps} "
+        f"repeats={args.repeats} threads={args.threads} torch={torch.__version__}"
+    )
     print(f"training FLOPs per sample (forward + backward, FlopCounterMode): {flops / 1e9:.3f} GFLOP")
     if peak:
-        print(f"achieved GEMM peak: bf16 {peak['bfloat16'] / 1e9:.0f} GFLOP/s, fp32 {peak['float32'] / 1e9:.0f} GFLOP/s")
+        print(
+            f"achieved GEMM peak: bf16 {peak['bfloat16'] / 1e9:.0f} GFLOP/s, fp32 {peak['float32'] / 1e9:.0f} GFLOP/s"
+        )
     for p, secs in compile_seconds.items():
         print(f"compile=true, {p}: first step (compilation) {secs:.1f} s")
     print()

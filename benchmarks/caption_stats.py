@@ -93,9 +93,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for name, which, s in rows_len:
         ch, w, tk = s["characters"], s["words"], s["tokens"]
-        print(f"| {name} | {which} | {s['captions']:,} | {ch['mean']} / {ch['p50']:g} / {ch['p95']:g} / {ch['max']:g} | "
-              f"{w['mean']} / {w['p95']:g} / {w['max']:g} | {tk['mean']} / {tk['p50']:g} / {tk['p95']:g} / "
-              f"{tk['max']:g} | {s['over_context']:,} ({s['fraction_over_context']:.2%}) |")
+        print(
+            f"| {name} | {which} | {s['captions']:,} | {ch['mean']} / {ch['p50']:g} / {ch['p95']:g} / {ch['max']:g} | "
+            f"{w['mean']} / {w['p95']:g} / {w['max']:g} | {tk['mean']} / {tk['p50']:g} / {tk['p95']:g} / "
+            f"{tk['max']:g} | {s['over_context']:,} ({s['fraction_over_context']:.2%}) |"
+        )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
     python benchmarks/fidelity.py --report-only [--out DIR] [--docs docs/fidelity.md]
     python benchmarks/fidelity.py NAME ... --time          # seconds per step of each training arm, steps in 30 min
     python benchmarks/fidelity.py NAME|all --estimate      # projected time from the runs already recorded
+    python benchmarks/fidelity.py --merge A.json B.json    # add runs made elsewhere (other machines, sessions)
 
 Every experiment is a recipe, ``benchmarks/fidelity/NAME.yaml``, one per claim: the paper and its budget, the
 budget this machine runs by default, the arms (a training config, or a function of a benchmark module), the
@@ -600,6 +601,34 @@ def _run_locked(recipes, seeds, out: Path, steps, batch, eval_size: int, threads
     return data
 
 
+def merge_results(out: Path, files: Sequence[Path]) -> dict:
+    """Add the runs of other results files (made on other machines or in other sessions, with their own
+    ``--out``) to ``out/fidelity.json``. A run is identified by (experiment, arm, seed, fingerprint); one
+    already present is kept, not duplicated. Returns the counts added and skipped per file."""
+    from clipforge.locking import exclusive_lock
+
+    counts = {}
+    with exclusive_lock(out, "fidelity results directory"):
+        path = out / "fidelity.json"
+        data = load_results(path)
+        seen = {(r["experiment"], r["arm"], r["seed"], r["fingerprint"]) for r in data["runs"]}
+        for f in files:
+            if not Path(f).exists():
+                raise FileNotFoundError(f"--merge: {f} does not exist")
+            added = skipped = 0
+            for r in load_results(Path(f))["runs"]:
+                key = (r["experiment"], r["arm"], r["seed"], r["fingerprint"])
+                if key in seen:
+                    skipped += 1
+                    continue
+                seen.add(key)
+                data["runs"].append(r)
+                added += 1
+            counts[str(f)] = {"added": added, "skipped": skipped}
+        save_results(path, data)
+    return counts
+
+
 # ---------------------------------------------------------------------------------------------- analysis
 
 
@@ -785,6 +814,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--report-only", action="store_true",
                     help="regenerate the markdown from OUT/fidelity.json, train nothing")
     ap.add_argument("--list", action="store_true", help="list the experiments and their default budgets")
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="FILE",
+                    help="add the runs of these fidelity.json files to OUT/fidelity.json (duplicates skipped), "
+                         "then regenerate the report")
     ap.add_argument("--estimate", action="store_true",
                     help="print the projected time of the named experiments at their "
                     "default budgets and the given seeds, from the runs in OUT/fidelity.json")
@@ -797,7 +829,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         all_names = recipe_names()
         names = all_names if (not a.names or a.names == ["all"]) else a.names
-        if not a.names and not (a.report_only or a.list or a.estimate or a.time):
+        if not a.names and not (a.report_only or a.list or a.estimate or a.time or a.merge):
             ap.error("name an experiment or 'all' (see --list)")
         if (a.steps is not None and a.steps < 1) or (a.batch is not None and a.batch < 1) or a.eval_size < 1:
             ap.error("--steps, --batch and --eval-size must be positive")
@@ -838,9 +870,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             total += s or 0.0
         print(f"{'total':14s} {total / 3600:6.2f} h (experiments with a measured run only)")
         return 0
-    if not a.report_only:
+    if a.merge:
+        try:
+            for f, c in merge_results(a.out, a.merge).items():
+                print(f"{f}: {c['added']} runs added, {c['skipped']} already present")
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    elif not a.report_only:
         run(recipes, a.seeds, a.out, a.steps, a.batch, a.eval_size, a.threads)
-    section = write_report([load_recipe(n) for n in all_names] if a.report_only else recipes, a.out, a.docs)
+    whole = a.report_only or a.merge
+    section = write_report([load_recipe(n) for n in all_names] if whole else recipes, a.out, a.docs)
     print(section)
     return 0
 

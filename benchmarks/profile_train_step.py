@@ -34,8 +34,22 @@ CATEGORIES = [
     ("optimizer (AdamW)", ("aten::_fused_adamw_", "aten::_foreach_")),
     ("loss", ("aten::_log_softmax", "aten::_log_softmax_backward_data", "aten::nll_loss", "aten::nll_loss_backward")),
     ("reductions (bias grads)", ("aten::sum",)),
-    ("elementwise (add/mul/fill/where)", ("aten::add", "aten::add_", "aten::mul", "aten::mul_", "aten::fill_", "aten::where",
-                                          "aten::zero_", "aten::div", "aten::isneginf", "aten::all", "aten::tril")),
+    (
+        "elementwise (add/mul/fill/where)",
+        (
+            "aten::add",
+            "aten::add_",
+            "aten::mul",
+            "aten::mul_",
+            "aten::fill_",
+            "aten::where",
+            "aten::zero_",
+            "aten::div",
+            "aten::isneginf",
+            "aten::all",
+            "aten::tril",
+        ),
+    ),
     ("patch embedding conv", ("aten::mkldnn_convolution", "aten::convolution_backward")),
 ]
 
@@ -46,7 +60,12 @@ def categorize(name: str, parent: str | None) -> str:
     for cat, prefixes in CATEGORIES:
         if any(name == p or (p.endswith("_") and name.startswith(p)) for p in prefixes):
             return cat
-    if name.startswith("Compiled") or "inductor" in name.lower() or name.startswith("cpp_fused") or name.startswith("graph_"):
+    if (
+        name.startswith("Compiled")
+        or "inductor" in name.lower()
+        or name.startswith("cpp_fused")
+        or name.startswith("graph_")
+    ):
         return "compiled kernels"
     return "other"
 

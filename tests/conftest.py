@@ -14,8 +14,11 @@ def tiny_cfg(tmp_path):
 
     return TrainConfig(
         model="tiny",
-        model_overrides={"embed_dim": 32, "vision": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "heads": 2},
-                         "text": {"context_length": 16, "width": 32, "layers": 1, "heads": 2}},
+        model_overrides={
+            "embed_dim": 32,
+            "vision": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "heads": 2},
+            "text": {"context_length": 16, "width": 32, "layers": 1, "heads": 2},
+        },
         data=DataConfig(train_size=256, eval_size=32),
         batch_size=32,
         steps=12,

@@ -296,3 +296,23 @@ def test_an_arm_that_returns_no_number_for_a_metric_stops_the_run(fid, monkeypat
     with pytest.raises(RuntimeError, match="returned no number for object_top1"):
         fid.run([r], [0], tmp_path, eval_size=500, log=lambda m: None)
     assert not (tmp_path / "fidelity.json").exists()
+
+
+def test_merge_adds_runs_from_other_files_once(fid, tmp_path):
+    def run(arm, seed, fp="f1"):
+        return {"experiment": "gap", "arm": arm, "seed": seed, "fingerprint": fp, "metrics": {"gap": 0.1}}
+
+    out = tmp_path / "out"
+    fid.save_results(out / "fidelity.json", {"version": 1, "runs": [run("clip", 0)]})
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    fid.save_results(a, {"version": 1, "runs": [run("clip", 0), run("gap", 0)]})
+    fid.save_results(b, {"version": 1, "runs": [run("gap", 0), run("gap", 1), run("gap", 1, fp="f2")]})
+    counts = fid.merge_results(out, [a, b])
+    assert counts == {str(a): {"added": 1, "skipped": 1}, str(b): {"added": 2, "skipped": 1}}
+    keys = [(r["arm"], r["seed"], r["fingerprint"]) for r in fid.load_results(out / "fidelity.json")["runs"]]
+    assert keys == [("clip", 0, "f1"), ("gap", 0, "f1"), ("gap", 1, "f1"), ("gap", 1, "f2")]
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        fid.merge_results(out, [tmp_path / "missing.json"])
+    (tmp_path / "bad.json").write_text("[]")
+    with pytest.raises(ValueError, match="not a fidelity results file"):
+        fid.merge_results(out, [tmp_path / "bad.json"])

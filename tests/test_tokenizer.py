@@ -62,7 +62,9 @@ def test_ids_equal_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     vocab, merges = load_bpe()
     (tmp_path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+    (tmp_path / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
+    )
     hf = transformers.CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
     ours = clipforge.tokenize(CORPUS, context_length=77)
     for text, row in zip(CORPUS, ours):

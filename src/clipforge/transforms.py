@@ -109,7 +109,8 @@ def random_resized_crop_box(width: int, height: int, scale: tuple[float, float],
 
 
 def color_jitter(x: Tensor, brightness: float, contrast: float, saturation: float, g: torch.Generator | None) -> Tensor:
-    """Random brightness, contrast and saturation factors in [1 - s, 1 + s], applied in that order to [3, H, W] in [0, 1]."""
+    """Random brightness, contrast and saturation factors in [1 - s, 1 + s], applied in that order to
+    [3, H, W] images in [0, 1]."""
     gray_w = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype).view(3, 1, 1)
     if brightness > 0:
         x = (x * _uniform(g, max(0.0, 1 - brightness), 1 + brightness)).clamp_(0, 1)

@@ -36,8 +36,15 @@ def test_no_prompts_learn_to_reject_the_other_classes(small_model, tokenizer, cl
     x, y = clusters(yes, 10, 0.03 * spread, 0)
     untrained = CLIPNConfig(prompt=CoOpConfig(ctx_init="a picture of no", epochs=0, warmup_epochs=0))
     before, _ = fit_clipn(small_model, tokenizer, NAMES, yes, x, y, untrained)
-    fitted, hist = fit_clipn(small_model, tokenizer, NAMES, yes, x, y,
-                             CLIPNConfig(prompt=CoOpConfig(ctx_init="a picture of no", epochs=40, lr=0.05, batch_size=30)))
+    fitted, hist = fit_clipn(
+        small_model,
+        tokenizer,
+        NAMES,
+        yes,
+        x,
+        y,
+        CLIPNConfig(prompt=CoOpConfig(ctx_init="a picture of no", epochs=40, lr=0.05, batch_size=30)),
+    )
     assert hist["loss"][-1] < hist["loss"][0]
     p0, p1 = before.p_no(x), fitted.p_no(x)
     own = F.one_hot(y, 3).bool()

@@ -88,8 +88,8 @@ def test_encode_views_draws_distinct_seeded_views(small_model):
 def test_training_moves_gopro_and_not_the_model(small_model, tokenizer, clusters):
     before = {k: v.clone() for k, v in small_model.state_dict().items()}
     feats, y = clusters(F.normalize(torch.randn(3, 32, generator=torch.Generator().manual_seed(0)), dim=-1), 4, 0.3, 1)
-    views = F.normalize(feats.unsqueeze(1) + 0.05 * torch.randn(len(y), 3, 32, generator=torch.Generator().manual_seed(2)),
-                        dim=-1)
+    noise = torch.randn(len(y), 3, 32, generator=torch.Generator().manual_seed(2))
+    views = F.normalize(feats.unsqueeze(1) + 0.05 * noise, dim=-1)
     learner, hist = fit_gopro(small_model, tokenizer, NAMES, views, y, GOProConfig(prompt=CoOpConfig(epochs=4, lr=0.05),
                                                                                   views=3))
     assert all(torch.equal(before[k], v) for k, v in small_model.state_dict().items())

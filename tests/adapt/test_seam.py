@@ -3,7 +3,9 @@ import pytest
 import torch
 
 
-@pytest.mark.parametrize("text", [{}, {"causal": False, "pad_mask": True}, {"causal": False, "pad_mask": False, "pool": "mean"}])
+@pytest.mark.parametrize(
+    "text", [{}, {"causal": False, "pad_mask": True}, {"causal": False, "pad_mask": False, "pool": "mean"}]
+)
 def test_embeddings_input_equals_ids_input(text, tokenizer, make_model):
     model = make_model(seed=1, **text)
     ids = tokenizer(["a picture of a circle.", "two red squares to the left of a star", "x"])
@@ -16,7 +18,9 @@ def test_embeddings_input_equals_ids_input(text, tokenizer, make_model):
     assert torch.allclose(torch.nn.functional.normalize(raw, dim=-1), ref, atol=1e-6)
     # the embeddings really are what the tower reads: changing one content position changes that text only
     emb2 = emb.clone()
-    emb2[0, 2] += torch.randn(emb.shape[-1], generator=torch.Generator().manual_seed(0))  # not a constant: LayerNorm removes those
+    emb2[0, 2] += torch.randn(
+        emb.shape[-1], generator=torch.Generator().manual_seed(0)
+    )  # not a constant: LayerNorm removes those
     with torch.no_grad():
         moved = model.encode_text(ids, embeddings=emb2)
     assert not torch.allclose(moved[0], ref[0], atol=1e-4)

@@ -155,7 +155,11 @@ def test_merging_preserves_token_mass():
     assert torch.allclose(new_sizes.sum(1), sizes.sum(1))  # every patch is still accounted for
     for i in range(b):
         order = sorted(range(n), key=lambda j: -float(scores[i, j]))
-        top, amb, low = order[: plan.as_is], order[plan.as_is : plan.as_is + plan.ambiguous], order[plan.as_is + plan.ambiguous :]
+        top, amb, low = (
+            order[: plan.as_is],
+            order[plan.as_is : plan.as_is + plan.ambiguous],
+            order[plan.as_is + plan.ambiguous :],
+        )
         assert kept[i].tolist() == sorted(top)
         assert torch.equal(out[i, 1 : 1 + plan.as_is], x[i, 1:][sorted(top)])
         centers = out[i, 1 + plan.as_is : 1 + plan.as_is + plan.centers]
@@ -239,7 +243,9 @@ def test_token_count_shrinks_at_each_condensation_block(model):
     assert counts["attention"] == [65, 65, 40, 25]
     assert counts == {k: [r[k] for r in token_schedule(model.cfg.vision, cfg)] for k in ("attention", "mlp")}
     assert seen["attention"] == [65, 66, 41, 26]  # + the anchor token at each condensation block
-    assert seen == {k: [r[k] for r in token_schedule(model.cfg.vision, cfg, anchored=True)] for k in ("attention", "mlp")}
+    assert seen == {
+        k: [r[k] for r in token_schedule(model.cfg.vision, cfg, anchored=True)] for k in ("attention", "mlp")
+    }
     f = tca_flops(model.cfg.vision, cfg)
     assert f["token_blocks_tca"] == 65 + 40 + 25 + 16 and f["token_blocks_plain"] == 4 * 65
     assert 0.3 < f["saved"] < 0.5 and f["gflops_tca"] < f["gflops_plain"]
@@ -282,7 +288,10 @@ def test_reservoir_logits_formula():
 
 def test_run_stream_returns_logits_in_image_order(model):
     w = _classifier()
-    imgs = [torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    imgs = [
+        torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+        for i in range(6)
+    ]
     cfg = TCAConfig(keep_ratio=1.0, correction_weight=0.0)
     a = run_stream(model, w, imgs, cfg, batch_size=2)
     b = run_stream(model, w, imgs, cfg, batch_size=4, order=torch.tensor([5, 3, 1, 0, 2, 4]))
@@ -299,8 +308,13 @@ def test_bad_configs_and_towers_are_refused(model):
         TCA(model, _classifier(), TCAConfig(layers=(4,)))
     from clipforge.models import create_model
 
-    siglip_like = create_model("tiny", seed=0, embed_dim=32, text={"context_length": 16, "width": 32, "layers": 1, "heads": 2},
-                               vision=VIS | {"class_token": False, "pool": "mean"})
+    siglip_like = create_model(
+        "tiny",
+        seed=0,
+        embed_dim=32,
+        text={"context_length": 16, "width": 32, "layers": 1, "heads": 2},
+        vision=VIS | {"class_token": False, "pool": "mean"},
+    )
     with pytest.raises(ValueError, match="class token"):
         TCA(siglip_like, _classifier(), TCAConfig())
 

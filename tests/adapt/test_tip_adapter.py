@@ -42,7 +42,9 @@ def test_tip_adapter_f_at_initialization_is_the_training_free_cache(clusters):
     a = TipAdapterF(sup.features, sup.labels, 4, alpha=3.0, beta=5.5)
     with torch.no_grad():
         out = a(test.features, test.zero_shot_logits)
-    ref = few_shot.ensemble(test.zero_shot_logits, tip_adapter_logits(test.features, sup.features, sup.labels, 4, 5.5), 3.0)
+    ref = few_shot.ensemble(
+        test.zero_shot_logits, tip_adapter_logits(test.features, sup.features, sup.labels, 4, 5.5), 3.0
+    )
     assert torch.allclose(out, ref, atol=1e-5)
     # and a loop over the cache, written out
     i = 7
@@ -67,7 +69,10 @@ def test_tip_adapter_f_trains_only_the_keys_and_beats_zero_shot(clusters):
     zs = top1(test.zero_shot_logits, test.labels)
     free = fit_tip_adapter(sup.features, sup.labels, 4, val)
     tuned, hist = fit_tip_adapter_f(sup.features, sup.labels, 4, sup, val)  # the paper's schedule, 20 epochs
-    assert (hist["init_alpha"], hist["init_beta"]) == (free.alpha, free.beta)  # starts where the search left Tip-Adapter
+    assert (hist["init_alpha"], hist["init_beta"]) == (
+        free.alpha,
+        free.beta,
+    )  # starts where the search left Tip-Adapter
     assert hist["loss"][-1] < 0.9 * hist["loss"][0]
     assert not torch.allclose(tuned.keys, sup.features)  # the keys moved
     assert torch.equal(tuned.values, F.one_hot(sup.labels, 4).float())  # the values did not

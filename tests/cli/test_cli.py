@@ -62,7 +62,9 @@ def test_train_eval_embed_roundtrip(tmp_path, capsys):
     assert {"zero_shot", "retrieval", "diagnostics"} <= set(res) and res["suite"] == "quick"
     assert json.loads((rep / "results.json").read_text())["zero_shot"]["object"]["confusion_matrix"]
     assert (rep / "report.html").read_text().count("data:image/png;base64,") >= 3
-    assert main(["embed", str(run), "--texts", "a red circle", "two blue squares", "--out", str(tmp_path / "t.npy")]) == 0
+    assert (
+        main(["embed", str(run), "--texts", "a red circle", "two blue squares", "--out", str(tmp_path / "t.npy")]) == 0
+    )
     emb = np.load(tmp_path / "t.npy")
     assert emb.shape == (2, 32) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
     # images: a directory with one good and one corrupt image
@@ -98,7 +100,14 @@ def test_demo_json_smoke(tmp_path, capsys):
                  "--json", "--quiet"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     res = json.loads(last)
-    for key in ("zero_shot_top1", "zero_shot_chance", "retrieval_i2t_r1", "retrieval_t2i_r1", "samples_per_second", "train_seconds"):
+    for key in (
+        "zero_shot_top1",
+        "zero_shot_chance",
+        "retrieval_i2t_r1",
+        "retrieval_t2i_r1",
+        "samples_per_second",
+        "train_seconds",
+    ):
         assert key in res
     assert res["zero_shot_chance"] == pytest.approx(1 / 30)
     # the budget is checked before every step, so training ends within one step of it (not a speed test: a loaded

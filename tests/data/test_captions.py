@@ -120,7 +120,9 @@ def test_draws_are_reproducible():
     assert a == [policy.sample_at(ITEM, seed=0, epoch=e, index=3) for e in range(20)]
     assert len(set(a)) > 1  # different epochs draw differently
     # a {source: [captions]} dict is accepted as well as an item
-    assert policy.sample(caption_sources(ITEM), np.random.default_rng(2)) == policy.sample(ITEM, np.random.default_rng(2))
+    assert policy.sample(caption_sources(ITEM), np.random.default_rng(2)) == policy.sample(
+        ITEM, np.random.default_rng(2)
+    )
 
 
 def test_negative_descriptions_become_typed_negatives():

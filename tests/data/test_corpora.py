@@ -16,8 +16,10 @@ from clipforge.data.formats import encode_png
 from clipforge.data.phash import dhash_hv, min_distances
 from clipforge.data.shards import ShardDataset
 
-needs_openclipart = pytest.mark.skipif(not os.path.isdir(openclipart.SOURCE),
-                                       reason="Debian package openclipart-svg not installed (apt-get install -y openclipart-svg)")
+needs_openclipart = pytest.mark.skipif(
+    not os.path.isdir(openclipart.SOURCE),
+    reason="Debian package openclipart-svg not installed (apt-get install -y openclipart-svg)",
+)
 needs_emoji = pytest.mark.skipif(not (os.path.exists(emoji_corpus.FONT) and os.path.exists(emoji_corpus.EMOJI_TEST)),
                                  reason="Debian packages fonts-noto-color-emoji and unicode-data not installed "
                                         "(apt-get install -y fonts-noto-color-emoji unicode-data)")

@@ -87,7 +87,9 @@ def test_lm_rewriter_prompt_batching_and_parsing():
 
 
 def test_lm_rewriter_errors_are_clear():
-    with pytest.raises(RewriteError, match=r"LMRewriter 'm': batch 1 \(captions 2..3.*RuntimeError: CUDA out of memory") as e:
+    with pytest.raises(
+        RewriteError, match=r"LMRewriter 'm': batch 1 \(captions 2..3.*RuntimeError: CUDA out of memory"
+    ) as e:
         LMRewriter(FakeLM(fail_on=1), name="m", batch_size=2).rewrite(["a", "b", "c", "d"], 1, 0)
     assert isinstance(e.value.__cause__, RuntimeError)
     with pytest.raises(RewriteError, match="returned 1 outputs for 2 prompts"):
@@ -138,7 +140,9 @@ def test_store_once_and_load(tmp_path, ext):
 def test_stale_sidecar_is_an_error_naming_the_fix(tmp_path):
     path = tmp_path / "r.parquet"
     store_rewrites(items(), RuleRewriter(), path)
-    with pytest.raises(StaleRewritesError, match=r"5 samples, the dataset has 4; rerun store_rewrites\(\.\.\., overwrite=True\)"):
+    with pytest.raises(
+        StaleRewritesError, match=r"5 samples, the dataset has 4; rerun store_rewrites\(\.\.\., overwrite=True\)"
+    ):
         load_rewrites(path, items(4))
     with pytest.raises(StaleRewritesError, match="sample 0 has key 'k0x'"):
         load_rewrites(path, items(5, suffix="x"))

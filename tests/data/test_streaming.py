@@ -131,7 +131,9 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_sequence(shard_dir):
 
 def test_shuffle_buffer_shuffles_deterministically(tmp_path):
     _write_shards(tmp_path, bad=False)
-    order = lambda **kw: [k for keys, _, _, _ in _run(StreamingLoader(StreamingShards(tmp_path, image_size=16, **kw), 8)) for k in keys]
+    order = lambda **kw: [
+        k for keys, _, _, _ in _run(StreamingLoader(StreamingShards(tmp_path, image_size=16, **kw), 8)) for k in keys
+    ]
     stored = order(shuffle_buffer=0)
     assert stored == sorted(stored)  # shard order
     a, b, c = order(shuffle_buffer=10, seed=0), order(shuffle_buffer=10, seed=0), order(shuffle_buffer=10, seed=1)

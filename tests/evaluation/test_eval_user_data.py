@@ -144,7 +144,9 @@ def test_shapes_accuracy_equals_hand_computation(small_model, small_model_dir, t
     order = sorted(range(len(files)), key=lambda k: (truth[k], files[k].name))
     tok = get_tokenizer(small_model.context_length)
     with torch.no_grad():
-        x = np.stack([(np.asarray(Image.open(files[k]).convert("RGB"), dtype=np.float64) / 255 - MEAN) / STD for k in order])
+        x = np.stack(
+            [(np.asarray(Image.open(files[k]).convert("RGB"), dtype=np.float64) / 255 - MEAN) / STD for k in order]
+        )
         img = F.normalize(small_model.encode_image(torch.tensor(x, dtype=torch.float32).permute(0, 3, 1, 2)), dim=-1)
         cls = []
         for name in classes:
@@ -168,9 +170,31 @@ def test_tasks_with_train_and_ood_write_every_output(make_image_folder, small_mo
     # few_shot and calibration are the built-in suite's task functions unchanged (tests/evaluation/test_suite.py);
     # they are left out here to keep this test fast
     tasks = "zero_shot,retrieval,linear_probe,ood,robustness,compositionality"
-    assert main(["eval", str(small_model_dir), "--tasks", tasks, "--dataset", f"imagefolder:{tmp_path / 'test'}",
-                 "--train-dataset", f"imagefolder:{tmp_path / 'train'}", "--ood-dataset", f"imagefolder:{tmp_path / 'ood'}",
-                 "--templates", "simple", "--no-cache", "--quiet", "--workers", "0", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(small_model_dir),
+                "--tasks",
+                tasks,
+                "--dataset",
+                f"imagefolder:{tmp_path / 'test'}",
+                "--train-dataset",
+                f"imagefolder:{tmp_path / 'train'}",
+                "--ood-dataset",
+                f"imagefolder:{tmp_path / 'ood'}",
+                "--templates",
+                "simple",
+                "--no-cache",
+                "--quiet",
+                "--workers",
+                "0",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     res = json.loads((out / "results.json").read_text())
     for task in ("zero_shot", "linear_probe", "ood", "robustness"):
         assert "skipped" not in res[task], (task, res[task])
@@ -178,7 +202,9 @@ def test_tasks_with_train_and_ood_write_every_output(make_image_folder, small_mo
     assert res["linear_probe"]["label"]["n_test"] == 12
     assert "captions" in res["retrieval"]["skipped"] and "hard-negative" in res["compositionality"]["skipped"]
     rec = json.loads(next((out / "clip_benchmark").glob("*zeroshot_classification*.json")).read_text())
-    assert rec["task"] == "zeroshot_classification" and rec["metrics"]["acc5"] is None  # 3 classes < 5, as CLIP_benchmark
+    assert (
+        rec["task"] == "zeroshot_classification" and rec["metrics"]["acc5"] is None
+    )  # 3 classes < 5, as CLIP_benchmark
     assert rec["metrics"]["acc1"] == res["zero_shot"]["label"]["top1"]
     assert (out / "summary.csv").read_text().startswith("dataset,task,metric,value,chance")
     assert res["robustness"]["clean"] == res["zero_shot"]["label"]["top1"]
@@ -202,7 +228,9 @@ def test_multi_dataset_report_has_a_section_per_dataset(make_image_folder, small
 def test_retrieval_several_captions_per_image_from_jsonl(make_image_folder, small_model_dir, tmp_path):
     make_image_folder(tmp_path / "img", ["x"], 5)
     lines = [json.dumps({"image": f"img/x/{i}.png", "captions": [f"cap {i}", f"other {i}"]}) for i in range(5)]
-    lines.append(json.dumps({"image": "img/x/0.png", "caption": "third caption of image 0"}))  # same image: one more caption
+    lines.append(
+        json.dumps({"image": "img/x/0.png", "caption": "third caption of image 0"})
+    )  # same image: one more caption
     (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
     res = _eval(small_model_dir, tmp_path, "--dataset", f"jsonl:{tmp_path / 'm.jsonl'}", "--tasks", "retrieval")
     r = res["retrieval"]["test"]
@@ -275,7 +303,9 @@ def test_wds_without_nshards_is_a_clear_error(small_model_dir, tmp_path, capsys)
     assert "nshards.txt is missing" in err and "export-wds" in err
 
 
-def test_manifest_missing_files_are_counted_and_unknown_column_is_an_error(make_image_folder, small_model_dir, tmp_path, capsys):
+def test_manifest_missing_files_are_counted_and_unknown_column_is_an_error(
+    make_image_folder, small_model_dir, tmp_path, capsys
+):
     make_image_folder(tmp_path / "img", ["x"], 3)
     rows = ["image,caption"] + [f"img/x/{i}.png,caption {i}" for i in range(3)] + ["img/x/gone.png,lost"]
     (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
@@ -296,7 +326,9 @@ def test_bad_specs_are_clear_errors(small_model_dir, capsys, spec, message):
 
 
 def test_task_without_what_it_needs_is_skipped_with_reason(make_image_folder, small_model, small_tokenizer, tmp_path):
-    data = load_eval_data(f"imagefolder:{make_image_folder(tmp_path / 'f', CLASSES[:2], 2)}", SpecOptions(templates="simple"))
+    data = load_eval_data(
+        f"imagefolder:{make_image_folder(tmp_path / 'f', CLASSES[:2], 2)}", SpecOptions(templates="simple")
+    )
     res = run_user_suite(small_model, small_tokenizer, data, tasks=["linear_probe", "ood", "retrieval"], cache_dir=None,
                          progress=False, workers=0).results
     assert "--train-dataset" in res["linear_probe"]["skipped"]
@@ -355,7 +387,9 @@ def test_probe_splits_hold_out_every_fifth_train_image(make_image_folder, small_
     train = load_eval_data(f"imagefolder:{make_image_folder(tmp_path / 'b', CLASSES[:2], 6, seed=9)}", opts).test
     (tmp_path / "b" / "ant" / "9.png").write_bytes(b"broken")  # not indexed yet: add it, then re-read
     train = load_eval_data(f"imagefolder:{tmp_path / 'b'}", opts).test
-    ctx = StreamingContext(small_model, small_tokenizer, None, EmbeddingCache(small_model, None), workers=0, progress=False)
+    ctx = StreamingContext(
+        small_model, small_tokenizer, None, EmbeddingCache(small_model, None), workers=0, progress=False
+    )
     ctx.data = UserSuiteData(test, ctx, train)
     fit, val, tst, extra = ctx.data.probe_splits("label")
     good = [i for i in range(len(train)) if train.keys[i] != "ant/9.png"]  # the broken file is dropped

@@ -43,9 +43,15 @@ def test_zero_shot_matches_clip_benchmark(make_image_folder, small_model, small_
     labels = list(range(len(CLASSES)))
     assert pred.unique().numel() > 2  # not a degenerate classifier: a wrong logit or order would show
     assert record["task"] == "zeroshot_classification"
-    assert record["metrics"]["acc1"] == pytest.approx(sk.top_k_accuracy_score(target, logits, k=1, labels=labels), abs=1e-6)
-    assert record["metrics"]["acc5"] == pytest.approx(sk.top_k_accuracy_score(target, logits, k=5, labels=labels), abs=1e-6)
-    assert record["metrics"]["mean_per_class_recall"] == pytest.approx(sk.balanced_accuracy_score(target, pred), abs=1e-6)
+    assert record["metrics"]["acc1"] == pytest.approx(
+        sk.top_k_accuracy_score(target, logits, k=1, labels=labels), abs=1e-6
+    )
+    assert record["metrics"]["acc5"] == pytest.approx(
+        sk.top_k_accuracy_score(target, logits, k=5, labels=labels), abs=1e-6
+    )
+    assert record["metrics"]["mean_per_class_recall"] == pytest.approx(
+        sk.balanced_accuracy_score(target, pred), abs=1e-6
+    )
 
 
 def test_retrieval_matches_clip_benchmark(make_image_folder, small_model, small_tokenizer, small_model_dir, tmp_path):
@@ -60,7 +66,9 @@ def test_retrieval_matches_clip_benchmark(make_image_folder, small_model, small_
                  "--no-cache", "--quiet", "--workers", "0", "--out", str(out)]) == 0
     record = json.loads(next((out / "clip_benchmark").glob("*.json")).read_text())
     transform = EvalTransform(small_model.image_size)
-    items = [(transform(Image.open(tmp_path / "img" / "x" / f"{i}.png").convert("RGB")), captions[i]) for i in range(12)]
+    items = [
+        (transform(Image.open(tmp_path / "img" / "x" / f"{i}.png").convert("RGB")), captions[i]) for i in range(12)
+    ]
 
     def collate(batch):
         return torch.stack([b[0] for b in batch]), [b[1] for b in batch]

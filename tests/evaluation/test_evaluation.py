@@ -43,7 +43,7 @@ def test_retrieval_hand_computed_with_several_captions():
                         [0.3, 0.0, 0.0]])  # c4 (img2) looks like img0
     owner = torch.tensor([0, 0, 1, 2, 2])
     r = retrieval_metrics(img, txt, owner, ks=(1, 2))
-    # image->text after normalization: img0 ranks c4 (1.0), c1 (0.976), ... -> best own caption at rank 1 (c1? no: c4 first)
+    # image->text after normalization: img0 ranks c4 (1.0), c1 (0.976), ...
     # img0 sims: c0 .0995, c1 .976, c2 0, c3 0, c4 1.0 -> own best rank index 1 -> R@1 miss, R@2 hit
     # img1 sims: c0 .995, c1 .217, c2 0, c3 .110, c4 0 -> own (c2) at index 3 (tie with c4 at 0 after c3) -> miss
     # img2 sims: c2 1.0, c3 .994 -> own best index 1 -> R@2 hit

@@ -92,7 +92,8 @@ def test_linear_probe_matches_sklearn_and_kshot():
 def test_gda_matches_gaussian_likelihood():
     x, y = blobs(25, seed=2)
     logits = gda_logits(x, x, y, 3, shrinkage=0.0)
-    # independent reference: class-conditional Gaussians with the pooled covariance, argmax of log-likelihood + log prior
+    # independent reference: class-conditional Gaussians with the pooled covariance,
+    # argmax of log-likelihood + log prior
     mus = torch.stack([x[y == c].double().mean(0) for c in range(3)])
     cov = sum(((x[y == c].double() - mus[c]).t() @ (x[y == c].double() - mus[c])) for c in range(3)) / (len(y) - 3)
     ll = torch.stack([torch.distributions.MultivariateNormal(mus[c], cov).log_prob(x.double()) for c in range(3)], 1)
@@ -161,7 +162,10 @@ def test_corruptions_deterministic_and_monotone():
     for name in CORRUPTIONS:
         a, b = corrupt(base, name, 3, seed=1), corrupt(base, name, 3, seed=1)
         assert np.array_equal(np.asarray(a), np.asarray(b)) and a.size == base.size
-        diffs = [np.abs(np.asarray(corrupt(base, name, s), dtype=float) - np.asarray(base, dtype=float)).mean() for s in (1, 5)]
+        diffs = [
+            np.abs(np.asarray(corrupt(base, name, s), dtype=float) - np.asarray(base, dtype=float)).mean()
+            for s in (1, 5)
+        ]
         assert diffs[1] > diffs[0], name
     with pytest.raises(ValueError, match="unknown corruption"):
         corrupt(base, "fog", 1)

@@ -65,7 +65,8 @@ def test_ties_are_broken_at_random_in_expectation():
     assert r["i2t_R@1"] == pytest.approx(2 / 6) and r["t2i_R@1"] == pytest.approx(1 / 3)
     # top-2 for i2t: 1 - C(4,2)/C(6,2) = 1 - 6/15
     assert r["i2t_R@5"] == pytest.approx(1.0) and retrieval_metrics(
-        torch.ones(3, 4), torch.ones(6, 4), torch.tensor([0, 0, 1, 1, 2, 2]), ks=(2,))["i2t_R@2"] == pytest.approx(1 - 6 / 15)
+        torch.ones(3, 4), torch.ones(6, 4), torch.tensor([0, 0, 1, 1, 2, 2]), ks=(2,)
+    )["i2t_R@2"] == pytest.approx(1 - 6 / 15)
 
 
 def test_degenerate_embedding_gets_chance_not_a_crash_or_a_perfect_score(tmp_path):
@@ -97,7 +98,9 @@ def test_full_suite_writes_json_and_a_report_with_every_plot(tmp_path):
     from clipforge.evaluation.report import write_report
 
     model = small_model()
-    res = run_suite(model, get_tokenizer(model.context_length), "full", size=24, cache_dir=tmp_path / "c", progress=False)
+    res = run_suite(
+        model, get_tokenizer(model.context_length), "full", size=24, cache_dir=tmp_path / "c", progress=False
+    )
     assert set(SUITES["full"]) <= set(res.results)
     json_path, html_path = write_report(res.results, res.artifacts, tmp_path / "rep")
     page = html_path.read_text()
@@ -162,8 +165,12 @@ def _toy_corpus(root, name: str, colors: dict[str, tuple[int, int, int]], per_sp
             for k in ks:
                 c = int(k[len(split):]) % len(names)
                 img = np.broadcast_to(np.array(colors[names[c]], dtype=np.uint8), (16, 16, 3)).copy()
-                yield ShardSample(k, encode_png(torch.from_numpy(img).permute(2, 0, 1)), [f"a {names[c]} thing", f"{names[c]}"],
-                                  {"color": c})
+                yield ShardSample(
+                    k,
+                    encode_png(torch.from_numpy(img).permute(2, 0, 1)),
+                    [f"a {names[c]} thing", f"{names[c]}"],
+                    {"color": c},
+                )
 
         writer.write_split(split, keys, produce)
     writer.finish(name, {"color": {"classes": names, "templates": ["a {} thing.", "{}."]}})

@@ -6,11 +6,38 @@ import clipforge
 from clipforge.cli.main import main
 from clipforge.models import save_model
 
-SIGLIP_LIKE = dict(embed_dim=64, init_logit_bias=-10.0,
-                   vision=dict(image_size=32, patch_size=8, width=64, layers=2, heads=4, class_token=False, ln_pre=False,
-                               patch_bias=True, pool="map", proj=False, attn_pool_heads=4, act="gelu_tanh", ln_eps=1e-6),
-                   text=dict(vocab_size=300, context_length=16, width=48, layers=2, heads=4, causal=False, pad_mask=False,
-                             pool="last", proj_bias=True, act="gelu_tanh", ln_eps=1e-6))
+SIGLIP_LIKE = dict(
+    embed_dim=64,
+    init_logit_bias=-10.0,
+    vision=dict(
+        image_size=32,
+        patch_size=8,
+        width=64,
+        layers=2,
+        heads=4,
+        class_token=False,
+        ln_pre=False,
+        patch_bias=True,
+        pool="map",
+        proj=False,
+        attn_pool_heads=4,
+        act="gelu_tanh",
+        ln_eps=1e-6,
+    ),
+    text=dict(
+        vocab_size=300,
+        context_length=16,
+        width=48,
+        layers=2,
+        heads=4,
+        causal=False,
+        pad_mask=False,
+        pool="last",
+        proj_bias=True,
+        act="gelu_tanh",
+        ln_eps=1e-6,
+    ),
+)
 
 
 def test_cli_export_run_to_hf(tmp_path):
@@ -19,7 +46,10 @@ def test_cli_export_run_to_hf(tmp_path):
     save_model(model, tmp_path / "run")
     assert main(["export", str(tmp_path / "run"), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
     hf = transformers.CLIPModel.from_pretrained(tmp_path / "hf").eval()
-    pixels, ids = torch.randn(2, 3, 64, 64), clipforge.tokenize(["a red circle", "three green stars"], context_length=32)
+    pixels, ids = (
+        torch.randn(2, 3, 64, 64),
+        clipforge.tokenize(["a red circle", "three green stars"], context_length=32),
+    )
     with torch.no_grad():
         img = torch.nn.functional.normalize(hf.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
         txt = torch.nn.functional.normalize(hf.get_text_features(input_ids=ids).pooler_output, dim=-1)

@@ -14,9 +14,45 @@ import clipforge
 from clipforge.interop import export_hf
 
 CLIP_CASES = [
-    dict(patch=8, image=32, v_width=32, v_layers=2, v_heads=2, t_width=32, t_layers=2, t_heads=4, proj=24, act="quick_gelu", mlp=64),
-    dict(patch=16, image=48, v_width=48, v_layers=1, v_heads=3, t_width=40, t_layers=3, t_heads=2, proj=16, act="gelu", mlp=96),
-    dict(patch=4, image=16, v_width=64, v_layers=3, v_heads=4, t_width=64, t_layers=1, t_heads=8, proj=64, act="quick_gelu", mlp=100),
+    dict(
+        patch=8,
+        image=32,
+        v_width=32,
+        v_layers=2,
+        v_heads=2,
+        t_width=32,
+        t_layers=2,
+        t_heads=4,
+        proj=24,
+        act="quick_gelu",
+        mlp=64,
+    ),
+    dict(
+        patch=16,
+        image=48,
+        v_width=48,
+        v_layers=1,
+        v_heads=3,
+        t_width=40,
+        t_layers=3,
+        t_heads=2,
+        proj=16,
+        act="gelu",
+        mlp=96,
+    ),
+    dict(
+        patch=4,
+        image=16,
+        v_width=64,
+        v_layers=3,
+        v_heads=4,
+        t_width=64,
+        t_layers=1,
+        t_heads=8,
+        proj=64,
+        act="quick_gelu",
+        mlp=100,
+    ),
 ]
 SIGLIP_CASES = [
     dict(patch=8, image=32, width=32, v_layers=2, heads=2, t_layers=2, act="gelu_pytorch_tanh", mlp=64),
@@ -38,23 +74,57 @@ def text_ids(n=4, eot=VOCAB - 1, seed=0):
 def clip_model(c, eos=VOCAB - 1):
     torch.manual_seed(0)
     cfg = transformers.CLIPConfig(
-        text_config=dict(vocab_size=VOCAB, hidden_size=c["t_width"], intermediate_size=c["mlp"], num_hidden_layers=c["t_layers"],
-                         num_attention_heads=c["t_heads"], max_position_embeddings=CTX, hidden_act=c["act"],
-                         eos_token_id=eos, bos_token_id=0, pad_token_id=0),
-        vision_config=dict(hidden_size=c["v_width"], intermediate_size=c["mlp"], num_hidden_layers=c["v_layers"],
-                           num_attention_heads=c["v_heads"], image_size=c["image"], patch_size=c["patch"], hidden_act=c["act"]),
-        projection_dim=c["proj"])
+        text_config=dict(
+            vocab_size=VOCAB,
+            hidden_size=c["t_width"],
+            intermediate_size=c["mlp"],
+            num_hidden_layers=c["t_layers"],
+            num_attention_heads=c["t_heads"],
+            max_position_embeddings=CTX,
+            hidden_act=c["act"],
+            eos_token_id=eos,
+            bos_token_id=0,
+            pad_token_id=0,
+        ),
+        vision_config=dict(
+            hidden_size=c["v_width"],
+            intermediate_size=c["mlp"],
+            num_hidden_layers=c["v_layers"],
+            num_attention_heads=c["v_heads"],
+            image_size=c["image"],
+            patch_size=c["patch"],
+            hidden_act=c["act"],
+        ),
+        projection_dim=c["proj"],
+    )
     return transformers.CLIPModel(cfg).eval()
 
 
 def siglip_model(c):
     torch.manual_seed(0)
     cfg = transformers.SiglipConfig(
-        text_config=dict(vocab_size=VOCAB, hidden_size=c["width"], intermediate_size=c["mlp"], num_hidden_layers=c["t_layers"],
-                         num_attention_heads=c["heads"], max_position_embeddings=CTX, hidden_act=c["act"],
-                         eos_token_id=VOCAB - 1, bos_token_id=0, pad_token_id=0),
-        vision_config=dict(hidden_size=c["width"], intermediate_size=c["mlp"], num_hidden_layers=c["v_layers"],
-                           num_attention_heads=c["heads"], image_size=c["image"], patch_size=c["patch"], hidden_act=c["act"]))
+        text_config=dict(
+            vocab_size=VOCAB,
+            hidden_size=c["width"],
+            intermediate_size=c["mlp"],
+            num_hidden_layers=c["t_layers"],
+            num_attention_heads=c["heads"],
+            max_position_embeddings=CTX,
+            hidden_act=c["act"],
+            eos_token_id=VOCAB - 1,
+            bos_token_id=0,
+            pad_token_id=0,
+        ),
+        vision_config=dict(
+            hidden_size=c["width"],
+            intermediate_size=c["mlp"],
+            num_hidden_layers=c["v_layers"],
+            num_attention_heads=c["heads"],
+            image_size=c["image"],
+            patch_size=c["patch"],
+            hidden_act=c["act"],
+        ),
+    )
     m = transformers.SiglipModel(cfg).eval()
     with torch.no_grad():  # non-trivial scale and bias, so their conversion is checked
         m.logit_scale.fill_(1.7)

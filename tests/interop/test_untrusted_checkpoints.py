@@ -116,13 +116,33 @@ def _commands(source: Path, tmp_path: Path) -> dict[str, list[str]]:
         "eval": ["eval", str(source), "--size", "8", "--no-cache", "--no-report", "--out", str(tmp_path / "ev")],
         "embed": ["embed", str(source), "--texts", "a red circle", "--out", str(tmp_path / "e.npy")],
         "export": ["export", str(source), "--to", "clipforge", "--out", str(tmp_path / "x")],
-        "index": ["index", str(source), "--images", str(_image_dir(tmp_path)), "--out", str(tmp_path / "idx"), "--quiet"],
+        "index": [
+            "index",
+            str(source),
+            "--images",
+            str(_image_dir(tmp_path)),
+            "--out",
+            str(tmp_path / "idx"),
+            "--quiet",
+        ],
         "adapt": ["adapt", str(source), "--shots", "1", "--size", "8", "--quiet"],
         "pivot": ["pivot", str(source), "--text-file", str(texts), "--out", str(tmp_path / "pv"), "--steps", "1"],
-        "train init_from": ["train", "--no-eval", f"out_dir={tmp_path / 'run'}", f"init_from={source}", "steps=1",
-                            "progress=false"],
-        "train init_vision_from": ["train", "--no-eval", f"out_dir={tmp_path / 'run2'}", f"init_vision_from={source}",
-                                   "steps=1", "progress=false"],
+        "train init_from": [
+            "train",
+            "--no-eval",
+            f"out_dir={tmp_path / 'run'}",
+            f"init_from={source}",
+            "steps=1",
+            "progress=false",
+        ],
+        "train init_vision_from": [
+            "train",
+            "--no-eval",
+            f"out_dir={tmp_path / 'run2'}",
+            f"init_vision_from={source}",
+            "steps=1",
+            "progress=false",
+        ],
     }
 
 

@@ -26,7 +26,9 @@ def test_matches_naive_and_gradcheck():
     mask = torch.tensor([[True, True, False], [False, False, False], [True, True, True], [False, True, False]])
     assert torch.allclose(grounded_contrast(a, p, negs, 4.0, mask), naive(a, p, negs, 4.0, mask))
     assert torch.allclose(grounded_contrast(a, p, negs, 4.0), naive(a, p, negs, 4.0))
-    leaves = tuple(v.clone().requires_grad_() for v in (a, p, negs)) + (torch.tensor(2.0, dtype=F64, requires_grad=True),)
+    leaves = tuple(v.clone().requires_grad_() for v in (a, p, negs)) + (
+        torch.tensor(2.0, dtype=F64, requires_grad=True),
+    )
     # the learned scale gets a finite gradient even where a sample's negatives are all masked out
     assert torch.autograd.gradcheck(lambda u, v, w, t: grounded_contrast(u, v, w, t, mask), leaves)
 

@@ -67,7 +67,9 @@ def test_properties():
     assert torch.isclose(distill_kl_loss(x, y, 4.0, x, y, 4.0), torch.tensor(0.0, dtype=F64), atol=1e-12)
     assert distill_kl_loss(x, y, 4.0, ti, tt, 10.0) > 0
     # two copies of one teacher are that teacher
-    assert torch.allclose(distill_kl_loss(x, y, 4.0, [ti, ti], [tt, tt], 10.0), distill_kl_loss(x, y, 4.0, ti, tt, 10.0))
+    assert torch.allclose(
+        distill_kl_loss(x, y, 4.0, [ti, ti], [tt, tt], 10.0), distill_kl_loss(x, y, 4.0, ti, tt, 10.0)
+    )
     perm = torch.randperm(5, generator=torch.Generator().manual_seed(3))
     assert torch.allclose(distill_kl_loss(x[perm], y[perm], 4.0, ti[perm], tt[perm], 10.0),
                           distill_kl_loss(x, y, 4.0, ti, tt, 10.0))
@@ -85,7 +87,9 @@ def test_registered_term_layouts_and_errors():
         assert torch.allclose(term(LossInputs(x, y, scale, extra=ex))["loss"], expect)
     ema = losses.build("distill_kl", teacher_scale=10.0, teacher="ema")
     ex = {"ema_image_features": ti[0], "ema_text_features": tt[0]}
-    assert torch.allclose(ema(LossInputs(x, y, scale, extra=ex))["loss"], distill_kl_loss(x, y, 4.0, ti[0], tt[0], 10.0))
+    assert torch.allclose(
+        ema(LossInputs(x, y, scale, extra=ex))["loss"], distill_kl_loss(x, y, 4.0, ti[0], tt[0], 10.0)
+    )
     assert len(teacher_list(ti)) == 2 and len(teacher_list(ti[0])) == 1
     with pytest.raises(KeyError, match="teacher_image_features"):
         term(LossInputs(x, y, scale))

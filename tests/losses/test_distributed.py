@@ -44,14 +44,25 @@ def inputs_for(data, sl, rank, world):
              "text_negative_features": data["neg"][sl], "positive_text_features": data["pos"][sl],
              "positive_text_mask": data["pos_mask"][sl], "short_tag_features": data["syn"][sl],
              "synthetic_text_features": data["syn"][sl]}
-    extra.update({"teacher_image_features": data["teacher"][:, sl], "teacher_text_features": data["teacher"].flip(0)[:, sl],
-                  "count_negative_text_features": data["syn"][sl], "rafa_reference": data["view2"][sl],
-                  "count_mask": data["count_mask"][sl], "negative_text_mask": data["neg_mask"][sl],
-                  "ema_image_features": data["view2"][sl], "ema_text_features": data["third"][sl],
-                  "ema_negative_text_features": data["neg"].flip(0)[sl],
-                  # CLOC: region embeddings from the token leaf, region captions from the word leaf
-                  "region_features": tokens[:, :2], "region_text_features": words, "region_mask": data["pos_mask"][sl],
-                  "grounded_boxes": data["boxes"][sl], "region_boxes": data["boxes"].flip(0)[sl]})
+    extra.update(
+        {
+            "teacher_image_features": data["teacher"][:, sl],
+            "teacher_text_features": data["teacher"].flip(0)[:, sl],
+            "count_negative_text_features": data["syn"][sl],
+            "rafa_reference": data["view2"][sl],
+            "count_mask": data["count_mask"][sl],
+            "negative_text_mask": data["neg_mask"][sl],
+            "ema_image_features": data["view2"][sl],
+            "ema_text_features": data["third"][sl],
+            "ema_negative_text_features": data["neg"].flip(0)[sl],
+            # CLOC: region embeddings from the token leaf, region captions from the word leaf
+            "region_features": tokens[:, :2],
+            "region_text_features": words,
+            "region_mask": data["pos_mask"][sl],
+            "grounded_boxes": data["boxes"][sl],
+            "region_boxes": data["boxes"].flip(0)[sl],
+        }
+    )
     li = LossInputs(img, txt, torch.tensor(3.0, dtype=torch.float64), torch.tensor(-1.0, dtype=torch.float64),
                     image_tokens=tokens, text_tokens=words, extra=extra, rank=rank,
                     world_size=world)

@@ -45,7 +45,9 @@ def test_gradcheck(scope):
     x, y = unit(3, 3, 4), unit(3, 3, 5)
     negs, nimg = unit(6, 3, 6).reshape(3, 2, 3), unit(3, 3, 7).reshape(3, 1, 3)
     mask = torch.tensor([[True, False], [True, True], [False, True]])
-    leaves = tuple(v.clone().requires_grad_() for v in (x, y, negs, nimg)) + (torch.tensor(2.0, dtype=F64, requires_grad=True),)
+    leaves = tuple(v.clone().requires_grad_() for v in (x, y, negs, nimg)) + (
+        torch.tensor(2.0, dtype=F64, requires_grad=True),
+    )
     # including the learned scale, whose gradient must stay finite next to masked-out negatives
     assert torch.autograd.gradcheck(lambda a, b, n, v, t: hard_negative_loss(a, b, t, n, mask, v, scope=scope), leaves)
 

@@ -31,7 +31,9 @@ def test_matches_naive_and_gradcheck():
     mask = torch.tensor([[True, False], [True, True], [False, False], [False, True]])
     assert torch.allclose(hqclip_loss(x, y, tag, 3.0, negs, mask), naive(x, y, tag, 3.0, negs, mask))
     assert torch.allclose(hqclip_loss(x, y, tag, 3.0), naive(x, y, tag, 3.0))
-    leaves = tuple(v.clone().requires_grad_() for v in (x, y, tag, negs)) + (torch.tensor(2.0, dtype=F64, requires_grad=True),)
+    leaves = tuple(v.clone().requires_grad_() for v in (x, y, tag, negs)) + (
+        torch.tensor(2.0, dtype=F64, requires_grad=True),
+    )
     assert torch.autograd.gradcheck(lambda a, b, c, n, t: hqclip_loss(a, b, c, t, n, mask), leaves)
 
 

@@ -46,7 +46,9 @@ def test_limiting_cases():
     assert torch.allclose(hycd_loss(x, y, 4.0, ti, tt, 1.0, 10.0), distill_kl_loss(x, y, 4.0, ti, tt, 10.0) + entropy)
     # linear in alpha
     mid = hycd_loss(x, y, 4.0, ti, tt, 0.5, 10.0)
-    assert torch.allclose(mid, 0.5 * (hycd_loss(x, y, 4.0, ti, tt, 0.0, 10.0) + hycd_loss(x, y, 4.0, ti, tt, 1.0, 10.0)))
+    assert torch.allclose(
+        mid, 0.5 * (hycd_loss(x, y, 4.0, ti, tt, 0.0, 10.0) + hycd_loss(x, y, 4.0, ti, tt, 1.0, 10.0))
+    )
 
 
 def test_registered_term_and_errors():

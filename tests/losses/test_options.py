@@ -18,12 +18,20 @@ def test_every_term_parses_its_options_into_a_typed_config(name):
     assert all(repr(f.name) in listed for f in dataclasses.fields(term.cfg)), (name, listed)
 
 
-@pytest.mark.parametrize("name,options,message", [
-    ("alip", {"momentum": 1.0}, "momentum"), ("dclip", {"alpha": 1.5}, "alpha"), ("hycd", {"alpha": -0.1}, "alpha"),
-    ("distill_kl", {"teacher": "not a key"}, "teacher must be a key prefix"), ("hard_negative", {"scope": "all"}, "scope"),
-    ("multi_positive", {"mode": "sum"}, "mode"), ("tic", {"top_k": 0}, "top_k"), ("mlcd", {"modality": "audio"}, "modality"),
-    ("dreamlip_grouping", {"norm": "l2"}, "norm"),
-])
+@pytest.mark.parametrize(
+    "name,options,message",
+    [
+        ("alip", {"momentum": 1.0}, "momentum"),
+        ("dclip", {"alpha": 1.5}, "alpha"),
+        ("hycd", {"alpha": -0.1}, "alpha"),
+        ("distill_kl", {"teacher": "not a key"}, "teacher must be a key prefix"),
+        ("hard_negative", {"scope": "all"}, "scope"),
+        ("multi_positive", {"mode": "sum"}, "mode"),
+        ("tic", {"top_k": 0}, "top_k"),
+        ("mlcd", {"modality": "audio"}, "modality"),
+        ("dreamlip_grouping", {"norm": "l2"}, "norm"),
+    ],
+)
 def test_invalid_option_values_fail_in_the_config(name, options, message):
     with pytest.raises(ValueError, match=message):
         losses.build(name, **options)

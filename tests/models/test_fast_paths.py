@@ -129,7 +129,9 @@ def test_compile_flag_trains_through_torch_compile_with_the_same_results(fresh_c
     # evaluation stays eager: no compilation for no-grad passes
     compiled.eval()
     with torch.no_grad():
-        torch.testing.assert_close(compiled(images, texts)["image_features"], eager.eval()(images, texts)["image_features"])
+        torch.testing.assert_close(
+            compiled(images, texts)["image_features"], eager.eval()(images, texts)["image_features"]
+        )
 
 
 def test_compile_failure_warns_once_and_trains_eagerly(fresh_compile, monkeypatch):

@@ -47,8 +47,13 @@ def test_paper_lengths_and_bad_input():
 
 @pytest.fixture(scope="module")
 def small():
-    return create_model("tiny", seed=0, embed_dim=32, vision={"image_size": 32, "patch_size": 8, "width": 32,
-                        "layers": 1, "heads": 2}, text={"context_length": 77, "width": 32, "layers": 2, "heads": 2}).eval()
+    return create_model(
+        "tiny",
+        seed=0,
+        embed_dim=32,
+        vision={"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "heads": 2},
+        text={"context_length": 77, "width": 32, "layers": 2, "heads": 2},
+    ).eval()
 
 
 def test_stretched_model_keeps_short_texts_and_reads_long_ones(small):
@@ -100,7 +105,9 @@ def test_long_clip_training_wiring(tiny_cfg):
     from clipforge.train.data import TrainItems
 
     ds = build_dataset("shapes_long", split="train", size=32, seed=0, image_size=32)
-    items = TrainItems(ds, seed=0, image_size=32, positives=1, positive_source="first_sentence", caption_policy="longest")
+    items = TrainItems(
+        ds, seed=0, image_size=32, positives=1, positive_source="first_sentence", caption_policy="longest"
+    )
     for i in range(8):
         it, captions = items[(0, i)], ds[i]["captions"]
         assert it["caption"] == ds[i]["long_caption"] == max(captions, key=len)

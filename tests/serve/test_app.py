@@ -83,7 +83,9 @@ def test_images_thumbnails_similar_classify(client, searcher):
     got = c.json()["labels"]
     assert {g["label"] for g in got} == {"circle", "star", "square"}
     assert sum(g["probability"] for g in got) == pytest.approx(1.0)
-    assert client.post("/classify", files={"file": ("x.png", img, "image/png")}, data={"labels": " , "}).status_code == 400
+    assert (
+        client.post("/classify", files={"file": ("x.png", img, "image/png")}, data={"labels": " , "}).status_code == 400
+    )
 
 
 def test_serve_binds_localhost_by_default():

@@ -12,7 +12,10 @@ from clipforge.cli.main import main
 from clipforge.serve import ModelMismatchError, Searcher, faiss_available, open_index
 from clipforge.serve.search import FaissBackend, NumpyBackend
 
-BACKENDS = ["numpy", pytest.param("faiss", marks=pytest.mark.skipif(not faiss_available(), reason="faiss-cpu not installed"))]
+BACKENDS = [
+    "numpy",
+    pytest.param("faiss", marks=pytest.mark.skipif(not faiss_available(), reason="faiss-cpu not installed")),
+]
 
 
 def reference(emb: np.ndarray, q: np.ndarray, k: int):

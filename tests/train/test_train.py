@@ -80,7 +80,9 @@ def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(tiny_cfg, monkey
         return inputs
 
     monkeypatch.setattr(loop, "_loss_inputs", poisoned)
-    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 5; the last good checkpoint is .*step_0000004"):
+    with pytest.raises(
+        TrainingDiverged, match=r"loss became nan at step 5; the last good checkpoint is .*step_0000004"
+    ):
         train(tiny_cfg)
     ckpts = list_checkpoints(tiny_cfg.out_dir)
     assert ckpts and ckpts[-1].name == "step_0000004"
@@ -103,7 +105,9 @@ def test_corrupt_images_are_skipped_and_counted(tiny_cfg, monkeypatch, tmp_path)
     DATASETS.register("broken-shapes-test", lambda **kw: Broken(**kw), overwrite=True)
     import dataclasses
 
-    cfg = dataclasses.replace(tiny_cfg, data=dataclasses.replace(tiny_cfg.data, dataset="broken-shapes-test"), save_every=0)
+    cfg = dataclasses.replace(
+        tiny_cfg, data=dataclasses.replace(tiny_cfg.data, dataset="broken-shapes-test"), save_every=0
+    )
     result = train(cfg)
     assert result.step == cfg.steps
     expected = sum(1 for b in ResumableBatchSampler(256, 32, cfg.seed, 0, cfg.steps) for _, i in b if i % 8 == 0)

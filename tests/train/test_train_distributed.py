@@ -127,9 +127,21 @@ def _rank_worker(rank, port, cfg, queue, options):
     loop.build_loader = lambda *args, **kwargs: Recording(original_build(*args, **kwargs))
     try:
         result = train(cfg)
-        queue.put((rank, "ok", {"losses": result.losses, "params": {k: v.numpy() for k, v in _params(result.model).items()},
-                                "samples_seen": result.samples_seen, "skipped": result.skipped, "step": result.step},
-                   writes, seen))
+        queue.put(
+            (
+                rank,
+                "ok",
+                {
+                    "losses": result.losses,
+                    "params": {k: v.numpy() for k, v in _params(result.model).items()},
+                    "samples_seen": result.samples_seen,
+                    "skipped": result.skipped,
+                    "step": result.step,
+                },
+                writes,
+                seen,
+            )
+        )
     except Exception as e:  # noqa: BLE001
         queue.put((rank, "error", (type(e).__name__, str(e)), writes, seen))
 

@@ -38,7 +38,9 @@ def test_accumulation_with_extra_captions_matches_full_batch(tiny_cfg, monkeypat
     cfg = dataclasses.replace(tiny_cfg, steps=3, save_every=0,
                               loss={"clip": 1.0, "hard_negative": 1.0, "counting": 0.5, "degla_igc": 0.5})
     full, g_full = first_step_gradients(cfg, monkeypatch)
-    acc, g_acc = first_step_gradients(dataclasses.replace(cfg, accum_steps=4, out_dir=cfg.out_dir + "_acc"), monkeypatch)
+    acc, g_acc = first_step_gradients(
+        dataclasses.replace(cfg, accum_steps=4, out_dir=cfg.out_dir + "_acc"), monkeypatch
+    )
     # the extra captions of all micro-batches join the loss: the full-batch gradient, up to float error
     for a, b in zip(g_full, g_acc):
         assert (a - b).abs().max() <= 1e-5 * b.abs().max()
@@ -70,7 +72,9 @@ def test_ema_update_follows_the_momentum(tiny_cfg, monkeypatch):
         seen.append((before, {k: v.clone() for k, v in model.state_dict().items()}, self.model.state_dict()))
 
     monkeypatch.setattr(loop.EMATeacher, "update", spy)
-    train(dataclasses.replace(tiny_cfg, steps=2, save_every=0, loss={"clip": 1.0, "ema_distill": 1.0}, ema_momentum=0.75))
+    train(
+        dataclasses.replace(tiny_cfg, steps=2, save_every=0, loss={"clip": 1.0, "ema_distill": 1.0}, ema_momentum=0.75)
+    )
     before, student, after = seen[-1]
     name = "visual.transformer.blocks.0.attn.in_proj.weight"
     assert torch.allclose(after[name], 0.75 * before[name] + 0.25 * student[name])
@@ -125,13 +129,17 @@ def test_stored_teacher_embeddings_feed_distillation(tiny_cfg, tmp_path, monkeyp
 
     teacher_dir = str(tmp_path / "teacher")
     train(dataclasses.replace(tiny_cfg, steps=2, save_every=0, out_dir=teacher_dir))
-    data = dataclasses.replace(tiny_cfg.data, teachers=[teacher_dir, teacher_dir], teacher_cache=str(tmp_path / "cache"))
+    data = dataclasses.replace(
+        tiny_cfg.data, teachers=[teacher_dir, teacher_dir], teacher_cache=str(tmp_path / "cache")
+    )
     loss = {"clip": 0.5, "distill_kl": {"weight": 0.5, "teacher_scale": 20.0}, "hycd": 0.2, "dclip": 0.2}
     cfg = dataclasses.replace(tiny_cfg, steps=3, save_every=0, loss=loss, data=data)
     full = train(cfg)
     assert all(r["distill_kl"] >= 0 for r in records(cfg, "distill_kl"))
     # a second run re-uses the stored embeddings; accumulation joins them per teacher: same losses
-    monkeypatch.setattr(store_mod, "embed_training_set", lambda *a, **k: pytest.fail("recomputed the teacher embeddings"))
+    monkeypatch.setattr(
+        store_mod, "embed_training_set", lambda *a, **k: pytest.fail("recomputed the teacher embeddings")
+    )
     acc = train(dataclasses.replace(cfg, accum_steps=2, out_dir=cfg.out_dir + "_acc"))
     assert acc.losses == pytest.approx(full.losses, abs=1e-3)
 
@@ -191,7 +199,9 @@ def test_projection_only_training_from_pretrained_weights(tiny_cfg, tmp_path):
 
 def test_freeze_locks_a_tower_and_bad_patterns_are_named(tiny_cfg, tmp_path):
     base = train(dataclasses.replace(tiny_cfg, steps=1, lr=0.0, out_dir=str(tmp_path / "a"))).model.state_dict()
-    locked = train(dataclasses.replace(tiny_cfg, steps=3, freeze=["text.*"], out_dir=str(tmp_path / "b"))).model.state_dict()
+    locked = train(
+        dataclasses.replace(tiny_cfg, steps=3, freeze=["text.*"], out_dir=str(tmp_path / "b"))
+    ).model.state_dict()
     text_keys = [k for k in base if k.startswith("text.")]
     assert text_keys and all(torch.equal(base[k], locked[k]) for k in text_keys)
     assert any(not torch.equal(base[k], locked[k]) for k in base if k.startswith("visual."))
@@ -205,9 +215,14 @@ def test_caption_sources_with_stored_rule_rewrites(tiny_cfg, tmp_path):
     from clipforge.data.captions import CaptionPolicy
     from clipforge.train.setup import with_caption_sources
 
-    cfg = dataclasses.replace(tiny_cfg, steps=2, out_dir=str(tmp_path / "run"),
-                              data=dataclasses.replace(tiny_cfg.data, train_size=48, caption_sources="original=1,rewrites=1",
-                                                       rewrites="rule"))
+    cfg = dataclasses.replace(
+        tiny_cfg,
+        steps=2,
+        out_dir=str(tmp_path / "run"),
+        data=dataclasses.replace(
+            tiny_cfg.data, train_size=48, caption_sources="original=1,rewrites=1", rewrites="rule"
+        ),
+    )
     train(cfg)
     sidecar = list((tmp_path / "run").glob("rewrites.rule.*.parquet"))
     assert len(sidecar) == 1
@@ -224,7 +239,9 @@ def test_caption_sources_with_stored_rule_rewrites(tiny_cfg, tmp_path):
     rewritten = [c for c in drawn if c not in originals]
     assert 0.3 < len(rewritten) / len(drawn) < 0.7  # about half the steps use a rewrite
     with pytest.raises(ValueError, match="data.rewrites is empty"):
-        with_caption_sources(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, rewrites="")), ds, tmp_path, set())
+        with_caption_sources(
+            dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, rewrites="")), ds, tmp_path, set()
+        )
     with pytest.raises(ValueError, match="unknown caption source"):
         CaptionPolicy.parse("original=1,captionz=1")
 
@@ -283,7 +300,10 @@ def test_multi_positive_training_gets_captions_or_dreamlip_subcaptions(tiny_cfg,
             return 4
 
         def __getitem__(self, i):
-            return {"image": ds[i]["image"], "captions": ["short.", "A red circle. It is small. It sits left of a square."]}
+            return {
+                "image": ds[i]["image"],
+                "captions": ["short.", "A red circle. It is small. It sits left of a square."],
+            }
 
     sub = TrainItems(LongCaptions(), seed=0, image_size=32, positives=2, positive_source="subcaptions")
     sentences = {"A red circle.", "It is small.", "It sits left of a square."}

@@ -21,7 +21,9 @@ from clipforge.train import DistributedConfig, train
 from clipforge.train.data import TrainItems, make_collate, view_transform
 from clipforge.transforms import image_transform
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: a second thread only adds waiting on a loaded machine
+pytestmark = pytest.mark.usefixtures(
+    "one_thread"
+)  # tiny tensors: a second thread only adds waiting on a loaded machine
 
 
 def logged(cfg, key):
@@ -208,7 +210,10 @@ def test_alip_and_hqclip_train_on_their_second_captions(tiny_cfg, monkeypatch):
                     rewrites="rule", caption_policy="first")
     assert falls(train(cfg).losses, chance=2 * math.log(32))  # the raw-text and the synthetic-caption path
     inputs, _ = seen[0]
-    assert inputs.extra["synthetic_text_features"].shape == (32, 32) and inputs.extra["synthetic_text_features"].requires_grad
+    assert (
+        inputs.extra["synthetic_text_features"].shape == (32, 32)
+        and inputs.extra["synthetic_text_features"].requires_grad
+    )
     seen.clear()
     tags = dataclasses.replace(cfg, steps=40, loss={"hqclip": 1.0}, out_dir=cfg.out_dir + "_tags",
                                data=dataclasses.replace(cfg.data, rewrites=""))  # every caption an original one
@@ -233,7 +238,9 @@ def test_accumulation_with_every_new_input_matches_full_batch(tiny_cfg, monkeypa
     data = dataclasses.replace(tiny_cfg.data, rewrites="rule")
     cfg = dataclasses.replace(tiny_cfg, steps=2, save_every=0, loss=ALL, data=data)
     full, g_full = first_step_gradients(cfg, monkeypatch)
-    acc, g_acc = first_step_gradients(dataclasses.replace(cfg, accum_steps=4, out_dir=cfg.out_dir + "_acc"), monkeypatch)
+    acc, g_acc = first_step_gradients(
+        dataclasses.replace(cfg, accum_steps=4, out_dir=cfg.out_dir + "_acc"), monkeypatch
+    )
     for a, b in zip(g_full, g_acc):
         assert (a - b).abs().max() <= 1e-5 * b.abs().max()
     assert acc.losses[0] == pytest.approx(full.losses[0], abs=1e-6)

@@ -35,8 +35,32 @@ from .tip_adapter import (
 )
 from .tmm import TMMConfig, TMMLearner, fit_tmm
 
-__all__ = ["FeatureSet", "CoOpConfig", "PromptLearner", "fit_coop", "gda_classifier", "gda_logits",
-           "TCA", "TCAConfig", "TokenReservoir", "tca_flops", "TipAdapterF", "TipAdapterFConfig", "TipSearch",
-           "caps_adapter_logits", "caption_support", "fit_caps_adapter", "fit_tip_adapter", "fit_tip_adapter_f",
-           "search_alpha_beta", "tip_adapter_logits", "TMMConfig", "TMMLearner", "fit_tmm", "GOProConfig",
-           "GOProLearner", "encode_views", "fit_gopro"]
+__all__ = [
+    "FeatureSet",
+    "CoOpConfig",
+    "PromptLearner",
+    "fit_coop",
+    "gda_classifier",
+    "gda_logits",
+    "TCA",
+    "TCAConfig",
+    "TokenReservoir",
+    "tca_flops",
+    "TipAdapterF",
+    "TipAdapterFConfig",
+    "TipSearch",
+    "caps_adapter_logits",
+    "fit_tip_adapter",
+    "fit_tip_adapter_f",
+    "search_alpha_beta",
+    "tip_adapter_logits",
+    "caption_support",
+    "fit_caps_adapter",
+    "TMMConfig",
+    "TMMLearner",
+    "fit_tmm",
+    "GOProConfig",
+    "GOProLearner",
+    "encode_views",
+    "fit_gopro",
+]

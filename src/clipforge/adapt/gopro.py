@@ -67,7 +67,8 @@ class GOProConfig:
 
     def __post_init__(self):
         if self.prompt.class_specific:
-            raise ValueError("GOPro generates its prompts from the image with a shared context; set class_specific=False")
+            raise ValueError("GOPro generates its prompts from the image with a shared context; "
+                             "set class_specific=False")
         if self.views < 2:
             raise ValueError(f"GOPro needs at least 2 augmented views per image, got views={self.views}")
         if self.temperature <= 0 or self.view_weight < 0 or self.consistency_weight < 0:

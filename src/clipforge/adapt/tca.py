@@ -261,7 +261,9 @@ def condense(x: Tensor, scores: Tensor, attention: Tensor, sizes: Tensor, plan: 
         if plan.centers:
             amb = order[:, plan.as_is : plan.as_is + plan.ambiguous]
             xa, sa = _gather(patches, amb), torch.gather(sizes, 1, amb)
-            onehot = F.one_hot(kcenter_assign(xa, plan.centers), plan.centers).to(x.dtype) * sa.unsqueeze(-1)  # [B, M, k]
+            onehot = F.one_hot(kcenter_assign(xa, plan.centers), plan.centers).to(x.dtype) * sa.unsqueeze(
+                -1
+            )  # [B, M, k]
             mass = onehot.sum(1)  # [B, k]
             parts.append(onehot.transpose(1, 2) @ xa / mass.unsqueeze(-1))
             part_sizes.append(mass)
@@ -387,8 +389,15 @@ class TCA:
     def _embed(self, pixels: Tensor) -> Tensor:
         """The tower's input sequence, as :meth:`VisionTransformer.forward_tokens` builds it."""
         v = self.visual
-        if pixels.ndim != 4 or pixels.shape[1] != 3 or pixels.shape[-1] != v.cfg.image_size or pixels.shape[-2] != v.cfg.image_size:
-            raise ValueError(f"expected images [B, 3, {v.cfg.image_size}, {v.cfg.image_size}], got {tuple(pixels.shape)}")
+        if (
+            pixels.ndim != 4
+            or pixels.shape[1] != 3
+            or pixels.shape[-1] != v.cfg.image_size
+            or pixels.shape[-2] != v.cfg.image_size
+        ):
+            raise ValueError(
+                f"expected images [B, 3, {v.cfg.image_size}, {v.cfg.image_size}], got {tuple(pixels.shape)}"
+            )
         x = v.embed_patches(pixels)  # the tower's own patch embedding, so keep ratio 1 reproduces it exactly
         x = torch.cat([v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
         return v.ln_pre(x + v.positional_embedding.to(x.dtype))
@@ -460,9 +469,9 @@ def _pixels(chunk: list, image_size: int) -> Tensor:
 def run_stream(model, classifier: Tensor, images: Sequence[Tensor] | Tensor, cfg: TCAConfig | None = None,
                batch_size: int = 1, order: Tensor | None = None, scale: float | None = None) -> dict:
     """Run TCA over a stream of images (uint8 [3, H, W] tensors at the model's size, anything the
-    evaluation transform reads, or one preprocessed float batch [N, 3, H, W]) in ``order`` (default: as given), ``batch_size`` at a
-    time. Returns ``logits`` and ``base_logits`` [N, C] in the original image order, ``seconds``
-    (forward time, the reservoir included) and ``images_per_second``."""
+    evaluation transform reads, or one preprocessed float batch [N, 3, H, W]) in ``order`` (default: as
+    given), ``batch_size`` at a time. Returns ``logits`` and ``base_logits`` [N, C] in the original image
+    order, ``seconds`` (forward time, the reservoir included) and ``images_per_second``."""
     tca = TCA(model, classifier, cfg, scale)
     n = len(images)
     order = torch.arange(n) if order is None else order

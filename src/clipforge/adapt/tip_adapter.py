@@ -40,7 +40,9 @@ ALPHAS = (0.1, 0.3, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 50.0, 100.0)
 BETAS = (0.5, 1.0, 2.0, 3.5, 5.5, 7.0, 10.0, 15.0)
 
 
-def tip_adapter_logits(features: Tensor, keys: Tensor, key_labels: Tensor, num_classes: int, beta: float = 5.5) -> Tensor:
+def tip_adapter_logits(
+    features: Tensor, keys: Tensor, key_labels: Tensor, num_classes: int, beta: float = 5.5
+) -> Tensor:
     """Cache read-out A L with A = exp(-beta (1 - x·k)); add ``alpha`` times this to the zero-shot logits."""
     affinity = torch.exp(-beta * (1 - features @ keys.t()))
     values = F.one_hot(key_labels.long(), num_classes).to(features.dtype)
@@ -53,7 +55,8 @@ def caps_adapter_logits(features: Tensor, caption_features: Tensor, caption_labe
     return tip_adapter_logits(features, F.normalize(caption_features, dim=-1), caption_labels, num_classes, beta)
 
 
-def caption_support(captions: Sequence[Sequence[str]], labels: Tensor, index: Sequence[int]) -> tuple[list[str], Tensor]:
+def caption_support(captions: Sequence[Sequence[str]], labels: Tensor,
+                    index: Sequence[int]) -> tuple[list[str], Tensor]:
     """CapS-Adapter's support set: every caption of the images ``index`` picks, with its image's label.
 
     ``captions[i]`` are image i's captions and ``labels[i]`` its class; the result is the flat caption

@@ -118,7 +118,8 @@ class TMMLearner(PromptLearner):
     def logits(self, image_features: Tensor) -> Tensor:
         """Inference in chunks of ``chunk`` images, model frozen."""
         with frozen(self.model):
-            parts = [self(image_features[i : i + self.tmm.chunk]) for i in range(0, len(image_features), self.tmm.chunk)]
+            n = self.tmm.chunk
+            parts = [self(image_features[i : i + n]) for i in range(0, len(image_features), n)]
         return torch.cat(parts) if parts else image_features.new_zeros(0, len(self.classnames))
 
 

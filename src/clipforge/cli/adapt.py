@@ -78,20 +78,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="shapes", help="shapes (default) or a built corpus: openclipart, emoji")
     p.add_argument("--data-root", help="where the corpus was built (default $CLIPFORGE_DATA/NAME)")
     p.add_argument("--view", help="label view to classify (default: the dataset's default, 'shape' on shapes)")
-    p.add_argument("--shots", nargs="+", type=int, default=[16], help="support images per class; several give a curve (default 16)")
+    p.add_argument(
+        "--shots", nargs="+", type=int, default=[16], help="support images per class; several give a curve (default 16)"
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="support-set draws to average over (default 0)")
     p.add_argument("--size", type=int, default=500, help="evaluation split size as in clipforge eval (default 500)")
     p.add_argument("--data-seed", type=int, default=12345, help="evaluation data seed (default 12345, not training's)")
     p.add_argument("--out", help="directory for adapt.json and adapters.pt (default: print only)")
     p.add_argument("--cache-dir", help="embedding cache (default: none, everything is encoded in memory)")
     g = p.add_argument_group("Tip-Adapter-F")
-    g.add_argument("--tip-f-epochs", type=int, default=20, help="training epochs over the support set (default 20, as the paper)")
+    g.add_argument(
+        "--tip-f-epochs", type=int, default=20, help="training epochs over the support set (default 20, as the paper)"
+    )
     g.add_argument("--tip-f-lr", type=float, default=1e-3, help="AdamW learning rate of the cache keys (default 1e-3)")
     g = p.add_argument_group("CoOp")
     g.add_argument("--coop-ctx-init", default="a picture of a",
                    help="phrase the context starts from (its token count is M), or 'none' for random N(0, 0.02) "
                         "vectors (default 'a picture of a')")
-    g.add_argument("--coop-n-ctx", type=int, default=4, help="M with --coop-ctx-init none (default 4; the paper uses 16)")
+    g.add_argument(
+        "--coop-n-ctx", type=int, default=4, help="M with --coop-ctx-init none (default 4; the paper uses 16)"
+    )
     g.add_argument("--coop-class-specific", action="store_true", help="one context per class (CoOp's CSC)")
     g.add_argument("--coop-epochs", type=int, default=100, help="epochs after the warmup epoch (default 100)")
     g.add_argument("--coop-lr", type=float, default=2e-3, help="SGD learning rate (default 2e-3, as the paper)")
@@ -99,20 +105,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tmm-epochs", type=int, default=50, help="TMM epochs after the warmup epoch (default 50)")
     g.add_argument("--gopro-epochs", type=int, default=50, help="GOPro epochs after the warmup epoch (default 50)")
     g.add_argument("--gopro-views", type=int, default=4, help="augmented views encoded per support image (default 4)")
-    g.add_argument("--gopro-view-weight", type=float, default=1.0, help="weight of the view-contrastive loss (default 1)")
+    g.add_argument("--gopro-view-weight", type=float, default=1.0,
+                   help="weight of the view-contrastive loss (default 1)")
     g.add_argument("--gopro-consistency-weight", type=float, default=1.0,
                    help="weight of the prompt-consistency loss (default 1)")
     g = p.add_argument_group("TCA (test-time, no support set)")
     g.add_argument("--tca-keep-ratio", type=float, default=0.7,
                    help="fraction of patch tokens leaving each condensation block (default 0.7; 1 = none)")
-    g.add_argument("--tca-mode", choices=["merge", "prune"], default="merge",
-                   help="merge (TCA: coreset-merge ambiguous tokens, fuse the rest) or prune (drop them) (default merge)")
+    g.add_argument(
+        "--tca-mode",
+        choices=["merge", "prune"],
+        default="merge",
+        help="merge (TCA: coreset-merge ambiguous tokens, fuse the rest) or prune (drop them) (default merge)",
+    )
     g.add_argument("--tca-layers", nargs="+", type=int, help="condensation blocks, 0-based (default L/4, L/2, 3L/4)")
     g.add_argument("--tca-reservoir-size", type=int, default=3, help="reservoir entries per class (default 3)")
-    g.add_argument("--tca-correction-weight", type=float, default=3.0,
-                   help="lambda of the reservoir logits lambda*exp(-beta(1-affinity)); 0 turns correction off (default 3)")
+    g.add_argument(
+        "--tca-correction-weight",
+        type=float,
+        default=3.0,
+        help="lambda of the reservoir logits lambda*exp(-beta(1-affinity)); 0 turns correction off (default 3)",
+    )
     g.add_argument("--tca-beta", type=float, default=5.0, help="beta of the reservoir logits (default 5)")
-    g.add_argument("--tca-no-anchors", action="store_true", help="condense without the reservoir's domain anchor tokens")
+    g.add_argument(
+        "--tca-no-anchors", action="store_true", help="condense without the reservoir's domain anchor tokens"
+    )
     g.add_argument("--tca-batch-size", type=int, default=1, help="test images per step (default 1, as the paper)")
     g = p.add_argument_group("ComCLIP (training-free, no support set)")
     g.add_argument("--comclip-weighting", choices=["softmax", "sum"], default="softmax",
@@ -169,19 +186,39 @@ def run(args) -> int:
                             view_weight=args.gopro_view_weight, consistency_weight=args.gopro_consistency_weight)
     except ValueError as e:
         raise ConfigError(f"{e} (check the --gopro-* options)") from None
-    cfg = AdaptConfig(dataset=args.dataset, view=args.view, methods=methods, shots=tuple(args.shots),
-                      seeds=tuple(args.seeds), size=args.size, data_seed=args.data_seed, data_root=args.data_root,
-                      cache_dir=args.cache_dir,
-                      tip_f=TipAdapterFConfig(epochs=args.tip_f_epochs, lr=args.tip_f_lr),
-                      coop=CoOpConfig(ctx_init=init, n_ctx=args.coop_n_ctx, class_specific=args.coop_class_specific,
-                                      epochs=args.coop_epochs, lr=args.coop_lr),
-                      tmm=tmm, gopro=gopro,
-                      tca=TCAConfig(layers=tuple(args.tca_layers) if args.tca_layers else None, keep_ratio=args.tca_keep_ratio,
-                                    mode=args.tca_mode, reservoir_size=args.tca_reservoir_size,
-                                    correction_weight=args.tca_correction_weight, beta=args.tca_beta,
-                                    anchors=not args.tca_no_anchors),
-                      tca_batch_size=args.tca_batch_size,
-                      comclip=ComCLIPConfig(weighting=args.comclip_weighting), comclip_size=args.comclip_size)
+    cfg = AdaptConfig(
+        dataset=args.dataset,
+        view=args.view,
+        methods=methods,
+        shots=tuple(args.shots),
+        seeds=tuple(args.seeds),
+        size=args.size,
+        data_seed=args.data_seed,
+        data_root=args.data_root,
+        cache_dir=args.cache_dir,
+        tip_f=TipAdapterFConfig(epochs=args.tip_f_epochs, lr=args.tip_f_lr),
+        coop=CoOpConfig(
+            ctx_init=init,
+            n_ctx=args.coop_n_ctx,
+            class_specific=args.coop_class_specific,
+            epochs=args.coop_epochs,
+            lr=args.coop_lr,
+        ),
+        tmm=tmm,
+        gopro=gopro,
+        tca=TCAConfig(
+            layers=tuple(args.tca_layers) if args.tca_layers else None,
+            keep_ratio=args.tca_keep_ratio,
+            mode=args.tca_mode,
+            reservoir_size=args.tca_reservoir_size,
+            correction_weight=args.tca_correction_weight,
+            beta=args.tca_beta,
+            anchors=not args.tca_no_anchors,
+        ),
+        tca_batch_size=args.tca_batch_size,
+        comclip=ComCLIPConfig(weighting=args.comclip_weighting),
+        comclip_size=args.comclip_size,
+    )
     model, tokenizer, _ = load(args.model, **load_options(args))
     model.to(device)
     with quiet_logger("clipforge", args.quiet or args.json):
@@ -195,8 +232,10 @@ def run(args) -> int:
     if args.json:
         print(dump_json(results))
         return 0
-    print(f"{results['dataset']} / {results['view']} ({results['num_classes']} classes, chance {results['chance']:.3f}), "
-          f"mean over seeds {list(cfg.seeds)}")
+    print(
+        f"{results['dataset']} / {results['view']} ({results['num_classes']} classes, chance {results['chance']:.3f}), "
+        f"mean over seeds {list(cfg.seeds)}"
+    )
     print(table(summary_rows(results), ["method", "shots", "test top-1", "heldout top-1", "delta test"]))
     if "ood" in results and "mcm" in results["ood"]:
         rows = [["MCM (zero-shot)", "", results["ood"]["mcm"]["auroc"], results["ood"]["mcm"]["fpr95"]]]

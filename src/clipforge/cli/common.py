@@ -64,9 +64,24 @@ def eval_rows(results: dict) -> list[list[Any]]:
     """Rows (task, metric, value, chance) for a results dict from clipforge.evaluation."""
     rows = []
     for task, r in results.get("zero_shot", {}).items():
-        rows.append([f"zero-shot {task} ({r['num_classes']} classes)", "top-1", r["top1"],
-                     f"{r['chance_top1']:.3f} (majority {r['majority_top1']:.3f})" if "majority_top1" in r else r["chance_top1"]])
-        rows.append([f"zero-shot {task} ({r['num_classes']} classes)", "balanced accuracy", r["balanced_accuracy"], r["chance_top1"]])
+        rows.append(
+            [
+                f"zero-shot {task} ({r['num_classes']} classes)",
+                "top-1",
+                r["top1"],
+                f"{r['chance_top1']:.3f} (majority {r['majority_top1']:.3f})"
+                if "majority_top1" in r
+                else r["chance_top1"],
+            ]
+        )
+        rows.append(
+            [
+                f"zero-shot {task} ({r['num_classes']} classes)",
+                "balanced accuracy",
+                r["balanced_accuracy"],
+                r["chance_top1"],
+            ]
+        )
     for name, r in results.get("retrieval", {}).items():
         rows.append([f"retrieval {name} image->text", "R@1", r["i2t_R@1"], r["i2t_R@1_chance"]])
         rows.append([f"retrieval {name} text->image", "R@1", r["t2i_R@1"], r["t2i_R@1_chance"]])

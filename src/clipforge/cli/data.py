@@ -4,8 +4,8 @@
     clipforge data build emoji --out DIR
     clipforge data info DIR
     clipforge data convert SRC --out DIR [--shard-size-mb 64] [--image-size N] [--val-fraction F]
-    clipforge data export-wds SRC --out DIR     # CLIP_benchmark's webdataset layout, for clipforge eval and clip_benchmark
-    clipforge data curate SRC --entries FILE|builtin --t N --out DIR   # MetaCLIP curation of SRC's train split
+    clipforge data export-wds SRC --out DIR     # CLIP_benchmark's webdataset layout (clipforge eval, clip_benchmark)
+    clipforge data curate SRC --entries FILE|builtin --t N --out DIR   # MetaCLIP curation, train split
 
 ``--out`` defaults to ``$CLIPFORGE_DATA/NAME`` (``~/.cache/clipforge/data/NAME``), where
 ``build_dataset(NAME, ...)`` looks for it. An interrupted build resumes when run again.
@@ -86,7 +86,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     u.add_argument("--word-boundary", action="store_true",
                    help="match whole words only (default: substrings, as MetaCLIP: 'cat' matches 'category')")
     u.add_argument("--shard-size-mb", type=float, default=64, help="target size of one shard in MB (default 64)")
-    i = sub.add_parser("info", help="summarize a built shard directory", description="summarize a built shard directory")
+    i = sub.add_parser(
+        "info", help="summarize a built shard directory", description="summarize a built shard directory"
+    )
     i.add_argument("dir", help="a shard directory, or the name of a corpus in the data home")
     i.add_argument("--json", action="store_true", help="print manifest and stats as one JSON object")
     p.set_defaults(_data_parser=p)
@@ -164,7 +166,9 @@ def run(args) -> int:
                 for name, s in rep["splits"].items()]
         print(f"{rep['source']} -> {args.out} ({rep['type']})")
         print(table(rows, ["split", "samples", "shards", "skipped"]))
-        print(f"done in {time.perf_counter() - t0:.1f} s; evaluate it with clipforge eval MODEL --dataset wds:{args.out}")
+        print(
+            f"done in {time.perf_counter() - t0:.1f} s; evaluate it with clipforge eval MODEL --dataset wds:{args.out}"
+        )
         return 0
     if args.data_command == "curate":
         from ..data.curation import curate_shards, read_entries
@@ -180,7 +184,8 @@ def run(args) -> int:
                                  word_boundary=args.word_boundary)
         c = manifest["curation"]
         print(_summary(Path(args.out)))
-        print(f"curation: {c['pool']} train samples, {c['matched']} matched an entry, {c['kept']} kept at t={c['t']:g}; "
+        print(f"curation: {c['pool']} train samples, {c['matched']} matched an entry, "
+              f"{c['kept']} kept at t={c['t']:g}; "
               f"head entries (> t): {c['head_entries']}, their share of matches {c['head_share_before']:.3f} -> "
               f"{c['head_share_after']:.3f}")
         print(f"done in {time.perf_counter() - t0:.1f} s; train on it with data.dataset=shards data.root={args.out}")

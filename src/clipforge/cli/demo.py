@@ -46,7 +46,9 @@ def estimate_step_seconds(cfg, trials: int = 3) -> float:
         t0 = time.perf_counter()
         with autocast_context(cfg.precision):
             out = model(images, texts)
-        loss = loss_fn(LossInputs(out["image_features"].float(), out["text_features"].float(), out["logit_scale"]))["loss"]
+        loss = loss_fn(LossInputs(out["image_features"].float(), out["text_features"].float(), out["logit_scale"]))[
+            "loss"
+        ]
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -79,7 +81,9 @@ def run(args) -> int:
     print(table(eval_rows(ev), ["task", "metric", "value", "chance"]))
     print(f"\n{result.step} steps, {result.samples_seen} samples in {result.train_seconds:.0f}s "
           f"({result.samples_per_second:.0f} samples/s); model saved in {cfg.out_dir}/checkpoints")
-    print(f"try: clipforge eval {cfg.out_dir}    or    clipforge embed {cfg.out_dir} --texts 'a red circle' --out e.npy")
+    print(
+        f"try: clipforge eval {cfg.out_dir}    or    clipforge embed {cfg.out_dir} --texts 'a red circle' --out e.npy"
+    )
     zs, rt = ev["zero_shot"]["object"], ev["retrieval"]["val"]
     summary = {
         "zero_shot_task": "color+shape of held-out (never trained) color-shape pairs",

@@ -11,15 +11,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a run, checkpoint or model directory, or anything clipforge.load reads "
                                  "(Hugging Face/OpenCLIP/OpenAI checkpoints, a uCLIP pivot directory)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", nargs="+", help="image files or directories (searched for .png/.jpg/.jpeg/.webp/.bmp/.gif)")
+    src.add_argument(
+        "--images", nargs="+", help="image files or directories (searched for .png/.jpg/.jpeg/.webp/.bmp/.gif)"
+    )
     src.add_argument("--texts", nargs="+", help="texts to embed")
     src.add_argument("--text-file", help="a file with one text per line")
-    p.add_argument("--out", required=True, help="output file: .npy (array [N, d]) or .parquet (columns: item, embedding)")
+    p.add_argument(
+        "--out", required=True, help="output file: .npy (array [N, d]) or .parquet (columns: item, embedding)"
+    )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="auto",
                    help="where the model runs: auto (a GPU when there is one, else the CPU; default), cpu, cuda, "
                         "cuda:N or mps")
-    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (they are listed) instead of stopping")
+    p.add_argument(
+        "--skip-bad", action="store_true", help="skip unreadable images (they are listed) instead of stopping"
+    )
     add_load_arguments(p)
 
 
@@ -85,7 +91,9 @@ def run(args) -> int:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pa.table({"item": keys, "embedding": pa.array(list(emb.astype(np.float32)), type=pa.list_(pa.float32()))})
+        table = pa.table(
+            {"item": keys, "embedding": pa.array(list(emb.astype(np.float32)), type=pa.list_(pa.float32()))}
+        )
         pq.write_table(table, out)
     print(f"wrote {emb.shape[0]} embeddings of dimension {emb.shape[1]} to {out}")
     return 0

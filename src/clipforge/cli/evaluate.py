@@ -1,10 +1,11 @@
 """``clipforge eval``: run an evaluation suite on a model and write JSON plus an HTML report.
 
-    clipforge eval runs/a                       # quick suite: zero-shot, retrieval, embedding diagnostics
-    clipforge eval runs/a --suite full          # + probes, few-shot, compositionality, counting, OOD, calibration, robustness
-    clipforge eval path/to/hf-clip --out rep/   # any checkpoint clipforge.load reads
-    clipforge eval runs/a --dataset imagefolder:photos/ --dataset csv:pairs.csv --dataset wds:cifar10/
-                                                # your own data: one summary table, one report section per dataset
+clipforge eval runs/a                       # quick suite: zero-shot, retrieval, embedding diagnostics
+clipforge eval runs/a --suite full          # + probes, few-shot, compositionality, counting, OOD, calibration,
+                                            #   robustness
+clipforge eval path/to/hf-clip --out rep/   # any checkpoint clipforge.load reads
+clipforge eval runs/a --dataset imagefolder:photos/ --dataset csv:pairs.csv --dataset wds:cifar10/
+                                            # your own data: one summary table, one report section per dataset
 """
 from __future__ import annotations
 
@@ -15,18 +16,29 @@ from .common import add_load_arguments, load_options
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a run directory (its newest checkpoint), a checkpoint/model directory, or any source "
-                                 "clipforge.load reads (Hugging Face CLIP/SigLIP directory, OpenCLIP or OpenAI weights)")
+    p.add_argument(
+        "model",
+        help="a run directory (its newest checkpoint), a checkpoint/model directory, or any source "
+        "clipforge.load reads (Hugging Face CLIP/SigLIP directory, OpenCLIP or OpenAI weights)",
+    )
     p.add_argument("--suite", default="quick",
                    help="quick: zero-shot, retrieval, diagnostics (seconds); full: every task (minutes). Default quick")
-    p.add_argument("--dataset", action="append", metavar="SPEC",
-                   help="repeatable. shapes (default: its held-out splits), a built corpus (openclipart, emoji), or your "
-                        "own data: imagefolder:DIR (a subfolder per class), wds:DIR (CLIP_benchmark webdataset layout), "
-                        "csv:FILE / tsv:FILE / jsonl:FILE / parquet:FILE (image-caption manifest; --label-column for "
-                        "classes), shards:DIR (clipforge data build|convert output)")
-    p.add_argument("--data-root", help="where the corpus was built (default $CLIPFORGE_DATA/NAME or ~/.cache/clipforge/data/NAME)")
+    p.add_argument(
+        "--dataset",
+        action="append",
+        metavar="SPEC",
+        help="repeatable. shapes (default: its held-out splits), a built corpus (openclipart, emoji), or your "
+        "own data: imagefolder:DIR (a subfolder per class), wds:DIR (CLIP_benchmark webdataset layout), "
+        "csv:FILE / tsv:FILE / jsonl:FILE / parquet:FILE (image-caption manifest; --label-column for "
+        "classes), shards:DIR (clipforge data build|convert output)",
+    )
+    p.add_argument(
+        "--data-root", help="where the corpus was built (default $CLIPFORGE_DATA/NAME or ~/.cache/clipforge/data/NAME)"
+    )
     p.add_argument("--size", type=int, default=500, help="samples per evaluation split (default 500)")
-    p.add_argument("--seed", type=int, default=12345, help="evaluation data seed; differs from training's (default 12345)")
+    p.add_argument(
+        "--seed", type=int, default=12345, help="evaluation data seed; differs from training's (default 12345)"
+    )
     p.add_argument("--out", help="directory for results.json and report.html (default: <model>/eval-<suite>, or "
                                  "./eval-<suite> when the model is a file)")
     p.add_argument("--cache-dir", help="embedding cache (default ~/.cache/clipforge/embeddings, or $CLIPFORGE_CACHE)")
@@ -39,15 +51,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--templates", default="openai_imagenet",
                    help="prompt templates where the dataset has none: openai_imagenet (80, default), openai_short (7), "
                         "simple ('a photo of a {c}.'), or a file with one template per line ({c} marks the class name)")
-    g.add_argument("--classnames", help="file of class names, one per line in class-index order (overrides the dataset's)")
+    g.add_argument(
+        "--classnames", help="file of class names, one per line in class-index order (overrides the dataset's)"
+    )
     g.add_argument("--label-column", help="manifests: the column holding the class (integer index or name); "
                                           "shards: the label view (default: the first)")
-    g.add_argument("--image-column", default="image", help="manifests: the column holding the image path (default image)")
+    g.add_argument(
+        "--image-column", default="image", help="manifests: the column holding the image path (default image)"
+    )
     g.add_argument("--train-dataset", metavar="SPEC", help="labelled train data for the linear probe and few-shot "
                                                            "adapters (default: the dataset's own train split, if any)")
     g.add_argument("--ood-dataset", metavar="SPEC", help="out-of-distribution images for OOD detection")
-    g.add_argument("--tasks", help="comma-separated tasks instead of a suite (zero_shot,retrieval,linear_probe,few_shot,"
-                                   "ood,calibration,robustness,diagnostics)")
+    g.add_argument(
+        "--tasks",
+        help="comma-separated tasks instead of a suite (zero_shot,retrieval,linear_probe,few_shot,"
+        "ood,calibration,robustness,diagnostics)",
+    )
     g.add_argument("--batch-size", type=int, default=64, help="images per encoding batch (default 64)")
     g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes decoding images (default 2)")
     g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: encode under bf16 autocast")
@@ -69,8 +88,14 @@ def summary_rows(results: dict) -> list[list]:
     for view, r in results.get("linear_probe", {}).items():
         rows.append([f"linear probe {view} ({r['num_classes']} classes)", "top-1", r["top1"], 1 / r["num_classes"]])
         if "top1_heldout_pairs" in r:
-            rows.append([f"linear probe {view} ({r['num_classes']} classes)", "top-1 held-out pairs", r["top1_heldout_pairs"],
-                         1 / r["num_classes"]])
+            rows.append(
+                [
+                    f"linear probe {view} ({r['num_classes']} classes)",
+                    "top-1 held-out pairs",
+                    r["top1_heldout_pairs"],
+                    1 / r["num_classes"],
+                ]
+            )
     if "few_shot" in results:
         fs = results["few_shot"]
         k = max(fs["shots"], key=int)
@@ -81,9 +106,14 @@ def summary_rows(results: dict) -> list[list]:
         for kind, v in results["compositionality"]["per_type"].items():
             rows.append([f"compositionality {kind}", "accuracy", v["accuracy"], v["chance"]])
     if "counting" in results:
-        rows.append(["counting (count captions)", "accuracy", results["counting"]["accuracy"], results["counting"]["chance"]])
+        rows.append(
+            ["counting (count captions)", "accuracy", results["counting"]["accuracy"], results["counting"]["chance"]]
+        )
     if "ood" in results:
-        rows += [["OOD (MCM)", "AUROC", results["ood"]["mcm"]["auroc"], 0.5], ["OOD (MCM)", "FPR@95", results["ood"]["mcm"]["fpr95"], 0.95]]
+        rows += [
+            ["OOD (MCM)", "AUROC", results["ood"]["mcm"]["auroc"], 0.5],
+            ["OOD (MCM)", "FPR@95", results["ood"]["mcm"]["fpr95"], 0.95],
+        ]
     if "calibration" in results:
         c = results["calibration"]
         rows += [["calibration", "ECE", c["ece"], ""], ["calibration", "ECE after temperature", c["ece_scaled"], ""]]
@@ -119,14 +149,37 @@ def _evaluate_one(spec: str, data, train, ood, model, tokenizer, transform, args
     from ..train.device import resolve_device
 
     if data is None:
-        res = run_suite(model.cpu(), tokenizer, args.suite, dataset=spec, size=args.size, seed=args.seed, cache_dir=cache,
-                        progress=not args.quiet, data_root=args.data_root, tasks=tasks)
+        res = run_suite(
+            model.cpu(),
+            tokenizer,
+            args.suite,
+            dataset=spec,
+            size=args.size,
+            seed=args.seed,
+            cache_dir=cache,
+            progress=not args.quiet,
+            data_root=args.data_root,
+            tasks=tasks,
+        )
         return res.results, res.artifacts
     device = str(resolve_device(args.device))
     model.to(device)
-    res = run_user_suite(model, tokenizer, data, args.suite, tasks, cache_dir=cache, progress=not args.quiet, train=train,
-                         ood=ood, transform=transform, batch_size=args.batch_size, workers=args.workers,
-                         precision=args.precision, device=device)
+    res = run_user_suite(
+        model,
+        tokenizer,
+        data,
+        args.suite,
+        tasks,
+        cache_dir=cache,
+        progress=not args.quiet,
+        train=train,
+        ood=ood,
+        transform=transform,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        precision=args.precision,
+        device=device,
+    )
     return res.results, res.artifacts
 
 
@@ -180,7 +233,9 @@ def run(args) -> int:
         written = list(write_report(results, per_dataset[specs[0]][1], out, title=title))
     else:
         (out / "results.json").write_text(json.dumps(results, indent=2))
-        (out / "report.html").write_text(render_multi_report(per_dataset, title, f"<p>suite <code>{args.suite}</code></p>"))
+        (out / "report.html").write_text(
+            render_multi_report(per_dataset, title, f"<p>suite <code>{args.suite}</code></p>")
+        )
         written = [out / "results.json", out / "report.html"]
     records = [rec for s, (r, _) in per_dataset.items() for rec in clip_benchmark_records(s, args.model, r)]
     write_clip_benchmark_records(out, records)

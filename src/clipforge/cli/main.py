@@ -11,18 +11,30 @@ import logging
 import sys
 
 COMMANDS = {
-    "demo": ("clipforge.cli.demo", "train the tiny model on the built-in shapes data and show what it learned (~2.5 min)"),
+    "demo": (
+        "clipforge.cli.demo",
+        "train the tiny model on the built-in shapes data and show what it learned (~2.5 min)",
+    ),
     "train": ("clipforge.cli.train", "train a model from a config file and key=value overrides"),
     "eval": ("clipforge.cli.evaluate", "evaluate a model with a suite (quick or full): JSON and an HTML report"),
     "embed": ("clipforge.cli.embed", "turn images or texts into embeddings (.npy or .parquet)"),
     "export": ("clipforge.cli.export", "write a model in another format: Hugging Face CLIPModel, ONNX, clipforge"),
-    "pivot": ("clipforge.cli.pivot", "give an English CLIP a multilingual text side (uCLIP), trained on English text only"),
+    "pivot": (
+        "clipforge.cli.pivot",
+        "give an English CLIP a multilingual text side (uCLIP), trained on English text only",
+    ),
     "data": ("clipforge.cli.data", "build image-caption corpora into shards (openclipart, emoji) and inspect them"),
-    "adapt": ("clipforge.cli.adapt", "fit a few-shot adapter (Tip-Adapter(-F), CoOp, GDA, CLIPN) and report accuracy before/after"),
+    "adapt": (
+        "clipforge.cli.adapt",
+        "fit a few-shot adapter (Tip-Adapter(-F), CoOp, GDA, CLIPN) and report accuracy before/after",
+    ),
     "index": ("clipforge.cli.index", "embed an image folder or a corpus split into a search index (incremental)"),
     "serve": ("clipforge.cli.serve", "a search web page and JSON API over an index, on 127.0.0.1"),
     "upcycle": ("clipforge.cli.upcycle", "turn a dense CLIP into a sparse top-k mixture of experts (CLIP-MoE)"),
-    "caption": ("clipforge.cli.caption", "caption images with a CoCa decoder (greedy/beam) or a MacCap decoder directory"),
+    "caption": (
+        "clipforge.cli.caption",
+        "caption images with a CoCa decoder (greedy/beam) or a MacCap decoder directory",
+    ),
 }
 
 EPILOG = """\
@@ -49,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"clipforge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name, help=help_text, description=help_text, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         p.set_defaults(_module=module)
         importlib.import_module(module).add_arguments(p)
     return parser

@@ -91,7 +91,10 @@ def run(args) -> int:
     result = train(cfg, evaluate=evaluate)
     if not is_main_process():  # under torchrun: rank 0 reports
         return 0
-    print(f"trained {result.step} steps, {result.samples_per_second:.0f} samples/s, checkpoints in {cfg.out_dir}/checkpoints")
+    print(
+        f"trained {result.step} steps, {result.samples_per_second:.0f} samples/s, checkpoints in "
+        f"{cfg.out_dir}/checkpoints"
+    )
     if result.eval:
         print(table(eval_rows(result.eval), ["task", "metric", "value", "chance"]))
     return 0

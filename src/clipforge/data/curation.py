@@ -145,9 +145,15 @@ def curate(texts: Sequence[str | Sequence[str]], entries: Sequence[str] | EntryM
     counts = entry_counts(indptr, ids, len(matcher))
     keep = balance(indptr, ids, counts, t, np.random.default_rng(seed))
     kept = np.nonzero(keep)[0]
-    return CurationResult(indices=kept, counts_before=counts, counts_after=entry_counts(indptr, ids, len(matcher), keep),
-                          entries=list(matcher.entries), t=t, pool=len(texts),
-                          matched=int((indptr[1:] > indptr[:-1]).sum()))
+    return CurationResult(
+        indices=kept,
+        counts_before=counts,
+        counts_after=entry_counts(indptr, ids, len(matcher), keep),
+        entries=list(matcher.entries),
+        t=t,
+        pool=len(texts),
+        matched=int((indptr[1:] > indptr[:-1]).sum()),
+    )
 
 
 def read_entries(source: str | os.PathLike) -> list[str]:

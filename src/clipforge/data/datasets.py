@@ -23,7 +23,9 @@ class ShapesDataset(Dataset):
 
     label_views = LABEL_VIEWS
 
-    def __init__(self, split: str = "train", size: int = 10_000, seed: int = 0, image_size: int = 64, cache: bool = True):
+    def __init__(
+        self, split: str = "train", size: int = 10_000, seed: int = 0, image_size: int = 64, cache: bool = True
+    ):
         self.generator = ShapesGenerator(split, seed, image_size)
         self.size, self.cache = size, cache
         self._images: torch.Tensor | None = None

@@ -262,7 +262,9 @@ class LMRewriter:
             if self.set_seed is not None:
                 self.set_seed(int(seed) + b // self.batch_size)
             lo, hi = chunk[0][0], chunk[-1][0]
-            where = f"LMRewriter '{self.name}': batch {b // self.batch_size} (captions {lo}..{hi}, first: {captions[lo]!r})"
+            where = (
+                f"LMRewriter '{self.name}': batch {b // self.batch_size} (captions {lo}..{hi}, first: {captions[lo]!r})"
+            )
             try:
                 outs = self.generate([p for _, p in chunk])
             except Exception as e:  # the user's callable: report where, keep the cause
@@ -333,7 +335,9 @@ def _check_records(rw: Rewrites, records: list[dict[str, Any]], what: str) -> No
     fix = (f"rerun store_rewrites(..., overwrite=True) to recompute it, or delete {rw.path or 'the sidecar'}")
     where = f"rewrites sidecar {rw.path or ''}".rstrip()
     if len(records) != len(rw.keys):
-        raise StaleRewritesError(f"{where} is stale: it has {len(rw.keys)} samples, the {what} has {len(records)}; {fix}")
+        raise StaleRewritesError(
+            f"{where} is stale: it has {len(rw.keys)} samples, the {what} has {len(records)}; {fix}"
+        )
     for i, (rec, key) in enumerate(zip(records, rw.keys)):
         if str(rec["key"]) != key:
             raise StaleRewritesError(f"{where} is stale: sample {i} has key '{rec['key']}' in the {what} but "
@@ -389,14 +393,20 @@ def store_rewrites(dataset_or_items, provider: RewriteProvider, path: str | os.P
         old.check(records)
         return old
     want = set(langs) if langs is not None else None
-    flat = [(i, j, c) for i, rec in enumerate(records) for j, (c, ok) in enumerate(zip(rec["captions"], _select(rec, want)))
-            if ok]
+    flat = [
+        (i, j, c)
+        for i, rec in enumerate(records)
+        for j, (c, ok) in enumerate(zip(rec["captions"], _select(rec, want)))
+        if ok
+    ]
     per_sample: list[list[list[str]]] = [[[] for _ in rec["captions"]] for rec in records]
     for b in range(0, len(flat), batch_size):
         chunk = flat[b : b + batch_size]
         out = provider.rewrite([c for _, _, c in chunk], n, seed)
         if len(out) != len(chunk):
-            raise RewriteError(f"provider '{provider_name(provider)}' returned {len(out)} results for {len(chunk)} captions")
+            raise RewriteError(
+                f"provider '{provider_name(provider)}' returned {len(out)} results for {len(chunk)} captions"
+            )
         for (i, j, _), rws in zip(chunk, out):
             per_sample[i][j] = [str(r) for r in rws][:n]
         if progress is not None:
@@ -436,8 +446,9 @@ def load_rewrites(path: str | os.PathLike, dataset=None) -> Rewrites:
     """Read a sidecar written by :func:`store_rewrites`; with ``dataset``, also check that it is not stale."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no rewrites sidecar at {path}: compute it once with store_rewrites(dataset, provider, "
-                                f"'{path}')")
+        raise FileNotFoundError(
+            f"no rewrites sidecar at {path}: compute it once with store_rewrites(dataset, provider, '{path}')"
+        )
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 

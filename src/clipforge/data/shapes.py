@@ -105,7 +105,10 @@ def _polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tup
         rot -= math.pi / 2
     else:
         raise ValueError(shape)
-    return [(cx + rr[k] * math.cos(rot + 2 * math.pi * k / n), cy + rr[k] * math.sin(rot + 2 * math.pi * k / n)) for k in range(n)]
+    return [
+        (cx + rr[k] * math.cos(rot + 2 * math.pi * k / n), cy + rr[k] * math.sin(rot + 2 * math.pi * k / n))
+        for k in range(n)
+    ]
 
 
 def object_box(obj: ShapeObject) -> tuple[float, float, float, float]:
@@ -136,7 +139,9 @@ def region_caption(obj: ShapeObject) -> str:
     return object_captions(obj.color, obj.shape, obj.size)[1]
 
 
-def render(objects: list[ShapeObject], image_size: int, background: tuple[int, int, int], supersample: int = 2) -> np.ndarray:
+def render(
+    objects: list[ShapeObject], image_size: int, background: tuple[int, int, int], supersample: int = 2
+) -> np.ndarray:
     """Draw objects with anti-aliasing (supersampled then box-filtered)."""
     s = image_size * supersample
     img = Image.new("RGB", (s, s), background)

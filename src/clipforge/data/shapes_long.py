@@ -74,5 +74,7 @@ class ShapesLongDataset(ShapesDataset):
 
 
 @DATASETS.register("shapes_long")
-def _shapes_long(split: str = "train", size: int = 10_000, seed: int = 0, image_size: int = 64, **kw) -> ShapesLongDataset:
+def _shapes_long(
+    split: str = "train", size: int = 10_000, seed: int = 0, image_size: int = 64, **kw
+) -> ShapesLongDataset:
     return ShapesLongDataset(split=split, size=size, seed=seed, image_size=image_size, **kw)

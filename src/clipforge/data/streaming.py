@@ -172,10 +172,20 @@ class _OpenFiles:
         self.handles.clear()
 
 
-def initial_state(num_workers: int, fingerprint: str, rank: int = 0, world_size: int = 1, epoch: int = 0) -> dict[str, Any]:
-    return {"version": STATE_VERSION, "fingerprint": fingerprint, "rank": rank, "world_size": world_size,
-            "num_workers": num_workers, "epoch": epoch, "next_worker": 0, "workers": [[epoch, 0] for _ in range(num_workers)],
-            "stats": StreamStats().as_dict()}
+def initial_state(
+    num_workers: int, fingerprint: str, rank: int = 0, world_size: int = 1, epoch: int = 0
+) -> dict[str, Any]:
+    return {
+        "version": STATE_VERSION,
+        "fingerprint": fingerprint,
+        "rank": rank,
+        "world_size": world_size,
+        "num_workers": num_workers,
+        "epoch": epoch,
+        "next_worker": 0,
+        "workers": [[epoch, 0] for _ in range(num_workers)],
+        "stats": StreamStats().as_dict(),
+    }
 
 
 class StreamingShards(IterableDataset):
@@ -251,7 +261,9 @@ class StreamingShards(IterableDataset):
                 shards = self._resampled_shards(epoch, g) if self.resampled else self._epoch_shards(epoch, g, total)
                 records = chain.from_iterable(tar_records(s) for s in shards)
                 n = 0
-                for rec in shuffled(records, self.shuffle_buffer, np.random.default_rng([self.seed, epoch, g, _SHUFFLE])):
+                for rec in shuffled(
+                    records, self.shuffle_buffer, np.random.default_rng([self.seed, epoch, g, _SHUFFLE])
+                ):
                     n += 1
                     if n > skip:
                         yield self._decode(rec, files, transform, g, (w, epoch, n))
@@ -337,8 +349,13 @@ class StreamStats:
         return self.samples + sum(self.skipped.values())
 
     def as_dict(self) -> dict[str, Any]:
-        return {"samples": self.samples, "records": self.records, "batches": self.batches,
-                "skipped": dict(sorted(self.skipped.items())), "examples": {k: list(v) for k, v in self.examples.items()}}
+        return {
+            "samples": self.samples,
+            "records": self.records,
+            "batches": self.batches,
+            "skipped": dict(sorted(self.skipped.items())),
+            "examples": {k: list(v) for k, v in self.examples.items()},
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StreamStats:

@@ -146,11 +146,15 @@ def run_adaptation(model, tokenizer: Callable, cfg: AdaptConfig | None = None) -
         else:
             ood_cls = ctx.classifier(s.classnames, s.templates)
             ood = (ctx.images(s.in_images, s.in_spec), ctx.images(s.out_images, s.out_spec), ood_cls, s)
-            results["ood"] = {"in": s.in_spec, "out": s.out_spec,
-                              "mcm": ood_metrics(mcm_score(ood[0], ood_cls).numpy(), mcm_score(ood[1], ood_cls).numpy())}
+            results["ood"] = {
+                "in": s.in_spec,
+                "out": s.out_spec,
+                "mcm": ood_metrics(mcm_score(ood[0], ood_cls).numpy(), mcm_score(ood[1], ood_cls).numpy()),
+            }
     if "tca" in cfg.methods:
-        results["test_time"] = {"tca": _run_tca(model, cls, scale, {"test": te} | ({"heldout": held} if held is not None else {}),
-                                                cfg)}
+        results["test_time"] = {
+            "tca": _run_tca(model, cls, scale, {"test": te} | ({"heldout": held} if held is not None else {}), cfg)
+        }
     if "comclip" in cfg.methods:
         results["compositional"] = {"comclip": _run_comclip(model, tokenizer, cfg)}
     shot_methods = [m for m in cfg.methods if m not in NO_SUPPORT]
@@ -175,8 +179,12 @@ def run_adaptation(model, tokenizer: Callable, cfg: AdaptConfig | None = None) -
                     adapters[method] = a.state_dict() | {"alpha": a.alpha, "beta": a.beta}
                 elif method == "gda":
                     g_val = gda_logits(val.features, sup, sup_y, classes)
-                    alpha = max(cfg.tip.alphas, key=lambda al: (top1(val.zero_shot_logits + al * g_val, val.labels), -al))
-                    run |= accuracy(lambda fs: fs.zero_shot_logits + alpha * gda_logits(fs.features, sup, sup_y, classes))
+                    alpha = max(
+                        cfg.tip.alphas, key=lambda al: (top1(val.zero_shot_logits + al * g_val, val.labels), -al)
+                    )
+                    run |= accuracy(
+                        lambda fs: fs.zero_shot_logits + alpha * gda_logits(fs.features, sup, sup_y, classes)
+                    )
                     run["alpha"] = alpha
                 elif method == "coop":
                     learner, hist = fit_coop(model, tokenizer, tr.classnames, sup, sup_y, cfg.coop)
@@ -221,9 +229,15 @@ def run_adaptation(model, tokenizer: Callable, cfg: AdaptConfig | None = None) -
                 logger.info("%d-shot seed %d %s: %s", k, seed, method, ", ".join(
                     f"{key} {v:.3f}" for key, v in run.items() if isinstance(v, float) and key != "seconds"))
         results["shots"][str(k)] = {
-            m: {key: _mean(runs, key) for key in runs[0] if key not in ("seed",) and isinstance(runs[0][key], (int, float))}
-               | {"runs": runs} | ({"skipped": runs[0]["skipped"]} if "skipped" in runs[0] else {})
-            for m, runs in per_method.items() if runs
+            m: {
+                key: _mean(runs, key)
+                for key in runs[0]
+                if key not in ("seed",) and isinstance(runs[0][key], (int, float))
+            }
+            | {"runs": runs}
+            | ({"skipped": runs[0]["skipped"]} if "skipped" in runs[0] else {})
+            for m, runs in per_method.items()
+            if runs
         }
     return results, adapters
 
@@ -244,8 +258,12 @@ def _run_tca(model, classifier, scale: float, splits: dict, cfg: AdaptConfig) ->
         runs.append(run)
         logger.info("tca seed %d: %s", seed, ", ".join(f"{k} {v:.3f}" for k, v in run.items() if isinstance(v, float)))
     mean = {key: _mean(runs, key) for key in runs[0] if key != "seed"}
-    return mean | {"gflops_plain": flops["gflops_plain"], "gflops_tca": flops["gflops_tca"], "gflops_saved": flops["saved"],
-                   "runs": runs}
+    return mean | {
+        "gflops_plain": flops["gflops_plain"],
+        "gflops_tca": flops["gflops_tca"],
+        "gflops_saved": flops["saved"],
+        "runs": runs,
+    }
 
 
 def _run_comclip(model, tokenizer, cfg: AdaptConfig) -> dict[str, Any]:

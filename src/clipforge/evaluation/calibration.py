@@ -51,8 +51,12 @@ def calibration_report(val_logits: Tensor, val_labels: Tensor, test_logits: Tens
     t = fit_temperature(val_logits, val_labels)
     before = test_logits.double().softmax(-1)
     after = (test_logits.double() / t).softmax(-1)
-    return {"temperature": t, "ece": expected_calibration_error(before, test_labels, bins),
-            "ece_scaled": expected_calibration_error(after, test_labels, bins),
-            "nll": float(F.cross_entropy(test_logits.double(), test_labels.long())),
-            "nll_scaled": float(F.cross_entropy(test_logits.double() / t, test_labels.long())),
-            "reliability": reliability(before, test_labels, bins), "reliability_scaled": reliability(after, test_labels, bins)}
+    return {
+        "temperature": t,
+        "ece": expected_calibration_error(before, test_labels, bins),
+        "ece_scaled": expected_calibration_error(after, test_labels, bins),
+        "nll": float(F.cross_entropy(test_logits.double(), test_labels.long())),
+        "nll_scaled": float(F.cross_entropy(test_logits.double() / t, test_labels.long())),
+        "reliability": reliability(before, test_labels, bins),
+        "reliability_scaled": reliability(after, test_labels, bins),
+    }

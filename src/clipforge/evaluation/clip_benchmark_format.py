@@ -60,7 +60,9 @@ def write_clip_benchmark_records(out_dir: str | Path, records: list[dict[str, An
     paths = []
     for r in records:
         extra = r.get("view") or r.get("split")
-        name = f"{slug(r['dataset'])}_{r['task']}" + (f"_{slug(extra)}" if extra and extra not in ("label", "test") else "")
+        name = f"{slug(r['dataset'])}_{r['task']}" + (
+            f"_{slug(extra)}" if extra and extra not in ("label", "test") else ""
+        )
         path = folder / f"{name}.json"
         path.write_text(json.dumps(r, indent=1))
         paths.append(path)
@@ -94,10 +96,14 @@ def render_multi_report(per_dataset: dict[str, tuple[dict, dict]], title: str, h
             if task not in results:
                 continue
             if isinstance(results[task], dict) and "skipped" in results[task]:
-                body.append(f"<section><h3>{html.escape(task)}</h3><p>skipped: {html.escape(results[task]['skipped'])}</p>"
-                            "</section>")
+                body.append(
+                    f"<section><h3>{html.escape(task)}</h3><p>skipped: {html.escape(results[task]['skipped'])}</p>"
+                    "</section>"
+                )
             else:
-                body.append(section(results[task], artifacts.get(task, {})).replace("<h2>", "<h3>").replace("</h2>", "</h3>"))
+                body.append(
+                    section(results[task], artifacts.get(task, {})).replace("<h2>", "<h3>").replace("</h2>", "</h3>")
+                )
         parts.append(f'<article id="ds{i}"><h2>{html.escape(name)}</h2>{"".join(body)}</article>')
     everything = {name: r for name, (r, _) in per_dataset.items()}
     parts.append(f"<details><summary>all numbers (JSON)</summary><pre>{html.escape(json.dumps(everything, indent=1))}"

@@ -26,7 +26,9 @@ def negative_preference(image_features: Tensor, positive_features: Tensor,
             wins[kind] += float(pos > float(neg.max()))
             total[kind] += 1
             chance[kind] += 1.0 / (feats.shape[0] + 1)
-    per_type = {k: {"accuracy": wins[k] / total[k], "n": total[k], "chance": chance[k] / total[k]} for k in sorted(total)}
+    per_type = {
+        k: {"accuracy": wins[k] / total[k], "n": total[k], "chance": chance[k] / total[k]} for k in sorted(total)
+    }
     macro = sum(v["accuracy"] for v in per_type.values()) / len(per_type) if per_type else 0.0
     return {"per_type": per_type, "macro_accuracy": macro}
 

@@ -253,9 +253,11 @@ def _wds_split(spec: str, root: Path, split: str, options: SpecOptions, retrieva
     if not nfile.is_file():
         have = sorted(p.name for p in root.iterdir() if (p / "nshards.txt").is_file()) if root.is_dir() else []
         raise DatasetSpecError(
-            f"--dataset {spec!r}: {nfile} is missing; CLIP_benchmark's layout needs <split>/nshards.txt with the number "
+            f"--dataset {spec!r}: {nfile} is missing; CLIP_benchmark's layout needs <split>/nshards.txt with the "
+            "number "
             f"of N.tar files{f' (splits found: {have}; choose one with --split)' if have else ''}; write it, or "
-            "create the directory with `clipforge data export-wds`")
+            "create the directory with `clipforge data export-wds`"
+        )
     try:
         nshards = int(nfile.read_text().strip())
     except ValueError:
@@ -395,7 +397,11 @@ def read_manifest_spec(spec: str, path: Path, options: SpecOptions) -> EvalData:
         label = None
         if label_col is not None:
             value = row.get(label_col)
-            if value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, float) and math.isnan(value)):
+            if (
+                value is None
+                or (isinstance(value, str) and not value.strip())
+                or (isinstance(value, float) and math.isnan(value))
+            ):
                 stats.skip("bad_row", f"{key}: empty {label_col!r}")
                 continue
             label = value.strip() if isinstance(value, str) else value

@@ -40,7 +40,9 @@ def modality_separability(image_features: Tensor, text_features: Tensor, folds: 
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_score
 
-    x = np.concatenate([F.normalize(image_features.double(), dim=-1).numpy(), F.normalize(text_features.double(), dim=-1).numpy()])
+    x = np.concatenate(
+        [F.normalize(image_features.double(), dim=-1).numpy(), F.normalize(text_features.double(), dim=-1).numpy()]
+    )
     y = np.concatenate([np.zeros(len(image_features)), np.ones(len(text_features))])
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(y))
@@ -48,8 +50,12 @@ def modality_separability(image_features: Tensor, text_features: Tensor, folds: 
 
 
 def embedding_diagnostics(image_features: Tensor, text_features: Tensor) -> dict:
-    return {"modality_gap": modality_gap(image_features, text_features),
-            "uniformity_image": uniformity(image_features), "uniformity_text": uniformity(text_features),
-            "alignment": alignment(image_features, text_features),
-            "effective_rank_image": effective_rank(image_features), "effective_rank_text": effective_rank(text_features),
-            "modality_classifier_accuracy": modality_separability(image_features, text_features)}
+    return {
+        "modality_gap": modality_gap(image_features, text_features),
+        "uniformity_image": uniformity(image_features),
+        "uniformity_text": uniformity(text_features),
+        "alignment": alignment(image_features, text_features),
+        "effective_rank_image": effective_rank(image_features),
+        "effective_rank_text": effective_rank(text_features),
+        "modality_classifier_accuracy": modality_separability(image_features, text_features),
+    }

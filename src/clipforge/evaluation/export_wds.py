@@ -42,8 +42,10 @@ def source_spec(src: str) -> str:
         return src
     p = Path(src)
     if not p.exists():
-        raise FileNotFoundError(f"{src} does not exist; give an image folder, a manifest ({', '.join(MANIFEST_EXTENSIONS)}) "
-                                "or a shard directory")
+        raise FileNotFoundError(
+            f"{src} does not exist; give an image folder, a manifest ({', '.join(MANIFEST_EXTENSIONS)}) "
+            "or a shard directory"
+        )
     if p.is_dir():
         return f"shards:{src}" if (p / "manifest.json").is_file() else f"imagefolder:{src}"
     if p.suffix.lower() in MANIFEST_EXTENSIONS:
@@ -63,7 +65,9 @@ def _image_member(raw: bytes | str) -> tuple[bytes, str]:
         return encode_png(im.convert("RGB")), "png"
 
 
-def _write_split(split: EvalSplit, out: Path, name: str, retrieval: bool, max_count: int, progress: bool) -> dict[str, Any]:
+def _write_split(
+    split: EvalSplit, out: Path, name: str, retrieval: bool, max_count: int, progress: bool
+) -> dict[str, Any]:
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*.tar"):

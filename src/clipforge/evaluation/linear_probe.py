@@ -31,6 +31,8 @@ def linear_probe(train_x, train_y, val_x, val_y, test_x, test_y, cs: Sequence[fl
         clf.fit(train_x, train_y)
         val_scores[c] = float((clf.predict(val_x) == val_y).mean())
     best = max(cs, key=lambda c: (val_scores[c], -c))  # ties: the stronger regularization
-    final = LogisticRegression(C=best, max_iter=max_iter).fit(np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y]))
+    final = LogisticRegression(C=best, max_iter=max_iter).fit(
+        np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y])
+    )
     return {"top1": float((final.predict(test_x) == test_y).mean()), "C": best, "val_top1": val_scores,
             "n_train": int(len(train_y) + len(val_y)), "n_test": int(len(test_y))}

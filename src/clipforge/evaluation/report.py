@@ -85,7 +85,10 @@ def plot_retrieval_examples(examples: list[dict]) -> str:
 def plot_reliability(before: dict, after: dict, temperature: float) -> str:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.6), sharey=True)
-    for ax, r, title in ((axes[0], before, "zero-shot"), (axes[1], after, f"temperature-scaled (T = {temperature:.3g})")):
+    for ax, r, title in (
+        (axes[0], before, "zero-shot"),
+        (axes[1], after, f"temperature-scaled (T = {temperature:.3g})"),
+    ):
         edges = np.asarray(r["edges"])
         width = np.diff(edges)
         acc = np.where(np.asarray(r["count"]) > 0, r["accuracy"], 0)
@@ -114,7 +117,9 @@ def plot_projection(image: np.ndarray, text: np.ndarray, gap: float | None) -> s
 def plot_ood(scores: dict) -> str:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    bins = np.linspace(min(scores["in"].min(), scores["out"].min()), max(scores["in"].max(), scores["out"].max()) + 1e-9, 30)
+    bins = np.linspace(
+        min(scores["in"].min(), scores["out"].min()), max(scores["in"].max(), scores["out"].max()) + 1e-9, 30
+    )
     ax.hist(scores["in"], bins=bins, alpha=0.6, label="in-distribution", color="#1a9641")
     ax.hist(scores["out"], bins=bins, alpha=0.6, label=f"out ({scores['out_name']})", color="#d7191c")
     ax.set_xlabel("MCM score (max softmax over class prompts)")
@@ -159,17 +164,38 @@ def _section(title: str, *parts: str) -> str:
 def _zero_shot(res, art) -> str:
     rows = [[t, r["num_classes"], r["top1"], r.get("top5", ""), r["balanced_accuracy"], r["chance_top1"], r["n"]]
             for t, r in res.items()]
-    plots = "".join(plot_confusion(a["confusion"], a["classnames"], f"zero-shot {t}") for t, a in art.items())  # {} without artifacts
-    return _section("Zero-shot classification", _table(rows, ["task", "classes", "top-1", "top-5", "balanced", "chance", "n"]),
-                    f'<div class="plots">{plots}</div>')
+    plots = "".join(
+        plot_confusion(a["confusion"], a["classnames"], f"zero-shot {t}") for t, a in art.items()
+    )  # {} without artifacts
+    return _section(
+        "Zero-shot classification",
+        _table(rows, ["task", "classes", "top-1", "top-5", "balanced", "chance", "n"]),
+        f'<div class="plots">{plots}</div>',
+    )
 
 
 def _retrieval(res, art) -> str:
     rows = [[name, r["i2t_R@1"], r["i2t_R@5"], r["i2t_R@10"], r["t2i_R@1"], r["t2i_R@5"], r["t2i_R@10"],
              r["i2t_median_rank"], r["t2i_median_rank"], r["t2i_R@1_chance"]] for name, r in res.items()]
-    return _section("Retrieval", _table(rows, ["set", "i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "i2t median rank",
-                                               "t2i median rank", "t2i R@1 chance"]),
-                    plot_retrieval_examples(art["examples"]) if "examples" in art else "")
+    return _section(
+        "Retrieval",
+        _table(
+            rows,
+            [
+                "set",
+                "i2t R@1",
+                "R@5",
+                "R@10",
+                "t2i R@1",
+                "R@5",
+                "R@10",
+                "i2t median rank",
+                "t2i median rank",
+                "t2i R@1 chance",
+            ],
+        ),
+        plot_retrieval_examples(art["examples"]) if "examples" in art else "",
+    )
 
 
 def _diagnostics(res, art) -> str:
@@ -182,8 +208,13 @@ def _diagnostics(res, art) -> str:
 def _linear(res, art) -> str:
     rows = [[view, r["num_classes"], r["top1"], r.get("top1_heldout_pairs", "—"), r["C"], r["n_train"], r["n_test"]]
             for view, r in res.items()]
-    return _section("Linear probe", _table(rows, ["view", "classes", "test top-1", "held-out pairs top-1", "C (chosen on val)",
-                                                  "n train+val", "n test"]))
+    return _section(
+        "Linear probe",
+        _table(
+            rows,
+            ["view", "classes", "test top-1", "held-out pairs top-1", "C (chosen on val)", "n train+val", "n test"],
+        ),
+    )
 
 
 def _few_shot(res, art) -> str:
@@ -198,10 +229,17 @@ def _few_shot(res, art) -> str:
 def _compositionality(res, art) -> str:
     per = res["per_type"]
     rows = [[k, v["accuracy"], v["chance"], v["n"]] for k, v in per.items()]
-    return _section("Compositionality (true caption beats its hard negatives)",
-                    _table(rows, ["negative type", "accuracy", "chance", "n"]) + f"<p>macro accuracy {res['macro_accuracy']:.3f}</p>",
-                    plot_bars(list(per), [v["accuracy"] for v in per.values()], [v["chance"] for v in per.values()],
-                              "accuracy by negative type"))
+    return _section(
+        "Compositionality (true caption beats its hard negatives)",
+        _table(rows, ["negative type", "accuracy", "chance", "n"])
+        + f"<p>macro accuracy {res['macro_accuracy']:.3f}</p>",
+        plot_bars(
+            list(per),
+            [v["accuracy"] for v in per.values()],
+            [v["chance"] for v in per.values()],
+            "accuracy by negative type",
+        ),
+    )
 
 
 def _counting(res, art) -> str:
@@ -211,14 +249,21 @@ def _counting(res, art) -> str:
 
 def _ood(res, art) -> str:
     m = res["mcm"]
-    return _section("Out-of-distribution detection",
-                    _table([["MCM", m["auroc"], m["fpr95"], m["n_in"], m["n_out"]]], ["score", "AUROC", "FPR@95%TPR", "n in", "n out"]),
-                    f"<p>in: {html.escape(res['in'])}; out: {html.escape(res['out'])}. CLIPN: {html.escape(res['clipn'])}</p>",
-                    plot_ood(art["mcm"]) if "mcm" in art else "")
+    return _section(
+        "Out-of-distribution detection",
+        _table(
+            [["MCM", m["auroc"], m["fpr95"], m["n_in"], m["n_out"]]], ["score", "AUROC", "FPR@95%TPR", "n in", "n out"]
+        ),
+        f"<p>in: {html.escape(res['in'])}; out: {html.escape(res['out'])}. CLIPN: {html.escape(res['clipn'])}</p>",
+        plot_ood(art["mcm"]) if "mcm" in art else "",
+    )
 
 
 def _calibration(res, art) -> str:
-    rows = [["zero-shot", res["ece"], res["nll"]], [f"temperature {res['temperature']:.3g}", res["ece_scaled"], res["nll_scaled"]]]
+    rows = [
+        ["zero-shot", res["ece"], res["nll"]],
+        [f"temperature {res['temperature']:.3g}", res["ece_scaled"], res["nll_scaled"]],
+    ]
     return _section(f"Calibration ({res['view']}, {res['bins']} bins)", _table(rows, ["", "ECE", "NLL"]),
                     plot_reliability(art["before"], art["after"], art["temperature"]) if "before" in art else "")
 
@@ -244,20 +289,32 @@ img{max-width:100%}code{background:#f4f4f4;padding:1px 4px}"""
 def render_report(results: dict, artifacts: dict, title: str) -> str:
     """The HTML page. ``artifacts`` may be partial or empty (e.g. results read back from JSON):
     tables are always drawn, plots only where their data is present."""
-    parts = [f"<h1>{html.escape(title)}</h1>",
-             f"<p>suite <code>{html.escape(str(results.get('suite')))}</code> on <code>{html.escape(str(results.get('dataset')))}</code>, "
-             f"{results.get('size')} samples per split, seed {results.get('seed')}; embedding cache "
-             f"{results.get('cache', {}).get('hits', 0)} hits / {results.get('cache', {}).get('misses', 0)} encodings</p>"]
+    parts = [
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p>suite <code>{html.escape(str(results.get('suite')))}</code> on "
+        f"<code>{html.escape(str(results.get('dataset')))}</code>, "
+        f"{results.get('size')} samples per split, seed {results.get('seed')}; embedding cache "
+        f"{results.get('cache', {}).get('hits', 0)} hits / {results.get('cache', {}).get('misses', 0)} encodings</p>",
+    ]
     for name, section in SECTIONS.items():
         if name in results and isinstance(results[name], dict) and "skipped" in results[name]:
-            parts.append(f"<section><h2>{html.escape(name)}</h2><p>skipped: {html.escape(results[name]['skipped'])}</p></section>")
+            parts.append(
+                f"<section><h2>{html.escape(name)}</h2><p>skipped: "
+                f"{html.escape(results[name]['skipped'])}</p></section>"
+            )
         elif name in results:
             parts.append(section(results[name], artifacts.get(name, {})))
-    parts.append(f"<details><summary>all numbers (JSON)</summary><pre>{html.escape(json.dumps(results, indent=1))}</pre></details>")
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>"
+    parts.append(
+        "<details><summary>all numbers "
+        f"(JSON)</summary><pre>{html.escape(json.dumps(results, indent=1))}</pre></details>"
+    )
+    head = f"<head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{STYLE}</style></head>"
+    return f"<!doctype html><html>{head}<body>{''.join(parts)}</body></html>"
 
 
-def write_report(results: dict, artifacts: dict, out_dir: str | Path, title: str = "clipforge evaluation") -> tuple[Path, Path]:
+def write_report(
+    results: dict, artifacts: dict, out_dir: str | Path, title: str = "clipforge evaluation"
+) -> tuple[Path, Path]:
     """Write ``results.json`` and ``report.html`` into ``out_dir``; returns both paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

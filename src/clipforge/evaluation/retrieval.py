@@ -28,7 +28,9 @@ def _hit_probability(greater: Tensor, tied_other: Tensor, tied_own: Tensor, k: i
     return 1 - miss
 
 
-def retrieval_metrics(image_features: Tensor, text_features: Tensor, text_to_image: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict:
+def retrieval_metrics(
+    image_features: Tensor, text_features: Tensor, text_to_image: Tensor, ks: Sequence[int] = (1, 5, 10)
+) -> dict:
     """Recall@k in both directions and median ranks. Tied scores are ordered at random, in
     expectation: a degenerate model whose embeddings are all equal gets chance-level recall,
     not the recall of whatever order a sort leaves ties in."""

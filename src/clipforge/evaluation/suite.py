@@ -72,8 +72,9 @@ class Context:
 
     def images(self, images: Sequence | Callable[[], Sequence], spec: str) -> Tensor:
         """Normalized image embeddings; ``images`` may be a function, called only on a cache miss."""
-        return F.normalize(self.cache.images(spec, lambda: encode_images(self.model, images() if callable(images) else images)),
-                           dim=-1)
+        return F.normalize(
+            self.cache.images(spec, lambda: encode_images(self.model, images() if callable(images) else images)), dim=-1
+        )
 
     def texts(self, texts: Sequence[str]) -> Tensor:
         return F.normalize(self.cache.texts(texts, lambda: encode_texts(self.model, texts, self.tokenizer)), dim=-1)
@@ -144,7 +145,9 @@ def task_linear_probe(ctx: Context):
         tr, va, te = ((ctx.images(s.images, s.spec), s.labels) for s in splits[:3])
         r = _logistic(tr, va, te)
         if splits[3] is not None:
-            r["top1_heldout_pairs"] = _logistic(tr, va, (ctx.images(splits[3].images, splits[3].spec), splits[3].labels))["top1"]
+            r["top1_heldout_pairs"] = _logistic(
+                tr, va, (ctx.images(splits[3].images, splits[3].spec), splits[3].labels)
+            )["top1"]
         r["num_classes"] = len(splits[0].classnames)
         results[view] = r
     return results, {}
@@ -284,7 +287,9 @@ def run_suite(model, tokenizer: Callable, suite: str = "quick", dataset: str = "
     if unknown:
         raise ValueError(f"unknown tasks {unknown}; available: {list(RUNNERS)}")
     model.eval()
-    ctx = Context(model, tokenizer, suite_data(dataset, model.image_size, size, seed, data_root), EmbeddingCache(model, cache_dir))
+    ctx = Context(
+        model, tokenizer, suite_data(dataset, model.image_size, size, seed, data_root), EmbeddingCache(model, cache_dir)
+    )
     results: dict[str, Any] = {"suite": suite, "dataset": dataset, "size": size, "seed": seed}
     artifacts: dict[str, Any] = {}
     bar = tqdm(tasks, desc=f"eval {suite}", disable=not progress, unit="task")

@@ -149,7 +149,9 @@ class ShapesSuiteData:
         size = size or self.size
         key = f"{split}:{size}"
         if key not in self._splits:
-            self._splits[key] = build_dataset("shapes", split=split, size=size, seed=self.seed, image_size=self.image_size)
+            self._splits[key] = build_dataset(
+                "shapes", split=split, size=size, seed=self.seed, image_size=self.image_size
+            )
         return self._splits[key]
 
     def _spec(self, split: str, size: int | None = None, extra: str = "") -> str:
@@ -163,8 +165,9 @@ class ShapesSuiteData:
     def labelled(self, view: str, split: str | None = None, size: int | None = None) -> Labelled:
         split = split or ("counting" if view == "count" else "compositional")
         keep = (lambda item: True) if view == "count" else (lambda item: item["kind"] == "single")
-        return labelled_items(self._split(split, size), view, LABEL_VIEWS[view], self._spec(split, size, f"/view={view}"),
-                              keep)
+        return labelled_items(
+            self._split(split, size), view, LABEL_VIEWS[view], self._spec(split, size, f"/view={view}"), keep
+        )
 
     def probe_splits(self, view: str = "shape") -> tuple[Labelled, Labelled, Labelled, Labelled]:
         """(train, val, test, held-out) for the linear and few-shot probes: single objects of
@@ -263,7 +266,8 @@ class CorpusSuiteData:
             from ..data.shards import corpus_root
 
             if not (corpus_root(OOD_PARTNER[self.name]) / "manifest.json").exists():
-                return f"the partner corpus '{OOD_PARTNER[self.name]}' is not built (clipforge data build {OOD_PARTNER[self.name]})"
+                partner = OOD_PARTNER[self.name]
+                return f"the partner corpus '{partner}' is not built (clipforge data build {partner})"
         return None
 
     def _spec(self, split: str, size, extra: str = "", name: str | None = None) -> str:

@@ -40,11 +40,20 @@ OPENAI_IMAGENET: tuple[str, ...] = (
     'a photo of a cool {c}.', 'a photo of a small {c}.', 'a tattoo of the {c}.',
 )
 OPENAI_SHORT: tuple[str, ...] = (
-    "itap of a {c}.", "a bad photo of the {c}.", "a origami {c}.", "a photo of the large {c}.", "a {c} in a video game.",
-    "art of the {c}.", "a photo of the small {c}.",
+    "itap of a {c}.",
+    "a bad photo of the {c}.",
+    "a origami {c}.",
+    "a photo of the large {c}.",
+    "a {c} in a video game.",
+    "art of the {c}.",
+    "a photo of the small {c}.",
 )
 SIMPLE: tuple[str, ...] = ("a photo of a {c}.",)
-TEMPLATE_SETS: dict[str, tuple[str, ...]] = {"openai_imagenet": OPENAI_IMAGENET, "openai_short": OPENAI_SHORT, "simple": SIMPLE}
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
+    "openai_imagenet": OPENAI_IMAGENET,
+    "openai_short": OPENAI_SHORT,
+    "simple": SIMPLE,
+}
 
 
 class PromptError(ValueError):
@@ -54,7 +63,9 @@ class PromptError(ValueError):
 def as_positional(template: str, where: str = "template") -> str:
     """``template`` with its class-name slot as ``{}``; a template without ``{c}`` or ``{}`` is an error."""
     if "{c}" not in template and "{}" not in template:
-        raise PromptError(f"{where}: {template!r} has no {{c}} where the class name goes; write e.g. 'a photo of a {{c}}.'")
+        raise PromptError(
+            f"{where}: {template!r} has no {{c}} where the class name goes; write e.g. 'a photo of a {{c}}.'"
+        )
     out = template.replace("{c}", "{}")
     try:
         out.format("x")

@@ -157,9 +157,14 @@ class UserSuiteData:
         s = self._split(split)
         self.ctx.features(s)  # encodes (or reads the cache) and marks the images that do not decode
         idx = s.good
-        return Labelled(RefSeq(s, idx, self.ctx.model.image_size), torch.tensor([s.labels[i] for i in idx], dtype=torch.long),
-                        list(self.test.classnames or []), list(self.test.templates or []), f"{s.name}/{s.split}",
-                        [s.captions[i] for i in idx] if s.captions else [])
+        return Labelled(
+            RefSeq(s, idx, self.ctx.model.image_size),
+            torch.tensor([s.labels[i] for i in idx], dtype=torch.long),
+            list(self.test.classnames or []),
+            list(self.test.templates or []),
+            f"{s.name}/{s.split}",
+            [s.captions[i] for i in idx] if s.captions else [],
+        )
 
     def probe_splits(self, view: str = VIEW):
         """(train, val, test, None): every fifth train image selects C and the ensembling weight, the
@@ -178,15 +183,23 @@ class UserSuiteData:
         for j, i in enumerate(idx):
             captions.extend(s.captions[i])
             owner.extend([j] * len(s.captions[i]))
-        return RetrievalSet(RefSeq(s, idx, self.ctx.model.image_size), captions, torch.tensor(owner), f"{s.name}/{s.split}",
-                            s.split)
+        return RetrievalSet(
+            RefSeq(s, idx, self.ctx.model.image_size), captions, torch.tensor(owner), f"{s.name}/{s.split}", s.split
+        )
 
     def ood_set(self) -> OODSet:
         inside = self.labelled(VIEW)
         out = self.ood.test
         self.ctx.features(out)
-        return OODSet(inside.images, RefSeq(out, out.good, self.ctx.model.image_size), inside.classnames, inside.templates,
-                      inside.spec, f"{out.name}/{out.split}", out_name=self.ood.spec)
+        return OODSet(
+            inside.images,
+            RefSeq(out, out.good, self.ctx.model.image_size),
+            inside.classnames,
+            inside.templates,
+            inside.spec,
+            f"{out.name}/{out.split}",
+            out_name=self.ood.spec,
+        )
 
 
 def task_robustness_stream(ctx: StreamingContext, view: str | None = None):
@@ -230,8 +243,18 @@ def run_user_suite(model, tokenizer: Callable, data: EvalData, suite: str = "qui
     """Run a suite (or ``tasks``) on a user dataset; tasks it cannot run are recorded as skipped, with the reason."""
     tasks = resolve_tasks(suite, tasks)
     model.eval()
-    ctx = StreamingContext(model, tokenizer, None, EmbeddingCache(model, cache_dir), transform=transform,
-                           batch_size=batch_size, workers=workers, precision=precision, device=device, progress=progress)
+    ctx = StreamingContext(
+        model,
+        tokenizer,
+        None,
+        EmbeddingCache(model, cache_dir),
+        transform=transform,
+        batch_size=batch_size,
+        workers=workers,
+        precision=precision,
+        device=device,
+        progress=progress,
+    )
     ctx.data = UserSuiteData(data, ctx, train, ood)
     results: dict[str, Any] = {"suite": suite, "dataset": data.spec}
     artifacts: dict[str, Any] = {}

@@ -21,7 +21,14 @@ def zero_shot_classifier(model, classnames: Sequence[str], templates: Sequence[s
     return F.normalize(emb.mean(dim=1), dim=-1)
 
 
-def zero_shot_eval(model, image_features: Tensor, labels: Tensor, classnames: Sequence[str], templates: Sequence[str], tokenizer: Callable) -> dict:
+def zero_shot_eval(
+    model,
+    image_features: Tensor,
+    labels: Tensor,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    tokenizer: Callable,
+) -> dict:
     classifier = zero_shot_classifier(model, classnames, templates, tokenizer)
     logits = F.normalize(image_features, dim=-1) @ classifier.t()
     out = classification_metrics(logits, labels, len(classnames))

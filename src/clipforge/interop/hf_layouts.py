@@ -25,12 +25,26 @@ HF_ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gel
 OUR_ACTS_TO_HF = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 
 DEFAULTS = {
-    "clip": {"text": {"num_attention_heads": 8, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "eos_token_id": 49407,
-                      "pad_token_id": 1},
-             "vision": {"num_attention_heads": 12, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}},
-    "siglip": {"text": {"num_attention_heads": 12, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6,
-                        "eos_token_id": 1, "pad_token_id": 1},
-               "vision": {"num_attention_heads": 12, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}},
+    "clip": {
+        "text": {
+            "num_attention_heads": 8,
+            "hidden_act": "quick_gelu",
+            "layer_norm_eps": 1e-5,
+            "eos_token_id": 49407,
+            "pad_token_id": 1,
+        },
+        "vision": {"num_attention_heads": 12, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5},
+    },
+    "siglip": {
+        "text": {
+            "num_attention_heads": 12,
+            "hidden_act": "gelu_pytorch_tanh",
+            "layer_norm_eps": 1e-6,
+            "eos_token_id": 1,
+            "pad_token_id": 1,
+        },
+        "vision": {"num_attention_heads": 12, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6},
+    },
 }
 
 BLOCK = {
@@ -113,17 +127,20 @@ def hf_rules(cfg: CLIPConfig, family: str) -> list[Rule]:
         rule("visual.patch_embed.weight", v + "embeddings.patch_embedding.weight"),
         rule("visual.positional_embedding", v + "embeddings.position_embedding.weight"),
         *block_rules("visual.transformer.blocks.", v + "encoder.layers.", cfg.vision.layers, BLOCK),
-        rule("visual.ln_post.weight", v + "post_layernorm.weight"), rule("visual.ln_post.bias", v + "post_layernorm.bias"),
+        rule("visual.ln_post.weight", v + "post_layernorm.weight"),
+        rule("visual.ln_post.bias", v + "post_layernorm.bias"),
         rule("text.token_embedding.weight", t + "embeddings.token_embedding.weight"),
         rule("text.positional_embedding", t + "embeddings.position_embedding.weight"),
         *block_rules("text.transformer.blocks.", t + "encoder.layers.", cfg.text.layers, BLOCK),
-        rule("text.ln_final.weight", t + "final_layer_norm.weight"), rule("text.ln_final.bias", t + "final_layer_norm.bias"),
+        rule("text.ln_final.weight", t + "final_layer_norm.weight"),
+        rule("text.ln_final.bias", t + "final_layer_norm.bias"),
         rule("logit_scale", "logit_scale", "scalar"),
     ]
     if family == "clip":
         rules += [
             rule("visual.class_embedding", v + "embeddings.class_embedding"),
-            rule("visual.ln_pre.weight", v + "pre_layrnorm.weight"), rule("visual.ln_pre.bias", v + "pre_layrnorm.bias"),
+            rule("visual.ln_pre.weight", v + "pre_layrnorm.weight"),
+            rule("visual.ln_pre.bias", v + "pre_layrnorm.bias"),
             rule("visual.proj", "visual_projection.weight", "transpose"),
             rule("text.proj", "text_projection.weight", "transpose"),
         ]
@@ -136,10 +153,14 @@ def hf_rules(cfg: CLIPConfig, family: str) -> list[Rule]:
             rule("visual.attn_pool.attn.in_proj_bias", h + "attention.in_proj_bias"),
             rule("visual.attn_pool.attn.out_proj.weight", h + "attention.out_proj.weight"),
             rule("visual.attn_pool.attn.out_proj.bias", h + "attention.out_proj.bias"),
-            rule("visual.attn_pool.ln.weight", h + "layernorm.weight"), rule("visual.attn_pool.ln.bias", h + "layernorm.bias"),
-            rule("visual.attn_pool.mlp.0.weight", h + "mlp.fc1.weight"), rule("visual.attn_pool.mlp.0.bias", h + "mlp.fc1.bias"),
-            rule("visual.attn_pool.mlp.2.weight", h + "mlp.fc2.weight"), rule("visual.attn_pool.mlp.2.bias", h + "mlp.fc2.bias"),
-            rule("text.proj", t + "head.weight", "transpose"), rule("text.proj_bias", t + "head.bias"),
+            rule("visual.attn_pool.ln.weight", h + "layernorm.weight"),
+            rule("visual.attn_pool.ln.bias", h + "layernorm.bias"),
+            rule("visual.attn_pool.mlp.0.weight", h + "mlp.fc1.weight"),
+            rule("visual.attn_pool.mlp.0.bias", h + "mlp.fc1.bias"),
+            rule("visual.attn_pool.mlp.2.weight", h + "mlp.fc2.weight"),
+            rule("visual.attn_pool.mlp.2.bias", h + "mlp.fc2.bias"),
+            rule("text.proj", t + "head.weight", "transpose"),
+            rule("text.proj_bias", t + "head.bias"),
             rule("logit_bias", "logit_bias", "scalar"),
         ]
     return rules
@@ -152,8 +173,18 @@ def hf_family_of(cfg: CLIPConfig) -> str:
         raise ValueError("a model with a Hugging Face text tower (hf_text) has no CLIPModel/SiglipModel equivalent")
     clip_like = (v.class_token and v.ln_pre and v.pool == "cls" and v.proj and not v.patch_bias and t.causal
                  and t.pool == "eot" and not t.proj_bias)
-    siglip_like = (not v.class_token and not v.ln_pre and v.pool == "map" and not v.proj and v.patch_bias and not t.causal
-                   and not t.pad_mask and t.pool == "last" and t.proj_bias and v.attn_pool_heads == v.heads)
+    siglip_like = (
+        not v.class_token
+        and not v.ln_pre
+        and v.pool == "map"
+        and not v.proj
+        and v.patch_bias
+        and not t.causal
+        and not t.pad_mask
+        and t.pool == "last"
+        and t.proj_bias
+        and v.attn_pool_heads == v.heads
+    )
     if clip_like:
         return "clip"
     if siglip_like:

@@ -28,13 +28,19 @@ def rule(ours: str, theirs: str | tuple[str, ...], kind: Kind = "copy") -> Rule:
     return Rule(ours, (theirs,) if isinstance(theirs, str) else tuple(theirs), kind)
 
 
-def block_rules(ours_prefix: str, theirs_prefix: str, layers: int, names: dict[str, str | tuple[str, ...]]) -> list[Rule]:
+def block_rules(
+    ours_prefix: str, theirs_prefix: str, layers: int, names: dict[str, str | tuple[str, ...]]
+) -> list[Rule]:
     """Rules for ``layers`` transformer blocks; ``names`` maps our block-local names to theirs."""
     out = []
     for i in range(layers):
         for ours, theirs in names.items():
             kind: Kind = "cat" if isinstance(theirs, tuple) else "copy"
-            t = tuple(f"{theirs_prefix}{i}.{n}" for n in theirs) if isinstance(theirs, tuple) else f"{theirs_prefix}{i}.{theirs}"
+            t = (
+                tuple(f"{theirs_prefix}{i}.{n}" for n in theirs)
+                if isinstance(theirs, tuple)
+                else f"{theirs_prefix}{i}.{theirs}"
+            )
             out.append(rule(f"{ours_prefix}{i}.{ours}", t, kind))
     return out
 
@@ -49,7 +55,9 @@ def _convert(rule_: Rule, tensors: list[Tensor]) -> Tensor:
     return torch.cat(tensors, dim=0)
 
 
-def import_state(rules: list[Rule], theirs: dict[str, Tensor], source: str, ignore: tuple[str, ...] = ()) -> dict[str, Tensor]:
+def import_state(
+    rules: list[Rule], theirs: dict[str, Tensor], source: str, ignore: tuple[str, ...] = ()
+) -> dict[str, Tensor]:
     """Build our state dict from a foreign one; missing and unexpected keys are named."""
     used = {k for r in rules for k in r.theirs}
     missing = sorted(k for k in used if k not in theirs)
@@ -63,7 +71,9 @@ def import_state(rules: list[Rule], theirs: dict[str, Tensor], source: str, igno
     return {r.ours: _convert(r, [theirs[k] for k in r.theirs]) for r in rules}
 
 
-def export_state(rules: list[Rule], ours: dict[str, Tensor], theirs_shapes: dict[str, tuple] | None = None) -> dict[str, Tensor]:
+def export_state(
+    rules: list[Rule], ours: dict[str, Tensor], theirs_shapes: dict[str, tuple] | None = None
+) -> dict[str, Tensor]:
     """The inverse of :func:`import_state`: split fused tensors, transpose back, restore shapes."""
     out = {}
     for r in rules:
@@ -91,7 +101,8 @@ def load_into(model: torch.nn.Module, state: dict[str, Tensor], source: str) -> 
     for k, v in state.items():
         if tuple(own[k].shape) != tuple(v.shape):
             raise ValueError(
-                f"{source}: shape mismatch for tensor '{k}': checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)} "
+                f"{source}: shape mismatch for tensor '{k}': checkpoint {tuple(v.shape)} vs model "
+                f"{tuple(own[k].shape)} "
                 "(the config does not describe these weights)"
             )
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
@@ -103,5 +114,9 @@ def _short(keys: list[str], n: int = 8) -> str:
 
 def count_layers(keys, prefix: str) -> int:
     """Number of blocks ``prefix{i}.`` present among ``keys``."""
-    idx = {int(k[len(prefix):].split(".", 1)[0]) for k in keys if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0].isdigit()}
+    idx = {
+        int(k[len(prefix) :].split(".", 1)[0])
+        for k in keys
+        if k.startswith(prefix) and k[len(prefix) :].split(".", 1)[0].isdigit()
+    }
     return max(idx) + 1 if idx else 0

@@ -66,7 +66,9 @@ class OnnxCLIP:
         if threads:
             opts.intra_op_num_threads = threads
         directory = Path(directory)
-        self.image = ort.InferenceSession(str(directory / "image_encoder.onnx"), opts, providers=["CPUExecutionProvider"])
+        self.image = ort.InferenceSession(
+            str(directory / "image_encoder.onnx"), opts, providers=["CPUExecutionProvider"]
+        )
         self.text = ort.InferenceSession(str(directory / "text_encoder.onnx"), opts, providers=["CPUExecutionProvider"])
 
     def encode_image(self, pixels: Tensor) -> Tensor:

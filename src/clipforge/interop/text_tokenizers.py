@@ -43,6 +43,8 @@ class MissingTokenizer:
 
     def __call__(self, *args, **kwargs):
         raise FileNotFoundError(
-            f"no tokenizer for the model loaded from '{self.directory}': {self.reason}. Copy the model's tokenizer files "
-            f"({', '.join(TOKENIZER_FILES)}) into that directory, or tokenize yourself and pass ids to model.encode_text"
+            f"no tokenizer for the model loaded from '{self.directory}': {self.reason}. Copy the model's tokenizer "
+            "files "
+            f"({', '.join(TOKENIZER_FILES)}) into that directory, or tokenize yourself and pass ids to "
+            "model.encode_text"
         )

@@ -27,7 +27,9 @@ from .teacher_features import teacher_keys, teacher_pairs, teacher_scales
 from .validate import parse_options
 
 
-def _soft_ce_rows(queries: Tensor, candidates: Tensor, logit_scale, teacher: Tensor, alpha: float, offset: int) -> Tensor:
+def _soft_ce_rows(
+    queries: Tensor, candidates: Tensor, logit_scale, teacher: Tensor, alpha: float, offset: int
+) -> Tensor:
     """Mean over rows of the cross-entropy with targets (1 - alpha) onehot(offset + i) + alpha teacher_i."""
     logp = (logit_scale * queries @ candidates.t()).log_softmax(-1)
     onehot = torch.zeros_like(logp)

@@ -55,7 +55,9 @@ def teacher_scales(scale: float | Sequence[float], count: int) -> list[float]:
         return [float(scale)] * count
     scales = [float(s) for s in scale]
     if len(scales) != count:
-        raise ValueError(f"teacher_scale lists {len(scales)} values for {count} teachers; give one value or one per teacher")
+        raise ValueError(
+            f"teacher_scale lists {len(scales)} values for {count} teachers; give one value or one per teacher"
+        )
     return scales
 
 

@@ -44,9 +44,15 @@ class CLIP(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.visual = VisionTransformer(cfg.vision, cfg.embed_dim)
-        self.text = HFTextTower(cfg.hf_text, cfg.embed_dim) if cfg.hf_text is not None else TextTransformer(cfg.text, cfg.embed_dim)
+        self.text = (
+            HFTextTower(cfg.hf_text, cfg.embed_dim)
+            if cfg.hf_text is not None
+            else TextTransformer(cfg.text, cfg.embed_dim)
+        )
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
-        self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias))) if cfg.init_logit_bias is not None else None
+        self.logit_bias = (
+            nn.Parameter(torch.tensor(float(cfg.init_logit_bias))) if cfg.init_logit_bias is not None else None
+        )
         self.region_head = RegionHead(cfg.embed_dim, self.visual.grid) if cfg.region_head else None
 
     @property
@@ -144,7 +150,9 @@ class CLIP(nn.Module):
         if not return_tokens:
             return {"image_features": self.encode_image(images) if images is not None else None,
                     "text_features": self.encode_text(texts) if texts is not None else None, **out}
-        out["image_features"], out["image_tokens"] = self.encode_image_tokens(images) if images is not None else (None, None)
+        out["image_features"], out["image_tokens"] = (
+            self.encode_image_tokens(images) if images is not None else (None, None)
+        )
         out["text_features"], out["text_tokens"], out["text_mask"] = \
             self.encode_text_tokens(texts) if texts is not None else (None, None, None)
         return out

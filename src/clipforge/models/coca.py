@@ -141,7 +141,9 @@ class MultimodalDecoder(nn.Module):
 
     def __init__(self, width: int, cfg: MultimodalConfig, vocab_size: int):
         super().__init__()
-        self.blocks = nn.ModuleList([Block(width, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.ln_eps) for _ in range(cfg.layers)])
+        self.blocks = nn.ModuleList(
+            [Block(width, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.ln_eps) for _ in range(cfg.layers)]
+        )
         self.cross = nn.ModuleList([CrossBlock(width, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.ln_eps)
                                     for _ in range(cfg.layers)])
         self.ln_final = nn.LayerNorm(width, eps=cfg.ln_eps)

@@ -36,7 +36,9 @@ class VisionConfig:
         if self.width % self.heads:
             raise ValueError(f"vision width {self.width} is not divisible by heads {self.heads}")
         if self.pool == "cls" and not self.class_token:
-            raise ValueError("pool='cls' needs class_token=True; use pool='mean', 'attn' or 'map' without a class token")
+            raise ValueError(
+                "pool='cls' needs class_token=True; use pool='mean', 'attn' or 'map' without a class token"
+            )
 
 
 @dataclass

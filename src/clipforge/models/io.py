@@ -76,8 +76,10 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> Non
     unexpected = sorted(set(weights) - set(own))
     if strict and (missing or unexpected):
         raise KeyError(
-            f"checkpoint '{file}' does not match the model: missing keys {missing[:10]}{'...' if len(missing) > 10 else ''}, "
-            f"unexpected keys {unexpected[:10]}{'...' if len(unexpected) > 10 else ''}. Build the model with the config the "
+            f"checkpoint '{file}' does not match the model: missing keys "
+            f"{missing[:10]}{'...' if len(missing) > 10 else ''}, "
+            f"unexpected keys {unexpected[:10]}{'...' if len(unexpected) > 10 else ''}. Build the model with the "
+            "config the "
             "checkpoint was saved with (model_config.json beside it)."
         )
     for k, v in weights.items():

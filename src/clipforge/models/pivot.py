@@ -97,7 +97,9 @@ def save_pivot(model: PivotCLIP, directory: str | Path, encoder_spec: str, confi
     directory.mkdir(parents=True, exist_ok=True)
     save_model(model.clip, directory / "clip")
     p = model.projection
-    save_file({k: v.detach().contiguous() for k, v in p.state_dict().items()}, str(directory / "projection.safetensors"))
+    save_file(
+        {k: v.detach().contiguous() for k, v in p.state_dict().items()}, str(directory / "projection.safetensors")
+    )
     record = asdict(config) if is_dataclass(config) else config
     meta = {"format": "clipforge-pivot-1", "encoder": encoder_spec, "in_dim": p.in_dim, "out_dim": p.out_dim,
             "hidden": p.hidden, "config": record}

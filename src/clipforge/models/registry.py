@@ -22,7 +22,9 @@ _load_builtin()
 
 def register_model(name: str, config: CLIPConfig | dict, overwrite: bool = False) -> None:
     """Add a named architecture (a CLIPConfig or its dict form)."""
-    MODEL_CONFIGS.register(name, config.to_dict() if isinstance(config, CLIPConfig) else dict(config), overwrite=overwrite)
+    MODEL_CONFIGS.register(
+        name, config.to_dict() if isinstance(config, CLIPConfig) else dict(config), overwrite=overwrite
+    )
 
 
 def list_models() -> list[str]:

@@ -72,13 +72,17 @@ class HFMeanPoolEncoder:
         try:
             from transformers import AutoModel, AutoTokenizer
         except ImportError as e:  # pragma: no cover - transformers is in the dev/minilm extras
-            raise ImportError("a Hugging Face sentence encoder needs transformers: pip install 'clipforge[minilm]'") from e
+            raise ImportError(
+                "a Hugging Face sentence encoder needs transformers: pip install 'clipforge[minilm]'"
+            ) from e
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.model = AutoModel.from_pretrained(path, add_pooling_layer=False).eval()
         except OSError as e:
-            raise FileNotFoundError(f"cannot load the sentence encoder '{path}': give a local directory with config.json, "
-                                    f"the tokenizer files and the weights (or a hub name with a network): {e}") from e
+            raise FileNotFoundError(
+                f"cannot load the sentence encoder '{path}': give a local directory with config.json, "
+                f"the tokenizer files and the weights (or a hub name with a network): {e}"
+            ) from e
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.prefix, self.max_length, self.batch_size = prefix, max_length, batch_size

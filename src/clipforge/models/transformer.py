@@ -142,7 +142,9 @@ class Transformer(nn.Module):
     with the same ``attn_mask`` / ``is_causal`` for every block; ``grad_checkpointing`` recomputes
     each block's activations in backward."""
 
-    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu", ln_eps: float = 1e-5):
+    def __init__(
+        self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu", ln_eps: float = 1e-5
+    ):
         super().__init__()
         self.width, self.layers = width, layers
         self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, act, ln_eps) for _ in range(layers)])

@@ -94,7 +94,8 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"expected images of shape [B, 3, H, W], got {tuple(pixels.shape)}")
         if pixels.shape[-1] != self.cfg.image_size or pixels.shape[-2] != self.cfg.image_size:
             raise ValueError(
-                f"expected {self.cfg.image_size}x{self.cfg.image_size} images, got {pixels.shape[-2]}x{pixels.shape[-1]}; "
+                f"expected {self.cfg.image_size}x{self.cfg.image_size} images, got "
+                f"{pixels.shape[-2]}x{pixels.shape[-1]}; "
                 "preprocess them with clipforge.image_transform(model.image_size)"
             )
         x = self.embed_patches(pixels)  # [B, N, w]

@@ -309,7 +309,9 @@ def read_indexed_bytes(row: dict[str, Any], roots: Sequence[str] = ()) -> bytes:
     except FileNotFoundError:
         raise FileNotFoundError(f"item {row['key']!r}: {path} no longer exists ({_FIX})") from None
     except OSError as e:  # ELOOP: the last component became a symlink between the two calls
-        raise ItemChangedError(f"item {row['key']!r}: {path} cannot be opened safely ({e.strerror}); not served") from None
+        raise ItemChangedError(
+            f"item {row['key']!r}: {path} cannot be opened safely ({e.strerror}); not served"
+        ) from None
     with os.fdopen(fd, "rb") as f:
         _check_stat(row, path, os.fstat(fd))
         if row["kind"] == "corpus":

@@ -292,8 +292,10 @@ class Searcher:
             self.model, self.tokenizer, self.preprocess = model
         self.model.eval()
         current = model_info(self.model, source)
-        fix = (f"Serve it with the model it was built with (--model {built.get('resolved') or built.get('source')}), "
-               f"or rebuild the index with this model: clipforge index {source or 'MODEL'} ... --out {self.root} --rebuild")
+        fix = (
+            f"Serve it with the model it was built with (--model {built.get('resolved') or built.get('source')}), "
+            f"or rebuild the index with this model: clipforge index {source or 'MODEL'} ... --out {self.root} --rebuild"
+        )
         check_same_model(self.root, built, current, fix)
         self.model_description = describe_model(built)
         self.backend = self._backend(backend, nprobe, ef_search)

@@ -6,5 +6,14 @@ from .checkpoint import load_weights, save_checkpoint
 from .config import DataConfig, DistributedConfig, TrainConfig, load_config
 from .loop import TrainingDiverged, TrainResult, train
 
-__all__ = ["DataConfig", "DistributedConfig", "TrainConfig", "load_config", "train", "TrainResult", "TrainingDiverged", "save_checkpoint",
-           "load_weights"]
+__all__ = [
+    "DataConfig",
+    "DistributedConfig",
+    "TrainConfig",
+    "load_config",
+    "train",
+    "TrainResult",
+    "TrainingDiverged",
+    "save_checkpoint",
+    "load_weights",
+]

@@ -162,7 +162,11 @@ class TrainConfig:
         from .device import parse_device
 
         parse_device(self.device)
-        for name, value in {"batch_size": self.batch_size, "accum_steps": self.accum_steps, "steps": self.steps}.items():
+        for name, value in {
+            "batch_size": self.batch_size,
+            "accum_steps": self.accum_steps,
+            "steps": self.steps,
+        }.items():
             if value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
         if self.batch_size % self.accum_steps:

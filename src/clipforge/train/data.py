@@ -283,9 +283,13 @@ def make_collate(tokenizer: Callable[[list[str]], torch.Tensor], negatives: int 
             "errors": errors,
         }
         if "negatives" in good[0]:
-            batch["negative_texts"], batch["negative_mask"] = _padded(tokenizer, [it["negatives"] for it in good], negatives)
+            batch["negative_texts"], batch["negative_mask"] = _padded(
+                tokenizer, [it["negatives"] for it in good], negatives
+            )
         if "positives" in good[0]:
-            batch["positive_texts"], batch["positive_mask"] = _padded(tokenizer, [it["positives"] for it in good], positives)
+            batch["positive_texts"], batch["positive_mask"] = _padded(
+                tokenizer, [it["positives"] for it in good], positives
+            )
         if "teacher_image" in good[0]:  # one [B, d_k] tensor per teacher
             for key in ("teacher_image", "teacher_text"):
                 batch[key] = [torch.stack(per) for per in zip(*(it[key] for it in good))]

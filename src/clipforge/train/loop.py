@@ -350,7 +350,9 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan:
     from_model = needs & set(getattr(model, "extra_outputs", ()))
     unsupported = needs - PRODUCED - from_model
     if unsupported:
-        lacking = sorted(name for name, term in loss_fn.terms.items() if unsupported & set(getattr(term, "extra_keys", ())))
+        lacking = sorted(
+            name for name, term in loss_fn.terms.items() if unsupported & set(getattr(term, "extra_keys", ()))
+        )
         coca = " (a CoCa model such as model=coca-tiny returns caption_logits and caption_targets)" \
             if unsupported & {"caption_logits", "caption_targets"} else ""
         raise ValueError(f"the loss terms {lacking} need inputs {sorted(unsupported)} that the training program does "
@@ -432,8 +434,14 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan:
         if not dist.is_main:
             saved[step] = None
             return None
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-                 "step": step, "samples_seen": samples_seen, "skipped": skipped_total}
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "step": step,
+            "samples_seen": samples_seen,
+            "skipped": skipped_total,
+        }
         if ema is not None:
             state["ema"] = ema.state_dict()
         if head_params:
@@ -460,7 +468,14 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan:
     losses: list[float] = []
     step = start_step
     batches = iter(loader)
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=not (cfg.progress and dist.is_main), desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.steps,
+        initial=start_step,
+        disable=not (cfg.progress and dist.is_main),
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+    )
     train_time, t_window, n_window, samples_this_run = 0.0, time.perf_counter(), 0, 0
     eval_result: dict = {}
     model.train()
@@ -497,7 +512,9 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan:
                     if k > 0:  # the full-batch loss is recomputed per micro-batch: its scale and bias get gradient once
                         for key in ("logit_scale", "logit_bias"):
                             joined[key] = None if out[key] is None else out[key].detach()
-                    extra = _join([{**(own_extra if j == k else c), **e} for j, (c, e) in enumerate(zip(cached_extra, ema_extra))])
+                    extra = _join(
+                        [{**(own_extra if j == k else c), **e} for j, (c, e) in enumerate(zip(cached_extra, ema_extra))]
+                    )
                     logs = loss_of(_loss_inputs(joined, b, extra))
                     backward(logs["loss"])
                 for p in head_params:  # every micro-batch's backward gave the heads the full-batch gradient once
@@ -540,14 +557,26 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan:
                 now = time.perf_counter()
                 sps = n_window / max(now - t_window, 1e-9)
                 t_window, n_window = now, 0
-                record = {"step": step, "lr": scheduler.get_last_lr()[0], "samples_per_second": sps, "skipped": skipped_total,
-                          "logit_scale": model.scale().detach().item(), **logs}
+                record = {
+                    "step": step,
+                    "lr": scheduler.get_last_lr()[0],
+                    "samples_per_second": sps,
+                    "skipped": skipped_total,
+                    "logit_scale": model.scale().detach().item(),
+                    **logs,
+                }
                 if grad_norm is not None:
                     record["grad_norm"] = grad_norm
                 log(record)
                 bar.set_postfix(loss=f"{loss_value:.3f}", sps=f"{sps:.0f}")
             bar.update(1)
-            if dist.is_main and evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            if (
+                dist.is_main
+                and evaluate is not None
+                and cfg.eval_every
+                and step % cfg.eval_every == 0
+                and step < cfg.steps
+            ):
                 eval_result = evaluate(model, tokenizer)
                 log({"step": step, "eval": eval_result})
             if cfg.save_every and step % cfg.save_every == 0:

@@ -69,7 +69,9 @@ def clip_text_targets(clip, tokenizer: Callable, texts: Sequence[str], batch_siz
     """T(x): CLIP's normalized text embeddings of ``texts``, in eval mode."""
     was = clip.training
     clip.eval()
-    out = [clip.encode_text(tokenizer(list(texts[i : i + batch_size]))).float() for i in range(0, len(texts), batch_size)]
+    out = [
+        clip.encode_text(tokenizer(list(texts[i : i + batch_size]))).float() for i in range(0, len(texts), batch_size)
+    ]
     clip.train(was)
     return torch.cat(out)
 

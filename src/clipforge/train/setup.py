@@ -133,7 +133,9 @@ def with_caption_sources(cfg: TrainConfig, dataset, out_dir: Path, needs: set):
     from ..data.captions import CaptionPolicy, SourcedCaptions
 
     # ALIP reads the rewrites as the synthetic caption beside the original one: the step's caption stays original
-    policy = CaptionPolicy.parse(cfg.data.caption_sources or ("original=1" if SYNTHETIC in needs else "original=1,rewrites=1"))
+    policy = CaptionPolicy.parse(
+        cfg.data.caption_sources or ("original=1" if SYNTHETIC in needs else "original=1,rewrites=1")
+    )
     if needs & (set(TEACHER_KEYS) | {NEGATIVES, "ema_negative_text_features"}):
         raise ValueError("data.caption_sources draws captions from several sources; the loss terms "
                          f"{sorted(cfg.loss)} pair stored teacher embeddings or hard negatives with a dataset caption. "
@@ -185,19 +187,31 @@ def build_loader(cfg: TrainConfig, model, tokenizer, needs: set, out_dir: Path, 
                 raise ValueError(f"the loss terms {sorted(cfg.loss)} read stored teacher embeddings: name the frozen "
                                  "teacher models with data.teachers=[<checkpoint or run directory>, ...]")
             if cfg.data.augment:
-                raise ValueError("teacher embeddings are stored for the un-augmented training images; set data.augment=false")
+                raise ValueError(
+                    "teacher embeddings are stored for the un-augmented training images; set data.augment=false"
+                )
             teachers = load_teacher_store(cfg.data.teachers, cfg.data.dataset, cfg.data.train_size, cfg.data.seed,
                                           cfg.data.teacher_cache or out_dir / "teacher_cache")
-        items = TrainItems(dataset, cfg.seed, model.image_size, augment=cfg.data.augment,
-                           negatives=cfg.data.hard_negatives if needs & {NEGATIVES, "ema_negative_text_features"} else 0,
-                           negative_types=tuple(cfg.data.negative_types), count_negatives=COUNTS in needs,
-                           positives=cfg.data.positives if POSITIVES in needs else 0,
-                           positive_source=cfg.data.positive_source,
-                           teachers=teachers, caption_policy=resolve_caption_policy(cfg.data.caption_policy, needs),
-                           sources=sources, synthetic=SYNTHETIC in needs, short_tags=TAGS in needs,
-                           regions=bool(needs & set(REGION_KEYS)),
-                           second_view=view_transform(model.image_size, cfg.data.view_scale, cfg.data.view_jitter)
-                           if VIEW2 in needs else None)
+        items = TrainItems(
+            dataset,
+            cfg.seed,
+            model.image_size,
+            augment=cfg.data.augment,
+            negatives=cfg.data.hard_negatives if needs & {NEGATIVES, "ema_negative_text_features"} else 0,
+            negative_types=tuple(cfg.data.negative_types),
+            count_negatives=COUNTS in needs,
+            positives=cfg.data.positives if POSITIVES in needs else 0,
+            positive_source=cfg.data.positive_source,
+            teachers=teachers,
+            caption_policy=resolve_caption_policy(cfg.data.caption_policy, needs),
+            sources=sources,
+            synthetic=SYNTHETIC in needs,
+            short_tags=TAGS in needs,
+            regions=bool(needs & set(REGION_KEYS)),
+            second_view=view_transform(model.image_size, cfg.data.view_scale, cfg.data.view_jitter)
+            if VIEW2 in needs
+            else None,
+        )
         loader = train_loader(items, micro, cfg.seed, start_batch=start_step * cfg.accum_steps,
                               num_batches=(cfg.steps - start_step) * cfg.accum_steps, tokenizer=tokenizer,
                               num_workers=cfg.data.num_workers, rank=rank, world_size=world_size,

@@ -120,7 +120,9 @@ def prepare(payload: dict[str, Any], image_size: int) -> dict[str, Any] | str:
             "extra": {"caption_langs": langs, "emoji": payload["emoji"], "unicode_version": payload["version"]}}
 
 
-def candidates(emoji_test: str | os.PathLike = EMOJI_TEST) -> tuple[list[tuple[str, dict]], list[str], list[str], Counter]:
+def candidates(
+    emoji_test: str | os.PathLike = EMOJI_TEST,
+) -> tuple[list[tuple[str, dict]], list[str], list[str], Counter]:
     """(key, payload) per emoji, group names, subgroup names, counts of rows left out by status."""
     rows = parse_emoji_test(require(emoji_test, EMOJI_TEST_PACKAGE))
     groups = list(dict.fromkeys(r["group"] for r in rows))  # Unicode's order
