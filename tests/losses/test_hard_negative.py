@@ -87,3 +87,18 @@ def test_registered_term_and_errors():
         hard_negative_loss(x, y, 3.0, negs[:3])
     with pytest.raises(ValueError, match="mask"):
         hard_negative_loss(x, y, 3.0, negs, mask[:, :1])
+
+
+def test_negative_images_option_requires_them():
+    x, y = unit(4, 3, 21), unit(4, 3, 22)
+    negs, nimg = unit(8, 3, 23).reshape(4, 2, 3), unit(4, 3, 24).reshape(4, 1, 3)
+    term = losses.build("hard_negative", negative_images=True)
+    assert term.extra_keys == ("negative_text_features", "negative_image_features")  # clipforge train renders them
+    assert losses.build("hard_negative").extra_keys == ("negative_text_features",)
+    li = LossInputs(x, y, torch.tensor(3.0, dtype=F64), extra={"negative_text_features": negs,
+                                                               "negative_image_features": nimg})
+    assert torch.allclose(term(li)["loss"], naive(x, y, 3.0, negs, None, nimg))
+    with pytest.raises(KeyError, match="negative_image_features"):
+        term(LossInputs(x, y, torch.tensor(3.0), extra={"negative_text_features": negs}))
+    with pytest.raises(ValueError, match="negative_images must be true or false"):
+        losses.build("hard_negative", negative_images="yes")

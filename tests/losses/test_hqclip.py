@@ -53,3 +53,19 @@ def test_registered_term():
     ex = {"short_tag_features": tag, "negative_text_features": negs, "negative_text_mask": mask}
     out = losses.build("hqclip")(LossInputs(x, y, torch.tensor(3.0, dtype=F64), extra=ex))["loss"]
     assert torch.allclose(out, naive(x, y, tag, 3.0, negs, mask))
+
+
+def test_negatives_option_requires_the_negative_descriptions():
+    import pytest
+
+    x, y, tag = unit(4, 3, 31), unit(4, 3, 32), unit(4, 3, 33)
+    negs = unit(8, 3, 34).reshape(4, 2, 3)
+    term = losses.build("hqclip", negatives=True)
+    assert term.extra_keys == ("short_tag_features", "negative_text_features")
+    li = LossInputs(x, y, torch.tensor(2.0, dtype=torch.float64),
+                    extra={"short_tag_features": tag, "negative_text_features": negs})
+    assert torch.allclose(term(li)["loss"], naive(x, y, tag, 2.0, negs))
+    with pytest.raises(KeyError, match="negative_text_features"):
+        term(LossInputs(x, y, torch.tensor(2.0), extra={"short_tag_features": tag}))
+    with pytest.raises(ValueError, match="negatives must be true or false"):
+        losses.build("hqclip", negatives=1)

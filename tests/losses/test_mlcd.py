@@ -90,3 +90,24 @@ def test_module_centers_helper_and_errors():
         nearest_centers(x, centers.double(), 9)
     with pytest.raises(ValueError, match="modality"):
         losses.build("mlcd", modality="audio")
+
+
+def test_clusters_option_takes_the_stored_centers_and_requires_the_labels(tmp_path):
+    centers = torch.nn.functional.normalize(torch.randn(5, 3, generator=torch.Generator().manual_seed(0)), dim=-1)
+    path = tmp_path / "c.pt"
+    torch.save({"format": "clipforge-clusters-1", "centers": centers, "features": torch.randn(7, 3)}, path)
+    term = losses.build("mlcd", clusters=str(path), num_labels=2, scale=5.0, margin=0.1)
+    assert term.extra_keys == ("cluster_labels",) and torch.allclose(term.centers, centers, atol=1e-6)
+    x, y = unit(4, 3, 7), unit(4, 3, 8)
+    labels = torch.tensor([[0, 1], [2, 3], [4, 0], [1, 2]])  # given, not the model's own nearest centers
+    li = LossInputs(x, y, torch.tensor(1.0), extra={"cluster_labels": labels})
+    assert torch.allclose(term(li)["loss"], mlcd_loss(x, centers.double(), labels, 5.0, 0.1))
+    with pytest.raises(KeyError, match="cluster_labels"):
+        term(LossInputs(x, y, torch.tensor(1.0)))
+    with pytest.raises(ValueError, match="no cluster file"):
+        losses.build("mlcd", clusters=str(tmp_path / "none.pt"))
+    torch.save({"centers": centers}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a clipforge-clusters-1 file"):
+        losses.build("mlcd", clusters=str(tmp_path / "other.pt"))
+    with pytest.raises(ValueError, match="not both"):
+        losses.build("mlcd", clusters=str(path), centers=centers)

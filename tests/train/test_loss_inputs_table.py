@@ -6,14 +6,10 @@ from clipforge import losses
 from clipforge.train import inputs
 
 # read by a default-option term but not produced by the training program (docs/losses.md says why):
-# Symile's third modality, MLCD's centers unless given as its option, and the outputs that a model variant
-# itself returns from its forward (its extra_outputs): CoCa's decoder outputs, CLIP-MoE's balance loss
-NOT_FED = {
-    "symile": {"modality_features"},
-    "mlcd": {"cluster_centers"},
-    "caption": {"caption_logits", "caption_targets"},
-    "moe_balance": {"moe_balance_loss"},
-}
+# MLCD's centers unless given as its option (centers, or a cluster file: clusters), and the outputs that a model
+# variant itself returns from its forward (its extra_outputs): CoCa's decoder outputs, CLIP-MoE's balance loss
+NOT_FED = {"mlcd": {"cluster_centers"}, "caption": {"caption_logits", "caption_targets"},
+           "moe_balance": {"moe_balance_loss"}}
 
 
 def test_every_input_a_term_reads_is_declared_or_known_not_fed():

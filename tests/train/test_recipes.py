@@ -1,7 +1,8 @@
 """The recipes in configs/: every file loads into a valid TrainConfig, names its paper in a comment, and trains
 for 2 steps on tiny data with ``clipforge.train`` (steps, batch, data size and tower sizes overridden here; the
 loss, its options and the data settings are the recipe's). Recipes that fine-tune or distil from a trained run
-(init_from / data.teachers: runs/clip) get the clip recipe's 2-step run instead. One recipe also goes through
+(init_from / data.teachers: runs/clip) get the clip recipe's 2-step run instead, and MLCD's offline clusters
+are computed from it. One recipe also goes through
 ``clipforge train --config``."""
 from __future__ import annotations
 
@@ -71,6 +72,13 @@ def test_recipe_trains_two_steps(name, base_run, tmp_path, tmp_path_factory):
         overrides.append(f"init_from={base_run}")
     if raw.data.teachers:
         overrides.append(f"data.teachers=[{base_run}]")
+    for term, options in raw.loss.items():  # MLCD: the offline clusters of the base run's features of this data
+        if isinstance(options, dict) and options.get("clusters"):
+            from clipforge.cli.main import main
+
+            clusters = tmp_path / f"{term}.clusters.pt"
+            assert main(["data", "cluster", str(base_run), "--k", "4", "--size", "16", "--out", str(clusters)]) == 0
+            overrides.append(f"loss.{term}.clusters={clusters}")
     if raw.model_overrides.get("hf_text"):
         minilm = pytest.importorskip("clipforge.interop.pretrained")
         try:

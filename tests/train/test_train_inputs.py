@@ -255,8 +255,8 @@ def test_two_processes_feed_the_new_inputs_like_one(tiny_cfg, tmp_path):
 
 
 def test_what_cannot_be_fed_is_refused_at_start_up(tiny_cfg, tmp_path):
-    with pytest.raises(ValueError, match=r"\['symile'\] need inputs \['modality_features'\] that the training program"):
-        train(dataclasses.replace(tiny_cfg, loss={"clip": 1.0, "symile": 1.0}))
+    with pytest.raises(ValueError, match=r"\['mlcd'\] need inputs \['cluster_centers'\] that the training program"):
+        train(dataclasses.replace(tiny_cfg, loss={"clip": 1.0, "mlcd": 1.0}))
     streamed = dataclasses.replace(tiny_cfg.data, streaming=True, dataset="shards", root=str(tmp_path))
     for loss, key in (({"simclr": 1.0}, "image_features_view2"), ({"hqclip": 1.0}, "short_tag_features")):
         with pytest.raises(ValueError, match=f"data.streaming delivers images and captions only.*{key}"):

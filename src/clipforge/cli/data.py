@@ -6,6 +6,7 @@
     clipforge data convert SRC --out DIR [--shard-size-mb 64] [--image-size N] [--val-fraction F]
     clipforge data export-wds SRC --out DIR     # CLIP_benchmark's webdataset layout (clipforge eval, clip_benchmark)
     clipforge data curate SRC --entries FILE|builtin --t N --out DIR   # MetaCLIP curation, train split
+    clipforge data cluster RUN --k N [--dataset NAME --size N --seed S --root DIR] [--out FILE]   # MLCD
 
 ``--out`` defaults to ``$CLIPFORGE_DATA/NAME`` (``~/.cache/clipforge/data/NAME``), where
 ``build_dataset(NAME, ...)`` looks for it. An interrupted build resumes when run again.
@@ -86,6 +87,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     u.add_argument("--word-boundary", action="store_true",
                    help="match whole words only (default: substrings, as MetaCLIP: 'cat' matches 'category')")
     u.add_argument("--shard-size-mb", type=float, default=64, help="target size of one shard in MB (default 64)")
+    k = sub.add_parser("cluster", help="MLCD's offline step: k-means centers of a trained model's image features",
+                       description="embed the training images with a trained model (once, offline), cluster the "
+                                   "features into K centers and store centers and features with the model's and the "
+                                   "data's identity; train with loss='{clip: 1, mlcd: {clusters: FILE}}'")
+    k.add_argument("run", help="a run directory or checkpoint (anything clipforge.load reads)")
+    k.add_argument("--k", type=int, required=True, help="number of cluster centers")
+    k.add_argument("--dataset", help="training dataset (default: the run's data.dataset, else shapes)")
+    k.add_argument("--size", type=int, help="training samples (default: the run's data.train_size, else 20000)")
+    k.add_argument("--seed", type=int, help="data seed (default: the run's data.seed, else 0)")
+    k.add_argument("--root", help="shard directory of the dataset (default: the run's data.root)")
+    k.add_argument("--iters", type=int, default=20, help="k-means iterations (default 20)")
+    k.add_argument("--cluster-seed", type=int, default=0, help="seed of the k-means start (default 0)")
+    k.add_argument("--out", help="the cluster file (default: next to the data for shard datasets)")
     i = sub.add_parser(
         "info", help="summarize a built shard directory", description="summarize a built shard directory"
     )
@@ -202,5 +216,52 @@ def run(args) -> int:
         else:
             print(_summary(root))
         return 0
+    if args.data_command == "cluster":
+        return _cluster(args)
     args._data_parser.print_help()
+    return 0
+
+
+def _cluster(args) -> int:
+    from ..data import build_dataset
+    from ..errors import ConfigError
+    from ..interop import load
+    from ..train.clusters import compute_clusters, data_identity, save_clusters, weights_fingerprint
+    from ..train.config import DataConfig
+
+    run = Path(args.run)
+    saved = {}
+    if (run / "config.yaml").is_file():  # a run directory or checkpoint: its training data by default
+        from omegaconf import OmegaConf
+
+        saved = (OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=True) or {}).get("data") or {}
+    data = DataConfig(dataset=args.dataset or saved.get("dataset", "shapes"),
+                      train_size=args.size if args.size is not None else saved.get("train_size", 20_000),
+                      seed=args.seed if args.seed is not None else saved.get("seed", 0),
+                      root=args.root or saved.get("root"))
+    model, _, _ = load(args.run)
+    dataset = build_dataset(data.dataset, split="train", size=data.train_size, seed=data.seed,
+                            image_size=model.image_size, **({"root": data.root} if data.root else {}))
+    fingerprint = weights_fingerprint(model)
+    if args.out:
+        out = Path(args.out)
+    elif hasattr(dataset, "root"):  # next to the data
+        out = Path(dataset.root) / f"train.clusters.k{args.k}.n{len(dataset)}.seed{data.seed}.{fingerprint[:12]}.pt"
+    else:
+        raise ConfigError(f"data.dataset={data.dataset} has no directory to store the clusters next to; "
+                          "name the file with --out FILE")
+    t0 = time.perf_counter()
+    clusters = compute_clusters(model, dataset, args.k, iters=args.iters, seed=args.cluster_seed)
+    path = save_clusters(out, clusters, {"source": str(run), "sha256": fingerprint}, data_identity(data, dataset),
+                         args.k, args.iters, args.cluster_seed)
+    import torch
+
+    from ..losses.kmeans import nearest
+
+    sizes = torch.bincount(nearest(clusters["features"], clusters["centers"]), minlength=args.k).tolist()
+    print(f"{args.k} centers of {len(dataset)} {data.dataset} training images (model {run}, sha256 "
+          f"{fingerprint[:12]}), cluster sizes {min(sizes)}..{max(sizes)}, "
+          f"in {time.perf_counter() - t0:.1f} s -> {path}")
+    print(f"train with loss='{{clip: 1.0, mlcd: {{weight: 1.0, clusters: {path}}}}}' and the same data.dataset, "
+          "data.train_size and data.seed")
     return 0

@@ -11,8 +11,8 @@ Recent CLIP recipes train on more than the caption that came with the image:
 - HQ-CLIP (Wei et al., 2025, "HQ-CLIP: Leveraging Large Vision-Language Models to Create
   High-Quality Image-Text Datasets") stores per image a long description, ``short_tags`` and
   ``negative_descriptions`` (what is *not* in the image). The last are negatives, never a
-  positive: :func:`source_negatives` turns them into typed negatives (``{"description": [...]}``);
-  the training program does not call it, it reads a sample's stored ``negatives``.
+  positive: :func:`source_negatives` turns them into typed negatives (``{"description": [...]}``),
+  from which the training program draws each sample's hard negatives (``hqclip`` with ``negatives``).
 
 A sample's sources are read by :func:`caption_sources`: ``item["caption_sources"]`` (a dict),
 else top-level fields of those names; ``original`` defaults to ``item["captions"]``.

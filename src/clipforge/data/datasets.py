@@ -39,6 +39,7 @@ class ShapesDataset(Dataset):
         self._images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).contiguous()
         self._meta = [(s.captions, s.labels, s.negatives, s.kind) for s in samples]
         self._regions = [(s.boxes, s.region_captions) for s in samples]
+        self._scenes = [(s.objects, s.background) for s in samples]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if index < 0 or index >= self.size:
@@ -48,15 +49,19 @@ class ShapesDataset(Dataset):
                 self._materialize()
             captions, labels, negatives, kind = self._meta[index]
             boxes, region_captions = self._regions[index]
+            objects, background = self._scenes[index]
             image = self._images[index]
         else:
             s = self.generator.sample(index)
             image = torch.from_numpy(s.image).permute(2, 0, 1).contiguous()
             captions, labels, negatives, kind = s.captions, s.labels, s.negatives, s.kind
             boxes, region_captions = s.boxes, s.region_captions
-        # boxes: [N, 4] normalized xyxy of the objects, region_captions: one per box (clipforge.data.regions)
+            objects, background = s.objects, s.background
+        # boxes: [N, 4] normalized xyxy of the objects, region_captions: one per box (clipforge.data.regions);
+        # objects and background: the scene, which shapes.render draws again (edited: shapes.negative_images)
         return {"image": image, "captions": captions, "labels": labels, "negatives": negatives, "kind": kind,
-                "boxes": boxes, "region_captions": region_captions}
+                "boxes": boxes, "region_captions": region_captions, "objects": list(objects),
+                "background": background}
 
 
 @DATASETS.register("shapes")

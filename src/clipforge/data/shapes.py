@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -75,6 +75,7 @@ class ShapesSample:
     kind: str  # single | count | relation | mixed
     labels: dict[str, int] = field(default_factory=dict)
     negatives: dict[str, list[str]] = field(default_factory=dict)  # type -> hard-negative captions
+    background: tuple[int, int, int] = (0, 0, 0)  # render(objects, size, background) draws ``image`` again
 
     @property
     def boxes(self) -> np.ndarray:
@@ -158,6 +159,46 @@ def render(
     return np.array(img, dtype=np.uint8)  # a writable copy
 
 
+EDITS = ("color", "remove")
+
+
+def edit_scene(objects: list[ShapeObject], rng: np.random.Generator, kind: str | None = None
+               ) -> tuple[list[ShapeObject], dict]:
+    """An edited copy of a scene whose captions no longer hold (CLIP-IN's negative images, by
+    re-rendering the object list): ``"color"``: one object drawn at random takes another color
+    (never one that forms a held-out color-shape pair, so no compositional test pair is shown);
+    ``"remove"``: one object is removed (a one-object scene becomes its bare background).
+    ``kind`` None draws one of :data:`EDITS`. Returns (objects, {"kind", "object": its index,
+    "color": the new color or None}).
+
+    Every caption that names the objects' colors, shapes or count is false for the edited scene;
+    a caption that states only the number of shapes ("three shapes.") survives a color edit."""
+    if not objects:
+        raise ValueError("a scene without objects has nothing to edit")
+    kind = EDITS[int(rng.integers(len(EDITS)))] if kind is None else kind
+    i = int(rng.integers(len(objects)))
+    if kind == "color":
+        obj = objects[i]
+        choices = [c for c in COLORS if c != obj.color and (c, obj.shape) not in HELDOUT_PAIRS]
+        color = choices[int(rng.integers(len(choices)))]
+        return [*objects[:i], replace(obj, color=color), *objects[i + 1:]], {"kind": kind, "object": i, "color": color}
+    if kind == "remove":
+        return [*objects[:i], *objects[i + 1:]], {"kind": kind, "object": i, "color": None}
+    raise ValueError(f"unknown scene edit '{kind}'; choose one of {EDITS}")
+
+
+def negative_images(objects: list[ShapeObject], background: tuple[int, int, int], image_size: int, k: int,
+                    rng: np.random.Generator) -> list[tuple[np.ndarray, dict]]:
+    """``k`` edited copies of a scene (:func:`edit_scene`, the edit kinds alternating from a random
+    first one), each re-rendered as :func:`render` drew the original: [(uint8 [H, W, 3], edit)]."""
+    first = int(rng.integers(len(EDITS)))
+    out = []
+    for j in range(k):
+        edited, edit = edit_scene(objects, rng, EDITS[(first + j) % len(EDITS)])
+        out.append((render(edited, image_size, tuple(background)), edit))
+    return out
+
+
 class ShapesGenerator:
     """Samples scenes for one split; ``sample(index)`` is deterministic."""
 
@@ -214,7 +255,7 @@ class ShapesGenerator:
             raise RuntimeError("could not place objects")
         objects, captions, labels, negatives = built
         image = render(objects, self.image_size, background)
-        return ShapesSample(image, captions, objects, kind, labels, negatives)
+        return ShapesSample(image, captions, objects, kind, labels, negatives, background)
 
     def _labels(self, color: str, shape: str, count: int) -> dict[str, int]:
         return {

@@ -61,6 +61,7 @@ class ShapesLongDataset(ShapesDataset):
         self._images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).contiguous()
         self._meta = [(s.captions, s.labels, s.negatives, s.kind) for s in samples]
         self._regions = [(s.boxes, s.region_captions) for s in samples]
+        self._scenes = [(s.objects, s.background) for s in samples]
         self._long = [long_caption(s.captions[0], s.objects, tuple(s.image[0, 0])) for s in samples]
 
     def __getitem__(self, index: int) -> dict[str, Any]:

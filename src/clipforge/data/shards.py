@@ -273,7 +273,8 @@ def shard_entries(path: str | os.PathLike) -> list[ShardEntry]:
 class ShardDataset(Dataset):
     """One split of a shard directory as a map-style dataset.
 
-    Items: ``{"image": uint8 [3, S, S], "captions": [...], "labels": {view: int}, "key": str}``.
+    Items: ``{"image": uint8 [3, S, S], "captions": [...], "labels": {view: int}, "key": str}``, plus
+    ``caption_langs`` (one per caption) and ``caption_sources`` where the samples store them.
     ``size`` keeps at most that many samples (a seeded random subset, in shard order);
     ``image_size`` resizes (shortest side, center crop) when the stored size differs;
     ``languages`` keeps only captions in those languages where samples tag them (``caption_langs``),
@@ -339,10 +340,15 @@ class ShardDataset(Dataset):
 
             pil = center_crop(resize_shortest(load_image(image), self.image_size), self.image_size)
             image = torch.from_numpy(np.ascontiguousarray(np.asarray(pil, dtype=np.uint8).transpose(2, 0, 1)))
-        captions = list(meta["captions"])
-        if self.languages is not None and meta.get("caption_langs"):
-            captions = [c for c, lang in zip(captions, meta["caption_langs"]) if lang in self.languages]
+        captions, langs = list(meta["captions"]), meta.get("caption_langs")
+        if self.languages is not None and langs:
+            kept = [(c, lang) for c, lang in zip(captions, langs) if lang in self.languages]
+            captions, langs = [c for c, _ in kept], [lang for _, lang in kept]
         item = {"image": image, "captions": captions, "labels": dict(meta.get("labels", {})), "key": meta["key"]}
+        if langs:  # the language of each caption (emoji), e.g. Symile's third view
+            item["caption_langs"] = list(langs)
+        if meta.get("caption_sources"):  # stored caption sources, e.g. HQ-CLIP's negative_descriptions
+            item["caption_sources"] = dict(meta["caption_sources"])
         if meta.get("negatives"):  # typed hard negatives stored with the sample (e.g. shapes)
             item["negatives"] = {k: list(v) for k, v in meta["negatives"].items()}
         if meta.get("regions") is not None:  # a region corpus: boxes + one caption per box (data.regions)

@@ -5,7 +5,11 @@ Yuksekgonul et al., "When and Why Vision-Language Models Behave like Bags-of-Wor
 ICLR 2023) append hard negative captions to the text candidates of the image -> text
 softmax. CLIP-IN ("Enhancing Fine-Grained Visual Understanding in CLIP via Instruction
 Editing Data and Long Captions", 2025) makes it symmetric: edited images are hard negatives
-of the original caption in the text -> image softmax as well.
+of the original caption in the text -> image softmax as well. With the option
+``negative_images=true`` the term requires them and ``clipforge train`` renders them: edited
+copies of each ``shapes`` scene (a swapped color, a removed object; train/inputs.py). The
+paper edits real photographs with instruction-editing models; the re-rendered scenes are our
+stand-in.
 
 Inputs (normalized features): ``extra["negative_text_features"]`` [B, K, d] with optional
 ``extra["negative_text_mask"]`` [B, K] (True = real; padding rows are dropped from every
@@ -83,10 +87,15 @@ def hard_negative_loss(image_features: Tensor, text_features: Tensor, logit_scal
 @dataclass
 class HardNegativeConfig:
     scope: str = "own"  # "own": a sample's own negatives; "batch": every negative of the gathered batch
+    # CLIP-IN: read negative images too (extra["negative_image_features"]); the training program then renders
+    # data.negative_images edited copies of every image (clipforge.data.shapes.negative_images)
+    negative_images: bool = False
 
     def __post_init__(self):
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if not isinstance(self.negative_images, bool):
+            raise ValueError(f"hard_negative negative_images must be true or false, got {self.negative_images!r}")
 
 
 @register("hard_negative")
@@ -99,6 +108,8 @@ class HardNegativeLoss(nn.Module):
     def __init__(self, **options):
         super().__init__()
         self.cfg = parse_options(HardNegativeConfig, options, "hard_negative")
+        if self.cfg.negative_images:
+            self.extra_keys = ("negative_text_features", "negative_image_features")
 
     def _negatives(self, inputs: LossInputs, key: str, required: bool):
         negs = inputs.require(key) if required else inputs.extra.get(key)
@@ -117,7 +128,7 @@ class HardNegativeLoss(nn.Module):
         x, y = inputs.image_features, inputs.text_features
         offset = local_offset(x.shape[0], r)
         nt, nt_mask = self._negatives(inputs, "negative_text_features", required=True)
-        ni, ni_mask = self._negatives(inputs, "negative_image_features", required=False)
+        ni, ni_mask = self._negatives(inputs, "negative_image_features", required=self.cfg.negative_images)
         i2t = _direction(x, gather(y, r, w), nt, nt_mask, inputs.logit_scale, offset, self.cfg.scope)
         t2i = _direction(y, gather(x, r, w), ni, ni_mask, inputs.logit_scale, offset, self.cfg.scope)
         return {"loss": 0.5 * (i2t + t2i)}

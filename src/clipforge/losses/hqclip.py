@@ -11,6 +11,10 @@ its own negative descriptions; both of its positives are targets with weight 1/2
     L_t2i = mean over texts u in {y_i, s_i} of CE(t u·x, i)
     L = (L_i2t + L_t2i) / 2
 
+With ``negatives=true`` the training program feeds the negative descriptions: each sample's
+``negative_descriptions`` caption source (clipforge.data.captions.source_negatives), drawn with
+its other typed negatives as ``data.hard_negatives`` says.
+
 This is our reading of the paper's "negative descriptions and short tags as additional
 supervised signals" in contrastive form (we could check the abstract, not the paper's code):
 tags enter as second positives rather than through a separate tag-classification head.
@@ -59,7 +63,15 @@ def hqclip_loss(image_features: Tensor, text_features: Tensor, tag_features: Ten
 
 @dataclass
 class HqClipConfig:
-    """``hqclip`` has no options."""
+    """``negatives``: read the negative descriptions (``extra["negative_text_features"]``); the training
+    program then draws ``data.hard_negatives`` of each sample's negatives, its ``negative_descriptions``
+    among them (typed "description"; ``data.negative_types=[description]`` keeps only those)."""
+
+    negatives: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.negatives, bool):
+            raise ValueError(f"hqclip negatives must be true or false, got {self.negatives!r}")
 
 
 @register("hqclip")
@@ -71,10 +83,13 @@ class HqClipLoss(nn.Module):
     def __init__(self, **options):
         super().__init__()
         self.cfg = parse_options(HqClipConfig, options, "hqclip")
+        if self.cfg.negatives:
+            self.extra_keys = ("short_tag_features", "negative_text_features")
 
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
         ex, r, w = inputs.extra, inputs.rank, inputs.world_size
         img, txt, tag = inputs.image_features, inputs.text_features, inputs.require("short_tag_features")
-        return {"loss": hqclip_loss(img, txt, tag, inputs.logit_scale, ex.get("negative_text_features"),
+        negatives = inputs.require("negative_text_features") if self.cfg.negatives else ex.get("negative_text_features")
+        return {"loss": hqclip_loss(img, txt, tag, inputs.logit_scale, negatives,
                                     ex.get("negative_text_mask"), gather(img, r, w), gather(txt, r, w),
                                     gather(tag, r, w), local_offset(img.shape[0], r))}

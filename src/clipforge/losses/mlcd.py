@@ -17,11 +17,21 @@ of the batch are always kept.
 
 Inputs: centers from the option ``centers`` (a buffer, checkpointed with the term) or
 ``extra["cluster_centers"]`` [K, d]; labels from ``extra["cluster_labels"]`` [B, l] (indices,
--1 = padding) or, when absent, the l centers nearest to each detached feature.
+-1 = padding) or, when absent, the l centers nearest to each detached feature of the model
+being trained (a simplification: the paper's labels come from the offline features).
+
+The paper's set-up is the option ``clusters``: a file of ``clipforge data cluster``
+(clipforge.train.clusters), computed once from a trained model's features of the training set.
+Its centers become the (fixed) centers and the training program feeds each sample's labels, the
+``num_labels`` centers nearest to its *stored* feature, as ``extra["cluster_labels"]``. The centers
+stay fixed here (whether the paper's classifier weights are trained from them we could not check
+from its abstract).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +47,26 @@ def cluster_centers(features: Tensor, num_centers: int, iters: int = 20, seed: i
     """Offline clustering step: k-means on normalized features, centers back on the unit sphere."""
     centroids, _ = kmeans(F.normalize(features.detach().float(), dim=-1), num_centers, iters, seed)
     return F.normalize(centroids, dim=-1)
+
+
+CLUSTERS_FORMAT = "clipforge-clusters-1"
+
+
+def read_clusters(path: str | Path) -> dict[str, Any]:
+    """A cluster file of ``clipforge data cluster`` ({"centers", "features", "model", "data", ...}), checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"mlcd clusters: no cluster file at {path}; compute one with "
+                         "`clipforge data cluster RUN --k N --out FILE`")
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (a torn or foreign file)
+        raise ValueError(f"mlcd clusters: {path} is not a cluster file ({type(e).__name__}: {e}); recompute it with "
+                         "`clipforge data cluster`") from None
+    if not isinstance(record, dict) or record.get("format") != CLUSTERS_FORMAT:
+        raise ValueError(f"mlcd clusters: {path} is not a {CLUSTERS_FORMAT} file; recompute it with "
+                         "`clipforge data cluster`")
+    return record
 
 
 def nearest_centers(features: Tensor, centers: Tensor, num_labels: int) -> Tensor:
@@ -85,10 +115,15 @@ class MlcdConfig:
     margin: float = 0.2  # m, on the positive scores
     negative_ratio: float = 1.0  # fraction of the negative classes kept per step
     modality: str = "image"  # which features are classified: "image" or "text"
+    # a cluster file of `clipforge data cluster`: its centers, and labels from its stored (offline) features
+    clusters: str = ""
 
     def __post_init__(self):
         if self.modality not in ("image", "text"):
             raise ValueError(f"mlcd modality must be 'image' or 'text', got {self.modality!r}")
+        if self.clusters and self.centers is not None:
+            raise ValueError("mlcd takes its centers from the option centers or from a cluster file (clusters), "
+                             "not both; drop one")
 
 
 @register("mlcd")
@@ -99,16 +134,19 @@ class MlcdLoss(nn.Module):
         super().__init__()
         self.cfg = parse_options(MlcdConfig, options, "mlcd")
         centers = self.cfg.centers
+        self.cluster_file = str(self.cfg.clusters) if self.cfg.clusters else None  # the data input reads its labels
+        if self.cluster_file:
+            centers = read_clusters(self.cluster_file)["centers"]
         centers = None if centers is None else F.normalize(torch.as_tensor(centers).float(), dim=-1)
         self.register_buffer("centers", centers)
-        self.extra_keys = ("cluster_centers",) if centers is None else ()
+        self.extra_keys = ("cluster_labels",) if self.cluster_file else ("cluster_centers",) if centers is None else ()
 
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
         cfg = self.cfg
         feats = inputs.image_features if cfg.modality == "image" else inputs.text_features
         centers = self.centers if self.centers is not None else inputs.require("cluster_centers")
         centers = F.normalize(centers.to(feats.dtype), dim=-1)
-        labels = inputs.extra.get("cluster_labels")
+        labels = inputs.require("cluster_labels") if self.cluster_file else inputs.extra.get("cluster_labels")
         if labels is None:
             labels = nearest_centers(feats, centers, cfg.num_labels)
         return {"loss": mlcd_loss(feats, centers, labels, cfg.scale, cfg.margin, cfg.negative_ratio)}

@@ -36,6 +36,10 @@ class DataConfig:
     # of its longest caption ("first_sentence": Long-CLIP's short caption, with positives=1)
     positives: int = 2
     positive_source: str = "captions"
+    # CLIP-IN's negative images per sample, delivered only when a loss term reads them (hard_negative with
+    # negative_images=true): edited copies of the image (a swapped color, a removed object) re-rendered from
+    # the scene's object list (shapes, shapes_long), so the caption no longer matches
+    negative_images: int = 1
     # which of the dataset's negative types to draw from (shapes: color, shape, count, relation, swap); [] = all
     negative_types: list[str] = field(default_factory=list)
     # frozen teacher models (checkpoint or run directories) whose embeddings of the training set are

@@ -6,7 +6,6 @@ batches an uninterrupted run would have seen, whatever the number of workers.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -15,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..images import ImageLoadError
 from ..transforms import image_transform, normalize_batch
+from .inputs import DATA_INPUTS, Sample, same_wording, second_captions, view_transform  # noqa: F401
 
 
 class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -79,49 +79,51 @@ class RankSlices(Sampler[list[tuple[int, int]]]):
 CAPTION_POLICIES = ("random", "first", "longest")
 
 
-@dataclass
 class TrainItems(Dataset):
-    """Wraps a dataset: ``ds[(epoch, index)]`` picks one caption and prepares the image."""
+    """Wraps a dataset: ``ds[(epoch, index)]`` picks one caption, prepares the image and adds the
+    per-sample fields of the loss inputs switched on.
 
-    dataset: Dataset
-    seed: int
-    image_size: int
-    augment: bool = False
-    negatives: int = 0  # K negative captions per sample (from the dataset's typed ``negatives``)
-    negative_types: tuple[str, ...] = ()  # draw negatives only of these types; () = every type
-    count_negatives: bool = False  # one counterfactual count caption where the sample states a count
-    positives: int = 0  # P positive captions per sample for multi-positive terms
-    positive_source: str = "captions"  # "captions" (the sample's captions) or "subcaptions" (DreamLIP)
-    teachers: Any = None  # a TeacherStore: stored teacher embeddings of the image and of the drawn caption
-    # "random": one of the sample's captions per step; "first": always captions[0], the caption a
-    # dataset writes its hard negatives from (a random other wording would let a model tell the
-    # negative from the positive by the template alone, not by its meaning)
-    caption_policy: str = "random"
-    # a clipforge.data.captions.CaptionPolicy over the item's caption sources (original, rewrites,
-    # synthetic, short tags); None: one of the item's captions, as caption_policy says
-    sources: Any = None
-    # SimCLR/SLIP: a transform (image, generator) -> pixels that makes a second random view of every
-    # image (view_transform), always applied, also to images already rendered at the model's size
-    second_view: Any = None
-    # ALIP: a synthetic caption per sample, the item's ``synthetic`` source, else one of its stored rewrites
-    synthetic: bool = False
-    # HQ-CLIP: short tags per sample, the item's ``short_tags`` source, else keyword_tags(caption)
-    short_tags: bool = False
-    # CLOC: the item's boxes (normalized xyxy) and one caption per box, up to ``max_regions`` per sample
-    # (clipforge.data.regions); collated as region_boxes [B, R, 4], region_texts [B, R, L], region_mask [B, R]
-    regions: bool = False
-    max_regions: int = 4
+    ``caption_policy``: "random": one of the sample's captions per step; "first": always captions[0],
+    the caption a dataset writes its hard negatives from (a random other wording would let a model
+    tell the negative from the positive by the template alone, not by its meaning); "longest": the
+    longest (Long-CLIP). ``sources``: a clipforge.data.captions.CaptionPolicy over the item's caption
+    sources (original, rewrites, synthetic, short tags); None: one of the item's captions, as
+    caption_policy says.
 
-    def __post_init__(self):
-        if self.caption_policy not in CAPTION_POLICIES:
-            raise ValueError(f"caption_policy must be one of {CAPTION_POLICIES}, got '{self.caption_policy}'")
+    Every other keyword is an option of a data input of :data:`clipforge.train.inputs.DATA_INPUTS`
+    (its value when off is the default), e.g. ``negatives=K`` (K hard-negative captions per sample),
+    ``negative_types``, ``count_negatives``, ``positives=P`` with ``positive_source``, ``teachers``
+    (a TeacherStore), ``second_view`` (a transform (image, generator) -> pixels), ``synthetic``,
+    ``short_tags``, ``regions`` with ``max_regions``, ``negative_images=K'``. Each input switched on
+    adds its fields to the item (:class:`clipforge.train.inputs.DataInput`).
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, image_size: int, augment: bool = False,
+                 caption_policy: str = "random", sources: Any = None, **options: Any):
+        if caption_policy not in CAPTION_POLICIES:
+            raise ValueError(f"caption_policy must be one of {CAPTION_POLICIES}, got '{caption_policy}'")
+        known = {name: default for d in DATA_INPUTS for name, default in d.options.items()}
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise TypeError(f"TrainItems has no option(s) {unknown}; the data inputs take {sorted(known)}")
+        self.dataset, self.seed, self.image_size, self.augment = dataset, seed, image_size, augment
+        self.caption_policy, self.sources = caption_policy, sources
+        for name, default in known.items():
+            setattr(self, name, options.get(name, default))
+        self.inputs = [d for d in DATA_INPUTS if d.is_on(self)]  # in table order
         self.transform = image_transform(self.image_size, is_train=self.augment)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def _positives(self, captions: list[str], rng) -> list[str]:
-        return _draw_positives(captions, self.positives, self.positive_source, rng)
+    def prepare(self, image: Any, pixel_seed: int | None) -> torch.Tensor:
+        """An image as the model's input: kept as uint8 when rendered at the model's size (normalized
+        batch-wise in collate), else transformed (augmented with ``pixel_seed`` when augmenting)."""
+        if isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.shape[-1] == self.image_size:
+            return image
+        if pixel_seed is not None:
+            return self.transform(image, generator=torch.Generator().manual_seed(pixel_seed))
+        return self.transform(image)
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any] | None:
         epoch, index = key
@@ -129,22 +131,15 @@ class TrainItems(Dataset):
         try:
             item = self.dataset[index]
             image = item["image"]
-            if isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.shape[-1] == self.image_size:
-                pixels = image  # already rendered at the model's size: normalized batch-wise in collate
-            elif self.augment:
-                pixels = self.transform(image, generator=torch.Generator().manual_seed(int(rng.integers(2**62))))
-            else:
-                pixels = self.transform(image)
-            if self.second_view is not None:  # its own random stream: the first view's draws stay as they were
-                seed = int(np.random.default_rng([self.seed, epoch, index, 2]).integers(2**62))
-                view2 = self.second_view(image, generator=torch.Generator().manual_seed(seed))
+            rendered = isinstance(image, torch.Tensor) and image.dtype == torch.uint8 \
+                and image.shape[-1] == self.image_size
+            pixel_seed = int(rng.integers(2**62)) if self.augment and not rendered else None
+            pixels = self.prepare(image, pixel_seed)
             captions = item["captions"]
             if isinstance(captions, str):
                 captions = [captions]
             if not captions:
                 raise ValueError(f"sample {index} has no caption")
-            if self.regions:
-                boxes, region_captions = _regions(item, index, self.max_regions)
         except (ImageLoadError, ValueError, KeyError, OSError) as e:
             return {"error": f"sample {index}: {e}"}
         if self.caption_policy == "longest":  # Long-CLIP: the long caption (its first sentence is the short one)
@@ -155,115 +150,27 @@ class TrainItems(Dataset):
         if self.sources is not None:
             source, caption = self.sources.sample(item, rng)
         out = {"pixels": pixels, "caption": caption, "index": index}
-        if self.second_view is not None:
-            out["pixels_view2"] = view2
-        if self.synthetic or self.short_tags:
-            out.update(second_captions(item, caption, self.synthetic, self.short_tags,
-                                       np.random.default_rng([self.seed, epoch, index, 3])))
-        if self.regions:
-            out["boxes"], out["region_captions"] = boxes, region_captions
-        if self.teachers is not None:
-            out["teacher_image"], out["teacher_text"] = self.teachers.lookup(index, which)
-        if self.positives:
-            out["positives"] = self._positives(captions, rng)
-        typed = item.get("negatives") or {}
-        if self.negatives:
-            kinds = sorted(k for k in typed if not self.negative_types or k in self.negative_types)
-            pool = [c for kind in kinds for c in typed[kind]]
-            pick = rng.permutation(len(pool))[: self.negatives] if pool else []
-            out["negatives"] = [pool[int(i)] for i in pick]
-        if self.count_negatives:
-            counts = typed.get("count") or []
-            out["count_negative"] = counts[int(rng.integers(len(counts)))] if counts else None
-            out["count_positive"] = same_wording(captions, out["count_negative"]) if counts else None
+        sample = Sample(item, index, epoch, self.seed, list(captions), caption, which, rng, pixel_seed)
+        for data in self.inputs:
+            if not data.skips:
+                out.update(data.produce(sample, self))
+                continue
+            try:
+                out.update(data.produce(sample, self))
+            except (ImageLoadError, ValueError, KeyError, OSError) as e:
+                return {"error": f"sample {index}: {e}"}
         return out
 
 
-def _regions(item: dict, index: int, max_regions: int) -> tuple[torch.Tensor, list[str]]:
-    """(boxes [N, 4] float32, N region captions) of a dataset item, checked (clipforge.data.regions)."""
-    from ..data.regions import check_regions
-
-    if item.get("boxes") is None or item.get("region_captions") is None:
-        raise ValueError(f"sample {index} has no boxes/region_captions; a region loss term needs a dataset with "
-                         "regions (shapes, shapes_long, or shards of a region corpus with a 'regions' json field)")
-    boxes = check_regions(item["boxes"], item["region_captions"], where=f"sample {index}")
-    if len(boxes) > max_regions:
-        raise ValueError(f"sample {index} has {len(boxes)} regions, more than max_regions={max_regions}")
-    return torch.as_tensor(boxes, dtype=torch.float32), list(item["region_captions"])
-
-
-def second_captions(item: dict, caption: str, synthetic: bool, short_tags: bool, rng) -> dict[str, str]:
-    """A sample's second caption(s) besides the step's ``caption``, for ALIP and HQ-CLIP.
-
-    ``synthetic``: one of the item's ``synthetic`` captions (a captioner's output), else one of its
-    stored ``rewrites`` (data.rewrites, e.g. the rule rewriter), drawn uniformly with ``rng`` and
-    other than ``caption`` where possible; a sample with neither pairs its caption with itself.
-    ``short_tags``: one of the item's ``short_tags``, else :func:`clipforge.data.tags.keyword_tags`
-    of ``caption``."""
-    from ..data.captions import caption_sources
-    from ..data.tags import keyword_tags
-
-    sources, out = caption_sources(item), {}
-    if synthetic:
-        pool = sources["synthetic"] or sources["rewrites"]
-        pool = [c for c in pool if c != caption] or pool or [caption]
-        out["synthetic"] = pool[int(rng.integers(len(pool)))]
-    if short_tags:
-        tags = sources["short_tags"]
-        out["short_tags"] = tags[int(rng.integers(len(tags)))] if tags else keyword_tags(caption)
-    return out
-
-
-def view_transform(image_size: int, scale: tuple[float, float] = (0.5, 1.0), jitter: float = 0.4):
-    """The augmentation of the second view (SimCLR/SLIP): a random resized crop covering ``scale``
-    of the image and color jitter of strength ``jitter``, no flip (captions here state left/right,
-    and the image tower should not learn to ignore it). Milder than SLIP's (crops down to 8 %,
-    grayscale, blur), which would cut whole objects out of small rendered scenes."""
-    return image_transform(image_size, is_train=True, scale=tuple(scale), jitter=jitter)
-
-
-def _draw_positives(captions: list[str], k: int, source: str, rng) -> list[str]:
-    """Up to ``k`` distinct positive texts: the sample's captions, or (DreamLIP) sub-captions,
-    the sentences of its longest caption, or (Long-CLIP) the first sentence of its longest caption
-    alone ("first_sentence", the short summary caption); never none, since every sample has a caption."""
-    if source == "first_sentence":
-        from ..data.long_captions import short_and_long
-
-        return [short_and_long(max(captions, key=len))[0]]
-    if source == "subcaptions":
-        from ..data.long_captions import sample_subcaptions
-
-        return sample_subcaptions(max(captions, key=len), k, rng) or [captions[0]]
-    return [captions[int(i)] for i in rng.permutation(len(captions))[:k]]
-
-
-def same_wording(captions: list[str], counterfactual: str) -> str:
-    """The caption that ``counterfactual`` was written from: the one with as many words that
-    differs from it in the fewest positions (the number, and the noun's plural). The counting
-    loss contrasts this pair, so the two differ only in the count, as in Paiss et al."""
-    words = counterfactual.split()
-
-    def distance(caption: str) -> float:
-        other = caption.split()
-        return sum(a != b for a, b in zip(words, other)) if len(other) == len(words) else float("inf")
-
-    return min(captions, key=distance)
-
-
-def _padded(tokenizer, rows: list[list[str]], k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, K, L] token ids of per-sample caption lists padded to ``k`` (default: the longest) and the [B, K] mask."""
-    k = k or max(1, max(len(r) for r in rows))
-    padded = [r + [""] * (k - len(r)) for r in rows]
-    ids = tokenizer([t for r in padded for t in r]).view(len(rows), k, -1)
-    return ids, torch.tensor([[j < len(r) for j in range(k)] for r in rows])
-
-
-def make_collate(tokenizer: Callable[[list[str]], torch.Tensor], negatives: int | None = None,
-                 positives: int | None = None, regions: int | None = None):
-    """Stack a batch; per-sample negative (positive) captions are padded to ``negatives``
-    (``positives``; default: the batch's largest count) with the mask False on the padding, so
-    every micro-batch of a step has the same [B, K] layout; region boxes and captions likewise to
-    ``regions`` slots (padding boxes are the whole image, masked out)."""
+def make_collate(tokenizer: Callable[[list[str]], torch.Tensor], **slots: int | None):
+    """Stack a batch: the images and captions, then the fields of every data input the items hold
+    (:data:`clipforge.train.inputs.DATA_INPUTS`, each with its own collate). ``slots`` ({data input
+    name: K}, e.g. ``negatives=2``, ``positives=3``, ``regions=4``) pads that input's per-sample lists
+    to K with the mask False on the padding, so every micro-batch of a step has the same [B, K]
+    layout; default: the batch's largest count."""
+    unknown = sorted(set(slots) - {d.name for d in DATA_INPUTS})
+    if unknown:
+        raise TypeError(f"make_collate has no slots for {unknown}; data inputs: {[d.name for d in DATA_INPUTS]}")
 
     def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
         good = [it for it in items if it is not None and "error" not in it]
@@ -282,33 +189,9 @@ def make_collate(tokenizer: Callable[[list[str]], torch.Tensor], negatives: int 
             "skipped": len(errors),
             "errors": errors,
         }
-        if "negatives" in good[0]:
-            batch["negative_texts"], batch["negative_mask"] = _padded(
-                tokenizer, [it["negatives"] for it in good], negatives
-            )
-        if "positives" in good[0]:
-            batch["positive_texts"], batch["positive_mask"] = _padded(
-                tokenizer, [it["positives"] for it in good], positives
-            )
-        if "teacher_image" in good[0]:  # one [B, d_k] tensor per teacher
-            for key in ("teacher_image", "teacher_text"):
-                batch[key] = [torch.stack(per) for per in zip(*(it[key] for it in good))]
-        if "pixels_view2" in good[0]:
-            batch["images_view2"] = torch.stack([it["pixels_view2"] for it in good])
-        for key in ("synthetic", "short_tags"):  # ALIP's synthetic caption, HQ-CLIP's short tags
-            if key in good[0]:
-                batch[f"{key}_texts"] = tokenizer([it[key] for it in good])
-        if "boxes" in good[0]:
-            r = regions or max(1, max(len(it["boxes"]) for it in good))
-            boxes = torch.tensor([0.0, 0.0, 1.0, 1.0]).repeat(len(good), r, 1)
-            for row, it in enumerate(good):
-                boxes[row, :len(it["boxes"])] = it["boxes"]
-            batch["region_boxes"] = boxes
-            batch["region_texts"], batch["region_mask"] = _padded(tokenizer, [it["region_captions"] for it in good], r)
-        if "count_negative" in good[0]:
-            batch["count_negative_texts"] = tokenizer([it["count_negative"] or "" for it in good])
-            batch["count_positive_texts"] = tokenizer([it["count_positive"] or "" for it in good])
-            batch["count_mask"] = torch.tensor([it["count_negative"] is not None for it in good])
+        for data in DATA_INPUTS:
+            if any(f in good[0] for f in data.fields):
+                batch.update(data.collate(good, tokenizer, slots.get(data.name)))
         return batch
 
     return collate
@@ -345,8 +228,7 @@ def train_loader(items: TrainItems, batch_size: int, seed: int, start_batch: int
     if world_size > 1:
         sampler = RankSlices(sampler, accum_steps, rank, world_size)
     return DataLoader(items, batch_sampler=sampler,
-                      collate_fn=make_collate(tokenizer, items.negatives or None, items.positives or None,
-                                              items.max_regions if items.regions else None),
+                      collate_fn=make_collate(tokenizer, **{d.name: d.slots(items) for d in items.inputs if d.slots}),
                       num_workers=num_workers, pin_memory=pin_memory,  # pinned: asynchronous copies to a GPU
                       persistent_workers=False)
 

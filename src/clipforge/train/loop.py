@@ -398,7 +398,7 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan:
 
     with dist.main_first():  # rank 0 stores rewrites / teacher embeddings on the way; the others read them
         loader = build_loader(cfg, model, tokenizer, needs, out_dir, start_step, stream_state, dist.rank,
-                              dist.world_size, pin_memory=plan.pin_memory)
+                              dist.world_size, pin_memory=plan.pin_memory, terms=tuple(loss_fn.terms.values()))
     metrics_path = out_dir / "metrics.jsonl"
     if dist.is_main:
         repair_latest(out_dir)

@@ -3,9 +3,10 @@
 ``build_model`` makes the configured model (or loads ``init_from``), copies an image tower
 (``init_vision_from``), and applies ``freeze``/``trainable``. ``build_loader`` makes the batches
 the loop consumes: shards streamed (``data.streaming``) or a map-style dataset whose items carry
-what the loss terms read (hard negatives, positives, count counterfactuals, stored teacher
-embeddings, a second augmented view of each image, synthetic captions and short tags), with the
-caption of each step drawn as ``data.caption_policy`` / ``data.caption_sources`` say.
+what the loss terms read, each input set up by its entry in :mod:`.inputs` (hard negatives,
+positives, count counterfactuals, stored teacher embeddings, a second augmented view of each image,
+synthetic captions and short tags, regions, ...), with the caption of each step drawn as
+``data.caption_policy`` / ``data.caption_sources`` say.
 :func:`token_outputs` decides whether the model is asked for token-level features.
 """
 from __future__ import annotations
@@ -35,8 +36,9 @@ from .inputs import (  # noqa: F401
     TEACHER_KEYS,
     TOKEN_KEYS,
     VIEW2,
+    DataContext,
+    data_options,
 )
-from .teachers import load_teacher_store
 
 logger = logging.getLogger(__name__)
 
@@ -158,9 +160,10 @@ def with_caption_sources(cfg: TrainConfig, dataset, out_dir: Path, needs: set):
 
 
 def build_loader(cfg: TrainConfig, model, tokenizer, needs: set, out_dir: Path, start_step: int, stream_state=None,
-                 rank: int = 0, world_size: int = 1, pin_memory: bool = False):
+                 rank: int = 0, world_size: int = 1, pin_memory: bool = False, terms=()):
     """The iterable of (micro-)batches from ``start_step`` on; with ``world_size > 1``, rank
-    ``rank``'s share of them (a slice of every global batch, or its shards of the stream)."""
+    ``rank``'s share of them (a slice of every global batch, or its shards of the stream).
+    ``terms``: the loss terms, for data inputs that read an option of theirs (MLCD's cluster file)."""
     micro = cfg.batch_size // cfg.accum_steps  # global micro-batch: world_size slices of it per step and micro-batch
     if cfg.data.streaming:  # webdataset shards streamed; the position is saved with each checkpoint
         if needs & FROM_DATASET:
@@ -174,44 +177,12 @@ def build_loader(cfg: TrainConfig, model, tokenizer, needs: set, out_dir: Path, 
                                 image_size=model.image_size, **({"root": cfg.data.root} if cfg.data.root else {}),
                                 **({"languages": list(cfg.data.languages)} if cfg.data.languages else {}))
         dataset, sources = with_caption_sources(cfg, dataset, out_dir, needs)
-        if SYNTHETIC in needs and not cfg.data.rewrites:
-            from ..data.captions import caption_sources
-
-            if not caption_sources(dataset[0])["synthetic"]:
-                raise ValueError(f"the loss terms {sorted(cfg.loss)} pair each caption with a synthetic caption (ALIP) "
-                                 f"and data.dataset={cfg.data.dataset} has none: set data.rewrites=rule (a stored rule "
-                                 "rewrite of the sample's captions stands in for it) or a sidecar file of rewrites")
-        teachers = None
-        if needs & set(TEACHER_KEYS):
-            if not cfg.data.teachers:
-                raise ValueError(f"the loss terms {sorted(cfg.loss)} read stored teacher embeddings: name the frozen "
-                                 "teacher models with data.teachers=[<checkpoint or run directory>, ...]")
-            if cfg.data.augment:
-                raise ValueError(
-                    "teacher embeddings are stored for the un-augmented training images; set data.augment=false"
-                )
-            teachers = load_teacher_store(cfg.data.teachers, cfg.data.dataset, cfg.data.train_size, cfg.data.seed,
-                                          cfg.data.teacher_cache or out_dir / "teacher_cache")
-        items = TrainItems(
-            dataset,
-            cfg.seed,
-            model.image_size,
-            augment=cfg.data.augment,
-            negatives=cfg.data.hard_negatives if needs & {NEGATIVES, "ema_negative_text_features"} else 0,
-            negative_types=tuple(cfg.data.negative_types),
-            count_negatives=COUNTS in needs,
-            positives=cfg.data.positives if POSITIVES in needs else 0,
-            positive_source=cfg.data.positive_source,
-            teachers=teachers,
-            caption_policy=resolve_caption_policy(cfg.data.caption_policy, needs),
-            sources=sources,
-            synthetic=SYNTHETIC in needs,
-            short_tags=TAGS in needs,
-            regions=bool(needs & set(REGION_KEYS)),
-            second_view=view_transform(model.image_size, cfg.data.view_scale, cfg.data.view_jitter)
-            if VIEW2 in needs
-            else None,
-        )
+        # every data input a needed key refers to sets its TrainItems options (train/inputs.py's table)
+        ctx = DataContext(cfg, frozenset(needs), model.image_size, Path(out_dir), dataset, tuple(terms),
+                          view_transform)
+        items = TrainItems(dataset, cfg.seed, model.image_size, augment=cfg.data.augment,
+                           caption_policy=resolve_caption_policy(cfg.data.caption_policy, needs), sources=sources,
+                           **data_options(ctx))
         loader = train_loader(items, micro, cfg.seed, start_batch=start_step * cfg.accum_steps,
                               num_batches=(cfg.steps - start_step) * cfg.accum_steps, tokenizer=tokenizer,
                               num_workers=cfg.data.num_workers, rank=rank, world_size=world_size,
