@@ -52,14 +52,20 @@ def base_model(seed: int, steps: int, batch: int):
     return model, get_tokenizer(model.context_length)
 
 
-def fidelity_arm(seed: int, steps: int, batch: int, eval_size: int, method: str, shots: int = 16) -> dict:
-    """One arm of the fidelity recipes ``adapt`` and ``tca`` (benchmarks/fidelity.py): the base model of ``seed``
-    adapted with ``method`` (``zero-shot``: not adapted; ``tca``: test-time, no support set) on a ``shots``-shot
-    support set drawn with ``seed``. Returns top-1 on ``test`` and ``heldout`` (the 5-way shape view)."""
+def fidelity_arm(seed: int, steps: int, batch: int, eval_size: int, method: str, shots: int = 16,
+                 epochs: int | None = None) -> dict:
+    """One arm of the fidelity recipes ``adapt``, ``adapt_prompts`` and ``tca`` (benchmarks/fidelity.py): the base
+    model of ``seed`` adapted with ``method`` (``zero-shot``: not adapted; ``tca``: test-time, no support set) on a
+    ``shots``-shot support set drawn with ``seed``. ``epochs``: the training epochs of the prompt learners (CoOp,
+    TMM, GOPro; None: AdaptConfig's defaults). Returns top-1 on ``test`` and ``heldout`` (the 5-way shape view)."""
     model, tokenizer = base_model(seed, steps, batch)
     methods = () if method == "zero-shot" else (method,)
-    res, _ = run_adaptation(model, tokenizer, AdaptConfig(view="shape", methods=methods or ("tip",), shots=(shots,),
-                                                          seeds=(seed,), size=eval_size))
+    cfg = AdaptConfig(view="shape", methods=methods or ("tip",), shots=(shots,), seeds=(seed,), size=eval_size)
+    if epochs is not None:
+        cfg.coop = replace(cfg.coop, epochs=epochs)
+        cfg.tmm = replace(cfg.tmm, prompt=replace(cfg.tmm.prompt, epochs=epochs))
+        cfg.gopro = replace(cfg.gopro, prompt=replace(cfg.gopro.prompt, epochs=epochs))
+    res, _ = run_adaptation(model, tokenizer, cfg)
     if method == "zero-shot":
         return {"test": res["zero_shot"]["test"], "heldout": res["zero_shot"]["heldout"]}
     run = res["test_time"]["tca"] if method == "tca" else res["shots"][str(shots)][method]

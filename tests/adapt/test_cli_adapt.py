@@ -85,3 +85,49 @@ def test_unknown_method_is_a_usage_error(capsys):
     except SystemExit as e:
         assert e.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_adapt_tmm_gopro_caps_end_to_end_on_shapes(tiny_cfg, tmp_path, capsys):
+    """The three methods run from the command on shapes; each reported test accuracy is recomputed here
+    from the written adapters (TMM and GOPro: a fresh learner loaded with the written state; CapS: the cache
+    whose keys are the support images' captions)."""
+    import torch.nn.functional as F
+
+    from clipforge.adapt.gopro import GOProConfig, GOProLearner
+    from clipforge.adapt.tmm import TMMConfig, TMMLearner
+    from clipforge.evaluation.suite_data import suite_data
+    from clipforge.interop import load
+    from clipforge.train import train
+    from clipforge.transforms import normalize_batch
+
+    train(tiny_cfg)
+    out = tmp_path / "adapt"
+    rc = main(["adapt", tiny_cfg.out_dir, "--method", "tmm", "gopro", "caps", "--shots", "2", "--size", "40",
+               "--tmm-epochs", "2", "--gopro-epochs", "2", "--gopro-views", "2", "--out", str(out), "--quiet"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "tmm" in printed and "gopro" in printed and "caps" in printed
+    res = json.loads((out / "adapt.json").read_text())
+    row = res["shots"]["2"]
+    adapters = torch.load(out / "adapters.pt", weights_only=True)
+    assert adapters["caps"]["keys"].shape[0] == row["caps"]["captions"] >= 10  # every caption of 2 x 5 images
+
+    model, tokenizer, _ = load(tiny_cfg.out_dir)
+    model.eval()
+    _, _, test, _ = suite_data("shapes", model.image_size, 40, 12345).probe_splits("shape")
+    with torch.no_grad():
+        feats = F.normalize(model.encode_image(normalize_batch(torch.stack(list(test.images)))), dim=-1)
+    labels = torch.as_tensor(test.labels)
+    acc = lambda logits: (logits.argmax(1) == labels).float().mean().item()
+    for name, learner in (("tmm", TMMLearner(model, tokenizer, test.classnames, TMMConfig())),
+                          ("gopro", GOProLearner(model, tokenizer, test.classnames, GOProConfig(views=2)))):
+        learner.load_state_dict(adapters[name])
+        assert row[name]["test"] == pytest.approx(acc(learner.logits(feats)), abs=1e-9), name
+        assert 0.0 <= row[name]["heldout"] <= 1.0
+    assert row["gopro"]["final_view"] > 0 and row["tmm"]["final_loss"] > 0
+
+
+def test_adapt_bad_gopro_views_is_one_clear_error(capsys):
+    assert main(["adapt", "no-such-run", "--method", "gopro", "--gopro-views", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "at least 2 augmented views" in err and "--gopro" in err

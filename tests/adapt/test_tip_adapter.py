@@ -94,3 +94,27 @@ def test_alpha_beta_search_prefers_the_zero_shot_side_on_ties():
     assert acc == 1.0 and alpha * beta > 5 and alpha == 3.0  # 3*2 > 5 is the smallest winning alpha
     with pytest.raises(ValueError, match="labels"):
         TipAdapterF(x, y[:2], 3)
+
+
+def test_caps_support_set_and_fit_by_hand():
+    """CapS-Adapter's support set: every caption of the chosen images with its image's label (hand-written case);
+    its fitted cache reads the caption embeddings like Tip-Adapter's cache reads image keys."""
+    import torch.nn.functional as F
+
+    from clipforge.adapt import FeatureSet, caption_support, fit_caps_adapter
+
+    captions = [["a red circle", "a circle"], ["a blue square"], ["a green circle"], []]
+    texts, y = caption_support(captions, torch.tensor([0, 1, 0, 1]), [2, 0, 3, 1])
+    assert texts == ["a green circle", "a red circle", "a circle", "a blue square"] and y.tolist() == [0, 0, 0, 1]
+    with pytest.raises(ValueError, match="no captions"):
+        caption_support(captions, torch.tensor([0, 1, 0, 1]), [3])
+    with pytest.raises(ValueError, match="one list per image"):
+        caption_support(captions, torch.tensor([0, 1]), [0])
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(4, 8, generator=g) * 3  # unnormalized caption embeddings
+    val_x = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    val = FeatureSet(val_x, torch.randn(6, 2, generator=g), torch.tensor([0, 1, 0, 1, 1, 0]))
+    a = fit_caps_adapter(keys, y, 2, val)
+    affinity = torch.exp(-a.beta * (1 - val_x @ F.normalize(keys, dim=-1).t()))
+    expect = val.zero_shot_logits + a.alpha * affinity @ F.one_hot(y, 2).float()
+    assert torch.allclose(a(val_x, val.zero_shot_logits), expect, atol=1e-5)

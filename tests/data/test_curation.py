@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from clipforge.data.curation import EntryMatcher, balance, curate, entry_counts
 from clipforge.data.entries import default_entries
@@ -67,3 +68,66 @@ def test_default_entries_and_distribution():
 def test_no_entries_is_an_error():
     with pytest.raises(ValueError):
         EntryMatcher(["", ""])
+
+
+def _shard_set(root, captions_train, captions_val=("a val cat",)):
+    """A tiny shard set written with the shard writer: one PNG per sample, captions, a label view."""
+    import io
+
+    from PIL import Image
+
+    from clipforge.data.shards import ShardSample, ShardSetWriter
+
+    def png(i):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (i * 20 % 256, 0, 0)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    w = ShardSetWriter(root, target_bytes=2000)
+    for split, caps in (("train", captions_train), ("val", captions_val)):
+        keys = [f"{split}{i:03d}" for i in range(len(caps))]
+        samples = {k: ShardSample(k, png(i), [c], {"kind": i % 2}, extra={"caption_langs": ["en"]})
+                   for i, (k, c) in enumerate(zip(keys, caps))}
+        w.write_split(split, keys, lambda ks, s=samples: (s[k] for k in ks))
+    return w.finish("toy", {"kind": {"classes": ["even", "odd"], "templates": ["a {}."]}})
+
+
+def test_curate_shards_keeps_what_curate_keeps_byte_for_byte(tmp_path):
+    """The written train split is exactly curate()'s selection on the same captions (recomputed here), the
+    images and metadata are the source's, val is copied whole, and the manifest records the summary."""
+    from clipforge.data.curation import curate_shards
+    from clipforge.data.shards import ShardDataset, shard_entries
+
+    caps = [f"a red cat number {i}" for i in range(30)] + ["a dog", "a blue dog", "nothing here", "a bird"]
+    _shard_set(tmp_path / "src", caps)
+    entries = ["cat", "dog", "bird"]
+    manifest = curate_shards(tmp_path / "src", tmp_path / "out", entries, t=5, seed=3, shard_bytes=2000)
+    expected = curate([[c] for c in caps], entries, t=5, seed=3).indices.tolist()
+    assert {30, 31, 33} <= set(expected) and 32 not in expected  # the dogs and the bird (tail) kept, no match dropped
+    src, out = ShardDataset(tmp_path / "src"), ShardDataset(tmp_path / "out")
+    assert [out[i]["key"] for i in range(len(out))] == [src[i]["key"] for i in expected]
+    for i, j in enumerate(expected):
+        a, b = src[j], out[i]
+        assert torch.equal(a["image"], b["image"]) and a["captions"] == b["captions"] and a["labels"] == b["labels"]
+    written = [e for path in sorted((tmp_path / "out").glob("train-*.tar")) for e in shard_entries(path)]
+    assert [e.key for e in written] == [src[i]["key"] for i in expected]
+    assert all(e.meta["caption_langs"] == ["en"] and e.meta["split"] == "train" for e in written)  # metadata travels
+    assert len(ShardDataset(tmp_path / "out", split="val")) == 1
+    c = manifest["curation"]
+    assert (c["pool"], c["matched"], c["kept"], c["t"]) == (34, 33, len(expected), 5)
+    assert manifest["label_views"]["kind"]["classes"] == ["even", "odd"]
+    assert sum(1 for j in expected if j < 30) < 30  # the head entry 'cat' was balanced down
+
+
+def test_curate_shards_bad_input(tmp_path):
+    from clipforge.data.curation import curate_shards, read_entries
+
+    _shard_set(tmp_path / "src", ["a cat"])
+    with pytest.raises(ValueError, match="t must be positive"):
+        curate_shards(tmp_path / "src", tmp_path / "o1", ["cat"], t=0)
+    with pytest.raises(ValueError, match="no train caption .* matches"):
+        curate_shards(tmp_path / "src", tmp_path / "o2", ["zebra"], t=1)
+    with pytest.raises(FileNotFoundError, match="one entry per line or 'builtin'"):
+        read_entries(tmp_path / "missing.txt")
+    (tmp_path / "e.txt").write_text("# comment\ncat\n\ndog\n")
+    assert read_entries(tmp_path / "e.txt") == ["cat", "dog"] and "cat" in read_entries("builtin")

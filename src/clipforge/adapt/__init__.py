@@ -5,6 +5,8 @@ One method per module, each on frozen CLIP features or a frozen model:
 - :mod:`.tip_adapter`: Tip-Adapter (training-free cache model), Tip-Adapter-F (trainable
   cache keys) and CapS-Adapter (caption keys);
 - :mod:`.coop`: CoOp prompt learning (learnable context vectors in the text tower);
+- :mod:`.tmm`: TMM, class-aware image-conditioned prompts and text-guided feature tuning on CoOp;
+- :mod:`.gopro`: GOPro, image-generated prompts and projectors with view and prompt-consistency losses;
 - :mod:`.gda`: Gaussian discriminant analysis (training-free);
 - :mod:`.clipn`: CLIPN-style learned "no" prompts for out-of-distribution detection;
 - :mod:`.tca`: TCA, token condensation as training-free test-time adaptation (no support set:
@@ -17,17 +19,21 @@ evaluation sits above adapt (``tests/test_architecture.py``). Below adapt: the c
 from .common import FeatureSet
 from .coop import CoOpConfig, PromptLearner, fit_coop
 from .gda import gda_classifier, gda_logits
+from .gopro import GOProConfig, GOProLearner, encode_views, fit_gopro
 from .tca import TCA, TCAConfig, TokenReservoir, tca_flops
 from .tip_adapter import (
                           TipAdapterF,
                           TipAdapterFConfig,
                           TipSearch,
                           caps_adapter_logits,
+                          caption_support,
+                          fit_caps_adapter,
                           fit_tip_adapter,
                           fit_tip_adapter_f,
                           search_alpha_beta,
                           tip_adapter_logits,
 )
+from .tmm import TMMConfig, TMMLearner, fit_tmm
 
 __all__ = [
     "FeatureSet",
@@ -48,4 +54,13 @@ __all__ = [
     "fit_tip_adapter_f",
     "search_alpha_beta",
     "tip_adapter_logits",
+    "caption_support",
+    "fit_caps_adapter",
+    "TMMConfig",
+    "TMMLearner",
+    "fit_tmm",
+    "GOProConfig",
+    "GOProLearner",
+    "encode_views",
+    "fit_gopro",
 ]

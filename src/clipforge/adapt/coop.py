@@ -153,10 +153,14 @@ def _lr_at(step: int, steps_per_epoch: int, total: int, cfg: CoOpConfig) -> floa
 def train_prompts(learner: PromptLearner, features: Tensor, labels: Tensor,
                   loss_fn: Callable[[PromptLearner, Tensor, Tensor], Tensor], cfg: CoOpConfig) -> dict:
     """The prompt-learning loop: ``loss_fn(learner, features, labels)`` minimized over the
-    context alone (SGD with momentum, a warmup epoch at constant ``warmup_lr``, then cosine
-    from ``lr`` to 0) with the CLIP model frozen. Returns the per-epoch mean loss."""
+    learner's own parameters (for CoOp the context alone; TMM and GOPro add small networks),
+    with SGD with momentum, a warmup epoch at constant ``warmup_lr``, then cosine from ``lr``
+    to 0, and the CLIP model frozen (it is not a submodule of the learner). ``features`` may
+    carry extra leading-dimension data per example (GOPro's augmented views [N, V, d]).
+    Returns the per-epoch mean loss."""
     gen = set_seed(cfg.seed)
-    opt = torch.optim.SGD([learner.ctx], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    params = [p for p in learner.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     feats, y = features.detach().float(), labels.long()
     n = len(y)
     if n == 0:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,28 @@ def caps_adapter_logits(features: Tensor, caption_features: Tensor, caption_labe
                         beta: float = 5.5) -> Tensor:
     """CapS-Adapter: a Tip-Adapter cache whose keys are caption (text) embeddings of each class."""
     return tip_adapter_logits(features, F.normalize(caption_features, dim=-1), caption_labels, num_classes, beta)
+
+
+def caption_support(captions: Sequence[Sequence[str]], labels: Tensor,
+                    index: Sequence[int]) -> tuple[list[str], Tensor]:
+    """CapS-Adapter's support set: every caption of the images ``index`` picks, with its image's label.
+
+    ``captions[i]`` are image i's captions and ``labels[i]`` its class; the result is the flat caption
+    list and a label tensor of the same length (the cache keys are these captions' text embeddings).
+    Both the evaluation suite's ``few_shot`` task and ``clipforge adapt --method caps`` build it here."""
+    if len(captions) != len(labels):
+        raise ValueError(f"{len(captions)} caption lists for {len(labels)} labels: one list per image is needed")
+    pairs = [(c, int(labels[i])) for i in index for c in captions[i]]
+    if not pairs:
+        raise ValueError("the chosen support images have no captions; CapS-Adapter needs captions as cache keys")
+    return [c for c, _ in pairs], torch.tensor([y for _, y in pairs], dtype=torch.long)
+
+
+def fit_caps_adapter(caption_features: Tensor, caption_labels: Tensor, num_classes: int, val: FeatureSet,
+                     search: TipSearch | None = None) -> TipAdapterF:
+    """Training-free CapS-Adapter: the cache of normalized caption embeddings (frozen keys) with
+    alpha and beta searched on ``val``, exactly as :func:`fit_tip_adapter` does for image keys."""
+    return fit_tip_adapter(F.normalize(caption_features.float(), dim=-1), caption_labels, num_classes, val, search)
 
 
 @dataclass

@@ -3,6 +3,7 @@
     clipforge adapt runs/a --method tip-f --shots 16 --out runs/a/adapt
     clipforge adapt runs/a --method tip tip-f coop gda --shots 1 4 16 --seeds 0 1 2
     clipforge adapt runs/a --method tca --tca-keep-ratio 0.7
+    clipforge adapt runs/a --method coop tmm gopro caps --shots 16 --seeds 0 1 2
 """
 from __future__ import annotations
 
@@ -36,6 +37,16 @@ methods (--method, several allowed; 'all' runs every one):
           the entity words, are added to the global image embedding. Scored on shapes' relations split: how
           often the true caption beats its relation-flipped and swapped negatives, vs plain CLIP.
           --shots is ignored.
+  caps    CapS-Adapter (Wang et al. 2024), training-free: the Tip-Adapter cache with the support images'
+          captions (their text embeddings) as keys instead of the images; alpha and beta searched on
+          validation. Skipped on a dataset whose train split has no captions.
+  tmm     TMM (Long et al. 2023), on CoOp's context: class-aware prompts (each context token of class c
+          shifted by a meta-net of the image feature times class c's embedding) and text-guided feature
+          tuning (the image feature plus a learned map of its attention-weighted class-prompt features),
+          trained with cross-entropy. Simplified: global image features, not the towers' tokens.
+  gopro   GOPro (Singha et al. 2023): image-generated prompts (CoOp context + a meta-net of the image
+          feature) and image/text projectors, trained with the CLIP loss, a view-contrastive loss and a
+          prompt-consistency loss over --gopro-views augmented views of each support image (encoded once).
 
 data (the evaluation suite's splits): support sets of K images per class drawn from 'train'
 (one draw per --seeds value), hyper-parameters chosen on the even half of 'val', accuracy on
@@ -90,6 +101,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--coop-class-specific", action="store_true", help="one context per class (CoOp's CSC)")
     g.add_argument("--coop-epochs", type=int, default=100, help="epochs after the warmup epoch (default 100)")
     g.add_argument("--coop-lr", type=float, default=2e-3, help="SGD learning rate (default 2e-3, as the paper)")
+    g = p.add_argument_group("TMM and GOPro (their context and optimizer are CoOp's: --coop-ctx-init, --coop-lr, ...)")
+    g.add_argument("--tmm-epochs", type=int, default=50, help="TMM epochs after the warmup epoch (default 50)")
+    g.add_argument("--gopro-epochs", type=int, default=50, help="GOPro epochs after the warmup epoch (default 50)")
+    g.add_argument("--gopro-views", type=int, default=4, help="augmented views encoded per support image (default 4)")
+    g.add_argument("--gopro-view-weight", type=float, default=1.0,
+                   help="weight of the view-contrastive loss (default 1)")
+    g.add_argument("--gopro-consistency-weight", type=float, default=1.0,
+                   help="weight of the prompt-consistency loss (default 1)")
     g = p.add_argument_group("TCA (test-time, no support set)")
     g.add_argument("--tca-keep-ratio", type=float, default=0.7,
                    help="fraction of patch tokens leaving each condensation block (default 0.7; 1 = none)")
@@ -127,7 +146,7 @@ def summary_rows(results: dict) -> list[list]:
     rows = [["zero-shot", 0, zs["test"], zs.get("heldout", ""), 0.0]]
     for k, methods in results["shots"].items():
         for method, r in methods.items():
-            if method == "clipn":
+            if method == "clipn" or "test" not in r or r["test"] is None:
                 continue
             rows.append([method, int(k), r["test"], r.get("heldout", ""), r["test"] - zs["test"]])
     for method, r in results.get("test_time", {}).items():
@@ -137,14 +156,18 @@ def summary_rows(results: dict) -> list[list]:
 
 
 def run(args) -> int:
+    import dataclasses
     import json
 
     import torch
 
     from ..adapt.comclip import ComCLIPConfig
     from ..adapt.coop import CoOpConfig
+    from ..adapt.gopro import GOProConfig
     from ..adapt.tca import TCAConfig
     from ..adapt.tip_adapter import TipAdapterFConfig
+    from ..adapt.tmm import TMMConfig
+    from ..errors import ConfigError
     from ..evaluation.adaptation import METHODS, AdaptConfig, run_adaptation
     from ..interop import load
     from ..train.device import resolve_device
@@ -153,6 +176,16 @@ def run(args) -> int:
     device = resolve_device(args.device)  # an absent GPU is named before anything loads
     methods = tuple(METHODS) if "all" in args.method else tuple(dict.fromkeys(args.method))
     init = None if args.coop_ctx_init.lower() == "none" else args.coop_ctx_init
+    for name in ("tmm_epochs", "gopro_epochs", "coop_epochs"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    shared = CoOpConfig(ctx_init=init, n_ctx=args.coop_n_ctx, lr=args.coop_lr)
+    try:
+        tmm = TMMConfig(prompt=dataclasses.replace(shared, epochs=args.tmm_epochs))
+        gopro = GOProConfig(prompt=dataclasses.replace(shared, epochs=args.gopro_epochs), views=args.gopro_views,
+                            view_weight=args.gopro_view_weight, consistency_weight=args.gopro_consistency_weight)
+    except ValueError as e:
+        raise ConfigError(f"{e} (check the --gopro-* options)") from None
     cfg = AdaptConfig(
         dataset=args.dataset,
         view=args.view,
@@ -171,6 +204,8 @@ def run(args) -> int:
             epochs=args.coop_epochs,
             lr=args.coop_lr,
         ),
+        tmm=tmm,
+        gopro=gopro,
         tca=TCAConfig(
             layers=tuple(args.tca_layers) if args.tca_layers else None,
             keep_ratio=args.tca_keep_ratio,

@@ -5,6 +5,7 @@
     clipforge data info DIR
     clipforge data convert SRC --out DIR [--shard-size-mb 64] [--image-size N] [--val-fraction F]
     clipforge data export-wds SRC --out DIR     # CLIP_benchmark's webdataset layout (clipforge eval, clip_benchmark)
+    clipforge data curate SRC --entries FILE|builtin --t N --out DIR   # MetaCLIP curation, train split
     clipforge data cluster RUN --k N [--dataset NAME --size N --seed S --root DIR] [--out FILE]   # MLCD
 
 ``--out`` defaults to ``$CLIPFORGE_DATA/NAME`` (``~/.cache/clipforge/data/NAME``), where
@@ -66,6 +67,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="templates written where the source has none: openai_imagenet, openai_short, simple or a file")
     e.add_argument("--max-count", type=int, default=10_000, help="samples per tar shard (default 10000)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
+    u = sub.add_parser("curate", help="MetaCLIP curation: a balanced subset of a shard set's train split",
+                       description="MetaCLIP curation (Xu et al., 'Demystifying CLIP Data', 2023) of SRC's train "
+                                   "split: keep the samples whose captions contain a metadata entry (substring match), "
+                                   "then balance: a sample matching entry e is kept with probability t/count(e) "
+                                   "(entries seen at most t times keep every sample). Writes a new shard set "
+                                   "with the kept train samples and SRC's val and test splits unchanged.")
+    u.add_argument("src", help="a shard directory (clipforge data build|convert), or the name of a corpus in the "
+                               "data home")
+    u.add_argument("--entries", required=True,
+                   help="metadata: a text file with one entry per line, or 'builtin' (common nouns, the shapes "
+                        "vocabulary and emoji names)")
+    u.add_argument("--t", type=float, required=True,
+                   help="balancing threshold: about this many samples at most per entry (MetaCLIP: 20000 for 400M)")
+    u.add_argument("--out", required=True, help="the shard directory to write")
+    u.add_argument("--seed", type=int, default=0, help="seed of the balancing draws (default 0)")
+    u.add_argument("--case-sensitive", action="store_true",
+                   help="match case-sensitively, as MetaCLIP does (default: lowercase captions and entries)")
+    u.add_argument("--word-boundary", action="store_true",
+                   help="match whole words only (default: substrings, as MetaCLIP: 'cat' matches 'category')")
+    u.add_argument("--shard-size-mb", type=float, default=64, help="target size of one shard in MB (default 64)")
     k = sub.add_parser("cluster", help="MLCD's offline step: k-means centers of a trained model's image features",
                        description="embed the training images with a trained model (once, offline), cluster the "
                                    "features into K centers and store centers and features with the model's and the "
@@ -190,6 +211,26 @@ def run(args) -> int:
         print(
             f"done in {time.perf_counter() - t0:.1f} s; evaluate it with clipforge eval MODEL --dataset wds:{args.out}"
         )
+        return 0
+    if args.data_command == "curate":
+        from ..data.curation import curate_shards, read_entries
+
+        if args.t <= 0:
+            raise ValueError(f"--t must be positive (about how many samples to keep per entry), got {args.t}")
+        src = Path(args.src)
+        if not src.exists():
+            src = corpus_root(args.src)
+        t0 = time.perf_counter()
+        manifest = curate_shards(src, args.out, read_entries(args.entries), t=args.t, seed=args.seed,
+                                 shard_bytes=int(args.shard_size_mb * 1e6), lowercase=not args.case_sensitive,
+                                 word_boundary=args.word_boundary)
+        c = manifest["curation"]
+        print(_summary(Path(args.out)))
+        print(f"curation: {c['pool']} train samples, {c['matched']} matched an entry, "
+              f"{c['kept']} kept at t={c['t']:g}; "
+              f"head entries (> t): {c['head_entries']}, their share of matches {c['head_share_before']:.3f} -> "
+              f"{c['head_share_after']:.3f}")
+        print(f"done in {time.perf_counter() - t0:.1f} s; train on it with data.dataset=shards data.root={args.out}")
         return 0
     if args.data_command == "info":
         root = Path(args.dir)

@@ -15,11 +15,16 @@ Following "Demystifying CLIP Data" (Xu et al., 2023):
 Draws come from ``numpy.random.default_rng(seed)``: one ``rng.random(nnz)`` for all
 (sample, entry) pairs, in sample order and, within a sample, in increasing entry id, so a
 result can be recomputed by hand.
+
+:func:`curate_shards` applies it to a shard directory and writes the curated shard set
+(``clipforge data curate``); :func:`read_entries` reads the metadata (a file or ``builtin``).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -149,3 +154,72 @@ def curate(texts: Sequence[str | Sequence[str]], entries: Sequence[str] | EntryM
         pool=len(texts),
         matched=int((indptr[1:] > indptr[:-1]).sum()),
     )
+
+
+def read_entries(source: str | os.PathLike) -> list[str]:
+    """Metadata entries: ``"builtin"`` (:func:`clipforge.data.entries.default_entries`) or a UTF-8 text
+    file with one entry per line (blank lines and lines starting with ``#`` are skipped)."""
+    if str(source) == "builtin":
+        from .entries import default_entries
+
+        return default_entries()
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"entries file '{source}' does not exist; pass a text file with one entry per line "
+                                "or 'builtin' for the built-in entries")
+    entries = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    entries = [e for e in entries if e and not e.startswith("#")]
+    if not entries:
+        raise ValueError(f"entries file '{source}' has no entries; write one entry per line")
+    return entries
+
+
+def curate_shards(src: str | os.PathLike, out: str | os.PathLike, entries: Sequence[str] | EntryMatcher,
+                  t: float, seed: int = 0, shard_bytes: int = 64 << 20, **matcher_options) -> dict[str, Any]:
+    """Curate the ``train`` split of the shard directory ``src`` into a new shard directory ``out``.
+
+    The train samples' captions (all of a sample's captions, read from the shard metadata without
+    decoding an image) are matched and balanced by :func:`curate`; the kept samples are copied byte
+    for byte (image and metadata) into shards of about ``shard_bytes``, in their stored order; the
+    ``val`` and ``test`` splits are copied whole (evaluation stays comparable). The manifest keeps the
+    source's label views and records the curation summary under ``"curation"``; returns the manifest."""
+    from .shards import MANIFEST, SPLITS, ShardSample, ShardSetWriter, read_manifest, shard_entries
+
+    if t <= 0:
+        raise ValueError(f"the balancing threshold t must be positive, got {t}")
+    src, out = Path(src).expanduser(), Path(out).expanduser()
+    manifest = read_manifest(src)
+    if src.resolve() == out.resolve():
+        raise ValueError(f"--out must differ from the source {src}; curation writes a new shard set")
+    if (out / MANIFEST).exists():
+        raise ValueError(f"{out} already holds a shard set; remove it or choose another --out")
+    split_entries = {s: [(src / sh["file"], e) for sh in manifest["splits"][s]["shards"]
+                         for e in shard_entries(src / sh["file"])]
+                     for s in SPLITS if s in manifest["splits"]}
+    train = split_entries.get("train", [])
+    if not train:
+        raise ValueError(f"{src} has no train samples to curate")
+    result = curate([list(e.meta.get("captions", [])) for _, e in train], entries, t=t, seed=seed, **matcher_options)
+    if len(result.indices) == 0:
+        raise ValueError(f"no train caption of {src} matches any of the {len(result.entries)} entries; "
+                         "use entries that occur in the captions")
+    chosen = {"train": [train[i] for i in result.indices.tolist()]}
+    chosen |= {s: v for s, v in split_entries.items() if s != "train"}
+    writer = ShardSetWriter(out, shard_bytes)
+    for split, items in chosen.items():
+        by_key = {e.key: (path, e) for path, e in items}
+
+        def produce(keys: Sequence[str], by_key=by_key, split=split):
+            for key in keys:
+                path, e = by_key[key]
+                with open(path, "rb") as f:
+                    f.seek(e.offset)
+                    image = f.read(e.size)
+                extra = {k: v for k, v in e.meta.items() if k not in ("captions", "labels", "label", "split")}
+                yield ShardSample(key, image, list(e.meta.get("captions", [])), dict(e.meta.get("labels", {})),
+                                  e.ext, extra)
+
+        writer.write_split(split, [e.key for _, e in items], produce)
+    info = {k: v for k, v in manifest.items() if k not in ("name", "format", "label_views", "splits", "total")}
+    summary = result.summary() | {"seed": seed, "source": str(src.resolve())}
+    return writer.finish(f"{manifest['name']}-curated", manifest["label_views"], info=info | {"curation": summary})

@@ -16,7 +16,12 @@ test-time: no support set; each eval split is streamed through the condensed ima
 seeded random order per seed, results under ``results["test_time"]["tca"]``), ``comclip``
 (ComCLIP, training-free compositional matching: on ``shapes``' ``relations`` split, how often
 the true caption beats its relation-flipped and subject/object-swapped negatives, ComCLIP vs plain
-CLIP, under ``results["compositional"]["comclip"]``; no support set). Zero-shot is always reported.
+CLIP, under ``results["compositional"]["comclip"]``; no support set), ``caps`` (CapS-Adapter: the
+support images' captions, not the images, are the cache keys; alpha/beta on val), ``tmm`` (TMM:
+class-aware image-conditioned prompts and text-guided feature tuning on CoOp's context) and
+``gopro`` (GOPro: generated prompts and projectors trained with CLIP, view-contrastive and
+prompt-consistency losses; the one method that augments images: ``gopro.views`` augmented views
+of each support image are encoded once). Zero-shot is always reported.
 """
 from __future__ import annotations
 
@@ -33,8 +38,17 @@ from ..adapt.comclip import ComCLIP, ComCLIPConfig, swap_accuracy
 from ..adapt.common import FeatureSet
 from ..adapt.coop import CoOpConfig, fit_coop
 from ..adapt.gda import gda_logits
+from ..adapt.gopro import GOProConfig, encode_views, fit_gopro
 from ..adapt.tca import TCAConfig, run_stream
-from ..adapt.tip_adapter import TipAdapterFConfig, TipSearch, fit_tip_adapter, fit_tip_adapter_f
+from ..adapt.tip_adapter import (
+    TipAdapterFConfig,
+    TipSearch,
+    caption_support,
+    fit_caps_adapter,
+    fit_tip_adapter,
+    fit_tip_adapter_f,
+)
+from ..adapt.tmm import TMMConfig, fit_tmm
 from ..metrics import mcm_score, ood_metrics, top1
 from .cache import EmbeddingCache
 from .linear_probe import k_shot_indices
@@ -43,7 +57,7 @@ from .suite_data import suite_data
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("tip", "tip-f", "coop", "gda", "clipn", "tca", "comclip")
+METHODS = ("tip", "tip-f", "coop", "gda", "clipn", "tca", "comclip", "caps", "tmm", "gopro")
 NO_SUPPORT = ("tca", "comclip")  # methods without a support set
 
 
@@ -65,6 +79,8 @@ class AdaptConfig:
     tip: TipSearch = field(default_factory=TipSearch)
     tip_f: TipAdapterFConfig = field(default_factory=TipAdapterFConfig)
     coop: CoOpConfig = field(default_factory=CoOpConfig)
+    tmm: TMMConfig = field(default_factory=TMMConfig)
+    gopro: GOProConfig = field(default_factory=GOProConfig)
     clipn: CLIPNConfig = field(default_factory=CLIPNConfig)
     tca: TCAConfig = field(default_factory=TCAConfig)
     tca_batch_size: int = 1  # test images per TCA step (the paper streams one at a time)
@@ -177,6 +193,27 @@ def run_adaptation(model, tokenizer: Callable, cfg: AdaptConfig | None = None) -
                     run |= {"final_loss": hist["loss"][-1], "train_top1": hist["train_top1"]}
                     adapters[method] = {"ctx": learner.ctx.detach().clone(), "classifier": w,
                                         "prompt_ids": learner.ids.clone(), "n_ctx": learner.n_ctx}
+                elif method == "caps":
+                    if not tr.captions:
+                        run["skipped"] = f"{cfg.dataset}'s train split has no captions for CapS-Adapter's cache"
+                    else:
+                        texts, cap_y = caption_support(tr.captions, tr.labels, idx.tolist())
+                        a = fit_caps_adapter(ctx.texts(texts), cap_y, classes, val, cfg.tip)
+                        run |= accuracy(lambda fs: a(fs.features, fs.zero_shot_logits))
+                        run |= {"alpha": a.alpha, "beta": a.beta, "captions": len(texts)}
+                        adapters[method] = a.state_dict() | {"alpha": a.alpha, "beta": a.beta}
+                elif method == "tmm":
+                    learner, hist = fit_tmm(model, tokenizer, tr.classnames, sup, sup_y, cfg.tmm)
+                    run |= accuracy(lambda fs: learner.logits(fs.features))
+                    run |= {"final_loss": hist["loss"][-1], "train_top1": hist["train_top1"]}
+                    adapters[method] = {k: v.detach().clone() for k, v in learner.state_dict().items()}
+                elif method == "gopro":
+                    views = encode_views(model, [tr.images[i] for i in idx.tolist()], cfg.gopro, seed=seed)
+                    learner, hist = fit_gopro(model, tokenizer, tr.classnames, views, sup_y, cfg.gopro)
+                    run |= accuracy(lambda fs: learner.logits(fs.features))
+                    run |= {k: hist[k] for k in ("final_clip", "final_view", "final_consistency", "train_top1")}
+                    run["final_loss"] = hist["loss"][-1]
+                    adapters[method] = {k: v.detach().clone() for k, v in learner.state_dict().items()}
                 elif method == "clipn" and ood is not None:
                     fin, fout, ood_cls, s = ood
                     no, hist = fit_clipn(model, tokenizer, s.classnames, ood_cls, sup, sup_y, cfg.clipn)
@@ -198,6 +235,7 @@ def run_adaptation(model, tokenizer: Callable, cfg: AdaptConfig | None = None) -
                 if key not in ("seed",) and isinstance(runs[0][key], (int, float))
             }
             | {"runs": runs}
+            | ({"skipped": runs[0]["skipped"]} if "skipped" in runs[0] else {})
             for m, runs in per_method.items()
             if runs
         }

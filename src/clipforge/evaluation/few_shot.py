@@ -7,7 +7,8 @@ ones the suite's ``few_shot`` task uses and the ensembling rule:
 - :func:`tip_adapter_logits`: the key-value cache of Tip-Adapter (Zhang et al., ECCV 2022),
   :mod:`clipforge.adapt.tip_adapter`;
 - :func:`caps_adapter_logits`: CapS-Adapter (Wang et al., 2024), the Tip-Adapter cache with
-  caption embeddings as keys;
+  caption embeddings as keys, and :func:`caption_support`, its support set (the same code
+  ``clipforge adapt --method caps`` runs);
 - :func:`ensemble`: zero-shot logits + alpha * adapter logits.
 """
 from __future__ import annotations
@@ -15,9 +16,9 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..adapt.gda import gda_classifier, gda_logits
-from ..adapt.tip_adapter import caps_adapter_logits, tip_adapter_logits
+from ..adapt.tip_adapter import caps_adapter_logits, caption_support, tip_adapter_logits
 
-__all__ = ["gda_classifier", "gda_logits", "tip_adapter_logits", "caps_adapter_logits", "ensemble"]
+__all__ = ["gda_classifier", "gda_logits", "tip_adapter_logits", "caps_adapter_logits", "caption_support", "ensemble"]
 
 
 def ensemble(zero_shot_logits: Tensor, adapter_logits: Tensor, alpha: float) -> Tensor:

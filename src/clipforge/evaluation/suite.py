@@ -31,7 +31,7 @@ from .calibration import calibration_report
 from .compositionality import count_choice_accuracy, negative_preference
 from .diagnostics import embedding_diagnostics
 from .features import encode_images, encode_texts
-from .few_shot import caps_adapter_logits, ensemble, gda_logits, tip_adapter_logits
+from .few_shot import caps_adapter_logits, caption_support, ensemble, gda_logits, tip_adapter_logits
 from .linear_probe import k_shot_indices, linear_probe
 from .retrieval import retrieval_metrics
 from .robustness import corrupt
@@ -178,8 +178,8 @@ def task_few_shot(ctx: Context, view: str | None = None):
             "tip_adapter": lambda f: tip_adapter_logits(f, sup, sup_y, classes),
         }
         if tr.captions:  # CapS-Adapter: the support images' captions, not the images, are the cache keys
-            pairs = [(c, int(tr.labels[i])) for i in idx.tolist() for c in tr.captions[i]]
-            cap_feats, cap_y = ctx.texts([c for c, _ in pairs]), torch.tensor([y for _, y in pairs])
+            cap_texts, cap_y = caption_support(tr.captions, tr.labels, idx.tolist())
+            cap_feats = ctx.texts(cap_texts)
             methods["caps_adapter"] = lambda f: caps_adapter_logits(f, cap_feats, cap_y, classes)
         for name, fn in methods.items():
             alpha = _best_alpha(zs_va, fn(fva), va.labels)

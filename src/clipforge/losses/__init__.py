@@ -81,12 +81,14 @@ from .ema import EmaDistillConfig, EMATeacher, ema_distill_loss  # noqa: E402
 from .hard_negative import HardNegativeConfig, hard_negative_loss  # noqa: E402
 from .hqclip import HqClipConfig, hqclip_loss  # noqa: E402
 from .hycd import HycdConfig, hycd_loss  # noqa: E402
+from .rsm_distill import RsmDistillConfig, RsmDistillLoss, rsm_distill_loss  # noqa: E402
 from .teacher_features import teacher_list  # noqa: E402
 
 __all__ += ["CountingConfig", "counting_loss", "DclipConfig", "cosine_distill_loss", "dclip_loss",
             "ImageGroundedConfig", "TextGroundedConfig", "grounded_contrast", "DistillKLConfig", "distill_kl_loss",
             "EMATeacher", "EmaDistillConfig", "ema_distill_loss", "HardNegativeConfig", "hard_negative_loss",
-            "HqClipConfig", "hqclip_loss", "HycdConfig", "hycd_loss", "teacher_list"]
+            "HqClipConfig", "hqclip_loss", "HycdConfig", "hycd_loss", "teacher_list", "RsmDistillConfig",
+            "RsmDistillLoss", "rsm_distill_loss"]
 # --- end hard negatives and distillation ---
 
 # --- model-variant terms ---
