@@ -358,3 +358,49 @@ def test_torchrun_command_line(tmp_path):
     assert proc.stdout.count("trained 2 steps") == 1  # rank 0 reports, rank 1 stays quiet
     assert [c.name for c in list_checkpoints(out)] == ["step_0000002"]
     assert _metrics(out, "step") == [1, 2]
+
+
+def test_overlapped_all_reduces_train_the_same_model_as_one_process(tiny_cfg, tmp_path):
+    # distributed.overlap=true: the CUDA path (all-reduces launched from gradient hooks during the last backward)
+    # forced on the CPU, with accumulation (logit_scale gets its gradient in the first micro-batch only) and a
+    # logit_bias the CLIP loss never reads (its bucket never fills up: averaged after the backward)
+    model = {**tiny_cfg.model_overrides, "init_logit_bias": -1.0}
+    same = dict(accum_steps=2, model_overrides=model)
+    one = train(_cfg(tiny_cfg, tmp_path / "one", **same))
+    two = train(dataclasses.replace(_cfg(tiny_cfg, tmp_path / "two", **same),
+                                    distributed=DistributedConfig(nproc=WORLD, overlap=True)))
+    assert two.losses == pytest.approx(one.losses, rel=1e-6, abs=1e-6)
+    assert _metrics(tmp_path / "two", "grad_norm") == pytest.approx(_metrics(tmp_path / "one", "grad_norm"), rel=1e-5)
+    _assert_same_weights(_params(one.model), _params(two.model))
+    assert two.model.logit_bias.item() == -1.0
+
+
+def test_gradient_overlap_launches_full_buckets_during_backward(tmp_path, monkeypatch):
+    import torch.distributed as torch_dist
+
+    import clipforge.train.distributed as distributed
+    from clipforge.train.distributed import Dist, GradientOverlap
+
+    monkeypatch.setattr(distributed, "BUCKET_BYTES", 64)  # one bucket per tensor of 16 floats
+    torch_dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        layers = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(4, 4, bias=False))
+        unused = torch.nn.Parameter(torch.ones(4, 4))
+        params = [*layers.parameters(), unused]
+        overlap = GradientOverlap(Dist(0, 1), params)
+        launched_when_first_layer_done: list[int] = []
+        # runs when the first layer's gradient is computed, before it is accumulated (and its bucket launched)
+        layers[0].weight.register_hook(lambda g: launched_when_first_layer_done.append(len(overlap.works)))
+        overlap.arm()
+        layers(torch.ones(2, 4)).sum().backward()
+        # the second layer's gradient comes first: its all-reduce was under way before backward reached the first
+        assert launched_when_first_layer_done == [1]
+        assert len(overlap.works) == 2  # the unused parameter's bucket never filled up
+        expected = [p.grad.clone() for p in layers.parameters()]
+        done = overlap.finish()
+        assert done == {id(p) for p in layers.parameters()}
+        for p, g in zip(layers.parameters(), expected):
+            assert torch.equal(p.grad, g)  # the mean over one rank
+        assert unused.grad is None
+    finally:
+        torch_dist.destroy_process_group()

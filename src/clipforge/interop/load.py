@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError
 from ..models import CLIP, CLIPConfig, load_model
 from ..models.io import check_finite, read_safetensors
 from ..tokenizer import VOCAB_SIZE, CLIPTokenizer
@@ -44,6 +45,7 @@ from ..transforms import EvalTransform
 from . import openclip_models
 from .hf_layouts import config_from_hf, hf_rules
 from .keymap import import_state, load_into
+from .onnx_export import onnx_export_reason
 from .openclip_layout import IGNORED, config_from_openclip, is_openclip_state, openclip_rules
 from .preprocess import preprocess_for
 from .text_tokenizers import CausalLMTokenizer, HFTokenizer, MissingTokenizer, has_tokenizer_files
@@ -280,6 +282,9 @@ def load(source: str | Path, model_config: str | Path | dict | None = None, trus
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"'{source}' does not exist. clipforge.load reads: {_formats_help()}")
+    reason = onnx_export_reason(path)
+    if reason:
+        raise ConfigError(f"{reason}. clipforge.load reads: {_formats_help()}")
     if isinstance(model_config, (str, Path)):
         model_config = json.loads(Path(model_config).read_text())
         model_config = model_config.get("model_cfg", model_config)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from .base import LossInputs
 from .registry import register
@@ -48,6 +49,8 @@ class EMATeacher(nn.Module):
         source = model.state_dict()
         for name, t in self.model.state_dict().items():
             s = source[name].detach()
+            if isinstance(s, DTensor):  # a model sharded by FSDP (distributed.strategy=fsdp): every rank gathers
+                s = s.full_tensor()
             if t.dtype.is_floating_point:
                 t.mul_(self.momentum).add_(s.to(t.dtype), alpha=1.0 - self.momentum)
             else:

@@ -88,6 +88,35 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> Non
     model.load_state_dict(weights, strict=strict)
 
 
+SHARDED_INDEX = ".metadata"  # torch.distributed.checkpoint's index: a checkpoint of distributed.strategy=fsdp
+
+
+def load_sharded_weights(model: nn.Module, directory: str | Path) -> None:
+    """Load the model weights of a sharded training checkpoint (``torch.distributed.checkpoint`` files written by
+    ``distributed.strategy=fsdp``, any number of ranks) into ``model``, in one process: the shards are assembled
+    into full tensors. A missing tensor or a shape mismatch is named."""
+    import torch.distributed.checkpoint as dcp
+
+    directory = Path(directory)
+    own = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        metadata = dcp.FileSystemReader(str(directory)).read_metadata()
+    except Exception as e:  # noqa: BLE001  (a damaged or foreign .metadata)
+        raise ValueError(f"'{directory}' holds an unreadable sharded checkpoint ({type(e).__name__}: {e}); "
+                         "resume or load another checkpoint") from None
+    saved = {k[len("model."):]: v for k, v in metadata.state_dict_metadata.items() if k.startswith("model.")}
+    missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+    if missing or unexpected:
+        raise KeyError(f"sharded checkpoint '{directory}' does not match the model: missing keys {missing[:10]}, "
+                       f"unexpected keys {unexpected[:10]}. Build the model with the config the checkpoint was saved "
+                       "with (model_config.json beside it).")
+    for k, meta in saved.items():
+        if tuple(getattr(meta, "size", own[k].shape)) != tuple(own[k].shape):
+            raise ValueError(f"shape mismatch for '{k}': checkpoint {tuple(meta.size)} vs model {tuple(own[k].shape)}")
+    dcp.load({"model": own}, checkpoint_id=directory, no_dist=True)
+    model.load_state_dict(own)
+
+
 def load_model(directory: str | Path, allow_nonfinite: bool = False) -> CLIP:
     """Build the architecture from ``model_config.json`` and load ``model.safetensors``.
 
@@ -104,6 +133,9 @@ def load_model(directory: str | Path, allow_nonfinite: bool = False) -> CLIP:
             "(written by clipforge train or clipforge.models.save_model)"
         )
     model = model_from_config(config_from_dict(json.loads(cfg_file.read_text())))
-    load_weights(model, directory)
+    if (directory / SHARDED_INDEX).is_file() and not (directory / "model.safetensors").exists():
+        load_sharded_weights(model, directory)
+    else:
+        load_weights(model, directory)
     check_finite(model, str(directory), allow_nonfinite)
     return model.eval()

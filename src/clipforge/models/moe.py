@@ -147,6 +147,8 @@ class MoECLIP(CLIP):
     def __init__(self, cfg: MoECLIPConfig):
         super().__init__(cfg)
         self.moe_blocks = moe_layers(self, cfg.moe)
+        if "text" in self.moe_blocks and isinstance(self.text, TextTransformer):
+            self.text.trim_padding = False  # the balance loss reads the routing of every position, padding included
         for tower, indices in self.moe_blocks.items():
             blocks = _tower_blocks(self, tower)
             for i in indices:

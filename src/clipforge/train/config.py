@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ..errors import ConfigError, MissingInputError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+STRATEGIES = ("ddp", "fsdp")  # distributed.strategy
 
 
 @dataclass
@@ -75,6 +76,10 @@ class DataConfig:
     streaming: bool = False
     shuffle_buffer: int = 1000  # records per worker in the streaming shuffle buffer
     resampled: bool = False  # streaming: draw shards with replacement instead of epochs
+    # caption noise (clipforge.data.caption_noise, GA-DMS's setting): the fraction of training samples whose
+    # captions get a wrong attribute/object word and/or inserted irrelevant words; evaluation stays clean
+    caption_noise: float = 0.0
+    caption_noise_kinds: list[str] = field(default_factory=lambda: ["wrong", "irrelevant"])
 
 
 @dataclass
@@ -84,6 +89,14 @@ class DistributedConfig:
     # See clipforge.train.distributed
     nproc: int = 1
     timeout_minutes: float = 30.0  # how long a rank waits in a collective for the others before failing
+    # ddp: replicated weights, averaged gradients; fsdp: weights, gradients and optimizer state sharded over the
+    # ranks (FSDP2, clipforge.train.fsdp) and sharded checkpoints (torch.distributed.checkpoint)
+    strategy: str = "ddp"
+    reshard_after_forward: bool = True  # fsdp: free each block's gathered weights after its forward (less memory)
+    cpu_offload: bool = False  # fsdp on CUDA: sharded weights and optimizer state in host memory
+    # ddp: average gradients with bucketed all-reduces launched from gradient hooks during the backward pass
+    # (null: on CUDA only; true also on CPU, where it is tested against the plain path)
+    overlap: bool | None = None
 
 
 @dataclass
@@ -180,6 +193,9 @@ class TrainConfig:
             raise ConfigError(f"batch_size {self.batch_size} must be divisible by accum_steps {self.accum_steps}")
         if self.distributed.nproc < 1:
             raise ConfigError(f"distributed.nproc must be >= 1, got {self.distributed.nproc}")
+        if self.distributed.strategy not in STRATEGIES:
+            raise ConfigError(f"distributed.strategy must be one of {', '.join(STRATEGIES)}, got "
+                              f"'{self.distributed.strategy}'")
         if self.distributed.timeout_minutes <= 0:
             raise ConfigError(f"distributed.timeout_minutes must be > 0, got {self.distributed.timeout_minutes}")
         if len(self.betas) != 2:
@@ -203,6 +219,16 @@ class TrainConfig:
             raise ConfigError("data.root names a shard directory; shapes is rendered in memory (set data.dataset too)")
         if self.data.positives < 1:
             raise ConfigError(f"data.positives must be >= 1, got {self.data.positives}")
+        if not 0.0 <= self.data.caption_noise <= 1.0:
+            raise ConfigError(f"data.caption_noise is the fraction of training samples with noisy captions, in "
+                              f"[0, 1]; got {self.data.caption_noise}")
+        if self.data.caption_noise and (not self.data.caption_noise_kinds or set(self.data.caption_noise_kinds)
+                                        - {"wrong", "irrelevant"}):
+            raise ConfigError(f"data.caption_noise_kinds must be a non-empty subset of [wrong, irrelevant], got "
+                              f"{list(self.data.caption_noise_kinds)}")
+        if self.data.caption_noise and self.data.streaming:
+            raise ConfigError("data.caption_noise wraps the map-style dataset; it is not supported with "
+                              "data.streaming")
         if self.data.positive_source not in ("captions", "subcaptions", "first_sentence"):
             raise ConfigError(f"data.positive_source must be captions, subcaptions or first_sentence, got "
                              f"'{self.data.positive_source}'")

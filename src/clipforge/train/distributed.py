@@ -38,10 +38,15 @@ from the forward output yet never gets a gradient, which stalls DDP's reducer ev
 ``find_unused_parameters=True`` (that search starts from the forward output, not the loss);
 (3) hard-negative and count captions go through ``model.encode_text`` outside the wrapper's
 forward. Averaging once per optimizer step, after all micro-batches, in ~25 MB buckets (DDP's
-default bucket size) is exactly DDP's arithmetic without those constraints; what it gives up is
-DDP's overlap of communication with the backward pass, which matters little for gloo on CPU. On CUDA
-(``device=cuda``, nccl) the same all-reduces run after the backward pass; overlapping them with it
-(asynchronous bucketed all-reduces launched from gradient hooks) is not implemented yet (issue 12).
+default bucket size) is exactly DDP's arithmetic without those constraints. DDP's overlap of
+communication with the backward pass is kept by :class:`GradientOverlap`: hooks on the parameters
+(``register_post_accumulate_grad_hook``, which fire wherever the gradient comes from, inside or outside
+a wrapper's forward) launch each bucket's all-reduce asynchronously as soon as its gradients are
+complete, during the step's last backward only; buckets that do not fill up (parameters without
+gradient) are averaged after the backward as before. It is on by default on CUDA (nccl), where the
+overlap pays; on the CPU (gloo) the plain path stays the default and ``distributed.overlap=true``
+selects the overlapped one, which the tests check against one process. ``distributed.strategy=fsdp``
+shards the model instead (:mod:`clipforge.train.fsdp`).
 """
 from __future__ import annotations
 
@@ -60,7 +65,9 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
+from ..errors import ClipforgeError, ConfigError
 from .data import trim_batch
 
 BUCKET_BYTES = 25 * 2**20  # gradients all-reduced per bucket, DDP's default bucket_cap_mb
@@ -95,15 +102,18 @@ class Dist:
                 for tensor in module.state_dict().values():
                     dist.broadcast(tensor, src=0)
 
-    def average_gradients(self, module: nn.Module) -> None:
+    def average_gradients(self, module: nn.Module, done: frozenset[int] = frozenset()) -> None:
         """Replace each trainable parameter's gradient with its mean over ranks (what DDP does).
 
         A parameter that received no gradient on any rank keeps ``grad=None`` (AdamW then skips
         it, exactly as in a one-process run); one that received a gradient on some ranks only
-        counts zero for the others."""
+        counts zero for the others. Parameters sharded by FSDP (``distributed.strategy=fsdp``) are left alone:
+        FSDP reduce-scatters their gradients itself; so are those in ``done`` (averaged already by
+        :class:`GradientOverlap`)."""
         if not self.enabled:
             return
-        params = [p for p in module.parameters() if p.requires_grad]
+        params = [p for p in module.parameters()
+                  if p.requires_grad and not isinstance(p, DTensor) and id(p) not in done]
         has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=self.device)
         dist.all_reduce(has_grad)
         live = [p for p, h in zip(params, has_grad.tolist()) if h]
@@ -192,16 +202,86 @@ class Dist:
         return out
 
 
-def _buckets(params: list[nn.Parameter]) -> Iterator[list[nn.Parameter]]:
-    """Parameters in order, grouped by dtype into buckets of about BUCKET_BYTES."""
+class GradientOverlap:
+    """The gradient averaging of :meth:`Dist.average_gradients`, overlapped with the backward pass: bucketed
+    asynchronous all-reduces launched from gradient hooks (``register_post_accumulate_grad_hook``), as DDP's
+    reducer does, but armed by the loop for the last backward of a step only (``arm`` ... ``finish``), so that
+    the accumulation path and loss terms that leave parameters without gradient keep working:
+
+    - buckets of about ``BUCKET_BYTES`` are fixed once, parameters in reverse order (the order in which backward
+      produces their gradients, roughly);
+    - during the armed backward, a bucket whose parameters all received their gradient is flattened and its
+      all-reduce launched at once (``async_op=True``; with nccl it runs on its own stream beside the backward);
+    - ``finish`` waits for the launched all-reduces, writes the means back and returns the parameters done. A
+      bucket that did not fill up (a parameter without gradient in the last backward, such as ``logit_scale``
+      after the first micro-batch, or ``logit_bias`` under the CLIP loss) is left to
+      :meth:`Dist.average_gradients` after the backward, which agrees over ranks on which gradients exist.
+
+    Every rank must launch the same buckets in the same order, which holds because every rank runs the same
+    graph; each flattened bucket carries its index as a last element, so a rank that launched another bucket
+    is caught (``RuntimeError``) instead of averaging unrelated gradients. The loop uses it with
+    ``distributed.strategy=ddp`` on CUDA, or when ``distributed.overlap=true`` (how the CPU tests exercise it).
+    """
+
+    def __init__(self, dist: Dist, params: list[nn.Parameter]):
+        self.dist = dist
+        self.buckets = list(_buckets(list(reversed(params)), by=lambda p: p))
+        self.bucket_of = {id(p): i for i, bucket in enumerate(self.buckets) for p in bucket}
+        self.ready: list[int] = [0] * len(self.buckets)
+        self.works: dict[int, tuple[Any, torch.Tensor]] = {}
+        self.armed = False
+        self.handles = [p.register_post_accumulate_grad_hook(self._on_gradient) for p in params]
+
+    def arm(self) -> None:
+        """The next backward is the step's last: launch each bucket's all-reduce as soon as it is complete."""
+        self.ready = [0] * len(self.buckets)
+        self.works = {}
+        self.armed = True
+
+    def _on_gradient(self, p: nn.Parameter) -> None:
+        if not self.armed:
+            return
+        b = self.bucket_of[id(p)]
+        self.ready[b] += 1
+        if self.ready[b] == len(self.buckets[b]):
+            bucket = self.buckets[b]
+            flat = torch.cat([*(q.grad.reshape(-1) for q in bucket),
+                              torch.full((1,), b + 1, dtype=p.grad.dtype, device=p.grad.device)])
+            self.works[b] = (dist.all_reduce(flat, async_op=True), flat)
+
+    def finish(self) -> frozenset[int]:
+        """Wait for the launched all-reduces, put the means in place; the ids of the parameters done."""
+        self.armed = False
+        done: set[int] = set()
+        for b, (work, flat) in sorted(self.works.items()):
+            work.wait()
+            if round(float(flat[-1])) != (b + 1) * self.dist.world_size:
+                raise RuntimeError(f"the ranks launched different gradient buckets (bucket {b} met another one); "
+                                   "set distributed.overlap=false")
+            flat.div_(self.dist.world_size)
+            offset = 0
+            for p in self.buckets[b]:
+                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+                offset += p.numel()
+                done.add(id(p))
+        self.works = {}
+        return frozenset(done)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _buckets(params: list[nn.Parameter], by: Callable = lambda p: p.grad) -> Iterator[list[nn.Parameter]]:
+    """Parameters in order, grouped by dtype (of ``by(p)``: the gradient) into buckets of about BUCKET_BYTES."""
     by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
     for p in params:
-        by_dtype.setdefault(p.grad.dtype, []).append(p)
+        by_dtype.setdefault(by(p).dtype, []).append(p)
     for group in by_dtype.values():
         bucket, size = [], 0
         for p in group:
             bucket.append(p)
-            size += p.numel() * p.grad.element_size()
+            size += p.numel() * by(p).element_size()
             if size >= BUCKET_BYTES:
                 yield bucket
                 bucket, size = [], 0
@@ -236,6 +316,12 @@ def check_batch_split(batch_size: int, accum_steps: int, world_size: int) -> Non
 
 def _world_from_env(nproc: int) -> tuple[int, int, int]:
     missing = [k for k in ENV_KEYS if k not in os.environ]
+    endpoint = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k in missing]
+    if endpoint and not set(missing) - set(endpoint):
+        raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but no rendezvous endpoint ({' and '.join(endpoint)} "
+                          "not set): with torchrun across machines pass --rdzv_endpoint HOST:PORT (the same host and "
+                          "port on every node, HOST reachable from all of them); when setting the variables yourself, "
+                          "export MASTER_ADDR and MASTER_PORT")
     if missing:
         raise ValueError(f"WORLD_SIZE is set but {missing} are not: start the processes with torchrun, or unset "
                          "WORLD_SIZE and use distributed.nproc=N")
@@ -324,6 +410,23 @@ def adopt_slurm_environment() -> bool:
 
 
 # ------------------------------------------------------------------ starting the processes ourselves
+
+
+class DistributedRunStopped(ClipforgeError, RuntimeError):
+    """Another process of the run died, or did not answer within ``distributed.timeout_minutes``; this one stops
+    too (instead of waiting forever) and names the checkpoint to resume from."""
+
+
+# what torch.distributed raises when a peer is gone (gloo: the connection closed) or silent past the timeout
+PEER_LOST = (dist.DistError,)
+PEER_LOST_TEXT = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "Broken pipe",
+                  "Socket Timeout", "ProcessGroupGloo")
+
+
+def peer_lost(error: BaseException) -> bool:
+    """Whether ``error`` is a collective failing because another rank is gone or silent."""
+    return isinstance(error, PEER_LOST) or (isinstance(error, RuntimeError) and any(
+        t in str(error) for t in PEER_LOST_TEXT))
 
 
 class RemoteTraceback(Exception):

@@ -54,18 +54,43 @@ from ..locking import LockHeld, exclusive_lock
 from ..losses import EMATeacher, LossInputs, build_composite
 from ..models import load_model
 from .checkpoint import (
+    is_sharded_checkpoint,
     list_checkpoints,
+    load_sharded,
     load_state,
     load_weights,
     repair_latest,
     resolve_checkpoint,
     save_checkpoint,
+    save_sharded_checkpoint,
     write_atomic,
 )
 from .config import TrainConfig, to_dict, to_yaml
 from .data import sum_stream_stats
 from .device import DevicePlan, device_plan
-from .distributed import Dist, adopt_slurm_environment, check_batch_split, launch, launched, local_rank, process_group
+from .distributed import (
+    Dist,
+    DistributedRunStopped,
+    GradientOverlap,
+    adopt_slurm_environment,
+    check_batch_split,
+    launch,
+    launched,
+    local_rank,
+    peer_lost,
+    process_group,
+)
+from .fsdp import (
+    Trainables,
+    check_wrappable,
+    checkpoint_tensors,
+    clip_grad_norm,
+    full_model,
+    is_sharded,
+    local,
+    restore_checkpoint_tensors,
+    shard_model,
+)
 from .inputs import EMA_KEYS, PRODUCED, encode_ema, encode_extras
 from .optim import build_optimizer, build_scheduler
 from .report import Reporters, check_reporters
@@ -263,10 +288,15 @@ def _probe_batch(model, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     return images, tokenizer(list(PROBE_TEXTS))
 
 
-def _unusable(model, probe: tuple[torch.Tensor, torch.Tensor], plan: DevicePlan) -> str:
+def _unusable(model, probe: tuple[torch.Tensor, torch.Tensor], plan: DevicePlan, dist: Dist) -> str:
     """Why the weights cannot be promoted to a checkpoint ("" if they can): non-finite weights, or non-finite
-    features of the probe batch (weights that exploded while staying finite)."""
-    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    features of the probe batch (weights that exploded while staying finite). Every rank calls it; with sharded
+    weights each checks its shards and the names are gathered, and the probe batch runs through the sharded
+    model on every rank."""
+    bad = [name for name, t in model.state_dict().items()
+           if t.is_floating_point() and not torch.isfinite(local(t)).all()]
+    if any(is_sharded(p) for p in model.parameters()):
+        bad = sorted({name for names in dist.all_gather_object(bad) for name in names})
     if bad:
         return f"hold non-finite values (in {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
     was_training = model.training
@@ -277,7 +307,8 @@ def _unusable(model, probe: tuple[torch.Tensor, torch.Tensor], plan: DevicePlan)
     finally:
         model.train(was_training)
     if not (torch.isfinite(image).all() and torch.isfinite(text).all()):
-        big = max(t.abs().max().item() for t in model.state_dict().values() if t.is_floating_point())
+        big = max(local(t).abs().max().item() for t in model.state_dict().values()
+                  if t.is_floating_point() and local(t).numel())
         return f"give non-finite features for a fixed probe batch (largest weight {big:.3g})"
     return ""
 
@@ -315,7 +346,18 @@ def _train(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan: Device
     check_batch_split(cfg.batch_size, cfg.accum_steps, dist.world_size)
     with contextlib.ExitStack() as stack:
         _lock_run(stack, Path(cfg.out_dir), dist)
-        return _train_locked(cfg, evaluate, dist, plan)
+        try:
+            return _train_locked(cfg, evaluate, dist, plan)
+        except Exception as e:
+            if not (dist.enabled and peer_lost(e)):
+                raise
+            found = list_checkpoints(cfg.out_dir)
+            where = f"the last complete checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise DistributedRunStopped(
+                f"another process of the run stopped (it died, or did not answer within distributed.timeout_minutes="
+                f"{cfg.distributed.timeout_minutes}); rank {dist.rank} of {dist.world_size} stops too ({first}); "
+                f"{where}: resume with resume=latest") from e
 
 
 def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan: DevicePlan) -> TrainResult:
@@ -329,6 +371,9 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan:
         say(f"note: {plan.note}")
 
     model, tokenizer = build_model(cfg, say)
+    fsdp_run = cfg.distributed.strategy == "fsdp"  # sharded checkpoints; weights sharded too with several ranks
+    if fsdp_run:
+        check_wrappable(model)
     model.to(plan.device)
     dist.broadcast_model(model)  # every rank starts from rank 0's weights
     loss_fn = build_composite(cfg.loss).to(plan.device)
@@ -336,6 +381,26 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan:
     if needs_bias and model.logit_bias is None:
         raise ValueError(f"the loss terms {needs_bias} need a logit bias: add model_overrides.init_logit_bias=-10 "
                          "(and model_overrides.init_logit_scale=2.3026 as in SigLIP)")
+    ckpt = None
+    if cfg.resume:  # the weights of a replicated checkpoint are read before the model is sharded
+        ckpt = resolve_checkpoint(out_dir, cfg.resume)
+        _check_architecture(ckpt, model)
+        if not is_sharded_checkpoint(ckpt):
+            if fsdp_run and dist.enabled:
+                raise ConfigError(f"{ckpt} was written with distributed.strategy=ddp (model.safetensors and a full "
+                                  "optimizer state); resume it with distributed.strategy=ddp, or start a new "
+                                  f"strategy=fsdp run from its weights with init_from={ckpt}")
+            load_weights(model, ckpt)
+    ema_needed = bool(loss_fn.extra_keys() & set(EMA_KEYS))
+    ema = EMATeacher(model, cfg.ema_momentum) if ema_needed else None  # a full copy, made before any sharding
+    sharded = fsdp_run and dist.enabled
+    if sharded:
+        shard_model(model, plan.device, dist.world_size, cfg.precision, cfg.distributed.reshard_after_forward,
+                    cfg.distributed.cpu_offload)
+    trainables = Trainables(model, loss_fn)  # names the optimizer's state in sharded checkpoints
+    overlap_wanted = plan.device.type == "cuda" if cfg.distributed.overlap is None else cfg.distributed.overlap
+    overlap = GradientOverlap(dist, [p for p in model.parameters() if p.requires_grad]) \
+        if dist.enabled and not sharded and overlap_wanted else None  # ddp: all-reduces during the last backward
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
     # loss terms with their own trainable heads (BYOL's predictors, SwAV's prototypes) train with the model
     head_params = [p for p in loss_fn.parameters() if p.requires_grad]
@@ -361,21 +426,20 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan:
     if from_model and cfg.accum_steps > 1:
         raise ValueError(f"the model's outputs {sorted(from_model)} are per micro-batch: train them with accum_steps=1")
     forward = {"return_tokens": True} if token_outputs(model, needs) else {}  # only when a term reads tokens
-    ema = EMATeacher(model, cfg.ema_momentum) if needs & set(EMA_KEYS) else None
 
     scaler = plan.make_scaler()  # fp16 only: loss scaling, its state saved with the checkpoints
-    stream_state, ckpt, changed = None, None, {}
-    if cfg.resume:
-        ckpt = resolve_checkpoint(out_dir, cfg.resume)
-        _check_architecture(ckpt, model)
-        load_weights(model, ckpt)
+    stream_state, changed = None, {}
+    if ckpt is not None:
         state = load_state(ckpt)
         if head_params:
             if "loss_terms" not in state:
                 raise ConfigError(f"{ckpt} holds no weights for the loss terms' heads {sorted(cfg.loss)}: resume it "
                                  "with the loss it was trained with, or start a new run with init_from")
             loss_fn.load_state_dict(state["loss_terms"])
-        optimizer.load_state_dict(state["optimizer"])
+        if is_sharded_checkpoint(ckpt):  # the weights and the optimizer state, resharded for this run's ranks
+            restore_checkpoint_tensors(ckpt, model, trainables, optimizer, load_sharded)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         _apply_hyperparameters(optimizer, fresh_groups)
         # the schedule continues from the checkpoint's position with this run's lr, warmup, steps and min_lr_ratio
         scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio,
@@ -393,7 +457,7 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan:
             if "ema" in state:
                 ema.load_state_dict(state["ema"])
             else:
-                ema = EMATeacher(model, cfg.ema_momentum)
+                ema = EMATeacher(full_model(model), cfg.ema_momentum)
                 say(f"note: {ckpt} holds no EMA teacher; it starts from the resumed weights")
 
     with dist.main_first():  # rank 0 stores rewrites / teacher embeddings on the way; the others read them
@@ -423,7 +487,7 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan:
         Weights that do not give finite features on the probe batch are never promoted: TrainingDiverged."""
         if step in saved:  # the end of a run on the save cadence: written once
             return saved[step] if dist.is_main else None
-        why = _unusable(model, probe, plan)  # the same weights on every rank: every rank stops
+        why = _unusable(model, probe, plan, dist)  # the same weights on every rank: every rank stops
         if why:
             found = list_checkpoints(out_dir)
             where = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
@@ -431,17 +495,14 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan:
                                    f"(now {cfg.lr}), keep grad_clip on, or train in precision=fp32, then resume from "
                                    "that checkpoint.")
         streams = dist.all_gather_object(loader.state_dict()) if cfg.data.streaming else None
-        if not dist.is_main:
+        tensors = checkpoint_tensors(model, trainables, optimizer) if fsdp_run else None  # every rank: its shards
+        if not dist.is_main and not fsdp_run:
             saved[step] = None
             return None
-        state = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "step": step,
-            "samples_seen": samples_seen,
-            "skipped": skipped_total,
-        }
+        state = {"scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                 "step": step, "samples_seen": samples_seen, "skipped": skipped_total}
+        if not fsdp_run:
+            state["optimizer"] = optimizer.state_dict()
         if ema is not None:
             state["ema"] = ema.state_dict()
         if head_params:
@@ -450,7 +511,12 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan:
             state["grad_scaler"] = scaler.state_dict()
         if streams is not None:  # where each rank's stream stands after the batches of `step`
             state["data_stream"] = streams[0] if dist.world_size == 1 else streams
-        saved[step] = save_checkpoint(out_dir, step, model, state, to_yaml(cfg), keep=cfg.keep_checkpoints)
+        if fsdp_run:  # every rank writes its shards; rank 0 the rest, and promotes the checkpoint when complete
+            saved[step] = save_sharded_checkpoint(
+                out_dir, step, tensors, state, json.dumps(model.cfg.to_dict(), indent=2), to_yaml(cfg),
+                cfg.keep_checkpoints, dist.is_main, lambda value: dist.all_gather_object(value)[0])
+        else:
+            saved[step] = save_checkpoint(out_dir, step, model, state, to_yaml(cfg), keep=cfg.keep_checkpoints)
         return saved[step]
 
     def log(record: dict):
@@ -497,6 +563,8 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan:
                     out = model(micro_batches[0]["images"], micro_batches[0]["texts"], **forward)
                     extra = {**encode_extras(model, micro_batches[0]), **ema_extra[0]}
                 logs = loss_of(_loss_inputs(out, micro_batches[0], extra))
+                if overlap is not None:
+                    overlap.arm()
                 backward(logs["loss"])
             else:
                 with torch.no_grad(), plan.autocast():
@@ -516,6 +584,8 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan:
                         [{**(own_extra if j == k else c), **e} for j, (c, e) in enumerate(zip(cached_extra, ema_extra))]
                     )
                     logs = loss_of(_loss_inputs(joined, b, extra))
+                    if overlap is not None and k == len(micro_batches) - 1:
+                        overlap.arm()
                     backward(logs["loss"])
                 for p in head_params:  # every micro-batch's backward gave the heads the full-batch gradient once
                     if p.grad is not None:
@@ -529,7 +599,8 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan:
                     f"loss became {loss_value} at step {step}; {where}. Lower lr (now {cfg.lr}), keep grad_clip on, "
                     "or train in precision=fp32, then resume from that checkpoint."
                 )
-            dist.average_gradients(model)
+            done = overlap.finish() if overlap is not None else frozenset()  # buckets averaged during backward
+            dist.average_gradients(model, done)  # the replicated rest (FSDP has reduce-scattered the sharded ones)
             if head_params:
                 dist.average_gradients(loss_fn)
             if scaler is not None:
@@ -537,7 +608,8 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan:
             grad_norm = None
             if cfg.grad_clip:
                 params = [*model.parameters(), *head_params]
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+                grad_norm = clip_grad_norm(params, cfg.grad_clip) if sharded else \
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
             if scaler is not None:
                 scaler.step(optimizer)  # skipped when a gradient is inf/NaN (the scale then shrinks)
                 scaler.update()
@@ -570,15 +642,11 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan:
                 log(record)
                 bar.set_postfix(loss=f"{loss_value:.3f}", sps=f"{sps:.0f}")
             bar.update(1)
-            if (
-                dist.is_main
-                and evaluate is not None
-                and cfg.eval_every
-                and step % cfg.eval_every == 0
-                and step < cfg.steps
-            ):
-                eval_result = evaluate(model, tokenizer)
-                log({"step": step, "eval": eval_result})
+            if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                whole = full_model(model)  # a sharded model is gathered on every rank (a collective)
+                if dist.is_main:
+                    eval_result = evaluate(whole, tokenizer)
+                    log({"step": step, "eval": eval_result})
             if cfg.save_every and step % cfg.save_every == 0:
                 save(step)
             if cfg.stop_at is not None and step >= cfg.stop_at:
@@ -591,6 +659,7 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan:
         if metrics_file is not None:
             metrics_file.close()
     final = save(step)
+    model = full_model(model)  # the trained model, gathered when it is sharded
     if dist.is_main and evaluate is not None:
         eval_result = evaluate(model, tokenizer)
         _append_json(metrics_path, {"step": step, "eval": eval_result})
