@@ -23,8 +23,9 @@ Each library runs in the way its users call it, with weights cast once to the dt
 - OpenCLIP: ``create_model(NAME)`` + ``load_state_dict`` + ``.to(dtype)``, then ``encode_image`` and
   ``encode_text`` with its tokenizer's 77-token ids, normalized as clipforge's and transformers' are.
 
-Texts are 32 hand-written captions of realistic lengths (5 to 62 words: 8 to 72 tokens, median
-21), cycled to fill a batch. Tokenization and image decoding are outside the timed calls.
+Texts are 32 hand-written captions of realistic lengths (2 to 28 words: 5 to 37 tokens with the
+start and end tokens, median 19), cycled to fill a batch. Tokenization and image decoding are
+outside the timed calls.
 
 Timing: within each repeat, every (dtype, input, batch) cell runs the three libraries one after
 the other, in an order that rotates between repeats, so that a shared machine's load hits all

@@ -55,13 +55,13 @@ def export_onnx(model: CLIP, directory: str | Path, opset: int = 17, quantize: s
     try:
         import onnx  # noqa: F401  (the exporter needs it)
     except ImportError as e:
-        raise ImportError("ONNX export needs onnx: pip install 'clipforge[interop]'") from e
+        raise ImportError("ONNX export needs onnx: pip install 'clipforge[onnx]'") from e
     if quantize:
         try:
             from onnxruntime.quantization import QuantType, quantize_dynamic
             from onnxruntime.quantization.shape_inference import quant_pre_process
         except ImportError as e:
-            raise ImportError("int8 quantization needs onnxruntime: pip install 'clipforge[interop]'") from e
+            raise ImportError("int8 quantization needs onnxruntime: pip install 'clipforge[onnx]'") from e
         with tempfile.TemporaryDirectory() as tmp:
             fp32 = export_onnx(model, tmp, opset)
             directory = Path(directory)
