@@ -15,15 +15,18 @@ after each level, and its peak (VmHWM), from ``/proc/PID/status``.
 
 Without ``--index``, the index is built first: ``--images`` shapes renders (``--image-size``
 px) embedded by ``tiny`` with random weights (latency does not depend on what a model learned).
+``--pad-to N`` then grows that index to N rows with synthetic embeddings clustered around the real
+ones (:func:`pad_index`), to load-test search over a large collection without embedding N images.
 Nothing leaves 127.0.0.1; request counts and durations are bounded.
 
-    nice python benchmarks/bench_serve_load.py [--clients 20 50] [--requests 600] [--max-seconds 60]
+    nice python benchmarks/bench_serve_load.py [--clients 20 50] [--requests 600] [--max-seconds 60] [--pad-to 100000]
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import io
+import json
 import os
 import platform
 import random
@@ -76,6 +79,41 @@ def build_index(root: Path, n: int, image_size: int) -> Path:
     build(model, preprocess, root / "index", cands, model_source=model_dir, folder_roots=roots,
           source={"kind": "images", "paths": [str(r) for r in roots]}, progress=False)
     return root / "index"
+
+
+def pad_index(index: Path, total: int, seed: int = 0) -> None:
+    """Grow a built index to ``total`` rows with synthetic embeddings (benchmark only: search cost
+    depends on the row count, not on what the rows show). Row ``i`` >= the real count copies the
+    metadata of real image ``j = i mod real`` (so thumbnails and similar-item searches still
+    resolve to a file) under a new key, and its embedding is real embedding ``j`` plus Gaussian
+    noise of norm ~0.5, normalized: clusters around real images, not i.i.d. vectors."""
+    import pyarrow.parquet as pq
+
+    manifest = json.loads((index / "manifest.json").read_text())
+    emb = np.load(index / "embeddings.npy")
+    real = emb.shape[0]
+    if total <= real:
+        return
+    rng = np.random.default_rng(seed)
+    src = np.arange(real, total) % real
+    noise = rng.standard_normal((total - real, emb.shape[1])).astype(np.float32) * (0.5 / np.sqrt(emb.shape[1]))
+    extra = emb[src].astype(np.float32) + noise
+    extra /= np.linalg.norm(extra, axis=1, keepdims=True)
+    np.save(index / "embeddings.npy", np.concatenate([emb, extra.astype(emb.dtype)]))
+    table = pq.read_table(index / "metadata.parquet").to_pydict()
+    for col, values in table.items():
+        copied = [values[j] for j in src]
+        if col == "id":
+            copied = list(range(real, total))
+        elif col == "key":
+            copied = [f"{values[j]}#synthetic{i}" for i, j in zip(range(real, total), src)]
+        table[col] = values + copied
+    import pyarrow as pa
+
+    schema = pq.read_schema(index / "metadata.parquet")
+    pq.write_table(pa.table(table, schema=schema), index / "metadata.parquet")
+    manifest["count"] = total
+    (index / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
 def query_material(n_uploads: int, image_size: int):
@@ -146,6 +184,8 @@ def main() -> None:
     ap.add_argument("--index", help="serve this index (default: build one from shapes renders)")
     ap.add_argument("--images", type=int, default=300, help="images in the built index (default 300)")
     ap.add_argument("--image-size", type=int, default=256, help="side of the rendered images (default 256)")
+    ap.add_argument("--pad-to", type=int, default=0, metavar="N",
+                    help="grow the built index to N rows with synthetic embeddings around the real ones (pad_index)")
     ap.add_argument("--clients", type=int, nargs="+", default=[20, 50], help="concurrent clients per level")
     ap.add_argument("--requests", type=int, default=600, help="requests per level (default 600)")
     ap.add_argument("--max-seconds", type=float, default=60, help="stop a level after this long (default 60)")
@@ -157,6 +197,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
         t0 = time.perf_counter()
         index = Path(args.index) if args.index else build_index(Path(tmp), args.images, args.image_size)
+        if args.pad_to:
+            if args.index:
+                raise SystemExit("--pad-to grows the index this script builds; leave out --index")
+            pad_index(index, args.pad_to, args.seed)
         from clipforge.serve import open_index
 
         count = len(open_index(index))

@@ -16,6 +16,16 @@
     of the known classes and not rejected by that class's "no" prompt. Needs "no" prompts.
   - Metrics: AUROC (in-distribution = positive class) and FPR at 95% TPR.
 
+- Record linkage (CLIPPINGS, :mod:`clipforge.adapt.clippings`): from the contingency table n_ij of true
+  entity i and predicted entity j, with row sums a_i and column sums b_j, the record pairs linked in both
+  are TP = sum_ij C(n_ij, 2); pairwise precision = TP / sum_j C(b_j, 2), recall = TP / sum_i C(a_i, 2).
+  The adjusted Rand index (Hubert and Arabie, 1985) is (TP - E) / ((sum_i C(a_i,2) + sum_j C(b_j,2)) / 2 - E)
+  with E = sum_i C(a_i,2) sum_j C(b_j,2) / C(n, 2).
+
+- Image retrieval, mAP@k: for a query with R relevant items and ranked list r_1..r_N,
+  AP@k = 1 / min(R, k) * sum_{i <= k} P(i) rel(i), P(i) the precision of the top i; mAP@k is the mean
+  over queries (the query itself is excluded from its own ranking).
+
 This module sits below both :mod:`clipforge.adapt` and :mod:`clipforge.evaluation` (the layer
 order is in ``tests/test_architecture.py``), so neither has to import the other for a metric.
 """
@@ -100,3 +110,76 @@ def fpr_at_tpr(in_scores, out_scores, tpr: float = 0.95) -> float:
 def ood_metrics(in_scores, out_scores) -> dict:
     return {"auroc": auroc(in_scores, out_scores), "fpr95": fpr_at_tpr(in_scores, out_scores),
             "n_in": int(len(in_scores)), "n_out": int(len(out_scores))}
+
+
+def _pair_counts(true_labels, pred_labels) -> tuple[float, float, float, int]:
+    """(pairs linked in both, pairs linked in truth, pairs linked in the prediction, records)."""
+    t = np.asarray(true_labels)
+    p = np.asarray(pred_labels)
+    if t.ndim != 1 or t.shape != p.shape:
+        raise ValueError(f"true and predicted labels must be two 1-d sequences of one length, got {t.shape} "
+                         f"and {p.shape}")
+    _, ti = np.unique(t, return_inverse=True)
+    _, pi = np.unique(p, return_inverse=True)
+    table = np.zeros((ti.max(initial=-1) + 1, pi.max(initial=-1) + 1), dtype=np.int64)
+    np.add.at(table, (ti, pi), 1)
+
+    def pairs(x):
+        x = x.astype(np.float64)
+        return float((x * (x - 1) / 2).sum())
+
+    return pairs(table), pairs(table.sum(1)), pairs(table.sum(0)), int(t.shape[0])
+
+
+def pairwise_linkage_metrics(true_labels, pred_labels) -> dict:
+    """Pairwise precision, recall and F1 of a linkage (entity id per record) against the true entities.
+
+    A prediction that links no pair has precision 1 (nothing wrong was linked); truth without pairs: recall 1."""
+    both, truth, pred, _ = _pair_counts(true_labels, pred_labels)
+    precision = both / pred if pred else 1.0
+    recall = both / truth if truth else 1.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "true_pairs": int(truth), "predicted_pairs": int(pred),
+            "correct_pairs": int(both)}
+
+
+def adjusted_rand_index(true_labels, pred_labels) -> float:
+    """The adjusted Rand index of two labellings (1 when identical, about 0 for chance agreement)."""
+    both, truth, pred, n = _pair_counts(true_labels, pred_labels)
+    total = n * (n - 1) / 2
+    if total == 0:
+        return 1.0
+    expected = truth * pred / total
+    top = (truth + pred) / 2
+    if top == expected:  # both labellings are all-singletons or one cluster: identical partitions up to naming
+        return 1.0
+    return float((both - expected) / (top - expected))
+
+
+def map_at_k(features, groups, k: int = 10) -> float:
+    """Mean average precision at ``k`` of image-to-image retrieval: every row of ``features`` [N, d] (compared by
+    cosine) queries all the others, the relevant ones being those of its ``groups`` entry (a near-duplicate family or
+    an augmentation pair). Queries without another item of their group are skipped."""
+    x = torch.as_tensor(features, dtype=torch.float64)
+    g = np.asarray(groups)
+    if x.ndim != 2 or x.shape[0] != len(g):
+        raise ValueError(f"map_at_k needs features [N, d] and N group ids, got {tuple(x.shape)} and {len(g)}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    x = torch.nn.functional.normalize(x, dim=-1)
+    sims = (x @ x.t()).numpy()
+    np.fill_diagonal(sims, -np.inf)
+    aps = []
+    for i in range(len(g)):
+        relevant = (g == g[i])
+        relevant[i] = False
+        total = int(relevant.sum())
+        if total == 0:
+            continue
+        order = np.argsort(-sims[i], kind="stable")[:k]
+        hits = relevant[order].astype(np.float64)
+        precision = np.cumsum(hits) / np.arange(1, len(order) + 1)
+        aps.append(float((precision * hits).sum() / min(total, k)))
+    if not aps:
+        raise ValueError("map_at_k: no query has another item of its group")
+    return float(np.mean(aps))

@@ -6,6 +6,8 @@
 - :class:`TrainTransform`: random resized crop, optional horizontal flip and color jitter.
   Every random draw comes from an explicit ``torch.Generator``, so a sample's augmentation
   is a pure function of the seed the data pipeline hands it (exact resume, any worker count).
+  The draws are an :class:`Augmentation` (``draw``) that ``replay`` applies again to the same
+  pixels (MobileCLIP's reinforced data stores them).
 
 Both accept whatever :func:`clipforge.images.load_image` accepts and return a float32
 tensor ``[3, image_size, image_size]``. :func:`normalize_batch` normalizes an already
@@ -108,21 +110,42 @@ def random_resized_crop_box(width: int, height: int, scale: tuple[float, float],
     return left, top, left + w, top + h
 
 
+def jitter_factors(brightness: float, contrast: float, saturation: float,
+                   g: torch.Generator | None) -> tuple[float | None, float | None, float | None]:
+    """The brightness, contrast and saturation factors of :func:`color_jitter`, each uniform in [1 - s, 1 + s]
+    and drawn in that order, None where its strength s is 0 (no draw)."""
+    return tuple(_uniform(g, max(0.0, 1 - s), 1 + s) if s > 0 else None for s in (brightness, contrast, saturation))
+
+
+def apply_jitter(x: Tensor, factors: tuple[float | None, float | None, float | None]) -> Tensor:
+    """Brightness, contrast and saturation factors (None: skipped) applied in that order to [3, H, W] in [0, 1]."""
+    gray_w = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype).view(3, 1, 1)
+    b, c, s = factors
+    if b is not None:
+        x = (x * b).clamp_(0, 1)
+    if c is not None:
+        mean = (x * gray_w).sum(0).mean()
+        x = (c * x + (1 - c) * mean).clamp_(0, 1)
+    if s is not None:
+        gray = (x * gray_w).sum(0, keepdim=True)
+        x = (s * x + (1 - s) * gray).clamp_(0, 1)
+    return x
+
+
 def color_jitter(x: Tensor, brightness: float, contrast: float, saturation: float, g: torch.Generator | None) -> Tensor:
     """Random brightness, contrast and saturation factors in [1 - s, 1 + s], applied in that order to
     [3, H, W] images in [0, 1]."""
-    gray_w = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype).view(3, 1, 1)
-    if brightness > 0:
-        x = (x * _uniform(g, max(0.0, 1 - brightness), 1 + brightness)).clamp_(0, 1)
-    if contrast > 0:
-        f = _uniform(g, max(0.0, 1 - contrast), 1 + contrast)
-        mean = (x * gray_w).sum(0).mean()
-        x = (f * x + (1 - f) * mean).clamp_(0, 1)
-    if saturation > 0:
-        f = _uniform(g, max(0.0, 1 - saturation), 1 + saturation)
-        gray = (x * gray_w).sum(0, keepdim=True)
-        x = (f * x + (1 - f) * gray).clamp_(0, 1)
-    return x
+    return apply_jitter(x, jitter_factors(brightness, contrast, saturation, g))
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """One draw of :class:`TrainTransform`: the crop box (left, top, right, bottom) in source pixels, the flip,
+    and the jitter factors (None: not drawn). :meth:`TrainTransform.replay` applies it again."""
+
+    box: tuple[int, int, int, int]
+    flip: bool
+    jitter: tuple[float | None, float | None, float | None]
 
 
 @dataclass
@@ -137,14 +160,21 @@ class TrainTransform:
 
     def __call__(self, image: Any, generator: torch.Generator | None = None) -> Tensor:
         img = load_image(image)
-        box = random_resized_crop_box(img.width, img.height, self.scale, self.ratio, generator)
-        img = img.resize((self.image_size, self.image_size), resample=Image.BICUBIC, box=box)
-        if self.hflip and float(torch.rand((), generator=generator)) < 0.5:
+        return self.replay(img, self.draw(img.width, img.height, generator))
+
+    def draw(self, width: int, height: int, generator: torch.Generator | None = None) -> Augmentation:
+        """The random part of the transform for a ``width`` x ``height`` image: crop box, then flip, then jitter."""
+        box = random_resized_crop_box(width, height, self.scale, self.ratio, generator)
+        flip = bool(self.hflip and float(torch.rand((), generator=generator)) < 0.5)
+        return Augmentation(box, flip, jitter_factors(self.jitter, self.jitter, self.jitter, generator))
+
+    def replay(self, image: Any, aug: Augmentation) -> Tensor:
+        """The transform with its random draws given (``__call__`` is ``replay(image, draw(...))``)."""
+        img = load_image(image)
+        img = img.resize((self.image_size, self.image_size), resample=Image.BICUBIC, box=tuple(aug.box))
+        if aug.flip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        x = to_float_tensor(img)
-        if self.jitter > 0:
-            x = color_jitter(x, self.jitter, self.jitter, self.jitter, generator)
-        return normalize(x, self.mean, self.std)
+        return normalize(apply_jitter(to_float_tensor(img), aug.jitter), self.mean, self.std)
 
 
 def image_transform(image_size: int, is_train: bool = False, **options) -> EvalTransform | TrainTransform:

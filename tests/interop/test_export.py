@@ -95,3 +95,46 @@ def test_cli_export_onnx(tmp_path):
     save_model(clipforge.create_model("tiny", seed=0), tmp_path / "run")
     assert main(["export", str(tmp_path / "run"), "--to", "onnx", "--out", str(tmp_path / "onnx")]) == 0
     assert (tmp_path / "onnx" / "image_encoder.onnx").exists() and (tmp_path / "onnx" / "text_encoder.onnx").exists()
+
+
+def test_onnx_int8_export_is_smaller_and_stays_close_to_the_model(tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from clipforge.interop.onnx_export import OnnxCLIP, export_onnx
+
+    model = clipforge.create_model("tiny", seed=1).eval()
+    export_onnx(model, tmp_path / "fp32")
+    export_onnx(model, tmp_path / "int8", quantize="int8")
+    for name in ("image_encoder.onnx", "text_encoder.onnx"):
+        size_fp32, size_int8 = (tmp_path / "fp32" / name).stat().st_size, (tmp_path / "int8" / name).stat().st_size
+        assert size_int8 < 0.4 * size_fp32, (name, size_int8, size_fp32)
+    quantized = OnnxCLIP(tmp_path / "int8")
+    pixels = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    ids = clipforge.tokenize(["a red circle", "three green stars", "a blue square left of a star", "two cats"],
+                             context_length=32)
+    with torch.no_grad():
+        cos_i = torch.nn.functional.cosine_similarity(quantized.encode_image(pixels), model.encode_image(pixels))
+        cos_t = torch.nn.functional.cosine_similarity(quantized.encode_text(ids), model.encode_text(ids))
+    # int8 weights change the embeddings a little, not their direction
+    assert cos_i.min() > 0.98 and cos_t.min() > 0.98, (cos_i, cos_t)
+    assert (cos_i < 1 - 1e-6).any()  # and they really are quantized: not bit-equal to float32
+
+
+def test_quantized_onnx_export_is_refused_by_load_and_training(tmp_path, capsys):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from clipforge.errors import ConfigError
+
+    save_model(clipforge.create_model("tiny", seed=0), tmp_path / "run")
+    out = tmp_path / "int8"
+    assert main(["export", str(tmp_path / "run"), "--to", "onnx", "--quantize", "int8", "--out", str(out)]) == 0
+    assert "onnx (int8)" in capsys.readouterr().out
+    for source in (out, out / "text_encoder.onnx"):
+        with pytest.raises(ConfigError, match="int8-quantized ONNX export.*cannot be trained"):
+            clipforge.load(source)
+    assert main(["train", f"out_dir={tmp_path / 'train'}", f"init_from={out}", "steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert "int8-quantized ONNX export" in err and len(err.strip().splitlines()) == 1
+    args = ["export", str(tmp_path / "run"), "--to", "hf", "--quantize", "int8", "--out", str(tmp_path / "x")]
+    assert main(args) == 2
+    assert "--quantize int8 applies to --to onnx only" in capsys.readouterr().err

@@ -178,5 +178,21 @@ def test_training_inputs_for_cloc_match_per_sample_calls():
             grounded = model.region_head.ground(tokens, text[None])[0]
             assert torch.allclose(extra["grounded_boxes"][i], grounded, atol=1e-5)
     assert torch.equal(extra["region_mask"], batch["region_mask"])
-    with pytest.raises(ValueError, match="no region head"):
-        encode_extras(_tiny(), batch)
+    # a model without a region head gets the region captions only (grain, fgclip_region read no head) ...
+    with torch.no_grad():
+        plain = encode_extras(_tiny(), batch)
+    assert "region_features" not in plain and plain["region_text_features"].shape == (2, 2, 32)
+
+
+def test_a_region_term_on_a_model_without_a_region_head_stops_at_start_up(tiny_cfg):
+    """... and a term that trains the head (cloc) on such a model (e.g. from init_from) is refused by name."""
+    from clipforge.errors import ConfigError
+    from clipforge.train.setup import check_model_parts
+
+    tiny_cfg.loss = {"clip": 1.0, "cloc": 1.0}
+    with pytest.raises(ConfigError, match="train a region head, which this model has none of"):
+        check_model_parts(tiny_cfg, _tiny())
+    check_model_parts(tiny_cfg, _tiny(region_head=True))
+    tiny_cfg.loss = {"clip": 1.0, "sycoca_tgmim": 1.0}
+    with pytest.raises(ConfigError, match="TG-MIM branch of a CoCa model, which this CLIP lacks"):
+        check_model_parts(tiny_cfg, _tiny())

@@ -190,3 +190,28 @@ def test_wrong_checkpoint_keys_and_shapes_are_named(tmp_path, tiny):
     save_file(shaped, str(tmp_path / "shape.safetensors"))
     with pytest.raises(ValueError, match="visual.proj"):
         load_weights(create_model("tiny"), tmp_path / "shape.safetensors")
+
+
+def test_variant_configs_parse_through_one_helper():
+    from clipforge.models.coca import CoCaConfig, MultimodalConfig
+    from clipforge.models.mobileclip import MCiConfig, MobileCLIPConfig
+    from clipforge.models.moe import MoECLIPConfig, MoEConfig
+
+    base = get_model_config("tiny").to_dict()
+    moe = MoECLIPConfig.from_dict({**base, "moe": {"experts": 3, "top_k": 1}})
+    assert moe.moe == MoEConfig(experts=3, top_k=1) and moe.vision == CLIPConfig.from_dict(base).vision
+    assert MoECLIPConfig.from_dict(moe.to_dict()) == moe  # a saved config reads back unchanged
+    assert MoECLIPConfig.from_dict(base).moe == MoEConfig()  # an absent section keeps the default
+    coca = CoCaConfig.from_dict({**base, "multimodal": {"layers": 1, "heads": 2, "n_queries": 4,
+                                                        "pool_heads": 2}})
+    assert coca.multimodal.layers == 1 and isinstance(coca.multimodal, MultimodalConfig)
+    # MobileCLIP's text defaults (bidirectional, padding visible) sit under the values given
+    mc = get_model_config("mobileclip-tiny").to_dict()
+    mc["text"].pop("causal"), mc["text"].pop("pad_mask")
+    parsed = MobileCLIPConfig.from_dict({**mc, "reparameterized": 1})
+    assert parsed.text.causal is False and parsed.text.pad_mask is False and parsed.reparameterized is True
+    assert isinstance(parsed.mci, MCiConfig)
+    with pytest.raises(ValueError, match="unknown model config keys"):
+        MoECLIPConfig.from_dict({**base, "mci": {}})  # another variant's section is no key of this one
+    with pytest.raises(TypeError, match="subclass"):
+        CLIPConfig.variant_from_dict(base, {})

@@ -80,6 +80,8 @@ def test_a_new_input_is_one_entry(tiny_cfg, monkeypatch):
 
     monkeypatch.setattr(data, "DATA_INPUTS", inputs.DATA_INPUTS)
 
+    monkeypatch.setattr(LOSSES, "_items", dict(LOSSES._items))  # the made-up term leaves the registry afterwards
+
     @LOSSES.register("flip-test", overwrite=True)
     class FlipTerm(torch.nn.Module):
         extra_keys = ("flipped_features",)

@@ -9,7 +9,8 @@ from clipforge.train import inputs
 # MLCD's centers unless given as its option (centers, or a cluster file: clusters), and the outputs that a model
 # variant itself returns from its forward (its extra_outputs): CoCa's decoder outputs, CLIP-MoE's balance loss
 NOT_FED = {"mlcd": {"cluster_centers"}, "caption": {"caption_logits", "caption_targets"},
-           "moe_balance": {"moe_balance_loss"}}
+           "moe_balance": {"moe_balance_loss"},
+           "sycoca_tgmim": {"tgmim_pred", "tgmim_target"}}  # a CoCa with its TG-MIM branch returns them
 
 
 def test_every_input_a_term_reads_is_declared_or_known_not_fed():
@@ -71,3 +72,53 @@ def test_encoders_match_per_sample_loops():
     assert inputs.encode_ema(None, batch) == {}
     plain = inputs.encode_extras(m, {"images": batch["images"], "texts": batch["texts"]})
     assert plain == {}  # a plain CLIP batch asks for nothing extra
+
+
+def test_region_negative_and_long_caption_encoders_match_per_sample_loops():
+    g = torch.Generator().manual_seed(1)
+    b, r, k, length = 2, 3, 2, 4
+    batch = {"images": torch.randn(b, 5, generator=g), "texts": torch.randint(1, 50, (b, length), generator=g),
+             "region_negative_texts": torch.randint(1, 50, (b, r, k, length), generator=g),
+             "region_negative_mask": torch.rand(b, r, k, generator=g) < 0.5,
+             "long_texts": torch.randint(1, 50, (b, length), generator=g)}
+    extra = inputs.encode_extras(Towers(), batch)
+    text = lambda t: torch.tensor([float(sum(t.tolist())), float(t[0])])  # noqa: E731
+    assert extra["region_negative_text_features"].shape == (b, r, k, 2)
+    for i in range(b):
+        for j in range(r):
+            for n in range(k):  # sample i's region j's n-th negative, in place
+                assert torch.equal(extra["region_negative_text_features"][i, j, n],
+                                   text(batch["region_negative_texts"][i, j, n]))
+        assert torch.equal(extra["long_text_features"][i], text(batch["long_texts"][i]))
+    assert torch.equal(extra["region_negative_mask"], batch["region_negative_mask"])
+
+
+def test_region_negatives_long_captions_and_mask_texts_from_the_items():
+    """The data side of fgclip_region's and ga_dms's inputs: TrainItems with the options the table sets, against
+    the dataset item and region_negative_captions called with the same stream."""
+    import numpy as np
+
+    from clipforge.data import build_dataset
+    from clipforge.data.regions import region_negative_captions
+    from clipforge.tokenizer import get_tokenizer
+    from clipforge.train.data import TrainItems, make_collate
+
+    ds = build_dataset("shapes", split="train", size=8, seed=0, image_size=32)
+    items = TrainItems(ds, 3, 32, regions=True, region_negatives=2, long_caption=True, token_masking=True)
+    rows = [items[(1, i)] for i in range(4)]
+    for i, row in enumerate(rows):
+        item = ds[i]
+        want = region_negative_captions(item["region_captions"], 2, np.random.default_rng([3, 1, i, 7]))
+        assert row["region_negatives"] == want and row["long_caption"] == max(item["captions"], key=len)
+        assert row["mask_caption"] == row["caption"]
+    tok = get_tokenizer(32)
+    batch = make_collate(tok, regions=4, region_negatives=(4, 2))(rows)
+    assert batch["region_negative_texts"].shape == (4, 4, 2, 32) and batch["region_mask"].shape == (4, 4)
+    assert torch.equal(batch["mask_texts"], batch["texts"]) and torch.equal(batch["long_texts"],
+                                                                             tok([r["long_caption"] for r in rows]))
+    for i, row in enumerate(rows):
+        for j, negs in enumerate(row["region_negatives"]):
+            assert batch["region_negative_mask"][i, j].tolist() == [n < len(negs) for n in range(2)]
+            for n, neg in enumerate(negs):
+                assert torch.equal(batch["region_negative_texts"][i, j, n], tok([neg])[0])
+        assert not batch["region_negative_mask"][i, len(row["region_negatives"]):].any()  # padding regions

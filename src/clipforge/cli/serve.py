@@ -108,7 +108,8 @@ def run(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding {args.host}: the search API has no authentication and serves the indexed images "
               "to anyone who can reach this port", file=sys.stderr)
-    print(f"serving {len(searcher)} images of {args.index} ({searcher.backend.name} search) on "
+    print(f"serving {len(searcher)} images of {args.index} ({searcher.index_kind} index, "
+          f"{searcher.backend.name} search) on "
           f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

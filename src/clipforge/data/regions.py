@@ -84,3 +84,30 @@ def center_crop_regions(field: dict[str, Any], width: int, height: int) -> dict[
     if not keep.any():
         return None
     return regions_to_json(moved[keep], [c for c, k in zip(field["captions"], keep) if k])
+
+
+def region_negative_captions(captions: Sequence[str], k: int, rng: np.random.Generator) -> list[list[str]]:
+    """Up to ``k`` hard negatives per region caption (FG-CLIP 2's region-level negatives): the caption with
+    one attribute changed (``replace_attribute``: "a small red circle." -> "a small blue circle.") or its
+    object changed (``replace_object``), distinct and different from the caption itself. Another region's
+    attribute may appear (it is wrong for this region). A caption without attribute or object words gets
+    none; the training program pads and masks the missing slots."""
+    from .negatives import replace_attribute, replace_object
+    from .vocabulary import normalize
+
+    out = []
+    for caption in captions:
+        found, seen = [], {normalize(caption)}
+        for attempt in range(4 * k):
+            make = replace_attribute if attempt % 2 == 0 else replace_object
+            neg = make(caption, rng, ()) or (replace_object if make is replace_attribute else replace_attribute)(
+                caption, rng, ())
+            if neg is None:
+                break
+            if normalize(neg) not in seen:
+                seen.add(normalize(neg))
+                found.append(neg)
+                if len(found) == k:
+                    break
+        out.append(found)
+    return out

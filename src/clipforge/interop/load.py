@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError
 from ..models import CLIP, CLIPConfig, load_model
 from ..models.io import check_finite, read_safetensors
 from ..tokenizer import VOCAB_SIZE, CLIPTokenizer
@@ -44,9 +45,10 @@ from ..transforms import EvalTransform
 from . import openclip_models
 from .hf_layouts import config_from_hf, hf_rules
 from .keymap import import_state, load_into
+from .onnx_export import onnx_export_reason
 from .openclip_layout import IGNORED, config_from_openclip, is_openclip_state, openclip_rules
 from .preprocess import preprocess_for
-from .text_tokenizers import HFTokenizer, MissingTokenizer, has_tokenizer_files
+from .text_tokenizers import CausalLMTokenizer, HFTokenizer, MissingTokenizer, has_tokenizer_files
 
 logger = logging.getLogger(__name__)
 
@@ -280,6 +282,9 @@ def load(source: str | Path, model_config: str | Path | dict | None = None, trus
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"'{source}' does not exist. clipforge.load reads: {_formats_help()}")
+    reason = onnx_export_reason(path)
+    if reason:
+        raise ConfigError(f"{reason}. clipforge.load reads: {_formats_help()}")
     if isinstance(model_config, (str, Path)):
         model_config = json.loads(Path(model_config).read_text())
         model_config = model_config.get("model_cfg", model_config)
@@ -317,6 +322,10 @@ def _load_dir(path: Path, trust_pickle: bool, allow_nonfinite: bool) -> tuple[An
         return model, texts_as_is, EvalTransform(model.image_size)
     if (path / "model_config.json").exists() or (path / "checkpoints" / "latest.json").exists():
         model = load_model(path, allow_nonfinite=allow_nonfinite)
+        if getattr(model.cfg, "lm", None) is not None:  # LLM2CLIP: the causal LM's own tokenizer
+            lm = model.cfg.lm
+            tokenizer = CausalLMTokenizer(lm.path, model.context_length, lm.gguf_file)
+            return model, tokenizer, EvalTransform(model.image_size)
         if model.cfg.hf_text is not None:
             return model, HFTokenizer(model.cfg.hf_text.path, model.context_length), EvalTransform(model.image_size)
         return model, _clip_tokenizer(None, model.cfg), EvalTransform(model.image_size)

@@ -99,3 +99,14 @@ from .moe_balance import MoEBalanceLoss  # noqa: E402  (CLIP-MoE's balance loss,
 
 __all__ += ["MoEBalanceLoss"]
 # --- end model-variant terms ---
+
+# --- region-level and compositional terms (issue 14) ---
+from .fgclip_region import FgclipRegionConfig, FgclipRegionLoss, fgclip_region_loss, roi_region_features  # noqa: E402
+from .ga_dms import GaDmsConfig, GaDmsLoss, dual_masks, ga_dms_loss, ga_scores  # noqa: E402
+from .grain import GrainConfig, GrainLoss, grain_loss  # noqa: E402
+from .sycoca import SycocaTgmimConfig, SycocaTgmimLoss, tgmim_loss  # noqa: E402
+
+__all__ += ["FgclipRegionConfig", "FgclipRegionLoss", "fgclip_region_loss", "roi_region_features", "GaDmsConfig",
+            "GaDmsLoss", "dual_masks", "ga_dms_loss", "ga_scores", "GrainConfig", "GrainLoss", "grain_loss",
+            "SycocaTgmimConfig", "SycocaTgmimLoss", "tgmim_loss"]
+# --- end region-level and compositional terms ---

@@ -7,6 +7,12 @@
 terms read (Norton, DreamLIP's grouping): ``image_tokens`` [B, N, d] (the patch tokens, class
 token left out), ``text_tokens`` [B, L, d] and ``text_mask`` [B, L], from the same tower passes
 as the pooled features (:meth:`CLIP.encode_image_tokens`, :meth:`CLIP.encode_text_tokens`).
+
+:meth:`CLIP.to_inference` prepares a model for embedding only: evaluation mode, no gradients,
+weights stored once in the inference dtype (bf16 halves the bytes every GEMM reads and uses the
+CPU's bf16 dot-product instructions, with no autocast cast per call), inputs cast to that dtype
+and embeddings returned in float32 (normalized in float32) for bf16/fp16 weights. Such a model
+refuses ``train()``.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from .compile import call_compiled
 from .config import CLIPConfig
 from .hf_text import HFTextTower
@@ -40,6 +47,8 @@ class CLIP(nn.Module):
       ``logit_scale * image_features @ text_features.T`` (+ ``logit_bias``).
     """
 
+    inference_dtype: torch.dtype | None = None  # set by to_inference
+
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
         self.cfg = cfg
@@ -54,6 +63,30 @@ class CLIP(nn.Module):
             nn.Parameter(torch.tensor(float(cfg.init_logit_bias))) if cfg.init_logit_bias is not None else None
         )
         self.region_head = RegionHead(cfg.embed_dim, self.visual.grid) if cfg.region_head else None
+
+    def to_inference(self, dtype: torch.dtype | str | None = None) -> CLIP:
+        """This model, prepared for embedding only (module docstring): ``eval()``, every parameter
+        frozen and, with ``dtype`` (``torch.bfloat16``, ``"bf16"``, ``"fp32"``...), cast to it once.
+        ``encode_image`` / ``encode_text`` then cast their pixel input to that dtype; for bf16 and fp16
+        they return float32 embeddings (normalized in float32). Returns ``self``; ``train()`` raises afterwards."""
+        dtype = _parse_dtype(dtype) if dtype is not None else next(self.parameters()).dtype
+        self.eval()
+        self.requires_grad_(False)
+        self.to(dtype)
+        self.inference_dtype = dtype
+        return self
+
+    def train(self, mode: bool = True) -> CLIP:
+        if mode and self.inference_dtype is not None:
+            raise ConfigError("this model was prepared for inference with to_inference() (frozen, "
+                              f"{self.inference_dtype} weights) and cannot be trained; load or build it again "
+                              "for training")
+        return super().train(mode)
+
+    def _finish(self, x: Tensor, normalize: bool) -> Tensor:
+        if self.inference_dtype in (torch.bfloat16, torch.float16):
+            x = x.float()
+        return F.normalize(x, dim=-1) if normalize else x
 
     @property
     def image_size(self) -> int:
@@ -81,8 +114,9 @@ class CLIP(nn.Module):
         return tower(*args)
 
     def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
-        x = self._tower(self.visual, images)
-        return F.normalize(x, dim=-1) if normalize else x
+        if self.inference_dtype is not None and images.is_floating_point():
+            images = images.to(self.inference_dtype)
+        return self._finish(self._tower(self.visual, images), normalize)
 
     def encode_text(self, ids: Tensor, normalize: bool = True, embeddings: Tensor | None = None) -> Tensor:
         """Text embeddings of token ``ids`` [B, L]. ``embeddings`` [B, L, width] replaces the
@@ -94,7 +128,7 @@ class CLIP(nn.Module):
         else:
             raise ValueError("token embeddings as text input need clipforge's own text transformer, "
                              f"not a {type(self.text).__name__}")
-        return F.normalize(x, dim=-1) if normalize else x
+        return self._finish(x, normalize)
 
     def encode_image_tokens(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """(normalized image embeddings [B, d], projected patch tokens [B, N, d]) from one pass of
@@ -164,3 +198,17 @@ class CLIP(nn.Module):
             if p.ndim < 2 or "embedding" in name or name in {"logit_scale", "logit_bias"}:
                 names.add(name)
         return names
+
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16, "fp64": torch.float64, "float64": torch.float64}
+
+
+def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ConfigError(f"inference dtype must be a floating-point type, got {dtype}; use fp32 or bf16")
+        return dtype
+    if dtype not in _DTYPES:
+        raise ConfigError(f"unknown inference dtype '{dtype}'; use one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]

@@ -26,7 +26,6 @@ greedily or with beam search.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,8 +60,24 @@ class MultimodalConfig:
 
 
 @dataclass
+class TgmimConfig:
+    """SyCoCa's text-guided masked image modeling branch (see :class:`TextGuidedMIM`)."""
+
+    mask_ratio: float = 0.5  # fraction of the patches masked and reconstructed
+    layers: int = 1  # decoder layers (self-attention block, then cross-attention to the caption's states)
+    attentive: bool = True  # mask the patches the caption attends to most; False: a random subset (the ablation)
+
+    def __post_init__(self):
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"tgmim mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.layers < 1:
+            raise ValueError(f"tgmim layers must be >= 1, got {self.layers}")
+
+
+@dataclass
 class CoCaConfig(CLIPConfig):
     multimodal: MultimodalConfig = field(default_factory=MultimodalConfig)
+    tgmim: TgmimConfig | None = None  # SyCoCa's TG-MIM branch; the sycoca_tgmim loss term switches it on
 
     def __post_init__(self):
         if self.hf_text is not None:
@@ -76,10 +91,9 @@ class CoCaConfig(CLIPConfig):
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CoCaConfig:
         d = dict(d)
-        mm = d.pop("multimodal", {})
-        base = CLIPConfig.from_dict(d)
-        values = {f.name: getattr(base, f.name) for f in dataclasses.fields(CLIPConfig)}
-        return cls(**values, multimodal=MultimodalConfig(**mm) if isinstance(mm, dict) else mm)
+        if isinstance(d.get("tgmim"), bool):  # tgmim: true turns SyCoCa's branch on with its defaults
+            d["tgmim"] = TgmimConfig() if d["tgmim"] else None
+        return cls.variant_from_dict(d, {"multimodal": MultimodalConfig, "tgmim": TgmimConfig})
 
 
 class AttentionalPooler(nn.Module):
@@ -173,8 +187,65 @@ class MultimodalDecoder(nn.Module):
         return self.head(self.ln_final(x))
 
 
+class TextGuidedMIM(nn.Module):
+    """SyCoCa's TG-MIM head ("SyCoCa: Symmetrizing Contrastive Captioners with Attentive Masking for
+    Multimodal Alignment", 2024, Sec. 3): reconstruct masked image patches from the visible ones and the
+    caption.
+
+    Attentive masking: with y the caption's contrastive embedding and p_k the projected patch tokens of
+    the full image, the text-to-patch attention is alpha = softmax_k(y . p_k / sqrt(d)); the
+    ``round(mask_ratio * N)`` patches of highest alpha (the patches the caption is about) are masked
+    (``attentive=False``: a random subset). The image tower encodes the visible patches only; the
+    decoder places them (linearly mapped to the text width) and a learned mask token at the masked
+    positions, adds its own position embedding, runs ``layers`` x (self-attention block, cross-attention
+    block to the caption's token states) and maps each masked position to its patch's pixels. The target
+    is the patch's pixels normalized per patch (MAE's normalized-pixel target); the loss term
+    ``sycoca_tgmim`` is their mean squared error.
+
+    Simplifications, stated: the contrastive and captioning heads still see the full image (the masked
+    pass is an extra pass of the image tower on the visible patches); the attention is the contrastive
+    embeddings' dot product, not a learned cross-attention map; the decoder is ``layers`` CoCa decoder
+    layers without the causal mask."""
+
+    def __init__(self, vision_width: int, width: int, heads: int, patch_pixels: int, positions: int,
+                 cfg: TgmimConfig, mlp_ratio: float, act: str, ln_eps: float):
+        super().__init__()
+        self.cfg = cfg
+        self.visible_in = nn.Linear(vision_width, width)
+        self.mask_token = nn.Parameter(torch.zeros(width))
+        self.pos = nn.Parameter(torch.randn(positions, width) * 0.02)
+        self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, act, ln_eps) for _ in range(cfg.layers)])
+        self.cross = nn.ModuleList([CrossBlock(width, heads, mlp_ratio, act, ln_eps) for _ in range(cfg.layers)])
+        self.ln = nn.LayerNorm(width, eps=ln_eps)
+        self.out = nn.Linear(width, patch_pixels)
+
+    def forward(self, visible: Tensor, keep: Tensor, masked: Tensor, text_states: Tensor) -> Tensor:
+        """Predicted pixels [B, M, patch_pixels] of the masked patches (indices ``masked`` [B, M]) from the
+        encoded visible patches [B, K, vision_width] (indices ``keep`` [B, K]) and the caption's states."""
+        b, k = keep.shape
+        n = k + masked.shape[1]
+        src = self.visible_in(visible)  # under autocast a lower precision than the visible tokens
+        x = self.mask_token.to(src.dtype).expand(b, n, -1).clone()
+        x = x.scatter(1, keep[..., None].expand(-1, -1, x.shape[-1]), src)
+        x = x + self.pos.to(x.dtype)
+        for block, cross in zip(self.blocks, self.cross):
+            x = cross(block(x), text_states.to(x.dtype))
+        x = self.ln(x).gather(1, masked[..., None].expand(-1, -1, x.shape[-1]))
+        return self.out(x)
+
+
+def patch_pixels(images: Tensor, patch: int) -> Tensor:
+    """[B, 3, S, S] -> [B, N, 3 * patch * patch] row-major patches, channel-major inside a patch (the order
+    of the image tower's patch embedding)."""
+    b, _, s, _ = images.shape
+    g = s // patch
+    return images.reshape(b, 3, g, patch, g, patch).permute(0, 2, 4, 1, 3, 5).reshape(b, g * g, 3 * patch * patch)
+
+
 class CoCa(CLIP):
-    """CLIP + attentional pooler + multimodal decoder; see the module docstring."""
+    """CLIP + attentional pooler + multimodal decoder; see the module docstring. With ``cfg.tgmim`` set
+    (SyCoCa), ``forward(images, texts)`` also returns ``tgmim_pred`` and ``tgmim_target`` [B, M, 3 p^2]
+    (:class:`TextGuidedMIM`) and ``tgmim_masked`` [B, M], the masked patch indices."""
 
     extra_outputs = ("caption_logits", "caption_targets")  # what forward adds for the loss terms
 
@@ -186,6 +257,44 @@ class CoCa(CLIP):
         self.attn_pool_caption = AttentionalPooler(w, cfg.vision.width, mm.pool_heads, mm.n_queries, mm.ln_eps)
         self.ln_caption = nn.LayerNorm(w, eps=mm.ln_eps)
         self.decoder = MultimodalDecoder(w, mm, cfg.text.vocab_size)
+        self.tgmim = None
+        if cfg.tgmim is not None:
+            p = cfg.vision.patch_size
+            self.tgmim = TextGuidedMIM(cfg.vision.width, w, mm.heads, 3 * p * p, self.visual.grid ** 2, cfg.tgmim,
+                                       mm.mlp_ratio, mm.act, mm.ln_eps)
+            self.extra_outputs = (*CoCa.extra_outputs, "tgmim_pred", "tgmim_target", "tgmim_masked")
+
+    def tgmim_outputs(self, images: Tensor, tokens: Tensor, text_embedding: Tensor, states: Tensor,
+                      generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """The TG-MIM branch (:class:`TextGuidedMIM`) for images whose full-image tower tokens are ``tokens``
+        and whose captions have the unnormalized contrastive embedding ``text_embedding`` [B, d] and token
+        states ``states`` [B, L, w]."""
+        if self.tgmim is None:
+            raise ValueError("this CoCa has no TG-MIM branch; build it with tgmim=true "
+                             "(model_overrides.tgmim=true, or the sycoca_tgmim loss term)")
+        vis, cfg = self.visual, self.tgmim.cfg
+        n = vis.grid ** 2
+        m = min(max(1, round(cfg.mask_ratio * n)), n - 1)
+        with torch.no_grad():
+            if cfg.attentive:
+                patches = F.normalize(vis.project(tokens[:, vis.num_prefix:]).float(), dim=-1)
+                y = F.normalize(text_embedding.float(), dim=-1)
+                score = torch.einsum("bd,bnd->bn", y, patches)  # softmax is monotone: rank by the logits
+            else:
+                score = torch.rand(images.shape[0], n, device=images.device, generator=generator)
+            order = score.argsort(dim=1, descending=True)
+            masked, keep = order[:, :m].sort(dim=1).values, order[:, m:].sort(dim=1).values
+        x = vis.embed_patches(images) + vis.positional_embedding[vis.num_prefix:].to(images.dtype)
+        x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
+        if vis.class_embedding is not None:
+            cls = (vis.class_embedding + vis.positional_embedding[0]).to(x.dtype)
+            x = torch.cat([cls.expand(x.shape[0], 1, -1), x], dim=1)
+        visible = vis.ln_post(vis.transformer(vis.ln_pre(x)))[:, vis.num_prefix:]
+        pred = self.tgmim(visible, keep, masked, states)
+        target = patch_pixels(images, self.cfg.vision.patch_size).gather(1, masked[..., None].expand(-1, -1,
+                                                                                                   pred.shape[-1]))
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+        return {"tgmim_pred": pred, "tgmim_target": target.detach(), "tgmim_masked": masked}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Both towers' blocks and the multimodal decoder's layers recompute their activations in backward."""
@@ -208,17 +317,23 @@ class CoCa(CLIP):
     def forward(self, images: Tensor | None = None, texts: Tensor | None = None) -> dict[str, Tensor | None]:
         if images is None or texts is None:
             return super().forward(images, texts)
-        img, caption_tokens = self.image_and_caption_tokens(images)
+        tokens = self.visual.forward_tokens(images)
+        img = self.visual.project(self.visual.pool(tokens))
+        caption_tokens = self.ln_caption(self.attn_pool_caption(tokens))
         states = self.text.forward_tokens(texts)
+        text = self._text_embedding(states, texts)
         n = max(int(self.text.eot_index(texts).max()) + 1, 2)  # longest caption: later targets are all padding
-        return {
+        out = {
             "image_features": F.normalize(img, dim=-1),
-            "text_features": F.normalize(self._text_embedding(states, texts), dim=-1),
+            "text_features": F.normalize(text, dim=-1),
             "logit_scale": self.scale(),
             "logit_bias": self.logit_bias,
             "caption_logits": self.decoder(states[:, : n - 1], caption_tokens),
             "caption_targets": texts[:, 1:n],
         }
+        if self.tgmim is not None:
+            out.update(self.tgmim_outputs(images, tokens, text, states))
+        return out
 
     @torch.no_grad()
     def generate(self, images: Tensor, max_len: int | None = None, num_beams: int = 1, sot_token_id: int = SOT_TOKEN_ID,

@@ -114,5 +114,34 @@ class CLIPConfig:
         d.pop("name", None), d.pop("description", None)
         return cls(vision=vision, text=text, hf_text=hf_text, **d)
 
+    @classmethod
+    def variant_from_dict(cls, d: dict[str, Any], sections: dict[str, Any],
+                          text_defaults: dict[str, Any] | None = None) -> Any:
+        """A variant config (a subclass with extra fields) from a dict: the variant's own entries are
+        taken out of ``d``, the rest is parsed as a :class:`CLIPConfig` and its fields are copied over.
+
+        ``sections`` maps each of the variant's own fields to its type: a dataclass (its entry, a dict,
+        is passed as keyword arguments; an entry that is already an instance is kept), or a plain type
+        (``bool``, ``int``, ...) that converts the entry. A missing entry keeps the field's default.
+        ``text_defaults`` are the variant's defaults for the ``text`` section, under the given values.
+        """
+        if cls is CLIPConfig:
+            raise TypeError("variant_from_dict builds a subclass of CLIPConfig; use CLIPConfig.from_dict")
+        d = dict(d)
+        own = {}
+        for name, kind in sections.items():
+            if name not in d:
+                continue
+            value = d.pop(name)
+            if dataclasses.is_dataclass(kind) and isinstance(value, dict):
+                value = kind(**value)
+            elif not dataclasses.is_dataclass(kind) and value is not None:
+                value = kind(value)
+            own[name] = value
+        if text_defaults:
+            d["text"] = {**text_defaults, **d.get("text", {})}
+        base = CLIPConfig.from_dict(d)
+        return cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(CLIPConfig)}, **own)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -4,7 +4,8 @@ Every variant is chosen here from its config alone, so loading (:mod:`clipforge.
 the registry of named architectures and :func:`create_model` agree on which class a config
 builds: a config with a ``multimodal`` section is a :class:`~clipforge.models.coca.CoCaConfig`
 and builds :class:`~clipforge.models.coca.CoCa`, one with an ``mci`` section is MobileCLIP
-(:mod:`~clipforge.models.mobileclip`), one with a ``moe`` section CLIP-MoE (:mod:`~clipforge.models.moe`);
+(:mod:`~clipforge.models.mobileclip`), one with a ``moe`` section CLIP-MoE (:mod:`~clipforge.models.moe`),
+one with an ``lm`` section LLM2CLIP (a frozen causal LM as the text tower, :mod:`~clipforge.models.llm_text`);
 anything else builds :class:`~clipforge.models.clip.CLIP` (Long-CLIP's stretched positions are a field of the
 text config, not a class).
 """
@@ -19,6 +20,7 @@ import torch
 from .clip import CLIP
 from .coca import CoCa, CoCaConfig
 from .config import CLIPConfig
+from .llm_text import LLM2CLIP, LLM2CLIPConfig
 from .mobileclip import MobileCLIP, MobileCLIPConfig
 from .moe import MoECLIP, MoECLIPConfig
 from .registry import MODEL_CONFIGS
@@ -28,6 +30,7 @@ VARIANTS: tuple[tuple[str, type[CLIPConfig], type[CLIP]], ...] = (
     ("multimodal", CoCaConfig, CoCa),
     ("mci", MobileCLIPConfig, MobileCLIP),
     ("moe", MoECLIPConfig, MoECLIP),
+    ("lm", LLM2CLIPConfig, LLM2CLIP),
 )
 
 
@@ -58,13 +61,13 @@ def create_model(name: str | CLIPConfig, seed: int | None = None, **overrides: A
     """Build a randomly initialized model from a registered name, a JSON path or a config.
 
     ``overrides`` replace top-level fields, e.g. ``create_model("tiny", init_logit_bias=-10.0)``
-    for a SigLIP-style bias; nested ``vision={...}`` / ``text={...}`` dicts update the towers.
+    for a SigLIP-style bias; a nested dict (``vision={...}``, ``text={...}``, ``lm={...}``) updates that section.
     """
     cfg = name if isinstance(name, CLIPConfig) else get_model_config(name)
     if overrides:
         d = cfg.to_dict()
         for key, value in overrides.items():
-            if key in ("vision", "text", "multimodal") and isinstance(value, dict):
+            if isinstance(value, dict) and isinstance(d.get(key), dict):  # a section: update its fields
                 d[key].update(value)
             else:
                 d[key] = value

@@ -129,13 +129,8 @@ class MobileCLIPConfig(CLIPConfig):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MobileCLIPConfig:
-        d = dict(d)
-        mci, mct, rep = d.pop("mci", {}), d.pop("mct", {}), bool(d.pop("reparameterized", False))
-        text = {"causal": False, "pad_mask": False, **d.pop("text", {})}
-        base = CLIPConfig.from_dict({**d, "text": text})
-        values = {f.name: getattr(base, f.name) for f in dataclasses.fields(CLIPConfig)}
-        return cls(**values, mci=MCiConfig(**mci) if isinstance(mci, dict) else mci,
-                   mct=MCtConfig(**mct) if isinstance(mct, dict) else mct, reparameterized=rep)
+        return cls.variant_from_dict(d, {"mci": MCiConfig, "mct": MCtConfig, "reparameterized": bool},
+                                     text_defaults={"causal": False, "pad_mask": False})
 
 
 # ---- folding helpers -------------------------------------------------------------------------------------------

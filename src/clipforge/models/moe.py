@@ -69,11 +69,7 @@ class MoECLIPConfig(CLIPConfig):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MoECLIPConfig:
-        d = dict(d)
-        moe = d.pop("moe", {})
-        base = CLIPConfig.from_dict(d)
-        values = {f.name: getattr(base, f.name) for f in dataclasses.fields(CLIPConfig)}
-        return cls(**values, moe=MoEConfig(**moe) if isinstance(moe, dict) else moe)
+        return cls.variant_from_dict(d, {"moe": MoEConfig})
 
 
 def route(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -151,6 +147,8 @@ class MoECLIP(CLIP):
     def __init__(self, cfg: MoECLIPConfig):
         super().__init__(cfg)
         self.moe_blocks = moe_layers(self, cfg.moe)
+        if "text" in self.moe_blocks and isinstance(self.text, TextTransformer):
+            self.text.trim_padding = False  # the balance loss reads the routing of every position, padding included
         for tower, indices in self.moe_blocks.items():
             blocks = _tower_blocks(self, tower)
             for i in indices:

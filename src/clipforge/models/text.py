@@ -3,6 +3,14 @@
 token embedding + positional embedding -> causal pre-LN blocks -> ln_final -> pooling at
 the end-of-text token -> projection. With the causal mask, the end-of-text position never
 sees the padding after it, so padding (any context length) does not change an embedding.
+
+That is also what makes inference fast (:meth:`TextTransformer.forward` without gradients):
+the states after a text's end-of-text token are never read, so the tower runs each text only
+up to its end-of-text token. A batch is cut at its longest text instead of the context length
+(77 for CLIP, where real captions take 10-30 tokens), and a large batch of mixed lengths is
+sorted by length and run in chunks of ``BUCKET_ROWS`` texts, each cut at its own longest text,
+then put back in order. Each text's embedding is the same as with the full padded batch up to
+floating-point summation order (tests/models/test_inference.py checks it in float64).
 """
 from __future__ import annotations
 
@@ -11,6 +19,9 @@ from torch import Tensor, nn
 
 from .config import TextConfig
 from .transformer import Transformer
+
+BUCKET_ROWS = 32  # texts per length bucket at inference: still hundreds of GEMM rows at caption lengths
+
 
 
 class TextTransformer(nn.Module):
@@ -21,6 +32,10 @@ class TextTransformer(nn.Module):
     - ``pool(tokens [B, L, w], ids [B, L]) -> [B, w]`` (the end-of-text state by default);
       ``eot_index(ids) -> [B]``; ``project(x [..., w]) -> [..., output_dim]``.
     """
+
+    # inference (no gradients) runs each text only up to its end-of-text token (module docstring);
+    # a subclass or a wrapper that reads the padding positions' states (MoE routing) turns it off
+    trim_padding: bool = True
 
     def __init__(self, cfg: TextConfig, output_dim: int):
         super().__init__()
@@ -87,5 +102,39 @@ class TextTransformer(nn.Module):
         x = x @ self.proj
         return x + self.proj_bias if self.proj_bias is not None else x
 
+    def trims(self, ids: Tensor) -> bool:
+        """Whether :meth:`forward` runs ``ids`` on the trimmed path: no gradients, a causal tower
+        pooled at the end-of-text token, ``trim_padding`` on, integer ids [B, L], and not being traced
+        (an exported graph must take any batch, so it keeps the full padded pass)."""
+        return (self.trim_padding and not torch.is_grad_enabled() and self.cfg.causal and self.cfg.pool == "eot"
+                and ids.ndim == 2 and ids.shape[1] > 0 and not torch.jit.is_tracing()
+                and not torch.compiler.is_compiling())
+
     def forward(self, ids: Tensor, embeddings: Tensor | None = None) -> Tensor:
+        if self.trims(ids):
+            return self.forward_trimmed(ids, embeddings)
+        return self.project(self.pool(self.forward_tokens(ids, embeddings), ids))
+
+    def forward_trimmed(self, ids: Tensor, embeddings: Tensor | None = None) -> Tensor:
+        """:meth:`forward` with each text run only up to its end-of-text token (module docstring):
+        one pass cut at the longest text for up to ``2 * BUCKET_ROWS`` texts, else length buckets."""
+        lengths = self.eot_index(ids) + 1  # [B]; the pooled state is at lengths - 1
+        b = ids.shape[0]
+        if b < 2 * BUCKET_ROWS:
+            n = int(lengths.max())
+            return self._run_cut(ids, embeddings, n)
+        order = torch.argsort(lengths, descending=True, stable=True)
+        out = None
+        for start in range(0, b, BUCKET_ROWS):
+            rows = order[start : start + BUCKET_ROWS]
+            n = int(lengths[rows[0]])
+            part = self._run_cut(ids[rows], embeddings[rows] if embeddings is not None else None, n)
+            if out is None:
+                out = part.new_empty(b, part.shape[1])
+            out[rows] = part
+        return out
+
+    def _run_cut(self, ids: Tensor, embeddings: Tensor | None, n: int) -> Tensor:
+        ids = ids[:, :n]
+        embeddings = embeddings[:, :n] if embeddings is not None else None
         return self.project(self.pool(self.forward_tokens(ids, embeddings), ids))

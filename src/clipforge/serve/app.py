@@ -10,8 +10,11 @@ Endpoints (all read-only; nothing is written on the server):
 - ``POST /classify`` zero-shot labels: multipart ``file`` and ``labels`` (comma-separated)
 - ``GET /image/{id}[?size=256]`` an indexed image (the original bytes, or a thumbnail)
 
-Search responses are ``{"query", "k", "took_ms", "count", "results": [{"id", "score", "key",
-"caption", "kind", "path", "url", "thumb"}]}``. Errors are ``{"detail": message}`` with 400
+Search responses are ``{"query", "k", "took_ms", "count", "answered_by", "results": [{"id", "score", "key",
+"caption", "kind", "path", "description", "url", "thumb"}]}``. ``answered_by`` says which index answered:
+``{"index": "image"}`` (CLIP image embeddings) or ``{"index": "describe", "captioner", "sentence_encoder"}``
+(a description index searched text-to-text, :mod:`clipforge.serve.describe`); ``/health`` carries the same record
+and the page shows it. Errors are ``{"detail": message}`` with 400
 (bad input), 404 (unknown id, missing or changed file), 413 (body, upload, image or label list
 too large), 422 (invalid parameter) or 503 (all upload slots busy; ``Retry-After`` says when to
 try again).
@@ -258,12 +261,17 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES, thu
     version = hashlib.sha256(json.dumps([manifest.get("updated"), manifest["count"],
                                          manifest["model"]["weights_sha256"]]).encode()).hexdigest()[:10]
     html = page_html()
+    answered_by: dict[str, Any] = {"index": searcher.index_kind}
+    if searcher.index_kind == "describe":
+        rec = searcher.describe_record
+        answered_by.update(captioner=rec.get("captioner"), method=rec.get("method"),
+                           sentence_encoder=rec.get("sentence_encoder_name"))
 
     def hits_json(hits, query: Any, k: int, t0: float) -> dict[str, Any]:
         results = [{**h.to_dict(), "url": f"/image/{h.id}?v={version}", "thumb": f"/image/{h.id}?size=256&v={version}"}
                    for h in hits]
         return {"query": query, "k": k, "took_ms": round((time.perf_counter() - t0) * 1000, 2),
-                "count": len(results), "results": results}
+                "count": len(results), "answered_by": answered_by, "results": results}
 
     async def read_upload(file: UploadFile) -> bytes:
         data = await file.read(max_upload_bytes + 1)
@@ -288,7 +296,7 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES, thu
     def health():
         return {"status": "ok", "count": len(searcher), "dim": searcher.dim, "model": searcher.model_description,
                 "backend": searcher.backend.name, "index": str(searcher.root), "dtype": manifest["dtype"],
-                "sources": manifest.get("sources", []),
+                "sources": manifest.get("sources", []), "answered_by": answered_by,
                 "text_batching": dict(batcher.stats, max_batch=batcher.max_batch) if batcher else None}
 
     @app.get("/search")

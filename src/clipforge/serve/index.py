@@ -5,7 +5,12 @@ Layout of an index directory::
     manifest.json       written last: format, the model (source, weights hash, dim), count, dtype, sources
     embeddings.npy      [N, dim] L2-normalized image embeddings (float16 by default, or float32)
     metadata.parquet    one row per embedding, in the same order: id, key, kind, path, offset, length,
-                        mtime_ns, ext, caption
+                        mtime_ns, ext, caption, description
+
+A *description index* (``clipforge index CAPTIONER --describe``, :mod:`clipforge.serve.describe`) stores,
+instead of image embeddings, sentence-encoder embeddings of a scene description generated for each
+image (the ``description`` column; ``None`` in image-embedding indexes) and names its captioner and
+sentence encoder in the manifest's ``describe`` record.
 
 ``kind`` is ``file`` (an image file: ``path`` is its absolute path, ``length`` its size in bytes,
 ``mtime_ns`` its modification time) or ``corpus`` (a sample of a built corpus: ``path`` is its
@@ -47,7 +52,7 @@ MANIFEST = "manifest.json"
 EMBEDDINGS = "embeddings.npy"
 METADATA = "metadata.parquet"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-COLUMNS = ("key", "kind", "path", "offset", "length", "mtime_ns", "ext", "caption")
+COLUMNS = ("key", "kind", "path", "offset", "length", "mtime_ns", "ext", "caption", "description")
 
 
 class IndexNotFoundError(FileNotFoundError):
@@ -165,7 +170,8 @@ def _read_once(root: Path) -> IndexData:
         raise _Changing("manifest changed during the read")
     if manifest.get("format") != FORMAT:
         raise IndexNotFoundError(f"'{root}/manifest.json' has format {manifest.get('format')!r}, not {FORMAT!r}")
-    meta = {c: table.column(c).to_pylist() for c in COLUMNS}
+    # indexes written before the description column existed read as having none
+    meta = {c: table.column(c).to_pylist() if c in table.column_names else [None] * table.num_rows for c in COLUMNS}
     n = manifest["count"]
     if embeddings.shape != (n, manifest["dim"]) or table.num_rows != n:
         raise IndexNotFoundError(
@@ -477,7 +483,8 @@ def _write(root: Path, manifest: dict[str, Any], embeddings: np.ndarray, meta: d
     root.mkdir(parents=True, exist_ok=True)
     n = embeddings.shape[0]
     types = {"key": pa.string(), "kind": pa.string(), "path": pa.string(), "offset": pa.int64(),
-             "length": pa.int64(), "mtime_ns": pa.int64(), "ext": pa.string(), "caption": pa.string()}
+             "length": pa.int64(), "mtime_ns": pa.int64(), "ext": pa.string(), "caption": pa.string(),
+             "description": pa.string()}
     table = pa.table({"id": pa.array(np.arange(n, dtype=np.int64)),
                       **{c: pa.array(meta[c], type=types[c]) for c in COLUMNS}})
     names = (EMBEDDINGS, METADATA, MANIFEST) + ((ANN_FILE,) if ann_index is not None else ())
@@ -516,7 +523,7 @@ def build_index(model, preprocess, out: str | os.PathLike, candidates: Sequence[
                 rebuild: bool = False, commit_every: int = 10_000, progress: bool = True,
                 on_skip: Callable[[str, str], None] | None = None, lock_timeout: float = 0.0,
                 index_kind: str = "auto", max_memory: int | str | None = None,
-                recall_target: float = RECALL_TARGET) -> BuildReport:
+                recall_target: float = RECALL_TARGET, manifest_extra: dict[str, Any] | None = None) -> BuildReport:
     """Embed ``candidates`` into the index at ``out``, creating it or adding to it incrementally.
 
     ``model``/``preprocess``: as returned by :func:`clipforge.load`. ``folder_roots``: the
@@ -537,6 +544,11 @@ def build_index(model, preprocess, out: str | os.PathLike, candidates: Sequence[
     manifest's ``ann`` record. New rows are added to a trained IVF/HNSW index while the choice
     for the new size is the same one; otherwise it is rebuilt (logged). ``recall_target``: the
     recall@10 the search parameter is tuned for.
+
+    A ``model`` with a ``describe_images(pixels) -> (embeddings, descriptions)`` method (a
+    :class:`clipforge.serve.describe.Describer`) builds a description index: each image's generated
+    description is embedded and stored in the ``description`` column. ``manifest_extra``: entries added to
+    the manifest (the describer's ``describe`` record); an existing index whose entries differ is refused.
     """
     if index_kind not in KINDS:
         raise ValueError(f"--index {index_kind!r} is not an index type; choose one of {', '.join(KINDS)}")
@@ -565,12 +577,13 @@ def build_index(model, preprocess, out: str | os.PathLike, candidates: Sequence[
         return _build_index_locked(model, preprocess, root, candidates, model_source=model_source,
                                    folder_roots=folder_roots, source=source, dtype=dtype, batch_size=batch_size,
                                    rebuild=rebuild, commit_every=commit_every, progress=progress, on_skip=on_skip,
-                                   ann_options=(index_kind, max_memory, recall_target))
+                                   ann_options=(index_kind, max_memory, recall_target),
+                                   manifest_extra=dict(manifest_extra or {}))
 
 
 def _build_index_locked(model, preprocess, root: Path, candidates: Sequence[Candidate], *, model_source,
                         folder_roots, source, dtype, batch_size, rebuild, commit_every, progress,
-                        on_skip, ann_options) -> BuildReport:
+                        on_skip, ann_options, manifest_extra=None) -> BuildReport:
     import torch
     from tqdm.auto import tqdm
 
@@ -588,6 +601,11 @@ def _build_index_locked(model, preprocess, root: Path, candidates: Sequence[Cand
         check_same_model(root, old.manifest["model"], info,
                          "Index with the model it was built with, or re-embed everything with this one: "
                          "add --rebuild (or choose another --out).")
+        for key, value in (manifest_extra or {}).items():
+            if old.manifest.get(key) != value:
+                raise ModelMismatchError(
+                    f"index {root} records {key}={old.manifest.get(key)!r}, this run {value!r}: its embeddings are "
+                    "not comparable. Add --rebuild to re-embed everything, or choose another --out.")
         if old.manifest["dtype"] != dtype:
             raise ValueError(f"index {root} stores {old.manifest['dtype']} embeddings; pass --dtype "
                              f"{old.manifest['dtype']} to add to it, or --rebuild to convert it")
@@ -634,7 +652,7 @@ def _build_index_locked(model, preprocess, root: Path, candidates: Sequence[Cand
     if new_source:
         sources.append(source)
     manifest = {"format": FORMAT, "model": info, "dim": info["embed_dim"], "dtype": dtype, "normalized": True,
-                "sources": sources}
+                "sources": sources, **(manifest_extra or {})}
 
     index_kind, max_memory, recall_target = ann_options
     requested = {"index": index_kind, "max_memory": max_memory, "recall_target": recall_target}
@@ -658,6 +676,7 @@ def _build_index_locked(model, preprocess, root: Path, candidates: Sequence[Cand
         _write(root, {**manifest, "ann": record, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, emb, merged,
                ann_index=ann_index)
 
+    describe = getattr(model, "describe_images", None)
     was_training = model.training
     model.eval()
     since_commit = 0
@@ -675,12 +694,17 @@ def _build_index_locked(model, preprocess, root: Path, candidates: Sequence[Cand
                     if on_skip is not None:
                         on_skip(c.row["key"], reason)
             if pixels:
+                descriptions: list[str | None] = [None] * len(rows)
                 with torch.no_grad():
-                    emb = model.encode_image(torch.stack(pixels)).float().numpy()
+                    if describe is not None:
+                        emb, descriptions = describe(torch.stack(pixels))
+                        emb = np.asarray(emb, dtype=np.float32)
+                    else:
+                        emb = model.encode_image(torch.stack(pixels)).float().numpy()
                 new_chunks.append(emb.astype(dtype))
-                for r in rows:
+                for r, text in zip(rows, descriptions):
                     for col in COLUMNS:
-                        new_meta[col].append(r[col])
+                        new_meta[col].append(text if col == "description" else r.get(col))
                 since_commit += len(rows)
             bar.update(len(todo[start:start + batch_size]))
             if since_commit >= commit_every:

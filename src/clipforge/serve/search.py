@@ -235,7 +235,8 @@ def make_backend(vectors: np.ndarray, backend: str = "auto"):
 @dataclass
 class Hit:
     """One result: the item's id (row in the index), cosine ``score``, ``key``, ``caption``, and ``path``
-    (the image file; ``None`` for a corpus sample, whose ``key`` is ``NAME/SPLIT/KEY``)."""
+    (the image file; ``None`` for a corpus sample, whose ``key`` is ``NAME/SPLIT/KEY``); ``description``: the
+    generated scene description a description index matched (``None`` in an image-embedding index)."""
 
     id: int
     score: float
@@ -243,6 +244,7 @@ class Hit:
     caption: str | None
     kind: str
     path: str | None
+    description: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -263,6 +265,12 @@ class Searcher:
     arguments of :func:`clipforge.load` for a model given by path (``model_name``, ``trust_pickle``, ...), as
     ``clipforge index`` took them.
 
+    A description index (``clipforge index CAPTIONER --describe``, :mod:`clipforge.serve.describe`) is searched
+    text-to-text: queries are embedded by its sentence encoder, image queries are described by its captioner
+    first; ``model`` is then the captioner (default: the one recorded), or a
+    :class:`~clipforge.serve.describe.Describer` and its image transform as a pair. :attr:`index_kind` says
+    which kind answers (``image`` or ``describe``).
+
     >>> s = Searcher("indexes/emoji")                       # doctest: +SKIP
     >>> [(h.caption, round(h.score, 3)) for h in s.text("a red heart", k=3)]  # doctest: +SKIP
     """
@@ -273,7 +281,13 @@ class Searcher:
         self.max_image_pixels = max_image_pixels  # None: clipforge.images' limit (CLIPFORGE_MAX_IMAGE_PIXELS, 40 M)
         self.data: IndexData = open_index(index_dir)
         self.root = Path(index_dir)
+        self._backend_choice, self._nprobe, self._ef_search = backend, nprobe, ef_search
         built = self.data.manifest["model"]
+        self.describe_record = self.data.manifest.get("describe")
+        if self.describe_record is not None:
+            self._init_describer(model, built, load_options)
+            return
+        self.index_kind = "image"
         if model is None:
             source = built.get("source")
             if not source or not Path(source).exists():
@@ -300,6 +314,42 @@ class Searcher:
         self.model_description = describe_model(built)
         self.backend = self._backend(backend, nprobe, ef_search)
         self._lock = threading.Lock()  # one forward pass at a time: bounded memory, no thread oversubscription
+
+    def _init_describer(self, model: Any, built: dict[str, Any], load_options: dict[str, Any] | None) -> None:
+        from .describe import describer_from_record
+
+        self.index_kind = "describe"
+        rec = self.describe_record
+        if isinstance(model, tuple):
+            self.model, self.preprocess = model
+        else:
+            if model is None and rec.get("captioner") and not Path(rec["captioner"]).exists():
+                raise FileNotFoundError(
+                    f"description index {self.root} was described by {rec['captioner']}, which is not at that path "
+                    "any more; pass the captioner with --model (its weights are checked against the index's hash)")
+            self.model, self.preprocess = describer_from_record(rec, model, load_options)
+        self.tokenizer = None
+        self.model.eval()
+        current = model_info(self.model, rec.get("captioner") if model is None else None)
+        check_same_model(self.root, built, current,
+                         f"Serve it with the captioner and sentence encoder it was built with, or rebuild it: "
+                         f"clipforge index CAPTIONER --describe ... --out {self.root} --rebuild")
+        self.model_description = (f"descriptions by {rec.get('captioner')} ({rec['method']}), "
+                                  f"text-to-text with {rec['sentence_encoder_name']}")
+        self.backend = self._backend(self._backend_choice, self._nprobe, self._ef_search)
+        self._lock = threading.Lock()
+
+    def describe_query_image(self, image: Any) -> str:
+        """The description a description index's captioner gives an image query."""
+        import torch
+
+        from ..images import load_image
+
+        if self.index_kind != "describe":
+            raise ValueError("only a description index (clipforge index --describe) describes images")
+        pixels = torch.stack([self.preprocess(load_image(image, max_pixels=self.max_image_pixels))])
+        with self._lock:
+            return self.model.describe(pixels)[0]
 
     def _backend(self, backend: str, nprobe: int | None, ef_search: int | None):
         """The index's ANN backend when it has one and faiss is wanted, else exact search (``make_backend``)."""
@@ -338,6 +388,8 @@ class Searcher:
         import torch
 
         with self._lock, torch.no_grad():
+            if self.index_kind == "describe":
+                return self.model.encode_texts(list(texts))
             return self.model.encode_text(self.tokenizer(list(texts))).float().numpy()
 
     def encode_image(self, images: Sequence[Any]) -> np.ndarray:
@@ -355,7 +407,8 @@ class Searcher:
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
         m = self.data.meta
         return [Hit(int(i), float(s), m["key"][i], m["caption"][i], m["kind"][i],
-                    m["path"][i] if m["kind"][i] == "file" else None) for s, i in zip(scores, ids) if i >= 0]
+                    m["path"][i] if m["kind"][i] == "file" else None, m["description"][i])
+                for s, i in zip(scores, ids) if i >= 0]
 
     def vector(self, query: np.ndarray, k: int = 10) -> list[Hit]:
         """The ``k`` items nearest to an embedding (normalized here)."""
@@ -389,6 +442,9 @@ class Searcher:
         :func:`check_template`) and is embedded, ``TEXT_BATCH`` labels per forward pass;
         probabilities are the softmax of the model's logit scale times the cosine similarities.
         """
+        if self.index_kind == "describe":
+            raise ValueError(f"index {self.root} is a description index (text-to-text search): it holds no image "
+                             "embeddings to classify against; classify with an image-embedding index")
         check_template(template)
         labels = [str(l).strip() for l in labels if str(l).strip()]
         if not labels:

@@ -47,6 +47,9 @@ class DataConfig:
     # stored once and delivered with the batches, only when a loss term reads them (distill_kl, hycd, dclip)
     teachers: list[str] = field(default_factory=list)
     teacher_cache: str | None = None  # where the embeddings are stored; default <out_dir>/teacher_cache
+    # MobileCLIP's reinforced dataset (clipforge data reinforce): K stored augmentations, synthetic captions and
+    # teacher embeddings per augmentation and caption; each step replays one stored augmentation (train/reinforce.py)
+    reinforced: str | None = None
     # the second view of each image, made only when a loss term reads it (simclr): a random resized crop
     # covering view_scale of the image plus color jitter of strength view_jitter
     view_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
@@ -73,6 +76,10 @@ class DataConfig:
     streaming: bool = False
     shuffle_buffer: int = 1000  # records per worker in the streaming shuffle buffer
     resampled: bool = False  # streaming: draw shards with replacement instead of epochs
+    # caption noise (clipforge.data.caption_noise, GA-DMS's setting): the fraction of training samples whose
+    # captions get a wrong attribute/object word and/or inserted irrelevant words; evaluation stays clean
+    caption_noise: float = 0.0
+    caption_noise_kinds: list[str] = field(default_factory=lambda: ["wrong", "irrelevant"])
 
 
 @dataclass
@@ -212,6 +219,16 @@ class TrainConfig:
             raise ConfigError("data.root names a shard directory; shapes is rendered in memory (set data.dataset too)")
         if self.data.positives < 1:
             raise ConfigError(f"data.positives must be >= 1, got {self.data.positives}")
+        if not 0.0 <= self.data.caption_noise <= 1.0:
+            raise ConfigError(f"data.caption_noise is the fraction of training samples with noisy captions, in "
+                              f"[0, 1]; got {self.data.caption_noise}")
+        if self.data.caption_noise and (not self.data.caption_noise_kinds or set(self.data.caption_noise_kinds)
+                                        - {"wrong", "irrelevant"}):
+            raise ConfigError(f"data.caption_noise_kinds must be a non-empty subset of [wrong, irrelevant], got "
+                              f"{list(self.data.caption_noise_kinds)}")
+        if self.data.caption_noise and self.data.streaming:
+            raise ConfigError("data.caption_noise wraps the map-style dataset; it is not supported with "
+                              "data.streaming")
         if self.data.positive_source not in ("captions", "subcaptions", "first_sentence"):
             raise ConfigError(f"data.positive_source must be captions, subcaptions or first_sentence, got "
                              f"'{self.data.positive_source}'")

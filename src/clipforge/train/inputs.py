@@ -24,7 +24,7 @@ How to add an input (one entry; nothing in data.py, setup.py or loop.py changes)
    ``produce(sample, items) -> {field: value}`` from ``sample.item`` (draw randomness from a stream
    of its own, ``sample.stream(k)`` with an unused ``k``, so that the other inputs' draws stay as
    they were); ``collate(rows, tokenizer, slots) -> {batch entry: tensor}`` over the rows that hold
-   its first field (pad per-sample lists to ``slots``, see ``_padded``); ``slots(items)`` if it pads.
+   its fields (pad per-sample lists to ``slots``, see ``_padded``); ``slots(items)`` if it pads.
 3. Add ``ExtraInput(keys, "model", batch_field, True, encode, data=that DataInput)`` to :data:`INPUTS`,
    and, for a new config field, a field of ``DataConfig`` with its comment.
 4. Test the producer against the dataset item and the encoder against a per-sample loop
@@ -51,6 +51,8 @@ CLUSTER_LABELS = "cluster_labels"  # MLCD: the offline features' nearest centers
 TEACHER_KEYS = ("teacher_image_features", "teacher_text_features")
 REGION_KEYS = ("region_features", "region_text_features", "grounded_boxes")  # CLOC, with region_boxes/_mask
 TOKEN_KEYS = ("image_tokens", "text_tokens")  # LossInputs fields (with text_mask), from the model's forward
+REGION_NEGATIVES, LONG = "region_negative_text_features", "long_text_features"  # FG-CLIP 2's region negatives, long
+GA_DMS_KEYS = ("ga_dms_text_features", "ga_dms_mtp_tokens")  # GA-DMS: noise-masked captions, masked-token states
 EMA_NEGATIVES = "ema_negative_text_features"
 
 
@@ -113,7 +115,7 @@ class DataInput:
     when one of ``switches`` (default: the first option) is set. ``configure(ctx) -> options`` for a
     run; ``produce(sample, items) -> {field: value}`` per sample (``items`` is the TrainItems, its options
     are attributes); ``collate(rows, tokenizer, slots) -> {entry: tensor}`` over the batch's rows when they
-    hold ``fields[0]``; ``slots(items)``: the padded width of its per-sample lists (None: the batch's
+    hold one of its ``fields``; ``slots(items)``: the padded width of its per-sample lists (None: the batch's
     longest); ``skips``: a ValueError/KeyError/OSError of ``produce`` skips the sample (as a broken image
     does) instead of stopping the run."""
 
@@ -266,6 +268,12 @@ def _configure_teachers(ctx: DataContext) -> dict:
     from .teachers import load_teacher_store
 
     cfg = ctx.cfg
+    if cfg.data.reinforced:  # MobileCLIP's reinforced dataset: stored views, captions and teachers (train/reinforce.py)
+        from .reinforce import load_reinforced
+
+        store = load_reinforced(cfg.data.reinforced)
+        store.check_matches(cfg.data.dataset, len(ctx.dataset), cfg.data.seed, ctx.image_size)
+        return {"teachers": store}
     if not cfg.data.teachers:
         raise ValueError(f"the loss terms {sorted(cfg.loss)} read stored teacher embeddings: name the frozen "
                          "teacher models with data.teachers=[<checkpoint or run directory>, ...]")
@@ -276,6 +284,10 @@ def _configure_teachers(ctx: DataContext) -> dict:
 
 
 def _produce_teachers(s: Sample, items) -> dict:
+    from .reinforce import ReinforcedStore
+
+    if isinstance(items.teachers, ReinforcedStore):  # a stored view and caption replace the sample's own
+        return items.teachers.produce(s)
     image, text = items.teachers.lookup(s.index, s.which)
     return {"teacher_image": image, "teacher_text": text}
 
@@ -354,6 +366,45 @@ def _collate_regions(rows, tokenizer, slots) -> dict:
 REGIONS_DATA = DataInput("regions", ("boxes", "region_captions"), {"regions": False, "max_regions": 4},
                          lambda ctx: {"regions": True}, _produce_regions, _collate_regions,
                          slots=lambda items: items.max_regions if items.regions else None, skips=True)
+
+
+# --- FG-CLIP 2's region hard negatives: K attribute-changed captions per region caption
+def _produce_region_negatives(s: Sample, items) -> dict:
+    from ..data.regions import region_negative_captions
+
+    _, captions = item_regions(s.item, s.index, items.max_regions)
+    return {"region_negatives": region_negative_captions(captions, items.region_negatives, s.stream(7))}
+
+
+def _collate_region_negatives(rows, tokenizer, slots) -> dict:
+    """[B, R, K, L] ids and [B, R, K] mask: R region slots as the regions' collate pads them, K negatives each."""
+    r, k = slots or (None, None)
+    r = r or max(1, max(len(row["region_negatives"]) for row in rows))
+    k = k or max(1, max(len(n) for row in rows for n in row["region_negatives"]))
+    flat = [n for row in rows for n in row["region_negatives"] + [[]] * (r - len(row["region_negatives"]))]
+    ids, mask = _padded(tokenizer, flat, k)
+    return {"region_negative_texts": ids.view(len(rows), r, k, -1), "region_negative_mask": mask.view(len(rows), r, k)}
+
+
+REGION_NEGATIVES_DATA = DataInput(
+    "region_negatives", ("region_negatives",), {"region_negatives": 0},
+    lambda ctx: {"regions": True, "region_negatives": ctx.cfg.data.hard_negatives},
+    _produce_region_negatives, _collate_region_negatives,
+    slots=lambda items: (items.max_regions, items.region_negatives) if items.region_negatives else None, skips=True)
+
+
+# --- FG-CLIP 2's long-caption branch: the sample's longest caption beside the step's one
+LONG_CAPTION_DATA = DataInput("long_caption", ("long_caption",), {"long_caption": False},
+                              lambda ctx: {"long_caption": True},
+                              lambda s, items: {"long_caption": max(s.captions, key=len)},
+                              _tokens("long_caption", "long_texts"))
+
+
+# --- GA-DMS: the step's caption ids once more, which the training program re-encodes masked
+TOKEN_MASKING_DATA = DataInput("token_masking", ("mask_caption",), {"token_masking": False},
+                               lambda ctx: {"token_masking": True},
+                               lambda s, items: {"mask_caption": s.caption},
+                               _tokens("mask_caption", "mask_texts"))
 
 
 # --- negative images (CLIP-IN): edited copies of the image whose caption no longer matches
@@ -454,14 +505,40 @@ def _per_sample(encode_text, ids: Tensor) -> Tensor:
 
 
 def _regions(model: nn.Module, batch: dict) -> dict:
-    """CLOC's inputs: region embeddings of the boxes (the region head over one pass of the image tower),
-    the region captions' text embeddings and the boxes the head grounds those captions to."""
-    if not hasattr(model, "region_outputs"):
-        raise ValueError(f"a region loss term needs a model with a region head, not a {type(model).__name__}")
+    """The region captions' text embeddings with the boxes and mask (every region term) and, for a model with
+    a region head (CLOC), the region embeddings of the boxes (the head over one pass of the image tower) and
+    the boxes the head grounds the captions to. A term that reads those on a model without a region head is
+    refused at start-up (train/setup.py, check_model_parts)."""
     texts = _per_sample(model.encode_text, batch["region_texts"])
-    regions, grounded = model.region_outputs(batch["images"], batch["region_boxes"], texts)
-    return {"region_features": regions.float(), "region_text_features": texts, "grounded_boxes": grounded.float(),
-            "region_boxes": batch["region_boxes"], "region_mask": batch["region_mask"]}
+    out = {"region_text_features": texts, "region_boxes": batch["region_boxes"], "region_mask": batch["region_mask"]}
+    if getattr(model, "region_head", None) is not None:
+        regions, grounded = model.region_outputs(batch["images"], batch["region_boxes"], texts)
+        out.update(region_features=regions.float(), grounded_boxes=grounded.float())
+    return out
+
+
+def _region_negatives(model: nn.Module, batch: dict) -> dict:
+    """[B, R, K, d] embeddings of each region caption's K negatives (FG-CLIP 2), with their [B, R, K] mask."""
+    ids = batch["region_negative_texts"]
+    feats = model.encode_text(ids.reshape(-1, ids.shape[-1])).float().view(*ids.shape[:3], -1)
+    return {REGION_NEGATIVES: feats, "region_negative_mask": batch["region_negative_mask"]}
+
+
+def _ga_dms(model: nn.Module, batch: dict) -> dict:
+    """GA-DMS's two re-encodings of the step's captions (clipforge.losses.ga_dms.dual_masks): without the
+    tokens of lowest gradient-attention score (noise), and with the highest-scoring ones masked (for
+    masked-token prediction); the scores come from a pass without gradients."""
+    from ..losses.ga_dms import dual_masks
+
+    ids = batch["mask_texts"]
+    with torch.no_grad():
+        image = model.encode_image(batch["images"]).float()
+        text, tokens, mask = model.encode_text_tokens(ids)
+    denoised, masked, targets = dual_masks(ids, image, text.float(), tokens.float(), mask,
+                                           pad_id=model.text.cfg.pad_token_id, eot_id=model.text.cfg.eot_token_id)
+    _, mtp_tokens, _ = model.encode_text_tokens(masked)
+    return {"ga_dms_text_features": model.encode_text(denoised).float(), "ga_dms_mtp_tokens": mtp_tokens.float(),
+            "ga_dms_mtp_targets": targets}
 
 
 def _negative_image_features(model: nn.Module, batch: dict) -> dict:
@@ -525,6 +602,10 @@ INPUTS: tuple[ExtraInput, ...] = (
     ExtraInput((CLUSTER_LABELS,), "stored", "cluster_labels", True,  # [B, l] center indices
                lambda m, b: {CLUSTER_LABELS: b["cluster_labels"]}, CLUSTERS_DATA),
     ExtraInput((NEGATIVE_IMAGES,), "model", "negative_images", True, _negative_image_features, NEGATIVE_IMAGES_DATA),
+    ExtraInput((REGION_NEGATIVES,), "model", "region_negative_texts", True, _region_negatives, REGION_NEGATIVES_DATA),
+    ExtraInput((LONG,), "model", "long_texts", True, lambda m, b: {LONG: m.encode_text(b["long_texts"]).float()},
+               LONG_CAPTION_DATA),
+    ExtraInput(GA_DMS_KEYS, "model", "mask_texts", True, _ga_dms, TOKEN_MASKING_DATA),
     ExtraInput(TOKEN_KEYS, "model", None, False),  # the model's forward with return_tokens (setup.token_outputs)
     ExtraInput(("ema_image_features", "ema_text_features"), "ema", "images", False, lambda m, b: _ema_pair(m, b)),
     ExtraInput((EMA_NEGATIVES,), "ema", "negative_texts", True,

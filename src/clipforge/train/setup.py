@@ -43,12 +43,27 @@ from .inputs import (  # noqa: F401
 logger = logging.getLogger(__name__)
 
 
-def _needs_region_head(loss: dict) -> bool:
-    """Whether a configured loss term (by name, or by its ``term`` option) trains a region head (CLOC)."""
+def _needs_region_head(loss: dict, flag: str = "needs_region_head") -> bool:
+    """Whether a configured loss term (by name, or by its ``term`` option) trains a region head (CLOC), or
+    with ``flag="needs_tgmim"`` SyCoCa's TG-MIM branch."""
     from ..losses import LOSSES
 
     kinds = [v.get("term", k) if isinstance(v, dict) else k for k, v in loss.items()]
-    return any(getattr(LOSSES.get(kind), "needs_region_head", False) for kind in kinds if kind in LOSSES.names())
+    return any(getattr(LOSSES.get(kind), flag, False) for kind in kinds if kind in LOSSES.names())
+
+
+def check_model_parts(cfg: TrainConfig, model) -> None:
+    """A loss term that trains a model part the model lacks (a model loaded with init_from) stops the run here."""
+    from ..errors import ConfigError
+
+    if _needs_region_head(cfg.loss) and getattr(model, "region_head", None) is None:
+        raise ConfigError(f"the loss terms {sorted(cfg.loss)} train a region head, which this model has none of; "
+                          "start from a model built with region_head=true (or without init_from, where clipforge "
+                          "train adds one)")
+    if _needs_region_head(cfg.loss, "needs_tgmim") and getattr(model, "tgmim", None) is None:
+        raise ConfigError(f"the loss terms {sorted(cfg.loss)} need SyCoCa's TG-MIM branch of a CoCa model, which "
+                          f"this {type(model).__name__} lacks; train a CoCa (model=coca-tiny) or one built with "
+                          "tgmim=true")
 
 
 def build_model(cfg: TrainConfig, say=logger.info):
@@ -63,8 +78,18 @@ def build_model(cfg: TrainConfig, say=logger.info):
         overrides = dict(cfg.model_overrides)
         if _needs_region_head(cfg.loss) and "region_head" not in overrides:  # CLOC trains a region head
             overrides["region_head"] = True
+        if _needs_region_head(cfg.loss, "needs_tgmim") and "tgmim" not in overrides:  # SyCoCa: on a CoCa only
+            from ..models import get_model_config
+            from ..models.coca import CoCaConfig
+
+            if isinstance(get_model_config(cfg.model), CoCaConfig):
+                overrides["tgmim"] = True
         model = create_model(cfg.model, seed=cfg.seed, **overrides)
-        if model.cfg.hf_text is not None:  # a pretrained Hugging Face text tower brings its own tokenizer
+        if getattr(model.cfg, "lm", None) is not None:  # LLM2CLIP: the causal LM brings its own tokenizer
+            from ..interop.text_tokenizers import CausalLMTokenizer
+
+            tokenizer = CausalLMTokenizer(model.cfg.lm.path, model.context_length, model.cfg.lm.gguf_file)
+        elif model.cfg.hf_text is not None:  # a pretrained Hugging Face text tower brings its own tokenizer
             from ..interop.text_tokenizers import HFTokenizer
 
             tokenizer = HFTokenizer(model.cfg.hf_text.path, model.context_length)
@@ -78,6 +103,7 @@ def build_model(cfg: TrainConfig, say=logger.info):
     if cfg.init_vision_from:
         copy_image_tower(model, cfg.init_vision_from, model_name=cfg.init_vision_model_name,
                          trust_pickle=cfg.init_trust_pickle, allow_nonfinite=cfg.init_allow_nonfinite)
+    check_model_parts(cfg, model)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     if cfg.freeze or cfg.trainable:
         n_train, n_total = apply_freeze(model, cfg.freeze, cfg.trainable)
@@ -176,7 +202,16 @@ def build_loader(cfg: TrainConfig, model, tokenizer, needs: set, out_dir: Path, 
         dataset = build_dataset(cfg.data.dataset, split="train", size=cfg.data.train_size, seed=cfg.data.seed,
                                 image_size=model.image_size, **({"root": cfg.data.root} if cfg.data.root else {}),
                                 **({"languages": list(cfg.data.languages)} if cfg.data.languages else {}))
+        if cfg.data.caption_noise:  # GA-DMS's setting: a fraction of the training captions corrupted
+            from ..data.caption_noise import NoisyCaptions
+
+            dataset = NoisyCaptions(dataset, cfg.data.caption_noise, cfg.data.caption_noise_kinds,
+                                    seed=cfg.data.seed)
         dataset, sources = with_caption_sources(cfg, dataset, out_dir, needs)
+        if cfg.data.reinforced and not needs & set(TEACHER_KEYS):
+            raise ValueError(f"data.reinforced holds teacher embeddings, which none of the loss terms "
+                             f"{sorted(cfg.loss)} reads; add a distillation term "
+                             "(e.g. loss={clip: 1.0, distill_kl: 1.0}) or drop it")
         # every data input a needed key refers to sets its TrainItems options (train/inputs.py's table)
         ctx = DataContext(cfg, frozenset(needs), model.image_size, Path(out_dir), dataset, tuple(terms),
                           view_transform)

@@ -1,0 +1,60 @@
+"""``clipforge train-diffusion``: a small conditional diffusion model on shapes, conditioned on a frozen CLIP."""
+from __future__ import annotations
+
+import argparse
+
+EPILOG = """\
+the generator DIVA and un^2CLIP post-train a CLIP image tower through (clipforge diffusion-feedback):
+a DDPM U-Net at --image-size px on shapes train scenes, conditioned on the CLIP's image embeddings
+(--condition image: an unCLIP-style decoder, for un2clip) or on its text embeddings of the captions
+(--condition text: a Stable-Diffusion-style generator, for diva); the CLIP stays frozen.
+
+  clipforge train-diffusion runs/a --condition image --steps 600 --out runs/a-unclip
+  clipforge diffusion-feedback runs/a --diffusion runs/a-unclip --method un2clip --out runs/a-un2clip
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = EPILOG
+    p.add_argument("model", help="the CLIP whose embeddings condition the generator (anything clipforge.load reads)")
+    p.add_argument("--out", required=True, help="output directory (diffusion.json + diffusion.safetensors)")
+    p.add_argument("--condition", default="image", help="image (unCLIP-style, for un2clip) or text (for diva)")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--train-size", type=int, default=4096, help="shapes train scenes (default 4096)")
+    p.add_argument("--image-size", type=int, default=32, help="generator resolution, a multiple of 4 (default 32)")
+    p.add_argument("--channels", type=int, default=32, help="U-Net base width (default 32)")
+    p.add_argument("--timesteps", type=int, default=200, help="DDPM steps T (default 200)")
+    p.add_argument("--cond-drop", type=float, default=0.1, help="probability of the null condition (default 0.1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def run(args) -> int:
+    import json
+    import logging
+
+    from .. import load
+    from ..models.diffusion import DiffusionConfig, save_diffusion
+    from ..train.diffusion_feedback import DiffusionTrainConfig, train_diffusion
+
+    log = logging.getLogger("clipforge.cli.train_diffusion")
+    cfg = DiffusionTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, train_size=args.train_size,
+                               image_size=args.image_size, channels=args.channels, timesteps=args.timesteps,
+                               condition=args.condition, cond_drop=args.cond_drop, seed=args.seed).validate()
+    DiffusionConfig(image_size=cfg.image_size, channels=cfg.channels, timesteps=cfg.timesteps,
+                    condition=cfg.condition).validate()  # every bad value before the model loads
+    clip = load(args.model)[0].eval()
+    every = max(1, cfg.steps // 10)
+
+    def on_step(step: int, loss: float) -> None:
+        if not args.quiet and (step + 1) % every == 0:
+            log.info("step %d/%d  loss %.4f", step + 1, cfg.steps, loss)
+
+    model, hist = train_diffusion(clip, cfg, on_step)
+    save_diffusion(model, args.out, {"clip": str(args.model), "history": json.dumps(hist)})
+    print(f"diffusion model ({cfg.condition}-conditioned, {cfg.image_size} px, "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters): loss {hist['loss_first']:.4f} -> "
+          f"{hist['loss_last_10pct']:.4f} (mean of the last 10% of steps); saved to {args.out}")
+    return 0
