@@ -187,3 +187,16 @@ def test_no_torchvision_dependency():
     root = Path(clipforge.__file__).parent
     for f in root.rglob("*.py"):
         assert "torchvision" not in {m for _, m in _imports(f, root, "clipforge", {})}, f
+
+
+def test_test_modules_have_unique_basenames():
+    """tests/ has no __init__.py files, so pytest imports each test module by its basename: two files with the
+    same name in different folders stop the whole collection ("import file mismatch")."""
+    tests = Path(__file__).resolve().parent
+    seen: dict[str, Path] = {}
+    clashes = []
+    for path in sorted(tests.rglob("test_*.py")):
+        if path.name in seen:
+            clashes.append(f"{seen[path.name].relative_to(tests)} and {path.relative_to(tests)}")
+        seen.setdefault(path.name, path)
+    assert not clashes, "test modules share a basename (rename one): " + "; ".join(clashes)
