@@ -94,7 +94,7 @@ def _state(tag: int, n: int = 50, dim: int = 8):
     emb = np.full((n, dim), tag, dtype=np.float16)
     meta = {c: [] for c in COLUMNS}
     for i in range(n):
-        for c, v in zip(COLUMNS, (f"k{i}", "file", f"/x/{i}.png", -1, 1, 1, "png", f"state {tag}")):
+        for c, v in zip(COLUMNS, (f"k{i}", "file", f"/x/{i}.png", -1, 1, 1, "png", f"state {tag}", None), strict=True):
             meta[c].append(v)
     manifest = {"format": FORMAT, "model": {"weights_sha256": "0" * 64}, "dim": dim, "dtype": "float16",
                 "normalized": True, "sources": []}

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from clipforge.data.corpora import BUILDERS
 from clipforge.train import load_config, train
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -64,7 +65,7 @@ def test_recipe_trains_two_steps(name, base_run, tmp_path, tmp_path_factory):
     torch.set_num_threads(1)
     overrides = FAST + [f"out_dir={tmp_path / name}"]
     raw = load_config(CONFIGS / f"{name}.yaml")
-    if raw.data.dataset != "shapes" and not raw.data.root:
+    if raw.data.dataset in BUILDERS and raw.data.dataset != "shapes" and not raw.data.root:  # a built corpus
         overrides.append(f"data.root={small_corpus(raw.data.dataset, tmp_path_factory)}")
     if raw.model == "tiny":
         overrides += SMALL_TOWERS
