@@ -69,28 +69,36 @@ def _check(inputs: LossInputs) -> tuple[Tensor, ...]:
     return regions, texts, mask, grounded, boxes
 
 
+def region_contrast(regions: Tensor, texts: Tensor, mask: Tensor, scale, rank: int = 0, world_size: int = 1,
+                    term: str = "a region loss term") -> tuple[Tensor, Tensor]:
+    """L_region, the symmetric region-text InfoNCE over the valid regions of the gathered batch, for [B, R, d]
+    features and a [B, R] mask: returns (world_size x this process's share of it, the number of valid regions in
+    the gathered batch), so the mean over processes is the one-process loss. Shared by CLOC and FG-CLIP 2."""
+    d = regions.shape[-1]
+    r_all = gather(regions, rank, world_size).reshape(-1, d)
+    u_all = gather(texts, rank, world_size).reshape(-1, d)
+    m_all = gather(mask.to(regions.dtype), rank, world_size).reshape(-1).bool()
+    n = m_all.sum()
+    if n == 0:
+        raise ValueError(f"{term} got a batch without any region; train it on a dataset with regions (shapes, "
+                         "shapes_long or a region corpus)")
+    local = mask.reshape(-1).bool()
+    idx = torch.nonzero(local).reshape(-1) + rank * local.numel()  # global rows of this process's valid regions
+    targets = torch.cumsum(m_all.long(), 0)[idx] - 1  # their positions among the valid regions
+    r2u = F.cross_entropy(scale * r_all[idx] @ u_all[m_all].t(), targets, reduction="sum")
+    u2r = F.cross_entropy(scale * u_all[idx] @ r_all[m_all].t(), targets, reduction="sum")
+    return 0.5 * (r2u + u2r) * world_size / n, n
+
+
 def cloc_loss(region_features: Tensor, region_text_features: Tensor, region_mask: Tensor, grounded_boxes: Tensor,
               region_boxes: Tensor, logit_scale, region: float = 1.0, grounding: float = 1.0, rank: int = 0,
               world_size: int = 1) -> dict[str, Tensor]:
     """The CLOC region and grounding terms (module docstring). Features [B, R, d] are local; with
     ``world_size > 1`` the regions of every process are gathered, and each process returns
     ``world_size`` x its share of the global sums, so the mean over processes is the one-process loss."""
-    d = region_features.shape[-1]
-    r_all = gather(region_features, rank, world_size).reshape(-1, d)
-    u_all = gather(region_text_features, rank, world_size).reshape(-1, d)
-    m_all = gather(region_mask.to(region_features.dtype), rank, world_size).reshape(-1).bool()
-    n = m_all.sum()
-    if n == 0:
-        raise ValueError("cloc got a batch without any region; train it on a dataset with regions (shapes, "
-                         "shapes_long or a region corpus)")
+    l_region, n = region_contrast(region_features, region_text_features, region_mask, logit_scale, rank, world_size,
+                                  term="cloc")
     local = region_mask.reshape(-1).bool()
-    offset = rank * local.numel()
-    idx = torch.nonzero(local).reshape(-1) + offset  # global rows of this process's valid regions
-    r_valid, u_valid = r_all[m_all], u_all[m_all]
-    targets = torch.cumsum(m_all.long(), 0)[idx] - 1  # their positions among the valid regions
-    r2u = F.cross_entropy(logit_scale * r_all[idx] @ u_valid.t(), targets, reduction="sum")
-    u2r = F.cross_entropy(logit_scale * u_all[idx] @ r_valid.t(), targets, reduction="sum")
-    l_region = 0.5 * (r2u + u2r) * world_size / n
     pred, true = grounded_boxes.reshape(-1, 4)[local], region_boxes.reshape(-1, 4)[local].to(grounded_boxes.dtype)
     per = (pred - true).abs().sum(-1) + 1 - generalized_iou(pred, true)
     l_ground = per.sum() * world_size / n

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import LossInputs
+from .cloc import region_contrast
 from .gather import gather, local_offset
 from .registry import register
 from .validate import parse_options
@@ -73,25 +74,6 @@ def global_infonce(a: Tensor, b: Tensor, scale, rank: int = 0, world_size: int =
     a_all, b_all = gather(a, rank, world_size), gather(b, rank, world_size)
     labels = torch.arange(a.shape[0], device=a.device) + local_offset(a.shape[0], rank)
     return 0.5 * (F.cross_entropy(scale * a @ b_all.t(), labels) + F.cross_entropy(scale * b @ a_all.t(), labels))
-
-
-def region_contrast(regions: Tensor, texts: Tensor, mask: Tensor, scale, rank: int = 0,
-                    world_size: int = 1) -> tuple[Tensor, Tensor]:
-    """(L_region x world_size's share, number of valid regions in the gathered batch) for [B, R, d] features."""
-    d = regions.shape[-1]
-    r_all = gather(regions, rank, world_size).reshape(-1, d)
-    u_all = gather(texts, rank, world_size).reshape(-1, d)
-    m_all = gather(mask.to(regions.dtype), rank, world_size).reshape(-1).bool()
-    n = m_all.sum()
-    if n == 0:
-        raise ValueError("a region loss term got a batch without any region; train it on a dataset with regions "
-                         "(shapes, shapes_long or a region corpus)")
-    local = mask.reshape(-1).bool()
-    idx = torch.nonzero(local).reshape(-1) + rank * local.numel()
-    targets = torch.cumsum(m_all.long(), 0)[idx] - 1
-    r2u = F.cross_entropy(scale * r_all[idx] @ u_all[m_all].t(), targets, reduction="sum")
-    u2r = F.cross_entropy(scale * u_all[idx] @ r_all[m_all].t(), targets, reduction="sum")
-    return 0.5 * (r2u + u2r) * world_size / n, n
 
 
 def fgclip_region_loss(region_features: Tensor, region_text_features: Tensor, region_mask: Tensor, logit_scale,
