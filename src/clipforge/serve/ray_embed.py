@@ -13,7 +13,7 @@ order, so the result has the single-process engine's rows in its order.
 Work directory (default: the output path plus ``.blocks``)::
 
     plan.json               the collection's size and fingerprint, the block size, the model's source
-                            and the SHA-256 of its weights (as the actors loaded them)
+                            and the SHA-256 of its weights (as loaded for this run, dtype cast included)
     block-000000.npz        index (collection positions of the readable images), embedding [n, d]
                             float32, bad (positions of unreadable images)
     block-000000.COMPLETE   written after its .npz is complete
@@ -21,8 +21,9 @@ Work directory (default: the output path plus ``.blocks``)::
 Resume: a block with its ``COMPLETE`` marker is not computed again; a rerun sends only the items of
 the other blocks to Ray (an interrupted or failed run loses at most the blocks in flight). A work
 directory written for another collection (other files, order, sizes or modification times), another
-block size or other weights is refused before it is mixed in, with a message saying what differs and
-to delete it or choose another ``--work-dir``. One run at a time holds the directory
+block size or other weights (the driver loads the model once to hash them, before Ray starts) is
+refused before anything is mixed in, with a message saying what differs and to delete it or choose
+another ``--work-dir``; each actor's weights are checked against the driver's too. One run at a time holds the directory
 (:func:`clipforge.locking.exclusive_lock`).
 
 Where Ray runs: with no ``address``, a Ray instance already initialized in this process, else a new
@@ -141,11 +142,10 @@ def probe_address(address: str, timeout: float) -> None:
             "run on a local Ray instance") from None
 
 
-def connect(ray, address: str | None, connect_timeout: float = 5.0) -> bool:
+def connect(ray, address: str | None) -> bool:
     """Make sure this process is connected to Ray; True when this call started the connection (then the caller
-    shuts it down). ``address`` None: a Ray already initialized here, else a new local instance."""
-    if address is not None:
-        probe_address(address, connect_timeout)
+    shuts it down). ``address`` None: a Ray already initialized here, else a new local instance; an address
+    is checked with :func:`probe_address` first."""
     if ray.is_initialized():
         if address is not None:
             raise ConfigError(f"Ray is already initialized in this process, so it cannot connect to {address}; "
@@ -214,7 +214,7 @@ class BlockStore:
         os.replace(tmp, self.dir / "plan.json")
 
     def check_weights(self, sha: str) -> None:
-        """Record the weights the actors loaded, or refuse weights other than the ones the finished blocks used."""
+        """Record the weights of this run's model, or refuse weights other than the ones the finished blocks used."""
         if self.plan["weights_sha256"] is None:
             self.plan["weights_sha256"] = sha
             self._write_plan()
@@ -222,6 +222,12 @@ class BlockStore:
             raise ConfigError(f"{self.dir} holds blocks embedded by other weights (of {self.plan['model']}); "
                               f"embeddings of different weights do not mix: delete {self.dir} or give another "
                               "--work-dir")
+
+    def check_actor_weights(self, sha: str) -> None:
+        """Refuse an actor whose model is not the one this driver loaded (another file at the path on its node)."""
+        if sha != self.plan["weights_sha256"]:
+            raise ClipforgeError(f"a Ray actor loaded other weights for {self.plan['model']} than this process did "
+                                 "(the model file differs between nodes); give every node the same file")
 
     def span(self, b: int) -> range:
         return range(b * self.block_size, min((b + 1) * self.block_size, self.n))
@@ -270,24 +276,33 @@ def embed_ray(loader: Callable, collection: Collection, work_dir: str | Path, *,
     if connect_timeout <= 0:
         raise ConfigError(f"the Ray connect timeout must be positive, got {connect_timeout}")
     ray = import_ray()
+    if address is not None:
+        probe_address(address, connect_timeout)  # a dead address fails before anything is written
     store = BlockStore(work_dir, collection, block_size, source)
     store.dir.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(store.dir, what="embedding work directory"):
         store.open()
+        # the weights this run embeds with, loaded once here: blocks of other weights are refused before Ray starts
+        from .index import weights_sha256
+
+        model, _transform = loader()
+        store.check_weights(weights_sha256(model))
+        dim = int(model.cfg.embed_dim)
+        del model, _transform
         done = set(store.complete())
         todo = [b for b in range(store.blocks) if b not in done]
         if done:
             log.info("%s: %d of %d blocks are complete from an earlier run; embedding the other %d",
                      store.dir, len(done), store.blocks, len(todo))
         if todo:
-            started = connect(ray, address, connect_timeout)
+            started = connect(ray, address)
             try:
                 _run(ray, loader, collection, store, todo, batch_size=batch_size, actors=actors,
                      cpus_per_actor=cpus_per_actor, skip_bad=skip_bad, progress=progress)
             finally:
                 if started:
                     ray.shutdown()
-        return _assemble(collection, store, computed=len(todo), reused=len(done))
+        return _assemble(collection, store, dim, computed=len(todo), reused=len(done))
 
 
 def _run(ray, loader, collection: Collection, store: BlockStore, todo: list[int], *, batch_size: int, actors: int,
@@ -316,7 +331,7 @@ def _run(ray, loader, collection: Collection, store: BlockStore, todo: list[int]
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             if len(batch["index"]):
-                store.check_weights(str(batch["weights"][0]))
+                store.check_actor_weights(str(batch["weights"][0]))
             for b, sel in _by_block(batch["index"], store.block_size):
                 ok = batch["ok"][sel]
                 if not skip_bad and not ok.all():
@@ -346,14 +361,14 @@ def _by_block(index: np.ndarray, block_size: int):
         yield int(b), blocks == b
 
 
-def _assemble(collection: Collection, store: BlockStore, computed: int, reused: int) -> EmbedResult:
+def _assemble(collection: Collection, store: BlockStore, dim: int, computed: int, reused: int) -> EmbedResult:
     keys, chunks, bad = [], [], []
     for b in range(store.blocks):
         index, emb, bad_index = store.read(b)
         keys.extend(collection.keys[i] for i in index)
         chunks.append(emb)
         bad.extend(collection.keys[i] for i in bad_index)
-    emb = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+    emb = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
     return EmbedResult(keys, emb, bad, blocks_computed=computed, blocks_reused=reused)
 
 
