@@ -121,13 +121,17 @@ class EmbedResult:
     """Embeddings of the readable images, in collection order, and the keys of the images skipped as unreadable.
 
     ``blocks_computed``/``blocks_reused``: the Ray engine's output blocks encoded by this run and found
-    complete from an earlier one (both 0 for the single-process engine)."""
+    complete from an earlier one (both 0 for the single-process engine). ``timings``: the Ray engine's
+    seconds from starting the pipeline to the first batch back (``startup``: actor start-up, model
+    loading, the first batch) and from then to the last (``streaming``), and ``streamed_images``, the
+    items back after the first batch (empty when nothing was computed)."""
 
     keys: list[str]
     embeddings: np.ndarray
     bad: list[str] = field(default_factory=list)
     blocks_computed: int = 0
     blocks_reused: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def embed_local(model, transform: Callable, collection: Collection, batch_size: int = 128, device: str = "cpu",

@@ -40,6 +40,7 @@ import logging
 import math
 import os
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -294,19 +295,22 @@ def embed_ray(loader: Callable, collection: Collection, work_dir: str | Path, *,
         if done:
             log.info("%s: %d of %d blocks are complete from an earlier run; embedding the other %d",
                      store.dir, len(done), store.blocks, len(todo))
+        timings: dict[str, float] = {}
         if todo:
             started = connect(ray, address)
             try:
-                _run(ray, loader, collection, store, todo, batch_size=batch_size, actors=actors,
+                timings = _run(ray, loader, collection, store, todo, batch_size=batch_size, actors=actors,
                      cpus_per_actor=cpus_per_actor, skip_bad=skip_bad, progress=progress)
             finally:
                 if started:
                     ray.shutdown()
-        return _assemble(collection, store, dim, computed=len(todo), reused=len(done))
+        res = _assemble(collection, store, dim, computed=len(todo), reused=len(done))
+        res.timings = timings
+        return res
 
 
 def _run(ray, loader, collection: Collection, store: BlockStore, todo: list[int], *, batch_size: int, actors: int,
-         cpus_per_actor: int, skip_bad: bool, progress: bool) -> None:
+         cpus_per_actor: int, skip_bad: bool, progress: bool) -> dict[str, float]:
     import pyarrow as pa
 
     have = ray.cluster_resources().get("CPU", 0)
@@ -328,8 +332,13 @@ def _run(ray, loader, collection: Collection, store: BlockStore, todo: list[int]
         compute=ray.data.ActorPoolStrategy(size=actors),
         fn_constructor_kwargs={"loader": loader, "threads": cpus_per_actor})
     pending: dict[int, _Pending] = {}
+    start, first, streamed = time.perf_counter(), None, 0
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            if first is None:
+                first = time.perf_counter()
+            else:
+                streamed += len(batch["index"])
             if len(batch["index"]):
                 store.check_actor_weights(str(batch["weights"][0]))
             for b, sel in _by_block(batch["index"], store.block_size):
@@ -353,6 +362,9 @@ def _run(ray, loader, collection: Collection, store: BlockStore, todo: list[int]
         raise cause from None
     if pending:  # every row comes back exactly once; anything else is a bug worth a traceback
         raise RuntimeError(f"Ray returned blocks {sorted(pending)} incomplete")
+    end = time.perf_counter()
+    first = end if first is None else first
+    return {"startup": first - start, "streaming": end - first, "streamed_images": float(streamed)}
 
 
 def _by_block(index: np.ndarray, block_size: int):
