@@ -22,7 +22,7 @@ from clipforge.cli.main import main  # noqa: E402
 from clipforge.data.shapes import ShapesGenerator  # noqa: E402
 from clipforge.errors import ConfigError  # noqa: E402
 from clipforge.serve.embed import collect_images  # noqa: E402
-from clipforge.serve.ray_embed import ModelLoader, embed_ray  # noqa: E402
+from clipforge.serve.ray_embed import ModelLoader, embed_ray, user_cause  # noqa: E402
 
 # the actors unpickle the counting loader below; they cannot import this test module by name
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -159,3 +159,14 @@ def test_ray_address_that_does_not_answer_is_one_clear_error(model_dir, collecti
     assert len(err.splitlines()) == 1
     assert f"no Ray cluster answers at 127.0.0.1:{port}" in err and "ray start --head" in err
     assert "leave out --ray-address" in err and not (tmp_path / "e.npy.blocks").exists()
+
+
+def test_an_actors_error_is_unwrapped_from_rays_exceptions():
+    cause = ConfigError("--dtype bf16 needs a clipforge CLIP model; leave out --dtype")
+    wrapped = ray.exceptions.RayTaskError("MapWorker.__call__", "Traceback ...", cause).as_instanceof_cause()
+    assert isinstance(wrapped, ValueError)  # Ray's wrapper also derives from the cause's class...
+    try:
+        raise RuntimeError("execution failed") from wrapped
+    except RuntimeError as e:
+        assert user_cause(e) is cause  # ...but the message shown is the actor's own
+    assert user_cause(RuntimeError("a bug")) is None
