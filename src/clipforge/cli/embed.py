@@ -42,8 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="local: this process (default); ray: batch inference with Ray Data, an actor pool each "
                         "holding the model once, resumable block by block (needs `pip install clipforge[ray]`)")
     r.add_argument("--ray-address", metavar="HOST:PORT",
-                   help="an existing Ray cluster (HOST:PORT of its head, or ray://HOST:PORT); default: a local Ray "
-                        "instance started for this command")
+                   help="an existing Ray cluster: HOST:PORT of its head, ray://HOST:PORT (Ray Client), or auto "
+                        "(the one `ray start` made here); default: a new local Ray instance for this command")
     r.add_argument("--ray-actors", type=int, default=2, help="actors, each holding one copy of the model (default 2)")
     r.add_argument("--ray-cpus-per-actor", type=int, default=1,
                    help="CPUs (and torch threads) per actor (default 1)")

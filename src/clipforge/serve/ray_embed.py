@@ -27,11 +27,12 @@ another ``--work-dir``; each actor's weights are checked against the driver's to
 (:func:`clipforge.locking.exclusive_lock`).
 
 Where Ray runs: with no ``address``, a Ray instance already initialized in this process, else a new
-local one (``ray.init()``), shut down at the end; with ``address`` (``HOST:PORT`` of a head node, or
-``ray://HOST:PORT`` for Ray Client), that cluster, after a TCP check that something answers there
-within ``connect_timeout`` seconds (a dead address fails fast with a message instead of Ray's long
-retries). On a cluster, every node needs clipforge (and the model's file, at the same path) and the
-images at the paths the driver lists.
+local one (``ray.init(address="local")``: ``RAY_ADDRESS`` is not consulted), shut down at the end;
+``address="auto"`` joins the cluster ``ray start`` made on this machine; with ``address``
+(``HOST:PORT`` of a head node, or ``ray://HOST:PORT`` for Ray Client), that cluster, after a TCP
+check that something answers there within ``connect_timeout`` seconds (a dead address fails fast
+with a message instead of Ray's long retries). On a cluster, every node needs clipforge, the model's
+file at the same path, and the images at the paths the driver lists.
 """
 from __future__ import annotations
 
@@ -153,7 +154,9 @@ def connect(ray, address: str | None) -> bool:
                               "call ray.shutdown() first, or leave out the address to use that Ray")
         return False
     try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+        # "local": a new instance even when RAY_ADDRESS or a `ray start` cluster on this machine would be found
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING)
     except (ConnectionError, TimeoutError) as e:
         raise ClipforgeError(f"cannot connect to the Ray cluster at {address or 'a local instance'}: {e}; check that "
                              "the cluster is up (`ray status` on its head node) and reachable from here") from None
