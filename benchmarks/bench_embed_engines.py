@@ -16,9 +16,10 @@ from block to block:
   actors of one CPU and one torch thread each, into a fresh work directory; the timing is a whole
   call, as a user runs it: the driver's weight hash, the actors' start-up (imports, loading the
   model once each), decoding, encoding and writing the blocks, and reading them back in order.
-  Its two parts are printed too: ``ray start-up s``, from starting the pipeline to the first batch
-  back, and ``ray streaming img/s``, the images back after the first batch over the time they took
-  (the actor pool's rate once it runs; the second actor may still be starting at the first batch).
+  Its two parts are printed too: ``ray start-up s``, from starting the pipeline until the first
+  actor had loaded its model, and ``ray after start-up img/s``, the block's images over the time
+  from then until the last result was back (a lower bound on the pool's running rate: the second
+  actor may start later than the first).
 
 Every block also checks that the two arms' embeddings agree (largest absolute difference). The
 script prints every block, the median images/s of each arm with its range, the median per-block
@@ -113,7 +114,7 @@ def main() -> int:
                                     batch_size=args.batch_size, actors=args.actors, progress=False)
                     outs[arm] = res.embeddings
                     startup.append(res.timings["startup"])
-                    steady.append(res.timings["streamed_images"] / max(res.timings["streaming"], 1e-9))
+                    steady.append(res.timings["images"] / max(res.timings["streaming"], 1e-9))
                 rates[arm] = len(block) / (time.perf_counter() - t0)
             diff = float(np.abs(outs["local"] - outs["ray"]).max())
             load = os.getloadavg()[0]
@@ -133,11 +134,10 @@ def main() -> int:
           f"{torch.get_num_threads()} torch threads; ray = {args.actors} actors x 1 CPU/1 thread on a local Ray of "
           f"{args.ray_cpus or cpus} CPUs (ray {ray.__version__})\n")
     print(table(rows, ["block", "order", "images", "local img/s", "ray img/s", "ray / local", "ray start-up s",
-                       "ray streaming img/s", "max |diff|", "load avg (1 min)"]))
+                       "ray after start-up img/s", "max |diff|", "load avg (1 min)"]))
     print(f"\nimages/s: local {spread(local_all)}; ray {spread(ray_all)}")
     print(f"ray / local per block: {spread(ratios)}")
-    print(f"ray after its first batch (actors up, model loaded): {spread(steady)} images/s; start-up to the first "
-          f"batch {spread(startup)} s")
+    print(f"ray after start-up (first actor's model loaded): {spread(steady)} images/s; start-up {spread(startup)} s")
     print(f"Ray start-up (ray.init, once, not in the blocks): {ray_init_s:.1f} s")
     print(f"load average (1, 5, 15 min): before {', '.join(f'{x:.2f}' for x in load_before)}; after "
           f"{', '.join(f'{x:.2f}' for x in load_after)}; during (1 min, after each block) {min(loads):.2f} - "

@@ -122,9 +122,9 @@ class EmbedResult:
 
     ``blocks_computed``/``blocks_reused``: the Ray engine's output blocks encoded by this run and found
     complete from an earlier one (both 0 for the single-process engine). ``timings``: the Ray engine's
-    seconds from starting the pipeline to the first batch back (``startup``: actor start-up, model
-    loading, the first batch) and from then to the last (``streaming``), and ``streamed_images``, the
-    items back after the first batch (empty when nothing was computed)."""
+    wall-clock seconds from starting the pipeline until the first actor had loaded its model
+    (``startup``) and from then until the last result was back (``streaming``), and the ``images``
+    sent through Ray (empty when nothing was computed)."""
 
     keys: list[str]
     embeddings: np.ndarray

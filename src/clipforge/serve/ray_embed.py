@@ -100,6 +100,7 @@ class EmbedActor:
         self.model, self.transform = loader()
         self.weights = weights_sha256(self.model)
         self.dim = int(self.model.cfg.embed_dim)
+        self.ready = time.time()  # wall clock (comparable across processes): when this actor could start work
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -120,7 +121,8 @@ class EmbedActor:
             with torch.no_grad():
                 emb[ok] = self.model.encode_image(torch.stack(pixels)).float().numpy()
         return {"index": np.asarray(batch["index"], dtype=np.int64), "ok": ok, "error": np.array(errors, dtype=object),
-                "embedding": emb, "weights": np.array([self.weights] * n, dtype=object)}
+                "embedding": emb, "weights": np.array([self.weights] * n, dtype=object),
+                "ready": np.full(n, self.ready)}
 
 
 def probe_address(address: str, timeout: float) -> None:
@@ -335,14 +337,12 @@ def _run(ray, loader, collection: Collection, store: BlockStore, todo: list[int]
         compute=ray.data.ActorPoolStrategy(size=actors),
         fn_constructor_kwargs={"loader": loader, "threads": cpus_per_actor})
     pending: dict[int, _Pending] = {}
-    start, first, streamed = time.perf_counter(), None, 0
+    start, ready, rows = time.time(), math.inf, 0
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            if first is None:
-                first = time.perf_counter()
-            else:
-                streamed += len(batch["index"])
+            rows += len(batch["index"])
             if len(batch["index"]):
+                ready = min(ready, float(batch["ready"].min()))
                 store.check_actor_weights(str(batch["weights"][0]))
             for b, sel in _by_block(batch["index"], store.block_size):
                 ok = batch["ok"][sel]
@@ -365,9 +365,9 @@ def _run(ray, loader, collection: Collection, store: BlockStore, todo: list[int]
         raise cause from None
     if pending:  # every row comes back exactly once; anything else is a bug worth a traceback
         raise RuntimeError(f"Ray returned blocks {sorted(pending)} incomplete")
-    end = time.perf_counter()
-    first = end if first is None else first
-    return {"startup": first - start, "streaming": end - first, "streamed_images": float(streamed)}
+    end = time.time()
+    ready = min(ready, end)
+    return {"startup": max(0.0, ready - start), "streaming": end - ready, "images": float(rows)}
 
 
 def _by_block(index: np.ndarray, block_size: int):
