@@ -305,7 +305,7 @@ def embed_ray(loader: Callable, collection: Collection, work_dir: str | Path, *,
             started = connect(ray, address)
             try:
                 timings = _run(ray, loader, collection, store, todo, batch_size=batch_size, actors=actors,
-                     cpus_per_actor=cpus_per_actor, skip_bad=skip_bad, progress=progress)
+                               cpus_per_actor=cpus_per_actor, skip_bad=skip_bad, progress=progress)
             finally:
                 if started:
                     ray.shutdown()
