@@ -125,6 +125,7 @@ def main() -> int:
             rows.append([str(b), "local, ray" if b % 2 == 0 else "ray, local", str(len(block)),
                          f"{rates['local']:,.1f}", f"{rates['ray']:,.1f}", f"{rates['ray'] / rates['local']:.3f}",
                          f"{startup[-1]:.1f}", f"{steady[-1]:,.1f}", f"{diff:.1e}", f"{load:.2f}"])
+            print("block " + " | ".join(rows[-1]), flush=True)  # what a stopped run has measured so far
     finally:
         ray.shutdown()
         shutil.rmtree(work_root, ignore_errors=True)
