@@ -97,24 +97,31 @@ def test_ray_output_equals_single_process(ray_run, model_dir, collection_dir, tm
 
 def test_resume_embeds_only_blocks_without_their_marker(ray_run, model_dir, collection_dir, tmp_path):
     out, kept = ray_run
+    ref = pq.read_table(out)
+    col = collect_images([str(collection_dir)])
     work = tmp_path / "work"
     shutil.copytree(kept, work)
-    (work / "block-000001.COMPLETE").unlink()  # as if the run stopped while these two were in flight
-    (work / "block-000004.COMPLETE").unlink()
+    for b in (1, 2, 4):  # as if the run had stopped with these three blocks in flight
+        (work / f"block-{b:06d}.COMPLETE").unlink()
     (work / "block-000004.npz").unlink()
+    # a real interruption: without --skip-bad the broken file (item 12, block 2) stops the run
+    with pytest.raises(ValueError, match=r"011b\.jpg.*--skip-bad"):
+        embed_ray(ModelLoader(str(model_dir)), col, work, block_size=BLOCK, batch_size=3, progress=False)
+    left = [b for b in range(5) if not (work / f"block-{b:06d}.COMPLETE").exists()]
+    assert 2 in left and set(left) <= {1, 2, 4}  # block 2 never finished; 1 and 4 may have before the stop
     log = tmp_path / "calls.txt"
-    res = embed_ray(CountingLoader(model_dir, log), collect_images([str(collection_dir)]), work, block_size=BLOCK,
-                    batch_size=3, skip_bad=True, progress=False)
-    assert encoded(log) == 2 * BLOCK  # blocks 1 and 4 hold no broken file: 10 images, each encoded once
-    assert (res.blocks_computed, res.blocks_reused) == (2, 3)
-    ref = pq.read_table(out)
+    res = embed_ray(CountingLoader(model_dir, log), col, work, block_size=BLOCK, batch_size=3, skip_bad=True,
+                    progress=False)
+    assert encoded(log) == sum(BLOCK - (b == 2) for b in left)  # each readable image of those blocks, once
+    assert (res.blocks_computed, res.blocks_reused) == (len(left), 5 - len(left))
     assert res.keys == ref.column("item").to_pylist() and res.bad == [str(collection_dir / "011b.jpg")]
     np.testing.assert_allclose(res.embeddings, np.array(ref.column("embedding").to_pylist()), atol=1e-6)
+    assert res.timings["images"] == sum(len(range(b * BLOCK, (b + 1) * BLOCK)) for b in left)
+    assert res.timings["startup"] > 0 and res.timings["streaming"] > 0
     log.unlink()
-    again = embed_ray(CountingLoader(model_dir, log), collect_images([str(collection_dir)]), work,
-                      block_size=BLOCK, batch_size=3, skip_bad=True, progress=False)
+    again = embed_ray(CountingLoader(model_dir, log), col, work, block_size=BLOCK, batch_size=3, skip_bad=True,
+                      progress=False)
     assert encoded(log) == 0 and (again.blocks_computed, again.blocks_reused) == (0, 5) and again.timings == {}
-    assert res.timings["images"] == 2 * BLOCK and res.timings["startup"] > 0 and res.timings["streaming"] > 0
 
 
 def test_blocks_of_other_weights_are_refused_before_any_is_written(ray_run, model_dir, other_model_dir,
