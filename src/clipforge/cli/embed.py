@@ -33,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--skip-bad", action="store_true", help="skip unreadable images (they are listed) instead of stopping"
     )
-    p.add_argument("--split", default="test", help="--dataset wds:/shards:: the split to embed (default test)")
+    p.add_argument("--split", default="test",
+                   help="the split of a --dataset wds:DIR or shards:DIR to embed (default test)")
     p.add_argument("--image-column", default="image",
                    help="--dataset manifests: the column holding the image path (default image)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
