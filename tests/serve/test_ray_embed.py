@@ -177,3 +177,15 @@ def test_an_actors_error_is_unwrapped_from_rays_exceptions():
     except RuntimeError as e:
         assert user_cause(e) is cause  # ...but the message shown is the actor's own
     assert user_cause(RuntimeError("a bug")) is None
+
+
+def test_cli_rerun_reuses_finished_blocks_and_removes_the_work_dir(ray_run, model_dir, collection_dir, tmp_path,
+                                                                   capsys):
+    out, kept = ray_run
+    again = tmp_path / "again.parquet"
+    shutil.copytree(kept, tmp_path / "again.parquet.blocks")  # the default work directory of --out again.parquet
+    assert main(["embed", str(model_dir), "--images", str(collection_dir), "--engine", "ray", "--skip-bad",
+                 "--block-size", str(BLOCK), "--quiet", "--out", str(again)]) == 0
+    assert "0 blocks embedded, 5 reused" in capsys.readouterr().out
+    assert pq.read_table(again).equals(pq.read_table(out))
+    assert not (tmp_path / "again.parquet.blocks").exists()  # deleted once the output is written (no --keep-blocks)
