@@ -332,6 +332,8 @@ def _run(ray, loader, collection: Collection, store: BlockStore, todo: list[int]
                                 "offset": pa.array([r.offset for r in refs], pa.int64()),
                                 "size": pa.array([r.size for r in refs], pa.int64())}))
     ray.data.DataContext.get_current().enable_progress_bars = progress
+    if not progress:  # --quiet: no Ray Data progress bars, nor its INFO lines about starting and finishing
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     ds = ray.data.from_arrow(tables).map_batches(
         EmbedActor, batch_size=batch_size, batch_format="numpy", num_cpus=cpus_per_actor,
         compute=ray.data.ActorPoolStrategy(size=actors),
