@@ -94,7 +94,8 @@ fidelity_arm.metrics = ("i2t_R@1", "t2i_R@1", "object_top1", "shape_top1", "val_
 
 
 def speed(hidden: int = 64, batch: int = 32, repeats: int = 3) -> dict:
-    """Parameters (image tower + projector, LM) and images/s of encode_image at batch 32 (one thread)."""
+    """Parameters (image tower + projector, LM), forward GFLOPs of one image / one 7-word text embedding and
+    images/s of encode_image at batch 32 (one thread)."""
     from clipforge.models import create_model
 
     lm = _work() / f"lm_h{hidden}_s0"
@@ -109,10 +110,20 @@ def speed(hidden: int = 64, batch: int = 32, repeats: int = 3) -> dict:
             t0 = time.perf_counter()
             model.encode_image(images)
             times.append(time.perf_counter() - t0)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from clipforge.interop.text_tokenizers import CausalLMTokenizer
+
+    with torch.no_grad(), FlopCounterMode(display=False) as image_flops:
+        model.encode_image(images[:1])
+    ids = CausalLMTokenizer(str(lm), model.context_length)(["two small blue squares on the left"])
+    with torch.no_grad(), FlopCounterMode(display=False) as text_flops:
+        model.encode_text(ids)
     vision = sum(p.numel() for p in model.visual.parameters()) + sum(p.numel() for p in model.projector.parameters())
     return {"vision_and_projector_params": vision, "lm_params": sum(p.numel() for p in model.lm.parameters()),
-            "image_tokens": model.visual.grid ** 2, "batch": batch, "images_per_s": batch / min(times),
-            "threads": torch.get_num_threads()}
+            "image_tokens": model.visual.grid ** 2, "gflops_per_image": image_flops.get_total_flops() / 1e9,
+            "gflops_per_text": text_flops.get_total_flops() / 1e9, "batch": batch,
+            "images_per_s": batch / min(times), "threads": torch.get_num_threads()}
 
 
 def main() -> None:
