@@ -5,7 +5,8 @@ the registry of named architectures and :func:`create_model` agree on which clas
 builds: a config with a ``multimodal`` section is a :class:`~clipforge.models.coca.CoCaConfig`
 and builds :class:`~clipforge.models.coca.CoCa`, one with an ``mci`` section is MobileCLIP
 (:mod:`~clipforge.models.mobileclip`), one with a ``moe`` section CLIP-MoE (:mod:`~clipforge.models.moe`),
-one with an ``lm`` section LLM2CLIP (a frozen causal LM as the text tower, :mod:`~clipforge.models.llm_text`);
+one with an ``lm`` section LLM2CLIP (a frozen causal LM as the text tower, :mod:`~clipforge.models.llm_text`),
+one with an ``lvlm`` section the LLaVA-style LVLM (image tower + projector + causal LM, :mod:`~clipforge.models.lvlm`);
 anything else builds :class:`~clipforge.models.clip.CLIP` (Long-CLIP's stretched positions are a field of the
 text config, not a class).
 """
@@ -21,6 +22,7 @@ from .clip import CLIP
 from .coca import CoCa, CoCaConfig
 from .config import CLIPConfig
 from .llm_text import LLM2CLIP, LLM2CLIPConfig
+from .lvlm import LVLM, LVLMConfig
 from .mobileclip import MobileCLIP, MobileCLIPConfig
 from .moe import MoECLIP, MoECLIPConfig
 from .registry import MODEL_CONFIGS
@@ -31,6 +33,7 @@ VARIANTS: tuple[tuple[str, type[CLIPConfig], type[CLIP]], ...] = (
     ("mci", MobileCLIPConfig, MobileCLIP),
     ("moe", MoECLIPConfig, MoECLIP),
     ("lm", LLM2CLIPConfig, LLM2CLIP),
+    ("lvlm", LVLMConfig, LVLM),
 )
 
 
