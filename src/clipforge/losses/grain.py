@@ -18,8 +18,8 @@ regions of the (gathered) batch and t the logit scale:
 Simplifications, stated: the region tokens are a light decoder owned by this term (Q learned queries,
 one transformer decoder layer cross-attending to the image tower's projected patch tokens, a box MLP
 and an embedding projection), trained with the model, instead of extra tokens inside the ViT; it is
-saved with the loss terms' state, so the trained model file holds the global model only (zero-shot
-recognition uses the global embeddings; GRAIN's test-time description scores are not implemented).
+saved with the loss terms' state, so the trained model file holds the global model only; GRAIN's test-time
+description scoring reads the region tokens back from a checkpoint (:mod:`clipforge.evaluation.descriptions`).
 Descriptions are the dataset's region captions (``shapes``: "a small red circle.") instead of an
 MLLM's; boxes are the dataset's instead of an open-vocabulary detector's. The matching is exact
 (every assignment is scored; Q <= 6 keeps that cheap), on the box cost alone as in GRAIN's code.
