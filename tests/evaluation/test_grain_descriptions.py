@@ -1,6 +1,7 @@
 """GRAIN's test-time description scoring (evaluation/descriptions.py) against naive references written here: the
 max-over-descriptions, mean-over-regions score with loops, the combined class scores per image from the model's own
 calls, and the region tokens read back from a training checkpoint."""
+import json
 import math
 
 import pytest
@@ -112,6 +113,15 @@ def test_region_tokens_come_back_from_a_training_checkpoint_and_score_the_shapes
     assert set(res) == {"object", "shape", "color"}
     for r in res.values():
         assert all(0.0 <= r[k] <= 1.0 for k in ("top1", "global_top1", "description_top1"))
+    # clipforge eval RUN --grain-alpha: the same numbers under grain_descriptions (the run's newest checkpoint)
+    out = tmp_path / "eval"
+    assert main(["eval", str(run), "--grain-alpha", "0.5", "--size", "20", "--tasks", "zero_shot", "--no-report",
+                 "--no-cache", "--quiet", "--out", str(out)]) == 0
+    written = json.loads((out / "results.json").read_text())["grain_descriptions"]
+    for view in res:
+        assert written[view]["top1"] == pytest.approx(res[view]["top1"])
+        assert written[view]["global_top1"] == pytest.approx(res[view]["global_top1"])
+    assert main(["eval", str(run), "--grain-alpha", "1.5", "--size", "20", "--no-report", "--quiet"]) == 2
     # a run without grain, and a directory that is no checkpoint: one clear error each
     other = tmp_path / "clip_only"
     other.mkdir()
@@ -121,3 +131,4 @@ def test_region_tokens_come_back_from_a_training_checkpoint_and_score_the_shapes
         load_region_tokens(other)
     with pytest.raises(ValueError, match="not a training checkpoint"):
         load_region_tokens(tmp_path)
+    assert main(["eval", str(other), "--grain-alpha", "0.5", "--size", "20", "--no-report", "--quiet"]) == 2

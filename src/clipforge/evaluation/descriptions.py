@@ -40,12 +40,16 @@ def description_scores(regions: Tensor, descriptions: Sequence[Tensor]) -> Tenso
     return torch.stack([(regions @ u.t()).amax(-1).mean(-1) for u in descriptions], dim=1)
 
 
-def grain_scores(global_similarity: Tensor, desc: Tensor, alpha: float) -> Tensor:
-    """score_c = alpha * x . w_c + (1 - alpha) * desc_c, both [N, C]."""
+def check_alpha(alpha: float) -> float:
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"GRAIN's alpha weighs the image-class score against the description score and must be in "
                          f"[0, 1], got {alpha}")
-    return alpha * global_similarity + (1.0 - alpha) * desc
+    return alpha
+
+
+def grain_scores(global_similarity: Tensor, desc: Tensor, alpha: float) -> Tensor:
+    """score_c = alpha * x . w_c + (1 - alpha) * desc_c, both [N, C]."""
+    return check_alpha(alpha) * global_similarity + (1.0 - alpha) * desc
 
 
 @torch.no_grad()
@@ -107,10 +111,14 @@ def evaluate_grain_shapes(model, tokens: RegionTokens, tokenizer: Callable, size
 
 def load_region_tokens(checkpoint: str | Path) -> RegionTokens:
     """The trained region tokens of the ``grain`` term of a training checkpoint (``checkpoints/step_N``: its
-    ``config.yaml`` names the term's options, its ``state.pt`` holds the loss terms' weights)."""
+    ``config.yaml`` names the term's options, its ``state.pt`` holds the loss terms' weights), or of a run
+    directory's newest checkpoint."""
     import yaml
 
     ckpt = Path(checkpoint)
+    if (ckpt / "checkpoints").is_dir():  # a run directory: its newest checkpoint
+        found = sorted((ckpt / "checkpoints").glob("step_*"))
+        ckpt = found[-1] if found else ckpt
     config, state = ckpt / "config.yaml", ckpt / "state.pt"
     if not config.exists() or not state.exists():
         raise ValueError(f"{ckpt} is not a training checkpoint (config.yaml and state.pt); give a checkpoints/step_N "
