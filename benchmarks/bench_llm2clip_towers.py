@@ -91,7 +91,8 @@ def build_arm(arm: str, dataset: str, seed: int, lm_layers: int, contrast_steps:
         tok = get_tokenizer(model.context_length)
         return model, tok, lambda texts: model.text(tok(texts))
     if arm == "minilm":
-        cfg = CLIPConfig(embed_dim=tiny.embed_dim, vision=tiny.vision, hf_text=minilm_text_config(context_length=CONTEXT))
+        cfg = CLIPConfig(embed_dim=tiny.embed_dim, vision=tiny.vision,
+                         hf_text=minilm_text_config(context_length=CONTEXT))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = CLIP(cfg)
