@@ -100,6 +100,9 @@ __all__ += ["LongClipConfig", "LongClipLoss", "long_clip_loss", "pca_reconstruct
 from .moe_balance import MoEBalanceLoss  # noqa: E402  (CLIP-MoE's balance loss, from the model's forward)
 
 __all__ += ["MoEBalanceLoss"]
+from .cosmo import CosmoGenerationConfig, CosmoGenerationLoss, cosmo_generation_loss  # noqa: E402  (COSMO)
+
+__all__ += ["CosmoGenerationConfig", "CosmoGenerationLoss", "cosmo_generation_loss"]
 # --- end model-variant terms ---
 
 # --- region-level and compositional terms (issue 14) ---
