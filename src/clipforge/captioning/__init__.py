@@ -5,6 +5,7 @@ A program at the evaluation level: it reads the library core (models, data, toke
 imports it. See docs/captioning.md.
 """
 from .attributes import attribute_accuracy
+from .loading import load_captioner
 from .maccap import (
                      MacCapCaptioner,
                      MacCapConfig,
@@ -18,5 +19,6 @@ from .metrics import bleu, cider_d, clip_s, clip_scores_for_texts, ref_clip_s
 from .scst import CoCaPolicy, MacCapPolicy, frozen_judge, scst_loss, scst_step
 
 __all__ = ["CoCaPolicy", "MacCapCaptioner", "MacCapConfig", "MacCapDecoder", "MacCapPolicy", "attribute_accuracy",
-           "bleu", "cider_d", "clip_s", "clip_scores_for_texts", "frozen_judge", "is_maccap_dir", "noise_injection",
+           "bleu", "cider_d", "clip_s", "clip_scores_for_texts", "frozen_judge", "is_maccap_dir", "load_captioner",
+           "noise_injection",
            "ref_clip_s", "region_features", "scst_loss", "scst_step", "train_maccap"]
