@@ -95,3 +95,15 @@ def test_cider_d_hand_case():
     assert per == pytest.approx([7.5, 7.5])
     with pytest.raises(ValueError, match="one non-empty set"):
         cider_d(["a"], [])
+
+
+def test_repetition_hand_cases():
+    from clipforge.captioning import is_repetitive, repetition_rate
+
+    assert not is_repetitive("a red circle to the left of a blue square.")  # "a" twice, no bigram twice
+    assert is_repetitive("a red red circle.")  # a word repeated immediately
+    assert is_repetitive("Red circle, red circle.")  # a bigram twice (case and punctuation ignored)
+    assert not is_repetitive("circle")
+    assert repetition_rate(["two blue squares.", "blue blue", "a b a b", "a b c"]) == 0.5
+    with pytest.raises(ValueError, match="at least one caption"):
+        repetition_rate([])

@@ -28,6 +28,11 @@ coco-caption PTB tokenizer also drops punctuation):
   with sigma = 6 and l the word length; ``CIDEr-D = 10 * mean_n mean_r sim_n``; the corpus score is
   the mean over images. (coco-caption measures l as the bigram count, which differs only for
   one-word captions.)
+
+Degenerate captions (what Cho et al. 2022 report of SCST with CLIP-S alone): :func:`is_repetitive` flags a
+caption whose word tokens repeat a word immediately ("circle circle") or contain the same bigram twice
+("red circle red circle"); :func:`repetition_rate` is the share of such captions. This is a simple
+surface test, not the paper's human fluency judgment.
 """
 from __future__ import annotations
 
@@ -153,6 +158,21 @@ def cider_d(candidates: Sequence[str], references: Sequence[Sequence[str]], max_
                 total += (dot / (nc * nr) if nc and nr else dot) * penalty
         scores.append(10.0 * total / max_n / len(rs))
     return sum(scores) / len(scores), scores
+
+
+def is_repetitive(caption: str) -> bool:
+    """Whether the caption repeats a word immediately or contains a bigram twice (module docstring)."""
+    toks = words(caption)
+    if any(a == b for a, b in zip(toks, toks[1:])):
+        return True
+    return any(k > 1 for k in _ngrams(toks, 2).values())
+
+
+def repetition_rate(captions: Sequence[str]) -> float:
+    """The share of ``captions`` for which :func:`is_repetitive` holds."""
+    if not captions:
+        raise ValueError("repetition_rate needs at least one caption")
+    return sum(map(is_repetitive, captions)) / len(captions)
 
 
 def _check(candidates, references):
