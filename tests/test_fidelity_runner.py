@@ -316,3 +316,66 @@ def test_merge_adds_runs_from_other_files_once(fid, tmp_path):
     (tmp_path / "bad.json").write_text("[]")
     with pytest.raises(ValueError, match="not a fidelity results file"):
         fid.merge_results(out, [tmp_path / "bad.json"])
+
+
+def test_runs_record_the_files_they_executed_and_edits_make_them_stale(fid, monkeypatch, tmp_path):
+    """A run records the source files its code executed (not the ones merely imported); editing one of them marks
+    the run as run on changed code in the report, and --rerun-stale reruns just that run."""
+    src = tmp_path / "repo" / "src"
+    src.mkdir(parents=True)
+    (src / "used.py").write_text("def f():\n    return 0.5\n")
+    (src / "imported_only.py").write_text("def g():\n    return 1.0\n")
+    monkeypatch.setattr(fid, "REPO", tmp_path / "repo")
+    monkeypatch.setattr(fid, "CODE_ROOTS", (src,))
+    monkeypatch.syspath_prepend(str(src))
+    import imported_only  # noqa: F401  (imported, never called: must not be recorded)
+    import used
+
+    calls = []
+
+    def fake(rc, arm, seed, *a):
+        calls.append((arm.name, seed))
+        m = fake_metrics(arm.name, seed)
+        if arm.name == "gap":  # only the gap arm executes used.py
+            m["gap"] = m["gap"] * 2 * used.f()
+        return m
+
+    monkeypatch.setattr(fid, "train_and_measure", fake)
+    r = fid.parse_recipe("t", recipe())
+    data = fid.run([r], [0, 1, 2], tmp_path / "out", eval_size=500, log=lambda m: None)
+    by_arm = {run["arm"]: data["code"][run["env"]["code"]] for run in data["runs"]}
+    assert list(by_arm["gap"]) == ["src/used.py"] and by_arm["clip"] == {}
+    assert all(fid.code_state(run, data) == ("current", []) for run in data["runs"])
+    assert "the verdicts judge the code as it is" in fid.markdown([r], data)
+
+    (src / "used.py").write_text("def f():\n    return 0.25\n")  # an edit after the runs
+    states = {(run["arm"], run["seed"]): fid.code_state(run, data) for run in data["runs"]}
+    assert states[("gap", 0)] == ("changed", ["src/used.py"]) and states[("clip", 0)] == ("current", [])
+    report = fid.markdown([r], data)
+    assert "3 ran files edited since (src/used.py)" in report and "(3 on changed code)" in report
+
+    fid.run([r], [0, 1, 2], tmp_path / "out", eval_size=500, log=lambda m: None)  # plain rerun: nothing recomputed
+    assert len(calls) == 6
+    data = fid.run([r], [0, 1, 2], tmp_path / "out", eval_size=500, log=lambda m: None, rerun_stale=True)
+    assert calls[6:] == [("gap", 0), ("gap", 1), ("gap", 2)]  # only the runs on changed code, replaced in place
+    assert len(data["runs"]) == 6 and all(fid.code_state(run, data)[0] == "current" for run in data["runs"])
+
+    merged = tmp_path / "merged"
+    fid.merge_results(merged, [tmp_path / "out" / "fidelity.json"])  # the manifests travel with the runs
+    got = fid.load_results(merged / "fidelity.json")
+    assert all(fid.code_state(run, got)[0] == "current" for run in got["runs"])
+
+
+def test_code_trace_sees_library_functions_that_ran(fid):
+    import torch
+
+    from clipforge import metrics
+
+    with fid.CodeTrace() as trace:
+        assert metrics.top1.__name__ == "top1"  # touching the module runs none of its functions
+    assert not any(f.endswith("clipforge/metrics.py") for f in trace.files)
+    before = sys.gettrace()
+    with fid.CodeTrace() as trace:
+        assert metrics.top1(torch.eye(3), torch.arange(3)) == 1.0
+    assert any(f.endswith("src/clipforge/metrics.py") for f in trace.files)
+    assert sys.gettrace() is before  # the previous tracer (a debugger's, coverage's) is back

@@ -104,3 +104,36 @@ def test_cli_convert_prints_summary_and_skips(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "11 samples" in out and "corrupt_image" in out and "missing_image" in out and "data.root=" in out
     assert main(["data", "convert", str(tmp_path / "nothing.csv"), "--out", str(tmp_path / "o2")]) == 2
+
+
+def test_caption_sources_and_negatives_pass_through_convert(tmp_path):
+    """HQ-CLIP negative descriptions, LaCLIP rewrites (nested or as top-level fields) and typed negatives stored in
+    a WebDataset sample's JSON reach the converted shards and come back from ShardDataset as they were written;
+    a malformed source is one bad_row, not a crash."""
+    import tarfile
+
+    from clipforge.data.captions import caption_sources, source_negatives
+    from clipforge.data.formats import add_tar_member, sample_json
+
+    image = torch.zeros(3, 8, 8, dtype=torch.uint8).permute(1, 2, 0).numpy()
+    (tmp_path / "src").mkdir()
+    with tarfile.open(tmp_path / "src" / "s-0.tar", "w") as tar:
+        add_tar_member(tar, "a.png", encode_png(image))
+        add_tar_member(tar, "a.json", sample_json(
+            ["a red circle"], caption_sources={"negative_descriptions": ["no square"], "rewrites": ["a circle, red"]},
+            short_tags=["circle", "red"], negatives={"color": ["a blue circle"]}))
+        add_tar_member(tar, "b.png", encode_png(image))
+        add_tar_member(tar, "b.json", sample_json(["a blue square"], caption_sources={"summary": ["x"]}))
+        add_tar_member(tar, "c.png", encode_png(image))
+        add_tar_member(tar, "c.json", sample_json(["plain"]))
+    convert(tmp_path / "src", tmp_path / "out", progress=False)
+    ds = ShardDataset(tmp_path / "out", split="train", image_size=None)
+    items = {ds[i]["captions"][0]: ds[i] for i in range(len(ds))}
+    assert set(items) == {"a red circle", "plain"}  # b: unknown source 'summary', skipped as a bad row
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert "summary" in json.dumps(stats)
+    a = items["a red circle"]
+    assert caption_sources(a) == {"original": ["a red circle"], "rewrites": ["a circle, red"], "synthetic": [],
+                                  "short_tags": ["circle", "red"], "negative_descriptions": ["no square"]}
+    assert source_negatives(a) == {"color": ["a blue circle"], "description": ["no square"]}
+    assert "caption_sources" not in items["plain"] and "negatives" not in items["plain"]

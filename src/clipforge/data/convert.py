@@ -131,6 +131,9 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, shard_bytes: int = 6
             extra = {"source_key": item["key"]}
             if item.get("regions") is not None:  # a region corpus: boxes follow the center crop
                 extra["regions"] = _moved_regions(item, image_size)
+            for field in ("caption_sources", "negatives"):  # LaCLIP/ALIP/HQ-CLIP captions, typed hard negatives
+                if item.get(field):
+                    extra[field] = item[field]
             yield ShardSample(key, _resized_png(item["image"], image_size), item["captions"], item["labels"],
                               extra=extra)
             nxt = next(todo, None)

@@ -27,7 +27,11 @@ Formats
   holding one caption per line; optionally the first folder level is a label view ``folder``.
 - **WebDataset shards** (:func:`iter_webdataset`): ``.tar`` files read with the ``webdataset``
   package; a sample is ``KEY.jpg`` or ``KEY.png`` plus ``KEY.json`` with ``captions`` (list),
-  ``label`` (int, or ``{view: int}``), ``labels`` (``{view: int}``) and ``split``.
+  ``label`` (int, or ``{view: int}``), ``labels`` (``{view: int}``) and ``split``; optionally
+  ``regions`` (boxes and region captions), caption sources (``caption_sources``, or the fields
+  ``rewrites``, ``synthetic``, ``short_tags``, ``negative_descriptions``) and typed ``negatives``,
+  which the reader checks (:func:`caption_extras`; a malformed one is a ``bad_row``) and
+  ``clipforge data convert`` carries into its shards.
 
 The ``write_*`` functions produce each format from items, so every reader round-trips.
 """
@@ -193,6 +197,31 @@ def manifest_rows(path: Path, stats: ReadStats) -> Iterator[tuple[int, dict[str,
                 yield n, row
     else:
         raise ValueError(f"unknown manifest format '{path.suffix}' for {path}; expected one of {MANIFEST_EXTENSIONS}")
+
+
+def caption_extras(meta: dict[str, Any]) -> dict[str, Any]:
+    """The caption sources and typed negatives a sample's JSON stores beside its captions, checked, in the form
+    :class:`clipforge.data.shards.ShardDataset` reads back: ``caption_sources`` (a dict, or the top-level fields
+    ``rewrites``, ``synthetic``, ``short_tags``, ``negative_descriptions``; see :mod:`clipforge.data.captions`) and
+    ``negatives`` (``{type: [caption, ...]}``). Raises TypeError/ValueError naming what is malformed."""
+    from .captions import CAPTION_SOURCES, caption_sources
+
+    out: dict[str, Any] = {}
+    nested = meta.get("caption_sources")
+    if nested is not None and not isinstance(nested, dict):
+        raise TypeError(f"caption_sources must be an object {{source: [captions]}}, got {type(nested).__name__}")
+    given = {k: meta[k] for k in CAPTION_SOURCES if k != "original" and meta.get(k) is not None}
+    given.update(nested or {})
+    if given:
+        checked = caption_sources({"captions": [], "caption_sources": given})  # unknown names, non-strings: raise
+        out["caption_sources"] = {k: checked[k] for k in given}
+    negatives = meta.get("negatives")
+    if negatives is not None:
+        if not isinstance(negatives, dict) or not all(
+                isinstance(v, list) and all(isinstance(c, str) for c in v) for v in negatives.values()):
+            raise TypeError("negatives must be an object {type: [caption, ...]} of strings")
+        out["negatives"] = {str(k): list(v) for k, v in negatives.items()}
+    return out
 
 
 def iter_manifest(path: str | os.PathLike, stats: ReadStats | None = None, image_column: str = "image",
@@ -442,6 +471,11 @@ def iter_webdataset(source: str | os.PathLike | Sequence[str | os.PathLike], sta
             extra = {"split": meta["split"]} if "split" in meta else {}
             if meta.get("regions") is not None:  # a region corpus' boxes and region captions, checked on use
                 extra["regions"] = meta["regions"]
+            try:
+                extra.update(caption_extras(meta))
+            except (TypeError, ValueError) as e:
+                stats.skip("bad_row", f"{key}: {e}")
+                continue
             item = _finish(stats, key, image, clean_captions(meta.get("captions")), labels, extra)
             if item is not None:
                 yield item
