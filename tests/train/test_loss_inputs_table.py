@@ -10,7 +10,8 @@ from clipforge.train import inputs
 # variant itself returns from its forward (its extra_outputs): CoCa's decoder outputs, CLIP-MoE's balance loss
 NOT_FED = {"mlcd": {"cluster_centers"}, "caption": {"caption_logits", "caption_targets"},
            "moe_balance": {"moe_balance_loss"},
-           "sycoca_tgmim": {"tgmim_pred", "tgmim_target"}}  # a CoCa with its TG-MIM branch returns them
+           "sycoca_tgmim": {"tgmim_pred", "tgmim_target"},  # a CoCa with its TG-MIM branch returns them
+           "cosmo_generation": {"cosmo_logits", "cosmo_targets"}}  # a COSMO model's forward returns them
 
 
 def test_every_input_a_term_reads_is_declared_or_known_not_fed():
