@@ -9,9 +9,11 @@ Models: ``tiny`` (the ViT CLIP), ``mobileclip-tiny`` in its training form and re
 upcycled from ``tiny`` (4 experts, top-2, every FFN of both towers; random weights: speed only), with
 ``--s0`` the ``mobileclip-s0`` shape at 256 px, and with ``--llm2clip DIR`` ``llm2clip-tiny`` whose frozen text
 tower is the causal LM in DIR (all its layers, and its first ``--lm-layers``), measured without the tower's
-caption cache (texts/s is then the LM's own rate).
+caption cache (texts/s is then the LM's own rate), and with ``--cosmo DIR`` ``cosmo-tiny`` on the causal LM in DIR
+(all its layers, split after the first ``--cosmo-split``; its text tower is the LM's text half, the LM's other
+layers, the resampler and the gated cross-attention are counted in ``params_multimodal_m``).
 
-    nice python benchmarks/bench_towers.py --threads 1 --reps 5 [--s0] [--llm2clip DIR --lm-layers 2]
+    nice python benchmarks/bench_towers.py --threads 1 --reps 5 [--s0] [--llm2clip DIR --lm-layers 2] [--cosmo DIR]
 """
 from __future__ import annotations
 
@@ -55,8 +57,16 @@ def measure(name: str, model, reps: int, batch: int = 32, tokenizer=None) -> dic
     ids = tokenizer(["two small red circles left of a large blue square"] * batch)
     image_params = sum(p.numel() for p in model.visual.parameters())
     text_params = sum(p.numel() for p in model.text.parameters())
+    multimodal = {}
+    if hasattr(model, "cross"):  # COSMO: the text tower is the LM's first layers; the rest is the multimodal half
+        split, lm = model.cfg.cosmo.split, model.text.decoder
+        upper = sum(p.numel() for layer in lm.layers[split:] for p in layer.parameters())
+        own = sum(p.numel() for m in (model.resampler, model.cross) for p in m.parameters()) + model.media_token.numel()
+        text_params -= upper
+        multimodal = {"params_multimodal_m": (upper + own) / 1e6,
+                      "trainable_fraction": model.trainable_fraction()}
     row = {"model": name, "image_size": size, "params_total_m": sum(p.numel() for p in model.parameters()) / 1e6,
-           "params_image_m": image_params / 1e6, "params_text_m": text_params / 1e6,
+           "params_image_m": image_params / 1e6, "params_text_m": text_params / 1e6, **multimodal,
            "gflops_per_image": gflops(lambda: model.encode_image(images[:1])),
            "gflops_per_text": gflops(lambda: model.encode_text(ids[:1])),
            "images_per_s_b32": per_second(lambda: model.encode_image(images), batch, reps),
@@ -72,6 +82,9 @@ def main() -> None:
     p.add_argument("--llm2clip", help="also llm2clip-tiny with the causal LM directory DIR as its text tower")
     p.add_argument("--lm-layers", type=int, nargs="*", default=[], help="with --llm2clip: also the first N layers")
     p.add_argument("--only-llm2clip", action="store_true", help="with --llm2clip: skip the other models")
+    p.add_argument("--cosmo", help="also cosmo-tiny with the causal LM directory DIR (split after --cosmo-split)")
+    p.add_argument("--cosmo-split", type=int, default=1)
+    p.add_argument("--only-cosmo", action="store_true", help="with --cosmo: skip the other models")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     tiny = create_model("tiny", seed=0)
@@ -91,6 +104,14 @@ def main() -> None:
             models.append((name, create_model("llm2clip-tiny", seed=0,
                                               lm={"path": args.llm2clip, "cache": False, "layers": layers})))
             tokenizers[name] = CausalLMTokenizer(args.llm2clip, models[-1][1].context_length)
+    if args.cosmo:
+        from clipforge.interop.text_tokenizers import CausalLMTokenizer
+
+        models = [] if args.only_cosmo else models
+        name = f"cosmo-tiny, split after layer {args.cosmo_split}"
+        models.append((name, create_model("cosmo-tiny", seed=0,
+                                          cosmo={"path": args.cosmo, "layers": None, "split": args.cosmo_split})))
+        tokenizers[name] = CausalLMTokenizer(args.cosmo, models[-1][1].context_length)
     rows = []
     for name, model in models:
         rows.append(measure(name, model, args.reps, tokenizer=tokenizers.get(name)))

@@ -53,7 +53,7 @@ def _batches(args, transform, image_size: int):
 
     if args.images:
         from ..images import load_image
-        from .embed import IMAGE_SUFFIXES
+        from ..serve.embed import IMAGE_SUFFIXES
 
         files = image_files(args.images, IMAGE_SUFFIXES)
         if not files:
