@@ -727,30 +727,35 @@ def _run_locked(recipes, seeds, out: Path, steps, batch, eval_size: int, threads
 def merge_results(out: Path, files: Sequence[Path]) -> dict:
     """Add the runs of other results files (made on other machines or in other sessions, with their own
     ``--out``) to ``out/fidelity.json``. A run is identified by (experiment, arm, seed, fingerprint); one
-    already present is kept, not duplicated. Returns the counts added and skipped per file."""
+    already present is kept, not duplicated, unless the present one ran code that has changed since (or was not
+    recorded) and the incoming one ran the code as it is now: then the incoming run replaces it (a
+    ``--rerun-stale`` made elsewhere). Returns the counts added, replaced and skipped per file."""
     from clipforge.locking import exclusive_lock
 
     counts = {}
     with exclusive_lock(out, "fidelity results directory"):
         path = out / "fidelity.json"
         data = load_results(path)
-        seen = {(r["experiment"], r["arm"], r["seed"], r["fingerprint"]) for r in data["runs"]}
+        where = {(r["experiment"], r["arm"], r["seed"], r["fingerprint"]): i for i, r in enumerate(data["runs"])}
         for f in files:
             if not Path(f).exists():
                 raise FileNotFoundError(f"--merge: {f} does not exist")
-            added = skipped = 0
+            added = replaced = skipped = 0
             other = load_results(Path(f))
             for cid, manifest in other.get("code", {}).items():  # the code manifests its runs refer to
                 data.setdefault("code", {}).setdefault(cid, manifest)
             for r in other["runs"]:
                 key = (r["experiment"], r["arm"], r["seed"], r["fingerprint"])
-                if key in seen:
+                if key not in where:
+                    where[key] = len(data["runs"])
+                    data["runs"].append(r)
+                    added += 1
+                elif code_state(data["runs"][where[key]], data)[0] != "current" and code_state(r, data)[0] == "current":
+                    data["runs"][where[key]] = r
+                    replaced += 1
+                else:
                     skipped += 1
-                    continue
-                seen.add(key)
-                data["runs"].append(r)
-                added += 1
-            counts[str(f)] = {"added": added, "skipped": skipped}
+            counts[str(f)] = {"added": added, "replaced": replaced, "skipped": skipped}
         save_results(path, data)
     return counts
 
@@ -1015,7 +1020,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.merge:
         try:
             for f, c in merge_results(a.out, a.merge).items():
-                print(f"{f}: {c['added']} runs added, {c['skipped']} already present")
+                print(f"{f}: {c['added']} runs added, {c['replaced']} replaced runs on changed or unrecorded code, "
+                      f"{c['skipped']} already present")
         except (FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

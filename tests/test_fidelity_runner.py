@@ -308,7 +308,8 @@ def test_merge_adds_runs_from_other_files_once(fid, tmp_path):
     fid.save_results(a, {"version": 1, "runs": [run("clip", 0), run("gap", 0)]})
     fid.save_results(b, {"version": 1, "runs": [run("gap", 0), run("gap", 1), run("gap", 1, fp="f2")]})
     counts = fid.merge_results(out, [a, b])
-    assert counts == {str(a): {"added": 1, "skipped": 1}, str(b): {"added": 2, "skipped": 1}}
+    assert counts == {str(a): {"added": 1, "replaced": 0, "skipped": 1},
+                      str(b): {"added": 2, "replaced": 0, "skipped": 1}}
     keys = [(r["arm"], r["seed"], r["fingerprint"]) for r in fid.load_results(out / "fidelity.json")["runs"]]
     assert keys == [("clip", 0, "f1"), ("gap", 0, "f1"), ("gap", 1, "f1"), ("gap", 1, "f2")]
     with pytest.raises(FileNotFoundError, match="missing.json"):
@@ -364,6 +365,14 @@ def test_runs_record_the_files_they_executed_and_edits_make_them_stale(fid, monk
     fid.merge_results(merged, [tmp_path / "out" / "fidelity.json"])  # the manifests travel with the runs
     got = fid.load_results(merged / "fidelity.json")
     assert all(fid.code_state(run, got)[0] == "current" for run in got["runs"])
+
+    (src / "used.py").write_text("def f():\n    return 0.125\n")  # stale again; a fresh run made elsewhere
+    fresh = fid.run([r], [0, 1, 2], tmp_path / "elsewhere", eval_size=500, log=lambda m: None)
+    counts = fid.merge_results(merged, [tmp_path / "elsewhere" / "fidelity.json"])
+    assert counts == {str(tmp_path / "elsewhere" / "fidelity.json"): {"added": 0, "replaced": 3, "skipped": 3}}
+    got = fid.load_results(merged / "fidelity.json")
+    assert [x["metrics"] for x in got["runs"] if x["arm"] == "gap"] == [
+        x["metrics"] for x in fresh["runs"] if x["arm"] == "gap"]  # the current runs replaced the stale ones
 
 
 def test_code_trace_sees_library_functions_that_ran(fid):
