@@ -6,6 +6,11 @@
 - ``comclip_arm(seed, steps, batch, eval_size, method)``: the base model of ``seed`` (bench_adapt.base_model,
   shared with the adapter recipes) scored on ``eval_size`` scenes of shapes' relations split by plain CLIP
   (``clip``) or ComCLIP with the scene's boxes (``comclip``) or with the component detector (``comclip_detected``).
+- ``grain_descriptions_arm(seed, steps, batch, eval_size, alpha, train)``: trains the TrainConfig fields ``train``
+  (a run with the ``grain`` term) with the run's seed, steps and batch, reads the region tokens back from its
+  checkpoint and scores the shapes views with GRAIN's test-time description scoring
+  (:func:`clipforge.evaluation.descriptions.evaluate_grain_shapes`, weight ``alpha`` on the image-class score);
+  retrieval is the global embeddings' (benchmarks/fidelity/grain.yaml).
 """
 from __future__ import annotations
 
@@ -45,3 +50,37 @@ def comclip_arm(seed: int, steps: int, batch: int, eval_size: int, method: str) 
 
 
 comclip_arm.metrics = ("relation", "swap")
+
+
+def grain_descriptions_arm(seed: int, steps: int, batch: int, eval_size: int, alpha: float, train: dict) -> dict:
+    import tempfile
+
+    from omegaconf import OmegaConf
+
+    from clipforge.evaluation import evaluate_shapes
+    from clipforge.evaluation.descriptions import evaluate_grain_shapes, load_region_tokens
+    from clipforge.tokenizer import get_tokenizer
+    from clipforge.train import TrainConfig
+    from clipforge.train import train as run_training
+
+    fields = {k: v for k, v in train.items() if k != "loss"}
+    fields.update(steps=steps, batch_size=batch, seed=seed, save_every=0, eval_every=0, progress=False)
+    fields.setdefault("warmup_steps", max(1, steps // 10))  # as the fidelity runner does for training arms
+    with tempfile.TemporaryDirectory(prefix="fidelity-grain-") as out:
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.create({**fields, "out_dir": out}))
+        OmegaConf.update(merged, "loss", train["loss"], merge=False)
+        result = run_training(OmegaConf.to_object(merged).validate())
+        tokens = load_region_tokens(result.checkpoint)
+    model = result.model.eval()
+    tok = get_tokenizer(model.context_length)
+    grain = evaluate_grain_shapes(model, tokens, tok, size=eval_size, seed=12345, alpha=alpha)
+    ev = evaluate_shapes(model, tok, size=eval_size, seed=12345)
+    return {"object_top1": grain["object"]["top1"], "shape_top1": grain["shape"]["top1"],
+            "color_top1": grain["color"]["top1"], "i2t_R@1": ev["retrieval"]["val"]["i2t_R@1"],
+            "global_object_top1": grain["object"]["global_top1"],
+            "description_object_top1": grain["object"]["description_top1"],
+            "suite_object_top1": ev["zero_shot"]["object"]["top1"], "train_s": result.train_seconds}
+
+
+grain_descriptions_arm.metrics = ("object_top1", "shape_top1", "color_top1", "i2t_R@1", "global_object_top1",
+                                  "description_object_top1", "suite_object_top1")

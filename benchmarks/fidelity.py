@@ -25,6 +25,14 @@ zero in the paper's direction, ``contradicted`` when it excludes zero the other 
 ``insufficient seeds`` with fewer than three paired seeds. A ``no_decrease`` claim ("no loss of accuracy") is
 reproduced when the interval's lower end is above ``-margin`` and contradicted when the whole interval is below
 zero (``no_increase`` mirrors it). Metrics with direction ``none`` are reported with their interval, not judged.
+
+Prepared inputs: a recipe's ``prepare`` section names artifacts that arms train on but that must exist first (a
+curated shard set, a cluster file computed from another model): ``NAME: {function: "module:function", params:
+{...}}``, the function declaring ``.prepares`` (what it writes). An arm names one by the string ``"prepared:NAME"``
+anywhere in its training fields or params (``data: {dataset: shards, root: "prepared:curated"}``); the runner calls
+``function(out=DIR, **params)`` once, before the first arm that needs it, with DIR =
+``OUT/prepared/RECIPE/NAME-<hash of the entry>``, and substitutes the path it returns (kept in ``DIR/done.json``,
+so a later session reuses it). The entry is part of the fingerprint of every arm that names it.
 """
 from __future__ import annotations
 
@@ -61,7 +69,9 @@ DIRECTIONS = ("increase", "decrease", "no_decrease", "no_increase", "none")
 MIN_SEEDS = 3
 ESTIMATE_MIN_STEPS = 100  # shorter runs are mostly start-up and would inflate --estimate
 RECIPE_KEYS = {"title", "claim", "paper", "paper_budget", "machine_budget", "steps", "batch", "train", "measures",
-               "baseline", "arms", "metrics", "notes"}
+               "baseline", "arms", "metrics", "notes", "prepare"}
+PREPARE_KEYS = {"function", "params"}
+PREPARED = "prepared:"  # an arm's string value "prepared:NAME" stands for the path recipe.prepare[NAME] returns
 ARM_KEYS = {"label", "train", "function", "params"}
 METRIC_KEYS = {"label", "direction", "margin"}
 
@@ -181,8 +191,9 @@ class RecipeError(ValueError):
     """A recipe names something that does not exist; the message names it and the valid choices."""
 
 
-def _plugin(ref: str, where: str) -> Callable:
-    """``module:function`` of a module in benchmarks/; the function must declare ``.metrics`` (names it returns)."""
+def _plugin(ref: str, where: str, marker: str = "metrics") -> Callable:
+    """``module:function`` of a module in benchmarks/; the function must declare ``.metrics`` (names it returns), or
+    with ``marker="prepares"`` a ``.prepares`` string (what a preparation step writes)."""
     if ref.count(":") != 1:
         raise RecipeError(f"{where}: '{ref}' is not 'module:function' (a function of a module in {HERE}), "
                           f"e.g. 'bench_adapt:fidelity_arm'")
@@ -195,13 +206,39 @@ def _plugin(ref: str, where: str) -> Callable:
         found = sorted(p.stem for p in HERE.glob("*.py"))
         raise RecipeError(f"{where}: cannot import '{module_name}' ({e}); modules in {HERE}: "
                           f"{', '.join(found)}") from None
+    kind = {"metrics": tuple, "prepares": str}[marker]
     fn = getattr(module, fn_name, None)
-    if not callable(fn) or not isinstance(getattr(fn, "metrics", None), tuple):
+    if not callable(fn) or not isinstance(getattr(fn, marker, None), kind):
         choices = sorted(n for n, v in vars(module).items()
-                         if callable(v) and isinstance(getattr(v, "metrics", None), tuple))
-        raise RecipeError(f"{where}: '{ref}' is not a fidelity plug-in (a function with a .metrics tuple); "
-                          f"plug-ins of {module_name}: {', '.join(choices) or '(none)'}")
+                         if callable(v) and isinstance(getattr(v, marker, None), kind))
+        what = ("a fidelity plug-in (a function with a .metrics tuple)" if marker == "metrics" else
+                "a preparation step (a function with a .prepares description)")
+        label = "plug-ins" if marker == "metrics" else "preparation steps"
+        raise RecipeError(f"{where}: '{ref}' is not {what}; {label} of {module_name}: "
+                          f"{', '.join(choices) or '(none)'}")
     return fn
+
+
+def _prepared_refs(value: Any) -> set[str]:
+    """The names of every ``"prepared:NAME"`` string inside a (nested) recipe value."""
+    if isinstance(value, str):
+        return {value[len(PREPARED):]} if value.startswith(PREPARED) else set()
+    if isinstance(value, Mapping):
+        return set().union(*(_prepared_refs(v) for v in value.values()))
+    if isinstance(value, (list, tuple)):
+        return set().union(*(_prepared_refs(v) for v in value))
+    return set()
+
+
+def _substitute(value: Any, paths: Mapping[str, str]) -> Any:
+    """``value`` with every ``"prepared:NAME"`` string replaced by ``paths[NAME]``."""
+    if isinstance(value, str) and value.startswith(PREPARED):
+        return paths[value[len(PREPARED):]]
+    if isinstance(value, Mapping):
+        return {k: _substitute(v, paths) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_substitute(v, paths) for v in value]
+    return value
 
 
 def _check_keys(got: Mapping, allowed: set[str], where: str) -> None:
@@ -255,6 +292,7 @@ class Arm:
     spec: dict  # the recipe's arm entry merged with the shared training fields (what the fingerprint hashes)
     function: Callable | None = None
     params: dict = dataclasses.field(default_factory=dict)
+    prepared: tuple[str, ...] = ()  # the prepare entries it names ("prepared:NAME")
 
     @property
     def is_training(self) -> bool:
@@ -267,6 +305,18 @@ class Metric:
     label: str
     direction: str
     margin: float = 0.0
+
+
+@dataclasses.dataclass
+class Prepare:
+    name: str
+    function: Callable
+    params: dict
+    spec: dict  # {"function": ref, "params": params}: what the fingerprint and the directory name hash
+
+    def directory(self, out: Path, recipe: str) -> Path:
+        digest = hashlib.sha256(json.dumps(self.spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        return out / "prepared" / recipe / f"{self.name}-{digest}"
 
 
 @dataclasses.dataclass
@@ -285,11 +335,16 @@ class Recipe:
     arms: dict[str, Arm]
     metrics: dict[str, Metric]
     notes: str = ""
+    prepare: dict[str, Prepare] = dataclasses.field(default_factory=dict)
 
     def fingerprint(self, arm: str, steps: int, batch: int, eval_size: int) -> str:
-        """What makes two runs of an arm the same experiment (the seed aside)."""
-        blob = json.dumps({"arm": self.arms[arm].spec, "measures": self.measures, "steps": steps, "batch": batch,
-                           "eval_size": eval_size}, sort_keys=True, default=str)
+        """What makes two runs of an arm the same experiment (the seed aside); the prepare entries it names are
+        part of it (arms that name none keep the fingerprint they had before prepare existed)."""
+        what = {"arm": self.arms[arm].spec, "measures": self.measures, "steps": steps, "batch": batch,
+                "eval_size": eval_size}
+        if self.arms[arm].prepared:
+            what["prepared"] = {n: self.prepare[n].spec for n in self.arms[arm].prepared}
+        blob = json.dumps(what, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def measure_fns(self) -> list[tuple[Callable, tuple[str, ...]]]:
@@ -322,6 +377,18 @@ def parse_recipe(name: str, raw: Mapping) -> Recipe:
             raise RecipeError(f"{where}: unknown measure '{m}'; built-in measures: {', '.join(MEASURES)}, "
                               f"or 'module:function' of a benchmark module")
     shared = dict(raw.get("train") or {})
+    prepare: dict[str, Prepare] = {}
+    if not isinstance(raw.get("prepare") or {}, Mapping):
+        raise RecipeError(f"{where}: prepare is a mapping NAME: {{function: 'module:function', params: {{...}}}}")
+    for pname, spec in (raw.get("prepare") or {}).items():
+        pw = f"{where}, prepare '{pname}'"
+        if not isinstance(spec, Mapping) or "function" not in spec:
+            raise RecipeError(f"{pw}: an entry is a mapping with keys {', '.join(sorted(PREPARE_KEYS))} "
+                              f"(function required)")
+        _check_keys(spec, PREPARE_KEYS, pw)
+        params = dict(spec.get("params") or {})
+        prepare[pname] = Prepare(pname, _plugin(str(spec["function"]), pw, "prepares"), params,
+                                 {"function": spec["function"], "params": params})
     if not isinstance(raw["arms"], Mapping) or len(raw["arms"]) < 2:
         raise RecipeError(f"{where}: arms needs at least two named arms (a baseline and a method)")
     arms: dict[str, Arm] = {}
@@ -333,15 +400,20 @@ def parse_recipe(name: str, raw: Mapping) -> Recipe:
         if ("function" in spec) == ("train" in spec):
             raise RecipeError(f"{aw}: give exactly one of 'train' (TrainConfig fields, e.g. loss) or 'function' "
                               f"('module:function' of a benchmark module)")
+        refs = _prepared_refs(dict(spec))
+        unknown = sorted(refs - set(prepare))
+        if unknown:
+            raise RecipeError(f"{aw}: {', '.join(PREPARED + u for u in unknown)} names no prepare entry; "
+                              f"prepare entries: {', '.join(prepare) or '(none: add a prepare section)'}")
         if "train" in spec:
             fields = _merge(shared, dict(spec["train"]))
             _train_config({}, fields, aw)
-            arms[arm_name] = Arm(arm_name, spec.get("label", arm_name), {"train": fields})
+            arms[arm_name] = Arm(arm_name, spec.get("label", arm_name), {"train": fields}, prepared=tuple(sorted(refs)))
         else:
             fn = _plugin(str(spec["function"]), aw)
             params = dict(spec.get("params") or {})
             arms[arm_name] = Arm(arm_name, spec.get("label", arm_name),
-                                 {"function": spec["function"], "params": params}, fn, params)
+                                 {"function": spec["function"], "params": params}, fn, params, tuple(sorted(refs)))
     if raw["baseline"] not in arms:
         raise RecipeError(f"{where}: baseline '{raw['baseline']}' is not an arm; arms: {', '.join(arms)}")
     if any(a.is_training for a in arms.values()) and not measures:
@@ -349,7 +421,7 @@ def parse_recipe(name: str, raw: Mapping) -> Recipe:
     recipe = Recipe(name=name, title=str(raw.get("title", name)), claim=str(raw["claim"]), paper=str(raw["paper"]),
                     paper_budget=str(raw["paper_budget"]), machine_budget=str(raw["machine_budget"]),
                     steps=raw["steps"], batch=raw["batch"], train=shared, measures=measures, baseline=raw["baseline"],
-                    arms=arms, metrics={}, notes=str(raw.get("notes", "")))
+                    arms=arms, metrics={}, notes=str(raw.get("notes", "")), prepare=prepare)
     measured = {m for _, names in recipe.measure_fns() for m in names}
     if not isinstance(raw["metrics"], Mapping) or not raw["metrics"]:
         raise RecipeError(f"{where}: metrics needs at least one metric with a direction")
@@ -413,6 +485,38 @@ def environment(threads: int) -> dict:
             "torch": torch.__version__, "python": platform.python_version(), "commit": git("rev-parse", "HEAD"),
             "dirty": bool(status) if status is not None else None, "load_average": list(os.getloadavg()),
             "started": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
+def ensure_prepared(recipe: Recipe, name: str, out: Path, log: Callable[[str], None] = print) -> str:
+    """The path of the recipe's prepared input ``name``: read from its ``done.json`` when a previous run made it (and
+    it still exists), else made now by its function and recorded."""
+    prep = recipe.prepare[name]
+    where = prep.directory(out, recipe.name)
+    done = where / "done.json"
+    if done.exists():
+        path = json.loads(done.read_text())["path"]
+        if Path(path).exists():
+            return path
+    where.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    made = prep.function(out=where, **prep.params)
+    if made is None or not Path(made).exists():
+        raise RuntimeError(f"recipe '{recipe.name}', prepare '{name}': {prep.spec['function']} returned {made!r}, "
+                           "not the path of what it wrote")
+    path = str(Path(made).resolve())
+    seconds = time.perf_counter() - t0
+    done.write_text(json.dumps({"path": path, "seconds": seconds, "spec": prep.spec}, indent=1, default=str) + "\n")
+    log(f"prepared {recipe.name} / {name} in {seconds:.0f} s: {path}")
+    return path
+
+
+def resolve_arm(recipe: Recipe, arm: Arm, out: Path, log: Callable[[str], None] = print) -> Arm:
+    """The arm with every ``"prepared:NAME"`` replaced by the path of that prepared input (made first if missing);
+    an arm that names none is returned as it is."""
+    if not arm.prepared:
+        return arm
+    paths = {n: ensure_prepared(recipe, n, out, log) for n in arm.prepared}
+    return dataclasses.replace(arm, spec=_substitute(arm.spec, paths), params=_substitute(arm.params, paths))
 
 
 class CodeTrace:
@@ -595,10 +699,11 @@ def _run_locked(recipes, seeds, out: Path, steps, batch, eval_size: int, threads
                     f"reruns it)"))
                 continue
             log(f"{tag}: rerunning, its code is {state}" + (f" ({', '.join(changed[:3])})" if changed else ""))
+        arm = resolve_arm(recipe, recipe.arms[arm_name], out, log)  # prepared inputs made (once) before the trace
         env = environment(threads)
         t0 = time.perf_counter()
         with CodeTrace() as trace:
-            metrics = train_and_measure(recipe, recipe.arms[arm_name], seed, st, bt, eval_size)
+            metrics = train_and_measure(recipe, arm, seed, st, bt, eval_size)
         manifest = code_manifest(sorted(trace.files))
         env["code"] = manifest_id(manifest)
         data.setdefault("code", {})[env["code"]] = manifest
@@ -608,9 +713,12 @@ def _run_locked(recipes, seeds, out: Path, steps, batch, eval_size: int, threads
                                f"or function must return every metric it declares")
         env["load_average_end"] = list(os.getloadavg())
         data["runs"] = [r for r in data["runs"] if (r["experiment"], r["arm"], r["seed"], r["fingerprint"]) != key]
-        data["runs"].append({"experiment": recipe.name, "arm": arm_name, "seed": seed, "steps": st, "batch": bt,
-                             "eval_size": eval_size, "fingerprint": fp, "seconds": time.perf_counter() - t0,
-                             "metrics": {k: float(v) for k, v in metrics.items()}, "env": env})
+        record = {"experiment": recipe.name, "arm": arm_name, "seed": seed, "steps": st, "batch": bt,
+                  "eval_size": eval_size, "fingerprint": fp, "seconds": time.perf_counter() - t0,
+                  "metrics": {k: float(v) for k, v in metrics.items()}, "env": env}
+        if arm.prepared:  # where its prepared inputs were (their entries are in the fingerprint)
+            record["prepared"] = {n: ensure_prepared(recipe, n, out, log) for n in arm.prepared}
+        data["runs"].append(record)
         save_results(path, data)
         log(f"{tag}: {time.perf_counter() - t0:.0f} s  " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
     return data
@@ -888,7 +996,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"{r.name:14s} {arm.name:14s} function arm, not timed here (see --estimate after a run)")
                     continue
                 key = json.dumps([arm.spec, r.batch], sort_keys=True, default=str)
-                t = timed[key] = timed.get(key) or time_steps(r, arm, *a.time_steps)
+                t = timed[key] = timed.get(key) or time_steps(r, resolve_arm(r, arm, a.out), *a.time_steps)
                 print(f"{r.name:14s} {arm.name:14s} batch {r.batch:3d}: {t['s_per_step']:.3f} s/step, "
                       f"{t['steps_in_30_min']} steps in 30 min (median of {t['windows']} windows; {a.threads} threads, "
                       f"load average {t['load_average']:.1f})",

@@ -379,3 +379,97 @@ def test_code_trace_sees_library_functions_that_ran(fid):
         assert metrics.top1(torch.eye(3), torch.arange(3)) == 1.0
     assert any(f.endswith("src/clipforge/metrics.py") for f in trace.files)
     assert sys.gettrace() is before  # the previous tracer (a debugger's, coverage's) is back
+
+
+# ------------------------------------------------------------------------------------------------ prepared inputs
+
+
+PREP_MODULE = '''
+from pathlib import Path
+
+CALLS = []
+
+
+def make(out, n):
+    CALLS.append(n)
+    path = Path(out) / "made"
+    path.mkdir()
+    (path / "n.txt").write_text(str(n))
+    return path
+
+
+make.prepares = "a directory holding n.txt"
+
+
+def unmarked(out):
+    return out
+'''
+
+
+@pytest.fixture
+def prep_module(tmp_path, monkeypatch):
+    """A benchmark-style module with a preparation step ``make`` (counting its calls) on sys.path."""
+    src = tmp_path / "modules"
+    src.mkdir()
+    (src / "fid_prep_probe.py").write_text(PREP_MODULE)
+    monkeypatch.syspath_prepend(str(src))
+    sys.modules.pop("fid_prep_probe", None)
+    import fid_prep_probe
+
+    yield fid_prep_probe
+    sys.modules.pop("fid_prep_probe", None)
+
+
+def prepared_recipe(n: int = 3) -> dict:
+    raw = recipe(prepare={"pool": {"function": "fid_prep_probe:make", "params": {"n": n}}})
+    raw["arms"]["gap"] = {"train": {"loss": {"clip": 1.0}, "data": {"dataset": "shards", "root": "prepared:pool"}}}
+    return raw
+
+
+def test_an_arm_trains_on_a_prepared_input_made_once(fid, prep_module, monkeypatch, tmp_path):
+    r = fid.parse_recipe("t", prepared_recipe())
+    seen = []
+
+    def fake(recipe_, arm, seed, steps, batch, eval_size):
+        seen.append((arm.name, arm.spec["train"].get("data", {}).get("root")))
+        return fake_metrics(arm.name, seed)
+
+    monkeypatch.setattr(fid, "train_and_measure", fake)
+    out = tmp_path / "out"
+    fid.run([r], [0, 1], out, eval_size=500, log=lambda m: None)
+    made = out / "prepared" / "t"
+    (where,) = made.iterdir()
+    path = str((where / "made").resolve())
+    assert prep_module.CALLS == [3]  # once, before the first arm that names it
+    assert seen == [("clip", None), ("gap", path), ("clip", None), ("gap", path)]
+    assert (Path(path) / "n.txt").read_text() == "3"
+    assert json.loads((where / "done.json").read_text())["path"] == path
+    runs = json.loads((out / "fidelity.json").read_text())["runs"]
+    assert [r_.get("prepared") for r_ in runs] == [None, {"pool": path}, None, {"pool": path}]
+    fid.run([r], [0, 1, 2], out, eval_size=500, log=lambda m: None)  # a later session reuses done.json
+    assert prep_module.CALLS == [3] and seen[-1] == ("gap", path)
+
+
+def test_the_prepared_entry_is_part_of_the_fingerprint_of_the_arms_that_name_it(fid, prep_module):
+    a, b = fid.parse_recipe("t", prepared_recipe(3)), fid.parse_recipe("t", prepared_recipe(4))
+    plain = fid.parse_recipe("t", {**prepared_recipe(3), "prepare": {}} | {"arms": recipe()["arms"]})
+    assert a.fingerprint("gap", 10, 8, 500) != b.fingerprint("gap", 10, 8, 500)
+    # an arm that names no prepared input keeps the fingerprint it has without a prepare section
+    assert a.fingerprint("clip", 10, 8, 500) == b.fingerprint("clip", 10, 8, 500) == plain.fingerprint(
+        "clip", 10, 8, 500)
+
+
+def test_bad_prepare_entries_name_the_problem(fid, prep_module):
+    raw = prepared_recipe()
+    raw["arms"]["gap"]["train"]["data"]["root"] = "prepared:pol"
+    with pytest.raises(fid.RecipeError, match=r"arm 'gap': prepared:pol names no prepare entry; prepare entries: pool"):
+        fid.parse_recipe("t", raw)
+    raw = prepared_recipe()
+    raw["prepare"]["pool"]["function"] = "fid_prep_probe:unmarked"
+    with pytest.raises(fid.RecipeError, match=r"prepare 'pool': 'fid_prep_probe:unmarked' is not a preparation step.*"
+                                              r"preparation steps of fid_prep_probe: make"):
+        fid.parse_recipe("t", raw)
+    raw = prepared_recipe()
+    raw["prepare"]["pool"]["parms"] = {}
+    with pytest.raises(fid.RecipeError, match=r"prepare 'pool': unknown key\(s\) parms"):
+        fid.parse_recipe("t", raw)

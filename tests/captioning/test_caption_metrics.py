@@ -95,3 +95,25 @@ def test_cider_d_hand_case():
     assert per == pytest.approx([7.5, 7.5])
     with pytest.raises(ValueError, match="one non-empty set"):
         cider_d(["a"], [])
+
+
+def test_repetition_hand_cases():
+    from clipforge.captioning import is_repetitive, repetition_rate
+
+    assert not is_repetitive("a red circle to the left of a blue square.")  # "a" twice, not back to back
+    assert not is_repetitive("an orange hexagon left of an orange circle.")  # a bigram twice, not back to back
+    assert is_repetitive("a red red circle.")  # a word repeated back to back
+    assert is_repetitive("Red circle, red circle.")  # a 2-word span back to back (case and punctuation ignored)
+    assert not is_repetitive("a yellow star, a yellow star")  # 3-word spans are not counted
+    assert not is_repetitive("circle")
+    assert repetition_rate(["two blue squares.", "blue blue", "a b a b", "a b c"]) == 0.5
+    with pytest.raises(ValueError, match="at least one caption"):
+        repetition_rate([])
+
+
+def test_shapes_ground_truth_captions_are_not_repetitive():
+    from clipforge.captioning import repetition_rate
+    from clipforge.data import build_dataset
+
+    ds = build_dataset("shapes", split="val", size=200, seed=12345, image_size=32)
+    assert repetition_rate([c for i in range(200) for c in ds.generator.sample(i).captions]) == 0.0

@@ -68,3 +68,20 @@ def test_label_views_and_dataset_items():
         ds[16]
     with pytest.raises(ValueError, match="unknown shapes split"):
         ShapesGenerator("bogus")
+
+
+def test_class_descriptions_are_the_region_captions_of_each_class():
+    from clipforge.data.shapes import COLORS, LABEL_VIEWS, SHAPES, SIZES, ShapesGenerator, class_descriptions
+
+    obj = class_descriptions("object")
+    assert obj[LABEL_VIEWS["object"]["classes"].index("red circle")] == ["a small red circle.", "a large red circle."]
+    assert [len(d) for d in class_descriptions("shape")] == [len(COLORS) * len(SIZES)] * len(SHAPES)
+    assert [len(d) for d in class_descriptions("color")] == [len(SHAPES) * len(SIZES)] * len(COLORS)
+    gen = ShapesGenerator("compositional", seed=3, image_size=32)
+    for i in range(10):  # every region caption of a held-out object is among its classes' descriptions
+        sample = gen.sample(i)
+        for o, caption in zip(sample.objects, sample.region_captions):
+            for view, cls in (("object", f"{o.color} {o.shape}"), ("shape", o.shape), ("color", o.color)):
+                assert caption in class_descriptions(view)[LABEL_VIEWS[view]["classes"].index(cls)]
+    with pytest.raises(ValueError, match="not 'count'"):
+        class_descriptions("count")

@@ -146,7 +146,7 @@ def test_describe_refuses_a_model_without_decoder_and_a_changed_describer(descri
     out, images = described
     assert main(["index", str(model_dir), "--describe", "--images", str(images), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
-    assert "without a decoder" in err and "CoCa" in err and "MacCap" in err
+    assert "without a captioning decoder" in err and "CoCa" in err and "MacCap" in err
     # same captioner, other description settings: the stored descriptions are not comparable
     assert main(["index", str(described[0].parent / "nothing"), "--describe", "--images", str(images),
                  "--out", str(tmp_path / "y")]) == 2

@@ -10,7 +10,8 @@ from clipforge.train import inputs
 # variant itself returns from its forward (its extra_outputs): CoCa's decoder outputs, CLIP-MoE's balance loss
 NOT_FED = {"mlcd": {"cluster_centers"}, "caption": {"caption_logits", "caption_targets"},
            "moe_balance": {"moe_balance_loss"},
-           "sycoca_tgmim": {"tgmim_pred", "tgmim_target"}}  # a CoCa with its TG-MIM branch returns them
+           "sycoca_tgmim": {"tgmim_pred", "tgmim_target"},  # a CoCa with its TG-MIM branch returns them
+           "cosmo_generation": {"cosmo_logits", "cosmo_targets"}}  # a COSMO model's forward returns them
 
 
 def test_every_input_a_term_reads_is_declared_or_known_not_fed():
@@ -104,7 +105,8 @@ def test_region_negatives_long_captions_and_mask_texts_from_the_items():
     from clipforge.train.data import TrainItems, make_collate
 
     ds = build_dataset("shapes", split="train", size=8, seed=0, image_size=32)
-    items = TrainItems(ds, 3, 32, regions=True, region_negatives=2, long_caption=True, token_masking=True)
+    items = TrainItems(ds, 3, 32, regions=True, region_negatives=2, long_caption=True, token_masking=True,
+                       masking_ratios=(0.3, 0.25))
     rows = [items[(1, i)] for i in range(4)]
     for i, row in enumerate(rows):
         item = ds[i]
@@ -114,6 +116,7 @@ def test_region_negatives_long_captions_and_mask_texts_from_the_items():
     tok = get_tokenizer(32)
     batch = make_collate(tok, regions=4, region_negatives=(4, 2))(rows)
     assert batch["region_negative_texts"].shape == (4, 4, 2, 32) and batch["region_mask"].shape == (4, 4)
+    assert batch["mask_ratios"].tolist() == [[0.3, 0.25]] * 4  # ga_dms's (noise_ratio, mask_ratio), one row each
     assert torch.equal(batch["mask_texts"], batch["texts"]) and torch.equal(batch["long_texts"],
                                                                              tok([r["long_caption"] for r in rows]))
     for i, row in enumerate(rows):

@@ -142,6 +142,61 @@ class PromptLearner(nn.Module):
             return self.text_features().float()
 
 
+def zero_last_mlp(d: int, hidden: int, out: int) -> nn.Sequential:
+    """A two-layer MLP d -> hidden -> out (ReLU) whose last layer starts at zero, so a learner that adds its
+    output (a prompt shift, a residual projection) starts as plain CoOp."""
+    net = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, out))
+    nn.init.zeros_(net[2].weight)
+    nn.init.zeros_(net[2].bias)
+    return net
+
+
+def check_conditional_options(prompt: CoOpConfig, meta_ratio: int, chunk: int, shared_context_reason: str) -> None:
+    """The options every image-conditioned prompt learner (TMM, GOPro) checks: a shared CoOp context (the
+    image supplies the per-class or per-image part; ``shared_context_reason`` says why), a positive hidden-width
+    ratio of its meta-net and a positive inference chunk."""
+    if prompt.class_specific:
+        raise ValueError(f"{shared_context_reason}; set class_specific=False")
+    if meta_ratio < 1 or chunk < 1:
+        raise ValueError(f"meta_ratio and chunk must be positive, got {meta_ratio} and {chunk}")
+
+
+class ConditionalPromptLearner(PromptLearner):
+    """CoOp's shared context made image-dependent: one prompt per image and class (CoCoOp-style), the base
+    of TMM and GOPro. A subclass builds the per-image context [B, C, M, width]; this class puts the start
+    token and each class's suffix around it (:meth:`assemble`), runs the B x C prompts through the text tower
+    (:meth:`encode_prompts`) and predicts in chunks of ``chunk`` images with the model frozen (:meth:`logits`,
+    which calls ``self(features)``)."""
+
+    def __init__(self, model, tokenizer: Callable, classnames: Sequence[str], prompt: CoOpConfig, chunk: int):
+        super().__init__(model, tokenizer, classnames, prompt)
+        self.chunk = chunk
+
+    def assemble(self, ctx: Tensor) -> Tensor:
+        """Token embeddings [B, C, L, width] of the prompts with per-image, per-class context ``ctx``
+        [B, C, M, width]: [SOS] ctx CLASS . [EOS]."""
+        b = ctx.shape[0]
+        prefix = self.prefix.unsqueeze(0).expand(b, -1, -1, -1)
+        suffix = self.suffix.unsqueeze(0).expand(b, -1, -1, -1)
+        return torch.cat([prefix, ctx.to(prefix.dtype), suffix], dim=2)
+
+    def encode_prompts(self, emb: Tensor, normalize: bool = False) -> Tensor:
+        """Text-tower features [B, C, d] (float; unit length when ``normalize``) of the prompt embeddings
+        [B, C, L, width]."""
+        b, c = emb.shape[:2]
+        ids = self.ids.unsqueeze(0).expand(b, -1, -1).reshape(b * c, -1)
+        out = self.model.encode_text(ids, embeddings=emb.reshape(b * c, *emb.shape[2:])).float()
+        return (F.normalize(out, dim=-1) if normalize else out).view(b, c, -1)
+
+    @torch.no_grad()
+    def logits(self, image_features: Tensor) -> Tensor:
+        """``self(features)`` in chunks of ``chunk`` images, model frozen."""
+        with frozen(self.model):
+            n = self.chunk
+            parts = [self(image_features[i : i + n]) for i in range(0, len(image_features), n)]
+        return torch.cat(parts) if parts else image_features.new_zeros(0, len(self.classnames))
+
+
 def _lr_at(step: int, steps_per_epoch: int, total: int, cfg: CoOpConfig) -> float:
     warm = cfg.warmup_epochs * steps_per_epoch
     if step < warm:

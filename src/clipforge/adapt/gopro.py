@@ -42,10 +42,10 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..transforms import image_transform
-from .coop import CoOpConfig, PromptLearner, frozen, train_prompts
+from .coop import ConditionalPromptLearner, CoOpConfig, check_conditional_options, frozen, train_prompts, zero_last_mlp
 
 
 @dataclass
@@ -66,37 +66,27 @@ class GOProConfig:
     chunk: int = 64
 
     def __post_init__(self):
-        if self.prompt.class_specific:
-            raise ValueError("GOPro generates its prompts from the image with a shared context; "
-                             "set class_specific=False")
+        check_conditional_options(self.prompt, self.meta_ratio, self.chunk,
+                                  "GOPro generates its prompts from the image with a shared context")
         if self.views < 2:
             raise ValueError(f"GOPro needs at least 2 augmented views per image, got views={self.views}")
         if self.temperature <= 0 or self.view_weight < 0 or self.consistency_weight < 0:
             raise ValueError("temperature must be positive and the loss weights non-negative, got "
                              f"{self.temperature}, {self.view_weight}, {self.consistency_weight}")
-        if self.meta_ratio < 1 or self.chunk < 1:
-            raise ValueError(f"meta_ratio and chunk must be positive, got {self.meta_ratio} and {self.chunk}")
 
 
-def _residual_mlp(d: int, hidden: int, out: int) -> nn.Sequential:
-    net = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, out))
-    nn.init.zeros_(net[2].weight)
-    nn.init.zeros_(net[2].bias)
-    return net
-
-
-class GOProLearner(PromptLearner):
+class GOProLearner(ConditionalPromptLearner):
     """CoOp's shared context, the prompt meta-net h and the projectors m_v, m_t (trainable)."""
 
     def __init__(self, model, tokenizer: Callable, classnames: Sequence[str], cfg: GOProConfig | None = None):
         cfg = cfg or GOProConfig()
-        super().__init__(model, tokenizer, classnames, cfg.prompt)
+        super().__init__(model, tokenizer, classnames, cfg.prompt, cfg.chunk)
         self.gopro = cfg
         d, width = int(model.cfg.embed_dim), self.ctx.shape[-1]
         hidden = max(1, d // cfg.meta_ratio)
-        self.meta = _residual_mlp(d, hidden, width)
-        self.image_proj = _residual_mlp(d, hidden, d)
-        self.text_proj = _residual_mlp(d, hidden, d)
+        self.meta = zero_last_mlp(d, hidden, width)
+        self.image_proj = zero_last_mlp(d, hidden, d)
+        self.text_proj = zero_last_mlp(d, hidden, d)
 
     def project_image(self, z: Tensor) -> Tensor:
         return F.normalize(z + self.image_proj(z), dim=-1)
@@ -106,20 +96,12 @@ class GOProLearner(PromptLearner):
 
     def conditioned_embeddings(self, image_features: Tensor) -> Tensor:
         """Token embeddings of t_c(x): [B, C, L, width]."""
-        b, c = image_features.shape[0], len(self.classnames)
-        ctx = self.ctx.unsqueeze(0) + self.meta(image_features).unsqueeze(1)  # [B, M, width]
-        ctx = ctx.unsqueeze(1).expand(-1, c, -1, -1)
-        prefix = self.prefix.unsqueeze(0).expand(b, -1, -1, -1)
-        suffix = self.suffix.unsqueeze(0).expand(b, -1, -1, -1)
-        return torch.cat([prefix, ctx.to(prefix.dtype), suffix], dim=2)
+        ctx = self.ctx.unsqueeze(0) + self.meta(image_features).unsqueeze(1)  # [B, M, width], one for every class
+        return self.assemble(ctx.unsqueeze(1).expand(-1, len(self.classnames), -1, -1))
 
     def prompt_features(self, image_features: Tensor) -> Tensor:
         """P_t(g(t_c(x))) [B, C, d] for normalized image features [B, d]."""
-        emb = self.conditioned_embeddings(image_features)
-        b, c = emb.shape[:2]
-        ids = self.ids.unsqueeze(0).expand(b, -1, -1).reshape(b * c, -1)
-        g = self.model.encode_text(ids, embeddings=emb.reshape(b * c, *emb.shape[2:])).float().view(b, c, -1)
-        return self.project_text(g)
+        return self.project_text(self.encode_prompts(self.conditioned_embeddings(image_features)))
 
     def view_outputs(self, image_features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(logits [B, C], projected image features [B, d], prompt features [B, C, d]) of one view."""
@@ -129,15 +111,8 @@ class GOProLearner(PromptLearner):
         return self.model.scale().detach() * torch.einsum("bd,bcd->bc", v, t), v, t
 
     def forward(self, image_features: Tensor) -> Tensor:
+        """Logits [B, C] of one view (inference: :meth:`logits`, on un-augmented features, in chunks)."""
         return self.view_outputs(image_features)[0]
-
-    @torch.no_grad()
-    def logits(self, image_features: Tensor) -> Tensor:
-        """Prediction on un-augmented features, in chunks, model frozen."""
-        with frozen(self.model):
-            n = self.gopro.chunk
-            parts = [self(image_features[i : i + n]) for i in range(0, len(image_features), n)]
-        return torch.cat(parts) if parts else image_features.new_zeros(0, len(self.classnames))
 
 
 def gopro_losses(learner: GOProLearner, views: Tensor, labels: Tensor, pair: tuple[int, int]) -> dict[str, Tensor]:

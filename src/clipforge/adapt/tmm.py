@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .coop import CoOpConfig, PromptLearner, frozen, train_prompts
+from .coop import ConditionalPromptLearner, CoOpConfig, check_conditional_options, frozen, train_prompts, zero_last_mlp
 
 
 @dataclass
@@ -54,25 +54,19 @@ class TMMConfig:
     chunk: int = 64
 
     def __post_init__(self):
-        if self.prompt.class_specific:
-            raise ValueError("TMM uses a shared context (CTP adds the class-specific, image-conditioned part); "
-                             "set class_specific=False")
-        if self.meta_ratio < 1 or self.chunk < 1:
-            raise ValueError(f"meta_ratio and chunk must be positive, got {self.meta_ratio} and {self.chunk}")
+        check_conditional_options(self.prompt, self.meta_ratio, self.chunk,
+                                  "TMM uses a shared context (CTP adds the class-specific, image-conditioned part)")
 
 
-class TMMLearner(PromptLearner):
+class TMMLearner(ConditionalPromptLearner):
     """CoOp's shared context plus CTP's meta-net and TFT's map A (the trainable parameters)."""
 
     def __init__(self, model, tokenizer: Callable, classnames: Sequence[str], cfg: TMMConfig | None = None):
         cfg = cfg or TMMConfig()
-        super().__init__(model, tokenizer, classnames, cfg.prompt)
+        super().__init__(model, tokenizer, classnames, cfg.prompt, cfg.chunk)
         self.tmm = cfg
         d, width = int(model.cfg.embed_dim), self.ctx.shape[-1]
-        hidden = max(1, d // cfg.meta_ratio)
-        self.meta = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, width))
-        nn.init.zeros_(self.meta[2].weight)
-        nn.init.zeros_(self.meta[2].bias)
+        self.meta = zero_last_mlp(d, max(1, d // cfg.meta_ratio), width)
         self.tft = nn.Linear(d, d, bias=False)
         nn.init.zeros_(self.tft.weight)
         with torch.no_grad(), frozen(model):
@@ -87,19 +81,11 @@ class TMMLearner(PromptLearner):
 
     def conditioned_embeddings(self, image_features: Tensor) -> Tensor:
         """Token embeddings of the class-aware prompts t_c(x): [B, C, L, width]."""
-        b = image_features.shape[0]
-        ctx = self.ctx.unsqueeze(0).unsqueeze(0) + self.prompt_shift(image_features).unsqueeze(2)  # [B, C, M, w]
-        prefix = self.prefix.unsqueeze(0).expand(b, -1, -1, -1)
-        suffix = self.suffix.unsqueeze(0).expand(b, -1, -1, -1)
-        return torch.cat([prefix, ctx.to(prefix.dtype), suffix], dim=2)
+        return self.assemble(self.ctx.unsqueeze(0).unsqueeze(0) + self.prompt_shift(image_features).unsqueeze(2))
 
     def conditioned_text_features(self, image_features: Tensor) -> Tensor:
         """g_c(x) [B, C, d], normalized."""
-        emb = self.conditioned_embeddings(image_features)
-        b, c = emb.shape[:2]
-        ids = self.ids.unsqueeze(0).expand(b, -1, -1).reshape(b * c, -1)
-        out = self.model.encode_text(ids, embeddings=emb.reshape(b * c, *emb.shape[2:]))
-        return F.normalize(out.float(), dim=-1).view(b, c, -1)
+        return self.encode_prompts(self.conditioned_embeddings(image_features), normalize=True)
 
     def tuned_image_features(self, image_features: Tensor, text_features: Tensor) -> Tensor:
         """TFT's f~(x) [B, d] from f(x) [B, d] and g_c(x) [B, C, d]."""
@@ -113,14 +99,6 @@ class TMMLearner(PromptLearner):
         f = image_features.float()
         g = self.conditioned_text_features(f)
         return self.model.scale().detach() * torch.einsum("bd,bcd->bc", self.tuned_image_features(f, g), g)
-
-    @torch.no_grad()
-    def logits(self, image_features: Tensor) -> Tensor:
-        """Inference in chunks of ``chunk`` images, model frozen."""
-        with frozen(self.model):
-            n = self.tmm.chunk
-            parts = [self(image_features[i : i + n]) for i in range(0, len(image_features), n)]
-        return torch.cat(parts) if parts else image_features.new_zeros(0, len(self.classnames))
 
 
 def tmm_loss(learner: TMMLearner, features: Tensor, labels: Tensor) -> Tensor:

@@ -28,6 +28,12 @@ coco-caption PTB tokenizer also drops punctuation):
   with sigma = 6 and l the word length; ``CIDEr-D = 10 * mean_n mean_r sim_n``; the corpus score is
   the mean over images. (coco-caption measures l as the bigram count, which differs only for
   one-word captions.)
+
+Degenerate captions (what Cho et al. 2022 report of SCST with CLIP-S alone): :func:`is_repetitive` flags a
+caption whose word tokens hold a word or a 2-word span repeated back to back ("circle circle", "red circle red
+circle", "with a with a"); :func:`repetition_rate` is the share of such captions. A surface test, not the paper's
+human fluency judgment; none of 1,525 shapes val captions (seed 12345, 500 scenes) is flagged, whereas counting
+any bigram seen twice would flag 6.6 % of them ("an orange hexagon left of an orange circle").
 """
 from __future__ import annotations
 
@@ -153,6 +159,19 @@ def cider_d(candidates: Sequence[str], references: Sequence[Sequence[str]], max_
                 total += (dot / (nc * nr) if nc and nr else dot) * penalty
         scores.append(10.0 * total / max_n / len(rs))
     return sum(scores) / len(scores), scores
+
+
+def is_repetitive(caption: str) -> bool:
+    """Whether the caption repeats a word or a 2-word span back to back (module docstring)."""
+    toks = words(caption)
+    return any(toks[i:i + n] == toks[i + n:i + 2 * n] for n in (1, 2) for i in range(len(toks) - 2 * n + 1))
+
+
+def repetition_rate(captions: Sequence[str]) -> float:
+    """The share of ``captions`` for which :func:`is_repetitive` holds."""
+    if not captions:
+        raise ValueError("repetition_rate needs at least one caption")
+    return sum(map(is_repetitive, captions)) / len(captions)
 
 
 def _check(candidates, references):

@@ -17,10 +17,6 @@ from pathlib import Path
 
 from .common import add_load_arguments, load_options
 
-DECODER_HELP = ("captioning needs a decoder: a CoCa model (model=coca-tiny, trained with "
-                "loss={clip: 1.0, caption: 2.0}) "
-                "or a MacCap decoder directory (clipforge.captioning.train_maccap(clip, texts).save(DIR))")
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a CoCa run/checkpoint/model directory, or a MacCap decoder directory (maccap.json)")
@@ -40,29 +36,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_load_arguments(p)
 
 
-def _load(args):
-    """(kind, captioner or model, image transform)."""
-    from .. import image_transform
-    from ..captioning import MacCapCaptioner, is_maccap_dir
-
-    if is_maccap_dir(args.model):
-        if args.method not in (None, "maccap"):
-            raise ValueError(f"'{args.model}' is a MacCap decoder directory; it decodes with --method maccap "
-                             f"(greedy per noise draw, then CLIP re-ranking), not --method {args.method}")
-        cap = MacCapCaptioner.load(args.model)
-        return "maccap", cap, image_transform(cap.image_size)
-    if args.method == "maccap":
-        raise ValueError(f"--method maccap needs a MacCap decoder directory (with maccap.json); "
-                         f"'{args.model}' is not one")
-    from .. import load
-    from ..models import CoCa
-
-    model, _tok, transform = load(args.model, **load_options(args))
-    if not isinstance(model, CoCa):
-        raise ValueError(f"'{args.model}' is a {type(model).__name__} without a captioning decoder; {DECODER_HELP}")
-    return "coca", model.eval(), transform
-
-
 def image_files(paths: list[str], suffixes) -> list[Path]:
     """The given files, and the images under the given directories (recursively, sorted)."""
     out = []
@@ -80,7 +53,7 @@ def _batches(args, transform, image_size: int):
 
     if args.images:
         from ..images import load_image
-        from .embed import IMAGE_SUFFIXES
+        from ..serve.embed import IMAGE_SUFFIXES
 
         files = image_files(args.images, IMAGE_SUFFIXES)
         if not files:
@@ -121,7 +94,9 @@ def run(args) -> int:
         raise ValueError(f"--out must end in .jsonl, got '{out.name}'")
     if args.num_beams < 1 or args.max_len < 2 or args.batch_size < 1:
         raise ValueError("--num-beams and --batch-size must be >= 1 and --max-len >= 2")
-    kind, model, transform = _load(args)
+    from ..captioning.loading import load_captioner
+
+    kind, model, transform = load_captioner(args.model, args.method, load_options(args))
     clip = model.clip if kind == "maccap" else model
     tok = get_tokenizer(clip.context_length)
     batches, total = _batches(args, transform, clip.image_size)

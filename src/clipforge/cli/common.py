@@ -6,7 +6,7 @@ import argparse
 import contextlib
 import json
 import logging
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 
 @contextlib.contextmanager
@@ -37,6 +37,30 @@ def add_load_arguments(p: argparse.ArgumentParser) -> None:
                         "file, so only for files you trust")
     g.add_argument("--allow-nonfinite", action="store_true",
                    help="load weights that hold NaN or inf (refused by default) with a warning")
+
+
+def add_shapes_training_arguments(p: argparse.ArgumentParser, steps: int, batch_size: int, lr: float,
+                                  lr_help: str | None = None) -> None:
+    """The training-loop options of the commands that train on ``shapes`` scenes with a frozen partner
+    (``train-diffusion``, ``diffusion-feedback``): steps, batch size, learning rate, scenes, seed, ``--quiet``."""
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--lr", type=float, default=lr, help=lr_help)
+    p.add_argument("--train-size", type=int, default=4096, help="shapes train scenes (default 4096)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def step_logger(logger: logging.Logger, steps: int, quiet: bool, what: str = "loss") -> Callable[[int, float], None]:
+    """A training loop's ``on_step(step, loss)`` that logs ``what`` ten times over ``steps`` steps (never when
+    ``quiet``)."""
+    every = max(1, steps // 10)
+
+    def on_step(step: int, loss: float) -> None:
+        if not quiet and (step + 1) % every == 0:
+            logger.info("step %d/%d  %s %.4f", step + 1, steps, what, loss)
+
+    return on_step
 
 
 def load_options(args) -> dict[str, Any]:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_shapes_training_arguments, step_logger
+
 EPILOG = """\
 methods (clipforge.train.diffusion_feedback):
   diva     the generator's null condition plus a trained projection of the image features (a text-conditioned
@@ -22,13 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--diffusion", required=True, help="a directory written by clipforge train-diffusion")
     p.add_argument("--method", required=True, help="diva or un2clip")
     p.add_argument("--out", required=True, help="output model directory (clipforge.load / clipforge eval)")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-5, help="image tower learning rate (default 1e-5)")
+    add_shapes_training_arguments(p, steps=200, batch_size=32, lr=1e-5,
+                                  lr_help="image tower learning rate (default 1e-5)")
     p.add_argument("--projection-lr", type=float, default=1e-3, help="diva's projection learning rate")
-    p.add_argument("--train-size", type=int, default=4096, help="shapes train scenes (default 4096)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
 def run(args) -> int:
@@ -45,13 +43,7 @@ def run(args) -> int:
     generator, _ = load_diffusion(args.diffusion)
     clip = load(args.model)[0]
     check_pair(clip, generator, cfg.method)
-    every = max(1, cfg.steps // 10)
-
-    def on_step(step: int, loss: float) -> None:
-        if not args.quiet and (step + 1) % every == 0:
-            log.info("step %d/%d  denoising loss %.4f", step + 1, cfg.steps, loss)
-
-    clip, hist = diffusion_feedback(clip, generator, cfg, on_step)
+    clip, hist = diffusion_feedback(clip, generator, cfg, step_logger(log, cfg.steps, args.quiet, "denoising loss"))
     save_model(clip, args.out)
     print(f"{cfg.method}: denoising loss through the frozen generator {hist['loss_first']:.4f} -> "
           f"{hist['loss_last_10pct']:.4f} (mean of the last 10% of steps); image tower saved to {args.out}")

@@ -14,6 +14,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument(
         "--images", nargs="+", help="image files or directories (searched for .png/.jpg/.jpeg/.webp/.bmp/.gif)"
     )
+    src.add_argument("--dataset", metavar="SPEC",
+                     help="the images of a dataset spec as clipforge eval reads it: imagefolder:DIR, wds:DIR, "
+                          "csv:FILE, tsv:FILE, jsonl:FILE, parquet:FILE or shards:DIR (items keyed by the "
+                          "dataset's keys)")
     src.add_argument("--texts", nargs="+", help="texts to embed")
     src.add_argument("--text-file", help="a file with one text per line")
     p.add_argument(
@@ -29,81 +33,100 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--skip-bad", action="store_true", help="skip unreadable images (they are listed) instead of stopping"
     )
+    p.add_argument("--split", default="test",
+                   help="the split of a --dataset wds:DIR or shards:DIR to embed (default test)")
+    p.add_argument("--image-column", default="image",
+                   help="--dataset manifests: the column holding the image path (default image)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    r = p.add_argument_group("engine (images only)")
+    r.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this process (default); ray: batch inference with Ray Data, an actor pool each "
+                        "holding the model once, resumable block by block (needs `pip install clipforge[ray]`)")
+    r.add_argument("--ray-address", metavar="HOST:PORT",
+                   help="an existing Ray cluster: HOST:PORT of its head, ray://HOST:PORT (Ray Client), or auto "
+                        "(the one `ray start` made here); default: a new local Ray instance for this command")
+    r.add_argument("--ray-actors", type=int, default=2, help="actors, each holding one copy of the model (default 2)")
+    r.add_argument("--ray-cpus-per-actor", type=int, default=1,
+                   help="CPUs (and torch threads) per actor (default 1)")
+    r.add_argument("--ray-connect-timeout", type=float, default=5.0,
+                   help="seconds to wait for --ray-address to answer (default 5)")
+    r.add_argument("--block-size", type=int, default=1024,
+                   help="images per output block, the unit of resuming (default 1024)")
+    r.add_argument("--work-dir", help="where the finished blocks are kept until the output is written "
+                                      "(default: OUT.blocks beside --out); a rerun skips the finished blocks")
+    r.add_argument("--keep-blocks", action="store_true",
+                   help="keep the work directory after the output is written (default: delete it)")
     add_load_arguments(p)
 
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-
-
-def _expand(paths: list[str]) -> list[Path]:
-    out = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out.extend(sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES))
-        else:
-            out.append(p)
-    return out
-
-
 def run(args) -> int:
-    import numpy as np
-    from tqdm.auto import tqdm
+    from ..errors import ConfigError
+    from ..serve.embed import collect_dataset, collect_images, output_path
 
+    out = output_path(args.out)
+    if args.engine == "ray":
+        if not (args.images or args.dataset):
+            raise ConfigError("--engine ray embeds images (--images or --dataset); texts embed in this process: "
+                              "leave out --engine ray")
+        if args.device not in ("auto", "cpu"):
+            raise ConfigError(f"--engine ray runs its actors on CPUs; leave out --device {args.device} "
+                              "(or embed on that device in this process without --engine ray)")
+        from ..serve.ray_embed import import_ray
+
+        import_ray()  # a missing extra is named before anything is listed or loaded
+    collection = None
+    if args.images or args.dataset:
+        collection = collect_images(args.images) if args.images else collect_dataset(args.dataset, args.split,
+                                                                                      args.image_column)
+    if args.engine == "ray":
+        return _run_ray(args, collection, out)
+    return _run_local(args, collection, out)
+
+
+def _report_bad(bad: list[str]) -> None:
+    if bad:
+        print(f"skipped {len(bad)} unreadable images: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+
+
+def _run_ray(args, collection, out: Path) -> int:
+    import shutil
+
+    from ..serve.embed import write_embeddings
+    from ..serve.ray_embed import ModelLoader, embed_ray
+
+    work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".blocks")
+    loader = ModelLoader(args.model, load_options(args), args.dtype)
+    res = embed_ray(loader, collection, work, source=args.model, block_size=args.block_size,
+                    batch_size=args.batch_size, actors=args.ray_actors, cpus_per_actor=args.ray_cpus_per_actor,
+                    skip_bad=args.skip_bad, address=args.ray_address, connect_timeout=args.ray_connect_timeout,
+                    progress=not args.quiet)
+    _report_bad(res.bad)
+    write_embeddings(out, res.keys, res.embeddings)
+    if not args.keep_blocks:
+        shutil.rmtree(work)
+    print(f"wrote {res.embeddings.shape[0]} embeddings of dimension {res.embeddings.shape[1]} to {out} "
+          f"(ray: {res.blocks_computed} blocks embedded, {res.blocks_reused} reused from {work})")
+    return 0
+
+
+def _run_local(args, collection, out: Path) -> int:
     from .. import load
     from ..evaluation import encode_texts
-    from ..images import ImageLoadError, load_image
+    from ..serve.embed import embed_local, prepare_model, write_embeddings
     from ..train.device import resolve_device
 
-    out = Path(args.out)
-    if out.suffix not in (".npy", ".parquet"):
-        raise ValueError(f"--out must end in .npy or .parquet, got '{out.name}'")
     device = resolve_device(args.device)  # an absent GPU is named before the model loads
     # any format clipforge.load reads, with the model's own tokenizer and preprocessing
     # (CLIP BPE, a Hugging Face text tower's tokenizer, or raw text for a uCLIP pivot model)
     model, tokenizer, transform = load(args.model, **load_options(args))
-    model.eval().to(device)
-    if args.dtype != "fp32":
-        if not hasattr(model, "to_inference"):
-            from ..errors import ConfigError
-
-            raise ConfigError(f"--dtype {args.dtype} needs a clipforge CLIP model; '{args.model}' loads as a "
-                              f"{type(model).__name__}: leave out --dtype")
-        model.to_inference(args.dtype)
-    if args.images:
-        import torch
-
-        files, keys, chunks, bad = _expand(args.images), [], [], []
-        if not files:
-            raise FileNotFoundError(f"no images found in {args.images}")
-        for i in tqdm(range(0, len(files), args.batch_size), desc="embed images", unit="batch"):
-            pixels = []
-            for f in files[i : i + args.batch_size]:
-                try:
-                    pixels.append(transform(load_image(f)))
-                    keys.append(str(f))
-                except ImageLoadError as e:
-                    if not args.skip_bad:
-                        raise ValueError(f"{e} (pass --skip-bad to skip unreadable images)") from None
-                    bad.append(str(f))
-            if pixels:
-                with torch.no_grad():
-                    chunks.append(model.encode_image(torch.stack(pixels).to(device)).float().cpu())
-        emb = torch.cat(chunks).numpy() if chunks else np.zeros((0, model.cfg.embed_dim), np.float32)
-        if bad:
-            print(f"skipped {len(bad)} unreadable images: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+    model = prepare_model(model.eval().to(device), args.dtype, args.model)
+    if collection is not None:
+        res = embed_local(model, transform, collection, args.batch_size, device, args.skip_bad, not args.quiet)
+        keys, emb = res.keys, res.embeddings
+        _report_bad(res.bad)
     else:
         keys = args.texts or [l.rstrip("\n") for l in open(args.text_file, encoding="utf-8") if l.strip()]
         emb = encode_texts(model, keys, tokenizer, args.batch_size).numpy()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".npy":
-        np.save(out, emb.astype(np.float32))
-    else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        table = pa.table(
-            {"item": keys, "embedding": pa.array(list(emb.astype(np.float32)), type=pa.list_(pa.float32()))}
-        )
-        pq.write_table(table, out)
+    write_embeddings(out, keys, emb)
     print(f"wrote {emb.shape[0]} embeddings of dimension {emb.shape[1]} to {out}")
     return 0

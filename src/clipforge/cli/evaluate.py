@@ -36,6 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--data-root", help="where the corpus was built (default $CLIPFORGE_DATA/NAME or ~/.cache/clipforge/data/NAME)"
     )
     p.add_argument("--size", type=int, default=500, help="samples per evaluation split (default 500)")
+    p.add_argument("--grain-alpha", type=float, metavar="ALPHA",
+                   help="shapes only, for a run that trained the grain loss term: also score the zero-shot views with "
+                   "GRAIN's region-grounded class descriptions, ALPHA x image-class score + (1 - ALPHA) x description "
+                   "score (clipforge.evaluation.descriptions); results under grain_descriptions")
     p.add_argument(
         "--seed", type=int, default=12345, help="evaluation data seed; differs from training's (default 12345)"
     )
@@ -81,6 +85,8 @@ def summary_rows(results: dict) -> list[list]:
 
     results = {k: v for k, v in results.items() if not (isinstance(v, dict) and "skipped" in v)}
     rows = eval_rows(results)
+    for view, r in results.get("grain_descriptions", {}).items():
+        rows.append([f"zero-shot {view}, GRAIN descriptions (alpha {r['alpha']:g})", "top-1", r["top1"], ""])
     if "diagnostics" in results:
         d = results["diagnostics"]
         rows += [["embedding space", "modality gap", d["modality_gap"], ""],
@@ -209,11 +215,25 @@ def run(args) -> int:
     from ..train.device import resolve_device
 
     resolve_device(args.device)  # so does an absent GPU
+    region_tokens = None
+    if args.grain_alpha is not None:  # fails before the model loads: wrong dataset, alpha or checkpoint
+        from ..evaluation.descriptions import check_alpha, load_region_tokens
+
+        if specs != ["shapes"]:
+            raise ValueError(f"--grain-alpha scores shapes' classes with their descriptions; it runs with the "
+                             f"default --dataset shapes only, got {specs}")
+        check_alpha(args.grain_alpha)
+        region_tokens = load_region_tokens(args.model)
     user_data, train, ood = _read_specs(specs, args)
     model, tokenizer, transform = load(args.model, **load_options(args))
     cache = None if args.no_cache else (args.cache_dir or DEFAULT_ROOT)
     per_dataset = {spec: _evaluate_one(spec, user_data.get(spec), train, ood, model, tokenizer, transform, args, cache,
                                        tasks) for spec in specs}
+    if region_tokens is not None:
+        from ..evaluation.descriptions import evaluate_grain_shapes
+
+        per_dataset["shapes"][0]["grain_descriptions"] = evaluate_grain_shapes(
+            model.cpu(), region_tokens, tokenizer, size=args.size, seed=args.seed, alpha=args.grain_alpha)
     src = Path(args.model)
     if args.out:
         out = Path(args.out)

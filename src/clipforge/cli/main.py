@@ -39,6 +39,10 @@ COMMANDS = {
         "clipforge.cli.lm_finetune",
         "fine-tune a causal LM into a caption embedder (LLM2CLIP's first stage)",
     ),
+    "lvlm-train": (
+        "clipforge.cli.lvlm_train",
+        "train the LLaVA-style LVLM (caption) and fine-tune it into an embedder (discriminative, unime)",
+    ),
     "caption": (
         "clipforge.cli.caption",
         "caption images with a CoCa decoder (greedy/beam) or a MacCap decoder directory",

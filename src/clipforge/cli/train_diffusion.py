@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_shapes_training_arguments, step_logger
+
 EPILOG = """\
 the generator DIVA and un^2CLIP post-train a CLIP image tower through (clipforge diffusion-feedback):
 a DDPM U-Net at --image-size px on shapes train scenes, conditioned on the CLIP's image embeddings
@@ -19,16 +21,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="the CLIP whose embeddings condition the generator (anything clipforge.load reads)")
     p.add_argument("--out", required=True, help="output directory (diffusion.json + diffusion.safetensors)")
     p.add_argument("--condition", default="image", help="image (unCLIP-style, for un2clip) or text (for diva)")
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--train-size", type=int, default=4096, help="shapes train scenes (default 4096)")
+    add_shapes_training_arguments(p, steps=600, batch_size=64, lr=2e-3)
     p.add_argument("--image-size", type=int, default=32, help="generator resolution, a multiple of 4 (default 32)")
     p.add_argument("--channels", type=int, default=32, help="U-Net base width (default 32)")
     p.add_argument("--timesteps", type=int, default=200, help="DDPM steps T (default 200)")
     p.add_argument("--cond-drop", type=float, default=0.1, help="probability of the null condition (default 0.1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
 def run(args) -> int:
@@ -46,13 +43,7 @@ def run(args) -> int:
     DiffusionConfig(image_size=cfg.image_size, channels=cfg.channels, timesteps=cfg.timesteps,
                     condition=cfg.condition).validate()  # every bad value before the model loads
     clip = load(args.model)[0].eval()
-    every = max(1, cfg.steps // 10)
-
-    def on_step(step: int, loss: float) -> None:
-        if not args.quiet and (step + 1) % every == 0:
-            log.info("step %d/%d  loss %.4f", step + 1, cfg.steps, loss)
-
-    model, hist = train_diffusion(clip, cfg, on_step)
+    model, hist = train_diffusion(clip, cfg, step_logger(log, cfg.steps, args.quiet))
     save_diffusion(model, args.out, {"clip": str(args.model), "history": json.dumps(hist)})
     print(f"diffusion model ({cfg.condition}-conditioned, {cfg.image_size} px, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters): loss {hist['loss_first']:.4f} -> "

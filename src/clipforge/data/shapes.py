@@ -140,6 +140,20 @@ def region_caption(obj: ShapeObject) -> str:
     return object_captions(obj.color, obj.shape, obj.size)[1]
 
 
+def class_descriptions(view: str) -> list[list[str]]:
+    """Descriptions of each class of the label view ``view`` (``object``, ``shape``, ``color``; in
+    ``LABEL_VIEWS[view]["classes"]`` order): the region captions (:func:`region_caption`) of every object
+    of the class, all sizes (and, for ``shape`` / ``color``, all colors / shapes), e.g. "red circle" ->
+    ["a small red circle.", "a large red circle."]. GRAIN's test-time descriptions for ``shapes``."""
+    combos = [(c, s, z) for c in COLORS for s in SHAPES for z in SIZES]
+    match = {"object": lambda cls, c, s: cls == f"{c} {s}", "shape": lambda cls, c, s: cls == s,
+             "color": lambda cls, c, s: cls == c}
+    if view not in match:
+        raise ValueError(f"class descriptions exist for the views {sorted(match)}, not '{view}'")
+    return [[region_caption(ShapeObject(s, c, z, 0.5, 0.5)) for c, s, z in combos if match[view](cls, c, s)]
+            for cls in LABEL_VIEWS[view]["classes"]]
+
+
 def render(
     objects: list[ShapeObject], image_size: int, background: tuple[int, int, int], supersample: int = 2
 ) -> np.ndarray:

@@ -46,3 +46,22 @@ def encode_images(model, images: Sequence, batch_size: int = 256) -> Tensor:
         out.append(model.encode_image(_on_model_device(pixels, model)).float().cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, model.cfg.embed_dim)
+
+
+@torch.no_grad()
+def encode_image_tokens(model, images: Sequence, batch_size: int = 256) -> Tensor:
+    """The projected patch tokens [N, P, d] of ``images`` (:meth:`CLIP.encode_image_tokens`), prepared as
+    :func:`encode_images` prepares them."""
+    was_training = model.training
+    model.eval()
+    transform = image_transform(model.image_size, is_train=False)
+    out = []
+    for i in range(0, len(images), batch_size):
+        chunk = images[i : i + batch_size]
+        if all(isinstance(im, Tensor) and im.dtype == torch.uint8 for im in chunk):
+            pixels = normalize_batch(torch.stack(list(chunk)))
+        else:
+            pixels = torch.stack([transform(im) for im in chunk])
+        out.append(model.encode_image_tokens(_on_model_device(pixels, model))[1].float().cpu())
+    model.train(was_training)
+    return torch.cat(out)

@@ -326,6 +326,10 @@ def _load_dir(path: Path, trust_pickle: bool, allow_nonfinite: bool) -> tuple[An
             lm = model.cfg.lm
             tokenizer = CausalLMTokenizer(lm.path, model.context_length, lm.gguf_file)
             return model, tokenizer, EvalTransform(model.image_size)
+        if getattr(model.cfg, "lvlm", None) is not None:  # the LVLM: its causal LM's own tokenizer
+            lm = model.cfg.lvlm
+            tokenizer = CausalLMTokenizer(lm.path, model.context_length, lm.gguf_file)
+            return model, tokenizer, EvalTransform(model.image_size)
         if model.cfg.hf_text is not None:
             return model, HFTokenizer(model.cfg.hf_text.path, model.context_length), EvalTransform(model.image_size)
         return model, _clip_tokenizer(None, model.cfg), EvalTransform(model.image_size)

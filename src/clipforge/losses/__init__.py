@@ -115,3 +115,17 @@ __all__ += ["FgclipRegionConfig", "FgclipRegionLoss", "fgclip_region_loss", "roi
             "GaDmsLoss", "dual_masks", "ga_dms_loss", "ga_scores", "GrainConfig", "GrainLoss", "grain_loss",
             "SycocaTgmimConfig", "SycocaTgmimLoss", "tgmim_loss"]
 # --- end region-level and compositional terms ---
+
+# --- LVLM embedders (UniME) ---
+from .unime_hardneg import (  # noqa: E402
+    UnimeHardnegConfig,
+    UnimeHardnegLoss,
+    false_negative_mask,
+    hard_negative_indices,
+    unime_hardneg_loss,
+)
+from .unime_kd import UnimeKDConfig, UnimeKDLoss, unime_kd_loss  # noqa: E402
+
+__all__ += ["UnimeHardnegConfig", "UnimeHardnegLoss", "false_negative_mask", "hard_negative_indices",
+            "unime_hardneg_loss", "UnimeKDConfig", "UnimeKDLoss", "unime_kd_loss"]
+# --- end LVLM embedders ---

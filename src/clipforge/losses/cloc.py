@@ -69,22 +69,32 @@ def _check(inputs: LossInputs) -> tuple[Tensor, ...]:
     return regions, texts, mask, grounded, boxes
 
 
+def gather_regions(features: tuple[Tensor, ...], mask: Tensor, rank: int = 0, world_size: int = 1,
+                   term: str = "a region loss term") -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
+    """The prologue every region term shares: each [B, R, d] tensor of ``features`` gathered across processes and
+    flattened to [W*B*R, d]; the gathered [B, R] mask flattened (``valid``); the number of valid regions ``n``;
+    and ``positions`` [W*B*R], each slot's column among the valid regions (the targets of a contrast over them;
+    this process's slot (i, j) is row ``(rank * B + i) * R + j``). An empty gathered batch is refused, naming
+    ``term``."""
+    d = features[0].shape[-1]
+    gathered = [gather(f, rank, world_size).reshape(-1, d) for f in features]
+    valid = gather(mask.to(features[0].dtype), rank, world_size).reshape(-1).bool()
+    n = valid.sum()
+    if n == 0:
+        raise ValueError(f"{term} got a batch without any region; train it on a dataset with regions (shapes, "
+                         "shapes_long or a region corpus)")
+    return gathered, valid, n, torch.cumsum(valid.long(), 0) - 1
+
+
 def region_contrast(regions: Tensor, texts: Tensor, mask: Tensor, scale, rank: int = 0, world_size: int = 1,
                     term: str = "a region loss term") -> tuple[Tensor, Tensor]:
     """L_region, the symmetric region-text InfoNCE over the valid regions of the gathered batch, for [B, R, d]
     features and a [B, R] mask: returns (world_size x this process's share of it, the number of valid regions in
     the gathered batch), so the mean over processes is the one-process loss. Shared by CLOC and FG-CLIP 2."""
-    d = regions.shape[-1]
-    r_all = gather(regions, rank, world_size).reshape(-1, d)
-    u_all = gather(texts, rank, world_size).reshape(-1, d)
-    m_all = gather(mask.to(regions.dtype), rank, world_size).reshape(-1).bool()
-    n = m_all.sum()
-    if n == 0:
-        raise ValueError(f"{term} got a batch without any region; train it on a dataset with regions (shapes, "
-                         "shapes_long or a region corpus)")
+    (r_all, u_all), m_all, n, positions = gather_regions((regions, texts), mask, rank, world_size, term)
     local = mask.reshape(-1).bool()
     idx = torch.nonzero(local).reshape(-1) + rank * local.numel()  # global rows of this process's valid regions
-    targets = torch.cumsum(m_all.long(), 0)[idx] - 1  # their positions among the valid regions
+    targets = positions[idx]
     r2u = F.cross_entropy(scale * r_all[idx] @ u_all[m_all].t(), targets, reduction="sum")
     u2r = F.cross_entropy(scale * u_all[idx] @ r_all[m_all].t(), targets, reduction="sum")
     return 0.5 * (r2u + u2r) * world_size / n, n

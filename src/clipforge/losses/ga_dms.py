@@ -7,16 +7,18 @@ similarity with respect to that weight, supports matching the caption to its ima
 score are treated as noise and masked out of the caption that is aligned with the image; tokens of
 high score are informative and are masked and predicted from the image and the rest of the caption.
 
-With h_ij the normalized projected state of token j of caption i (its content tokens: after the start
-token, before the end token), y_i / v_i the caption / image embeddings and tau = :data:`ATTENTION_TAU`:
+The score (GASS, Fig. 2b of the paper) is read off the text tower's last attention layer. With
+A^h_ij the attention probability of head h from caption i's end-of-text token (whose state is the
+caption embedding y_i) to token j, v_i the image embedding and SIM_i = v_i . y_i (both normalized):
 
-    a_ij  = softmax_j( y_i . h_ij / tau )                  attention of the caption embedding to its tokens
-    s_i   = v_i . sum_j a_ij h_ij                           the image-text similarity through that attention
-    GA_ij = a_ij * ds_i/da_ij = a_ij * (v_i . h_ij)         gradient x attention
+    S_g,ij = sum_h A^h_ij * dSIM_i / dA^h_ij        attention times its gradient (w^l . v^l . g^l of the paper)
+    S_a,ij = mean_h A^h_ij / sum_{k in C_i} mean_h A^h_ik      the normalized attention to t_eos
+    S_ij   = S_a,ij * S_g,ij                         for the content tokens C_i (after the start token,
+                                                     before the end token); -inf elsewhere
 
-The ``floor(noise_ratio * n_i)`` content tokens of lowest GA are dropped from the caption (the
+The ``floor(noise_ratio * n_i)`` content tokens of lowest S are dropped from the caption (the
 denoised caption y~_i, re-encoded by the text tower), the ``max(1, round(mask_ratio * n_i))`` of
-highest GA among the rest are replaced by a mask symbol and re-encoded (states H^m_i), and
+highest S among the rest are replaced by a mask symbol and re-encoded (states H^m_i), and
 
     L_align = CLIP's symmetric InfoNCE of (v_i, y~_i) over the gathered batch
     L_mtp   = mean over masked positions of -log softmax(W D(H^m_i, V_i))[token]
@@ -24,14 +26,15 @@ highest GA among the rest are replaced by a mask symbol and re-encoded (states H
 
 with D one bidirectional transformer decoder layer (self-attention over the masked caption's states,
 cross-attention to the image's projected patch tokens V_i) and W a linear map to the vocabulary,
-both owned by this term and trained with the model.
+both owned by this term and trained with the model. ``noise_ratio`` and ``mask_ratio`` are options of
+the term (:class:`GaDmsConfig`); the training program reads them when it selects the tokens
+(train/inputs.py), before the loss is computed.
 
-Simplifications, stated: the attention is that of the caption embedding over its projected token
-states (one softmax, temperature tau) instead of the text tower's last-layer [EOS] attention heads,
-so the gradient has the closed form above (the tests check it against autograd); the mask symbol is
-the pad token id (the CLIP BPE's "!"); the ratios are fixed module constants
-(:data:`NOISE_RATIO`, :data:`MASK_RATIO`) because the training program selects the tokens before
-the loss is computed; GA-DMS's WebPerson data and its person-retrieval losses are not part of this.
+Simplifications, stated: the score uses the last attention layer only (the paper writes it per
+layer l); the gradient is that of each caption's similarity to its own image (the image embedding
+held fixed); the mask symbol is the pad token id (the CLIP BPE's "!"); the image-text alignment is
+CLIP's InfoNCE instead of the paper's SDM loss; GA-DMS's WebPerson data and its person-retrieval
+setting are not part of this.
 """
 from __future__ import annotations
 
@@ -48,36 +51,53 @@ from .grain import in_dtype
 from .registry import register
 from .validate import parse_options
 
-ATTENTION_TAU = 0.1
-NOISE_RATIO = 0.2  # fraction of a caption's content tokens dropped as noise
-MASK_RATIO = 0.15  # fraction masked for prediction (at least one)
+NOISE_RATIO = 0.2  # default fraction of a caption's content tokens dropped as noise
+MASK_RATIO = 0.15  # default fraction masked for prediction (at least one)
 IGNORE = -100  # target of the positions that are not predicted
 
 
-def ga_scores(image: Tensor, text: Tensor, tokens: Tensor, content: Tensor, tau: float = ATTENTION_TAU) -> Tensor:
-    """GA_ij [B, L] of the module docstring for image / caption embeddings [B, d], projected token states
-    [B, L, d] and the content mask [B, L]; positions outside the content are -inf."""
-    h = F.normalize(tokens, dim=-1)
-    y, v = F.normalize(text, dim=-1), F.normalize(image, dim=-1)
-    logits = torch.einsum("bd,bld->bl", y, h) / tau
-    a = logits.masked_fill(~content, -torch.inf).softmax(-1)
-    grad = torch.einsum("bd,bld->bl", v, h)
-    return (a * grad).masked_fill(~content, -torch.inf)
+def content_mask(ids: Tensor, eot: Tensor, pad_id: int) -> Tensor:
+    """[B, L] True at a caption's content tokens: after the start token, before its end token ``eot`` [B]
+    (a position), not padding."""
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    return (positions >= 1) & (positions < eot[:, None]) & (ids != pad_id)
 
 
-def dual_masks(ids: Tensor, image: Tensor, text: Tensor, tokens: Tensor, mask: Tensor, pad_id: int, eot_id: int,
-               noise_ratio: float = NOISE_RATIO, mask_ratio: float = MASK_RATIO) -> tuple[Tensor, Tensor, Tensor]:
-    """(denoised ids [B, L], masked ids [B, L], targets [B, L]) for token ids [B, L] whose states ``tokens``
-    and text mask ``mask`` (True after the start token up to the end token) come from one pass of the text
-    tower. Denoised: the lowest-GA content tokens removed, the rest shifted left, padded with ``pad_id``.
-    Masked: the highest-GA remaining content tokens replaced by ``pad_id``; targets hold their ids there
-    and :data:`IGNORE` elsewhere."""
-    content = mask.bool() & (ids != eot_id) & (ids != pad_id)
-    scores = ga_scores(image, text, tokens, content)
+def similarity_gradient(image: Tensor, text: Tensor, attention: Tensor) -> Tensor:
+    """dSIM_i / dA [B, heads, L, L] for SIM_i = v_i . y_i, the caption embeddings ``text`` [B, d] computed from
+    the attention maps ``attention`` (a node of their autograd graph), the image embeddings [B, d] held fixed.
+    Captions are independent in the text tower, so the gradient of the sum is each caption's own."""
+    sim = (image.detach().to(text.dtype) * text).sum()
+    (grad,) = torch.autograd.grad(sim, attention, retain_graph=False)
+    return grad
+
+
+def ga_scores(attention: Tensor, grad: Tensor, eot: Tensor, content: Tensor) -> Tensor:
+    """S_ij [B, L] of the module docstring from the last layer's attention probabilities [B, heads, L, L], their
+    gradient ``grad`` (same shape), the end-token positions ``eot`` [B] and the content mask [B, L]; -inf outside
+    the content."""
+    rows = torch.arange(attention.shape[0], device=attention.device)
+    dtype = torch.promote_types(attention.dtype, torch.float32)  # bf16 maps (autocast) are scored in float32
+    a, g = attention[rows, :, eot].to(dtype), grad[rows, :, eot].to(dtype)  # [B, heads, L]: t_eos's row
+    s_g = (a * g).sum(1)
+    s_a = a.mean(1).masked_fill(~content, 0.0)
+    s_a = s_a / s_a.sum(1, keepdim=True).clamp_min(torch.finfo(s_a.dtype).tiny)
+    return (s_a * s_g).masked_fill(~content, -torch.inf)
+
+
+def dual_masks(ids: Tensor, scores: Tensor, content: Tensor, pad_id: int, noise_ratio: float = NOISE_RATIO,
+               mask_ratio: float = MASK_RATIO) -> tuple[Tensor, Tensor, Tensor]:
+    """(denoised ids [B, L], masked ids [B, L], targets [B, L]) for token ids [B, L] with their scores [B, L]
+    (:func:`ga_scores`) and content mask. Denoised: the ``floor(noise_ratio * n)`` lowest-scoring content tokens
+    removed, the rest shifted left, padded with ``pad_id``. Masked: the ``max(1, round(mask_ratio * n))``
+    highest-scoring remaining content tokens replaced by ``pad_id``; targets hold their ids there and
+    :data:`IGNORE` elsewhere."""
+    content = content.bool()
+    scores = scores.masked_fill(~content, -torch.inf)
     n = content.sum(1)
     n_noise = torch.floor(noise_ratio * n.float()).long()
     n_mask = torch.clamp(torch.round(mask_ratio * n.float()).long().clamp(min=1), max=(n - n_noise).clamp(min=0))
-    order = scores.argsort(dim=1)  # ascending; -inf (non-content) first
+    order = scores.argsort(dim=1, stable=True)  # ascending; -inf (non-content) first
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(ids.shape[1], device=ids.device).expand_as(order))
     first = ids.shape[1] - n  # rank of the lowest-scoring content token
@@ -132,6 +152,8 @@ class GaDmsConfig:
     vocab_size: int = 49408  # the text tower's vocabulary (CLIP's BPE)
     heads: int = 4
     mtp: float = 1.0  # weight of the masked-token prediction
+    noise_ratio: float = NOISE_RATIO  # fraction of a caption's content tokens dropped as noise (lowest score)
+    mask_ratio: float = MASK_RATIO  # fraction of its content tokens masked for prediction (highest; at least one)
     seed: int = 0  # initialization of the token predictor
 
     def __post_init__(self):
@@ -139,6 +161,10 @@ class GaDmsConfig:
             raise ValueError(f"ga_dms needs embed_dim >= 1, vocab_size >= 2, heads >= 1; got {self}")
         if self.mtp < 0:
             raise ValueError(f"ga_dms mtp weight must be >= 0, got {self.mtp}")
+        if not 0 <= self.noise_ratio < 1 or not 0 < self.mask_ratio <= 1 or self.noise_ratio + self.mask_ratio > 1:
+            raise ValueError(f"ga_dms needs 0 <= noise_ratio < 1, 0 < mask_ratio <= 1 and noise_ratio + mask_ratio "
+                             f"<= 1 (fractions of a caption's tokens), got noise_ratio={self.noise_ratio}, "
+                             f"mask_ratio={self.mask_ratio}")
 
 
 @register("ga_dms")
@@ -152,6 +178,11 @@ class GaDmsLoss(nn.Module):
         super().__init__()
         self.cfg = parse_options(GaDmsConfig, options, "ga_dms")
         self.predictor = TokenPredictor(self.cfg.embed_dim, self.cfg.vocab_size, self.cfg.heads, self.cfg.seed)
+
+    @property
+    def masking_ratios(self) -> tuple[float, float]:
+        """(noise_ratio, mask_ratio): what the training program's token selection reads (train/inputs.py)."""
+        return self.cfg.noise_ratio, self.cfg.mask_ratio
 
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
         denoised = inputs.require("ga_dms_text_features")

@@ -18,8 +18,8 @@ regions of the (gathered) batch and t the logit scale:
 Simplifications, stated: the region tokens are a light decoder owned by this term (Q learned queries,
 one transformer decoder layer cross-attending to the image tower's projected patch tokens, a box MLP
 and an embedding projection), trained with the model, instead of extra tokens inside the ViT; it is
-saved with the loss terms' state, so the trained model file holds the global model only (zero-shot
-recognition uses the global embeddings; GRAIN's test-time description scores are not implemented).
+saved with the loss terms' state, so the trained model file holds the global model only; GRAIN's test-time
+description scoring reads the region tokens back from a checkpoint (:mod:`clipforge.evaluation.descriptions`).
 Descriptions are the dataset's region captions (``shapes``: "a small red circle.") instead of an
 MLLM's; boxes are the dataset's instead of an open-vocabulary detector's. The matching is exact
 (every assignment is scored; Q <= 6 keeps that cheap), on the box cost alone as in GRAIN's code.
@@ -34,8 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import LossInputs
-from .cloc import generalized_iou
-from .gather import gather
+from .cloc import gather_regions, generalized_iou
 from .registry import register
 from .validate import parse_options
 
@@ -77,13 +76,7 @@ def grain_loss(region_embeddings: Tensor, predicted_boxes: Tensor, region_text_f
     if int(mask.sum(1).max()) > q:
         raise ValueError(f"grain has {q} region tokens but a sample has {int(mask.sum(1).max())} regions; set the "
                          f"grain option queries to at least data's max regions per sample")
-    u_all = gather(region_text_features, rank, world_size).reshape(-1, d)
-    m_all = gather(mask.to(region_text_features.dtype), rank, world_size).reshape(-1).bool()
-    n = m_all.sum()
-    if n == 0:
-        raise ValueError("grain got a batch without any region; train it on a dataset with regions (shapes, "
-                         "shapes_long or a region corpus)")
-    positions = torch.cumsum(m_all.long(), 0) - 1  # each valid region's column among the gathered descriptions
+    (u_all,), m_all, n, positions = gather_regions((region_text_features,), mask, rank, world_size, "grain")
     rows, targets, preds, trues = [], [], [], []
     for i in range(b):
         cols = torch.nonzero(mask[i]).reshape(-1)

@@ -151,6 +151,16 @@ class CLIP(nn.Module):
         mask = (positions >= 1) & (positions <= self.text.eot_index(ids)[:, None]) & (ids != self.text.cfg.pad_token_id)
         return F.normalize(self.text.project(self.text.pool(states, ids)), dim=-1), self.text.project(states), mask
 
+    def encode_text_attention(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(normalized text embeddings [B, d], the text tower's last-layer attention probabilities
+        [B, heads, L, L]) from one pass in which the attention maps are nodes of the autograd graph
+        (:meth:`TextTransformer.forward_tokens_with_attention`): d(embedding)/d(attention) is available."""
+        if not isinstance(self.text, TextTransformer):
+            raise ValueError("attention maps of the text tower need clipforge's own text transformer, "
+                             f"not a {type(self.text).__name__}")
+        states, weights = self.text.forward_tokens_with_attention(ids)
+        return F.normalize(self.text.project(self.text.pool(states, ids)), dim=-1), weights
+
     def _require_region_head(self) -> RegionHead:
         if self.region_head is None:
             raise ValueError("this model has no region head, so it cannot encode regions; build it with "

@@ -6,6 +6,7 @@ builds: a config with a ``multimodal`` section is a :class:`~clipforge.models.co
 and builds :class:`~clipforge.models.coca.CoCa`, one with an ``mci`` section is MobileCLIP
 (:mod:`~clipforge.models.mobileclip`), one with a ``moe`` section CLIP-MoE (:mod:`~clipforge.models.moe`),
 one with an ``lm`` section LLM2CLIP (a frozen causal LM as the text tower, :mod:`~clipforge.models.llm_text`),
+one with an ``lvlm`` section the LLaVA-style LVLM (image tower + projector + causal LM, :mod:`~clipforge.models.lvlm`);
 one with a ``cosmo`` section COSMO (a causal LM split into a text half and a multimodal half,
 :mod:`~clipforge.models.cosmo`);
 anything else builds :class:`~clipforge.models.clip.CLIP` (Long-CLIP's stretched positions are a field of the
@@ -24,6 +25,7 @@ from .coca import CoCa, CoCaConfig
 from .config import CLIPConfig
 from .cosmo import Cosmo, CosmoConfig
 from .llm_text import LLM2CLIP, LLM2CLIPConfig
+from .lvlm import LVLM, LVLMConfig
 from .mobileclip import MobileCLIP, MobileCLIPConfig
 from .moe import MoECLIP, MoECLIPConfig
 from .registry import MODEL_CONFIGS
@@ -34,6 +36,7 @@ VARIANTS: tuple[tuple[str, type[CLIPConfig], type[CLIP]], ...] = (
     ("mci", MobileCLIPConfig, MobileCLIP),
     ("moe", MoECLIPConfig, MoECLIP),
     ("lm", LLM2CLIPConfig, LLM2CLIP),
+    ("lvlm", LVLMConfig, LVLM),
     ("cosmo", CosmoConfig, Cosmo),
 )
 

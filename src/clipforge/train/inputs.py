@@ -400,11 +400,30 @@ LONG_CAPTION_DATA = DataInput("long_caption", ("long_caption",), {"long_caption"
                               _tokens("long_caption", "long_texts"))
 
 
-# --- GA-DMS: the step's caption ids once more, which the training program re-encodes masked
-TOKEN_MASKING_DATA = DataInput("token_masking", ("mask_caption",), {"token_masking": False},
-                               lambda ctx: {"token_masking": True},
-                               lambda s, items: {"mask_caption": s.caption},
-                               _tokens("mask_caption", "mask_texts"))
+# --- GA-DMS: the step's caption ids once more, which the training program re-encodes masked, with the term's
+# (noise_ratio, mask_ratio) per row
+def _configure_token_masking(ctx: DataContext) -> dict:
+    ratios = {tuple(t.masking_ratios) for t in ctx.terms if getattr(t, "masking_ratios", None) is not None}
+    if len(ratios) > 1:
+        raise ValueError(f"the loss terms ask for different token-masking ratios {sorted(ratios)}; give every ga_dms "
+                         "term the same noise_ratio and mask_ratio")
+    return {"token_masking": True, "masking_ratios": ratios.pop() if ratios else TOKEN_MASKING_RATIOS}
+
+
+def _collate_token_masking(rows, tokenizer, slots) -> dict:
+    if "mask_caption" not in rows[0]:
+        return {}
+    return {"mask_texts": tokenizer([r["mask_caption"] for r in rows]),
+            "mask_ratios": torch.tensor([r["masking_ratios"] for r in rows], dtype=torch.float64)}
+
+
+TOKEN_MASKING_RATIOS = (0.2, 0.15)  # (noise, mask) when no term states them: ga_dms's defaults
+TOKEN_MASKING_DATA = DataInput("token_masking", ("mask_caption",),
+                               {"token_masking": False, "masking_ratios": TOKEN_MASKING_RATIOS},
+                               _configure_token_masking,
+                               lambda s, items: {"mask_caption": s.caption,
+                                                 "masking_ratios": tuple(items.masking_ratios)},
+                               _collate_token_masking)
 
 
 # --- negative images (CLIP-IN): edited copies of the image whose caption no longer matches
@@ -527,15 +546,22 @@ def _region_negatives(model: nn.Module, batch: dict) -> dict:
 def _ga_dms(model: nn.Module, batch: dict) -> dict:
     """GA-DMS's two re-encodings of the step's captions (clipforge.losses.ga_dms.dual_masks): without the
     tokens of lowest gradient-attention score (noise), and with the highest-scoring ones masked (for
-    masked-token prediction); the scores come from a pass without gradients."""
-    from ..losses.ga_dms import dual_masks
+    masked-token prediction). The scores come from the text tower's last-layer attention maps and the
+    gradient of each caption's similarity to its image with respect to them (losses.ga_dms.ga_scores), in a
+    pass of their own whose graph is dropped; the ratios are the ga_dms term's (``mask_ratios`` rows)."""
+    from ..losses.ga_dms import content_mask, dual_masks, ga_scores, similarity_gradient
 
-    ids = batch["mask_texts"]
+    ids, cfg = batch["mask_texts"], model.text.cfg
     with torch.no_grad():
         image = model.encode_image(batch["images"]).float()
-        text, tokens, mask = model.encode_text_tokens(ids)
-    denoised, masked, targets = dual_masks(ids, image, text.float(), tokens.float(), mask,
-                                           pad_id=model.text.cfg.pad_token_id, eot_id=model.text.cfg.eot_token_id)
+    with torch.enable_grad():
+        text, attention = model.encode_text_attention(ids)
+        grad = similarity_gradient(image, text.float(), attention)
+    eot = model.text.eot_index(ids)
+    content = content_mask(ids, eot, cfg.pad_token_id)
+    scores = ga_scores(attention.detach(), grad, eot, content)
+    noise_ratio, mask_ratio = (float(r) for r in batch["mask_ratios"][0])
+    denoised, masked, targets = dual_masks(ids, scores, content, cfg.pad_token_id, noise_ratio, mask_ratio)
     _, mtp_tokens, _ = model.encode_text_tokens(masked)
     return {"ga_dms_text_features": model.encode_text(denoised).float(), "ga_dms_mtp_tokens": mtp_tokens.float(),
             "ga_dms_mtp_targets": targets}

@@ -89,6 +89,10 @@ def build_model(cfg: TrainConfig, say=logger.info):
             from ..interop.text_tokenizers import CausalLMTokenizer
 
             tokenizer = CausalLMTokenizer(model.cfg.lm.path, model.context_length, model.cfg.lm.gguf_file)
+        elif getattr(model.cfg, "lvlm", None) is not None:  # the LVLM: its causal LM's own tokenizer
+            from ..interop.text_tokenizers import CausalLMTokenizer
+
+            tokenizer = CausalLMTokenizer(model.cfg.lvlm.path, model.context_length, model.cfg.lvlm.gguf_file)
         elif model.cfg.hf_text is not None:  # a pretrained Hugging Face text tower brings its own tokenizer
             from ..interop.text_tokenizers import HFTokenizer
 

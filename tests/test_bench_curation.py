@@ -1,0 +1,87 @@
+"""benchmarks/bench_curation.py, the preparation step of the curation fidelity recipe: the pool holds every sample of
+both corpora, the curated set is curate()'s selection of the pooled captions (recomputed here from the sources), and
+the uncurated set is a random subset of the pool of exactly the curated size with the same evaluation splits."""
+from __future__ import annotations
+
+import importlib.util
+import io
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_curation", ROOT / "benchmarks" / "bench_curation.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_curation"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _corpus(root: Path, view: str, train: list[str], test: list[str]) -> None:
+    from PIL import Image
+
+    from clipforge.data.shards import ShardSample, ShardSetWriter
+
+    def png(i):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (i * 7 % 256, i % 3 * 60, 0)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    w = ShardSetWriter(root, target_bytes=1500)
+    for split, caps in (("train", train), ("test", test)):
+        keys = [f"{split}{i:03d}" for i in range(len(caps))]
+        samples = {k: ShardSample(k, png(i), [c], {view: i % 2}) for i, (k, c) in enumerate(zip(keys, caps))}
+        w.write_split(split, keys, lambda ks, s=samples: (s[k] for k in ks))
+    w.finish(root.name, {view: {"classes": ["a", "b"], "templates": ["a {}."]}})
+
+
+@pytest.fixture
+def corpora(tmp_path, monkeypatch):
+    """Two toy corpora named openclipart and emoji in a data home: a head entry ('cat') and a tail."""
+    home = tmp_path / "home"
+    oc = [f"a cat drawing {i}" for i in range(24)] + ["a dog", "a tree", "nothing matches"]
+    em = ["red apple", "dog face", "grinning face"] + [f"cat face {i}" for i in range(6)]
+    _corpus(home / "openclipart", "category", oc, ["a test house"])
+    _corpus(home / "emoji", "group", em, ["star", "car"])
+    monkeypatch.setenv("CLIPFORGE_DATA", str(home))
+    return home, oc, em
+
+
+def test_curated_and_uncurated_sets(bench, corpora, tmp_path):
+    from clipforge.data.curation import curate
+    from clipforge.data.entries import default_entries
+    from clipforge.data.shards import ShardDataset
+
+    home, oc, em = corpora
+    keys = [f"openclipart_train{i:03d}" for i in range(len(oc))] + [f"emoji_train{i:03d}" for i in range(len(em))]
+    expected = curate([[c] for c in oc + em], default_entries(), t=4, seed=1).indices.tolist()
+    assert 4 < len(expected) < len(keys) - 1  # the head entry was balanced down, 'nothing matches' dropped
+
+    curated = ShardDataset(bench.curation_set(tmp_path / "out", "curated", t=4, seed=1))
+    assert [curated[i]["key"] for i in range(len(curated))] == [keys[i] for i in expected]
+    pool = ShardDataset(tmp_path / "out" / "pool")
+    assert [pool[i]["key"] for i in range(len(pool))] == keys
+    src = ShardDataset(home / "openclipart")
+    assert torch.equal(pool[3]["image"], src[3]["image"]) and pool[3]["captions"] == src[3]["captions"]
+
+    uncurated = ShardDataset(bench.curation_set(tmp_path / "out", "uncurated", t=4, seed=1))
+    picked = [uncurated[i]["key"] for i in range(len(uncurated))]
+    assert len(picked) == len(expected) and set(picked) <= set(keys) and picked == sorted(picked, key=keys.index)
+    for d in (curated, uncurated):
+        test = ShardDataset(d.root, split="test")
+        assert sorted(test[i]["key"] for i in range(len(test))) == ["emoji_test000", "emoji_test001",
+                                                                   "openclipart_test000"]
+    with pytest.raises(ValueError, match="kind must be 'curated' or 'uncurated'"):
+        bench.curation_set(tmp_path / "out", "random", t=4)
+
+
+def test_a_missing_corpus_names_the_build_command(bench, tmp_path, monkeypatch):
+    monkeypatch.setenv("CLIPFORGE_DATA", str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="clipforge data build openclipart"):
+        bench.curation_set(tmp_path / "out", "curated", t=4)
