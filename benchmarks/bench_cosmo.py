@@ -37,13 +37,13 @@ def lm_path(layers: int) -> str:
 
 
 def fidelity_arm(seed: int, steps: int, batch: int, eval_size: int, arm: str, lm_layers: int = 2, split: int = 1,
-                 train_size: int = 2000, lr: float = 2e-3) -> dict:
+                 train_size: int = 2000, lr: float = 2e-3, pool: str = "eos") -> dict:
     """One arm of the fidelity recipe ``cosmo`` (benchmarks/fidelity.py): ``contrastive`` or ``cosmo``."""
     if arm not in LOSSES:
         raise ValueError(f"fidelity_arm: arm must be one of {sorted(LOSSES)}, got '{arm}'")
     os.makedirs(WORK, exist_ok=True)
     path = lm_path(lm_layers)
-    over = {"cosmo": {"path": path, "layers": None, "split": split}}
+    over = {"cosmo": {"path": path, "layers": None, "split": split, "pool": pool}}
     with tempfile.TemporaryDirectory(prefix="cosmo-") as out:
         cfg = TrainConfig(model="cosmo-tiny", model_overrides=over, out_dir=out, seed=seed, steps=steps,
                           batch_size=batch, lr=lr, warmup_steps=max(1, steps // 10), save_every=0, eval_every=0,
