@@ -49,7 +49,8 @@ from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OPENCLIP_PYTHON = "/work/.anchor-openclip/bin/python"
+# the anchor venv the tests use (CLIPFORGE_OPENCLIP_PYTHON, as .ci/run sets it), else where the docs build it
+OPENCLIP_PYTHON = os.environ.get("CLIPFORGE_OPENCLIP_PYTHON", "/work/.anchor-openclip/bin/python")
 WARM_ROWS = 8  # the warm-up call runs this many rows of the batch (a full extra call costs minutes when loaded)
 
 CAPTIONS = [

@@ -169,6 +169,10 @@ def inputs(spec: dict, batch: int):
 
 
 def anchor_python() -> Path | None:
+    """The OpenCLIP venv's python: CLIPFORGE_OPENCLIP_PYTHON (as .ci/run sets it), else ../.anchor-openclip, built
+    there with the anchor script when missing."""
+    if os.environ.get("CLIPFORGE_OPENCLIP_PYTHON") and Path(os.environ["CLIPFORGE_OPENCLIP_PYTHON"]).exists():
+        return Path(os.environ["CLIPFORGE_OPENCLIP_PYTHON"])
     venv = ROOT.parent / ".anchor-openclip"
     py = venv / "bin" / "python"
     if not py.exists() and ANCHOR_SCRIPT.exists():
