@@ -481,8 +481,11 @@ def environment(threads: int) -> dict:
             return None
 
     status = git("status", "--porcelain", "--untracked-files=no")
-    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "threads": threads,
-            "torch": torch.__version__, "python": platform.python_version(), "commit": git("rev-parse", "HEAD"),
+    # the vector ISA torch dispatches to (AVX2, AVX512, ...): the same "AMD EPYC" name covers CPUs whose bf16 GEMMs
+    # differ 6x in speed (docs/performance.md), so the name alone does not say which machine ran a run
+    return {"host": platform.node(), "cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+            "python": platform.python_version(), "commit": git("rev-parse", "HEAD"),
             "dirty": bool(status) if status is not None else None, "load_average": list(os.getloadavg()),
             "started": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
 

@@ -221,7 +221,7 @@ def test_runs_are_seed_major_resumable_and_judged(fid, monkeypatch, tmp_path):
     data = json.loads((tmp_path / "fidelity.json").read_text())
     assert len(data["runs"]) == 6
     env = data["runs"][0]["env"]
-    assert {"cpu", "threads", "torch", "commit", "load_average", "host"} <= set(env)
+    assert {"cpu", "cpu_capability", "threads", "torch", "commit", "load_average", "host"} <= set(env)
     fid.run([r], [0, 1, 2], tmp_path, steps=20, eval_size=500, log=lambda m: None)  # another budget: new runs
     assert len(calls) == 12
 

@@ -110,6 +110,9 @@ def test_demo_json_smoke(tmp_path, capsys):
     ):
         assert key in res
     assert res["zero_shot_chance"] == pytest.approx(1 / 30)
+    from clipforge.train.device import cpu_has_fast_bf16
+
+    assert res["precision"] == ("bf16" if cpu_has_fast_bf16() else "fp32")  # the default, auto, as resolved here
     # the budget is checked before every step, so training ends within one step of it (not a speed test: a loaded
     # machine makes steps slow, never more numerous)
     step_seconds = res["train_seconds"] / res["steps"]

@@ -14,10 +14,13 @@ from clipforge.train.device import DeviceUnavailable, device_plan, parse_device,
 from clipforge.train.distributed import first_host, slurm_environment
 
 BF16, FP16 = torch.bfloat16, torch.float16
-NO_GPU = dict(cuda_available=False, cuda_count=0, mps_available=False)
-ONE_GPU = dict(cuda_available=True, cuda_count=1, bf16_supported=True, mps_available=False)
-OLD_GPUS = dict(cuda_available=True, cuda_count=2, bf16_supported=False, mps_available=False)  # e.g. V100: no bf16
-MAC = dict(cuda_available=False, cuda_count=0, mps_available=True, bf16_supported=True)
+# cpu_bf16_fast: the CPU has oneDNN's bf16 kernels (AVX-512 and up); AVX2_ONLY below has not
+NO_GPU = dict(cuda_available=False, cuda_count=0, mps_available=False, cpu_bf16_fast=True)
+ONE_GPU = dict(cuda_available=True, cuda_count=1, bf16_supported=True, mps_available=False, cpu_bf16_fast=True)
+OLD_GPUS = dict(cuda_available=True, cuda_count=2, bf16_supported=False, mps_available=False,  # e.g. V100: no bf16
+                cpu_bf16_fast=True)
+MAC = dict(cuda_available=False, cuda_count=0, mps_available=True, bf16_supported=True, cpu_bf16_fast=True)
+AVX2_ONLY = dict(NO_GPU, cpu_bf16_fast=False)
 
 # (device, precision, machine, local_rank) -> (torch device, autocast dtype, GradScaler, pinned memory + non_blocking,
 #                                              TF32, backend, CPU short_attention path)
@@ -49,6 +52,48 @@ def test_device_plan_decision_table(device, precision, machine, local_rank, expe
     assert bool(plan.note) == (precision == "bf16" and machine is OLD_GPUS)  # the fallback is said
     if plan.device.type == "cpu":  # a CUDA GradScaler is only made (and warns) on a machine without CUDA
         assert plan.make_scaler() is None
+
+
+# precision=auto -> (autocast dtype, GradScaler, effective precision, words of the note)
+AUTO = [
+    ("auto", NO_GPU, (BF16, False, "bf16", ["precision=auto: bf16", "bf16 kernels"])),
+    ("auto", AVX2_ONLY, (None, False, "fp32", ["precision=auto: fp32", "no fast bf16"])),
+    ("auto", ONE_GPU, (BF16, False, "bf16", ["precision=auto: bf16"])),
+    ("auto", OLD_GPUS, (FP16, True, "fp16", ["precision=auto: bf16", "fp16 autocast with a GradScaler"])),
+    ("mps", MAC, (None, False, "fp32", ["precision=auto: fp32", "MPS"])),
+]
+
+
+@pytest.mark.parametrize("device, machine, expected", AUTO)
+def test_auto_precision_takes_bf16_only_where_it_is_fast(device, machine, expected):
+    plan = device_plan(device, "auto", **machine)
+    dtype, scaler, effective, words = expected
+    assert (plan.autocast_dtype, plan.grad_scaler, plan.effective_precision) == (dtype, scaler, effective)
+    assert plan.precision == "auto"  # what was asked for stays visible
+    for word in words:
+        assert word in plan.note, (word, plan.note)
+
+
+def test_bf16_on_a_cpu_without_fast_kernels_trains_in_bf16_and_says_what_it_costs():
+    plan = device_plan("cpu", "bf16", **AVX2_ONLY)
+    assert plan.autocast_dtype == BF16 and plan.effective_precision == "bf16"  # never silently changed
+    assert "precision=fp32" in plan.note and "precision=auto" in plan.note
+    assert device_plan("cpu", "fp32", **AVX2_ONLY).note == ""
+
+
+def test_fast_bf16_detection_agrees_with_the_cpu_flags():
+    """oneDNN's fast bf16 path needs AVX-512 (BW/VL/DQ): on a CPU whose flags lack avx512bw the answer must be no."""
+    from clipforge.train.device import cpu_has_fast_bf16
+
+    fast = cpu_has_fast_bf16()
+    assert isinstance(fast, bool)
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo flags on this system")
+    if "avx512bw" not in flags:
+        assert fast is False
+    assert device_plan("cpu", "auto").effective_precision == ("bf16" if fast else "fp32")
 
 
 @pytest.mark.parametrize("device, precision, machine, error, words", [

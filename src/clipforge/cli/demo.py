@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import time
 
-DEMO_DEFAULTS = dict(model="tiny", batch_size=128, lr=2e-3, warmup_steps=30, weight_decay=0.1, precision="bf16",
+DEMO_DEFAULTS = dict(model="tiny", batch_size=128, lr=2e-3, warmup_steps=30, weight_decay=0.1, precision="auto",
                      save_every=0, log_every=10)
 
 
@@ -20,14 +20,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="run directory for metrics and checkpoints (default runs/demo)")
     p.add_argument("--train-size", type=int, default=20_000, help="number of training samples (default 20000)")
     p.add_argument("--eval-size", type=int, default=500, help="samples per evaluation split (default 500)")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="autocast precision (default bf16)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="autocast precision (default auto: bf16 where this CPU has fast bf16 kernels, else fp32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object with the results as the last line")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def estimate_step_seconds(cfg, trials: int = 3) -> float:
-    """Time forward+backward+update of one batch of the configured model on random data."""
+def estimate_step_seconds(cfg, trials: int = 3, precision: str | None = None) -> float:
+    """Time forward+backward+update of one batch of the configured model on random data, in ``precision``
+    (default the config's; ``auto`` must be resolved first)."""
     import torch
 
     from ..losses import LossInputs, build_composite
@@ -44,7 +46,7 @@ def estimate_step_seconds(cfg, trials: int = 3) -> float:
     times = []
     for i in range(trials + 1):
         t0 = time.perf_counter()
-        with autocast_context(cfg.precision):
+        with autocast_context(precision or cfg.precision):
             out = model(images, texts)
         loss = loss_fn(LossInputs(out["image_features"].float(), out["text_features"].float(), out["logit_scale"]))[
             "loss"
@@ -66,7 +68,10 @@ def run(args) -> int:
     cfg = TrainConfig(**DEMO_DEFAULTS, out_dir=args.out, seed=args.seed, progress=not args.quiet,
                       data=DataConfig(train_size=args.train_size, eval_size=args.eval_size))
     cfg.precision = args.precision
-    step_s = estimate_step_seconds(cfg)
+    from ..train.device import device_plan
+
+    precision = device_plan(cfg.device, cfg.precision).effective_precision  # what auto becomes on this machine
+    step_s = estimate_step_seconds(cfg, precision=precision)
     # rendering (first epoch), tokenization and logging add ~30% over the bare step time
     # (measured: 358 ms bare vs 466 ms in the loop); too many steps would leave the cosine
     # schedule unfinished when the time budget stops the run.
@@ -74,7 +79,7 @@ def run(args) -> int:
     cfg.warmup_steps = min(cfg.warmup_steps, cfg.steps // 5)
     cfg.max_seconds = args.seconds
     print(f"clipforge demo: training '{cfg.model}' on shapes for ~{args.seconds:.0f}s "
-          f"({cfg.steps} steps of {cfg.batch_size}, {cfg.precision}, ~{step_s * 1000:.0f} ms/step measured)")
+          f"({cfg.steps} steps of {cfg.batch_size}, {precision}, ~{step_s * 1000:.0f} ms/step measured)")
     result = train(cfg, evaluate=lambda model, tok: evaluate_shapes(model, tok, size=cfg.data.eval_size))
     ev = result.eval
     print()
@@ -98,6 +103,7 @@ def run(args) -> int:
         "retrieval_t2i_r1_chance": rt["t2i_R@1_chance"],
         "samples_per_second": result.samples_per_second,
         "train_seconds": result.train_seconds,
+        "precision": precision,
         "steps": result.step,
         "final_loss": result.losses[-1] if result.losses else None,
         "skipped_samples": result.skipped,

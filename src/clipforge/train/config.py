@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import ConfigError, MissingInputError
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 STRATEGIES = ("ddp", "fsdp")  # distributed.strategy
 
 
@@ -117,7 +117,9 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     grad_clip: float | None = 1.0  # max global grad norm; null disables
-    precision: str = "bf16"  # bf16 autocast (about 4x faster matmuls on modern CPUs), fp32, or fp16 (GPUs, GradScaler)
+    # bf16 autocast (about 4x faster matmuls on CPUs with AVX-512/AMX, several times slower on AVX2-only ones: the
+    # run's log says so), fp32, fp16 (GPUs, GradScaler), or auto (bf16 where it is fast, else fp32; train/device.py)
+    precision: str = "bf16"
     # where the run computes: auto (CUDA when available, else CPU), cpu, cuda, cuda:N, mps; every choice that follows
     # from it (autocast dtype, loss scaling, pinned memory, TF32, nccl/gloo, attention path) is in train/device.py
     device: str = "auto"

@@ -13,6 +13,9 @@ precision=bf16         bf16 autocast              bf16 autocast; fp16 +       bf
                                                   bf16 (logged)
 precision=fp16         refused (use bf16)         fp16 autocast + GradScaler  fp16 autocast + GradScaler
 precision=fp32         no autocast                no autocast, TF32 matmuls   no autocast
+precision=auto         bf16 where the CPU has     bf16, or fp16 + GradScaler  fp32
+                       oneDNN's bf16 kernels      on GPUs without bf16
+                       (AVX-512 / AMX), else fp32
 pinned memory,         no                         yes                         no
 non_blocking copies
 TF32 matmuls           n/a                        allowed                     n/a
@@ -21,14 +24,24 @@ CPU short_attention    yes (models/transformer)   no: SDPA's fused kernels    no
 =====================  =========================  ==========================  ===========================
 
 Availability is read from torch unless it is passed in (``cuda_available``, ``cuda_count``,
-``bf16_supported``, ``mps_available``): tests exercise the whole table on a machine without a GPU.
+``bf16_supported``, ``mps_available``, ``cpu_bf16_fast``): tests exercise the whole table on a machine without a GPU.
 A device that is asked for and absent fails here, at start-up, before any data is read.
+
+Why ``auto`` and the CPU note: oneDNN runs bf16 GEMMs with native instructions on CPUs with AVX-512 (emulated
+with AVX-512 integer ops, fast enough) or AVX-512 BF16 / AMX; on an AVX2-only CPU it falls back to a slow reference
+path. Measured on an AMD EPYC with AVX2 only (2 cores, ``benchmarks/bench_peak.py``, docs/performance.md): best
+bf16 GEMM 18 GFLOP/s against 105 GFLOP/s fp32. ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` is the test PyTorch
+itself uses for oneDNN's bf16 paths; there is no public API for it (checked in torch 2.13), so a failing call counts
+as "no fast bf16". precision=bf16 on such a CPU still trains in bf16 (results must not depend on the machine
+silently) but the plan's note says how much it costs and to use fp32 or auto.
+
 The CUDA and MPS columns were not run on a GPU in the session that wrote them (no GPU was available);
 they are what PyTorch documents for those devices.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass
@@ -40,7 +53,7 @@ from ..errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda)(?::(\d+))?$")
 
 
@@ -53,7 +66,7 @@ class DevicePlan:
     """Every device-dependent choice of a run; see the module docstring's table."""
 
     device: torch.device
-    precision: str  # what was asked for
+    precision: str  # what was asked for ("auto" stays "auto"; ``effective_precision`` says what it became)
     autocast_dtype: torch.dtype | None  # None: no autocast (fp32)
     grad_scaler: bool  # fp16: scale the loss, unscale before clipping (torch.amp.GradScaler)
     pin_memory: bool  # DataLoader pinned memory and non_blocking host-to-device copies
@@ -61,6 +74,11 @@ class DevicePlan:
     backend: str  # torch.distributed backend: nccl on CUDA, gloo elsewhere
     short_attention: bool  # the CPU short_attention / math-SDPA path of models/transformer applies
     note: str = ""  # a fallback that was taken (logged once by whoever acts on the plan)
+
+    @property
+    def effective_precision(self) -> str:
+        """What the forward passes compute in: fp32, bf16 or fp16 (``auto`` resolved)."""
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.autocast_dtype, "fp32")
 
     @property
     def non_blocking(self) -> bool:
@@ -112,7 +130,8 @@ def parse_device(device: str) -> tuple[str, int | None]:
 
 def device_plan(device: str = "auto", precision: str = "bf16", *, local_rank: int | None = None,
                 cuda_available: bool | None = None, cuda_count: int | None = None,
-                bf16_supported: bool | None = None, mps_available: bool | None = None) -> DevicePlan:
+                bf16_supported: bool | None = None, mps_available: bool | None = None,
+                cpu_bf16_fast: bool | None = None) -> DevicePlan:
     """The :class:`DevicePlan` for ``device`` and ``precision`` on this machine.
 
     ``local_rank``: this process's index on its machine under a launcher; ``cuda`` / ``auto`` then take GPU
@@ -150,6 +169,26 @@ def device_plan(device: str = "auto", precision: str = "bf16", *, local_rank: in
     torch_device = torch.device(kind if index is None else f"{kind}:{index}")
 
     note, dtype, scaler = "", None, False
+    if kind == "cpu" and precision in ("bf16", "auto") and cpu_bf16_fast is None:
+        cpu_bf16_fast = cpu_has_fast_bf16()
+    if precision == "auto":
+        if kind == "cpu":
+            precision_now = "bf16" if cpu_bf16_fast else "fp32"
+            why = "this CPU has oneDNN's bf16 kernels" if cpu_bf16_fast else \
+                "this CPU has no fast bf16 kernels (no AVX-512), where bf16 GEMMs are several times slower than fp32"
+        elif kind == "cuda":
+            precision_now = "bf16"
+            why = "a GPU"
+        else:
+            precision_now, why = "fp32", f"{kind.upper()} (mixed precision is not chosen automatically there)"
+        note = f"precision=auto: {precision_now} ({why})"
+        plan = device_plan(device, precision_now, local_rank=local_rank, cuda_available=cuda_available,
+                           cuda_count=cuda_count, bf16_supported=bf16_supported, mps_available=mps_available,
+                           cpu_bf16_fast=cpu_bf16_fast)
+        return dataclasses.replace(plan, precision="auto", note="; ".join(n for n in (note, plan.note) if n))
+    if precision == "bf16" and kind == "cpu" and cpu_bf16_fast is False:
+        note = ("precision=bf16 on a CPU without fast bf16 kernels (no AVX-512: oneDNN's bf16 GEMMs run several "
+                "times slower than fp32 here); set precision=fp32 or precision=auto for speed")
     if precision == "bf16":
         dtype = torch.bfloat16
         if kind in ("cuda", "mps") and bf16_supported is False:
@@ -165,6 +204,15 @@ def device_plan(device: str = "auto", precision: str = "bf16", *, local_rank: in
     return DevicePlan(device=torch_device, precision=precision, autocast_dtype=dtype, grad_scaler=scaler,
                       pin_memory=on_cuda, allow_tf32=on_cuda, backend="nccl" if on_cuda else "gloo",
                       short_attention=kind == "cpu", note=note)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether oneDNN runs bf16 GEMMs on this CPU with native instructions (AVX-512 and up); False on AVX2-only
+    CPUs, where bf16 autocast is several times slower than fp32 (see the module docstring)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # noqa: BLE001  (a private op: absent in some builds)
+        return False
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -395,8 +395,8 @@ def _train_locked(cfg: TrainConfig, evaluate: Callable | None, dist: Dist, plan:
     ema = EMATeacher(model, cfg.ema_momentum) if ema_needed else None  # a full copy, made before any sharding
     sharded = fsdp_run and dist.enabled
     if sharded:
-        shard_model(model, plan.device, dist.world_size, cfg.precision, cfg.distributed.reshard_after_forward,
-                    cfg.distributed.cpu_offload)
+        shard_model(model, plan.device, dist.world_size, plan.effective_precision,
+                    cfg.distributed.reshard_after_forward, cfg.distributed.cpu_offload)
     trainables = Trainables(model, loss_fn)  # names the optimizer's state in sharded checkpoints
     overlap_wanted = plan.device.type == "cuda" if cfg.distributed.overlap is None else cfg.distributed.overlap
     overlap = GradientOverlap(dist, [p for p in model.parameters() if p.requires_grad]) \
