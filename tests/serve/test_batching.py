@@ -55,6 +55,27 @@ def test_concurrent_queries_share_forwards_and_each_gets_its_own_answer(searcher
         batcher.search("  ", 3)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "faiss"])
+def test_one_search_call_for_many_queries_equals_one_call_each(model_dir, image_dir, tmp_path, backend):
+    """Searcher.vectors (the batcher's single backend call) against Searcher.vector per query, each with its own k."""
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    out = tmp_path / "idx"
+    assert main(["index", str(model_dir), "--images", str(image_dir), "--out", str(out), "--quiet"]) == 0
+    searcher = Searcher(out, backend=backend)
+    emb = searcher.encode_text(QUERIES)
+    ks = [1 + (3 * i) % 7 for i in range(len(QUERIES))]
+    for hits, e, k in zip(searcher.vectors(emb * 3.0, ks), emb, ks):  # unnormalized input: normalized there too
+        one = searcher.vector(e, k)
+        assert [h.id for h in hits] == [h.id for h in one] and len(hits) == min(k, len(searcher))
+        assert [h.score for h in hits] == pytest.approx([h.score for h in one], abs=1e-6)
+    assert searcher.vectors(emb[:0], []) == []
+    with pytest.raises(ValueError, match="values of k"):
+        searcher.vectors(emb, [3])
+    with pytest.raises(ValueError, match="dimension"):
+        searcher.vectors(emb[:, :5], [3] * len(emb))
+
+
 def test_an_error_in_a_batch_reaches_every_caller_and_the_batcher_goes_on(searcher, monkeypatch):
     from clipforge.serve.app import TextBatcher
 

@@ -177,7 +177,8 @@ class TextBatcher:
     Callers (the server's worker threads) put their query on a queue and wait for their own
     answer; one thread takes the first waiting query, collects whatever else arrives in the next
     ``wait_ms`` milliseconds (at most ``max_batch`` queries), encodes them together with
-    :meth:`Searcher.encode_text` and searches each embedding with its own ``k``. A lone query
+    :meth:`Searcher.encode_text` and searches them together with :meth:`Searcher.vectors` (one backend call;
+    each query keeps its own ``k``). A lone query
     waits at most ``wait_ms`` longer than it would without batching; under load, N concurrent
     queries cost about one forward pass instead of N serialized ones. An error of the batch is
     raised to each of its callers. ``stats``: queries answered and forward passes run.
@@ -218,8 +219,9 @@ class TextBatcher:
                 self.stats["forwards"] += 1
                 self.stats["queries"] += len(batch)
                 self.stats["largest"] = max(self.stats["largest"], len(batch))
-                for (_, k, future), e in zip(batch, embeddings):
-                    future.set_result(self.searcher.vector(e, k))
+                hits = self.searcher.vectors(embeddings, [k for _, k, _ in batch])  # one search call for the batch
+                for (_, _, future), h in zip(batch, hits):
+                    future.set_result(h)
             except Exception as e:  # noqa: BLE001 - handed to every caller of the batch
                 log.exception("text batch of %d failed", len(batch))
                 for _, _, future in batch:

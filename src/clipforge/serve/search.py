@@ -419,6 +419,21 @@ class Searcher:
         s, i = self.backend.search(q, k)
         return self._hits(s[0], i[0])
 
+    def vectors(self, queries: np.ndarray, ks: Sequence[int]) -> list[list[Hit]]:
+        """:meth:`vector` for many embeddings [n, dim] at once, query j answered with its own ``ks[j]`` items: one
+        backend call for all of them (faiss and numpy score a block of queries as one matrix product, much faster
+        than n single-query searches), each query's ranking the best ``max(ks)`` cut to its ``k``."""
+        q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        if q.shape[1] != self.dim:
+            raise ValueError(f"queries have dimension {q.shape[1]}, the index {self.dim}")
+        if len(ks) != q.shape[0]:
+            raise ValueError(f"{q.shape[0]} queries but {len(ks)} values of k")
+        if not len(ks):
+            return []
+        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        s, i = self.backend.search(q, max(int(k) for k in ks))
+        return [self._hits(s[j, :k], i[j, :k]) for j, k in enumerate(ks)]
+
     def text(self, query: str, k: int = 10) -> list[Hit]:
         """Text -> image: the ``k`` images most similar to ``query``, best first."""
         if not isinstance(query, str) or not query.strip():
