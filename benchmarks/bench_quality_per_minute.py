@@ -5,7 +5,8 @@
 Both libraries train the same architecture (default ``tiny``; ``--overrides`` as in bench_train_throughput.py)
 from scratch on the same pre-rendered ``shapes`` training set (``--train-size`` scenes rendered once at the
 model's image size, each caption tokenized once with clipforge's tokenizer, which is CLIP's BPE as OpenCLIP's is),
-in the same order (one plan of batch indices and caption choices, drawn from seed 0, read by both), with the
+in the same order (one plan of batch indices and caption choices per round's seed, read by both; the same seed
+also initializes both models, each library its own way), with the
 same hyperparameters (batch 128, AdamW lr 2e-3, betas 0.9/0.98, eps 1e-6, weight decay 0.1 off the gains and
 biases, 30 warmup steps then cosine), each for ``--minutes`` of training wall-clock. Each side uses its own
 library the way its training program does: clipforge's model, ``clip_loss`` and ``build_optimizer`` (fused
@@ -52,8 +53,9 @@ def openclip_config(spec: dict) -> dict:
                          "heads": t["heads"], "layers": t["layers"], "mlp_ratio": t["mlp_ratio"]}}
 
 
-def prepare_data(spec: dict, train_size: int, max_steps: int, path: Path) -> None:
-    """Render the training scenes, tokenize their captions and draw the batch plan; one file both sides read."""
+def prepare_data(spec: dict, train_size: int, max_steps: int, path: Path, seeds: list[int]) -> None:
+    """Render the training scenes, tokenize their captions and draw a batch plan per seed; one file both sides
+    read."""
     import numpy as np
     import torch
 
@@ -69,11 +71,13 @@ def prepare_data(spec: dict, train_size: int, max_steps: int, path: Path) -> Non
     counts = torch.tensor([len(it["captions"]) for it in items])
     for i, it in enumerate(items):
         tokens[i, :len(it["captions"])] = tok(list(it["captions"]))
-    rng = np.random.default_rng(0)
-    order = np.stack([rng.choice(len(items), BATCH, replace=False) for _ in range(max_steps)])
-    caption = (rng.random(order.shape) * counts.numpy()[order]).astype(np.int64)
-    torch.save({"images": images, "tokens": tokens, "order": torch.from_numpy(order),
-                "caption": torch.from_numpy(caption)}, path)
+    plans = {}
+    for seed in sorted(set(seeds)):
+        rng = np.random.default_rng(seed)
+        order = np.stack([rng.choice(len(items), BATCH, replace=False) for _ in range(max_steps)])
+        caption = (rng.random(order.shape) * counts.numpy()[order]).astype(np.int64)
+        plans[seed] = (torch.from_numpy(order), torch.from_numpy(caption))
+    torch.save({"images": images, "tokens": tokens, "plans": plans}, path)
 
 
 def lr_at(step: int, total: int) -> float:
@@ -82,14 +86,17 @@ def lr_at(step: int, total: int) -> float:
     return LR * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - WARMUP) / max(1, total - WARMUP))))
 
 
-def worker(impl: str, spec: dict, data_path: str, out: str, seconds: float, precision: str, threads: int) -> dict:
-    """Train one side for ``seconds`` of wall-clock and save its state dict to ``out``."""
+def worker(impl: str, spec: dict, data_path: str, out: str, seconds: float, precision: str, threads: int,
+           seed: int = 0) -> dict:
+    """Train one side for ``seconds`` of wall-clock from seed ``seed`` (initialization and batch plan) and save its
+    state dict to ``out``."""
     import torch
 
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     data = torch.load(data_path)
-    images, tokens, order, caption = data["images"], data["tokens"], data["order"], data["caption"]
+    images, tokens = data["images"], data["tokens"]
+    order, caption = data["plans"][seed]
     mean = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)  # CLIP's, in both libraries
     std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
     if impl == "clipforge":
@@ -211,6 +218,9 @@ def main() -> None:
     ap.add_argument("--overrides", type=json.loads, default=None, help="JSON changes to the model config")
     ap.add_argument("--minutes", type=float, default=5.0, help="training wall-clock per side and round")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="seed of each round (initialization and batch plan, the same for both libraries); default "
+                         "0, 1, ... (one seed per round); --seeds 0 0 repeats one seed to see timing noise alone")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                     help="auto: bf16 where this CPU has fast bf16 kernels, else fp32 (clipforge.train.device)")
@@ -223,7 +233,7 @@ def main() -> None:
     if args._worker:
         a = json.loads(args._args)
         print(json.dumps(worker(args._worker, a["spec"], a["data"], a["out"], a["seconds"], a["precision"],
-                                a["threads"])))
+                                a["threads"], a["seed"])))
         return
 
     from bench_train_throughput import model_spec
@@ -235,7 +245,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="clipforge_qpm_"))
     seconds = 60 * args.minutes
     t0 = time.perf_counter()
-    prepare_data(spec, args.train_size, max_steps=5_000, path=work / "data.pt")
+    seeds = args.seeds or list(range(args.rounds))
+    if len(seeds) != args.rounds:
+        raise SystemExit(f"--seeds gives {len(seeds)} seeds for {args.rounds} rounds; give one per round")
+    prepare_data(spec, args.train_size, max_steps=5_000, path=work / "data.pt", seeds=seeds)
     print(f"# {args.model}, batch {BATCH}, {args.train_size} shapes scenes rendered and tokenized in "
           f"{time.perf_counter() - t0:.0f} s; {args.minutes:g} min per side and round, {args.threads} threads, "
           f"{precision}; load average {os.getloadavg()[0]:.1f}", flush=True)
@@ -248,16 +261,16 @@ def main() -> None:
         for impl in sides:
             out = work / f"{impl}_{r}.pt"
             payload = json.dumps({"spec": spec, "data": str(work / "data.pt"), "out": str(out), "seconds": seconds,
-                                  "precision": precision, "threads": args.threads})
+                                  "precision": precision, "threads": args.threads, "seed": seeds[r]})
             done = subprocess.run([pythons[impl], __file__, "--_worker", impl, "--_args", payload], env=env,
                                   capture_output=True, text=True)
             if done.returncode != 0:
                 raise SystemExit(f"the {impl} side failed:\n{done.stderr[-3000:]}")
             info = json.loads(done.stdout.strip().splitlines()[-1])
             info.update(evaluate(impl, spec, str(out), args.eval_size))
-            info["load_average"] = os.getloadavg()[0]
+            info["load_average"], info["seed"] = os.getloadavg()[0], seeds[r]
             row[impl] = info
-            print(f"  round {r + 1} {impl}: {info['steps']} steps in {info['train_s']:.0f} s "
+            print(f"  round {r + 1} (seed {seeds[r]}) {impl}: {info['steps']} steps in {info['train_s']:.0f} s "
                   f"({info['samples_per_s']:.1f} samples/s), object top-1 {info['object_top1']:.3f}, "
                   f"i2t/t2i R@1 {info['i2t_R@1']:.3f}/{info['t2i_R@1']:.3f}, load {info['load_average']:.1f}",
                   flush=True)
