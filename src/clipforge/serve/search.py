@@ -412,12 +412,7 @@ class Searcher:
 
     def vector(self, query: np.ndarray, k: int = 10) -> list[Hit]:
         """The ``k`` items nearest to an embedding (normalized here)."""
-        q = np.asarray(query, dtype=np.float32).reshape(1, -1)
-        if q.shape[1] != self.dim:
-            raise ValueError(f"query has dimension {q.shape[1]}, the index {self.dim}")
-        q = q / max(float(np.linalg.norm(q)), 1e-12)
-        s, i = self.backend.search(q, k)
-        return self._hits(s[0], i[0])
+        return self.vectors(np.asarray(query, dtype=np.float32).reshape(1, -1), [k])[0]
 
     def vectors(self, queries: np.ndarray, ks: Sequence[int]) -> list[list[Hit]]:
         """:meth:`vector` for many embeddings [n, dim] at once, query j answered with its own ``ks[j]`` items: one
@@ -425,7 +420,7 @@ class Searcher:
         than n single-query searches), each query's ranking the best ``max(ks)`` cut to its ``k``."""
         q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         if q.shape[1] != self.dim:
-            raise ValueError(f"queries have dimension {q.shape[1]}, the index {self.dim}")
+            raise ValueError(f"query has dimension {q.shape[1]}, the index {self.dim}")
         if len(ks) != q.shape[0]:
             raise ValueError(f"{q.shape[0]} queries but {len(ks)} values of k")
         if not len(ks):
