@@ -1,6 +1,7 @@
 """One runner for the fidelity experiments: does each method show, over several seeds, the effect its paper claims?
 
     python benchmarks/fidelity.py NAME|all [--seeds 0 1 2] [--steps N] [--out DIR] [--threads 1] [--eval-size 500]
+    python benchmarks/fidelity.py NAME --precision fp32    # bf16 recipes on a CPU without fast bf16 (AVX2 only)
     python benchmarks/fidelity.py --list
     python benchmarks/fidelity.py --report-only [--out DIR] [--docs docs/fidelity.md]
     python benchmarks/fidelity.py NAME ... --time          # seconds per step of each training arm, steps in 30 min
@@ -337,13 +338,28 @@ class Recipe:
     notes: str = ""
     prepare: dict[str, Prepare] = dataclasses.field(default_factory=dict)
 
-    def fingerprint(self, arm: str, steps: int, batch: int, eval_size: int) -> str:
+    def precision_override(self, arm: str, precision: str | None) -> str | None:
+        """The precision a ``--precision`` run trains this arm in, when it differs from the arm's own (None: the
+        arm trains as its recipe says; function arms choose their own numerics and are never overridden)."""
+        a = self.arms[arm]
+        if precision is None or not a.is_training:
+            return None
+        from clipforge.train import TrainConfig
+
+        own = a.spec["train"].get("precision", TrainConfig.precision)
+        return None if precision == own else precision
+
+    def fingerprint(self, arm: str, steps: int, batch: int, eval_size: int, precision: str | None = None) -> str:
         """What makes two runs of an arm the same experiment (the seed aside); the prepare entries it names are
-        part of it (arms that name none keep the fingerprint they had before prepare existed)."""
+        part of it (arms that name none keep the fingerprint they had before prepare existed), and so is a
+        ``--precision`` that differs from the arm's own (runs without one keep their fingerprint)."""
         what = {"arm": self.arms[arm].spec, "measures": self.measures, "steps": steps, "batch": batch,
                 "eval_size": eval_size}
         if self.arms[arm].prepared:
             what["prepared"] = {n: self.prepare[n].spec for n in self.arms[arm].prepared}
+        override = self.precision_override(arm, precision)
+        if override is not None:
+            what["precision"] = override
         blob = json.dumps(what, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -592,8 +608,10 @@ def changed_files(manifest: Mapping[str, str | None], repo: Path | None = None) 
     return [rel for rel, h in manifest.items() if file_hash(root / rel) != h]
 
 
-def train_and_measure(recipe: Recipe, arm: Arm, seed: int, steps: int, batch: int, eval_size: int) -> dict:
-    """One run: train the arm (or call its function) and return its metrics plus train_s / eval_s."""
+def train_and_measure(recipe: Recipe, arm: Arm, seed: int, steps: int, batch: int, eval_size: int,
+                      precision: str | None = None) -> dict:
+    """One run: train the arm (or call its function) and return its metrics plus train_s / eval_s; ``precision``
+    (fp32 or bf16) replaces the training precision of the recipe."""
     if not arm.is_training:
         t0 = time.perf_counter()
         metrics = dict(arm.function(seed=seed, steps=steps, batch=batch, eval_size=eval_size, **arm.params))
@@ -603,6 +621,8 @@ def train_and_measure(recipe: Recipe, arm: Arm, seed: int, steps: int, batch: in
 
     fields = dict(arm.spec["train"])
     fields.update(steps=steps, batch_size=batch, seed=seed, save_every=0, eval_every=0, progress=False)
+    if precision is not None:
+        fields["precision"] = precision
     fields.setdefault("warmup_steps", max(1, steps // 10))  # recipes that state no warmup: 10% of the steps
     with tempfile.TemporaryDirectory(prefix="fidelity-") as out:
         cfg = _train_config({}, {**fields, "out_dir": out}, f"recipe '{recipe.name}', arm '{arm.name}'").validate()
@@ -615,7 +635,7 @@ def train_and_measure(recipe: Recipe, arm: Arm, seed: int, steps: int, batch: in
     return {**metrics, "train_s": result.train_seconds, "eval_s": time.perf_counter() - t0}
 
 
-def time_steps(recipe: Recipe, arm: Arm, window: int, steps: int) -> dict:
+def time_steps(recipe: Recipe, arm: Arm, window: int, steps: int, precision: str | None = None) -> dict:
     """Seconds per optimizer step of a training arm at the recipe's batch: one run of ``steps`` steps logging every
     ``window`` steps; the median over the logged windows after the first (which pays the start-up) of batch / samples
     per second, so that a burst of load on a shared machine moves it less. Also the steps that fit in 30 minutes."""
@@ -625,7 +645,8 @@ def time_steps(recipe: Recipe, arm: Arm, window: int, steps: int) -> dict:
         raise ValueError(f"--time-steps WINDOW STEPS needs STEPS >= 3 x WINDOW (two windows after the first), "
                          f"got {window} {steps}")
     fields = {**arm.spec["train"], "steps": steps, "batch_size": recipe.batch, "seed": 0, "save_every": 0,
-              "eval_every": 0, "progress": False, "warmup_steps": 1, "log_every": window}
+              "eval_every": 0, "progress": False, "warmup_steps": 1, "log_every": window,
+              **({"precision": precision} if precision else {})}
     loads = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory(prefix="fidelity-time-") as out:
         cfg = _train_config({}, {**fields, "out_dir": out}, f"recipe '{recipe.name}', arm '{arm.name}'").validate()
@@ -662,17 +683,18 @@ def plan(recipes: Sequence[Recipe], seeds: Sequence[int], steps: int | None = No
 
 
 def run(recipes: Sequence[Recipe], seeds: Sequence[int], out: Path, steps: int | None = None, batch: int | None = None,
-        eval_size: int = 500, threads: int = 1, log: Callable[[str], None] = print, rerun_stale: bool = False) -> dict:
+        eval_size: int = 500, threads: int = 1, log: Callable[[str], None] = print, rerun_stale: bool = False,
+        precision: str | None = None) -> dict:
     """Run every missing (recipe, arm, seed) and append it to ``out/fidelity.json`` as soon as it ends; with
     ``rerun_stale`` also the recorded runs whose executed code has changed since or was not recorded (the new run
-    replaces the old one)."""
+    replaces the old one); ``precision`` trains every training arm in fp32 or bf16 instead of its recipe's."""
     import torch
 
     from clipforge.locking import exclusive_lock
 
     torch.set_num_threads(threads)
     with exclusive_lock(out, "fidelity results directory"):  # a second runner on the same --out stops here
-        return _run_locked(recipes, seeds, out, steps, batch, eval_size, threads, log, rerun_stale)
+        return _run_locked(recipes, seeds, out, steps, batch, eval_size, threads, log, rerun_stale, precision)
 
 
 def code_state(run: Mapping, data: Mapping) -> tuple[str, list[str]]:
@@ -685,13 +707,15 @@ def code_state(run: Mapping, data: Mapping) -> tuple[str, list[str]]:
 
 
 def _run_locked(recipes, seeds, out: Path, steps, batch, eval_size: int, threads: int, log,
-                rerun_stale: bool = False) -> dict:
+                rerun_stale: bool = False, precision: str | None = None) -> dict:
     path = out / "fidelity.json"
     data = load_results(path)
     todo = plan(recipes, seeds, steps, batch)
     for i, (recipe, arm_name, seed, st, bt) in enumerate(todo, 1):
-        fp = recipe.fingerprint(arm_name, st, bt, eval_size)
-        tag = f"[{i}/{len(todo)}] {recipe.name} / {arm_name} / seed {seed} ({st} steps x {bt})"
+        override = recipe.precision_override(arm_name, precision)
+        fp = recipe.fingerprint(arm_name, st, bt, eval_size, override)
+        tag = f"[{i}/{len(todo)}] {recipe.name} / {arm_name} / seed {seed} ({st} steps x {bt}" + \
+            (f", {override})" if override else ")")
         key = (recipe.name, arm_name, seed, fp)
         old = [r for r in data["runs"] if (r["experiment"], r["arm"], r["seed"], r["fingerprint"]) == key]
         if old:
@@ -706,7 +730,7 @@ def _run_locked(recipes, seeds, out: Path, steps, batch, eval_size: int, threads
         env = environment(threads)
         t0 = time.perf_counter()
         with CodeTrace() as trace:
-            metrics = train_and_measure(recipe, arm, seed, st, bt, eval_size)
+            metrics = train_and_measure(recipe, arm, seed, st, bt, eval_size, override)
         manifest = code_manifest(sorted(trace.files))
         env["code"] = manifest_id(manifest)
         data.setdefault("code", {})[env["code"]] = manifest
@@ -719,6 +743,8 @@ def _run_locked(recipes, seeds, out: Path, steps, batch, eval_size: int, threads
         record = {"experiment": recipe.name, "arm": arm_name, "seed": seed, "steps": st, "batch": bt,
                   "eval_size": eval_size, "fingerprint": fp, "seconds": time.perf_counter() - t0,
                   "metrics": {k: float(v) for k, v in metrics.items()}, "env": env}
+        if override:  # trained in another precision than its recipe's: its own budget group in the report
+            record["precision"] = override
         if arm.prepared:  # where its prepared inputs were (their entries are in the fingerprint)
             record["prepared"] = {n: ensure_prepared(recipe, n, out, log) for n in arm.prepared}
         data["runs"].append(record)
@@ -767,17 +793,34 @@ def merge_results(out: Path, files: Sequence[Path]) -> dict:
 
 
 def analyse(recipe: Recipe, runs: Sequence[dict]) -> list[dict]:
-    """One group per budget (steps, batch, eval size) at which this recipe's current arms have runs."""
-    groups: dict[tuple[int, int, int], dict[str, dict[int, dict]]] = {}
+    """One group per budget (steps, batch, eval size, precision override) at which this recipe's current arms have
+    runs."""
+    groups: dict[tuple[int, int, int, str | None], dict[str, dict[int, dict]]] = {}
     for r in runs:
         if r["experiment"] != recipe.name or r["arm"] not in recipe.arms:
             continue
-        if r["fingerprint"] != recipe.fingerprint(r["arm"], r["steps"], r["batch"], r["eval_size"]):
+        if r["fingerprint"] != recipe.fingerprint(r["arm"], r["steps"], r["batch"], r["eval_size"],
+                                                  r.get("precision")):
             continue  # a run of an older version of the recipe
-        groups.setdefault((r["steps"], r["batch"], r["eval_size"]), {}).setdefault(r["arm"], {})[r["seed"]] = r
+        key = (r["steps"], r["batch"], r["eval_size"], r.get("precision"))
+        groups.setdefault(key, {}).setdefault(r["arm"], {})[r["seed"]] = r
+    absorbed = set()  # plain groups whose every arm also sits in an override's group: shown there only
+    for (steps, batch, eval_size, precision), by_arm in groups.items():
+        if precision is None:
+            continue
+        # arms that --precision leaves alone (function arms; arms already in that precision) ran the same
+        # experiment without an override: their runs at this budget belong to the override's group too
+        plain = groups.get((steps, batch, eval_size, None), {})
+        for name, seeds in plain.items():
+            if recipe.precision_override(name, precision) is None:
+                by_arm.setdefault(name, dict(seeds))
+        if plain and all(recipe.precision_override(name, precision) is None for name in plain):
+            absorbed.add((steps, batch, eval_size, None))
+    groups = {k: v for k, v in groups.items() if k not in absorbed}
     out = []
-    most_seeds_first = sorted(groups.items(), key=lambda kv: (-len(kv[1].get(recipe.baseline, {})), -kv[0][0]))
-    for (steps, batch, eval_size), by_arm in most_seeds_first:
+    most_seeds_first = sorted(groups.items(), key=lambda kv: (-len(kv[1].get(recipe.baseline, {})),
+                                                               -min(len(s) for s in kv[1].values()), -kv[0][0]))
+    for (steps, batch, eval_size, precision), by_arm in most_seeds_first:
         arms = {}
         for name in recipe.arms:
             seeds = by_arm.get(name, {})
@@ -801,7 +844,8 @@ def analyse(recipe: Recipe, runs: Sequence[dict]) -> list[dict]:
                 per_metric[metric] = {**iv, "verdict": verdict(iv, spec.direction, spec.margin)}
             comparisons[name] = {"seeds": paired, "metrics": per_metric,
                                  "overall": overall([m["verdict"] for m in per_metric.values()])}
-        out.append({"steps": steps, "batch": batch, "eval_size": eval_size, "arms": arms, "comparisons": comparisons,
+        out.append({"steps": steps, "batch": batch, "eval_size": eval_size, "precision": precision, "arms": arms,
+                    "comparisons": comparisons,
                     "runs": [r for a in by_arm.values() for r in a.values()]})
     return out
 
@@ -817,7 +861,7 @@ def _direction_text(m: Metric) -> str:
             "no_increase": f"not higher (margin {m.margin:g})", "none": "not judged"}[m.direction]
 
 
-def estimate_seconds(recipe: Recipe, runs: Sequence[dict], seeds: int) -> float | None:
+def estimate_seconds(recipe: Recipe, runs: Sequence[dict], seeds: int, precision: str | None = None) -> float | None:
     """Projected time of ``seeds`` seeds of every arm at the recipe's default budget, from the measured seconds per
     step of its runs of at least ESTIMATE_MIN_STEPS steps at its batch (the evaluation seconds added as measured).
     None without such a run of every arm."""
@@ -826,6 +870,8 @@ def estimate_seconds(recipe: Recipe, runs: Sequence[dict], seeds: int) -> float 
         if r["experiment"] != recipe.name or r["arm"] not in recipe.arms or r["batch"] != recipe.batch:
             continue
         if r["steps"] < ESTIMATE_MIN_STEPS:  # start-up (data, first steps) would dominate the projection
+            continue
+        if r.get("precision") != recipe.precision_override(r["arm"], precision):  # another precision's speed
             continue
         m, scale = r["metrics"], recipe.steps / r["steps"]
         if "train_s" in m:  # training arms: training scales with the steps, evaluation with the evaluation size
@@ -859,8 +905,9 @@ def markdown(recipes: Sequence[Recipe], data: dict, source: str = "fidelity.json
             n = min(len(a["seeds"]) for a in g["arms"].values())
             states = [code_state(r, data)[0] for r in g["runs"]]
             drift = ", ".join(f"{states.count(k)} on {k} code" for k in ("changed", "unrecorded") if k in states)
+            where = f"; trained in {g['precision']}, not the recipe's precision" if g["precision"] else ""
             summary.append(f"| [{recipe.name}](#{recipe.name}) | {recipe.claim} | {n} seed(s) per arm"
-                           f"{f' ({drift})' if drift else ''} | {verdicts} |")
+                           f"{f' ({drift})' if drift else ''}{where} | {verdicts} |")
         else:
             summary.append(f"| [{recipe.name}](#{recipe.name}) | {recipe.claim} | none | no 3-seed run yet |")
         if not default or min(len(a["seeds"]) for a in default[0]["arms"].values()) < MIN_SEEDS:
@@ -877,6 +924,8 @@ def markdown(recipes: Sequence[Recipe], data: dict, source: str = "fidelity.json
         for g in groups:
             arms_seen = {a: s for a, s in g["arms"].items() if s["seeds"]}
             body += [f"#### {g['steps']} steps x batch {g['batch']}, {g['eval_size']} evaluation samples per split"
+                     + (f", training arms in {g['precision']} (`--precision {g['precision']}`)" if g["precision"]
+                        else "")
                      + ("" if (g["steps"], g["batch"], g["eval_size"]) == (recipe.steps, recipe.batch, 500)
                         else " (not the default budget)"), ""]
             body += ["| arm | seeds | " + " | ".join(m.label for m in recipe.metrics.values()) + " |",
@@ -956,6 +1005,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--eval-size", type=int, default=500, help="held-out samples per evaluation split (verdicts in the "
                     "docs use 500; smaller only for smoke runs)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: bit-identical reruns)")
+    ap.add_argument("--precision", choices=("fp32", "bf16"),
+                    help="train every training arm in this precision instead of its recipe's (e.g. fp32 on a CPU "
+                    "without fast bf16 kernels, where bf16 is several times slower); such runs are their own "
+                    "budget in the report, labelled with the precision")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where fidelity.json and fidelity.md live")
     ap.add_argument("--docs", type=Path, help="also replace the generated section of this markdown file")
     ap.add_argument("--rerun-stale", action="store_true",
@@ -1003,8 +1056,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if not arm.is_training:
                     print(f"{r.name:14s} {arm.name:14s} function arm, not timed here (see --estimate after a run)")
                     continue
-                key = json.dumps([arm.spec, r.batch], sort_keys=True, default=str)
-                t = timed[key] = timed.get(key) or time_steps(r, resolve_arm(r, arm, a.out), *a.time_steps)
+                override = r.precision_override(arm.name, a.precision)
+                key = json.dumps([arm.spec, r.batch, override], sort_keys=True, default=str)
+                t = timed[key] = timed.get(key) or time_steps(r, resolve_arm(r, arm, a.out), *a.time_steps,
+                                                              precision=override)
                 print(f"{r.name:14s} {arm.name:14s} batch {r.batch:3d}: {t['s_per_step']:.3f} s/step, "
                       f"{t['steps_in_30_min']} steps in 30 min (median of {t['windows']} windows; {a.threads} threads, "
                       f"load average {t['load_average']:.1f})",
@@ -1014,7 +1069,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = load_results(a.out / "fidelity.json")["runs"]
         total = 0.0
         for r in recipes:
-            s = estimate_seconds(r, runs, len(a.seeds))
+            s = estimate_seconds(r, runs, len(a.seeds), a.precision)
             print(f"{r.name:14s} " + (f"{s / 3600:6.2f} h" if s is not None else
                                       f"  no run of every arm with >= {ESTIMATE_MIN_STEPS} steps at batch {r.batch}"))
             total += s or 0.0
@@ -1029,7 +1084,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     elif not a.report_only:
-        run(recipes, a.seeds, a.out, a.steps, a.batch, a.eval_size, a.threads, rerun_stale=a.rerun_stale)
+        run(recipes, a.seeds, a.out, a.steps, a.batch, a.eval_size, a.threads, rerun_stale=a.rerun_stale,
+            precision=a.precision)
     whole = a.report_only or a.merge
     section = write_report([load_recipe(n) for n in all_names] if whole else recipes, a.out, a.docs)
     print(section)

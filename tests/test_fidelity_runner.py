@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -209,7 +210,7 @@ def test_runs_are_seed_major_resumable_and_judged(fid, monkeypatch, tmp_path):
     r = fid.parse_recipe("t", recipe())
     calls = []
 
-    def fake(recipe_, arm, seed, steps, batch, eval_size):
+    def fake(recipe_, arm, seed, steps, batch, eval_size, precision=None):
         calls.append((arm.name, seed))
         return fake_metrics(arm.name, seed)
 
@@ -235,6 +236,51 @@ def test_runs_are_seed_major_resumable_and_judged(fid, monkeypatch, tmp_path):
     # object top-1: differences 0, 0.005, -0.005 -> interval +-0.0124, inside the 0.02 margin
     assert comp["object_top1"]["verdict"] == "reproduced"
     assert groups[0]["arms"]["clip"]["stats"]["gap"]["mean"] == pytest.approx(np.mean([0.5, 0.51, 0.49]))
+
+
+def test_a_precision_override_is_its_own_budget_and_leaves_plain_runs_alone(fid, monkeypatch, tmp_path):
+    raw = recipe(train={"model": "tiny", "precision": "bf16"})
+    raw["arms"]["fp32_already"] = {"train": {"loss": {"clip": 1.0}, "precision": "fp32"}}
+    raw["arms"]["probe"] = {"function": "fake_probe_module:probe", "params": {}}
+    probe = types.ModuleType("fake_probe_module")
+    probe.probe = lambda **kw: {}
+    probe.probe.metrics = ("gap", "object_top1")
+    monkeypatch.setitem(sys.modules, "fake_probe_module", probe)
+    r = fid.parse_recipe("t", raw)
+    assert r.precision_override("clip", None) is None and r.precision_override("clip", "bf16") is None
+    assert r.precision_override("clip", "fp32") == "fp32"
+    assert r.precision_override("fp32_already", "fp32") is None  # already in that precision: the same experiment
+    assert r.precision_override("probe", "fp32") is None  # function arms choose their own numerics
+    assert r.fingerprint("clip", 10, 8, 500, "bf16") == r.fingerprint("clip", 10, 8, 500)
+    assert r.fingerprint("clip", 10, 8, 500, "fp32") != r.fingerprint("clip", 10, 8, 500)
+    assert r.fingerprint("probe", 10, 8, 500, "fp32") == r.fingerprint("probe", 10, 8, 500)
+    calls = []
+
+    def fake(recipe_, arm, seed, steps, batch, eval_size, precision=None):
+        calls.append((arm.name, seed, precision))
+        m = fake_metrics("clip" if arm.name != "gap" else "gap", seed)
+        return {**m, "gap": m["gap"] + (0.1 if precision == "fp32" else 0.0)}
+
+    monkeypatch.setattr(fid, "train_and_measure", fake)
+    fid.run([r], [0, 1, 2], tmp_path, eval_size=500, log=lambda m: None)  # as the recipe says
+    data = fid.run([r], [0, 1, 2], tmp_path, eval_size=500, log=lambda m: None, precision="fp32")
+    # only the arms whose precision changes ran again, with the override passed to training
+    assert calls[12:] == [(a, s, "fp32") for s in range(3) for a in ("clip", "gap")]
+    assert [x.get("precision") for x in data["runs"]].count("fp32") == 6
+    groups = fid.analyse(r, data["runs"])
+    assert [g["precision"] for g in groups] == [None, "fp32"]  # as many seeds: the recipe's own precision first
+    fp32 = groups[1]
+    assert {a for a, s in fp32["arms"].items() if s["seeds"] == [0, 1, 2]} == {"clip", "gap", "fp32_already", "probe"}
+    assert fp32["arms"]["clip"]["stats"]["gap"]["mean"] == pytest.approx(0.6)  # the fp32 runs, not the bf16 ones
+    assert groups[0]["arms"]["clip"]["stats"]["gap"]["mean"] == pytest.approx(0.5)
+    section = fid.markdown([r], data)
+    assert "training arms in fp32 (`--precision fp32`)" in section
+    assert "trained in fp32, not the recipe's precision" not in section  # the plain group has as many seeds
+    only_fp32 = {**data, "runs": [x for x in data["runs"] if x["arm"] in ("probe", "fp32_already")
+                                  or x.get("precision") == "fp32"]}
+    groups = fid.analyse(r, only_fp32["runs"])  # the plain runs of the untouched arms join the fp32 group
+    assert [g["precision"] for g in groups] == ["fp32"]
+    assert "3 seed(s) per arm; trained in fp32, not the recipe's precision" in fid.markdown([r], only_fp32)
 
 
 def test_report_is_spliced_between_markers_and_says_what_has_not_run(fid, monkeypatch, tmp_path):
@@ -439,7 +485,7 @@ def test_an_arm_trains_on_a_prepared_input_made_once(fid, prep_module, monkeypat
     r = fid.parse_recipe("t", prepared_recipe())
     seen = []
 
-    def fake(recipe_, arm, seed, steps, batch, eval_size):
+    def fake(recipe_, arm, seed, steps, batch, eval_size, precision=None):
         seen.append((arm.name, arm.spec["train"].get("data", {}).get("root")))
         return fake_metrics(arm.name, seed)
 
