@@ -62,6 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         TEXT_BATCH,
         TEXT_BATCH_WAIT_MS,
     )
+    from ..serve.search_batching import SEARCH_BATCH
 
     p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_BYTES / (1 << 20), metavar="MB",
                    help=f"largest image upload in MiB (default {MAX_UPLOAD_BYTES >> 20})")
@@ -82,6 +83,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=TEXT_BATCH_WAIT_MS, metavar="MS",
                    help=f"how long a text query waits for others to share its forward pass (default "
                         f"{TEXT_BATCH_WAIT_MS:g})")
+    p.add_argument("--search-batch", type=int, default=SEARCH_BATCH, metavar="N",
+                   help=f"searches of concurrent requests (text, upload, similar) waiting at the same time run as one "
+                        f"backend call of at most N queries; nothing waits for company (default {SEARCH_BATCH}; 1 "
+                        "searches each on its own)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_load_arguments(p)  # the same loading options the index was built with (--model-name, --trust-pickle, ...)
 
@@ -95,7 +100,7 @@ def run(args) -> int:
     from ..serve.search import Searcher
 
     for name in ("max_upload_mb", "max_image_pixels", "decode_workers", "max_uploads", "max_labels",
-                 "max_label_chars", "text_batch"):
+                 "max_label_chars", "text_batch", "search_batch"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -104,7 +109,7 @@ def run(args) -> int:
     app = create_app(searcher, max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_labels=args.max_labels,
                      max_label_chars=args.max_label_chars, decode_workers=args.decode_workers,
                      max_uploads=args.max_uploads, text_batch=args.text_batch,
-                     text_batch_wait_ms=args.batch_wait_ms)
+                     text_batch_wait_ms=args.batch_wait_ms, search_batch=args.search_batch)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding {args.host}: the search API has no authentication and serves the indexed images "
               "to anyone who can reach this port", file=sys.stderr)

@@ -51,6 +51,7 @@ from typing import Any
 
 from ..images import ImageTooLargeError
 from .search import Searcher, check_template
+from .search_batching import SEARCH_BATCH
 
 MAX_K = 200
 MAX_UPLOAD_BYTES = 20 << 20
@@ -237,11 +238,14 @@ def page_html() -> str:
 def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES, thumb_cache: int = 1024, *,
                max_labels: int = MAX_LABELS, max_label_chars: int = MAX_LABEL_CHARS,
                decode_workers: int = DECODE_WORKERS, max_uploads: int = MAX_UPLOADS, text_batch: int = TEXT_BATCH,
-               text_batch_wait_ms: float = TEXT_BATCH_WAIT_MS):
+               text_batch_wait_ms: float = TEXT_BATCH_WAIT_MS, search_batch: int = SEARCH_BATCH):
     """A FastAPI application serving ``searcher``'s index (see the module docstring for the routes and limits).
 
     ``text_batch`` > 1: concurrent text searches arriving within ``text_batch_wait_ms`` are encoded
-    together (:class:`TextBatcher`); 1 encodes each on its own.
+    together (:class:`TextBatcher`); 1 encodes each on its own. ``search_batch`` > 1: the searches of
+    concurrent requests of every kind (text batches, uploads, "more like this") that are waiting at the same
+    time share one backend call of at most that many queries (:meth:`Searcher.batch_searches`); 1 searches
+    each on its own. Results are the same either way.
 
     The pixel limit of uploads and thumbnails is the searcher's (``Searcher(max_image_pixels=)``).
     """
@@ -255,6 +259,9 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES, thu
             raise ValueError(f"{name} must be >= 1, got {value}")
     workers = DecodeWorkers(decode_workers)
     batcher = TextBatcher(searcher, text_batch, text_batch_wait_ms) if text_batch > 1 else None
+    if search_batch < 1:
+        raise ValueError(f"search_batch must be >= 1, got {search_batch}")
+    search_batcher = searcher.batch_searches(search_batch)
     app = FastAPI(title="clipforge search", version="1", docs_url="/docs", redoc_url=None)
     app.add_middleware(RequestLimits, max_body_bytes=max_upload_bytes + FORM_BYTES,
                        max_uploads=max(max_uploads, decode_workers))
@@ -299,7 +306,9 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES, thu
         return {"status": "ok", "count": len(searcher), "dim": searcher.dim, "model": searcher.model_description,
                 "backend": searcher.backend.name, "index": str(searcher.root), "dtype": manifest["dtype"],
                 "sources": manifest.get("sources", []), "answered_by": answered_by,
-                "text_batching": dict(batcher.stats, max_batch=batcher.max_batch) if batcher else None}
+                "text_batching": dict(batcher.stats, max_batch=batcher.max_batch) if batcher else None,
+                "search_batching": dict(search_batcher.stats, max_rows=search_batcher.max_rows)
+                if search_batcher else None}
 
     @app.get("/search")
     def search_text(q: str = Query(..., min_length=1, max_length=1000, description="the text query"),

@@ -45,6 +45,7 @@ from .index import (
     open_index,
     read_indexed_bytes,
 )
+from .search_batching import SEARCH_BATCH, SearchBatcher
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +280,7 @@ class Searcher:
                  max_image_pixels: int | None = None, nprobe: int | None = None, ef_search: int | None = None,
                  load_options: dict[str, Any] | None = None):
         self.max_image_pixels = max_image_pixels  # None: clipforge.images' limit (CLIPFORGE_MAX_IMAGE_PIXELS, 40 M)
+        self.batcher: SearchBatcher | None = None  # batch_searches() turns on coalescing of concurrent searches
         self.data: IndexData = open_index(index_dir)
         self.root = Path(index_dir)
         self._backend_choice, self._nprobe, self._ef_search = backend, nprobe, ef_search
@@ -426,8 +428,20 @@ class Searcher:
         if not len(ks):
             return []
         q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-        s, i = self.backend.search(q, max(int(k) for k in ks))
+        if self.batcher is not None:  # joins the other threads' waiting queries in one backend call
+            return self.batcher.search(q, [int(k) for k in ks])
+        return self._search_block(q, [int(k) for k in ks])
+
+    def _search_block(self, q: np.ndarray, ks: list[int]) -> list[list[Hit]]:
+        s, i = self.backend.search(q, max(ks))
         return [self._hits(s[j, :k], i[j, :k]) for j, k in enumerate(ks)]
+
+    def batch_searches(self, max_rows: int = SEARCH_BATCH) -> SearchBatcher:
+        """From now on, searches made at the same time by several threads (a server's requests) share backend
+        calls (:class:`~clipforge.serve.search_batching.SearchBatcher`); results are the same. Returns the
+        batcher (its ``stats``). ``max_rows=1`` turns it off again."""
+        self.batcher = SearchBatcher(self._search_block, max_rows) if max_rows > 1 else None
+        return self.batcher
 
     def text(self, query: str, k: int = 10) -> list[Hit]:
         """Text -> image: the ``k`` images most similar to ``query``, best first."""
