@@ -2,9 +2,9 @@
 
 Exact search reads the whole embedding matrix for every call: 100,000 x 128 float32 is 51 MB, and a
 single-query scan is bound by memory bandwidth, not arithmetic. A block of queries reads it once for
-all of them (a matrix product), so on the machine of docs/serving.md one scan of 32 queries cost about
-as much as three scans of one. A server answering many clients at once makes many single-query calls:
-text searches (already encoded in batches by the text batcher), image uploads and "more like this".
+all of them (a matrix product). A server answering many clients at once makes many single-query calls:
+text searches (already encoded in batches by the text batcher), image uploads and "more like this"
+(docs/performance.md measures what sharing the calls does to latency under load).
 
 :class:`SearchBatcher` puts every such call on one queue. One thread takes the oldest, adds whatever
 else is waiting at that moment (up to ``max_rows`` query rows), and runs them as one backend call;
