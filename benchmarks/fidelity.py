@@ -693,8 +693,29 @@ def run(recipes: Sequence[Recipe], seeds: Sequence[int], out: Path, steps: int |
     from clipforge.locking import exclusive_lock
 
     torch.set_num_threads(threads)
+    slow = slow_bf16_arms(recipes, precision)
+    if slow:
+        log(f"note: {', '.join(slow)} train in bf16, and this CPU has no fast bf16 kernels (AVX2 only: bf16 GEMMs "
+            "run several times slower than fp32); --precision fp32 trains them in fp32 instead, as a budget of "
+            "its own")
     with exclusive_lock(out, "fidelity results directory"):  # a second runner on the same --out stops here
         return _run_locked(recipes, seeds, out, steps, batch, eval_size, threads, log, rerun_stale, precision)
+
+
+def slow_bf16_arms(recipes: Sequence[Recipe], precision: str | None, fast_bf16: bool | None = None) -> list[str]:
+    """``recipe/arm`` of the training arms that would train in bf16 on a CPU without fast bf16 kernels."""
+    from clipforge.train import TrainConfig
+    from clipforge.train.device import cpu_has_fast_bf16
+
+    if fast_bf16 is None:
+        import torch
+
+        fast_bf16 = torch.cuda.is_available() or cpu_has_fast_bf16()
+    if fast_bf16:
+        return []
+    return [f"{r.name}/{a.name}" for r in recipes for a in r.arms.values() if a.is_training and
+            (r.precision_override(a.name, precision) or a.spec["train"].get("precision", TrainConfig.precision))
+            == "bf16"]
 
 
 def code_state(run: Mapping, data: Mapping) -> tuple[str, list[str]]:
@@ -1044,7 +1065,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if a.list:
         for r in recipes:
-            print(f"{r.name:14s} {r.steps:5d} steps x {r.batch:3d}  arms: {', '.join(r.arms)}  -- {r.claim}")
+            from clipforge.train import TrainConfig
+
+            precisions = sorted({a.spec["train"].get("precision", TrainConfig.precision) for a in r.arms.values()
+                                 if a.is_training})
+            print(f"{r.name:14s} {r.steps:5d} steps x {r.batch:3d} {'/'.join(precisions) or '-':9s} arms: "
+                  f"{', '.join(r.arms)}  -- {r.claim}")
         return 0
     if a.time:
         import torch

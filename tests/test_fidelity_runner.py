@@ -283,6 +283,21 @@ def test_a_precision_override_is_its_own_budget_and_leaves_plain_runs_alone(fid,
     assert "3 seed(s) per arm; trained in fp32, not the recipe's precision" in fid.markdown([r], only_fp32)
 
 
+def test_bf16_arms_on_a_cpu_without_fast_bf16_are_named_with_the_fix(fid, monkeypatch, tmp_path):
+    raw = recipe(train={"model": "tiny", "precision": "bf16"})
+    raw["arms"]["fp32_already"] = {"train": {"loss": {"clip": 1.0}, "precision": "fp32"}}
+    r = fid.parse_recipe("t", raw)
+    assert fid.slow_bf16_arms([r], None, fast_bf16=False) == ["t/clip", "t/gap"]
+    assert fid.slow_bf16_arms([r], "fp32", fast_bf16=False) == []
+    assert fid.slow_bf16_arms([r], "bf16", fast_bf16=False) == ["t/clip", "t/gap", "t/fp32_already"]
+    assert fid.slow_bf16_arms([r], None, fast_bf16=True) == []
+    monkeypatch.setattr(fid, "train_and_measure", lambda rc, arm, seed, *a: fake_metrics(arm.name, seed))
+    monkeypatch.setattr(fid, "slow_bf16_arms", lambda recipes, precision: ["t/clip"])
+    said = []
+    fid.run([r], [0], tmp_path, eval_size=500, log=said.append)
+    assert "t/clip train in bf16" in said[0] and "--precision fp32" in said[0]
+
+
 def test_report_is_spliced_between_markers_and_says_what_has_not_run(fid, monkeypatch, tmp_path):
     r = fid.parse_recipe("t", recipe(steps=10))
     other = fid.parse_recipe("other", recipe())
