@@ -19,7 +19,7 @@ px) embedded by ``tiny`` with random weights (latency does not depend on what a 
 ones (:func:`pad_index`), to load-test search over a large collection without embedding N images.
 Nothing leaves 127.0.0.1; request counts and durations are bounded.
 
-    nice python benchmarks/bench_serve_load.py [--clients 20 50] [--requests 600] [--max-seconds 60] [--pad-to 100000]
+    nice python benchmarks/bench_serve_load.py [--clients 20 50] [--requests 600] [--max-seconds 60] [--pad-to 100000] [--mix text=1]
 """
 from __future__ import annotations
 
@@ -133,12 +133,13 @@ def query_material(n_uploads: int, image_size: int):
 
 
 async def run_level(base: str, clients: int, requests: int, max_seconds: float, count: int, uploads, captions,
-                    seed: int) -> tuple[dict, float]:
+                    seed: int, mix: dict[str, float] | None = None) -> tuple[dict, float]:
     import httpx
 
     rng = random.Random(seed)
-    kinds = list(MIX)
-    plan = rng.choices(kinds, weights=[MIX[k] for k in kinds], k=requests)
+    mix = MIX if mix is None else mix
+    kinds = list(mix)
+    plan = rng.choices(kinds, weights=[mix[k] for k in kinds], k=requests)
     results: dict[str, list] = defaultdict(list)  # kind -> [(seconds, status)]
     next_i = 0
     deadline = time.monotonic() + max_seconds
@@ -179,6 +180,22 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(out)
 
 
+def parse_mix(text: str) -> dict[str, float]:
+    """``text=0.4,upload=0.2,...`` (kinds of MIX, non-negative weights, at least one positive)."""
+    mix = {}
+    for part in text.split(","):
+        kind, _, weight = part.partition("=")
+        if kind.strip() not in MIX:
+            raise argparse.ArgumentTypeError(f"unknown request kind {kind.strip()!r}; kinds: {', '.join(MIX)}")
+        try:
+            mix[kind.strip()] = float(weight)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not KIND=WEIGHT") from None
+    if any(w < 0 for w in mix.values()) or not any(w > 0 for w in mix.values()):
+        raise argparse.ArgumentTypeError(f"weights must be >= 0 and one of them > 0, got {text!r}")
+    return mix
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--index", help="serve this index (default: build one from shapes renders)")
@@ -190,6 +207,9 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=600, help="requests per level (default 600)")
     ap.add_argument("--max-seconds", type=float, default=60, help="stop a level after this long (default 60)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mix", type=parse_mix, default=MIX,
+                    help="request kinds and weights, e.g. text=1 for text queries only (default "
+                         + ",".join(f"{k}={w:g}" for k, w in MIX.items()) + ")")
     ap.add_argument("--serve-args", nargs=argparse.REMAINDER, default=[],
                     help="more clipforge serve options, e.g. --decode-workers 4 (last on the line)")
     args = ap.parse_args()
@@ -233,11 +253,11 @@ def main() -> None:
             rows, rss_rows = [], [["before", f"{before['VmRSS']:.0f}", f"{before['VmHWM']:.0f}"]]
             for clients in args.clients:
                 results, took = asyncio.run(run_level(base, clients, args.requests, args.max_seconds, count, uploads,
-                                                      captions, seed=args.seed + clients))
+                                                      captions, seed=args.seed + clients, mix=args.mix))
                 after = rss_mb(server.pid)
                 rss_rows.append([f"after {clients} clients", f"{after['VmRSS']:.0f}", f"{after['VmHWM']:.0f}"])
                 total = sum(len(v) for v in results.values())
-                for kind in MIX:
+                for kind in args.mix:
                     res = results.get(kind, [])
                     if not res:
                         continue
@@ -253,7 +273,8 @@ def main() -> None:
                 server.wait(20)
             except subprocess.TimeoutExpired:
                 server.kill()
-    print(f"\nclipforge serve over {count} images ({health['backend']} search, {health['dim']}-d), "
+    print(f"\nclipforge serve over {count} images ({health['backend']} search, {health['dim']}-d), mix "
+          + ",".join(f"{k}={w:g}" for k, w in args.mix.items()) + ", "
           f"{platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end\n")
     print(table(rows, ["clients", "kind", "requests", "p50 ms", "p99 ms", "errors (non-200)"]))
     print()
