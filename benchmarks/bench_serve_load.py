@@ -19,7 +19,8 @@ px) embedded by ``tiny`` with random weights (latency does not depend on what a 
 ones (:func:`pad_index`), to load-test search over a large collection without embedding N images.
 Nothing leaves 127.0.0.1; request counts and durations are bounded.
 
-    nice python benchmarks/bench_serve_load.py [--clients 20 50] [--requests 600] [--max-seconds 60] [--pad-to 100000] [--mix text=1]
+    nice python benchmarks/bench_serve_load.py [--clients 20 50] [--requests 600] [--max-seconds 60] \
+        [--pad-to 100000] [--mix text=1]
 """
 from __future__ import annotations
 
