@@ -338,16 +338,18 @@ class Recipe:
     notes: str = ""
     prepare: dict[str, Prepare] = dataclasses.field(default_factory=dict)
 
+    def arm_precision(self, arm: str) -> str:
+        """The precision a training arm's recipe trains it in (its own field, or TrainConfig's default)."""
+        from clipforge.train import TrainConfig
+
+        return self.arms[arm].spec["train"].get("precision", TrainConfig.precision)
+
     def precision_override(self, arm: str, precision: str | None) -> str | None:
         """The precision a ``--precision`` run trains this arm in, when it differs from the arm's own (None: the
         arm trains as its recipe says; function arms choose their own numerics and are never overridden)."""
-        a = self.arms[arm]
-        if precision is None or not a.is_training:
+        if precision is None or not self.arms[arm].is_training:
             return None
-        from clipforge.train import TrainConfig
-
-        own = a.spec["train"].get("precision", TrainConfig.precision)
-        return None if precision == own else precision
+        return None if precision == self.arm_precision(arm) else precision
 
     def fingerprint(self, arm: str, steps: int, batch: int, eval_size: int, precision: str | None = None) -> str:
         """What makes two runs of an arm the same experiment (the seed aside); the prepare entries it names are
@@ -704,7 +706,6 @@ def run(recipes: Sequence[Recipe], seeds: Sequence[int], out: Path, steps: int |
 
 def slow_bf16_arms(recipes: Sequence[Recipe], precision: str | None, fast_bf16: bool | None = None) -> list[str]:
     """``recipe/arm`` of the training arms that would train in bf16 on a CPU without fast bf16 kernels."""
-    from clipforge.train import TrainConfig
     from clipforge.train.device import cpu_has_fast_bf16
 
     if fast_bf16 is None:
@@ -714,8 +715,7 @@ def slow_bf16_arms(recipes: Sequence[Recipe], precision: str | None, fast_bf16: 
     if fast_bf16:
         return []
     return [f"{r.name}/{a.name}" for r in recipes for a in r.arms.values() if a.is_training and
-            (r.precision_override(a.name, precision) or a.spec["train"].get("precision", TrainConfig.precision))
-            == "bf16"]
+            (r.precision_override(a.name, precision) or r.arm_precision(a.name)) == "bf16"]
 
 
 def code_state(run: Mapping, data: Mapping) -> tuple[str, list[str]]:
@@ -1065,10 +1065,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if a.list:
         for r in recipes:
-            from clipforge.train import TrainConfig
-
-            precisions = sorted({a.spec["train"].get("precision", TrainConfig.precision) for a in r.arms.values()
-                                 if a.is_training})
+            precisions = sorted({r.arm_precision(a.name) for a in r.arms.values() if a.is_training})
             print(f"{r.name:14s} {r.steps:5d} steps x {r.batch:3d} {'/'.join(precisions) or '-':9s} arms: "
                   f"{', '.join(r.arms)}  -- {r.claim}")
         return 0

@@ -254,13 +254,12 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES, thu
     from starlette.concurrency import run_in_threadpool
 
     for name, value in (("max_upload_bytes", max_upload_bytes), ("max_labels", max_labels),
-                        ("max_label_chars", max_label_chars), ("max_uploads", max_uploads)):
+                        ("max_label_chars", max_label_chars), ("max_uploads", max_uploads),
+                        ("search_batch", search_batch)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     workers = DecodeWorkers(decode_workers)
     batcher = TextBatcher(searcher, text_batch, text_batch_wait_ms) if text_batch > 1 else None
-    if search_batch < 1:
-        raise ValueError(f"search_batch must be >= 1, got {search_batch}")
     search_batcher = searcher.batch_searches(search_batch)
     app = FastAPI(title="clipforge search", version="1", docs_url="/docs", redoc_url=None)
     app.add_middleware(RequestLimits, max_body_bytes=max_upload_bytes + FORM_BYTES,
