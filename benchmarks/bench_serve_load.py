@@ -50,12 +50,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (``--workers`` processes and their helpers), from /proc's children lists."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:  # exited meanwhile
+            continue
+    return found
+
+
 def rss_mb(pid: int) -> dict[str, float]:
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                out[line.split(":")[0]] = int(line.split()[1]) / 1024
+    """VmRSS and VmHWM in MB summed over the server's processes (the peak sum is an upper bound of the peak)."""
+    out = {"VmRSS": 0.0, "VmHWM": 0.0}
+    for p in _descendants(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith(("VmRSS:", "VmHWM:")):
+                        out[line.split(":")[0]] += int(line.split()[1]) / 1024
+        except OSError:
+            continue
     return out
 
 
@@ -279,7 +299,7 @@ def main() -> None:
           f"{platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end\n")
     print(table(rows, ["clients", "kind", "requests", "p50 ms", "p99 ms", "errors (non-200)"]))
     print()
-    print(table(rss_rows, ["server", "RSS MB", "peak RSS MB"]))
+    print(table(rss_rows, ["server (all its processes)", "RSS MB", "peak RSS MB"]))
 
 
 if __name__ == "__main__":

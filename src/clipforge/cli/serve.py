@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 from .common import add_load_arguments, load_options
@@ -10,6 +12,7 @@ EPILOG = """\
 examples:
   clipforge serve indexes/emoji-test                  # http://127.0.0.1:8000
   clipforge serve indexes/pictures --model runs/a/checkpoints/step_3000 --port 8080
+  clipforge serve indexes/pictures --workers 2        # two server processes share the port
 
 endpoints:
   GET  /                        the search page: text box, image upload / drag-and-drop / paste, result grid
@@ -18,7 +21,7 @@ endpoints:
   GET  /search/similar/ID?k=10  images like an indexed one
   POST /classify                zero-shot labels (multipart "file", "labels"="cat, dog, car")
   GET  /image/ID[?size=256]     the image (or a thumbnail)
-  GET  /health                  count, dimension, model, backend
+  GET  /health                  count, dimension, model, backend, the answering process
   GET  /docs                    the API's interactive OpenAPI page
 
 limits (one request cannot exhaust the server; see docs/serving.md):
@@ -28,6 +31,11 @@ limits (one request cannot exhaust the server; see docs/serving.md):
   decode at a time; /classify takes at most --max-labels labels of --max-label-chars characters
   and a template with exactly one {} or {c}. /image/ID serves a file only while it is the one
   indexed (real path inside the indexed folders, same size and modification time), else 404.
+
+--workers N runs N server processes on the one port (the kernel hands each new connection to one of them).
+Each holds its own model and search index, so memory grows with N; batching happens within a process.
+A worker that dies is restarted. Request handling is mostly Python holding the GIL, so one process uses
+about one core however many it has (docs/performance.md measures it).
 
 The model defaults to the one recorded in the index; a --model whose weights differ from the
 index's (SHA-256 in manifest.json) is refused with both named. The server binds 127.0.0.1:
@@ -87,6 +95,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"searches of concurrent requests (text, upload, similar) waiting at the same time run as one "
                         f"backend call of at most N queries; nothing waits for company (default {SEARCH_BATCH}; 1 "
                         "searches each on its own)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="server processes sharing the port, each with its own model and index copy (default 1; "
+                        "up to the number of cores; see below)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_load_arguments(p)  # the same loading options the index was built with (--model-name, --trust-pickle, ...)
 
@@ -100,21 +111,49 @@ def run(args) -> int:
     from ..serve.search import Searcher
 
     for name in ("max_upload_mb", "max_image_pixels", "decode_workers", "max_uploads", "max_labels",
-                 "max_label_chars", "text_batch", "search_batch"):
+                 "max_label_chars", "text_batch", "search_batch", "workers"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    searcher = Searcher(args.index, model=args.model, backend=args.backend, max_image_pixels=args.max_image_pixels,
-                        nprobe=args.nprobe, ef_search=args.ef_search, load_options=load_options(args))
-    app = create_app(searcher, max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_labels=args.max_labels,
-                     max_label_chars=args.max_label_chars, decode_workers=args.decode_workers,
-                     max_uploads=args.max_uploads, text_batch=args.text_batch,
-                     text_batch_wait_ms=args.batch_wait_ms, search_batch=args.search_batch)
+    settings = {"searcher": dict(index_dir=str(args.index), model=args.model, backend=args.backend,
+                                 max_image_pixels=args.max_image_pixels, nprobe=args.nprobe,
+                                 ef_search=args.ef_search, load_options=load_options(args)),
+                "app": dict(max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_labels=args.max_labels,
+                            max_label_chars=args.max_label_chars, decode_workers=args.decode_workers,
+                            max_uploads=args.max_uploads, text_batch=args.text_batch,
+                            text_batch_wait_ms=args.batch_wait_ms, search_batch=args.search_batch)}
+    # built here even for several workers: a bad index, model or option fails now, with its message, not in N
+    # processes at once
+    searcher = Searcher(**settings["searcher"])
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding {args.host}: the search API has no authentication and serves the indexed images "
               "to anyone who can reach this port", file=sys.stderr)
+    processes = f", {args.workers} worker processes" if args.workers > 1 else ""
     print(f"serving {len(searcher)} images of {args.index} ({searcher.index_kind} index, "
-          f"{searcher.backend.name} search) on "
+          f"{searcher.backend.name} search{processes}) on "
           f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    if args.workers == 1:
+        uvicorn.run(create_app(searcher, **settings["app"]), host=args.host, port=args.port,
+                    log_level=args.log_level)
+        return 0
+    del searcher  # each worker loads its own
+    # uvicorn starts workers from an import string; they read their settings from the environment it passes on
+    os.environ[WORKER_SETTINGS] = json.dumps(settings)
+    uvicorn.run(f"{__name__}:worker_app", factory=True, workers=args.workers, host=args.host, port=args.port,
+                log_level=args.log_level)
     return 0
+
+
+WORKER_SETTINGS = "CLIPFORGE_SERVE_WORKER"  # JSON of one worker's Searcher and create_app arguments
+
+
+def worker_app():
+    """The application of one ``--workers`` process, built from the settings ``run`` put in the environment."""
+    from ..serve.app import create_app
+    from ..serve.search import Searcher
+
+    raw = os.environ.get(WORKER_SETTINGS)
+    if not raw:
+        raise RuntimeError(f"{WORKER_SETTINGS} is not set: worker_app is started by `clipforge serve --workers N`")
+    settings = json.loads(raw)
+    return create_app(Searcher(**settings["searcher"]), **settings["app"])

@@ -41,6 +41,7 @@ Searcher) works without the ``serve`` extra installed.
 import hashlib
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -304,7 +305,7 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES, thu
     def health():
         return {"status": "ok", "count": len(searcher), "dim": searcher.dim, "model": searcher.model_description,
                 "backend": searcher.backend.name, "index": str(searcher.root), "dtype": manifest["dtype"],
-                "sources": manifest.get("sources", []), "answered_by": answered_by,
+                "sources": manifest.get("sources", []), "answered_by": answered_by, "process": os.getpid(),
                 "text_batching": dict(batcher.stats, max_batch=batcher.max_batch) if batcher else None,
                 "search_batching": dict(search_batcher.stats, max_rows=search_batcher.max_rows)
                 if search_batcher else None}
