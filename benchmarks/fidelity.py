@@ -38,6 +38,8 @@ so a later session reuses it). The entry is part of the fingerprint of every arm
 from __future__ import annotations
 
 import argparse
+import ast
+import copy
 import dataclasses
 import datetime as _dt
 import hashlib
@@ -541,32 +543,40 @@ def resolve_arm(recipe: Recipe, arm: Arm, out: Path, log: Callable[[str], None] 
 
 
 class CodeTrace:
-    """The source files of clipforge and of benchmarks/ whose Python functions ran while the trace was on.
+    """The Python functions of clipforge and of benchmarks/ that ran while the trace was on, by source file.
 
-    A run records these files with a hash of each, so the report can tell, for every run, whether the code it
-    executed has changed since (``--rerun-stale`` reruns such runs). Why not a code hash in the fingerprint: the
-    library imports every loss term and model at start-up, so a hash of what a run *imports* changes with any edit
-    anywhere and would invalidate the whole table (about a day of CPU time) after every commit; the files a run
-    *executes* are the ones that can change its numbers. ``sys.settrace`` sees only Python calls (no per-line or
-    C-call events: the hook returns None for the frame), which costs little next to the tensor work of a step.
-    Code run in DataLoader worker processes is not seen; the recipes train with ``data.num_workers: 0``. This file
-    (the runner's bookkeeping, recipe parsing and report) is left out, so that improving the report does not mark
-    every run stale; the measures it applies are in ``fidelity_measures.py`` and are recorded like any library file.
-    Cost: a 20-step ``tiny`` run makes about 0.5 million Python calls, about 0.15 s of hook time (under 1%)."""
+    A run records, for every such file, a hash of the file and a hash of each *unit* of it that ran (a function or
+    method, the body of a class, the module's top level), so the report can tell, for every run, whether the code it
+    executed has changed since (``--rerun-stale`` reruns such runs); an edit elsewhere in the same file (a refactor
+    of a function the run never called, a comment, a docstring) leaves the run current. Why not a code hash in the
+    fingerprint: the library imports every loss term and model at start-up, so a hash of what a run *imports*
+    changes with any edit anywhere and would invalidate the whole table (about a day of CPU time) after every
+    commit; the code a run *executes* is what can change its numbers. ``sys.settrace`` sees only Python calls (no
+    per-line or C-call events: the hook returns None for the frame), which costs little next to the tensor work of
+    a step. Code run in DataLoader worker processes is not seen; the recipes train with ``data.num_workers: 0``.
+    This file (the runner's bookkeeping, recipe parsing and report) is left out, so that improving the report does
+    not mark every run stale; the measures it applies are in ``fidelity_measures.py`` and are recorded like any
+    library file. Cost: a 20-step ``tiny`` run makes about 0.5 million Python calls, about 0.15 s of hook time
+    (under 1%)."""
 
     def __init__(self) -> None:
-        self.files: set[str] = set()
+        self.codes: dict[str, set[tuple[int, str]]] = {}  # file -> (first line, name) of each code object that ran
         self._roots = tuple(str(r.resolve()) + os.sep for r in CODE_ROOTS)
         self._runner = str(Path(__file__).resolve())  # bookkeeping and report: edits to them change no number
-        self._seen: set[str] = set()
+        self._seen: dict[int, Any] = {}  # id -> code object (kept alive, so that an id is never reused)
         self._previous = None
 
+    @property
+    def files(self) -> set[str]:
+        return set(self.codes)
+
     def _hook(self, frame, event, arg):
-        name = frame.f_code.co_filename
-        if name not in self._seen:
-            self._seen.add(name)
+        code = frame.f_code
+        if id(code) not in self._seen:
+            self._seen[id(code)] = code
+            name = code.co_filename
             if name.startswith(self._roots) and name != self._runner:
-                self.files.add(name)
+                self.codes.setdefault(name, set()).add((code.co_firstlineno, code.co_name))
         return None
 
     def __enter__(self) -> CodeTrace:
@@ -587,27 +597,129 @@ def file_hash(path: Path) -> str | None:
         return None
 
 
-def code_manifest(files: Sequence[str]) -> dict[str, str | None]:
-    """{path relative to the repository: content hash} of the given files (None for a file that is gone)."""
-    out = {}
+_DEFS = (ast.FunctionDef, ast.AsyncFunctionDef)
+MODULE_UNIT = "<module>"
+
+
+def _without_docstring(body: list) -> list:
+    first = body[0] if body else None
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+        body = body[1:]
+    return body or [ast.Pass()]
+
+
+def _shell(node):
+    """A copy of a def or class statement with its body emptied: what running the enclosing code evaluates of it
+    (name, arguments and their defaults, decorators, bases)."""
+    node = copy.copy(node)
+    node.body = [ast.Pass()]
+    return node
+
+
+def code_units(source: str) -> tuple[dict[str, str], list[tuple[int, int, bool, str]]]:
+    """The units of a module's source and their hashes, and the line span of each.
+
+    Units: every function or method not inside another function (``name``, ``Class.method``; what a nested
+    function or lambda does belongs to its enclosing unit), every class (``Class``: its body with each method and
+    nested class cut to its signature), and ``<module>`` (the top level, each def and class cut to its signature).
+    A hash is of the unit's syntax tree without its docstring, so comments, docstrings, blank lines and moves do
+    not count as changes. Spans: (first line, last line, is_function, unit); a decorated def starts at its first
+    decorator, as its code object's first line does."""
+    tree = ast.parse(source)
+    nodes: dict[str, list[str]] = {}
+    spans: list[tuple[int, int, bool, str]] = []
+
+    def visit(body: list, prefix: str) -> None:
+        for node in body:
+            if not isinstance(node, (*_DEFS, ast.ClassDef)):
+                continue
+            name = prefix + node.name
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            spans.append((first, node.end_lineno or node.lineno, isinstance(node, _DEFS), name))
+            unit = copy.copy(node)
+            if isinstance(node, _DEFS):
+                unit.body = _without_docstring(node.body)
+            else:
+                unit.body = [_shell(n) if isinstance(n, (*_DEFS, ast.ClassDef)) else n
+                             for n in _without_docstring(node.body)]
+                visit(node.body, name + ".")
+            nodes.setdefault(name, []).append(ast.dump(unit))  # a getter and its setter share a name: both count
+
+    visit(tree.body, "")
+    top = [_shell(n) if isinstance(n, (*_DEFS, ast.ClassDef)) else n for n in _without_docstring(tree.body)]
+    nodes[MODULE_UNIT] = [ast.dump(ast.Module(body=top, type_ignores=[]))]
+    hashes = {name: hashlib.sha256("\n".join(dumps).encode()).hexdigest()[:12] for name, dumps in nodes.items()}
+    return hashes, spans
+
+
+def executed_units(source: str, codes: set[tuple[int, str]]) -> dict[str, str]:
+    """{unit: hash} of the units of ``source`` that the code objects ``codes`` ((first line, name) pairs) belong
+    to, with the module's top level and every class enclosing one of them (their code decides what the unit sees:
+    constants, class attributes, defaults)."""
+    hashes, spans = code_units(source)
+    ran = {MODULE_UNIT}
+    for line, name in codes:
+        inside = [s for s in spans if s[0] <= line <= s[1]] if name != "<module>" else []
+        functions = [s for s in inside if s[2]]
+        if functions:  # the innermost def: a method rather than its class, a def rather than the module
+            unit = min(functions, key=lambda s: s[1] - s[0])[3]
+        elif inside:  # a class body runs (or a lambda in a class attribute)
+            unit = min(inside, key=lambda s: s[1] - s[0])[3]
+        else:
+            unit = MODULE_UNIT
+        parts = unit.split(".")
+        ran.update(".".join(parts[:i]) for i in range(1, len(parts) + 1) if ".".join(parts[:i]) in hashes)
+    return {u: hashes[u] for u in sorted(ran) if u in hashes}
+
+
+def code_manifest(files: Sequence[str], codes: Mapping[str, set[tuple[int, str]]] | None = None) -> dict[str, Any]:
+    """{path relative to the repository: record} of the given files: with ``codes`` (a trace's), {"file": content
+    hash, "units": {unit: hash} of the units that ran}; without, the content hash (None for a file that is gone)."""
+    out: dict[str, Any] = {}
     for f in sorted(files):
         p = Path(f)
         try:
             rel = p.resolve().relative_to(REPO).as_posix()
         except ValueError:
             rel = str(p)
-        out[rel] = file_hash(p)
+        if codes is None:
+            out[rel] = file_hash(p)
+            continue
+        try:
+            units = executed_units(p.read_text(encoding="utf-8"), codes.get(f, set()))
+        except (OSError, SyntaxError, ValueError):
+            units = None  # unreadable now: only the file hash can tell
+        out[rel] = {"file": file_hash(p), "units": units}
     return out
 
 
-def manifest_id(manifest: Mapping[str, str | None]) -> str:
+def manifest_id(manifest: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def changed_files(manifest: Mapping[str, str | None], repo: Path | None = None) -> list[str]:
-    """The files of a recorded manifest whose content differs from (or is missing in) the tree now."""
+def changed_files(manifest: Mapping[str, Any], repo: Path | None = None) -> list[str]:
+    """What of a recorded manifest differs from the tree now: ``file.py::unit`` for each unit that ran and has
+    changed or gone (``file.py`` alone when the file has gone or its run recorded no units; manifests of runs made
+    before units were recorded hold a file hash, and any edit of such a file counts)."""
     root = repo or REPO
-    return [rel for rel, h in manifest.items() if file_hash(root / rel) != h]
+    out = []
+    for rel, record in manifest.items():
+        now = file_hash(root / rel)
+        if not isinstance(record, Mapping):
+            if now != record:
+                out.append(rel)
+            continue
+        if now == record.get("file"):
+            continue
+        try:
+            current = code_units((root / rel).read_text(encoding="utf-8"))[0] if now is not None else None
+        except (OSError, SyntaxError, ValueError):
+            current = None
+        if current is None or record.get("units") is None:
+            out.append(rel)
+            continue
+        out.extend(f"{rel}::{u}" for u, h in sorted(record["units"].items()) if current.get(u) != h)
+    return out
 
 
 def train_and_measure(recipe: Recipe, arm: Arm, seed: int, steps: int, batch: int, eval_size: int,
@@ -752,7 +864,7 @@ def _run_locked(recipes, seeds, out: Path, steps, batch, eval_size: int, threads
         t0 = time.perf_counter()
         with CodeTrace() as trace:
             metrics = train_and_measure(recipe, arm, seed, st, bt, eval_size, override)
-        manifest = code_manifest(sorted(trace.files))
+        manifest = code_manifest(sorted(trace.files), trace.codes)
         env["code"] = manifest_id(manifest)
         data.setdefault("code", {})[env["code"]] = manifest
         bad = [m for m in recipe.metrics if not isinstance(metrics.get(m), (int, float))]
@@ -971,8 +1083,8 @@ def markdown(recipes: Sequence[Recipe], data: dict, source: str = "fidelity.json
             states = {id(r): code_state(r, data) for r in g["runs"]}
             changed = sorted({f for st, files in states.values() for f in files})
             counts = {k: sum(st == k for st, _ in states.values()) for k in ("current", "changed", "unrecorded")}
-            body += ["", f"Code: {counts['current']} of {len(g['runs'])} runs executed only files unchanged since; "
-                     + (f"{counts['changed']} ran files edited since ({', '.join(changed[:6])}"
+            body += ["", f"Code: {counts['current']} of {len(g['runs'])} runs executed only code unchanged since; "
+                     + (f"{counts['changed']} ran code edited since ({', '.join(changed[:6])}"
                         f"{', ...' if len(changed) > 6 else ''}); " if counts["changed"] else "")
                      + (f"{counts['unrecorded']} were made before runs recorded their files; "
                         if counts["unrecorded"] else "")

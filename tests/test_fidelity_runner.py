@@ -412,9 +412,9 @@ def test_runs_record_the_files_they_executed_and_edits_make_them_stale(fid, monk
 
     (src / "used.py").write_text("def f():\n    return 0.25\n")  # an edit after the runs
     states = {(run["arm"], run["seed"]): fid.code_state(run, data) for run in data["runs"]}
-    assert states[("gap", 0)] == ("changed", ["src/used.py"]) and states[("clip", 0)] == ("current", [])
+    assert states[("gap", 0)] == ("changed", ["src/used.py::f"]) and states[("clip", 0)] == ("current", [])
     report = fid.markdown([r], data)
-    assert "3 ran files edited since (src/used.py)" in report and "(3 on changed code)" in report
+    assert "3 ran code edited since (src/used.py::f)" in report and "(3 on changed code)" in report
 
     fid.run([r], [0, 1, 2], tmp_path / "out", eval_size=500, log=lambda m: None)  # plain rerun: nothing recomputed
     assert len(calls) == 6
@@ -434,6 +434,78 @@ def test_runs_record_the_files_they_executed_and_edits_make_them_stale(fid, monk
     got = fid.load_results(merged / "fidelity.json")
     assert [x["metrics"] for x in got["runs"] if x["arm"] == "gap"] == [
         x["metrics"] for x in fresh["runs"] if x["arm"] == "gap"]  # the current runs replaced the stale ones
+
+
+UNITS_V1 = '''"""A module."""
+SCALE = 2.0
+
+
+class Model:
+    """A class."""
+    bias = 1.0
+
+    def forward(self, x):
+        return self.bias + x * SCALE
+
+    def unused(self):
+        return 0
+
+
+def helper(x):
+    return [v * SCALE for v in x]
+
+
+def never_called():
+    return 1
+'''
+
+
+def _edit(path, old, new):
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+
+
+def test_a_run_goes_stale_only_when_code_it_ran_changes(fid, monkeypatch, tmp_path):
+    """Units, not files: an edit of a function the run never called, of a docstring or a comment, or a move leaves
+    the run current; an edit of a function it ran, of a constant of the module or of an attribute of the class of a
+    method it ran makes it stale, named ``file::unit``. A manifest of a run made before units were recorded (a
+    file hash) goes stale with any edit of the file."""
+    src = tmp_path / "repo" / "src"
+    src.mkdir(parents=True)
+    mod = src / "unitmod.py"
+    mod.write_text(UNITS_V1)
+    monkeypatch.setattr(fid, "REPO", tmp_path / "repo")
+    monkeypatch.setattr(fid, "CODE_ROOTS", (src,))
+    monkeypatch.syspath_prepend(str(src))
+    import unitmod
+
+    with fid.CodeTrace() as trace:
+        assert unitmod.Model().forward(1.0) == 3.0 and unitmod.helper([1.0]) == [2.0]
+    manifest = fid.code_manifest(sorted(trace.files), trace.codes)
+    rec = manifest["src/unitmod.py"]
+    assert sorted(rec["units"]) == ["<module>", "Model", "Model.forward", "helper"]  # the comprehension is helper's
+    old_style = fid.code_manifest(sorted(trace.files))  # a file hash only, as runs recorded before units
+    assert fid.changed_files(manifest) == [] and fid.changed_files(old_style) == []
+
+    harmless = [('    return 1\n', '    return 2  # changed, never ran\n'), ('"""A class."""', '"""Another."""'),
+                ('    def unused(self):\n        return 0\n', '    def unused(self):\n        return -1\n'),
+                ('SCALE = 2.0\n', 'SCALE = 2.0  # a comment\n\n\n')]
+    for old, new in harmless:
+        _edit(mod, old, new)
+        assert fid.changed_files(manifest) == [], new
+    assert fid.changed_files(old_style) == ["src/unitmod.py"]  # the file-hash manifest cannot tell
+
+    for old, new, unit in [("self.bias + x * SCALE", "self.bias - x * SCALE", "Model.forward"),
+                           ("v * SCALE for", "v / SCALE for", "helper"),
+                           ("SCALE = 2.0", "SCALE = 3.0", "<module>"), ("bias = 1.0", "bias = 0.5", "Model")]:
+        mod.write_text(UNITS_V1)
+        _edit(mod, old, new)
+        assert fid.changed_files(manifest) == [f"src/unitmod.py::{unit}"], unit
+    mod.write_text("def helper(:\n")  # no longer parses: the file as a whole counts as changed
+    assert fid.changed_files(manifest) == ["src/unitmod.py"]
+    mod.unlink()
+    assert fid.changed_files(manifest) == ["src/unitmod.py"]
 
 
 def test_code_trace_sees_library_functions_that_ran(fid):
