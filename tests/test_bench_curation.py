@@ -3,24 +3,17 @@ both corpora, the curated set is curate()'s selection of the pooled captions (re
 the uncurated set is a random subset of the pool of exactly the curated size with the same evaluation splits."""
 from __future__ import annotations
 
-import importlib.util
 import io
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
+from benchhelpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_curation", ROOT / "benchmarks" / "bench_curation.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_curation"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_curation.py")
 
 
 def _corpus(root: Path, view: str, train: list[str], test: list[str]) -> None:

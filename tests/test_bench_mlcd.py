@@ -3,26 +3,18 @@ separately trained CLIP (its own run directory and seed), for exactly the arms' 
 k-means of that model's stored features (checked against a naive nearest-center assignment)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from benchhelpers import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"embed_dim": 32, "vision": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "heads": 2},
          "text": {"context_length": 16, "width": 32, "layers": 1, "heads": 2}}
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_mlcd", ROOT / "benchmarks" / "bench_mlcd.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_mlcd"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_mlcd.py")
 
 
 def test_offline_clusters_come_from_a_separate_model_of_the_same_data(bench, tmp_path):

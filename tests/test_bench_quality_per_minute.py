@@ -1,24 +1,15 @@
 """benchmarks/bench_quality_per_minute.py: the wall-clock schedule both libraries train with."""
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from benchhelpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def qpm():
-    spec = importlib.util.spec_from_file_location("bench_quality_per_minute", ROOT / "benchmarks" /
-                                                  "bench_quality_per_minute.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_quality_per_minute"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_quality_per_minute.py")
 
 
 def test_the_schedule_warms_up_by_steps_then_follows_the_clock_to_zero_at_the_budget(qpm):

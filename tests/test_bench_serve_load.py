@@ -1,7 +1,6 @@
 """benchmarks/bench_serve_load.py: the server's memory is summed over all its processes (``serve --workers N``)."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -9,8 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from benchhelpers import load_benchmark
 
 # a parent holding ~40 MB that starts two children holding ~40 MB each, then sleeps
 TREE = """
@@ -27,11 +25,7 @@ time.sleep(60)
 
 @pytest.fixture(scope="module")
 def load():
-    spec = importlib.util.spec_from_file_location("bench_serve_load", ROOT / "benchmarks" / "bench_serve_load.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_serve_load"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_serve_load.py")
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc")

@@ -2,7 +2,6 @@
 rules on synthetic clear / null / reversed effects, recipe validation, resumable seed-major runs and the report."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -11,19 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from benchhelpers import load_benchmark
 
 stats = pytest.importorskip("scipy.stats")
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def fid():
-    spec = importlib.util.spec_from_file_location("fidelity_runner", ROOT / "benchmarks" / "fidelity.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fidelity_runner"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("fidelity.py", "fidelity_runner")
 
 
 def recipe(**changes) -> dict:
