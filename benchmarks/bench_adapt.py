@@ -30,35 +30,38 @@ from clipforge.evaluation.adaptation import AdaptConfig, run_adaptation
 from clipforge.interop import load
 
 TRAIN_ARGS = ["steps=400", "lr=2e-3", "warmup_steps=30", "weight_decay=0.1"]
-_BASES: dict[tuple[int, int, int], object] = {}  # fidelity runs: one base per (seed, steps, batch), shared by the arms
+_BASES: dict[tuple, object] = {}  # fidelity runs: one base per (seed, steps, batch, precision), shared by the arms
+BASE_PRECISION = "bf16"  # TrainConfig's default, in which the recorded runs trained; fidelity --precision changes it
 
 
-def base_model(seed: int, steps: int, batch: int):
+def base_model(seed: int, steps: int, batch: int, precision: str = BASE_PRECISION):
     """The base CLIP that the adaptation arms of one fidelity seed share: ``tiny`` on ``shapes`` trained as TRAIN_ARGS
-    say (lr 2e-3, 30 warmup steps, weight decay 0.1), with the run's seed, steps and batch; kept in memory."""
+    say (lr 2e-3, 30 warmup steps, weight decay 0.1), with the run's seed, steps, batch and precision; kept in
+    memory."""
     import tempfile
 
     from clipforge.tokenizer import get_tokenizer
     from clipforge.train import TrainConfig, train
 
-    key = (seed, steps, batch)
+    key = (seed, steps, batch, precision)
     if key not in _BASES:
         with tempfile.TemporaryDirectory(prefix="fidelity-adapt-") as out:
             cfg = TrainConfig(model="tiny", steps=steps, batch_size=batch, lr=2e-3,
                               warmup_steps=min(30, max(1, steps // 10)), weight_decay=0.1, seed=seed, save_every=0,
-                              eval_every=0, progress=False, out_dir=out)
+                              eval_every=0, progress=False, out_dir=out, precision=precision)
             _BASES[key] = train(cfg.validate()).model.eval()
     model = _BASES[key]
     return model, get_tokenizer(model.context_length)
 
 
 def fidelity_arm(seed: int, steps: int, batch: int, eval_size: int, method: str, shots: int = 16,
-                 epochs: int | None = None) -> dict:
+                 epochs: int | None = None, precision: str = BASE_PRECISION) -> dict:
     """One arm of the fidelity recipes ``adapt``, ``adapt_prompts`` and ``tca`` (benchmarks/fidelity.py): the base
     model of ``seed`` adapted with ``method`` (``zero-shot``: not adapted; ``tca``: test-time, no support set) on a
     ``shots``-shot support set drawn with ``seed``. ``epochs``: the training epochs of the prompt learners (CoOp,
-    TMM, GOPro; None: AdaptConfig's defaults). Returns top-1 on ``test`` and ``heldout`` (the 5-way shape view)."""
-    model, tokenizer = base_model(seed, steps, batch)
+    TMM, GOPro; None: AdaptConfig's defaults); ``precision``: the base model's (fidelity.py --precision sets it).
+    Returns top-1 on ``test`` and ``heldout`` (the 5-way shape view)."""
+    model, tokenizer = base_model(seed, steps, batch, precision)
     methods = () if method == "zero-shot" else (method,)
     cfg = AdaptConfig(view="shape", methods=methods or ("tip",), shots=(shots,), seeds=(seed,), size=eval_size)
     if epochs is not None:
@@ -75,13 +78,14 @@ def fidelity_arm(seed: int, steps: int, batch: int, eval_size: int, method: str,
 fidelity_arm.metrics = ("test", "heldout")
 
 
-def fidelity_ood_arm(seed: int, steps: int, batch: int, eval_size: int, method: str, shots: int = 16) -> dict:
+def fidelity_ood_arm(seed: int, steps: int, batch: int, eval_size: int, method: str, shots: int = 16,
+                     precision: str = BASE_PRECISION) -> dict:
     """One arm of the fidelity recipe ``clipn``: the AUROC (in: shapes, out: the suite's OOD set) of the base model of
     ``seed`` with MCM (``method: mcm``, zero-shot) or with CLIPN-style "no" prompts fitted on ``shots`` shots
     (``method: clipn``), under CLIPN's two scores (competing-to-win, agreeing-to-differ; MCM fills both for mcm)."""
     if method not in ("mcm", "clipn"):
         raise ValueError(f"fidelity_ood_arm: method must be mcm or clipn, got '{method}'")
-    model, tokenizer = base_model(seed, steps, batch)
+    model, tokenizer = base_model(seed, steps, batch, precision)
     res, _ = run_adaptation(model, tokenizer, AdaptConfig(view="shape", methods=("clipn",), shots=(shots,),
                                                           seeds=(seed,), size=eval_size))
     if method == "mcm":

@@ -35,7 +35,10 @@ def regions(model, eval_size: int) -> dict:
 regions.metrics = ("region_object_top1", "region_shape_top1", "region_r2t_R@1", "crop_object_top1", "crop_r2t_R@1")
 
 
-def comclip_arm(seed: int, steps: int, batch: int, eval_size: int, method: str) -> dict:
+def comclip_arm(seed: int, steps: int, batch: int, eval_size: int, method: str, precision: str = "bf16") -> dict:
+    """One arm of the fidelity recipe ``comclip``: the adapter recipes' base model of ``seed`` (trained in
+    ``precision``, bench_adapt.BASE_PRECISION unless fidelity.py --precision says otherwise) scoring relation
+    captions against their flipped and swapped negatives with whole images (``clip``) or as ComCLIP does."""
     from bench_adapt import base_model
 
     from clipforge.adapt.comclip import ComCLIP, swap_accuracy
@@ -43,7 +46,7 @@ def comclip_arm(seed: int, steps: int, batch: int, eval_size: int, method: str) 
 
     if method not in ("clip", "comclip", "comclip_detected"):
         raise ValueError(f"comclip_arm: method must be clip, comclip or comclip_detected, got '{method}'")
-    model, tokenizer = base_model(seed, steps, batch)
+    model, tokenizer = base_model(seed, steps, batch, precision)
     gen = ShapesGenerator("relations", seed=12345, image_size=model.image_size)
     acc = swap_accuracy(ComCLIP(model, tokenizer), [gen.sample(i) for i in range(eval_size)])
     return {"relation": acc[f"{method}_relation"], "swap": acc[f"{method}_swap"]}

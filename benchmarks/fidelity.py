@@ -44,6 +44,7 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import importlib
+import inspect
 import json
 import math
 import os
@@ -301,6 +302,17 @@ class Arm:
     def is_training(self) -> bool:
         return self.function is None
 
+    @property
+    def takes_precision(self) -> bool:
+        """Whether ``--precision`` reaches this arm: a training arm, or a function arm whose function trains a model
+        and takes its precision as a ``precision`` keyword (e.g. the adapter recipes' shared base model)."""
+        if self.function is None:
+            return True
+        try:
+            return "precision" in inspect.signature(self.function).parameters
+        except (TypeError, ValueError):
+            return False
+
 
 @dataclasses.dataclass
 class Metric:
@@ -340,16 +352,24 @@ class Recipe:
     notes: str = ""
     prepare: dict[str, Prepare] = dataclasses.field(default_factory=dict)
 
-    def arm_precision(self, arm: str) -> str:
-        """The precision a training arm's recipe trains it in (its own field, or TrainConfig's default)."""
-        from clipforge.train import TrainConfig
+    def arm_precision(self, arm: str) -> str | None:
+        """The precision an arm's recipe trains it in: a training arm's own field or TrainConfig's default; a
+        function arm's ``precision`` param or its function's default for it; None for a function arm that takes
+        no precision (it chooses its own numerics)."""
+        a = self.arms[arm]
+        if a.is_training:
+            from clipforge.train import TrainConfig
 
-        return self.arms[arm].spec["train"].get("precision", TrainConfig.precision)
+            return a.spec["train"].get("precision", TrainConfig.precision)
+        if not a.takes_precision:
+            return None
+        default = inspect.signature(a.function).parameters["precision"].default
+        return a.params.get("precision", None if default is inspect.Parameter.empty else default)
 
     def precision_override(self, arm: str, precision: str | None) -> str | None:
         """The precision a ``--precision`` run trains this arm in, when it differs from the arm's own (None: the
-        arm trains as its recipe says; function arms choose their own numerics and are never overridden)."""
-        if precision is None or not self.arms[arm].is_training:
+        arm trains as its recipe says; a function arm that takes no ``precision`` is never overridden)."""
+        if precision is None or not self.arms[arm].takes_precision:
             return None
         return None if precision == self.arm_precision(arm) else precision
 
@@ -728,7 +748,8 @@ def train_and_measure(recipe: Recipe, arm: Arm, seed: int, steps: int, batch: in
     (fp32 or bf16) replaces the training precision of the recipe."""
     if not arm.is_training:
         t0 = time.perf_counter()
-        metrics = dict(arm.function(seed=seed, steps=steps, batch=batch, eval_size=eval_size, **arm.params))
+        params = {**arm.params, **({"precision": precision} if precision is not None else {})}
+        metrics = dict(arm.function(seed=seed, steps=steps, batch=batch, eval_size=eval_size, **params))
         metrics.setdefault("total_s", time.perf_counter() - t0)
         return metrics
     from clipforge.train import train
@@ -826,7 +847,7 @@ def slow_bf16_arms(recipes: Sequence[Recipe], precision: str | None, fast_bf16: 
         fast_bf16 = torch.cuda.is_available() or cpu_has_fast_bf16()
     if fast_bf16:
         return []
-    return [f"{r.name}/{a.name}" for r in recipes for a in r.arms.values() if a.is_training and
+    return [f"{r.name}/{a.name}" for r in recipes for a in r.arms.values() if a.takes_precision and
             (r.precision_override(a.name, precision) or r.arm_precision(a.name)) == "bf16"]
 
 
@@ -1177,7 +1198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if a.list:
         for r in recipes:
-            precisions = sorted({r.arm_precision(a.name) for a in r.arms.values() if a.is_training})
+            precisions = sorted({r.arm_precision(a.name) for a in r.arms.values() if a.takes_precision})
             print(f"{r.name:14s} {r.steps:5d} steps x {r.batch:3d} {'/'.join(precisions) or '-':9s} arms: "
                   f"{', '.join(r.arms)}  -- {r.claim}")
         return 0

@@ -277,6 +277,40 @@ def test_a_precision_override_is_its_own_budget_and_leaves_plain_runs_alone(fid,
     assert "3 seed(s) per arm; trained in fp32, not the recipe's precision" in fid.markdown([r], only_fp32)
 
 
+def test_precision_reaches_a_function_arm_that_trains_in_one(fid, monkeypatch):
+    """A function arm whose function takes ``precision`` (the adapter recipes' base model) is overridden like a
+    training arm: its own precision is the function's default (or its param), a different --precision is its own
+    fingerprint and is passed to the function; a function without the keyword is left alone."""
+    seen = []
+
+    def trains(seed, steps, batch, eval_size, precision="bf16"):
+        seen.append(precision)
+        return {"gap": 0.5, "object_top1": 0.5}
+
+    trains.metrics = ("gap", "object_top1")
+    module = types.ModuleType("fake_trains_module")
+    module.trains = trains
+    module.plain = lambda **kw: {"gap": 0.5, "object_top1": 0.5}
+    module.plain.metrics = ("gap", "object_top1")
+    monkeypatch.setitem(sys.modules, "fake_trains_module", module)
+    raw = recipe(train={"model": "tiny", "precision": "bf16"})
+    raw["arms"]["base"] = {"function": "fake_trains_module:trains", "params": {}}
+    raw["arms"]["base32"] = {"function": "fake_trains_module:trains", "params": {"precision": "fp32"}}
+    raw["arms"]["plain"] = {"function": "fake_trains_module:plain", "params": {}}
+    r = fid.parse_recipe("t", raw)
+    assert (r.arm_precision("base"), r.arm_precision("base32"), r.arm_precision("plain")) == ("bf16", "fp32", None)
+    assert r.precision_override("base", "fp32") == "fp32" and r.precision_override("base", "bf16") is None
+    assert r.precision_override("base32", "fp32") is None and r.precision_override("plain", "fp32") is None
+    assert r.fingerprint("base", 10, 8, 500, "fp32") != r.fingerprint("base", 10, 8, 500)
+    assert r.fingerprint("base", 10, 8, 500, "bf16") == r.fingerprint("base", 10, 8, 500)
+    assert fid.slow_bf16_arms([r], None, fast_bf16=False) == ["t/clip", "t/gap", "t/base"]
+    assert fid.slow_bf16_arms([r], "fp32", fast_bf16=False) == []
+    fid.train_and_measure(r, r.arms["base"], 0, 10, 8, 500, r.precision_override("base", "fp32"))
+    fid.train_and_measure(r, r.arms["base"], 0, 10, 8, 500, r.precision_override("base", None))
+    fid.train_and_measure(r, r.arms["base32"], 0, 10, 8, 500, r.precision_override("base32", "fp32"))
+    assert seen == ["fp32", "bf16", "fp32"]
+
+
 def test_bf16_arms_on_a_cpu_without_fast_bf16_are_named_with_the_fix(fid, monkeypatch, tmp_path):
     raw = recipe(train={"model": "tiny", "precision": "bf16"})
     raw["arms"]["fp32_already"] = {"train": {"loss": {"clip": 1.0}, "precision": "fp32"}}
