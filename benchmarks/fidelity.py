@@ -42,6 +42,7 @@ import ast
 import copy
 import dataclasses
 import datetime as _dt
+import functools
 import hashlib
 import importlib
 import inspect
@@ -636,6 +637,7 @@ def _shell(node):
     return node
 
 
+@functools.lru_cache(maxsize=256)  # a report checks every run against the same files: parse each version once
 def code_units(source: str) -> tuple[dict[str, str], list[tuple[int, int, bool, str]]]:
     """The units of a module's source and their hashes, and the line span of each.
 
@@ -644,7 +646,7 @@ def code_units(source: str) -> tuple[dict[str, str], list[tuple[int, int, bool, 
     nested class cut to its signature), and ``<module>`` (the top level, each def and class cut to its signature).
     A hash is of the unit's syntax tree without its docstring, so comments, docstrings, blank lines and moves do
     not count as changes. Spans: (first line, last line, is_function, unit); a decorated def starts at its first
-    decorator, as its code object's first line does."""
+    decorator, as its code object's first line does. Cached by source text: callers must not modify the result."""
     tree = ast.parse(source)
     nodes: dict[str, list[str]] = {}
     spans: list[tuple[int, int, bool, str]] = []
