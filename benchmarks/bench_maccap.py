@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import torch
 
 from clipforge.captioning import (
     CoCaPolicy,
+    MacCapCaptioner,
     MacCapConfig,
     MacCapPolicy,
     attribute_accuracy,
@@ -121,6 +123,160 @@ def run_seed(seed: int, args, out: Path) -> dict:
             result[f"{name}_scst_steps"] = steps
             result[f"{name}_scst_reward_first_last"] = [log[0], log[-1]] if log else []
     return result
+
+
+# ---- fidelity plug-ins (benchmarks/fidelity/maccap.yaml and maccap_rl.yaml) ----
+
+CACHE = Path(os.environ.get("CLIPFORGE_BENCH_CACHE", "/tmp/clipforge-bench-maccap"))
+EVAL_SEED = 12345
+MAX_LEN = 20
+METRICS = ("attr_color", "attr_shape", "attr_count", "attr_mean", "bleu4", "cider_d", "clip_s", "repetition",
+           "distinct_captions")
+
+
+def _val(eval_size: int, image_size: int = 64):
+    val = build_dataset("shapes", split="val", size=eval_size, seed=EVAL_SEED, image_size=image_size)
+    items = [val[i] for i in range(len(val))]
+    return normalize_batch(torch.stack([it["image"] for it in items])), items
+
+
+def _maccap_captions(captioner, images: torch.Tensor, seed: int) -> list[str]:
+    """MacCap inference (sub-region features, noise draws, CLIP re-ranking), one fixed generator per evaluation."""
+    gen = torch.Generator().manual_seed(seed)
+    captioner.decoder.eval()
+    return [r["caption"] for i in range(0, len(images), 64) for r in captioner.caption(images[i:i + 64], gen)]
+
+
+def score_captions(captions: list[str], items: list[dict], images: torch.Tensor, judge) -> dict:
+    """The metrics of both recipes: attribute accuracy (color / shape / count named; ``attr_mean`` their mean),
+    BLEU-4 and CIDEr-D against the scenes' captions, CLIP-S under ``judge``, repetition, distinct captions."""
+    from clipforge.captioning import repetition_rate
+    from clipforge.captioning.scst import clip_s_reward
+
+    refs = [list(it["captions"]) for it in items]
+    attr = attribute_accuracy(captions, items)
+    with torch.no_grad():
+        s = float(clip_s_reward(judge, images, captions).mean())
+    return {"attr_color": attr["color"], "attr_shape": attr["shape"], "attr_count": attr["count"],
+            "attr_mean": (attr["color"] + attr["shape"] + attr["count"]) / 3, "bleu4": bleu(captions, refs),
+            "cider_d": cider_d(captions, refs)[0], "clip_s": s, "repetition": repetition_rate(captions),
+            "distinct_captions": len(set(captions))}
+
+
+def _texts(n_scenes: int) -> list[str]:
+    ds = build_dataset("shapes", split="train", size=n_scenes, seed=0, image_size=64)
+    return [c for i in range(n_scenes) for c in ds.generator.sample(i).captions]
+
+
+def _fit(model: str, loss: dict, seed: int, steps: int, batch: int, out: Path, seconds: float | None = None,
+         train_size: int = 20_000, precision: str = "fp32"):
+    cfg = TrainConfig(model=model, loss=loss, data=DataConfig(train_size=train_size), batch_size=batch, steps=steps,
+                      max_seconds=seconds, lr=1e-3, warmup_steps=min(30, max(1, steps // 10)), save_every=0,
+                      log_every=10, seed=seed, out_dir=str(out), progress=False, precision=precision)
+    return train(cfg)
+
+
+def equal_time_arm(seed: int, steps: int, batch: int, eval_size: int, method: str = "maccap", seconds: float = 240.0,
+                   clip_fraction: float = 0.6, text_scenes: int = 5000, precision: str = "fp32") -> dict:
+    """Fidelity plug-in of maccap.yaml: one captioner trained for ``seconds`` of wall-clock (``steps`` only caps the
+    steps; it is never reached at these budgets), as :func:`run_seed` does: ``coca`` = coca-tiny with {clip: 1,
+    caption: 2}, greedy captions; ``maccap`` = the tiny CLIP with {clip: 1} for ``clip_fraction`` of the time, then a
+    MacCap decoder on the captions alone (reading and encoding them counted) for the rest, MacCap inference.
+    CLIP-S is under each arm's own CLIP (reported, not compared across arms)."""
+    import tempfile
+
+    if method not in ("coca", "maccap"):
+        raise ValueError(f"method must be coca or maccap, got {method!r}")
+    torch.manual_seed(seed)
+    images, items = _val(eval_size)
+    with tempfile.TemporaryDirectory(prefix="fidelity-maccap-") as tmp:
+        if method == "coca":
+            run = _fit("coca-tiny", {"clip": 1.0, "caption": 2.0}, seed, steps, batch, Path(tmp), seconds,
+                       precision=precision)
+            model = run.model.eval()
+            tok = get_tokenizer(32)
+            with torch.no_grad():
+                caps = [tok.decode(g.tolist()) for i in range(0, len(images), 128)
+                        for g in model.generate(images[i:i + 128], max_len=32)]
+            out = score_captions(caps, items, images, frozen_judge(model))
+            return {**out, "train_steps": run.step, "decoder_steps": 0, "train_s": run.train_seconds}
+        run = _fit("tiny", {"clip": 1.0}, seed, steps, batch, Path(tmp), seconds * clip_fraction, precision=precision)
+    t0 = time.perf_counter()
+    texts = _texts(text_scenes)
+    left = max(1.0, seconds * (1 - clip_fraction) - (time.perf_counter() - t0))
+    captioner, history = train_maccap(run.model, texts, MacCapConfig(), steps=1_000_000, batch_size=batch, lr=1e-3,
+                                      seed=seed, max_seconds=left)
+    caps = _maccap_captions(captioner, images, seed)
+    out = score_captions(caps, items, images, frozen_judge(captioner.clip))
+    return {**out, "train_steps": run.step, "decoder_steps": history[-1]["step"],
+            "train_s": run.train_seconds + time.perf_counter() - t0}
+
+
+def base_maccap(seed: int, clip_steps: int = 300, decoder_steps: int = 400, batch: int = 64,
+                text_scenes: int = 5000):
+    """The starting MacCap captioner of maccap_rl.yaml for (seed, budget): the tiny CLIP {clip: 1} for
+    ``clip_steps`` x ``batch`` in fp32, then a MacCap decoder for ``decoder_steps`` on the captions of
+    ``text_scenes`` train scenes. Trained once into a ``.partial`` directory (renamed when done) under
+    ``$CLIPFORGE_BENCH_CACHE``, then loaded, so every arm of a seed starts from the same captioner."""
+    import shutil
+
+    out = CACHE / f"maccap-shapes-s{seed}-c{clip_steps}-d{decoder_steps}-b{batch}-t{text_scenes}"
+    partial = out.with_name(out.name + ".partial")
+    if not out.exists():
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        run = _fit("tiny", {"clip": 1.0}, seed, clip_steps, batch, partial / "clip")
+        captioner, _ = train_maccap(run.model, _texts(text_scenes), MacCapConfig(), steps=decoder_steps,
+                                    batch_size=batch, lr=1e-3, seed=seed)
+        captioner.save(partial / "captioner")
+        (partial / "captioner").rename(out)
+        shutil.rmtree(partial, ignore_errors=True)
+    return MacCapCaptioner.load(out)
+
+
+def rl_arm(seed: int, steps: int, batch: int, eval_size: int, method: str = "none", lr: float = 5e-5,
+           clip_steps: int = 300, decoder_steps: int = 400, lam: float = 1.0) -> dict:
+    """Fidelity plug-in of maccap_rl.yaml: the starting MacCap captioner (:func:`base_maccap`) as it is
+    (``none``), after ``steps`` SCST steps with the CLIP-S reward (``scst``; Rennie et al. 2017, reward of Cho et al.
+    2022), or after ``steps`` CgT-GAN steps with the CLIP-cos / CLIP-agg reward (``cgtgan_cos`` / ``cgtgan_agg``; Yu et
+    al. 2023; a fresh GRU discriminator, real captions of 2,000 other train scenes, unpaired). Only the decoder
+    trains (:class:`MacCapPolicy`); the judge of every arm is the starting captioner's frozen CLIP, so CLIP-S is
+    comparable across arms. Evaluated with MacCap inference on ``eval_size`` val scenes."""
+    from clipforge.captioning.cgtgan import CaptionDiscriminator, CgTGAN
+
+    if method not in ("none", "scst", "cgtgan_cos", "cgtgan_agg"):
+        raise ValueError(f"method must be none, scst, cgtgan_cos or cgtgan_agg, got {method!r}")
+    torch.manual_seed(seed)
+    captioner = base_maccap(seed, clip_steps, decoder_steps)
+    judge = frozen_judge(captioner.clip)
+    images, items = _val(eval_size, captioner.image_size)
+    train_images = normalize_batch(torch.stack([it["image"] for it in (lambda ds: [ds[i] for i in range(2000)])(
+        build_dataset("shapes", split="train", size=2000, seed=seed + 1, image_size=captioner.image_size))]))
+    gen = torch.Generator().manual_seed(seed)
+    policy, log, t0 = MacCapPolicy(captioner), [], time.perf_counter()
+    if method == "scst":
+        opt = torch.optim.Adam(policy.trainable_parameters(), lr=lr)
+        for _ in range(steps):
+            idx = torch.randint(len(train_images), (batch,), generator=gen)
+            log.append(scst_step(policy, judge, train_images[idx], opt, max_len=MAX_LEN, generator=gen))
+    elif method.startswith("cgtgan"):
+        corpus_ds = build_dataset("shapes", split="train", size=2000, seed=seed + 101, image_size=32)
+        corpus = [corpus_ds.generator.sample(i).captions[0] for i in range(2000)]
+        disc = CaptionDiscriminator()
+        gan = CgTGAN(policy, judge, disc, reward=method.split("_")[1], lam=lam, corpus=corpus)
+        opt_g = torch.optim.Adam(policy.trainable_parameters(), lr=lr)
+        opt_d = torch.optim.Adam(disc.parameters(), lr=1e-3)
+        for _ in range(steps):
+            idx = torch.randint(len(train_images), (batch,), generator=gen)
+            real = [corpus[int(i)] for i in torch.randint(len(corpus), (batch,), generator=gen)]
+            log.append(gan.step(train_images[idx], real, opt_g, opt_d, max_len=MAX_LEN, generator=gen))
+    train_s = time.perf_counter() - t0
+    out = score_captions(_maccap_captions(captioner, images, seed), items, images, judge)
+    return {**out, "train_s": train_s}
+
+
+equal_time_arm.metrics = METRICS + ("train_steps", "decoder_steps")
+rl_arm.metrics = METRICS
 
 
 def table(report: dict) -> str:
