@@ -2,8 +2,9 @@
 
 For each model: parameters of the image tower, of the text tower and in all; forward GFLOPs per image and
 per text (``torch.utils.flop_counter.FlopCounterMode``: 2 FLOPs per multiply-add of matmuls, convolutions
-and attention; elementwise work is not counted); images/s and texts/s at batch 32 in evaluation mode
-without gradients (median of ``--reps`` timed batches after one warm-up), on ``--threads`` threads.
+and attention; elementwise work is not counted); images/s and texts/s at batch 32 and the latency of one image
+and of one text (batch 1, milliseconds) in evaluation mode without gradients (median of ``--reps`` timed batches
+after one warm-up; ``4 x --reps`` single-item calls for the latencies), on ``--threads`` threads.
 
 Models: ``tiny`` (the ViT CLIP), ``mobileclip-tiny`` in its training form and reparameterized, a CLIP-MoE
 upcycled from ``tiny`` (4 experts, top-2, every FFN of both towers; random weights: speed only), with
@@ -49,6 +50,11 @@ def per_second(fn, n: int, reps: int) -> float:
     return n / statistics.median(times)
 
 
+def latency_ms(fn, reps: int) -> float:
+    """Median milliseconds of one call of ``fn`` (after one warm-up call)."""
+    return 1000.0 / per_second(fn, 1, reps)
+
+
 def measure(name: str, model, reps: int, batch: int = 32, tokenizer=None) -> dict:
     model = model.eval()
     size = model.image_size
@@ -70,7 +76,9 @@ def measure(name: str, model, reps: int, batch: int = 32, tokenizer=None) -> dic
            "gflops_per_image": gflops(lambda: model.encode_image(images[:1])),
            "gflops_per_text": gflops(lambda: model.encode_text(ids[:1])),
            "images_per_s_b32": per_second(lambda: model.encode_image(images), batch, reps),
-           "texts_per_s_b32": per_second(lambda: model.encode_text(ids), batch, reps)}
+           "texts_per_s_b32": per_second(lambda: model.encode_text(ids), batch, reps),
+           "image_ms_b1": latency_ms(lambda: model.encode_image(images[:1]), 4 * reps),
+           "text_ms_b1": latency_ms(lambda: model.encode_text(ids[:1]), 4 * reps)}
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
 
 
