@@ -16,11 +16,13 @@ after each level, and its peak (VmHWM), from ``/proc/PID/status``.
 Without ``--index``, the index is built first: ``--images`` shapes renders (``--image-size``
 px) embedded by ``tiny`` with random weights (latency does not depend on what a model learned).
 ``--pad-to N`` then grows that index to N rows with synthetic embeddings clustered around the real
-ones (:func:`pad_index`), to load-test search over a large collection without embedding N images.
+ones (:func:`pad_index`), to load-test search over a large collection without embedding N images;
+``--ann hnsw`` (or ivf, ivfpq, auto) gives the padded index an approximate search index, built and
+tuned as ``clipforge index --index KIND`` does, in place of exact search.
 Nothing leaves 127.0.0.1; request counts and durations are bounded.
 
     nice python benchmarks/bench_serve_load.py [--clients 20 50] [--requests 600] [--max-seconds 60] \
-        [--pad-to 100000] [--mix text=1]
+        [--pad-to 100000 [--ann hnsw]] [--mix text=1]
 """
 from __future__ import annotations
 
@@ -102,12 +104,16 @@ def build_index(root: Path, n: int, image_size: int) -> Path:
     return root / "index"
 
 
-def pad_index(index: Path, total: int, seed: int = 0) -> None:
+def pad_index(index: Path, total: int, seed: int = 0, ann: str = "flat") -> None:
     """Grow a built index to ``total`` rows with synthetic embeddings (benchmark only: search cost
     depends on the row count, not on what the rows show). Row ``i`` >= the real count copies the
     metadata of real image ``j = i mod real`` (so thumbnails and similar-item searches still
     resolve to a file) under a new key, and its embedding is real embedding ``j`` plus Gaussian
-    noise of norm ~0.5, normalized: clusters around real images, not i.i.d. vectors."""
+    noise of norm ~0.5, normalized: clusters around real images, not i.i.d. vectors.
+
+    ``ann``: the search index over all ``total`` rows (``flat``: exact search; ``hnsw``, ``ivf``,
+    ``ivfpq``, ``auto``), built and tuned to clipforge's recall target by the same
+    :func:`clipforge.serve.index.update_ann` that ``clipforge index --index KIND`` uses."""
     import pyarrow.parquet as pq
 
     manifest = json.loads((index / "manifest.json").read_text())
@@ -134,6 +140,18 @@ def pad_index(index: Path, total: int, seed: int = 0) -> None:
     schema = pq.read_schema(index / "metadata.parquet")
     pq.write_table(pa.table(table, schema=schema), index / "metadata.parquet")
     manifest["count"] = total
+    if ann != "flat":
+        import faiss
+
+        from clipforge.serve.ann import ANN_FILE, RECALL_TARGET
+        from clipforge.serve.index import update_ann
+
+        vectors = np.load(index / "embeddings.npy", mmap_mode="r")
+        ann_index, record = update_ann(index, vectors, None,
+                                       {"index": ann, "max_memory": None, "recall_target": RECALL_TARGET})
+        if ann_index is not None:
+            faiss.write_index(ann_index, str(index / ANN_FILE))
+        manifest["ann"] = record
     (index / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
@@ -224,6 +242,9 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=256, help="side of the rendered images (default 256)")
     ap.add_argument("--pad-to", type=int, default=0, metavar="N",
                     help="grow the built index to N rows with synthetic embeddings around the real ones (pad_index)")
+    ap.add_argument("--ann", default="flat", choices=["flat", "auto", "hnsw", "ivf", "ivfpq"],
+                    help="with --pad-to: the search index over the padded rows, built and tuned as `clipforge index "
+                         "--index KIND` does (default flat: exact search)")
     ap.add_argument("--clients", type=int, nargs="+", default=[20, 50], help="concurrent clients per level")
     ap.add_argument("--requests", type=int, default=600, help="requests per level (default 600)")
     ap.add_argument("--max-seconds", type=float, default=60, help="stop a level after this long (default 60)")
@@ -241,7 +262,9 @@ def main() -> None:
         if args.pad_to:
             if args.index:
                 raise SystemExit("--pad-to grows the index this script builds; leave out --index")
-            pad_index(index, args.pad_to, args.seed)
+            pad_index(index, args.pad_to, args.seed, ann=args.ann)
+        elif args.ann != "flat":
+            raise SystemExit("--ann builds the search index of a padded index; give --pad-to N too")
         from clipforge.serve import open_index
 
         count = len(open_index(index))

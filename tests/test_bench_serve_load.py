@@ -50,3 +50,45 @@ def test_rss_counts_the_server_and_every_process_below_it(load):
             except ProcessLookupError:
                 pass
         tree.wait(10)
+
+
+def test_a_padded_index_gets_the_approximate_index_it_asks_for(load, tmp_path):
+    """pad_index(ann="hnsw") stores an HNSW index over every padded row: the Searcher serves it, and its top 10
+    agree with exact top 10 computed here with numpy over the padded embeddings."""
+    pytest.importorskip("faiss")
+    import numpy as np
+    from PIL import Image
+
+    import clipforge
+    from clipforge.cli.main import main
+    from clipforge.data.shapes import ShapesGenerator
+    from clipforge.models import save_model
+    from clipforge.serve.search import Searcher
+
+    small = {"embed_dim": 32, "vision": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "heads": 2},
+             "text": {"context_length": 16, "width": 32, "layers": 1, "heads": 2}}
+    model_dir = save_model(clipforge.create_model("tiny", seed=0, **small), tmp_path / "model")
+    gen = ShapesGenerator("val", seed=0, image_size=48)
+    (tmp_path / "images").mkdir()
+    for i in range(12):
+        Image.fromarray(gen.sample(i).image).save(tmp_path / "images" / f"{i}.png")
+    index = tmp_path / "index"
+    assert main(["index", str(model_dir), "--images", str(tmp_path / "images"), "--out", str(index), "--quiet"]) == 0
+
+    load.pad_index(index, 3000, seed=0, ann="hnsw")
+    searcher = Searcher(index)
+    assert len(searcher) == 3000 and searcher.backend.name == "faiss-hnsw" and searcher.backend.covered == 3000
+    vectors = np.load(index / "embeddings.npy")
+    rng = np.random.default_rng(5)
+    queries = vectors[rng.choice(3000, 50, replace=False)] + 0.05 * rng.standard_normal((50, 32)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    exact = np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
+    found = [[h.id for h in hits] for hits in searcher.vectors(queries, [10] * 50)]
+    recall = np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact)])
+    assert recall >= 0.9, recall
+
+
+def test_ann_without_padding_is_refused(load, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["bench_serve_load.py", "--ann", "hnsw", "--index", "somewhere"])
+    with pytest.raises(SystemExit, match="--pad-to"):
+        load.main()
