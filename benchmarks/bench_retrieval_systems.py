@@ -44,14 +44,23 @@ SMALL_COCA = ["model_overrides.embed_dim=64", "model_overrides.vision.image_size
 
 
 def base_model_dir(corpus: str, seed: int, steps: int, batch: int) -> Path:
-    """The trained base CoCa of (corpus, seed, steps, batch): trained once, then read from the cache."""
+    """The trained base CoCa of (corpus, seed, steps, batch): trained once, then read from the cache.
+
+    Training holds a lock beside the cache entry, so a second benchmark process waits for the first (up to an
+    hour) instead of training it twice; the lock dies with its process, so a directory left by a training that
+    failed is removed and trained again rather than waited on."""
+    import shutil
+
+    from clipforge.locking import exclusive_lock
     from clipforge.train import load_config, train
 
     out = CACHE / f"coca-{corpus}-s{seed}-n{steps}-b{batch}"
-    deadline = time.monotonic() + 3600
-    while out.exists() and not (out / "checkpoints" / "latest.json").exists() and time.monotonic() < deadline:
-        time.sleep(10)  # another benchmark process is training this base: wait for its checkpoint
-    if not (out / "checkpoints" / "latest.json").exists():
+    if (out / "checkpoints" / "latest.json").exists():
+        return out
+    with exclusive_lock(CACHE / ".locks" / out.name, f"the cached base CoCa {out.name}", timeout=3600):
+        if (out / "checkpoints" / "latest.json").exists():  # trained by the process that held the lock
+            return out
+        shutil.rmtree(out, ignore_errors=True)  # left by a training that died before its checkpoint
         cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "coca.yaml", [
             f"data.dataset={corpus}", "data.languages=[en]", f"steps={steps}", f"batch_size={batch}", "lr=2e-3",
             f"warmup_steps={max(1, steps // 10)}", f"seed={seed}", "save_every=0", "eval_every=0", "progress=false",
