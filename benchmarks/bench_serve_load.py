@@ -126,7 +126,8 @@ def pad_index(index: Path, total: int, seed: int = 0, ann: str = "flat") -> None
     noise = rng.standard_normal((total - real, emb.shape[1])).astype(np.float32) * (0.5 / np.sqrt(emb.shape[1]))
     extra = emb[src].astype(np.float32) + noise
     extra /= np.linalg.norm(extra, axis=1, keepdims=True)
-    np.save(index / "embeddings.npy", np.concatenate([emb, extra.astype(emb.dtype)]))
+    vectors = np.concatenate([emb, extra.astype(emb.dtype)])
+    np.save(index / "embeddings.npy", vectors)
     table = pq.read_table(index / "metadata.parquet").to_pydict()
     for col, values in table.items():
         copied = [values[j] for j in src]
@@ -146,7 +147,6 @@ def pad_index(index: Path, total: int, seed: int = 0, ann: str = "flat") -> None
         from clipforge.serve.ann import ANN_FILE, RECALL_TARGET
         from clipforge.serve.index import update_ann
 
-        vectors = np.load(index / "embeddings.npy", mmap_mode="r")
         ann_index, record = update_ann(index, vectors, None,
                                        {"index": ann, "max_memory": None, "recall_target": RECALL_TARGET})
         if ann_index is not None:
@@ -236,13 +236,15 @@ def parse_mix(text: str) -> dict[str, float]:
 
 
 def main() -> None:
+    from clipforge.serve.ann import KINDS
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--index", help="serve this index (default: build one from shapes renders)")
     ap.add_argument("--images", type=int, default=300, help="images in the built index (default 300)")
     ap.add_argument("--image-size", type=int, default=256, help="side of the rendered images (default 256)")
     ap.add_argument("--pad-to", type=int, default=0, metavar="N",
                     help="grow the built index to N rows with synthetic embeddings around the real ones (pad_index)")
-    ap.add_argument("--ann", default="flat", choices=["flat", "auto", "hnsw", "ivf", "ivfpq"],
+    ap.add_argument("--ann", default="flat", choices=KINDS,
                     help="with --pad-to: the search index over the padded rows, built and tuned as `clipforge index "
                          "--index KIND` does (default flat: exact search)")
     ap.add_argument("--clients", type=int, nargs="+", default=[20, 50], help="concurrent clients per level")

@@ -38,13 +38,12 @@ def test_a_directory_left_by_a_failed_training_is_trained_again_not_waited_on(be
 
 def test_a_base_being_trained_by_a_live_process_is_waited_for(bench, tmp_path, monkeypatch):
     mod, calls = bench
-    from clipforge.locking import LockHeld, exclusive_lock
+    import clipforge.locking as locking
 
-    name = "coca-emoji-s1-n40-b32"
-    with exclusive_lock(tmp_path / "cache" / ".locks" / name, "held by the test"):
-        lock_mod = __import__("clipforge.locking", fromlist=["exclusive_lock"])
-        real = lock_mod.exclusive_lock
-        monkeypatch.setattr(lock_mod, "exclusive_lock", lambda d, what, timeout=0.0: real(d, what, timeout=0.3))
-        with pytest.raises(LockHeld):
+    real = locking.exclusive_lock
+    with real(tmp_path / "cache" / ".locks" / "coca-emoji-s1-n40-b32", "held by the test"):
+        # the hour-long wait shortened to 0.3 s: the holder is alive, so the call waits, then reports it
+        monkeypatch.setattr(locking, "exclusive_lock", lambda d, what, timeout=0.0: real(d, what, timeout=0.3))
+        with pytest.raises(locking.LockHeld):
             mod.base_model_dir("emoji", 1, 40, 32)
     assert calls == []
