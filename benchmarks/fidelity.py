@@ -974,8 +974,12 @@ def analyse(recipe: Recipe, runs: Sequence[dict]) -> list[dict]:
             absorbed.add((steps, batch, eval_size, None))
     groups = {k: v for k, v in groups.items() if k not in absorbed}
     out = []
+    # first the group with the most seeds of the baseline, then of its least-run arm (an arm without runs counts
+    # as none, so a group that has every arm comes before one that lacks some), then the recipe's own precision,
+    # then the most steps: the first is the group the summary judges
     most_seeds_first = sorted(groups.items(), key=lambda kv: (-len(kv[1].get(recipe.baseline, {})),
-                                                               -min(len(s) for s in kv[1].values()), -kv[0][0]))
+                                                               -min(len(kv[1].get(a, {})) for a in recipe.arms),
+                                                               kv[0][3] is not None, -kv[0][0]))
     for (steps, batch, eval_size, precision), by_arm in most_seeds_first:
         arms = {}
         for name in recipe.arms:

@@ -277,6 +277,34 @@ def test_a_precision_override_is_its_own_budget_and_leaves_plain_runs_alone(fid,
     assert "3 seed(s) per arm; trained in fp32, not the recipe's precision" in fid.markdown([r], only_fp32)
 
 
+def test_the_summary_judges_the_group_with_every_arm_in_the_recipes_precision(fid):
+    # fp32 runs of two arms recorded first, then every arm in the recipe's precision: the summary must judge the
+    # complete group, not the one that came first in the file (improved_baselines, 2026-12-04)
+    raw = recipe(train={"model": "tiny", "precision": "bf16"})
+    raw["arms"]["third"] = {"train": {"loss": {"clip": 1.0, "uniformity": 0.1}}}
+    r = fid.parse_recipe("t", raw)
+
+    def row(arm, seed, precision=None):
+        run = {"experiment": "t", "arm": arm, "seed": seed, "steps": 10, "batch": 8, "eval_size": 500,
+               "metrics": fake_metrics("gap" if arm == "gap" else "clip", seed),
+               "fingerprint": r.fingerprint(arm, 10, 8, 500, precision), "seconds": 1.0,
+               "env": {"threads": 1, "torch": "t", "commit": None, "load_average": [0.0], "started": "s"}}
+        return {**run, "precision": precision} if precision else run
+
+    runs = [row(a, s, "fp32") for s in range(3) for a in ("clip", "gap")]
+    runs += [row(a, s) for s in range(3) for a in ("clip", "gap", "third")]
+    groups = fid.analyse(r, runs)
+    assert [g["precision"] for g in groups] == [None, "fp32"]
+    summary = fid.markdown([r], {"runs": runs})
+    line = next(x for x in summary.splitlines() if x.startswith("| [t](#t) |"))
+    assert "| 3 seed(s) per arm (" in line and "not the recipe's precision" not in line
+    assert "No 3-seed run at the default budget yet" not in summary
+    # with the complete group only in fp32, that one is judged
+    runs_fp32_complete = [row(a, s, "fp32") for s in range(3) for a in ("clip", "gap", "third")]
+    runs_fp32_complete += [row(a, s) for s in range(3) for a in ("clip", "gap")]
+    assert [g["precision"] for g in fid.analyse(r, runs_fp32_complete)] == ["fp32", None]
+
+
 def test_precision_reaches_a_function_arm_that_trains_in_one(fid, monkeypatch):
     """A function arm whose function takes ``precision`` (the adapter recipes' base model) is overridden like a
     training arm: its own precision is the function's default (or its param), a different --precision is its own
