@@ -68,3 +68,23 @@ def test_clean_release_leaves_nothing_stale(tmp_path, caplog):
         with exclusive_lock(tmp_path):
             pass
     assert not caplog.records
+
+
+def test_a_holder_that_has_not_written_its_stamp_yet_is_still_named(tmp_path):
+    # the race CI hit once (tests/serve/test_index_lock.py): the loser found the lock taken in the instant before
+    # the winner wrote its pid, read an empty file and said "another process"; it now re-reads for a moment
+    import fcntl
+    import threading
+
+    tmp_path.mkdir(exist_ok=True)
+    fd = os.open(tmp_path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken, nothing written yet
+    writer = threading.Timer(0.2, lambda: os.pwrite(fd, b"pid=4242 host=h since=s\n", 0))
+    writer.start()
+    try:
+        with pytest.raises(LockHeld, match="in use by pid 4242 on h since s"):
+            with exclusive_lock(tmp_path, what="index"):
+                pass
+    finally:
+        writer.join()
+        os.close(fd)

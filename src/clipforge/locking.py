@@ -88,7 +88,7 @@ def exclusive_lock(directory: str | Path, what: str = "directory", timeout: floa
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise
                 if time.monotonic() >= deadline:
-                    raise LockHeld(_describe(what, directory, lock, _read(fd))) from None
+                    raise LockHeld(_describe(what, directory, lock, _holder_text(fd))) from None
                 time.sleep(poll)
         previous = _read(fd)
         if previous.strip():
@@ -98,8 +98,9 @@ def exclusive_lock(directory: str | Path, what: str = "directory", timeout: floa
             log.warning("%s '%s': took over a stale lock left by pid %s on %s%s", what, directory, h["pid"], h["host"],
                         " (that process is no longer running)" if gone else "")
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid={os.getpid()} host={socket.gethostname()} since={stamp}\n".encode(), 0)
+        text = f"pid={os.getpid()} host={socket.gethostname()} since={stamp}\n".encode()
+        os.pwrite(fd, text, 0)  # write, then cut what is left of a longer stale text: the file is never empty here
+        os.ftruncate(fd, len(text))
         os.fsync(fd)
         try:
             yield lock
@@ -108,6 +109,18 @@ def exclusive_lock(directory: str | Path, what: str = "directory", timeout: floa
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def _holder_text(fd: int, wait: float = 1.0) -> str:
+    """The holder's stamp for the message. A holder writes it just after taking the lock, so a process that finds
+    the lock taken within that instant reads an empty file; it re-reads for up to ``wait`` seconds before settling
+    for "another process"."""
+    end = time.monotonic() + wait
+    text = _read(fd)
+    while not text.strip() and time.monotonic() < end:
+        time.sleep(0.02)
+        text = _read(fd)
+    return text
 
 
 def _read(fd: int) -> str:
