@@ -32,10 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "once, embeddings still written as float32; faster on CPUs with bf16 instructions)")
     p.add_argument("--compile", action="store_true",
                    help="images: run the image tower through torch.compile with frozen weights, compiled once for "
-                        "--batch-size (the last batch is padded). The first batch pays the compilation (about a "
-                        "minute for ViT-B-32 on 2 cores); after that ViT-B-32 embeds about 1.4x faster in bf16 and "
-                        "1.1x in fp32 on a CPU with AMX (docs/performance.md). Falls back to eager, with a warning, "
-                        "where compilation fails. Worth it for collections of thousands of images")
+                        "--batch-size (the last batch is padded). The first batch pays the compilation (about 40 s for "
+                        "ViT-B-32 on 2 cores); the speed-up after that is in docs/performance.md (\"Compiled image "
+                        "tower\"). Falls back to eager, with a warning, where compilation fails. Worth it for "
+                        "collections of thousands of images")
     p.add_argument(
         "--skip-bad", action="store_true", help="skip unreadable images (they are listed) instead of stopping"
     )
@@ -83,6 +83,8 @@ def run(args) -> int:
     if args.compile and not (args.images or args.dataset):
         raise ConfigError("--compile compiles the image tower; texts run eagerly (their batches change length): "
                           "leave out --compile")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.compile and args.engine == "ray":
         raise ConfigError("--compile runs in this process only; leave out --engine ray, or --compile")
     collection = None
@@ -136,7 +138,7 @@ def _run_local(args, collection, out: Path) -> int:
         if args.compile:
             from ..models.compiled_encoder import CompiledImageEncoder
 
-            encoder = CompiledImageEncoder(model, min(args.batch_size, len(collection)) or 1)
+            encoder = CompiledImageEncoder(model, max(1, min(args.batch_size, len(collection))))
         res = embed_local(encoder, transform, collection, args.batch_size, device, args.skip_bad, not args.quiet)
         keys, emb = res.keys, res.embeddings
         _report_bad(res.bad)

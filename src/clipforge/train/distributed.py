@@ -466,18 +466,27 @@ def _run_rank(fn: Callable, args: tuple, rank: int, world: int, port: int, threa
         conn.close()
 
 
+_CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGFPE, signal.SIGABRT, signal.SIGBUS, signal.SIGILL}  # faulthandler's
+_OUTSIDE_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
 def _silent_exit(rank: int, nproc: int, code: int | None) -> str:
     """What the launcher says about a process that ended without reporting a result or an error."""
-    if code is not None and code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        cause = ("the system's out-of-memory killer or a kill from outside" if -code == signal.SIGKILL else
-                 "a crash in native code (PyTorch, a BLAS or gloo)")
-        return (f"process {rank} of {nproc} was killed by {name} without reporting ({cause}); where Python was "
-                "when it crashed is on the run's stderr above (\"Fatal Python error\"), if the process could write it")
-    return f"process {rank} of {nproc} exited with code {code} without reporting"
+    if code is None or code >= 0:
+        return f"process {rank} of {nproc} exited with code {code} without reporting"
+    try:
+        sig = signal.Signals(-code)
+    except ValueError:
+        return f"process {rank} of {nproc} was killed by signal {-code} without reporting"
+    head = f"process {rank} of {nproc} was killed by {sig.name} without reporting"
+    if sig in _CRASH_SIGNALS:  # faulthandler (on in every started process) printed the Python stacks
+        return (f"{head} (a crash in native code: PyTorch, a BLAS or gloo); where Python was when it crashed is on "
+                "the run's stderr above (\"Fatal Python error\"), the place to start a bug report")
+    if sig == signal.SIGKILL:
+        return f"{head} (the system's out-of-memory killer, or a kill -9 from outside)"
+    if sig in _OUTSIDE_SIGNALS:
+        return f"{head} (stopped from outside)"
+    return head
 
 
 def launch(fn: Callable, nproc: int, *args) -> Any:
