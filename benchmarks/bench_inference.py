@@ -27,6 +27,12 @@ Texts are 32 hand-written captions of realistic lengths (2 to 28 words: 5 to 37 
 start and end tokens, median 19), cycled to fill a batch. Tokenization and image decoding are
 outside the timed calls.
 
+``--compile`` adds a fourth column for images: clipforge's image tower through
+``clipforge.models.compiled_encoder.CompiledImageEncoder`` (``torch.compile``, inductor, frozen weights; what
+``clipforge embed --compile`` runs), compiled once per image batch size before that cell is timed (the compile
+time and its max |embedding difference| to the eager model are printed), with its ratios to transformers, OpenCLIP
+and eager clipforge.
+
 Timing: within each repeat, every (dtype, input, batch) cell runs the three libraries one after
 the other, in an order that rotates between repeats, so that a shared machine's load hits all
 alike; each library makes one warm-up call on the first 8 rows of the batch and then
@@ -171,6 +177,28 @@ def timed_calls(fn, x, calls: int) -> list[float]:
     return out
 
 
+COMPILED = "clipforge compiled"
+
+
+def compiled_encoder(cf, pixels, name: str, dtype: str):
+    """clipforge's compiled image encoder for ``len(pixels)`` images, compiled now (outside the timing), with its
+    compile time and its difference to the eager model printed."""
+    import torch
+
+    from clipforge.models.compiled_encoder import CompiledImageEncoder
+
+    torch._dynamo.reset()  # the graphs of earlier cells are cached on the same code: start each cell with none
+    enc = CompiledImageEncoder(cf, len(pixels))
+    diff = enc(pixels)
+    with torch.inference_mode():
+        diff = (diff - cf.encode_image(pixels)).abs().max().item()
+    took = "-" if enc.compile_seconds is None else f"{enc.compile_seconds:.0f}"
+    print(f"{name} {dtype} compiled image encoder, batch {len(pixels)}: compiled in {took} s"
+          f"{' (FAILED: ' + enc.failed + ')' if enc.failed else ''}, max |embedding difference| vs eager {diff:.1e}",
+          flush=True)
+    return enc
+
+
 # ---------------------------------------------------------------- main process
 
 def build(name: str, workdir: Path):
@@ -244,6 +272,8 @@ def main() -> None:
     p.add_argument("--openclip-python", default=OPENCLIP_PYTHON)
     p.add_argument("--skip-openclip", action="store_true")
     p.add_argument("--json", help="write the results here too")
+    p.add_argument("--compile", action="store_true",
+                   help="also time clipforge's compiled image encoder (clipforge embed --compile) on image cells")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -293,12 +323,17 @@ def main() -> None:
                     raise SystemExit("the libraries disagree; the weights were not carried over")
                 cells = [("image", b) for b in a.image_batches] + [("text", b) for b in a.text_batches]
                 for kind, batch in cells:
-                    per = {"clipforge": [], "transformers": [], "OpenCLIP": []}
+                    libs = ["clipforge", "transformers", "OpenCLIP"]
+                    if a.compile and kind == "image":
+                        libs.append(COMPILED)
+                        compiled = compiled_encoder(cf, pixels[:batch], name, dt)
+                    per = {lib: [] for lib in libs}
                     for r in range(a.repeats):
-                        order = ["clipforge", "transformers", "OpenCLIP"]
-                        order = order[r % 3:] + order[: r % 3]
+                        order = libs[r % len(libs):] + libs[: r % len(libs)]
                         for lib in order:
-                            if lib == "clipforge":
+                            if lib == COMPILED:
+                                secs = timed_calls(compiled, pixels[:batch], a.calls)
+                            elif lib == "clipforge":
                                 x = pixels[:batch] if kind == "image" else ids[:batch]
                                 fn = cf.encode_image if kind == "image" else cf.encode_text
                                 secs = timed_calls(fn, x, a.calls)
@@ -320,6 +355,12 @@ def main() -> None:
                     for other in ("transformers", "OpenCLIP"):
                         if per[other]:
                             row[f"vs {other}"] = statistics.median(c / o for c, o in zip(per["clipforge"], per[other]))
+                            if per.get(COMPILED):
+                                row[f"compiled vs {other}"] = statistics.median(
+                                    c / o for c, o in zip(per[COMPILED], per[other]))
+                    if per.get(COMPILED):
+                        row["compiled vs clipforge"] = statistics.median(
+                            c / o for c, o in zip(per[COMPILED], per["clipforge"]))
                     results.append(row)
                     print(json.dumps(row), flush=True)
                 cf = hf = None  # free this dtype's models before the next are built
@@ -336,6 +377,16 @@ def main() -> None:
         ratios = [f"{r[k]:.2f}x" if k in r else "-" for k in ("vs transformers", "vs OpenCLIP")]
         head = f"| {r['model']} | {r['dtype']} | {unit[r['input']]} | {r['batch']} | "
         print(head + " | ".join(cols + ratios) + " |")
+    compiled_rows = [r for r in results if COMPILED in r]
+    if compiled_rows:
+        print("\n| model | dtype | batch | clipforge compiled | vs clipforge (eager) | vs transformers | vs OpenCLIP |")
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for r in compiled_rows:
+            v = r[COMPILED]
+            ratios = [f"{r[k]:.2f}x" if k in r else "-" for k in
+                      ("compiled vs clipforge", "compiled vs transformers", "compiled vs OpenCLIP")]
+            rate = f"{v['median']:.1f} ({v['min']:.1f}..{v['max']:.1f})"
+            print(f"| {r['model']} | {r['dtype']} | {r['batch']} | {rate} | " + " | ".join(ratios) + " |")
     print(f"\nload average at end {os.getloadavg()[0]:.1f}")
     if a.json:
         Path(a.json).write_text(json.dumps({"threads": a.threads, "load_average_start": load[0], "rows": results},

@@ -404,3 +404,37 @@ def test_gradient_overlap_launches_full_buckets_during_backward(tmp_path, monkey
         assert unused.grad is None
     finally:
         torch_dist.destroy_process_group()
+
+
+def _crash_on_rank_one() -> str:
+    """Rank 0 returns; rank 1 dies of a segmentation fault, as a crash in native code would (no Python exception)."""
+    if os.environ["RANK"] == "1":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return "rank 0 done"
+
+
+def test_a_rank_that_crashes_in_native_code_is_named_with_its_signal_and_python_stack(capfd):
+    from clipforge.train.distributed import launch
+
+    with pytest.raises(RuntimeError) as caught:
+        launch(_crash_on_rank_one, WORLD)
+    message = str(caught.value)
+    assert "process 1 of 2 was killed by SIGSEGV without reporting" in message
+    assert "crash in native code" in message
+    # faulthandler, on in every started process, wrote where the crashed process was in Python
+    err = capfd.readouterr().err
+    assert "Fatal Python error: Segmentation fault" in err and "_crash_on_rank_one" in err
+
+
+def test_the_launcher_names_how_a_silent_process_ended():
+    import signal
+
+    from clipforge.train.distributed import _silent_exit
+
+    assert "out-of-memory killer" in _silent_exit(0, 2, -signal.SIGKILL)
+    assert "stopped from outside" in _silent_exit(1, 2, -signal.SIGTERM)
+    assert "Fatal Python error" not in _silent_exit(1, 2, -signal.SIGTERM)  # faulthandler prints nothing for it
+    assert "crash in native code" in _silent_exit(1, 2, -signal.SIGABRT)
+    assert _silent_exit(1, 4, 3) == "process 1 of 4 exited with code 3 without reporting"

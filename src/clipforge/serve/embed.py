@@ -92,14 +92,16 @@ def collect_dataset(spec: str, split: str = "test", image_column: str = "image")
     return Collection(list(part.keys), list(part.refs))
 
 
-def prepare_model(model, dtype: str = "fp32", source: str = "the model"):
+def prepare_model(model, dtype: str = "fp32", source: str = "the model", frozen: bool = False):
     """``model`` ready to embed with ``dtype`` weights and compute: as it is for ``fp32``, else cast once by
-    ``CLIP.to_inference`` (embeddings are still returned as float32)."""
-    if dtype == "fp32":
+    ``CLIP.to_inference`` (embeddings are still returned as float32). ``frozen``: prepared by ``to_inference`` in
+    fp32 too (what a compiled encoder needs: weights that never change)."""
+    if dtype == "fp32" and not frozen:
         return model
     if not hasattr(model, "to_inference"):
-        raise ConfigError(f"--dtype {dtype} needs a clipforge CLIP model; '{source}' loads as a "
-                          f"{type(model).__name__}: leave out --dtype")
+        what = f"--dtype {dtype}" if dtype != "fp32" else "--compile"
+        raise ConfigError(f"{what} needs a clipforge CLIP model; '{source}' loads as a "
+                          f"{type(model).__name__}: leave out {what}")
     model.to_inference(dtype)
     return model
 
