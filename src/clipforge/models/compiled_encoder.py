@@ -9,7 +9,8 @@ Why this helps: inductor's *freezing* (``torch._inductor.config.freezing``) trea
 linear layers' weights are re-laid out once, at compile time, in the blocked format the oneDNN kernels want
 (AMX tiles for bf16), instead of on every call, and the elementwise work around the GEMMs (LayerNorm, GELU, bias,
 the casts) is fused into generated C++ loops. Measured on a 2-core Xeon with AMX-BF16 (docs/performance.md,
-"Compiled image tower"): ViT-B-32 images in bf16 about 1.4x the eager ``to_inference`` model; in fp32 about 1.1x.
+"Compiled image tower"): ViT-B-32 images 1.17x the eager ``to_inference`` model in bf16 at batch 32 and 1.31x at
+batch 1; in fp32 1.08x and 1.40x.
 
 Why a separate object and not a flag on :class:`~clipforge.models.clip.CLIP`: freezing captures the weights as
 they are at the first call, so it is only correct while they never change; :meth:`CLIP.to_inference` (parameters
