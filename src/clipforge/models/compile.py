@@ -37,7 +37,7 @@ def _call_tower(module: nn.Module, *args):
     return module(*args)
 
 
-def _is_compiler_error(e: BaseException) -> bool:
+def is_compiler_error(e: BaseException) -> bool:
     from torch._dynamo.exc import TorchDynamoException
     from torch._inductor.exc import CppCompileError, InvalidCxxCompiler, OperatorIssue
 
@@ -58,7 +58,7 @@ def call_compiled(module: nn.Module, *args):
                 _compiled = torch.compile(_call_tower, backend=BACKEND)
             return _compiled(module, *args)
         except Exception as e:  # noqa: BLE001 - only compiler errors are swallowed, see below
-            if not _is_compiler_error(e):
+            if not is_compiler_error(e):
                 raise
             _failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             warnings.warn(f"torch.compile of the {type(module).__name__} failed ({_failed}); training continues "

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .compile import _is_compiler_error
+from .compile import is_compiler_error
 
 BACKEND = "inductor"  # the tests also use "aot_eager" (no C++ code generation, no freezing)
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class CompiledImageEncoder:
                              self.compile_seconds)
                 return out
             except Exception as e:  # noqa: BLE001 - only compiler errors are swallowed
-                if not _is_compiler_error(e):
+                if not is_compiler_error(e):
                     raise
                 cause = getattr(e, "inner_exception", None) or e  # BackendCompilerFailed wraps the real error
                 reason = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
