@@ -431,7 +431,7 @@ def test_a_rank_that_crashes_in_native_code_is_named_with_its_signal_and_python_
 def test_the_launcher_names_how_a_silent_process_ended():
     import signal
 
-    from clipforge.train.distributed import _silent_exit
+    from clipforge.train.exit_signals import silent_exit_message as _silent_exit
 
     assert "out-of-memory killer" in _silent_exit(0, 2, -signal.SIGKILL)
     assert "stopped from outside" in _silent_exit(1, 2, -signal.SIGTERM)

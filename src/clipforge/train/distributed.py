@@ -51,12 +51,10 @@ shards the model instead (:mod:`clipforge.train.fsdp`).
 from __future__ import annotations
 
 import contextlib
-import faulthandler
 import math
 import multiprocessing.connection
 import os
 import pickle
-import signal
 import socket
 import time
 import traceback
@@ -447,6 +445,8 @@ def free_port() -> int:
 def _run_rank(fn: Callable, args: tuple, rank: int, world: int, port: int, threads: int, conn) -> None:
     """Body of one started process: the launcher's environment, then ``fn(*args)``; the result
     (rank 0's) or the error goes back through ``conn``."""
+    import faulthandler  # imported here, not at the top: see clipforge/train/exit_signals.py
+
     faulthandler.enable(all_threads=True)  # a crash in native code (SIGSEGV, SIGABRT) prints where Python was
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -464,29 +464,6 @@ def _run_rank(fn: Callable, args: tuple, rank: int, world: int, port: int, threa
         raise SystemExit(1) from None
     finally:
         conn.close()
-
-
-_CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGFPE, signal.SIGABRT, signal.SIGBUS, signal.SIGILL}  # faulthandler's
-_OUTSIDE_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
-
-
-def _silent_exit(rank: int, nproc: int, code: int | None) -> str:
-    """What the launcher says about a process that ended without reporting a result or an error."""
-    if code is None or code >= 0:
-        return f"process {rank} of {nproc} exited with code {code} without reporting"
-    try:
-        sig = signal.Signals(-code)
-    except ValueError:
-        return f"process {rank} of {nproc} was killed by signal {-code} without reporting"
-    head = f"process {rank} of {nproc} was killed by {sig.name} without reporting"
-    if sig in _CRASH_SIGNALS:  # faulthandler (on in every started process) printed the Python stacks
-        return (f"{head} (a crash in native code: PyTorch, a BLAS or gloo); where Python was when it crashed is on "
-                "the run's stderr above (\"Fatal Python error\"), the place to start a bug report")
-    if sig == signal.SIGKILL:
-        return f"{head} (the system's out-of-memory killer, or a kill -9 from outside)"
-    if sig in _OUTSIDE_SIGNALS:
-        return f"{head} (stopped from outside)"
-    return head
 
 
 def launch(fn: Callable, nproc: int, *args) -> Any:
@@ -521,7 +498,10 @@ def launch(fn: Callable, nproc: int, *args) -> Any:
                     replies[rank] = waiting.pop(rank).recv()
                 except EOFError:  # the process ended without a word (killed, crashed)
                     procs[rank].join(5)
-                    replies[rank] = ("error", RuntimeError(_silent_exit(rank, nproc, procs[rank].exitcode)), "")
+                    from .exit_signals import silent_exit_message
+
+                    replies[rank] = ("error", RuntimeError(silent_exit_message(rank, nproc, procs[rank].exitcode)),
+                                     "")
                 if replies[rank][0] == "error":
                     failures.append((rank, replies[rank][1], replies[rank][2]))
                     first_failure = min(first_failure, time.monotonic())
