@@ -189,9 +189,9 @@ def compiled_encoder(cf, pixels, name: str, dtype: str):
 
     torch._dynamo.reset()  # the graphs of earlier cells are cached on the same code: start each cell with none
     enc = CompiledImageEncoder(cf, len(pixels))
-    diff = enc(pixels)
+    compiled = enc(pixels)
     with torch.inference_mode():
-        diff = (diff - cf.encode_image(pixels)).abs().max().item()
+        diff = (compiled - cf.encode_image(pixels)).abs().max().item()
     took = "-" if enc.compile_seconds is None else f"{enc.compile_seconds:.0f}"
     print(f"{name} {dtype} compiled image encoder, batch {len(pixels)}: compiled in {took} s"
           f"{' (FAILED: ' + enc.failed + ')' if enc.failed else ''}, max |embedding difference| vs eager {diff:.1e}",

@@ -1,10 +1,12 @@
 """clipforge.locking: one writer at a time, the holder named, a dead holder's lock taken over."""
+import fcntl
 import logging
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -73,10 +75,6 @@ def test_clean_release_leaves_nothing_stale(tmp_path, caplog):
 def test_a_holder_that_has_not_written_its_stamp_yet_is_still_named(tmp_path):
     # the race CI hit once (tests/serve/test_index_lock.py): the loser found the lock taken in the instant before
     # the winner wrote its pid, read an empty file and said "another process"; it now re-reads for a moment
-    import fcntl
-    import threading
-
-    tmp_path.mkdir(exist_ok=True)
     fd = os.open(tmp_path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken, nothing written yet
     writer = threading.Timer(0.2, lambda: os.pwrite(fd, b"pid=4242 host=h since=s\n", 0))

@@ -1,7 +1,7 @@
 """A CLIP image tower compiled for inference: ``torch.compile`` (inductor) with frozen weights, one batch size.
 
 ``CompiledImageEncoder(model, batch_size)(pixels)`` returns what ``model.encode_image(pixels)`` returns, for any
-number of images: they are cut into chunks of ``batch_size`` and the last chunk is padded with zero images, so one
+number of images: they are cut into chunks of ``batch_size`` and the last chunk is padded with zero tensors, so one
 compiled graph serves every call and nothing recompiles when the last batch of a collection is short. The rows
 that come back are the input's; the padding rows are dropped.
 
