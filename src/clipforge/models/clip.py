@@ -68,12 +68,20 @@ class CLIP(nn.Module):
         """This model, prepared for embedding only (module docstring): ``eval()``, every parameter
         frozen and, with ``dtype`` (``torch.bfloat16``, ``"bf16"``, ``"fp32"``...), cast to it once.
         ``encode_image`` / ``encode_text`` then cast their pixel input to that dtype; for bf16 and fp16
-        they return float32 embeddings (normalized in float32). Returns ``self``; ``train()`` raises afterwards."""
+        they return float32 embeddings (normalized in float32). Returns ``self``; ``train()`` raises afterwards.
+        On CPU the transformer blocks then run fused oneDNN kernels (bias and GELU inside the linear layers'
+        kernels, batched-matmul attention for short sequences: :mod:`clipforge.models.fused_inference`); the
+        state dict is unchanged."""
+        # imported here, not at the top: a new module-level import would count as a change to code every recorded
+        # training run executed (benchmarks/fidelity.py's code record), and only inference needs it
+        from .fused_inference import fuse_for_inference
+
         dtype = _parse_dtype(dtype) if dtype is not None else next(self.parameters()).dtype
         self.eval()
         self.requires_grad_(False)
         self.to(dtype)
         self.inference_dtype = dtype
+        fuse_for_inference(self)
         return self
 
     def train(self, mode: bool = True) -> CLIP:

@@ -1,0 +1,187 @@
+"""Fused CPU kernels for a model prepared with :meth:`CLIP.to_inference`: the eager fast path of embedding.
+
+A profile of ViT-B-32's bf16 image tower at batch 32 on a 2-core AMX-BF16 Xeon (docs/performance.md,
+"Fused inference layers") spent about half of its time outside the matrix products: the exact GELU as its own
+pass over the [B, N, 4C] activations (~16%), SDPA's CPU flash kernel on 50-token sequences (~13%), and the copy of
+the broadcast bias into every ``addmm`` output before the product (~12%). transformers and OpenCLIP pay the same.
+:func:`fuse_for_inference` removes the three, in eager mode:
+
+- every ``nn.Linear`` of the transformer blocks becomes a :class:`FusedLinear`, which calls oneDNN's linear
+  (``torch.ops.mkldnn._linear_pointwise``, the kernel inductor emits for frozen linear layers) with the bias, and
+  for the first MLP layer the GELU, applied inside the kernel's epilogue; bf16 weights are reordered once into
+  oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``), cached on first use;
+- attention becomes :class:`InferenceAttention`: the batched-matmul attention the training path already uses for
+  short sequences on CPU (:func:`~clipforge.models.transformer.short_attention`), for sequences of at most
+  ``MATH_ATTENTION_MAX_LEN`` tokens without a padding mask; longer or masked ones keep SDPA.
+
+These are private PyTorch operators (``torch.ops.mkldnn``), which is why clipforge checks each layer against
+``F.linear`` once when it fuses it and keeps the plain layer, with one warning, where the operator is missing or
+disagrees. Nothing changes in the state dict (the fused modules keep ``weight`` and ``bias`` under the same
+names; the reordered copy is a cache that is neither saved nor copied), and tracing, ONNX export and
+``torch.compile`` see the plain operators (:class:`FusedLinear` runs ``F.linear`` then), so exports and the
+compiled encoder are what they were. Only CPU models in float32 or bfloat16 are fused, bf16 only where oneDNN
+has native bf16 kernels (AVX-512 BF16 or AMX).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .transformer import MATH_ATTENTION_MAX_LEN, Attention, Block, short_attention
+
+log = logging.getLogger(__name__)
+
+# activation -> (oneDNN post-op, its algorithm): the activations the kernel applies exactly as PyTorch does
+_POST_OPS = {"none": ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
+
+
+def _plain_operators() -> bool:
+    """True while the model is traced, exported or compiled: those must see ``F.linear`` and SDPA."""
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export() or \
+        torch.compiler.is_compiling()
+
+
+class FusedLinear(nn.Module):
+    """``act(x @ weight.T + bias)`` in one oneDNN call (module docstring); ``act`` is ``"none"``, ``"gelu"``
+    (exact, erf) or ``"gelu_tanh"``. Holds the ``weight`` and ``bias`` parameters of the ``nn.Linear`` it
+    replaces (same state-dict keys and tensors)."""
+
+    def __init__(self, linear: nn.Linear, act: str = "none"):
+        super().__init__()
+        if act not in _POST_OPS:
+            raise ValueError(f"FusedLinear: unknown activation '{act}'; use one of {sorted(_POST_OPS)}")
+        self.weight, self.bias = linear.weight, linear.bias
+        self.act = act
+        self._packed: tuple | None = None  # (weight version, data pointer, reordered weight): a cache
+
+    def __getstate__(self) -> dict:
+        # oneDNN's reordered tensor has no storage to copy or pickle; the copy reorders again on first use
+        return {**self.__dict__, "_packed": None}
+
+    def _kernel_weight(self) -> Tensor:
+        w = self.weight
+        if w.dtype != torch.bfloat16:
+            return w  # fp32: oneDNN reads the plain weight; reordering (MKL's packed GEMM) needs a fixed batch
+        key = (w._version, w.data_ptr())
+        if self._packed is None or self._packed[:2] != key:
+            self._packed = (*key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), None))
+        return self._packed[2]
+
+    def plain(self, x: Tensor) -> Tensor:
+        """The same result with PyTorch's public operators."""
+        y = F.linear(x, self.weight, self.bias)
+        if self.act == "gelu":
+            return F.gelu(y)
+        return F.gelu(y, approximate="tanh") if self.act == "gelu_tanh" else y
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu" or x.dtype != self.weight.dtype or x.requires_grad or _plain_operators():
+            return self.plain(x)
+        attr, algorithm = _POST_OPS[self.act]
+        return torch.ops.mkldnn._linear_pointwise(x, self._kernel_weight(), self.bias, attr, [], algorithm)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}, act={self.act}"
+
+
+class InferenceAttention(Attention):
+    """:class:`~clipforge.models.transformer.Attention` for inference: :func:`short_attention` (batched matmuls)
+    on CPU for up to ``MATH_ATTENTION_MAX_LEN`` tokens without a padding mask, with or without gradients (the
+    training path takes it only with them); everything else as :class:`Attention`."""
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        if (not _plain_operators() and attn_mask is None and x.device.type == "cpu"
+                and x.shape[1] <= MATH_ATTENTION_MAX_LEN):
+            return self.out_proj(short_attention(self.in_proj(x), self.heads, is_causal))
+        return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+
+
+def _activation_name(act: nn.Module) -> str | None:
+    """The post-op name of an MLP activation the kernel computes exactly, else None (kept as its own module)."""
+    if type(act) is nn.GELU:
+        return "gelu" if act.approximate == "none" else "gelu_tanh"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels_check(dtype: torch.dtype) -> str | None:
+    """None when the fused kernels run ``dtype`` here, else why not (checked once per dtype and process)."""
+    if not torch.backends.mkldnn.is_available():
+        return "this PyTorch has no oneDNN"
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "this CPU has no native bf16 kernels (AVX-512 BF16 or AMX)"
+    try:  # one small layer, both kinds of epilogue, against the public operators
+        lin = nn.Linear(16, 24).to(dtype)
+        x = torch.randn(2, 3, 16).to(dtype)
+        tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+        with torch.no_grad():
+            for act in ("none", "gelu"):
+                fused = FusedLinear(lin, act)
+                if not torch.allclose(fused(x).float(), fused.plain(x).float(), atol=tol, rtol=tol):
+                    return f"oneDNN's linear ({act}) disagrees with F.linear here"
+    except (RuntimeError, AttributeError, NotImplementedError) as e:  # operator missing or unsupported
+        return f"oneDNN's linear failed here ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    return None
+
+
+def fuse_for_inference(model: nn.Module) -> int:
+    """Swap the attention and linear layers of every transformer block of ``model`` (in place) for the fused
+    ones above; returns how many blocks were fused. 0, with the model untouched, for a model off the CPU or in
+    a dtype other than float32/bfloat16, and (with a log line saying why) where the kernels cannot run."""
+    param = next(model.parameters(), None)
+    if param is None or param.device.type != "cpu" or param.dtype not in (torch.float32, torch.bfloat16):
+        return 0
+    why = _kernels_check(param.dtype)
+    if why is not None:
+        log.warning("fused inference layers not used (%s): embedding with the plain layers, same results, "
+                    "slower", why)
+        return 0
+    fused = 0
+    for block in [m for m in model.modules() if type(m) is Block]:
+        attn = block.attn
+        if type(attn) is Attention:
+            attn.__class__ = InferenceAttention  # a subclass with no state of its own: only forward differs
+            attn.in_proj, attn.out_proj = FusedLinear(attn.in_proj), FusedLinear(attn.out_proj)
+        mlp = block.mlp
+        if (isinstance(mlp, nn.Sequential) and len(mlp) == 3 and type(mlp[0]) is nn.Linear
+                and type(mlp[2]) is nn.Linear):
+            act = _activation_name(mlp[1])
+            if act is not None:  # the activation moves into the first layer's kernel; Identity keeps the indices
+                mlp[0], mlp[1] = FusedLinear(mlp[0], act), nn.Identity()
+            else:  # QuickGELU and others stay their own module after the first layer
+                mlp[0] = FusedLinear(mlp[0])
+            mlp[2] = FusedLinear(mlp[2])
+        fused += 1
+    return fused
+
+
+def _linear(fused: FusedLinear) -> nn.Linear:
+    lin = nn.Linear(fused.weight.shape[1], fused.weight.shape[0], bias=fused.bias is not None,
+                    device="meta")  # no fresh weights: the fused layer's tensors are put in below
+    lin.weight, lin.bias = fused.weight, fused.bias
+    return lin
+
+
+def unfuse(model: nn.Module) -> int:
+    """Undo :func:`fuse_for_inference` in place (the plain ``nn.Linear``, activation and SDPA attention over the
+    same tensors): for comparing the two paths, or to run PyTorch's public operators only. Returns how many
+    blocks it changed."""
+    changed = 0
+    for block in [m for m in model.modules() if type(m) is Block]:
+        touched = False
+        if type(block.attn) is InferenceAttention:
+            block.attn.__class__ = Attention
+            block.attn.in_proj, block.attn.out_proj = _linear(block.attn.in_proj), _linear(block.attn.out_proj)
+            touched = True
+        mlp = block.mlp
+        if isinstance(mlp, nn.Sequential) and len(mlp) == 3 and type(mlp[0]) is FusedLinear:
+            if mlp[0].act != "none":
+                mlp[1] = nn.GELU(approximate="tanh" if mlp[0].act == "gelu_tanh" else "none")
+            mlp[0], mlp[2] = _linear(mlp[0]), _linear(mlp[2])
+            touched = True
+        changed += touched
+    return changed
