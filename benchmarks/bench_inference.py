@@ -33,6 +33,10 @@ outside the timed calls.
 time and its max |embedding difference| to the eager model are printed), with its ratios to transformers, OpenCLIP
 and eager clipforge.
 
+``--unfused`` adds a column for every cell: the same clipforge model with the fused inference layers undone
+(``clipforge.models.fused_inference.unfuse``: ``F.linear``, a separate GELU and SDPA attention, what ``to_inference``
+ran before the fused layers), with the ratio of the fused model to it.
+
 Timing: within each repeat, every (dtype, input, batch) cell runs the three libraries one after
 the other, in an order that rotates between repeats, so that a shared machine's load hits all
 alike; each library makes one warm-up call on the first 8 rows of the batch and then
@@ -178,6 +182,7 @@ def timed_calls(fn, x, calls: int) -> list[float]:
 
 
 COMPILED = "clipforge compiled"
+UNFUSED = "clipforge unfused"
 
 
 def compiled_encoder(cf, pixels, name: str, dtype: str):
@@ -274,6 +279,8 @@ def main() -> None:
     p.add_argument("--json", help="write the results here too")
     p.add_argument("--compile", action="store_true",
                    help="also time clipforge's compiled image encoder (clipforge embed --compile) on image cells")
+    p.add_argument("--unfused", action="store_true",
+                   help="also time clipforge's model with the fused inference layers undone (an A/B of the fusion)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -302,6 +309,12 @@ def main() -> None:
                 import clipforge
 
                 cf = clipforge.create_model(name, seed=0).to_inference(torch_dtype[dt])
+                plain = None
+                if a.unfused:
+                    from clipforge.models.fused_inference import unfuse
+
+                    plain = clipforge.create_model(name, seed=0).to_inference(torch_dtype[dt])
+                    print(f"{name} {dt}: {unfuse(plain)} blocks unfused for the {UNFUSED} column", flush=True)
                 hf = CLIPModel.from_pretrained(hf_dir, dtype=torch_dtype[dt], attn_implementation="sdpa").eval()
                 hf.requires_grad_(False)
                 if worker:
@@ -323,7 +336,7 @@ def main() -> None:
                     raise SystemExit("the libraries disagree; the weights were not carried over")
                 cells = [("image", b) for b in a.image_batches] + [("text", b) for b in a.text_batches]
                 for kind, batch in cells:
-                    libs = ["clipforge", "transformers", "OpenCLIP"]
+                    libs = ["clipforge", "transformers", "OpenCLIP"] + ([UNFUSED] if plain is not None else [])
                     if a.compile and kind == "image":
                         libs.append(COMPILED)
                         compiled = compiled_encoder(cf, pixels[:batch], name, dt)
@@ -333,9 +346,10 @@ def main() -> None:
                         for lib in order:
                             if lib == COMPILED:
                                 secs = timed_calls(compiled, pixels[:batch], a.calls)
-                            elif lib == "clipforge":
+                            elif lib in ("clipforge", UNFUSED):
+                                m = cf if lib == "clipforge" else plain
                                 x = pixels[:batch] if kind == "image" else ids[:batch]
-                                fn = cf.encode_image if kind == "image" else cf.encode_text
+                                fn = m.encode_image if kind == "image" else m.encode_text
                                 secs = timed_calls(fn, x, a.calls)
                             elif lib == "transformers":
                                 x = hp[:batch] if kind == "image" else ids[:batch]
@@ -358,12 +372,15 @@ def main() -> None:
                             if per.get(COMPILED):
                                 row[f"compiled vs {other}"] = statistics.median(
                                     c / o for c, o in zip(per[COMPILED], per[other]))
+                    if per.get(UNFUSED):
+                        row["clipforge vs unfused"] = statistics.median(
+                            c / o for c, o in zip(per["clipforge"], per[UNFUSED]))
                     if per.get(COMPILED):
                         row["compiled vs clipforge"] = statistics.median(
                             c / o for c, o in zip(per[COMPILED], per["clipforge"]))
                     results.append(row)
                     print(json.dumps(row), flush=True)
-                cf = hf = None  # free this dtype's models before the next are built
+                cf = hf = plain = None  # free this dtype's models before the next are built
     if worker:
         worker.close()
     unit = {"image": "images/s", "text": "texts/s"}
@@ -387,6 +404,14 @@ def main() -> None:
                       ("compiled vs clipforge", "compiled vs transformers", "compiled vs OpenCLIP")]
             rate = f"{v['median']:.1f} ({v['min']:.1f}..{v['max']:.1f})"
             print(f"| {r['model']} | {r['dtype']} | {r['batch']} | {rate} | " + " | ".join(ratios) + " |")
+    unfused_rows = [r for r in results if UNFUSED in r]
+    if unfused_rows:
+        print("\n| model | dtype | input | batch | clipforge (fused) | clipforge unfused | fused vs unfused |")
+        print("|---|---|---|---:|---:|---:|---:|")
+        for r in unfused_rows:
+            rates = [f"{r[k]['median']:.1f} ({r[k]['min']:.1f}..{r[k]['max']:.1f})" for k in ("clipforge", UNFUSED)]
+            print(f"| {r['model']} | {r['dtype']} | {unit[r['input']]} | {r['batch']} | " + " | ".join(rates)
+                  + f" | {r['clipforge vs unfused']:.2f}x |")
     print(f"\nload average at end {os.getloadavg()[0]:.1f}")
     if a.json:
         Path(a.json).write_text(json.dumps({"threads": a.threads, "load_average_start": load[0], "rows": results},

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipforge.models import create_model
-from clipforge.models.fused_inference import (FusedLinear, InferenceAttention, _kernels_check, fuse_for_inference,
-                                              unfuse)
+from clipforge.models.fused_inference import FusedLinear, InferenceAttention, _kernels_check, fuse_for_inference, unfuse
 from clipforge.models.transformer import Attention
 
 needs_kernels = pytest.mark.skipif(_kernels_check(torch.float32) is not None,

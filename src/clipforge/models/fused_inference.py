@@ -107,7 +107,7 @@ def _activation_name(act: nn.Module) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernels_check(dtype: torch.dtype) -> str | None:
     """None when the fused kernels run ``dtype`` here, else why not (checked once per dtype and process)."""
     if not torch.backends.mkldnn.is_available():
