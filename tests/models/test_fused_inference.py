@@ -103,7 +103,7 @@ def test_bf16_fused_model_stays_close_to_float32_and_to_the_plain_bf16_layers():
 
 
 @needs_kernels
-def test_attention_takes_sdpa_for_masks_long_sequences_and_tracing():
+def test_attention_equals_sdpa_with_and_without_masks_and_traces_to_public_operators():
     torch.manual_seed(0)
     attn = Attention(32, 4).eval()
     x = torch.randn(3, 9, 32)
@@ -118,7 +118,7 @@ def test_attention_takes_sdpa_for_masks_long_sequences_and_tracing():
     pixels, _ = _inputs(model, n=2)
     traced = torch.jit.trace(lambda p: model.encode_image(p), pixels, check_trace=False)
     graph = str(traced.graph)
-    assert "mkldnn" not in graph and "aten::linear" in graph  # tracing and export see the public operators
+    assert "mkldnn" not in graph and "aten::linear" in graph and "aten::bmm" in graph  # public operators only
 
 
 def test_models_off_the_fast_path_are_left_as_they_are(caplog, monkeypatch):

@@ -12,14 +12,16 @@ the broadcast bias into every ``addmm`` output before the product (~12%). transf
   oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``), cached on first use;
 - attention becomes :class:`InferenceAttention`: the batched-matmul attention the training path already uses for
   short sequences on CPU (:func:`~clipforge.models.transformer.short_attention`), for sequences of at most
-  ``MATH_ATTENTION_MAX_LEN`` tokens without a padding mask; longer or masked ones keep SDPA.
+  ``MATH_ATTENTION_MAX_LEN`` tokens without a padding mask; longer or masked ones keep SDPA. It is made of public
+  operators (``bmm``, ``softmax``), so the compiled encoder (``clipforge embed --compile``) traces it too, and
+  inductor fuses the softmax and scaling around the products (faster there than SDPA's CPU flash kernel).
 
 These are private PyTorch operators (``torch.ops.mkldnn``), which is why clipforge checks each layer against
 ``F.linear`` once when it fuses it and keeps the plain layer, with one warning, where the operator is missing or
 disagrees. Nothing changes in the state dict (the fused modules keep ``weight`` and ``bias`` under the same
-names; the reordered copy is a cache that is neither saved nor copied), and tracing, ONNX export and
-``torch.compile`` see the plain operators (:class:`FusedLinear` runs ``F.linear`` then), so exports and the
-compiled encoder are what they were. Only CPU models in float32 or bfloat16 are fused, bf16 only where oneDNN
+names; the reordered copy is a cache that is neither saved nor copied), and under tracing, ONNX export and
+``torch.compile`` :class:`FusedLinear` runs ``F.linear`` and the activation (inductor's freezing makes the same
+fused kernels from them for the compiled encoder). Only CPU models in float32 or bfloat16 are fused, bf16 only where oneDNN
 has native bf16 kernels (AVX-512 BF16 or AMX).
 """
 from __future__ import annotations
@@ -91,11 +93,10 @@ class FusedLinear(nn.Module):
 class InferenceAttention(Attention):
     """:class:`~clipforge.models.transformer.Attention` for inference: :func:`short_attention` (batched matmuls)
     on CPU for up to ``MATH_ATTENTION_MAX_LEN`` tokens without a padding mask, with or without gradients (the
-    training path takes it only with them); everything else as :class:`Attention`."""
+    training path takes it only with them), eager, traced or compiled; everything else as :class:`Attention`."""
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        if (not _plain_operators() and attn_mask is None and x.device.type == "cpu"
-                and x.shape[1] <= MATH_ATTENTION_MAX_LEN):
+        if attn_mask is None and x.device.type == "cpu" and x.shape[1] <= MATH_ATTENTION_MAX_LEN:
             return self.out_proj(short_attention(self.in_proj(x), self.heads, is_causal))
         return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
 
