@@ -93,12 +93,13 @@ def collect_dataset(spec: str, split: str = "test", image_column: str = "image")
 
 
 def prepare_model(model, dtype: str = "fp32", source: str = "the model", frozen: bool = False):
-    """``model`` ready to embed with ``dtype`` weights and compute: as it is for ``fp32``, else cast once by
-    ``CLIP.to_inference`` (embeddings are still returned as float32). ``frozen``: prepared by ``to_inference`` in
-    fp32 too (what a compiled encoder needs: weights that never change)."""
-    if dtype == "fp32" and not frozen:
-        return model
+    """``model`` ready to embed with ``dtype`` weights and compute: a clipforge CLIP goes through
+    ``CLIP.to_inference`` (frozen, cast once, the fused CPU layers of :mod:`clipforge.models.fused_inference`;
+    embeddings still returned as float32); another model (a uCLIP pivot) is used as it is in fp32. ``frozen``: the
+    caller needs ``to_inference``'s frozen weights (a compiled encoder), so other models are refused."""
     if not hasattr(model, "to_inference"):
+        if dtype == "fp32" and not frozen:
+            return model
         what = f"--dtype {dtype}" if dtype != "fp32" else "--compile"
         raise ConfigError(f"{what} needs a clipforge CLIP model; '{source}' loads as a "
                           f"{type(model).__name__}: leave out {what}")
