@@ -138,6 +138,7 @@ def fuse_for_inference(model: nn.Module) -> int:
         return 0
     why = _kernels_check(param.dtype)
     if why is not None:
+        unfuse(model)  # a model fused earlier in another dtype (to_inference called twice) goes back to plain
         log.warning("fused inference layers not used (%s): embedding with the plain layers, same results, "
                     "slower", why)
         return 0
