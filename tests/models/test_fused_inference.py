@@ -124,6 +124,13 @@ def test_attention_equals_sdpa_with_and_without_masks_and_traces_to_public_opera
 def test_models_off_the_fast_path_are_left_as_they_are(caplog, monkeypatch):
     model = create_model("tiny", seed=0).to(torch.float64)
     assert fuse_for_inference(model) == 0 and type(model.visual.transformer.blocks[0].mlp[0]) is nn.Linear
+    model = create_model("tiny", seed=0).to_inference()  # fused in float32, then cast to float64: plain again
+    pixels, ids = _inputs(model, n=2)
+    model.to_inference(torch.float64)
+    assert type(model.visual.transformer.blocks[0].mlp[0]) is nn.Linear
+    assert type(model.text.transformer.blocks[0].attn) is Attention
+    with torch.inference_mode():
+        assert model.encode_image(pixels).dtype == torch.float64 and model.encode_text(ids).isfinite().all()
     import clipforge.models.fused_inference as fi
 
     monkeypatch.setattr(fi, "_kernels_check", lambda dtype: "oneDNN's linear failed here (RuntimeError: test)")

@@ -21,8 +21,8 @@ These are private PyTorch operators (``torch.ops.mkldnn``), which is why clipfor
 disagrees. Nothing changes in the state dict (the fused modules keep ``weight`` and ``bias`` under the same
 names; the reordered copy is a cache that is neither saved nor copied), and under tracing, ONNX export and
 ``torch.compile`` :class:`FusedLinear` runs ``F.linear`` and the activation (inductor's freezing makes the same
-fused kernels from them for the compiled encoder). Only CPU models in float32 or bfloat16 are fused, bf16 only where oneDNN
-has native bf16 kernels (AVX-512 BF16 or AMX).
+fused kernels from them for the compiled encoder). Only CPU models in float32 or bfloat16 are fused, bf16 only
+where oneDNN has native bf16 kernels (AVX-512 BF16 or AMX).
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ from .transformer import MATH_ATTENTION_MAX_LEN, Attention, Block, short_attenti
 
 log = logging.getLogger(__name__)
 
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 # activation -> (oneDNN post-op, its algorithm): the activations the kernel applies exactly as PyTorch does
 _POST_OPS = {"none": ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
 
@@ -81,7 +82,8 @@ class FusedLinear(nn.Module):
         return F.gelu(y, approximate="tanh") if self.act == "gelu_tanh" else y
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu" or x.dtype != self.weight.dtype or x.requires_grad or _plain_operators():
+        if (x.device.type != "cpu" or x.dtype != self.weight.dtype or x.dtype not in _KERNEL_DTYPES or x.requires_grad
+                or _plain_operators()):
             return self.plain(x)
         attr, algorithm = _POST_OPS[self.act]
         return torch.ops.mkldnn._linear_pointwise(x, self._kernel_weight(), self.bias, attr, [], algorithm)
@@ -134,7 +136,8 @@ def fuse_for_inference(model: nn.Module) -> int:
     ones above; returns how many blocks were fused. 0, with the model untouched, for a model off the CPU or in
     a dtype other than float32/bfloat16, and (with a log line saying why) where the kernels cannot run."""
     param = next(model.parameters(), None)
-    if param is None or param.device.type != "cpu" or param.dtype not in (torch.float32, torch.bfloat16):
+    if param is None or param.device.type != "cpu" or param.dtype not in _KERNEL_DTYPES:
+        unfuse(model)  # e.g. fused in float32 by an earlier to_inference, now float64 or on a GPU
         return 0
     why = _kernels_check(param.dtype)
     if why is not None:
