@@ -1,28 +1,23 @@
 """Fused CPU kernels for a model prepared with :meth:`CLIP.to_inference`: the eager fast path of embedding.
 
-A profile of ViT-B-32's bf16 image tower at batch 32 on a 2-core AMX-BF16 Xeon (docs/performance.md,
-"Fused inference layers") spent about half of its time outside the matrix products: the exact GELU as its own
-pass over the [B, N, 4C] activations (~16%), SDPA's CPU flash kernel on 50-token sequences (~13%), and the copy of
-the broadcast bias into every ``addmm`` output before the product (~12%). transformers and OpenCLIP pay the same.
-:func:`fuse_for_inference` removes the three, in eager mode:
+A profile of ViT-B-32's bf16 image tower at batch 32 (docs/performance.md, "Fused inference layers") spent a
+large share of its time around the matrix products rather than in them: the exact GELU as its own pass over the
+[B, N, 4C] activations and the copy of the broadcast bias into every ``addmm`` output before the product.
+transformers and OpenCLIP pay the same. :func:`fuse_for_inference` turns every ``nn.Linear`` of the transformer
+blocks into a :class:`FusedLinear`, which calls oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``, the
+kernel inductor emits for frozen linear layers) on a weight reordered once into oneDNN's blocked layout
+(``torch.ops.mkldnn._reorder_linear_weight``, cached on first use), with the bias, and for the first MLP layer
+the GELU, applied in the kernel's epilogue. Attention is left as it is: the batched-matmul form the training path
+uses for short sequences was tried here too and was no faster than SDPA at inference with two threads, and slower
+for single short texts.
 
-- every ``nn.Linear`` of the transformer blocks becomes a :class:`FusedLinear`, which calls oneDNN's linear
-  (``torch.ops.mkldnn._linear_pointwise``, the kernel inductor emits for frozen linear layers) with the bias, and
-  for the first MLP layer the GELU, applied inside the kernel's epilogue; bf16 weights are reordered once into
-  oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``), cached on first use;
-- attention becomes :class:`InferenceAttention`: the batched-matmul attention the training path already uses for
-  short sequences on CPU (:func:`~clipforge.models.transformer.short_attention`), for sequences of at most
-  ``MATH_ATTENTION_MAX_LEN`` tokens without a padding mask; longer or masked ones keep SDPA. It is made of public
-  operators (``bmm``, ``softmax``), so the compiled encoder (``clipforge embed --compile``) traces it too, and
-  inductor fuses the softmax and scaling around the products (faster there than SDPA's CPU flash kernel).
-
-These are private PyTorch operators (``torch.ops.mkldnn``), which is why clipforge checks each layer against
-``F.linear`` once when it fuses it and keeps the plain layer, with one warning, where the operator is missing or
-disagrees. Nothing changes in the state dict (the fused modules keep ``weight`` and ``bias`` under the same
-names; the reordered copy is a cache that is neither saved nor copied), and under tracing, ONNX export and
-``torch.compile`` :class:`FusedLinear` runs ``F.linear`` and the activation (inductor's freezing makes the same
-fused kernels from them for the compiled encoder). Only CPU models in float32 or bfloat16 are fused, bf16 only
-where oneDNN has native bf16 kernels (AVX-512 BF16 or AMX).
+These are private PyTorch operators (``torch.ops.mkldnn``), which is why clipforge checks them against
+``F.linear`` once per dtype when it fuses and keeps the plain layers, with one warning, where an operator is
+missing or disagrees. Nothing changes in the state dict (the fused modules keep ``weight`` and ``bias`` under
+the same names; the reordered copy is a cache that is neither saved nor copied), and under tracing, ONNX export
+and ``torch.compile`` :class:`FusedLinear` runs ``F.linear`` and the activation (inductor's freezing makes the
+same fused kernels from them for the compiled encoder). Only CPU models in float32 or bfloat16 are fused, bf16
+only where oneDNN has native bf16 kernels (AVX-512 BF16 or AMX).
 """
 from __future__ import annotations
 
@@ -33,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .transformer import MATH_ATTENTION_MAX_LEN, Attention, Block, short_attention
+from .transformer import Attention, Block
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +62,6 @@ class FusedLinear(nn.Module):
 
     def _kernel_weight(self) -> Tensor:
         w = self.weight
-        if w.dtype != torch.bfloat16:
-            return w  # fp32: oneDNN reads the plain weight; reordering (MKL's packed GEMM) needs a fixed batch
         key = (w._version, w.data_ptr())
         if self._packed is None or self._packed[:2] != key:
             self._packed = (*key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), None))
@@ -90,17 +83,6 @@ class FusedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}, act={self.act}"
-
-
-class InferenceAttention(Attention):
-    """:class:`~clipforge.models.transformer.Attention` for inference: :func:`short_attention` (batched matmuls)
-    on CPU for up to ``MATH_ATTENTION_MAX_LEN`` tokens without a padding mask, with or without gradients (the
-    training path takes it only with them), eager, traced or compiled; everything else as :class:`Attention`."""
-
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        if attn_mask is None and x.device.type == "cpu" and x.shape[1] <= MATH_ATTENTION_MAX_LEN:
-            return self.out_proj(short_attention(self.in_proj(x), self.heads, is_causal))
-        return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
 
 
 def _activation_name(act: nn.Module) -> str | None:
@@ -132,9 +114,9 @@ def _kernels_check(dtype: torch.dtype) -> str | None:
 
 
 def fuse_for_inference(model: nn.Module) -> int:
-    """Swap the attention and linear layers of every transformer block of ``model`` (in place) for the fused
-    ones above; returns how many blocks were fused. 0, with the model untouched, for a model off the CPU or in
-    a dtype other than float32/bfloat16, and (with a log line saying why) where the kernels cannot run."""
+    """Swap the linear layers of every transformer block of ``model`` (in place) for :class:`FusedLinear`;
+    returns how many blocks were fused. 0, with the model plain, for a model off the CPU or in a dtype other than
+    float32/bfloat16, and (with a log line saying why) where the kernels cannot run."""
     param = next(model.parameters(), None)
     if param is None or param.device.type != "cpu" or param.dtype not in _KERNEL_DTYPES:
         unfuse(model)  # e.g. fused in float32 by an earlier to_inference, now float64 or on a GPU
@@ -148,8 +130,7 @@ def fuse_for_inference(model: nn.Module) -> int:
     fused = 0
     for block in [m for m in model.modules() if type(m) is Block]:
         attn = block.attn
-        if type(attn) is Attention:
-            attn.__class__ = InferenceAttention  # a subclass with no state of its own: only forward differs
+        if type(attn) is Attention and type(attn.in_proj) is nn.Linear:
             attn.in_proj, attn.out_proj = FusedLinear(attn.in_proj), FusedLinear(attn.out_proj)
         mlp = block.mlp
         if (isinstance(mlp, nn.Sequential) and len(mlp) == 3 and type(mlp[0]) is nn.Linear
@@ -172,14 +153,13 @@ def _linear(fused: FusedLinear) -> nn.Linear:
 
 
 def unfuse(model: nn.Module) -> int:
-    """Undo :func:`fuse_for_inference` in place (the plain ``nn.Linear``, activation and SDPA attention over the
-    same tensors): for comparing the two paths, or to run PyTorch's public operators only. Returns how many
+    """Undo :func:`fuse_for_inference` in place (the plain ``nn.Linear`` and activation modules over the same
+    tensors): for comparing the two paths, or to run PyTorch's public operators only. Returns how many
     blocks it changed."""
     changed = 0
     for block in [m for m in model.modules() if type(m) is Block]:
         touched = False
-        if type(block.attn) is InferenceAttention:
-            block.attn.__class__ = Attention
+        if type(block.attn) is Attention and type(block.attn.in_proj) is FusedLinear:
             block.attn.in_proj, block.attn.out_proj = _linear(block.attn.in_proj), _linear(block.attn.out_proj)
             touched = True
         mlp = block.mlp
