@@ -113,6 +113,15 @@ def test_tracing_sees_the_public_operators():
         torch.testing.assert_close(traced(pixels), eager, rtol=0, atol=2e-6)
 
 
+def test_checking_the_kernels_leaves_the_random_stream_alone():
+    _kernels_check.cache_clear()
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    _kernels_check(torch.float32)
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_models_off_the_fast_path_are_left_as_they_are(caplog, monkeypatch):
     model = create_model("tiny", seed=0).to(torch.float64)
     assert fuse_for_inference(model) == 0 and type(model.visual.transformer.blocks[0].mlp[0]) is nn.Linear
