@@ -102,7 +102,10 @@ def _state(tag: int, n: int = 50, dim: int = 8):
 
 
 def test_concurrent_writes_use_unique_temporary_files(tmp_path):
-    """Two writers at once (no lock at this level) both complete; the index is one of the two, whole."""
+    """Two writers at once (no lock at this level) both complete, and every file of the index is one writer's,
+    whole. Which writer's file lands last can differ between the files: only the index lock, which build_index
+    holds, makes the index as a whole one writer's (_write's docstring;
+    test_concurrent_index_runs_with_wait_both_land)."""
     root = tmp_path / "idx"
     _write(root, *_state(0))
     errors = []
@@ -121,8 +124,8 @@ def test_concurrent_writes_use_unique_temporary_files(tmp_path):
         t.join(120)
     assert errors == []
     data = open_index(root)
-    tag = int(data.embeddings[0, 0])
-    assert tag in (1, 2) and set(data.meta["caption"]) == {f"state {tag}"}
+    assert {int(v) for v in data.embeddings[:, 0]} in ({1}, {2})  # one writer's embeddings, whole
+    assert set(data.meta["caption"]) in ({"state 1"}, {"state 2"})  # one writer's metadata, whole
     assert not [p.name for p in root.iterdir() if p.name.endswith(".tmp")]
 
 
