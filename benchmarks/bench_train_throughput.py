@@ -8,11 +8,22 @@ fp32 and in bf16 autocast, on the same threads. OpenCLIP runs in its own venv
 
     python benchmarks/bench_train_throughput.py [--batch 128] [--steps 20] [--threads 2] [--repeats 3]
         [--compile] [--overrides '{"vision": {"width": 512, "heads": 8}}'] [--peak]
+        [--texts random|random-stream|shapes] [--dense-adamw]
 
 Prints a markdown table of samples/s (median over --repeats runs, min..max beside it; the
 runs of the two libraries alternate so that the load of a shared machine hits both alike)
 and the clipforge/OpenCLIP ratio. ``--compile`` adds a clipforge row with the towers under
 torch.compile (``CLIPConfig.compile``) and reports its compilation time (the first step).
+The "vs OpenCLIP" column is the median of the per-repeat ratios (repeat i of clipforge over repeat i of
+OpenCLIP), min..max beside it.
+
+The texts decide how much of the 49,408-row token table a step touches, and so the cost of
+clipforge's row-wise AdamW update of that table (``TouchedRowsAdamW``): ``--texts random`` (default)
+reuses one batch of tokens drawn uniformly from the vocabulary every step (~2,500 rows touched);
+``random-stream`` draws fresh uniform tokens every step, the worst case (within ~20 steps most rows have
+been touched and the table takes the dense step); ``shapes`` tokenizes a fresh batch of captions of the
+``shapes`` dataset every step, what ``tiny`` trains on (a few dozen distinct tokens). ``--dense-adamw``
+adds a clipforge row with torch's plain fused AdamW, the update the row-wise one replaces.
 
 Model FLOPs per sample are counted with ``torch.utils.flop_counter.FlopCounterMode`` over
 one forward + backward of the clipforge model (GEMMs, the patch projection and attention
@@ -28,6 +39,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,7 +68,7 @@ def train_flops_per_sample(spec: dict, batch: int = 8) -> float:
     from clipforge.models import CLIP, CLIPConfig
 
     model = CLIP(CLIPConfig.from_dict({**spec, "compile": False})).train()
-    images, texts = inputs(spec, batch)
+    images, texts = make_images(spec, batch), make_texts(spec, batch, "random", 1)[0]
     with FlopCounterMode(display=False) as counter:
         out = model(images, texts)
         clip_loss(out["image_features"], out["text_features"], out["logit_scale"]).backward()
@@ -66,13 +78,16 @@ def train_flops_per_sample(spec: dict, batch: int = 8) -> float:
 def time_steps(
     model, loss_fn, images, texts, steps: int, precision: str, make_opt, warmup: int = 3
 ) -> tuple[float, float]:
-    """(samples/s of the median step, seconds of the first step: the compilation when compiled)."""
+    """(samples/s of the median step, seconds of the first step: the compilation when compiled); step i trains on
+    ``texts[i % len(texts)]``."""
     import torch
 
     opt = make_opt(model)
+    batches = texts
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else None
     times = []
     for i in range(warmup + steps):
+        texts = batches[i % len(batches)]
         t0 = time.perf_counter()
         if ctx:
             with ctx():
@@ -91,7 +106,8 @@ def time_steps(
     return images.shape[0] / times[len(times) // 2], first  # median step
 
 
-def run_clipforge(spec: dict, batch: int, steps: int, precision: str, compile: bool = False) -> tuple[float, float]:
+def run_clipforge(spec: dict, texts: list, precision: str, steps: int, compile: bool = False,
+                  dense_adamw: bool = False) -> tuple[float, float]:
     import torch
 
     from clipforge.losses import clip_loss
@@ -110,12 +126,15 @@ def run_clipforge(spec: dict, batch: int, steps: int, precision: str, compile: b
 
     from clipforge.train.optim import build_optimizer
 
-    images, texts = inputs(spec, batch)
+    images = make_images(spec, texts[0].shape[0])
     make_opt = lambda m: build_optimizer(m.m, 1e-4, 0.1, (0.9, 0.98), 1e-6)  # what clipforge train uses
+    if dense_adamw:  # the same groups in torch's own fused AdamW: every row of the token table every step
+        make_opt = lambda m: torch.optim.AdamW(build_optimizer(m.m, 1e-4, 0.1, (0.9, 0.98), 1e-6).param_groups,
+                                               fused=True)
     return time_steps(Wrap(model).train(), clip_loss, images, texts, steps, precision, make_opt)
 
 
-def run_openclip(spec: dict, batch: int, steps: int, precision: str) -> tuple[float, float]:
+def run_openclip(spec: dict, texts: list, precision: str, steps: int) -> tuple[float, float]:
     import open_clip
     import torch
 
@@ -151,21 +170,40 @@ def run_openclip(spec: dict, batch: int, steps: int, precision: str) -> tuple[fl
             img, txt, scale = self.m(images, texts)
             return img, txt, scale
 
-    images, texts = inputs(spec, batch)
+    images = make_images(spec, texts[0].shape[0])
     make_opt = lambda m: torch.optim.AdamW(m.parameters(), lr=1e-4)  # what open_clip_train uses (default foreach)
     return time_steps(Wrap(model).train(), lambda a, b, s: loss(a, b, s), images, texts, steps, precision, make_opt)
 
 
-def inputs(spec: dict, batch: int):
+def make_images(spec: dict, batch: int):
     import torch
 
-    g = torch.Generator().manual_seed(0)
     s = spec["vision"]["image_size"]
-    images = torch.randn(batch, 3, s, s, generator=g)
-    texts = torch.randint(1, 49000, (batch, spec["text"]["context_length"]), generator=g)
-    texts[:, 20] = 49407  # end-of-text token
-    texts[:, 21:] = 0
-    return images, texts
+    return torch.randn(batch, 3, s, s, generator=torch.Generator().manual_seed(0))
+
+
+def make_texts(spec: dict, batch: int, kind: str, n: int) -> list:
+    """``n`` token batches (one for ``random``): see the module docstring for the kinds."""
+    import torch
+
+    context = spec["text"]["context_length"]
+    g = torch.Generator().manual_seed(0)
+    if kind in ("random", "random-stream"):
+        out = []
+        for _ in range(1 if kind == "random" else n):
+            texts = torch.randint(1, 49000, (batch, context), generator=g)
+            texts[:, 20] = 49407  # end-of-text token
+            texts[:, 21:] = 0
+            out.append(texts)
+        return out
+    if kind == "shapes":
+        from clipforge.data.shapes import ShapesGenerator
+        from clipforge.tokenizer import tokenize
+
+        gen = ShapesGenerator("train")
+        return [tokenize([gen.sample(i * batch + j).captions[0] for j in range(batch)], context_length=context)
+                for i in range(n)]
+    raise ValueError(f"unknown --texts '{kind}'; choose random, random-stream or shapes")
 
 
 def anchor_python() -> Path | None:
@@ -203,9 +241,14 @@ def main() -> None:
     ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--compile", action="store_true", help="add a clipforge row with compile=true")
     ap.add_argument("--no-openclip", action="store_true")
+    ap.add_argument("--texts", default="random", choices=["random", "random-stream", "shapes"],
+                    help="token batches: one reused random batch, fresh random ones, or shapes captions")
+    ap.add_argument("--dense-adamw", action="store_true",
+                    help="add a clipforge row with torch's fused AdamW (the token table updated densely)")
     ap.add_argument("--peak", action="store_true", help="measure the GEMM peak (bench_peak.py) and print MFU")
     ap.add_argument("--_impl", choices=["clipforge", "openclip"], help=argparse.SUPPRESS)
     ap.add_argument("--_spec", help=argparse.SUPPRESS)
+    ap.add_argument("--_texts", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     import torch
@@ -213,7 +256,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args._impl == "openclip":  # child process inside the OpenCLIP venv
         spec = json.loads(args._spec)
-        out = {p: run_openclip(spec, args.batch, args.steps, p)[0] for p in args.precision}
+        texts = torch.load(args._texts)
+        out = {p: run_openclip(spec, texts, p, args.steps)[0] for p in args.precision}
         print(json.dumps(out))
         return
 
@@ -226,14 +270,21 @@ def main() -> None:
 
         peak = achieved_peak(args.threads)
     anchor = None if args.no_openclip else anchor_python()
-    impls = ["clipforge"] + (["clipforge compile=true"] if args.compile else []) + (["OpenCLIP"] if anchor else [])
+    impls = ["clipforge"] + (["clipforge compile=true"] if args.compile else []) \
+        + (["clipforge dense AdamW"] if args.dense_adamw else []) + (["OpenCLIP"] if anchor else [])
+    texts = make_texts(spec, args.batch, args.texts, args.steps + 3)  # 3 warmup steps
+    texts_file = tempfile.NamedTemporaryFile(suffix=".pt", delete=False)
+    torch.save(texts, texts_file.name)  # the same token batches for OpenCLIP's process
     results = {(p, impl): [] for p in args.precision for impl in impls}
     compile_seconds = {}
     for p in args.precision:
         for _ in range(args.repeats):  # alternate the libraries so that a shared machine's load hits both alike
-            results[(p, "clipforge")].append(run_clipforge(spec, args.batch, args.steps, p)[0])
+            results[(p, "clipforge")].append(run_clipforge(spec, texts, p, args.steps)[0])
+            if args.dense_adamw:
+                results[(p, "clipforge dense AdamW")].append(run_clipforge(spec, texts, p, args.steps,
+                                                                           dense_adamw=True)[0])
             if args.compile:
-                sps, first = run_clipforge(spec, args.batch, args.steps, p, compile=True)
+                sps, first = run_clipforge(spec, texts, p, args.steps, compile=True)
                 results[(p, "clipforge compile=true")].append(sps)
                 compile_seconds.setdefault(p, first)  # later repeats reuse the compiled graphs
             if anchor is not None:
@@ -245,6 +296,8 @@ def main() -> None:
                         "openclip",
                         "--_spec",
                         json.dumps(spec),
+                        "--_texts",
+                        texts_file.name,
                         "--batch",
                         str(args.batch),
                         "--steps",
@@ -261,12 +314,13 @@ def main() -> None:
                     results[(p, "OpenCLIP")].append(json.loads(res.stdout.strip().splitlines()[-1])[p])
                 else:
                     print(res.stderr[-2000:], file=sys.stderr)
+    Path(texts_file.name).unlink()
     v, t = spec["vision"], spec["text"]
     print(
         f"\nmodel={args.model} (vision {v['image_size']}px/patch {v['patch_size']}/width {v['width']}/{v['layers']} "
         "layers; "
         f"text {t['context_length']} tokens/width {t['width']}/{t['layers']} layers) batch={args.batch} "
-        f"steps={args.steps} "
+        f"steps={args.steps} texts={args.texts} "
         f"repeats={args.repeats} threads={args.threads} torch={torch.__version__}"
     )
     print(f"training FLOPs per sample (forward + backward, FlopCounterMode): {flops / 1e9:.3f} GFLOP")
@@ -286,7 +340,9 @@ def main() -> None:
             if not vals:
                 continue
             med = _median(vals)
-            ratio = f"{med / _median(oc):.2f}x" if oc else "n/a"
+            ratios = sorted(a / b for a, b in zip(vals, oc or []))  # repeat i against repeat i
+            ratio = (f"{_median(ratios):.2f}x" + (f" ({ratios[0]:.2f}..{ratios[-1]:.2f})" if len(ratios) > 1 else "")
+                     if ratios else "n/a")
             achieved = med * flops
             mfu = f"{100 * achieved / peak['bfloat16' if p == 'bf16' else 'float32']:.1f}%" if peak else "n/a"
             print(f"| {p} | {impl} | {_summary(vals)} | {ratio} | {achieved / 1e9:.1f} | {mfu} |")

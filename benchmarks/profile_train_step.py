@@ -80,10 +80,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--sdpa", action="store_true")
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--texts", default="random", choices=["random", "shapes"],
+                    help="one batch of uniform random tokens, or shapes captions (bench_train_throughput.py)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from bench_train_throughput import inputs, model_spec
+    from bench_train_throughput import make_images, make_texts, model_spec
     from torch.profiler import ProfilerActivity, profile
 
     import clipforge.models.transformer as transformer
@@ -96,7 +98,7 @@ def main() -> None:
     spec = model_spec(args.model, json.loads(args.overrides))
     model = CLIP(CLIPConfig.from_dict(spec)).train()
     opt = build_optimizer(model, 1e-4, 0.1, (0.9, 0.98), 1e-6)
-    images, texts = inputs(spec, args.batch)
+    images, texts = make_images(spec, args.batch), make_texts(spec, args.batch, args.texts, 1)[0]
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
