@@ -81,6 +81,7 @@ def test_a_table_touched_past_the_dense_fraction_takes_the_dense_step_with_the_s
     _train(ref, dense_opt, batches)
     _train(lazy, lazy_opt, batches)
     assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), lazy.parameters()))
+    assert lazy_opt._dense == {id(lazy.embed.weight)} and not lazy_opt._touched  # no more scans
 
 
 def test_checkpoints_move_between_dense_and_touched_rows_adamw():

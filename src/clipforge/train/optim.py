@@ -30,7 +30,7 @@ class TouchedRowsAdamW(torch.optim.AdamW):
     touched) and remembered; after ``load_state_dict`` they are found again from ``m`` and ``v``. The step
     gathers those rows, runs torch's own ``adam`` kernel (fused, foreach or loop, as the group says) on them and
     writes them back; once more than ``dense_fraction`` of a table's rows are touched, the table takes the dense
-    step (gathering would then cost more than it saves).
+    step from then on (gathering would then cost more than it saves, and rows are never untouched again).
 
     This is not ``torch.optim.SparseAdam``, which skips the moment decay of rows missing from a batch and so
     changes the result. Tables in a group with weight decay, ``amsgrad``, ``maximize``, sharded (DTensor)
@@ -49,11 +49,13 @@ class TouchedRowsAdamW(torch.optim.AdamW):
                                  f"{tuple(p.shape)}" + ("" if id(p) in owned else " (not in any parameter group)"))
         self._row_params = {id(p) for p in row_params}
         self._touched: dict[int, torch.Tensor] = {}  # id(param) -> bool per row: had a gradient at some step
+        self._dense: set[int] = set()  # tables past dense_fraction: rows never become untouched again
         self.dense_fraction = dense_fraction
 
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)
         self._touched.clear()  # found again from the restored moments
+        self._dense.clear()
 
     def _row_wise(self, group: dict, p: torch.Tensor) -> bool:
         from torch.distributed.tensor import DTensor
@@ -88,13 +90,18 @@ class TouchedRowsAdamW(torch.optim.AdamW):
         tensors: tuple[list, ...] = ([], [], [], [], [], [])  # params, grads, exp_avgs, exp_avg_sqs, max, steps
         has_complex = self._init_group({**group, "params": [p]}, *tensors)  # the state exactly as AdamW makes it
         _, (grad,), (exp_avg,), (exp_avg_sq,), _, steps = tensors
-        touched = self._touched.get(id(p))
-        if touched is None:
-            touched = _nonzero_rows(exp_avg) | _nonzero_rows(exp_avg_sq)
-            self._touched[id(p)] = touched
-        touched |= _nonzero_rows(grad)
-        rows = touched.nonzero().squeeze(1)
-        dense = rows.numel() > self.dense_fraction * p.shape[0]
+        dense = id(p) in self._dense
+        if not dense:
+            touched = self._touched.get(id(p))
+            if touched is None:
+                touched = _nonzero_rows(exp_avg) | _nonzero_rows(exp_avg_sq)
+                self._touched[id(p)] = touched
+            touched |= _nonzero_rows(grad)
+            rows = touched.nonzero().squeeze(1)
+            dense = rows.numel() > self.dense_fraction * p.shape[0]
+            if dense:  # for good: the scan would cost about as much as the dense step it decides on
+                self._dense.add(id(p))
+                del self._touched[id(p)]
         if dense:
             params, grads, exp_avgs, exp_avg_sqs = [p], [grad], [exp_avg], [exp_avg_sq]
         else:
