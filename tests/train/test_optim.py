@@ -135,3 +135,24 @@ def test_build_optimizer_updates_the_token_table_by_rows():
     assert isinstance(opt, TouchedRowsAdamW)
     assert vocabulary_tables(model) == [model.text.token_embedding.weight]
     assert opt._row_params == {id(model.text.token_embedding.weight)}
+
+
+def test_a_gradient_scaler_step_takes_the_dense_path_and_its_skip():
+    """GradScaler hands fused optimizers ``grad_scale``/``found_inf``: the step must honour them (skip on inf)."""
+    torch.manual_seed(4)
+    ref, model = TwoTables(), TwoTables()
+    model.load_state_dict(ref.state_dict())
+    dense_opt = torch.optim.AdamW(_groups(ref), lr=1e-2, fused=True)
+    opt = TouchedRowsAdamW(_groups(model), row_params=[model.embed.weight], lr=1e-2, fused=True)
+    batches = _batches(4, 2000, 40)
+    for i, tokens in enumerate(batches):
+        for m, o in ((ref, dense_opt), (model, opt)):
+            o.zero_grad(set_to_none=True)
+            m(tokens).square().sum().backward()
+            o.grad_scale, o.found_inf = None, torch.tensor(float(i == 2))  # as GradScaler.step sets them
+            before = [p.detach().clone() for p in m.parameters()]
+            o.step()
+            del o.grad_scale, o.found_inf
+            if i == 2:  # an inf was found: no parameter moves
+                assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
