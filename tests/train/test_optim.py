@@ -156,3 +156,14 @@ def test_a_gradient_scaler_step_takes_the_dense_path_and_its_skip():
             if i == 2:  # an inf was found: no parameter moves
                 assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
+
+
+def test_step_hooks_run_once_per_step_even_after_torch_patched_adams_step():
+    torch.optim.AdamW([nn.Parameter(torch.zeros(2))]).step()  # any AdamW instance wraps Adam.step for hooks
+    model = TwoTables()
+    opt = TouchedRowsAdamW(_groups(model), row_params=[model.embed.weight], lr=1e-2, fused=True)
+    calls = []
+    opt.register_step_pre_hook(lambda *a: calls.append("pre"))
+    opt.register_step_post_hook(lambda *a: calls.append("post"))
+    _train(model, opt, _batches(3, 2000, 40))
+    assert calls == ["pre", "post"] * 3

@@ -39,6 +39,8 @@ class TouchedRowsAdamW(torch.optim.AdamW):
     """
 
     def __init__(self, params, *, row_params=(), dense_fraction: float = 0.5, **kwargs):
+        if kwargs.get("differentiable"):
+            raise ValueError("TouchedRowsAdamW does not support differentiable=True; use torch.optim.AdamW")
         super().__init__(params, **kwargs)
         if not 0.0 <= dense_fraction <= 1.0:
             raise ValueError(f"dense_fraction must be in [0, 1], got {dense_fraction}")
@@ -66,54 +68,60 @@ class TouchedRowsAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        if not self._row_params or getattr(self, "grad_scale", None) is not None \
-                or getattr(self, "found_inf", None) is not None:
-            return super().step(closure)
+        # Adam.step's body, not a call to it: torch wraps each optimizer class's step once for hooks, so calling the
+        # parent's (wrapped) step from here would run every registered step hook twice per step.
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        held = [(group, p) for group in self.param_groups for p in group["params"] if self._row_wise(group, p)]
-        grads = [p.grad for _, p in held]
-        try:
-            for _, p in held:
-                p.grad = None  # the dense step skips parameters without a gradient
-            super().step()
-        finally:
-            for (_, p), g in zip(held, grads):
-                p.grad = g
-        for group, p in held:
-            self._step_rows(group, p)
+        scaled = getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None
+        for group in self.param_groups:
+            rows = [] if scaled else [p for p in group["params"] if self._row_wise(group, p)]
+            held = {id(p) for p in rows}
+            dense = [p for p in group["params"] if p.grad is not None and id(p) not in held]
+            if dense:
+                self._adam(group, dense)
+            for p in rows:
+                self._step_rows(group, p)
         return loss
 
-    def _step_rows(self, group: dict, p: torch.Tensor) -> None:
+    def _adam(self, group: dict, params: list, rows: torch.Tensor | None = None) -> None:
+        """torch's AdamW step of ``params`` with ``group``'s settings; with ``rows`` (one table), of those rows only."""
         tensors: tuple[list, ...] = ([], [], [], [], [], [])  # params, grads, exp_avgs, exp_avg_sqs, max, steps
-        has_complex = self._init_group({**group, "params": [p]}, *tensors)  # the state exactly as AdamW makes it
-        _, (grad,), (exp_avg,), (exp_avg_sq,), _, steps = tensors
+        has_complex = self._init_group({**group, "params": params}, *tensors)  # the state exactly as AdamW makes it
+        params_, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = tensors
+        if rows is not None:
+            full = (params_[0], exp_avgs[0], exp_avg_sqs[0])
+            params_, grads, exp_avgs, exp_avg_sqs = ([t[0].index_select(0, rows)]
+                                                     for t in (params_, grads, exp_avgs, exp_avg_sqs))
+        beta1, beta2 = group["betas"]
+        adam(params_, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad=group["amsgrad"],
+             has_complex=has_complex, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+             eps=group["eps"], maximize=group["maximize"], foreach=group["foreach"], capturable=group["capturable"],
+             differentiable=group["differentiable"], fused=group["fused"], grad_scale=getattr(self, "grad_scale", None),
+             found_inf=getattr(self, "found_inf", None), decoupled_weight_decay=group["decoupled_weight_decay"])
+        if rows is not None:
+            for whole, updated in zip(full, (params_[0], exp_avgs[0], exp_avg_sqs[0])):
+                whole.index_copy_(0, rows, updated)
+
+    def _step_rows(self, group: dict, p: torch.Tensor) -> None:
+        state = self.state[p]
         dense = id(p) in self._dense
         if not dense:
             touched = self._touched.get(id(p))
             if touched is None:
-                touched = _nonzero_rows(exp_avg) | _nonzero_rows(exp_avg_sq)
+                touched = torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in state:
+                        touched |= _nonzero_rows(state[key])
                 self._touched[id(p)] = touched
-            touched |= _nonzero_rows(grad)
+            touched |= _nonzero_rows(p.grad)
             rows = touched.nonzero().squeeze(1)
             dense = rows.numel() > self.dense_fraction * p.shape[0]
             if dense:  # for good: the scan would cost about as much as the dense step it decides on
                 self._dense.add(id(p))
                 del self._touched[id(p)]
-        if dense:
-            params, grads, exp_avgs, exp_avg_sqs = [p], [grad], [exp_avg], [exp_avg_sq]
-        else:
-            params, grads, exp_avgs, exp_avg_sqs = ([t.index_select(0, rows)] for t in (p, grad, exp_avg, exp_avg_sq))
-        beta1, beta2 = group["betas"]
-        adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, has_complex=has_complex,
-             beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=0.0, eps=group["eps"], maximize=False,
-             foreach=group["foreach"], capturable=group["capturable"], differentiable=False, fused=group["fused"],
-             decoupled_weight_decay=group["decoupled_weight_decay"])
-        if not dense:
-            for full, rows_after in ((p, params[0]), (exp_avg, exp_avgs[0]), (exp_avg_sq, exp_avg_sqs[0])):
-                full.index_copy_(0, rows, rows_after)
+        self._adam(group, [p], None if dense else rows)
 
 
 def _nonzero_rows(t: torch.Tensor) -> torch.Tensor:
