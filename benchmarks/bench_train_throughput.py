@@ -76,18 +76,17 @@ def train_flops_per_sample(spec: dict, batch: int = 8) -> float:
 
 
 def time_steps(
-    model, loss_fn, images, texts, steps: int, precision: str, make_opt, warmup: int = 3
+    model, loss_fn, images, text_batches, steps: int, precision: str, make_opt, warmup: int = 3
 ) -> tuple[float, float]:
     """(samples/s of the median step, seconds of the first step: the compilation when compiled); step i trains on
-    ``texts[i % len(texts)]``."""
+    ``text_batches[i % len(text_batches)]``."""
     import torch
 
     opt = make_opt(model)
-    batches = texts
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else None
     times = []
     for i in range(warmup + steps):
-        texts = batches[i % len(batches)]
+        texts = text_batches[i % len(text_batches)]
         t0 = time.perf_counter()
         if ctx:
             with ctx():
