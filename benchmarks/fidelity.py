@@ -8,6 +8,7 @@
     python benchmarks/fidelity.py NAME|all --estimate      # projected time from the runs already recorded
     python benchmarks/fidelity.py --merge A.json B.json    # add runs made elsewhere (other machines, sessions)
     python benchmarks/fidelity.py NAME|all --rerun-stale   # rerun the runs whose code changed since
+    python benchmarks/fidelity.py all --jobs 16            # 16 runs side by side (one per core), longest first
 
 Every experiment is a recipe, ``benchmarks/fidelity/NAME.yaml``, one per claim: the paper and its budget, the
 budget this machine runs by default, the arms (a training config, or a function of a benchmark module), the
@@ -73,6 +74,7 @@ END = "<!-- fidelity:end -->"
 DIRECTIONS = ("increase", "decrease", "no_decrease", "no_increase", "none")
 MIN_SEEDS = 3
 ESTIMATE_MIN_STEPS = 100  # shorter runs are mostly start-up and would inflate --estimate
+PREPARE_WAIT_S = 7 * 24 * 3600.0  # how long a --jobs worker waits for another one making the same prepared input
 RECIPE_KEYS = {"title", "claim", "paper", "paper_budget", "machine_budget", "steps", "batch", "train", "measures",
                "baseline", "arms", "metrics", "notes", "prepare"}
 PREPARE_KEYS = {"function", "params"}
@@ -352,6 +354,7 @@ class Recipe:
     metrics: dict[str, Metric]
     notes: str = ""
     prepare: dict[str, Prepare] = dataclasses.field(default_factory=dict)
+    raw: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # the mapping it was parsed from
 
     def arm_precision(self, arm: str) -> str | None:
         """The precision an arm's recipe trains it in: a training arm's own field or TrainConfig's default; a
@@ -462,7 +465,8 @@ def parse_recipe(name: str, raw: Mapping) -> Recipe:
     recipe = Recipe(name=name, title=str(raw.get("title", name)), claim=str(raw["claim"]), paper=str(raw["paper"]),
                     paper_budget=str(raw["paper_budget"]), machine_budget=str(raw["machine_budget"]),
                     steps=raw["steps"], batch=raw["batch"], train=shared, measures=measures, baseline=raw["baseline"],
-                    arms=arms, metrics={}, notes=str(raw.get("notes", "")), prepare=prepare)
+                    arms=arms, metrics={}, notes=str(raw.get("notes", "")), prepare=prepare,
+                    raw=copy.deepcopy(dict(raw)))
     measured = {m for _, names in recipe.measure_fns() for m in names}
     if not isinstance(raw["metrics"], Mapping) or not raw["metrics"]:
         raise RecipeError(f"{where}: metrics needs at least one metric with a direction")
@@ -534,13 +538,33 @@ def environment(threads: int) -> dict:
 def ensure_prepared(recipe: Recipe, name: str, out: Path, log: Callable[[str], None] = print) -> str:
     """The path of the recipe's prepared input ``name``: read from its ``done.json`` when a previous run made it (and
     it still exists), else made now by its function and recorded."""
+    from clipforge.locking import exclusive_lock
+
     prep = recipe.prepare[name]
     where = prep.directory(out, recipe.name)
+    path = _made(where)
+    if path is not None:
+        return path
+    # workers of --jobs may need the same input at once: one makes it, the others wait here and then read done.json
+    with exclusive_lock(out / "prepared" / ".locks" / f"{recipe.name}-{where.name}", "prepared input",
+                        timeout=PREPARE_WAIT_S):
+        path = _made(where)
+        return path if path is not None else _prepare(recipe, prep, where, log)
+
+
+def _made(where: Path) -> str | None:
+    """The path a finished preparation in ``where`` recorded, if it still exists."""
     done = where / "done.json"
     if done.exists():
         path = json.loads(done.read_text())["path"]
         if Path(path).exists():
             return path
+    return None
+
+
+def _prepare(recipe: Recipe, prep: Prepare, where: Path, log: Callable[[str], None]) -> str:
+    name = prep.name
+    done = where / "done.json"
     where.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     made = prep.function(out=where, **prep.params)
@@ -821,10 +845,15 @@ def plan(recipes: Sequence[Recipe], seeds: Sequence[int], steps: int | None = No
 
 def run(recipes: Sequence[Recipe], seeds: Sequence[int], out: Path, steps: int | None = None, batch: int | None = None,
         eval_size: int = 500, threads: int = 1, log: Callable[[str], None] = print, rerun_stale: bool = False,
-        precision: str | None = None) -> dict:
+        precision: str | None = None, jobs: int = 1) -> dict:
     """Run every missing (recipe, arm, seed) and append it to ``out/fidelity.json`` as soon as it ends; with
     ``rerun_stale`` also the recorded runs whose executed code has changed since or was not recorded (the new run
-    replaces the old one); ``precision`` trains every training arm in fp32 or bf16 instead of its recipe's."""
+    replaces the old one); ``precision`` trains every training arm in fp32 or bf16 instead of its recipe's.
+
+    ``jobs`` > 1 runs the runs side by side in that many worker processes of ``threads`` torch threads each, longest
+    first (by the recorded runs), instead of one after the other in plan order; each run is the same computation
+    as in a sequential runner (a fresh process per worker, the seed set by the training config), and this process
+    alone writes ``fidelity.json``. A failed run does not stop the others: they are saved, and the error names it."""
     import torch
 
     from clipforge.locking import exclusive_lock
@@ -835,7 +864,12 @@ def run(recipes: Sequence[Recipe], seeds: Sequence[int], out: Path, steps: int |
         log(f"note: {', '.join(slow)} train in bf16, and this CPU has no fast bf16 kernels (AVX2 only: bf16 GEMMs "
             "run several times slower than fp32); --precision fp32 trains them in fp32 instead, as a budget of "
             "its own")
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
     with exclusive_lock(out, "fidelity results directory"):  # a second runner on the same --out stops here
+        if jobs > 1:
+            return _run_parallel_locked(recipes, seeds, out, steps, batch, eval_size, threads, jobs, log, rerun_stale,
+                                        precision)
         return _run_locked(recipes, seeds, out, steps, batch, eval_size, threads, log, rerun_stale, precision)
 
 
@@ -862,50 +896,203 @@ def code_state(run: Mapping, data: Mapping) -> tuple[str, list[str]]:
     return ("changed" if changed else "current"), changed
 
 
+@dataclasses.dataclass
+class Task:
+    """One (recipe, arm, seed) run of a plan, and whether it still has to run."""
+    recipe: Recipe
+    arm: str
+    seed: int
+    steps: int
+    batch: int
+    override: str | None  # a --precision that differs from the arm's own
+    fingerprint: str
+    run: bool = True  # False: recorded already (on the current code, or stale without --rerun-stale)
+    note: str = ""  # why it is skipped or rerun, for the log
+
+    @property
+    def key(self) -> tuple:
+        return self.recipe.name, self.arm, self.seed, self.fingerprint
+
+    @property
+    def label(self) -> str:
+        return (f"{self.recipe.name} / {self.arm} / seed {self.seed} ({self.steps} steps x {self.batch}" +
+                (f", {self.override})" if self.override else ")"))
+
+
+def _key(run: Mapping) -> tuple:
+    return run["experiment"], run["arm"], run["seed"], run["fingerprint"]
+
+
+def classify(entry: tuple, data: Mapping, path: Path, eval_size: int, rerun_stale: bool,
+             precision: str | None) -> Task:
+    """The task of one plan entry, marked to run unless ``data`` holds it on the current code (or holds it at all,
+    without ``rerun_stale``)."""
+    recipe, arm_name, seed, st, bt = entry
+    override = recipe.precision_override(arm_name, precision)
+    task = Task(recipe, arm_name, seed, st, bt, override, recipe.fingerprint(arm_name, st, bt, eval_size, override))
+    old = [r for r in data["runs"] if _key(r) == task.key]
+    if old:
+        state, changed = code_state(old[-1], data)
+        if not rerun_stale or state == "current":
+            task.run = False
+            task.note = f"already in {path}, skipped" + ("" if state == "current" else (
+                f" (its code is {state}{': ' + ', '.join(changed[:3]) if changed else ''}; --rerun-stale reruns it)"))
+        else:
+            task.note = f"rerunning, its code is {state}" + (f" ({', '.join(changed[:3])})" if changed else "")
+    return task
+
+
+def measure_task(task: Task, out: Path, eval_size: int, threads: int, log: Callable[[str], None] = print,
+                 tag: str | None = None) -> tuple[dict, dict]:
+    """Run one task under the code trace: (its record for fidelity.json, the manifest of the code it executed)."""
+    recipe = task.recipe
+    arm = resolve_arm(recipe, recipe.arms[task.arm], out, log)  # prepared inputs made (once) before the trace
+    env = environment(threads)
+    t0 = time.perf_counter()
+    with CodeTrace() as trace:
+        metrics = train_and_measure(recipe, arm, task.seed, task.steps, task.batch, eval_size, task.override)
+    manifest = code_manifest(sorted(trace.files), trace.codes)
+    env["code"] = manifest_id(manifest)
+    bad = [m for m in recipe.metrics if not isinstance(metrics.get(m), (int, float))]
+    if bad:
+        raise RuntimeError(f"{tag or task.label}: the arm returned no number for {', '.join(bad)} (got {metrics}); "
+                           f"its measure or function must return every metric it declares")
+    env["load_average_end"] = list(os.getloadavg())
+    record = {"experiment": recipe.name, "arm": task.arm, "seed": task.seed, "steps": task.steps,
+              "batch": task.batch, "eval_size": eval_size, "fingerprint": task.fingerprint,
+              "seconds": time.perf_counter() - t0, "metrics": {k: float(v) for k, v in metrics.items()}, "env": env}
+    if task.override:  # trained in another precision than its recipe's: its own budget group in the report
+        record["precision"] = task.override
+    if arm.prepared:  # where its prepared inputs were (their entries are in the fingerprint)
+        record["prepared"] = {n: ensure_prepared(recipe, n, out, log) for n in arm.prepared}
+    return record, manifest
+
+
+def store(path: Path, data: dict, record: dict, manifest: dict) -> None:
+    """Add one run (replacing an older run of the same key) with its code manifest, and save the file."""
+    data.setdefault("code", {})[record["env"]["code"]] = manifest
+    data["runs"] = [r for r in data["runs"] if _key(r) != _key(record)]
+    data["runs"].append(record)
+    save_results(path, data)
+
+
+def _summary(metrics: Mapping[str, float]) -> str:
+    return " ".join(f"{k}={v:.3f}" for k, v in metrics.items())
+
+
 def _run_locked(recipes, seeds, out: Path, steps, batch, eval_size: int, threads: int, log,
                 rerun_stale: bool = False, precision: str | None = None) -> dict:
     path = out / "fidelity.json"
     data = load_results(path)
     todo = plan(recipes, seeds, steps, batch)
-    for i, (recipe, arm_name, seed, st, bt) in enumerate(todo, 1):
-        override = recipe.precision_override(arm_name, precision)
-        fp = recipe.fingerprint(arm_name, st, bt, eval_size, override)
-        tag = f"[{i}/{len(todo)}] {recipe.name} / {arm_name} / seed {seed} ({st} steps x {bt}" + \
-            (f", {override})" if override else ")")
-        key = (recipe.name, arm_name, seed, fp)
-        old = [r for r in data["runs"] if (r["experiment"], r["arm"], r["seed"], r["fingerprint"]) == key]
-        if old:
-            state, changed = code_state(old[-1], data)
-            if not rerun_stale or state == "current":
-                log(f"{tag}: already in {path}, skipped" + ("" if state == "current" else
-                    f" (its code is {state}{': ' + ', '.join(changed[:3]) if changed else ''}; --rerun-stale "
-                    f"reruns it)"))
+    for i, entry in enumerate(todo, 1):
+        task = classify(entry, data, path, eval_size, rerun_stale, precision)
+        tag = f"[{i}/{len(todo)}] {task.label}"
+        if task.note:
+            log(f"{tag}: {task.note}")
+        if not task.run:
+            continue
+        record, manifest = measure_task(task, out, eval_size, threads, log, tag)
+        store(path, data, record, manifest)
+        log(f"{tag}: {record['seconds']:.0f} s  {_summary(record['metrics'])}")
+    return data
+
+
+def run_in_worker(name: str, raw: Mapping, arm: str, seed: int, steps: int, batch: int, override: str | None,
+                  out: str, eval_size: int, threads: int) -> tuple[dict, dict]:
+    """``measure_task`` in a worker process of ``--jobs``: the recipe is parsed again from its mapping here (a
+    parsed recipe holds functions of modules the parent may have loaded under another name)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    recipe = parse_recipe(name, raw)
+    task = Task(recipe, arm, seed, steps, batch, override, recipe.fingerprint(arm, steps, batch, eval_size, override))
+    return measure_task(task, Path(out), eval_size, threads, lambda m: print(m, flush=True))
+
+
+def longest_first(seconds: Sequence[float], workers: int) -> float:
+    """Wall-clock of jobs of these lengths on ``workers`` processes that each take the longest job left when they
+    become free (what ``--jobs`` does); within 4/3 of the best schedule (Graham's bound)."""
+    loads = [0.0] * max(1, workers)
+    for s in sorted(seconds, reverse=True):
+        i = loads.index(min(loads))
+        loads[i] += s
+    return max(loads)
+
+
+def task_seconds(task: Task, runs: Sequence[dict], cache: dict | None = None) -> float | None:
+    """The projected seconds of one task from the recorded runs of its arm (see ``arm_seconds``), scaled to its
+    steps; None when its arm has no such run."""
+    cache = {} if cache is None else cache
+    key = (task.recipe.name, task.override)
+    if key not in cache:
+        cache[key] = arm_seconds(task.recipe, runs, task.override)
+    s = cache[key].get(task.arm)
+    return None if s is None else s * task.steps / task.recipe.steps
+
+
+def _run_parallel_locked(recipes, seeds, out: Path, steps, batch, eval_size: int, threads: int, jobs: int, log,
+                         rerun_stale: bool = False, precision: str | None = None) -> dict:
+    import concurrent.futures
+    import multiprocessing
+    from concurrent.futures.process import BrokenProcessPool
+
+    path = out / "fidelity.json"
+    data = load_results(path)
+    tasks = [classify(e, data, path, eval_size, rerun_stale, precision) for e in plan(recipes, seeds, steps, batch)]
+    skipped = [t for t in tasks if not t.run]
+    tasks = [t for t in tasks if t.run]
+    if skipped:
+        stale = sum("--rerun-stale" in t.note for t in skipped)
+        log(f"{len(skipped)} runs already in {path}, skipped" +
+            (f" ({stale} of them on code changed since; --rerun-stale reruns those)" if stale else ""))
+    if not tasks:
+        return data
+    cache: dict = {}
+    est = {id(t): task_seconds(t, data["runs"], cache) for t in tasks}
+    known = [s for s in est.values() if s is not None]
+    # longest first, so that no long run starts last; runs never measured (no estimate) go first of all
+    order = sorted(tasks, key=lambda t: -(est[id(t)] if est[id(t)] is not None else math.inf))
+    workers = min(jobs, len(order))
+    log(f"{len(order)} runs on {workers} worker processes ({threads} torch thread(s) each)" +
+        (f"; projected from the recorded runs: {sum(known) / 3600:.1f} h of CPU, about "
+         f"{longest_first(known, workers) / 3600:.1f} h of wall-clock" if known else
+         "; no recorded run of these arms to project the time from") +
+        (f" ({len(order) - len(known)} runs without an estimate, started first)" if 0 < len(known) < len(order)
+         else ""))
+    # the workers import this file under its own name: as __main__ or as a test's alias it could not be unpickled
+    module = importlib.import_module(Path(__file__).stem)
+    failed: list[tuple[Task, BaseException]] = []
+    left = sum(known)
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        futures = {pool.submit(module.run_in_worker, t.recipe.name, t.recipe.raw, t.arm, t.seed, t.steps, t.batch,
+                               t.override, str(out), eval_size, threads): t for t in order}
+        for done, fut in enumerate(concurrent.futures.as_completed(futures), 1):
+            t = futures[fut]
+            tag = f"[{done}/{len(order)}] {t.label}"
+            left -= est[id(t)] or 0.0
+            try:
+                record, manifest = fut.result()
+            except BrokenProcessPool as e:
+                raise RuntimeError(f"{tag}: a worker process died ({e}); was it killed for memory? The finished runs "
+                                   f"are in {path}; rerun the same command with fewer --jobs") from e
+            except Exception as e:  # one failed run: the others go on, and are saved
+                failed.append((t, e))
+                log(f"{tag}: FAILED: {type(e).__name__}: {e}")
                 continue
-            log(f"{tag}: rerunning, its code is {state}" + (f" ({', '.join(changed[:3])})" if changed else ""))
-        arm = resolve_arm(recipe, recipe.arms[arm_name], out, log)  # prepared inputs made (once) before the trace
-        env = environment(threads)
-        t0 = time.perf_counter()
-        with CodeTrace() as trace:
-            metrics = train_and_measure(recipe, arm, seed, st, bt, eval_size, override)
-        manifest = code_manifest(sorted(trace.files), trace.codes)
-        env["code"] = manifest_id(manifest)
-        data.setdefault("code", {})[env["code"]] = manifest
-        bad = [m for m in recipe.metrics if not isinstance(metrics.get(m), (int, float))]
-        if bad:
-            raise RuntimeError(f"{tag}: the arm returned no number for {', '.join(bad)} (got {metrics}); its measure "
-                               f"or function must return every metric it declares")
-        env["load_average_end"] = list(os.getloadavg())
-        data["runs"] = [r for r in data["runs"] if (r["experiment"], r["arm"], r["seed"], r["fingerprint"]) != key]
-        record = {"experiment": recipe.name, "arm": arm_name, "seed": seed, "steps": st, "batch": bt,
-                  "eval_size": eval_size, "fingerprint": fp, "seconds": time.perf_counter() - t0,
-                  "metrics": {k: float(v) for k, v in metrics.items()}, "env": env}
-        if override:  # trained in another precision than its recipe's: its own budget group in the report
-            record["precision"] = override
-        if arm.prepared:  # where its prepared inputs were (their entries are in the fingerprint)
-            record["prepared"] = {n: ensure_prepared(recipe, n, out, log) for n in arm.prepared}
-        data["runs"].append(record)
-        save_results(path, data)
-        log(f"{tag}: {time.perf_counter() - t0:.0f} s  " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+            store(path, data, record, manifest)
+            log(f"{tag}: {record['seconds']:.0f} s  {_summary(record['metrics'])}" +
+                (f"  (about {max(left, 0.0) / workers / 60:.0f} min left)" if known else ""))
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(order)} runs failed: " +
+                           "; ".join(f"{t.label}: {type(e).__name__}: {e}" for t, e in failed[:5]) +
+                           ("; ..." if len(failed) > 5 else "") +
+                           f". The other runs are saved in {path}; the same command reruns only the failed ones")
     return data
 
 
@@ -1021,11 +1208,14 @@ def _direction_text(m: Metric) -> str:
             "no_increase": f"not higher (margin {m.margin:g})", "none": "not judged"}[m.direction]
 
 
-def estimate_seconds(recipe: Recipe, runs: Sequence[dict], seeds: int, precision: str | None = None) -> float | None:
-    """Projected time of ``seeds`` seeds of every arm at the recipe's default budget, from the measured seconds per
-    step of its runs of at least ESTIMATE_MIN_STEPS steps at its batch (the evaluation seconds added as measured).
-    None without such a run of every arm."""
-    per_arm = {}
+def arm_seconds(recipe: Recipe, runs: Sequence[dict], precision: str | None = None) -> dict[str, float]:
+    """Projected seconds of one run of each arm at the recipe's default budget: the median over its recorded runs of
+    at least ESTIMATE_MIN_STEPS steps at its batch, the training seconds scaled to the budget's steps (the
+    evaluation seconds added as measured). Runs at the budget itself, where an arm has any, are the only ones used
+    for it (a function arm's time need not scale with its steps: it may reuse a base model that an earlier run
+    trained). Arms without such a run are missing."""
+    per_arm: dict[str, list[float]] = {}
+    at_budget: dict[str, list[float]] = {}
     for r in runs:
         if r["experiment"] != recipe.name or r["arm"] not in recipe.arms or r["batch"] != recipe.batch:
             continue
@@ -1039,9 +1229,18 @@ def estimate_seconds(recipe: Recipe, runs: Sequence[dict], seeds: int, precision
         else:  # function arms: all of it scaled with the steps (an upper bound when evaluation is a large part)
             secs = r["seconds"] * max(scale, 1.0)
         per_arm.setdefault(r["arm"], []).append(secs)
+        if r["steps"] == recipe.steps:
+            at_budget.setdefault(r["arm"], []).append(secs)
+    return {arm: statistics.median(at_budget.get(arm) or v) for arm, v in per_arm.items()}
+
+
+def estimate_seconds(recipe: Recipe, runs: Sequence[dict], seeds: int, precision: str | None = None) -> float | None:
+    """Projected time of ``seeds`` seeds of every arm at the recipe's default budget (see ``arm_seconds``); None
+    without a measured run of every arm."""
+    per_arm = arm_seconds(recipe, runs, precision)
     if set(per_arm) != set(recipe.arms):
         return None
-    return seeds * sum(statistics.median(v) for v in per_arm.values())
+    return seeds * sum(per_arm.values())
 
 
 def markdown(recipes: Sequence[Recipe], data: dict, source: str = "fidelity.json") -> str:
@@ -1164,7 +1363,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, help="batch size (default: each recipe's)")
     ap.add_argument("--eval-size", type=int, default=500, help="held-out samples per evaluation split (verdicts in the "
                     "docs use 500; smaller only for smoke runs)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: bit-identical reruns)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run (1: bit-identical reruns)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="run this many runs side by side, each in its own worker process with --threads threads "
+                    "(e.g. --jobs 16 on 16 cores), longest first; the results are those of a sequential run. With "
+                    "--estimate: also the wall-clock on that many workers")
     ap.add_argument("--precision", choices=("fp32", "bf16"),
                     help="train every training arm in this precision instead of its recipe's (e.g. fp32 on a CPU "
                     "without fast bf16 kernels, where bf16 is several times slower); such runs are their own "
@@ -1196,6 +1399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ap.error("name an experiment or 'all' (see --list)")
         if (a.steps is not None and a.steps < 1) or (a.batch is not None and a.batch < 1) or a.eval_size < 1:
             ap.error("--steps, --batch and --eval-size must be positive")
+        if a.jobs < 1 or a.threads < 1:
+            ap.error("--jobs and --threads must be at least 1")
         if len(set(a.seeds)) != len(a.seeds):
             ap.error(f"--seeds repeats a seed: {a.seeds}")
         recipes = [load_recipe(n) for n in names]
@@ -1229,13 +1434,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if a.estimate:
         runs = load_results(a.out / "fidelity.json")["runs"]
-        total = 0.0
+        total, lengths = 0.0, []
         for r in recipes:
             s = estimate_seconds(r, runs, len(a.seeds), a.precision)
             print(f"{r.name:14s} " + (f"{s / 3600:6.2f} h" if s is not None else
                                       f"  no run of every arm with >= {ESTIMATE_MIN_STEPS} steps at batch {r.batch}"))
             total += s or 0.0
+            if s is not None:
+                lengths += [v for arm, v in arm_seconds(r, runs, a.precision).items()
+                            if arm in r.arms for _ in a.seeds]
         print(f"{'total':14s} {total / 3600:6.2f} h (experiments with a measured run only)")
+        if a.jobs > 1:
+            print(f"{'--jobs ' + str(a.jobs):14s} {longest_first(lengths, a.jobs) / 3600:6.2f} h of wall-clock, "
+                  f"longest run first (one run is {max(lengths, default=0) / 3600:.2f} h at most)")
         return 0
     if a.merge:
         try:
@@ -1246,8 +1457,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     elif not a.report_only:
-        run(recipes, a.seeds, a.out, a.steps, a.batch, a.eval_size, a.threads, rerun_stale=a.rerun_stale,
-            precision=a.precision)
+        cores = os.cpu_count() or 1
+        if a.jobs * a.threads > cores:
+            print(f"note: --jobs {a.jobs} x --threads {a.threads} asks for more threads than the {cores} cores here; "
+                  "the runs will slow each other down", file=sys.stderr)
+        try:
+            run(recipes, a.seeds, a.out, a.steps, a.batch, a.eval_size, a.threads, rerun_stale=a.rerun_stale,
+                precision=a.precision, jobs=a.jobs)
+        except RuntimeError as e:
+            if a.jobs == 1:
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     whole = a.report_only or a.merge
     section = write_report([load_recipe(n) for n in all_names] if whole else recipes, a.out, a.docs)
     print(section)

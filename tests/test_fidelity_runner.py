@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import types
 from pathlib import Path
@@ -671,3 +672,113 @@ def test_bad_prepare_entries_name_the_problem(fid, prep_module):
     raw["prepare"]["pool"]["parms"] = {}
     with pytest.raises(fid.RecipeError, match=r"prepare 'pool': unknown key\(s\) parms"):
         fid.parse_recipe("t", raw)
+
+
+# ------------------------------------------------------------------------------------------------ --jobs
+
+PAR_MODULE = '''
+import os
+from pathlib import Path
+
+
+def arm(seed, steps, batch, eval_size, pool, shift=0.0, fail_seed=-1):
+    if seed == fail_seed:
+        raise ValueError("probe failure")
+    n = int((Path(pool) / "n.txt").read_text())
+    return {"gap": 0.5 - shift + 0.01 * seed * n, "object_top1": 0.3 + 0.001 * seed, "pid": float(os.getpid())}
+
+
+arm.metrics = ("gap", "object_top1", "pid")
+
+
+def make(out, n, calls):
+    with open(calls, "a") as f:  # every call, from whichever process
+        f.write(f"{os.getpid()}\\n")
+    path = Path(out) / "made"
+    path.mkdir()
+    (path / "n.txt").write_text(str(n))
+    return path
+
+
+make.prepares = "a directory holding n.txt"
+'''
+
+
+@pytest.fixture
+def par_module(tmp_path, monkeypatch):
+    """Function arms and a preparation step in a module that worker processes can import (on sys.path)."""
+    src = tmp_path / "par_modules"
+    src.mkdir()
+    (src / "fid_par_probe.py").write_text(PAR_MODULE)
+    monkeypatch.syspath_prepend(str(src))
+    sys.modules.pop("fid_par_probe", None)
+    yield tmp_path / "calls.txt"
+    sys.modules.pop("fid_par_probe", None)
+
+
+def par_recipe(calls, fail_seed: int = -1) -> dict:
+    metrics = {"gap": {"direction": "decrease"}, "object_top1": {"direction": "no_decrease", "margin": 0.02}}
+    return recipe(measures=[], metrics=metrics, baseline="clip",
+                  prepare={"pool": {"function": "fid_par_probe:make", "params": {"n": 2, "calls": str(calls)}}},
+                  arms={"clip": {"function": "fid_par_probe:arm", "params": {"pool": "prepared:pool"}},
+                        "gap": {"function": "fid_par_probe:arm",
+                                "params": {"pool": "prepared:pool", "shift": 0.3, "fail_seed": fail_seed}}})
+
+
+def test_jobs_run_in_worker_processes_and_record_what_a_sequential_run_records(fid, par_module, tmp_path):
+    r = fid.parse_recipe("t", par_recipe(par_module))
+    logs: list[str] = []
+    fid.run([r], [0, 1, 2], tmp_path / "seq", eval_size=500, log=lambda m: None)
+    fid.run([r], [0, 1, 2], tmp_path / "par", eval_size=500, log=logs.append, jobs=2)
+    seq, par = (json.loads((tmp_path / d / "fidelity.json").read_text()) for d in ("seq", "par"))
+
+    def by_key(data):
+        return {(x["experiment"], x["arm"], x["seed"], x["fingerprint"]): x for x in data["runs"]}
+
+    assert set(by_key(seq)) == set(by_key(par)) and len(par["runs"]) == 6
+    for key, x in by_key(par).items():
+        timing = ("pid", "total_s")
+        assert {k: v for k, v in x["metrics"].items() if k not in timing} == \
+               {k: v for k, v in by_key(seq)[key]["metrics"].items() if k not in timing}
+        assert x["metrics"]["pid"] != os.getpid()  # measured in a worker, not in this process
+        assert x["env"]["code"] in par["code"] and x["prepared"]["pool"].endswith("made")
+    assert fid.analyse(r, par["runs"])[0]["comparisons"]["gap"]["metrics"]["gap"]["verdict"] == "reproduced"
+    # the prepared input was made once per results directory, although both workers needed it at the start
+    assert len(par_module.read_text().split()) == 2  # once for seq, once for par
+    assert any("6 runs on 2 worker processes" in m for m in logs)
+    assert sum(": 0 s" in m or " s  gap=" in m for m in logs) == 6
+    logs.clear()
+    fid.run([r], [0, 1, 2], tmp_path / "par", eval_size=500, log=logs.append, jobs=2)  # all recorded: nothing runs
+    assert logs == [f"6 runs already in {tmp_path / 'par' / 'fidelity.json'}, skipped"]
+
+
+def test_a_failed_run_under_jobs_names_itself_and_the_others_are_saved(fid, par_module, tmp_path):
+    r = fid.parse_recipe("t", par_recipe(par_module, fail_seed=1))
+    with pytest.raises(RuntimeError, match=r"1 of 6 runs failed: t / gap / seed 1 \(10 steps x 8\): ValueError: "
+                                           r"probe failure\. The other runs are saved in .*fidelity\.json"):
+        fid.run([r], [0, 1, 2], tmp_path, eval_size=500, log=lambda m: None, jobs=2)
+    runs = json.loads((tmp_path / "fidelity.json").read_text())["runs"]
+    assert sorted((x["arm"], x["seed"]) for x in runs) == [("clip", 0), ("clip", 1), ("clip", 2), ("gap", 0),
+                                                          ("gap", 2)]
+    with pytest.raises(ValueError, match="jobs must be at least 1"):
+        fid.run([r], [0], tmp_path / "other", log=lambda m: None, jobs=0)
+
+
+def test_longest_first_schedule_by_hand(fid):
+    assert fid.longest_first([3, 3, 5, 4, 3], 2) == 10  # 5+3 | 4+3+3: greedy, where 9 (5+4 | 3+3+3) is the best
+    assert fid.longest_first([3, 3, 5, 4, 3], 1) == 18
+    assert fid.longest_first([7, 1, 1], 4) == 7
+    assert fid.longest_first([], 3) == 0
+
+
+def test_estimate_uses_runs_at_the_budget_itself_where_an_arm_has_them(fid):
+    r = fid.parse_recipe("t", recipe(steps=1000, batch=8))
+
+    def run(arm, steps, seconds, metrics):
+        return {"experiment": "t", "arm": arm, "steps": steps, "batch": 8, "eval_size": 500, "seconds": seconds,
+                "metrics": metrics}
+
+    runs = [run("clip", 200, 0.0, {"train_s": 400.0, "eval_s": 30.0}),  # scaled: 2030 s
+            run("gap", 200, 500.0, {}), run("gap", 1000, 60.0, {})]  # a function arm that cached its base: 60 s
+    assert fid.arm_seconds(r, runs) == {"clip": pytest.approx(2030.0), "gap": pytest.approx(60.0)}
+    assert fid.arm_seconds(r, runs[:2])["gap"] == pytest.approx(2500.0)  # without it: 500 s x 5
