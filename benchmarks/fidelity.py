@@ -51,6 +51,7 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -853,7 +854,9 @@ def run(recipes: Sequence[Recipe], seeds: Sequence[int], out: Path, steps: int |
     ``jobs`` > 1 runs the runs side by side in that many worker processes of ``threads`` torch threads each, longest
     first (by the recorded runs), instead of one after the other in plan order; each run is the same computation
     as in a sequential runner (a fresh process per worker, the seed set by the training config), and this process
-    alone writes ``fidelity.json``. A failed run does not stop the others: they are saved, and the error names it."""
+    alone writes ``fidelity.json``. A failed run does not stop the others: they are saved, and the error names it.
+    The workers are started with ``spawn``: a script that calls this with ``jobs`` > 1 must guard its entry point
+    (``if __name__ == "__main__":``), as for any spawned multiprocessing."""
     import torch
 
     from clipforge.locking import exclusive_lock
@@ -1031,6 +1034,10 @@ def task_seconds(task: Task, runs: Sequence[dict], cache: dict | None = None) ->
     return None if s is None else s * task.steps / task.recipe.steps
 
 
+def _exit_on_signal(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def _run_parallel_locked(recipes, seeds, out: Path, steps, batch, eval_size: int, threads: int, jobs: int, log,
                          rerun_stale: bool = False, precision: str | None = None) -> dict:
     import concurrent.futures
@@ -1064,6 +1071,10 @@ def _run_parallel_locked(recipes, seeds, out: Path, steps, batch, eval_size: int
     module = importlib.import_module(Path(__file__).stem)
     failed: list[tuple[Task, BaseException]] = []
     left = sum(known)
+    # a `kill` of this process stops the workers too (SystemExit runs the except clause below; the default action
+    # of SIGTERM would leave them running on, orphaned)
+    on_main = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _exit_on_signal) if on_main else None
     pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
     try:
         futures = {pool.submit(module.run_in_worker, t.recipe.name, t.recipe.raw, t.arm, t.seed, t.steps, t.batch,
@@ -1084,9 +1095,17 @@ def _run_parallel_locked(recipes, seeds, out: Path, steps, batch, eval_size: int
             store(path, data, record, manifest)
             log(f"{tag}: {record['seconds']:.0f} s  {_summary(record['metrics'])}" +
                 (f"  (about {max(left, 0.0) / workers / 60:.0f} min left)" if known else ""))
-    except BaseException:
+    except BaseException:  # Ctrl-C, a dead worker: stop the runs in flight too (their results would be lost anyway)
+        # ProcessPoolExecutor has no public way to stop running calls before Python 3.14's terminate_workers();
+        # without this, the interpreter's exit would wait for every run in flight to end (shutdown() forgets them)
+        workers_now = list((getattr(pool, "_processes", None) or {}).values())
         pool.shutdown(wait=False, cancel_futures=True)
+        for proc in workers_now:
+            proc.terminate()
         raise
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     pool.shutdown()
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(order)} runs failed: " +

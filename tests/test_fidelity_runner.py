@@ -782,3 +782,68 @@ def test_estimate_uses_runs_at_the_budget_itself_where_an_arm_has_them(fid):
             run("gap", 200, 500.0, {}), run("gap", 1000, 60.0, {})]  # a function arm that cached its base: 60 s
     assert fid.arm_seconds(r, runs) == {"clip": pytest.approx(2030.0), "gap": pytest.approx(60.0)}
     assert fid.arm_seconds(r, runs[:2])["gap"] == pytest.approx(2500.0)  # without it: 500 s x 5
+
+
+SLOW_MODULE = '''
+import os
+import time
+from pathlib import Path
+
+
+def arm(seed, steps, batch, eval_size, marks):
+    Path(marks, f"{os.getpid()}-{seed}").write_text("started")
+    time.sleep(120)
+    return {"m": 1.0}
+
+
+arm.metrics = ("m",)
+'''
+
+KILLED_SCRIPT = '''
+import sys
+from pathlib import Path
+
+sys.path[:0] = [{modules!r}, {benchmarks!r}]
+import fidelity
+
+if __name__ == "__main__":
+    raw = {{"claim": "c", "paper": "p", "paper_budget": "pb", "machine_budget": "mb", "steps": 10, "batch": 8,
+            "baseline": "a", "metrics": {{"m": {{"direction": "increase"}}}},
+            "arms": {{"a": {{"function": "fid_slow_probe:arm", "params": {{"marks": {marks!r}}}}},
+                     "b": {{"function": "fid_slow_probe:arm", "params": {{"marks": {marks!r}}}}}}}}}
+    fidelity.run([fidelity.parse_recipe("t", raw)], [0], Path({out!r}), jobs=2)
+'''
+
+
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="reads worker processes from /proc (Linux)")
+def test_a_killed_parallel_runner_stops_its_workers(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    from benchhelpers import BENCHMARKS
+
+    modules, marks = tmp_path / "modules", tmp_path / "marks"
+    modules.mkdir()
+    marks.mkdir()
+    (modules / "fid_slow_probe.py").write_text(SLOW_MODULE)
+    script = tmp_path / "go.py"
+    script.write_text(KILLED_SCRIPT.format(modules=str(modules), benchmarks=str(BENCHMARKS), marks=str(marks),
+                                           out=str(tmp_path / "out")))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(marks.iterdir())) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        pids = [int(p.name.split("-")[0]) for p in marks.iterdir()]
+        assert len(pids) == 2, "both workers should have started a run"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        assert time.monotonic() - t0 < 30  # did not wait for the two-minute runs
+        time.sleep(0.5)
+        assert not [p for p in pids if Path(f"/proc/{p}").exists() and
+                    "spawn_main" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
