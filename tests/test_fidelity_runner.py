@@ -605,14 +605,19 @@ def unmarked(out):
 '''
 
 
+def install_probe(tmp_path, monkeypatch, name: str, text: str) -> None:
+    """Module ``name`` with source ``text``, in a folder of its own put first on sys.path (and not yet imported)."""
+    src = tmp_path / f"{name}_src"
+    src.mkdir()
+    (src / f"{name}.py").write_text(text)
+    monkeypatch.syspath_prepend(str(src))
+    sys.modules.pop(name, None)
+
+
 @pytest.fixture
 def prep_module(tmp_path, monkeypatch):
     """A benchmark-style module with a preparation step ``make`` (counting its calls) on sys.path."""
-    src = tmp_path / "modules"
-    src.mkdir()
-    (src / "fid_prep_probe.py").write_text(PREP_MODULE)
-    monkeypatch.syspath_prepend(str(src))
-    sys.modules.pop("fid_prep_probe", None)
+    install_probe(tmp_path, monkeypatch, "fid_prep_probe", PREP_MODULE)
     import fid_prep_probe
 
     yield fid_prep_probe
@@ -707,11 +712,7 @@ make.prepares = "a directory holding n.txt"
 @pytest.fixture
 def par_module(tmp_path, monkeypatch):
     """Function arms and a preparation step in a module that worker processes can import (on sys.path)."""
-    src = tmp_path / "par_modules"
-    src.mkdir()
-    (src / "fid_par_probe.py").write_text(PAR_MODULE)
-    monkeypatch.syspath_prepend(str(src))
-    sys.modules.pop("fid_par_probe", None)
+    install_probe(tmp_path, monkeypatch, "fid_par_probe", PAR_MODULE)
     yield tmp_path / "calls.txt"
     sys.modules.pop("fid_par_probe", None)
 
