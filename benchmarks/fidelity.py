@@ -35,6 +35,14 @@ anywhere in its training fields or params (``data: {dataset: shards, root: "prep
 ``function(out=DIR, **params)`` once, before the first arm that needs it, with DIR =
 ``OUT/prepared/RECIPE/NAME-<hash of the entry>``, and substitutes the path it returns (kept in ``DIR/done.json``,
 so a later session reuses it). The entry is part of the fingerprint of every arm that names it.
+
+Units: a recipe whose arms reuse what another of its runs made (one base model per seed shared by the adapter arms,
+a captioner cached on disk, a teacher shared by every seed) says ``shares_artifacts: true``. Its runs of one budget
+are then one unit: the runs of the unit that an invocation plans are made together in one fresh worker process
+whose caches start empty, recorded with one ``env.unit`` id, judged on the current code only when every run of the
+unit is (a reused artifact's maker is in the unit, so its trace covers it), rerun together (``--rerun-stale``
+reruns the whole unit when one of its runs is stale or missing) and merged together. Every ``--jobs`` worker
+serves one unit only, so nothing a unit leaves in memory reaches another.
 """
 from __future__ import annotations
 
@@ -51,6 +59,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -58,8 +67,9 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -77,7 +87,7 @@ MIN_SEEDS = 3
 ESTIMATE_MIN_STEPS = 100  # shorter runs are mostly start-up and would inflate --estimate
 PREPARE_WAIT_S = 7 * 24 * 3600.0  # how long a --jobs worker waits for another one making the same prepared input
 RECIPE_KEYS = {"title", "claim", "paper", "paper_budget", "machine_budget", "steps", "batch", "train", "measures",
-               "baseline", "arms", "metrics", "notes", "prepare"}
+               "baseline", "arms", "metrics", "notes", "prepare", "shares_artifacts"}
 PREPARE_KEYS = {"function", "params"}
 PREPARED = "prepared:"  # an arm's string value "prepared:NAME" stands for the path recipe.prepare[NAME] returns
 ARM_KEYS = {"label", "train", "function", "params"}
@@ -355,6 +365,7 @@ class Recipe:
     metrics: dict[str, Metric]
     notes: str = ""
     prepare: dict[str, Prepare] = dataclasses.field(default_factory=dict)
+    shares_artifacts: bool = False  # its runs of one budget are one unit (see ``unit_key``)
     raw: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # the mapping it was parsed from
 
     def arm_precision(self, arm: str) -> str | None:
@@ -434,6 +445,9 @@ def parse_recipe(name: str, raw: Mapping) -> Recipe:
         params = dict(spec.get("params") or {})
         prepare[pname] = Prepare(pname, _plugin(str(spec["function"]), pw, "prepares"), params,
                                  {"function": spec["function"], "params": params})
+    if not isinstance(raw.get("shares_artifacts", False), bool):
+        raise RecipeError(f"{where}: shares_artifacts is true or false (true: its arms reuse what another arm or "
+                          f"seed made, e.g. one base model per seed), got {raw['shares_artifacts']!r}")
     if not isinstance(raw["arms"], Mapping) or len(raw["arms"]) < 2:
         raise RecipeError(f"{where}: arms needs at least two named arms (a baseline and a method)")
     arms: dict[str, Arm] = {}
@@ -467,7 +481,7 @@ def parse_recipe(name: str, raw: Mapping) -> Recipe:
                     paper_budget=str(raw["paper_budget"]), machine_budget=str(raw["machine_budget"]),
                     steps=raw["steps"], batch=raw["batch"], train=shared, measures=measures, baseline=raw["baseline"],
                     arms=arms, metrics={}, notes=str(raw.get("notes", "")), prepare=prepare,
-                    raw=copy.deepcopy(dict(raw)))
+                    shares_artifacts=raw.get("shares_artifacts", False), raw=copy.deepcopy(dict(raw)))
     measured = {m for _, names in recipe.measure_fns() for m in names}
     if not isinstance(raw["metrics"], Mapping) or not raw["metrics"]:
         raise RecipeError(f"{where}: metrics needs at least one metric with a direction")
@@ -899,6 +913,58 @@ def code_state(run: Mapping, data: Mapping) -> tuple[str, list[str]]:
     return ("changed" if changed else "current"), changed
 
 
+# A run's code trace records what its own process executed *during that run*. An arm that reuses what another arm
+# made (a base model trained once per seed and kept in memory, a captioner cached on disk, a teacher shared by every
+# seed) executes only the reuse, so an edit of the code that made the artifact would leave the reusing run looking
+# current. A recipe that ``shares_artifacts`` therefore runs, reruns, is judged and is merged in units: all the runs
+# of one (recipe, budget) that one invocation plans are made together in one fresh process whose caches start empty
+# (``$CLIPFORGE_BENCH_CACHE`` and the temporary directory point into a new scratch directory), so whatever a run of
+# the unit reused, another run of the same unit made, and the unit's traces together cover it. A unit is on the
+# current code only when every one of its runs is.
+
+
+def unit_key(run: Mapping, shared: bool) -> tuple:
+    """The unit a recorded run belongs to: for a recipe that ``shares_artifacts``, the runs made by one process
+    (the same ``env.unit``), or, for runs recorded before units existed, every run of its budget (experiment, steps,
+    batch, eval size, precision); any other run is a unit of its own."""
+    if not shared:
+        return ("run",) + _key(run)
+    unit = run.get("env", {}).get("unit")
+    if unit:
+        return ("unit", unit)
+    return ("budget", run["experiment"], run["steps"], run["batch"], run["eval_size"], run.get("precision"))
+
+
+def code_states(data: Mapping, shared: Collection[str]) -> dict[int, tuple[str, list[str]]]:
+    """``code_state`` of every run (by ``id``), where a run on current code whose unit holds a run that is not
+    becomes ('unit', that run's changed files): it may have reused what that run's stale code made. ``shared``:
+    the names of the recipes that share artifacts."""
+    own = {id(r): code_state(r, data) for r in data["runs"]}
+    units: dict[tuple, list[dict]] = {}
+    for r in data["runs"]:
+        units.setdefault(unit_key(r, r["experiment"] in shared), []).append(r)
+    out = {}
+    for members in units.values():
+        stale = [own[id(r)] for r in members if own[id(r)][0] != "current"]
+        for r in members:
+            out[id(r)] = own[id(r)] if own[id(r)][0] != "current" or not stale else (
+                "unit", sorted({f for _, files in stale for f in files}))
+    return out
+
+
+def shared_recipes(directory: Path = RECIPES) -> set[str]:
+    """The names of the shipped recipes that share artifacts (read from their YAML, without importing their
+    modules)."""
+    import yaml
+
+    out = set()
+    for path in directory.glob("*.yaml"):
+        raw = yaml.safe_load(path.read_text()) or {}
+        if isinstance(raw, Mapping) and raw.get("shares_artifacts") is True:
+            out.add(path.stem)
+    return out
+
+
 @dataclasses.dataclass
 class Task:
     """One (recipe, arm, seed) run of a plan, and whether it still has to run."""
@@ -927,15 +993,16 @@ def _key(run: Mapping) -> tuple:
 
 
 def classify(entry: tuple, data: Mapping, path: Path, eval_size: int, rerun_stale: bool,
-             precision: str | None) -> Task:
+             precision: str | None, states: Mapping[int, tuple[str, list[str]]] | None = None) -> Task:
     """The task of one plan entry, marked to run unless ``data`` holds it on the current code (or holds it at all,
-    without ``rerun_stale``)."""
+    without ``rerun_stale``). ``states``: ``code_states`` of ``data`` (default: each run's own code state)."""
     recipe, arm_name, seed, st, bt = entry
     override = recipe.precision_override(arm_name, precision)
     task = Task(recipe, arm_name, seed, st, bt, override, recipe.fingerprint(arm_name, st, bt, eval_size, override))
     old = [r for r in data["runs"] if _key(r) == task.key]
     if old:
-        state, changed = code_state(old[-1], data)
+        state, changed = states[id(old[-1])] if states is not None else code_state(old[-1], data)
+        state = "of its unit changed" if state == "unit" else state
         if not rerun_stale or state == "current":
             task.run = False
             task.note = f"already in {path}, skipped" + ("" if state == "current" else (
@@ -943,6 +1010,35 @@ def classify(entry: tuple, data: Mapping, path: Path, eval_size: int, rerun_stal
         else:
             task.note = f"rerunning, its code is {state}" + (f" ({', '.join(changed[:3])})" if changed else "")
     return task
+
+
+def plan_tasks(recipes: Sequence[Recipe], seeds: Sequence[int], data: Mapping, path: Path, steps, batch,
+               eval_size: int, rerun_stale: bool, precision: str | None) -> list[Task]:
+    """Every task of the plan, classified (see ``classify``); in a recipe that shares artifacts, the tasks of one
+    budget run together or not at all: if one of them has to run, they all do."""
+    states = code_states(data, {r.name for r in recipes if r.shares_artifacts})
+    tasks = [classify(e, data, path, eval_size, rerun_stale, precision, states)
+             for e in plan(recipes, seeds, steps, batch)]
+    for unit in units_of(tasks):
+        why = next((t for t in unit if t.run), None)
+        if why is None or len(unit) == 1:
+            continue
+        for t in unit:
+            if not t.run:
+                t.run = True
+                t.note = (f"rerunning with its unit ({t.recipe.name} shares artifacts between its runs; "
+                          f"{why.arm} / seed {why.seed} runs)")
+    return tasks
+
+
+def units_of(tasks: Sequence[Task]) -> list[list[Task]]:
+    """The tasks grouped into the units that run in one process, in plan order: all the tasks of one budget of a
+    recipe that shares artifacts, one task of any other."""
+    units: dict[tuple, list[Task]] = {}
+    for t in tasks:
+        key = (t.recipe.name, t.steps, t.batch, t.override) if t.recipe.shares_artifacts else (id(t),)
+        units.setdefault(key, []).append(t)
+    return list(units.values())
 
 
 def measure_task(task: Task, out: Path, eval_size: int, threads: int, log: Callable[[str], None] = print,
@@ -979,38 +1075,123 @@ def store(path: Path, data: dict, record: dict, manifest: dict) -> None:
     save_results(path, data)
 
 
+def replace_unit(data: dict, records: Sequence[dict], shared: bool) -> list[dict]:
+    """Put the runs of one unit into ``data`` in place of the runs with the same keys; in a recipe that shares
+    artifacts, the other runs of the units they replace go too (they may have reused what a replaced run made).
+    Returns those other runs."""
+    keys = {_key(r) for r in records}
+    hit = {unit_key(r, shared) for r in data["runs"] if _key(r) in keys} if shared else set()
+    dropped = [r for r in data["runs"] if _key(r) not in keys and unit_key(r, shared) in hit]
+    data["runs"] = [r for r in data["runs"] if _key(r) not in keys and unit_key(r, shared) not in hit]
+    data["runs"].extend(records)
+    return dropped
+
+
+def store_unit(path: Path, data: dict, results: Sequence[tuple[dict, dict]], shared: bool,
+               log: Callable[[str], None] = print) -> None:
+    """Add the runs of one unit with their code manifests (see ``replace_unit``), and save the file."""
+    for record, manifest in results:
+        data.setdefault("code", {})[record["env"]["code"]] = manifest
+    dropped = replace_unit(data, [record for record, _ in results], shared)
+    if dropped:
+        log(f"removed {len(dropped)} run(s) of the replaced unit that this plan did not rerun (" +
+            ", ".join(f"{r['arm']} / seed {r['seed']}" for r in dropped[:6]) + (", ..." if len(dropped) > 6 else "") +
+            "): they may have reused what a replaced run made; run their seeds again to restore them")
+    save_results(path, data)
+
+
 def _summary(metrics: Mapping[str, float]) -> str:
     return " ".join(f"{k}={v:.3f}" for k, v in metrics.items())
+
+
+def _skipped_log(tasks: Sequence[Task], path: Path, log: Callable[[str], None]) -> None:
+    skipped = [t for t in tasks if not t.run]
+    if skipped:
+        stale = sum("--rerun-stale" in t.note for t in skipped)
+        log(f"{len(skipped)} runs already in {path}, skipped" +
+            (f" ({stale} of them on code changed since; --rerun-stale reruns those)" if stale else ""))
 
 
 def _run_locked(recipes, seeds, out: Path, steps, batch, eval_size: int, threads: int, log,
                 rerun_stale: bool = False, precision: str | None = None) -> dict:
     path = out / "fidelity.json"
     data = load_results(path)
-    todo = plan(recipes, seeds, steps, batch)
-    for i, entry in enumerate(todo, 1):
-        task = classify(entry, data, path, eval_size, rerun_stale, precision)
-        tag = f"[{i}/{len(todo)}] {task.label}"
-        if task.note:
-            log(f"{tag}: {task.note}")
-        if not task.run:
+    tasks = plan_tasks(recipes, seeds, data, path, steps, batch, eval_size, rerun_stale, precision)
+    index = {id(t): i for i, t in enumerate(tasks, 1)}
+    for t in tasks:
+        if t.note and not t.run:
+            log(f"[{index[id(t)]}/{len(tasks)}] {t.label}: {t.note}")
+    for unit in units_of([t for t in tasks if t.run]):
+        for t in unit:
+            if t.note:
+                log(f"[{index[id(t)]}/{len(tasks)}] {t.label}: {t.note}")
+        if not unit[0].recipe.shares_artifacts:  # in this process, as it always ran
+            task = unit[0]
+            tag = f"[{index[id(task)]}/{len(tasks)}] {task.label}"
+            record, manifest = measure_task(task, out, eval_size, threads, log, tag)
+            store(path, data, record, manifest)
+            log(f"{tag}: {record['seconds']:.0f} s  {_summary(record['metrics'])}")
             continue
-        record, manifest = measure_task(task, out, eval_size, threads, log, tag)
-        store(path, data, record, manifest)
-        log(f"{tag}: {record['seconds']:.0f} s  {_summary(record['metrics'])}")
+        log(f"{unit[0].recipe.name}: {len(unit)} runs as one unit in a fresh process (the recipe shares artifacts "
+            "between its runs)")
+        with _pool(1) as pool:
+            results = pool.submit(*_unit_call(unit, out, eval_size, threads)).result()
+        store_unit(path, data, results, True, log)
+        for t, (record, _) in zip(unit, results):
+            log(f"[{index[id(t)]}/{len(tasks)}] {t.label}: {record['seconds']:.0f} s  {_summary(record['metrics'])}")
     return data
 
 
-def run_in_worker(name: str, raw: Mapping, arm: str, seed: int, steps: int, batch: int, override: str | None,
-                  out: str, eval_size: int, threads: int) -> tuple[dict, dict]:
-    """``measure_task`` in a worker process of ``--jobs``: the recipe is parsed again from its mapping here (a
-    parsed recipe holds functions of modules the parent may have loaded under another name)."""
+def _pool(workers: int):
+    """Spawned worker processes, each used for one unit only (``max_tasks_per_child``, Python 3.11+): nothing a unit
+    leaves in memory reaches the next one."""
+    import concurrent.futures
+    import multiprocessing
+
+    if sys.version_info < (3, 11):
+        raise RuntimeError("running fidelity units in worker processes (--jobs, or a recipe that shares artifacts) "
+                           "needs Python 3.11 or later (ProcessPoolExecutor's max_tasks_per_child)")
+    return concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                                  max_tasks_per_child=1)
+
+
+def _unit_call(unit: Sequence[Task], out: Path, eval_size: int, threads: int) -> tuple:
+    """The function and arguments that run one unit in a worker (see ``run_unit_in_worker``)."""
+    # the workers import this file under its own name: as __main__ or as a test's alias it could not be unpickled
+    module = importlib.import_module(Path(__file__).stem)
+    recipe = unit[0].recipe
+    return (module.run_unit_in_worker, recipe.name, recipe.raw,
+            [(t.arm, t.seed, t.steps, t.batch, t.override) for t in unit], str(out), eval_size, threads,
+            uuid.uuid4().hex if recipe.shares_artifacts else None)
+
+
+def run_unit_in_worker(name: str, raw: Mapping, entries: Sequence[tuple], out: str, eval_size: int, threads: int,
+                       unit: str | None) -> list[tuple[dict, dict]]:
+    """``measure_task`` for each (arm, seed, steps, batch, override) of one unit, in a fresh worker process whose
+    caches start empty: ``$CLIPFORGE_BENCH_CACHE``, ``$TMPDIR`` and ``tempfile``'s directory point into a new
+    scratch directory (removed at the end), set before the recipe's modules are imported here. The recipe is
+    parsed again from its mapping (a parsed recipe holds functions of modules the parent may have loaded under
+    another name). ``unit``: the id recorded in every run's ``env.unit`` (recipes that share artifacts)."""
     import torch
 
-    torch.set_num_threads(threads)
-    recipe = parse_recipe(name, raw)
-    task = Task(recipe, arm, seed, steps, batch, override, recipe.fingerprint(arm, steps, batch, eval_size, override))
-    return measure_task(task, Path(out), eval_size, threads, lambda m: print(m, flush=True))
+    scratch = tempfile.mkdtemp(prefix="fidelity-unit-")
+    os.environ["TMPDIR"] = scratch
+    os.environ["CLIPFORGE_BENCH_CACHE"] = os.path.join(scratch, "bench-cache")
+    tempfile.tempdir = scratch
+    try:
+        torch.set_num_threads(threads)
+        recipe = parse_recipe(name, raw)
+        results = []
+        for arm, seed, steps, batch, override in entries:
+            task = Task(recipe, arm, seed, steps, batch, override,
+                        recipe.fingerprint(arm, steps, batch, eval_size, override))
+            record, manifest = measure_task(task, Path(out), eval_size, threads, lambda m: print(m, flush=True))
+            if unit is not None:
+                record["env"]["unit"] = unit
+            results.append((record, manifest))
+        return results
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def longest_first(seconds: Sequence[float], workers: int) -> float:
@@ -1041,60 +1222,61 @@ def _exit_on_signal(signum, frame):
 def _run_parallel_locked(recipes, seeds, out: Path, steps, batch, eval_size: int, threads: int, jobs: int, log,
                          rerun_stale: bool = False, precision: str | None = None) -> dict:
     import concurrent.futures
-    import multiprocessing
     from concurrent.futures.process import BrokenProcessPool
 
     path = out / "fidelity.json"
     data = load_results(path)
-    tasks = [classify(e, data, path, eval_size, rerun_stale, precision) for e in plan(recipes, seeds, steps, batch)]
-    skipped = [t for t in tasks if not t.run]
-    tasks = [t for t in tasks if t.run]
-    if skipped:
-        stale = sum("--rerun-stale" in t.note for t in skipped)
-        log(f"{len(skipped)} runs already in {path}, skipped" +
-            (f" ({stale} of them on code changed since; --rerun-stale reruns those)" if stale else ""))
-    if not tasks:
+    tasks = plan_tasks(recipes, seeds, data, path, steps, batch, eval_size, rerun_stale, precision)
+    _skipped_log(tasks, path, log)
+    units = units_of([t for t in tasks if t.run])
+    if not units:
         return data
     cache: dict = {}
-    est = {id(t): task_seconds(t, data["runs"], cache) for t in tasks}
+    task_est = {id(t): task_seconds(t, data["runs"], cache) for u in units for t in u}
+    est = {id(u): (None if any(task_est[id(t)] is None for t in u) else sum(task_est[id(t)] for t in u))
+           for u in units}
     known = [s for s in est.values() if s is not None]
-    # longest first, so that no long run starts last; runs never measured (no estimate) go first of all
-    order = sorted(tasks, key=lambda t: -(est[id(t)] if est[id(t)] is not None else math.inf))
+    # longest first, so that no long unit starts last; units never measured (no estimate) go first of all
+    order = sorted(units, key=lambda u: -(est[id(u)] if est[id(u)] is not None else math.inf))
     workers = min(jobs, len(order))
-    log(f"{len(order)} runs on {workers} worker processes ({threads} torch thread(s) each)" +
+    n_runs = sum(len(u) for u in order)
+    shared = [u for u in order if len(u) > 1]
+    log(f"{n_runs} runs on {workers} worker processes ({threads} torch thread(s) each)" +
+        (f", {len(shared)} unit(s) of several runs made in one process each" if shared else "") +
         (f"; projected from the recorded runs: {sum(known) / 3600:.1f} h of CPU, about "
          f"{longest_first(known, workers) / 3600:.1f} h of wall-clock" if known else
          "; no recorded run of these arms to project the time from") +
-        (f" ({len(order) - len(known)} runs without an estimate, started first)" if 0 < len(known) < len(order)
+        (f" ({len(order) - len(known)} units without an estimate, started first)" if 0 < len(known) < len(order)
          else ""))
-    # the workers import this file under its own name: as __main__ or as a test's alias it could not be unpickled
-    module = importlib.import_module(Path(__file__).stem)
-    failed: list[tuple[Task, BaseException]] = []
+    failed: list[tuple[list[Task], BaseException]] = []
     left = sum(known)
+    done_runs = 0
     # a `kill` of this process stops the workers too (SystemExit runs the except clause below; the default action
     # of SIGTERM would leave them running on, orphaned)
     on_main = threading.current_thread() is threading.main_thread()
     old_term = signal.signal(signal.SIGTERM, _exit_on_signal) if on_main else None
-    pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    pool = _pool(workers)
     try:
-        futures = {pool.submit(module.run_in_worker, t.recipe.name, t.recipe.raw, t.arm, t.seed, t.steps, t.batch,
-                               t.override, str(out), eval_size, threads): t for t in order}
-        for done, fut in enumerate(concurrent.futures.as_completed(futures), 1):
-            t = futures[fut]
-            tag = f"[{done}/{len(order)}] {t.label}"
-            left -= est[id(t)] or 0.0
+        futures = {pool.submit(*_unit_call(u, out, eval_size, threads)): u for u in order}
+        for fut in concurrent.futures.as_completed(futures):
+            u = futures[fut]
+            done_runs += len(u)
+            left -= est[id(u)] or 0.0
+            what = u[0].label if len(u) == 1 else f"{u[0].recipe.name}: unit of {len(u)} runs"
+            tag = f"[{done_runs}/{n_runs}] {what}"
             try:
-                record, manifest = fut.result()
+                results = fut.result()
             except BrokenProcessPool as e:
                 raise RuntimeError(f"{tag}: a worker process died ({e}); was it killed for memory? The finished runs "
                                    f"are in {path}; rerun the same command with fewer --jobs") from e
-            except Exception as e:  # one failed run: the others go on, and are saved
-                failed.append((t, e))
+            except Exception as e:  # one failed unit: the others go on, and are saved
+                failed.append((u, e))
                 log(f"{tag}: FAILED: {type(e).__name__}: {e}")
                 continue
-            store(path, data, record, manifest)
-            log(f"{tag}: {record['seconds']:.0f} s  {_summary(record['metrics'])}" +
-                (f"  (about {max(left, 0.0) / workers / 60:.0f} min left)" if known else ""))
+            store_unit(path, data, results, u[0].recipe.shares_artifacts, log)
+            for t, (record, _) in zip(u, results):
+                log(f"{tag}: {t.label}: {record['seconds']:.0f} s  {_summary(record['metrics'])}" +
+                    (f"  (about {max(left, 0.0) / workers / 60:.0f} min left)" if known else ""))
     except BaseException:  # Ctrl-C, a dead worker: stop the runs in flight too (their results would be lost anyway)
         # ProcessPoolExecutor has no public way to stop running calls before Python 3.14's terminate_workers();
         # without this, the interpreter's exit would wait for every run in flight to end (shutdown() forgets them)
@@ -1108,45 +1290,62 @@ def _run_parallel_locked(recipes, seeds, out: Path, steps, batch, eval_size: int
             signal.signal(signal.SIGTERM, old_term)
     pool.shutdown()
     if failed:
-        raise RuntimeError(f"{len(failed)} of {len(order)} runs failed: " +
-                           "; ".join(f"{t.label}: {type(e).__name__}: {e}" for t, e in failed[:5]) +
+        labels = [(u[0].label if len(u) == 1 else f"{u[0].recipe.name} (unit of {len(u)} runs)", e) for u, e in failed]
+        kind = "units" if shared else "runs"
+        raise RuntimeError(f"{len(failed)} of {len(order)} {kind} failed: " +
+                           "; ".join(f"{lab}: {type(e).__name__}: {e}" for lab, e in labels[:5]) +
                            ("; ..." if len(failed) > 5 else "") +
                            f". The other runs are saved in {path}; the same command reruns only the failed ones")
     return data
 
 
-def merge_results(out: Path, files: Sequence[Path]) -> dict:
+def merge_results(out: Path, files: Sequence[Path], shared: Collection[str] | None = None) -> dict:
     """Add the runs of other results files (made on other machines or in other sessions, with their own
     ``--out``) to ``out/fidelity.json``. A run is identified by (experiment, arm, seed, fingerprint); one
     already present is kept, not duplicated, unless the present one ran code that has changed since (or was not
     recorded) and the incoming one ran the code as it is now: then the incoming run replaces it (a
-    ``--rerun-stale`` made elsewhere). Returns the counts added, replaced and skipped per file."""
+    ``--rerun-stale`` made elsewhere). Runs of a recipe that shares artifacts come in by units (see ``unit_key``):
+    an incoming unit is added whole, replaces the present units it overlaps when they are not on the current code
+    and it is (their other runs go too), or is skipped whole. ``shared``: the recipes that share artifacts (default:
+    the shipped ones). Returns the counts added, replaced, skipped and dropped (present runs of a replaced unit
+    that the incoming one lacks) per file."""
     from clipforge.locking import exclusive_lock
 
+    shared = shared_recipes() if shared is None else set(shared)
     counts = {}
     with exclusive_lock(out, "fidelity results directory"):
         path = out / "fidelity.json"
         data = load_results(path)
-        where = {(r["experiment"], r["arm"], r["seed"], r["fingerprint"]): i for i, r in enumerate(data["runs"])}
         for f in files:
             if not Path(f).exists():
                 raise FileNotFoundError(f"--merge: {f} does not exist")
-            added = replaced = skipped = 0
+            added = replaced = skipped = dropped = 0
             other = load_results(Path(f))
             for cid, manifest in other.get("code", {}).items():  # the code manifests its runs refer to
                 data.setdefault("code", {}).setdefault(cid, manifest)
+            incoming: dict[tuple, list[dict]] = {}
             for r in other["runs"]:
-                key = (r["experiment"], r["arm"], r["seed"], r["fingerprint"])
-                if key not in where:
-                    where[key] = len(data["runs"])
-                    data["runs"].append(r)
-                    added += 1
-                elif code_state(data["runs"][where[key]], data)[0] != "current" and code_state(r, data)[0] == "current":
-                    data["runs"][where[key]] = r
-                    replaced += 1
+                incoming.setdefault(unit_key(r, r["experiment"] in shared), []).append(r)
+            states = code_states(data, shared)  # of the present runs (the keys of one file's units do not overlap)
+            for members in incoming.values():
+                is_shared = members[0]["experiment"] in shared
+                keys = {_key(r) for r in members}
+                present = [r for r in data["runs"] if _key(r) in keys]
+                if not present:
+                    data["runs"].extend(members)
+                    added += len(members)
+                    continue
+                hit = {unit_key(r, is_shared) for r in present}
+                present_current = any(states[id(r)][0] == "current" for r in data["runs"]
+                                      if id(r) in states and unit_key(r, is_shared) in hit)
+                if not present_current and all(code_state(r, data)[0] == "current" for r in members):
+                    gone = replace_unit(data, members, is_shared)
+                    replaced += len(present)
+                    added += len(members) - len(present)
+                    dropped += len(gone)
                 else:
-                    skipped += 1
-            counts[str(f)] = {"added": added, "replaced": replaced, "skipped": skipped}
+                    skipped += len(members)
+            counts[str(f)] = {"added": added, "replaced": replaced, "skipped": skipped, "dropped": dropped}
         save_results(path, data)
     return counts
 
@@ -1266,6 +1465,7 @@ def markdown(recipes: Sequence[Recipe], data: dict, source: str = "fidelity.json
     """The generated section: per experiment, the claim, the budgets, mean ± sd per arm, the paired differences with
     their 95% intervals and verdicts, and every run in a collapsible block."""
     runs = data["runs"]
+    all_states = code_states(data, {r.name for r in recipes if r.shares_artifacts})
     lines = ["## Results (generated)", "",
              f"Generated by `python benchmarks/fidelity.py --report-only` from [`{source}`]({source}) "
              f"({len(runs)} runs recorded; every run's numbers and environment are there). "
@@ -1281,8 +1481,10 @@ def markdown(recipes: Sequence[Recipe], data: dict, source: str = "fidelity.json
             g = default[0]
             verdicts = "; ".join(f"{recipe.arms[a].label}: **{c['overall']}**" for a, c in g["comparisons"].items())
             n = min(len(a["seeds"]) for a in g["arms"].values())
-            states = [code_state(r, data)[0] for r in g["runs"]]
+            states = [all_states[id(r)][0] for r in g["runs"]]
             drift = ", ".join(f"{states.count(k)} on {k} code" for k in ("changed", "unrecorded") if k in states)
+            if "unit" in states:
+                drift += (", " if drift else "") + f"{states.count('unit')} in a unit with those"
             where = f"; trained in {g['precision']}, not the recipe's precision" if g["precision"] else ""
             summary.append(f"| [{recipe.name}](#{recipe.name}) | {recipe.claim} | {n} seed(s) per arm"
                            f"{f' ({drift})' if drift else ''}{where} | {verdicts} |")
@@ -1325,15 +1527,19 @@ def markdown(recipes: Sequence[Recipe], data: dict, source: str = "fidelity.json
                                 f"{_direction_text(spec)} | {r['n']} | {_num(r['mean'], True)}{sd} | {iv} | "
                                 f"{r['verdict']} |")
                 body.append(f"| {recipe.arms[a].label} | **overall** | | | | | **{c['overall']}** |")
-            states = {id(r): code_state(r, data) for r in g["runs"]}
-            changed = sorted({f for st, files in states.values() for f in files})
-            counts = {k: sum(st == k for st, _ in states.values()) for k in ("current", "changed", "unrecorded")}
+            states = {id(r): all_states[id(r)] for r in g["runs"]}
+            changed = sorted({f for st, files in states.values() if st == "changed" for f in files})
+            counts = {k: sum(st == k for st, _ in states.values())
+                      for k in ("current", "changed", "unrecorded", "unit")}
             body += ["", f"Code: {counts['current']} of {len(g['runs'])} runs executed only code unchanged since; "
                      + (f"{counts['changed']} ran code edited since ({', '.join(changed[:6])}"
                         f"{', ...' if len(changed) > 6 else ''}); " if counts["changed"] else "")
                      + (f"{counts['unrecorded']} were made before runs recorded their files; "
                         if counts["unrecorded"] else "")
-                     + ("`--rerun-stale` reruns those." if counts["changed"] or counts["unrecorded"] else
+                     + (f"{counts['unit']} ran unchanged code but in one unit with those (the recipe shares "
+                        "artifacts between its runs, so they may have reused what stale code made); "
+                        if counts["unit"] else "")
+                     + ("`--rerun-stale` reruns those." if len(g["runs"]) > counts["current"] else
                         "the verdicts judge the code as it is.")]
             keys = sorted({k for r in g["runs"] for k in r["metrics"]})
             body += ["", "<details><summary>every run</summary>", "",
@@ -1385,7 +1591,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (1: bit-identical reruns)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="run this many runs side by side, each in its own worker process with --threads threads "
-                    "(e.g. --jobs 16 on 16 cores), longest first; the results are those of a sequential run. With "
+                    "(e.g. --jobs 16 on 16 cores), longest first (the runs of a recipe that shares artifacts run "
+                    "together in one worker); the results are those of a sequential run. With "
                     "--estimate: also the wall-clock on that many workers")
     ap.add_argument("--precision", choices=("fp32", "bf16"),
                     help="train every training arm in this precision instead of its recipe's (e.g. fp32 on a CPU "
@@ -1459,9 +1666,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{r.name:14s} " + (f"{s / 3600:6.2f} h" if s is not None else
                                       f"  no run of every arm with >= {ESTIMATE_MIN_STEPS} steps at batch {r.batch}"))
             total += s or 0.0
-            if s is not None:
-                lengths += [v for arm, v in arm_seconds(r, runs, a.precision).items()
-                            if arm in r.arms for _ in a.seeds]
+            if s is not None:  # a recipe that shares artifacts runs as one unit per budget, in one worker
+                lengths += [s] if r.shares_artifacts else [v for arm, v in arm_seconds(r, runs, a.precision).items()
+                                                           if arm in r.arms for _ in a.seeds]
         print(f"{'total':14s} {total / 3600:6.2f} h (experiments with a measured run only)")
         if a.jobs > 1:
             print(f"{'--jobs ' + str(a.jobs):14s} {longest_first(lengths, a.jobs) / 3600:6.2f} h of wall-clock, "
@@ -1471,7 +1678,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             for f, c in merge_results(a.out, a.merge).items():
                 print(f"{f}: {c['added']} runs added, {c['replaced']} replaced runs on changed or unrecorded code, "
-                      f"{c['skipped']} already present")
+                      f"{c['skipped']} already present" + (
+                          f", {c['dropped']} runs dropped with the units they belonged to (replaced by incoming "
+                          "units that lack them)" if c["dropped"] else ""))
         except (FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -426,8 +426,8 @@ def test_merge_adds_runs_from_other_files_once(fid, tmp_path):
     fid.save_results(a, {"version": 1, "runs": [run("clip", 0), run("gap", 0)]})
     fid.save_results(b, {"version": 1, "runs": [run("gap", 0), run("gap", 1), run("gap", 1, fp="f2")]})
     counts = fid.merge_results(out, [a, b])
-    assert counts == {str(a): {"added": 1, "replaced": 0, "skipped": 1},
-                      str(b): {"added": 2, "replaced": 0, "skipped": 1}}
+    assert counts == {str(a): {"added": 1, "replaced": 0, "skipped": 1, "dropped": 0},
+                      str(b): {"added": 2, "replaced": 0, "skipped": 1, "dropped": 0}}
     keys = [(r["arm"], r["seed"], r["fingerprint"]) for r in fid.load_results(out / "fidelity.json")["runs"]]
     assert keys == [("clip", 0, "f1"), ("gap", 0, "f1"), ("gap", 1, "f1"), ("gap", 1, "f2")]
     with pytest.raises(FileNotFoundError, match="missing.json"):
@@ -487,7 +487,8 @@ def test_runs_record_the_files_they_executed_and_edits_make_them_stale(fid, monk
     (src / "used.py").write_text("def f():\n    return 0.125\n")  # stale again; a fresh run made elsewhere
     fresh = fid.run([r], [0, 1, 2], tmp_path / "elsewhere", eval_size=500, log=lambda m: None)
     counts = fid.merge_results(merged, [tmp_path / "elsewhere" / "fidelity.json"])
-    assert counts == {str(tmp_path / "elsewhere" / "fidelity.json"): {"added": 0, "replaced": 3, "skipped": 3}}
+    assert counts == {str(tmp_path / "elsewhere" / "fidelity.json"): {"added": 0, "replaced": 3, "skipped": 3,
+                                                                        "dropped": 0}}
     got = fid.load_results(merged / "fidelity.json")
     assert [x["metrics"] for x in got["runs"] if x["arm"] == "gap"] == [
         x["metrics"] for x in fresh["runs"] if x["arm"] == "gap"]  # the current runs replaced the stale ones
@@ -848,3 +849,175 @@ def test_a_killed_parallel_runner_stops_its_workers(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# ------------------------------------------------------------------------------------------------ units
+
+
+UNIT_MODULE = '''
+import os
+import tempfile
+from pathlib import Path
+
+
+def arm(seed, steps, batch, eval_size, shift=0.0, where=""):
+    """A base per seed, made by whichever arm runs first and reused by the other (as bench_adapt's base model)."""
+    cache = Path(os.environ["CLIPFORGE_BENCH_CACHE"])
+    base = cache / f"base-s{seed}.txt"
+    made = 0.0
+    if not base.exists():
+        base.parent.mkdir(parents=True, exist_ok=True)
+        base.write_text("base")
+        made = 1.0
+    with open(where, "a") as f:  # where the caches were, to check that they are gone afterwards
+        f.write(f"{cache}\\\\n")
+    return {"gap": 0.5 - shift + 0.01 * seed, "object_top1": 0.3, "made": made, "pid": float(os.getpid()),
+            "tmp_in_scratch": float(tempfile.gettempdir() == str(cache.parent))}
+
+
+arm.metrics = ("gap", "object_top1", "made", "pid", "tmp_in_scratch")
+'''
+
+
+@pytest.fixture
+def unit_module(tmp_path, monkeypatch):
+    install_probe(tmp_path, monkeypatch, "fid_unit_probe", UNIT_MODULE)
+    yield tmp_path / "where.txt"
+    sys.modules.pop("fid_unit_probe", None)
+
+
+def unit_recipe(where, shares: bool = True) -> dict:
+    metrics = {"gap": {"direction": "decrease"}, "object_top1": {"direction": "no_decrease", "margin": 0.02}}
+    params = {"where": str(where)}
+    return recipe(measures=[], metrics=metrics, baseline="clip", shares_artifacts=shares,
+                  arms={"clip": {"function": "fid_unit_probe:arm", "params": params},
+                        "gap": {"function": "fid_unit_probe:arm", "params": {**params, "shift": 0.3}}})
+
+
+def test_a_recipe_that_shares_artifacts_runs_each_unit_in_one_fresh_process(fid, unit_module, tmp_path):
+    r = fid.parse_recipe("t", unit_recipe(unit_module))
+    logs: list[str] = []
+    data = fid.run([r], [0, 1], tmp_path / "out", eval_size=500, log=logs.append)
+    runs = {(x["arm"], x["seed"]): x for x in data["runs"]}
+    assert len(runs) == 4 and len({x["env"]["unit"] for x in runs.values()}) == 1  # one unit: the budget's runs
+    assert len({x["metrics"]["pid"] for x in runs.values()}) == 1 and runs["clip", 0]["metrics"]["pid"] != os.getpid()
+    # the first arm of each seed made the base, the second reused it; the caches started empty, in a scratch
+    # directory that is also the temporary directory, and were removed at the end
+    assert [runs[a, s]["metrics"]["made"] for s in (0, 1) for a in ("clip", "gap")] == [1.0, 0.0, 1.0, 0.0]
+    assert all(x["metrics"]["tmp_in_scratch"] == 1.0 for x in runs.values())
+    first = set(unit_module.read_text().split())
+    assert len(first) == 1 and not any(Path(p).exists() for p in first)
+    assert any("4 runs as one unit in a fresh process" in m for m in logs)
+
+    # one run on unrecorded code: --rerun-stale reruns its whole unit (in a --jobs worker), with fresh caches again
+    stale = next(x for x in data["runs"] if (x["arm"], x["seed"]) == ("gap", 1))
+    stale["env"]["code"] = "not-recorded"
+    fid.save_results(tmp_path / "out" / "fidelity.json", data)
+    states = fid.code_states(data, {"t"})
+    assert sorted(s for s, _ in states.values()) == ["unit", "unit", "unit", "unrecorded"]
+    logs.clear()
+    again = fid.run([r], [0, 1], tmp_path / "out", eval_size=500, log=logs.append, rerun_stale=True, jobs=2)
+    runs2 = {(x["arm"], x["seed"]): x for x in again["runs"]}
+    assert len(runs2) == 4 and len({x["env"]["unit"] for x in runs2.values()}) == 1
+    assert runs2["clip", 0]["env"]["unit"] != runs["clip", 0]["env"]["unit"]
+    assert [runs2[a, s]["metrics"]["made"] for s in (0, 1) for a in ("clip", "gap")] == [1.0, 0.0, 1.0, 0.0]
+    assert all(s == "current" for s, _ in fid.code_states(again, {"t"}).values())
+    assert any(m.startswith("4 runs on 1 worker processes") and "1 unit(s) of several runs" in m for m in logs)
+
+    # a seed missing from the unit: the whole unit runs again, not the new seed alone beside old runs
+    logs.clear()
+    third = fid.run([r], [0, 1, 2], tmp_path / "out", eval_size=500, log=logs.append)
+    assert len(third["runs"]) == 6 and len({x["env"]["unit"] for x in third["runs"]}) == 1
+    assert sum("rerunning with its unit" in m for m in logs) == 4
+
+    # a plan of seed 0 alone replaces the unit: the unit's other runs go (they may have reused seed 0's artifacts)
+    logs.clear()
+    fid.run([r], [0], tmp_path / "out", eval_size=500, log=logs.append, rerun_stale=True)
+    assert len(fid.load_results(tmp_path / "out" / "fidelity.json")["runs"]) == 6  # all current: nothing ran
+    fourth = fid.load_results(tmp_path / "out" / "fidelity.json")
+    fourth["runs"][0]["env"]["code"] = "not-recorded"
+    fid.save_results(tmp_path / "out" / "fidelity.json", fourth)
+    left = fid.run([r], [0], tmp_path / "out", eval_size=500, log=logs.append, rerun_stale=True)
+    assert sorted((x["arm"], x["seed"]) for x in left["runs"]) == [("clip", 0), ("gap", 0)]
+    assert any("removed 4 run(s) of the replaced unit" in m and "run their seeds again" in m for m in logs)
+
+
+def test_without_shared_artifacts_each_run_is_judged_and_rerun_alone(fid, unit_module, monkeypatch, tmp_path):
+    r = fid.parse_recipe("t", unit_recipe(unit_module, shares=False))
+    assert fid.parse_recipe("t", unit_recipe(unit_module)).shares_artifacts and not r.shares_artifacts
+    calls = []
+    monkeypatch.setattr(fid, "train_and_measure",
+                        lambda rc, arm, seed, *a: calls.append((arm.name, seed)) or fake_metrics(arm.name, seed))
+    data = fid.run([r], [0, 1], tmp_path, eval_size=500, log=lambda m: None)  # in this process, as always
+    assert "unit" not in data["runs"][0]["env"]
+    data["runs"][3]["env"]["code"] = "not-recorded"
+    fid.save_results(tmp_path / "fidelity.json", data)
+    assert sorted(s for s, _ in fid.code_states(data, set()).values()) == ["current"] * 3 + ["unrecorded"]
+    fid.run([r], [0, 1], tmp_path, eval_size=500, log=lambda m: None, rerun_stale=True)
+    assert calls[4:] == [("gap", 1)]
+    with pytest.raises(fid.RecipeError, match="shares_artifacts is true or false"):
+        fid.parse_recipe("t", unit_recipe(unit_module, shares="yes"))
+
+
+def test_units_are_judged_and_merged_whole(fid, monkeypatch, tmp_path):
+    def run(exp, arm, seed, code="new", unit=None):
+        env = {"code": code, **({"unit": unit} if unit else {})}
+        return {"experiment": exp, "arm": arm, "seed": seed, "fingerprint": f"fp-{arm}", "steps": 10, "batch": 8,
+                "eval_size": 500, "metrics": {"gap": 0.1}, "env": env}
+
+    monkeypatch.setattr(fid, "code_state", lambda r, data: ("changed", ["bench_x.py::make_base"])
+                        if r["env"]["code"] == "old" else ("current", []))
+    present = [run("s", "base", 0, "old", "u1"), run("s", "adapter", 0, "new", "u1"),  # the maker ran stale code
+               run("s", "base", 1, "new", "u1"), run("s", "adapter", 1, "new", "u1"),
+               run("s", "x", 5, "new", "u2"),  # a unit of its own, on current code
+               run("old_s", "base", 0, "old"), run("old_s", "adapter", 0),  # recorded before units: the budget
+               run("p", "base", 0, "old"), run("p", "adapter", 0)]  # a recipe that shares nothing
+    data = {"version": 1, "runs": present}
+    states = fid.code_states(data, {"s", "old_s"})
+    assert [states[id(x)][0] for x in present] == ["changed", "unit", "unit", "unit", "current",
+                                                   "changed", "unit", "changed", "current"]
+    assert states[id(present[1])] == ("unit", ["bench_x.py::make_base"])
+
+    out = tmp_path / "out"
+    fid.save_results(out / "fidelity.json", data)
+    new = tmp_path / "new.json"  # seed 0 of unit u1 rerun alone (u3), and a partial rerun of the current u2
+    fid.save_results(new, {"version": 1, "runs": [run("s", "base", 0, "new", "u3"), run("s", "adapter", 0, "new", "u3"),
+                                                  run("s", "x", 5, "new", "u4"), run("s", "x", 6, "new", "u4")]})
+    counts = fid.merge_results(out, [new], shared={"s", "old_s"})
+    assert counts == {str(new): {"added": 0, "replaced": 2, "skipped": 2, "dropped": 2}}
+    got = fid.load_results(out / "fidelity.json")["runs"]
+    assert sorted((x["arm"], x["seed"], x["env"].get("unit")) for x in got if x["experiment"] == "s") == [
+        ("adapter", 0, "u3"), ("base", 0, "u3"), ("x", 5, "u2")]  # u1's seed 1 went with it; u4 came in whole or not
+
+
+def test_shipped_recipes_whose_modules_keep_state_between_calls_share_artifacts(fid):
+    """A recipe whose function arms' modules (or the benchmark modules they import) cache anything between calls,
+    on disk or in memory, must say whether its arms use that state: ``shares_artifacts: true``, otherwise a run
+    that reuses the cache would be judged by a trace that never saw the code that made it (see ``unit_key``)."""
+
+    import re
+
+    import yaml
+
+    bench = Path(fid.__file__).parent
+    keeps_state = re.compile(r"CLIPFORGE_BENCH_CACHE|gettempdir\(|^_[A-Z][A-Z_]*(: [^=]+)? = \{\}", re.M)
+
+    def modules(name, seen):
+        path = bench / f"{name}.py"
+        if name in seen or not path.exists():
+            return seen
+        seen.add(name)
+        for other in re.findall(r"^\s*(?:from|import) (bench_\w+)", path.read_text(), re.M):
+            modules(other, seen)
+        return seen
+
+    missing, declared = [], fid.shared_recipes()
+    for path in sorted((bench / "fidelity").glob("*.yaml")):
+        refs = set(re.findall(r"(bench_\w+):\w+", path.read_text()))
+        stateful = sorted(m for ref in refs for m in modules(ref, set())
+                          if keeps_state.search((bench / f"{m}.py").read_text()))
+        if stateful and "shares_artifacts" not in (yaml.safe_load(path.read_text()) or {}):
+            missing.append(f"{path.stem} ({', '.join(stateful)})")
+    assert not missing, (f"declare shares_artifacts: true in {', '.join(missing)} (or false where the arms' "
+                         "functions use none of that state)")
+    assert {"adapt", "maccap", "mobileclip_reinforced"} <= declared
