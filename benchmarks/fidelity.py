@@ -1134,8 +1134,12 @@ def _run_locked(recipes, seeds, out: Path, steps, batch, eval_size: int, threads
             continue
         log(f"{unit[0].recipe.name}: {len(unit)} runs as one unit in a fresh process (the recipe shares artifacts "
             "between its runs)")
-        with _pool(1) as pool:
-            results = pool.submit(*_unit_call(unit, out, eval_size, threads)).result()
+        scratch = tempfile.mkdtemp(prefix="fidelity-unit-")
+        try:
+            with _pool(1) as pool:
+                results = pool.submit(*_unit_call(unit, out, eval_size, threads, scratch)).result()
+        finally:  # the worker removes it too, unless it was killed
+            shutil.rmtree(scratch, ignore_errors=True)
         store_unit(path, data, results, True, log)
         for t, (record, _) in zip(unit, results):
             log(f"[{index[id(t)]}/{len(tasks)}] {t.label}: {record['seconds']:.0f} s  {_summary(record['metrics'])}")
@@ -1155,26 +1159,27 @@ def _pool(workers: int):
                                                   max_tasks_per_child=1)
 
 
-def _unit_call(unit: Sequence[Task], out: Path, eval_size: int, threads: int) -> tuple:
-    """The function and arguments that run one unit in a worker (see ``run_unit_in_worker``)."""
+def _unit_call(unit: Sequence[Task], out: Path, eval_size: int, threads: int, scratch: str) -> tuple:
+    """The function and arguments that run one unit in a worker (see ``run_unit_in_worker``), its caches in the new
+    empty directory ``scratch``."""
     # the workers import this file under its own name: as __main__ or as a test's alias it could not be unpickled
     module = importlib.import_module(Path(__file__).stem)
     recipe = unit[0].recipe
     return (module.run_unit_in_worker, recipe.name, recipe.raw,
             [(t.arm, t.seed, t.steps, t.batch, t.override) for t in unit], str(out), eval_size, threads,
-            uuid.uuid4().hex if recipe.shares_artifacts else None)
+            uuid.uuid4().hex if recipe.shares_artifacts else None, scratch)
 
 
 def run_unit_in_worker(name: str, raw: Mapping, entries: Sequence[tuple], out: str, eval_size: int, threads: int,
-                       unit: str | None) -> list[tuple[dict, dict]]:
+                       unit: str | None, scratch: str) -> list[tuple[dict, dict]]:
     """``measure_task`` for each (arm, seed, steps, batch, override) of one unit, in a fresh worker process whose
-    caches start empty: ``$CLIPFORGE_BENCH_CACHE``, ``$TMPDIR`` and ``tempfile``'s directory point into a new
-    scratch directory (removed at the end), set before the recipe's modules are imported here. The recipe is
+    caches start empty: ``$CLIPFORGE_BENCH_CACHE``, ``$TMPDIR`` and ``tempfile``'s directory point into the new
+    directory ``scratch`` (removed at the end, here and by the parent), set before the recipe's modules are imported
+    here. The recipe is
     parsed again from its mapping (a parsed recipe holds functions of modules the parent may have loaded under
     another name). ``unit``: the id recorded in every run's ``env.unit`` (recipes that share artifacts)."""
     import torch
 
-    scratch = tempfile.mkdtemp(prefix="fidelity-unit-")
     os.environ["TMPDIR"] = scratch
     os.environ["CLIPFORGE_BENCH_CACHE"] = os.path.join(scratch, "bench-cache")
     tempfile.tempdir = scratch
@@ -1256,10 +1261,12 @@ def _run_parallel_locked(recipes, seeds, out: Path, steps, batch, eval_size: int
     on_main = threading.current_thread() is threading.main_thread()
     old_term = signal.signal(signal.SIGTERM, _exit_on_signal) if on_main else None
     pool = _pool(workers)
+    scratch = {id(u): tempfile.mkdtemp(prefix="fidelity-unit-") for u in order}
     try:
-        futures = {pool.submit(*_unit_call(u, out, eval_size, threads)): u for u in order}
+        futures = {pool.submit(*_unit_call(u, out, eval_size, threads, scratch[id(u)])): u for u in order}
         for fut in concurrent.futures.as_completed(futures):
             u = futures[fut]
+            shutil.rmtree(scratch[id(u)], ignore_errors=True)  # the worker removes it too, unless it was killed
             done_runs += len(u)
             left -= est[id(u)] or 0.0
             what = u[0].label if len(u) == 1 else f"{u[0].recipe.name}: unit of {len(u)} runs"
@@ -1284,6 +1291,10 @@ def _run_parallel_locked(recipes, seeds, out: Path, steps, batch, eval_size: int
         pool.shutdown(wait=False, cancel_futures=True)
         for proc in workers_now:
             proc.terminate()
+        for proc in workers_now:
+            proc.join(timeout=10)
+        for where in scratch.values():
+            shutil.rmtree(where, ignore_errors=True)
         raise
     finally:
         if old_term is not None:
