@@ -1282,7 +1282,8 @@ def _run_parallel_locked(recipes, seeds, out: Path, steps, batch, eval_size: int
                 continue
             store_unit(path, data, results, u[0].recipe.shares_artifacts, log)
             for t, (record, _) in zip(u, results):
-                log(f"{tag}: {t.label}: {record['seconds']:.0f} s  {_summary(record['metrics'])}" +
+                log(f"{tag}{'' if len(u) == 1 else ': ' + t.label}: {record['seconds']:.0f} s  "
+                    f"{_summary(record['metrics'])}" +
                     (f"  (about {max(left, 0.0) / workers / 60:.0f} min left)" if known else ""))
     except BaseException:  # Ctrl-C, a dead worker: stop the runs in flight too (their results would be lost anyway)
         # ProcessPoolExecutor has no public way to stop running calls before Python 3.14's terminate_workers();
