@@ -1067,14 +1067,6 @@ def measure_task(task: Task, out: Path, eval_size: int, threads: int, log: Calla
     return record, manifest
 
 
-def store(path: Path, data: dict, record: dict, manifest: dict) -> None:
-    """Add one run (replacing an older run of the same key) with its code manifest, and save the file."""
-    data.setdefault("code", {})[record["env"]["code"]] = manifest
-    data["runs"] = [r for r in data["runs"] if _key(r) != _key(record)]
-    data["runs"].append(record)
-    save_results(path, data)
-
-
 def replace_unit(data: dict, records: Sequence[dict], shared: bool) -> list[dict]:
     """Put the runs of one unit into ``data`` in place of the runs with the same keys; in a recipe that shares
     artifacts, the other runs of the units they replace go too (they may have reused what a replaced run made).
@@ -1129,7 +1121,7 @@ def _run_locked(recipes, seeds, out: Path, steps, batch, eval_size: int, threads
             task = unit[0]
             tag = f"[{index[id(task)]}/{len(tasks)}] {task.label}"
             record, manifest = measure_task(task, out, eval_size, threads, log, tag)
-            store(path, data, record, manifest)
+            store_unit(path, data, [(record, manifest)], False, log)
             log(f"{tag}: {record['seconds']:.0f} s  {_summary(record['metrics'])}")
             continue
         log(f"{unit[0].recipe.name}: {len(unit)} runs as one unit in a fresh process (the recipe shares artifacts "
