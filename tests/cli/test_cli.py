@@ -94,6 +94,20 @@ def test_eval_missing_model_dir(tmp_path, capsys):
     assert "model_config.json" in capsys.readouterr().err
 
 
+def test_demo_warns_when_too_few_steps_fit_its_time_budget():
+    """A busy machine makes each step slow; the demo then says its numbers will be near chance and how long to run."""
+    from clipforge.cli.demo import plan_steps
+
+    steps, warning = plan_steps(150, 0.35)  # an idle 2-core AVX-512 CPU: 150 / (0.35 * 1.3) = 329 steps
+    assert steps == 329 and warning is None
+    steps, warning = plan_steps(150, 4.1)  # measured beside two other jobs: 28 steps fit
+    assert steps == 28
+    assert "only 28 training steps" in warning and "4100 ms per step" in warning
+    assert "--seconds 1600" in warning  # 300 steps x 4.1 s x 1.3 = 1599 s, rounded up to ten seconds
+    steps, warning = plan_steps(4, 1.0)  # never fewer than 20 steps, even when fewer fit
+    assert steps == 20 and "only 3 training steps" in warning
+
+
 def test_demo_json_smoke(tmp_path, capsys):
     """The demo end to end with a tiny time budget: the JSON line has every promised key."""
     assert main(["demo", "--seconds", "4", "--train-size", "512", "--eval-size", "40", "--out", str(tmp_path / "d"),

@@ -6,6 +6,8 @@ budget does: a few timed steps on a synthetic batch measure this machine's speed
 from __future__ import annotations
 
 import argparse
+import math
+import sys
 import time
 
 DEMO_DEFAULTS = dict(model="tiny", batch_size=128, lr=2e-3, warmup_steps=30, weight_decay=0.1, precision="auto",
@@ -59,6 +61,31 @@ def estimate_step_seconds(cfg, trials: int = 3, precision: str | None = None) ->
     return sorted(times)[len(times) // 2]
 
 
+# Fewer steps than this leave `tiny` near chance on the held-out pairs: 106 steps (fp32 on an AVX2-only CPU) reached
+# 7.6x chance, 28 steps (a 2-core machine busy with two other jobs, 4.1 s per step) stayed below chance.
+MIN_USEFUL_STEPS = 100
+TARGET_STEPS = 300
+
+
+def plan_steps(seconds: float, step_seconds: float) -> tuple[int, str | None]:
+    """The number of steps that fit in ``seconds`` at ``step_seconds`` per bare step, and a warning when that is too
+    few for the demo to learn anything (it names the ``--seconds`` that would give about ``TARGET_STEPS``)."""
+    # rendering (first epoch), tokenization and logging add ~30% over the bare step time
+    # (measured: 358 ms bare vs 466 ms in the loop); too many steps would leave the cosine
+    # schedule unfinished when the time budget stops the run.
+    loop_step = step_seconds * 1.3
+    fit = int(seconds / loop_step)
+    steps = max(20, fit)
+    if fit >= MIN_USEFUL_STEPS:
+        return steps, None
+    need = math.ceil(TARGET_STEPS * loop_step / 10) * 10
+    return steps, (
+        f"clipforge demo: warning: only {fit} training steps fit in {seconds:.0f} s on this machine right now "
+        f"({step_seconds * 1000:.0f} ms per step measured; an idle 2-core CPU with AVX-512 takes about 300 ms), "
+        f"so expect numbers near chance. Give it more time (--seconds {need} for about {TARGET_STEPS} steps) or "
+        f"run it when the machine is less busy.")
+
+
 def run(args) -> int:
     from ..evaluation import evaluate_shapes
     from ..train import TrainConfig, train
@@ -72,10 +99,9 @@ def run(args) -> int:
 
     precision = device_plan(cfg.device, cfg.precision).effective_precision  # what auto becomes on this machine
     step_s = estimate_step_seconds(cfg, precision=precision)
-    # rendering (first epoch), tokenization and logging add ~30% over the bare step time
-    # (measured: 358 ms bare vs 466 ms in the loop); too many steps would leave the cosine
-    # schedule unfinished when the time budget stops the run.
-    cfg.steps = max(20, int(args.seconds / (step_s * 1.3)))
+    cfg.steps, warning = plan_steps(args.seconds, step_s)
+    if warning:
+        print(warning, file=sys.stderr)
     cfg.warmup_steps = min(cfg.warmup_steps, cfg.steps // 5)
     cfg.max_seconds = args.seconds
     print(f"clipforge demo: training '{cfg.model}' on shapes for ~{args.seconds:.0f}s "
