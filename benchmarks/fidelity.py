@@ -520,18 +520,22 @@ def load_recipe(name: str, directory: Path = RECIPES) -> Recipe:
 # ---------------------------------------------------------------------------------------------- runs
 
 
+def _cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (the platform's processor or machine name where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(threads: int) -> dict:
     """Where a run ran: host, CPU model, cores, threads, torch, Python, git commit, load average, time."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = _cpu_name()
 
     def git(*args: str) -> str | None:
         try:
@@ -1430,14 +1434,33 @@ def _direction_text(m: Metric) -> str:
             "no_increase": f"not higher (margin {m.margin:g})", "none": "not judged"}[m.direction]
 
 
-def arm_seconds(recipe: Recipe, runs: Sequence[dict], precision: str | None = None) -> dict[str, float]:
+@functools.lru_cache(maxsize=1)
+def this_machine() -> tuple[str, str]:
+    """The CPU model and vector ISA of this machine, as ``environment`` records them for each run."""
+    import torch
+
+    return _cpu_name(), torch.backends.cpu.get_cpu_capability()
+
+
+def _overloaded(run: Mapping) -> bool:
+    """Whether a run ran on a machine with more than twice as many runnable processes as cores, at its start or end
+    (a shared machine: its seconds say more about the neighbours than about the run)."""
+    env = run.get("env") or {}
+    loads = [env[k][0] for k in ("load_average", "load_average_end") if env.get(k)]
+    return bool(loads) and max(loads) > 2 * (env.get("cores") or 1)
+
+
+def arm_seconds(recipe: Recipe, runs: Sequence[dict], precision: str | None = None,
+                machine: tuple[str, str] | None = None) -> dict[str, float]:
     """Projected seconds of one run of each arm at the recipe's default budget: the median over its recorded runs of
     at least ESTIMATE_MIN_STEPS steps at its batch, the training seconds scaled to the budget's steps (the
-    evaluation seconds added as measured). Runs at the budget itself, where an arm has any, are the only ones used
-    for it (a function arm's time need not scale with its steps: it may reuse a base model that an earlier run
-    trained). Arms without such a run are missing."""
-    per_arm: dict[str, list[float]] = {}
-    at_budget: dict[str, list[float]] = {}
+    evaluation seconds added as measured). Of an arm's runs, only the most telling are used: those at the budget
+    itself where it has any (a function arm's time need not scale with its steps: it may reuse a base model that an
+    earlier run trained), then of those the ones made on ``machine`` (CPU model and vector ISA, this machine's by
+    default: the same CPU name covers machines whose speeds differ several-fold), then the ones not made on an
+    overloaded machine (``_overloaded``). Arms without such a run are missing."""
+    machine = this_machine() if machine is None else machine
+    per_arm: dict[str, list[tuple[tuple[bool, bool, bool], float]]] = {}
     for r in runs:
         if r["experiment"] != recipe.name or r["arm"] not in recipe.arms or r["batch"] != recipe.batch:
             continue
@@ -1450,10 +1473,15 @@ def arm_seconds(recipe: Recipe, runs: Sequence[dict], precision: str | None = No
             secs = m["train_s"] * scale + m.get("eval_s", 0.0) * 500 / r["eval_size"]
         else:  # function arms: all of it scaled with the steps (an upper bound when evaluation is a large part)
             secs = r["seconds"] * max(scale, 1.0)
-        per_arm.setdefault(r["arm"], []).append(secs)
-        if r["steps"] == recipe.steps:
-            at_budget.setdefault(r["arm"], []).append(secs)
-    return {arm: statistics.median(at_budget.get(arm) or v) for arm, v in per_arm.items()}
+        env = r.get("env") or {}
+        rank = (r["steps"] == recipe.steps, (env.get("cpu"), env.get("cpu_capability")) == tuple(machine),
+                not _overloaded(r))
+        per_arm.setdefault(r["arm"], []).append((rank, secs))
+    out = {}
+    for arm, ranked in per_arm.items():
+        best = max(rank for rank, _ in ranked)
+        out[arm] = statistics.median(secs for rank, secs in ranked if rank == best)
+    return out
 
 
 def estimate_seconds(recipe: Recipe, runs: Sequence[dict], seeds: int, precision: str | None = None) -> float | None:

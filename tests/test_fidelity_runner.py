@@ -786,6 +786,26 @@ def test_estimate_uses_runs_at_the_budget_itself_where_an_arm_has_them(fid):
     assert fid.arm_seconds(r, runs[:2])["gap"] == pytest.approx(2500.0)  # without it: 500 s x 5
 
 
+
+def test_estimate_prefers_runs_on_this_machine_type_and_not_on_an_overloaded_machine(fid):
+    r = fid.parse_recipe("t", recipe(steps=1000, batch=8))
+    here, other = ("AMD EPYC", "AVX512"), ("AMD EPYC", "AVX2")
+
+    def run(arm, train_s, machine, load=1.0):
+        env = {"cpu": machine[0], "cpu_capability": machine[1], "cores": 2, "load_average": [load, load, load],
+               "load_average_end": [load, load, load]}
+        return {"experiment": "t", "arm": arm, "steps": 1000, "batch": 8, "eval_size": 500, "seconds": 0.0,
+                "metrics": {"train_s": train_s, "eval_s": 0.0}, "env": env}
+
+    runs = [run("clip", 100.0, other), run("clip", 300.0, other), run("clip", 700.0, here, load=40.0),
+            run("clip", 200.0, here), run("clip", 220.0, here),
+            run("gap", 100.0, other), run("gap", 900.0, other, load=40.0), run("gap", 500.0, other, load=6.0)]
+    got = fid.arm_seconds(r, runs, machine=here)
+    assert got["clip"] == pytest.approx(210.0)  # this machine's unloaded runs only
+    assert got["gap"] == pytest.approx(100.0)  # no run here: the unloaded run elsewhere
+    assert fid.arm_seconds(r, runs, machine=other)["clip"] == pytest.approx(200.0)  # median of 100 and 300
+    assert fid._overloaded(runs[2]) and not fid._overloaded(runs[3]) and not fid._overloaded({"env": {}})
+
 SLOW_MODULE = '''
 import os
 import time
