@@ -531,11 +531,21 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.lru_cache(maxsize=1)
+def this_machine() -> tuple[str, str]:
+    """The CPU model and vector ISA of this machine, as ``environment`` records them for each run (the vector ISA torch
+    dispatches to, AVX2, AVX512, ...: the same "AMD EPYC" name covers CPUs whose bf16 GEMMs differ 6x in speed,
+    docs/performance.md, so the name alone does not say which machine ran a run)."""
+    import torch
+
+    return _cpu_name(), torch.backends.cpu.get_cpu_capability()
+
+
 def environment(threads: int) -> dict:
     """Where a run ran: host, CPU model, cores, threads, torch, Python, git commit, load average, time."""
     import torch
 
-    cpu = _cpu_name()
+    cpu, capability = this_machine()
 
     def git(*args: str) -> str | None:
         try:
@@ -545,9 +555,7 @@ def environment(threads: int) -> dict:
             return None
 
     status = git("status", "--porcelain", "--untracked-files=no")
-    # the vector ISA torch dispatches to (AVX2, AVX512, ...): the same "AMD EPYC" name covers CPUs whose bf16 GEMMs
-    # differ 6x in speed (docs/performance.md), so the name alone does not say which machine ran a run
-    return {"host": platform.node(), "cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    return {"host": platform.node(), "cpu": cpu, "cpu_capability": capability,
             "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
             "python": platform.python_version(), "commit": git("rev-parse", "HEAD"),
             "dirty": bool(status) if status is not None else None, "load_average": list(os.getloadavg()),
@@ -1432,14 +1440,6 @@ def _num(x: float | None, signed: bool = False) -> str:
 def _direction_text(m: Metric) -> str:
     return {"increase": "higher", "decrease": "lower", "no_decrease": f"not lower (margin {m.margin:g})",
             "no_increase": f"not higher (margin {m.margin:g})", "none": "not judged"}[m.direction]
-
-
-@functools.lru_cache(maxsize=1)
-def this_machine() -> tuple[str, str]:
-    """The CPU model and vector ISA of this machine, as ``environment`` records them for each run."""
-    import torch
-
-    return _cpu_name(), torch.backends.cpu.get_cpu_capability()
 
 
 def _overloaded(run: Mapping) -> bool:

@@ -786,7 +786,6 @@ def test_estimate_uses_runs_at_the_budget_itself_where_an_arm_has_them(fid):
     assert fid.arm_seconds(r, runs[:2])["gap"] == pytest.approx(2500.0)  # without it: 500 s x 5
 
 
-
 def test_estimate_prefers_runs_on_this_machine_type_and_not_on_an_overloaded_machine(fid):
     r = fid.parse_recipe("t", recipe(steps=1000, batch=8))
     here, other = ("AMD EPYC", "AVX512"), ("AMD EPYC", "AVX2")
@@ -805,6 +804,7 @@ def test_estimate_prefers_runs_on_this_machine_type_and_not_on_an_overloaded_mac
     assert got["gap"] == pytest.approx(100.0)  # no run here: the unloaded run elsewhere
     assert fid.arm_seconds(r, runs, machine=other)["clip"] == pytest.approx(200.0)  # median of 100 and 300
     assert fid._overloaded(runs[2]) and not fid._overloaded(runs[3]) and not fid._overloaded({"env": {}})
+
 
 SLOW_MODULE = '''
 import os
