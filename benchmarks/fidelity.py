@@ -1452,9 +1452,10 @@ def _overloaded(run: Mapping) -> bool:
 
 def arm_seconds(recipe: Recipe, runs: Sequence[dict], precision: str | None = None,
                 machine: tuple[str, str] | None = None) -> dict[str, float]:
-    """Projected seconds of one run of each arm at the recipe's default budget: the median over its recorded runs of
-    at least ESTIMATE_MIN_STEPS steps at its batch, the training seconds scaled to the budget's steps (the
-    evaluation seconds added as measured). Of an arm's runs, only the most telling are used: those at the budget
+    """Projected seconds of one run of each arm at the recipe's default budget: the median over its recorded runs at
+    its batch, of the budget's own steps or of at least ESTIMATE_MIN_STEPS (a shorter run, scaled, would project its
+    start-up), the training seconds scaled to the budget's steps (the evaluation seconds added as measured). Of an
+    arm's runs, only the most telling are used: those at the budget
     itself where it has any (a function arm's time need not scale with its steps: it may reuse a base model that an
     earlier run trained), then of those the ones made on ``machine`` (CPU model and vector ISA, this machine's by
     default: the same CPU name covers machines whose speeds differ several-fold), then the ones not made on an
@@ -1464,8 +1465,8 @@ def arm_seconds(recipe: Recipe, runs: Sequence[dict], precision: str | None = No
     for r in runs:
         if r["experiment"] != recipe.name or r["arm"] not in recipe.arms or r["batch"] != recipe.batch:
             continue
-        if r["steps"] < ESTIMATE_MIN_STEPS:  # start-up (data, first steps) would dominate the projection
-            continue
+        if r["steps"] < ESTIMATE_MIN_STEPS and r["steps"] != recipe.steps:
+            continue  # start-up (data, first steps) would dominate a projection scaled from so few steps
         if r.get("precision") != recipe.precision_override(r["arm"], precision):  # another precision's speed
             continue
         m, scale = r["metrics"], recipe.steps / r["steps"]
@@ -1696,7 +1697,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for r in recipes:
             s = estimate_seconds(r, runs, len(a.seeds), a.precision)
             print(f"{r.name:14s} " + (f"{s / 3600:6.2f} h" if s is not None else
-                                      f"  no run of every arm with >= {ESTIMATE_MIN_STEPS} steps at batch {r.batch}"))
+                                      f"  no run of every arm at batch {r.batch} with {r.steps} or >= "
+                                      f"{ESTIMATE_MIN_STEPS} steps"))
             total += s or 0.0
             if s is not None:  # a recipe that shares artifacts runs as one unit per budget, in one worker
                 lengths += [s] if r.shares_artifacts else [v for arm, v in arm_seconds(r, runs, a.precision).items()

@@ -786,6 +786,20 @@ def test_estimate_uses_runs_at_the_budget_itself_where_an_arm_has_them(fid):
     assert fid.arm_seconds(r, runs[:2])["gap"] == pytest.approx(2500.0)  # without it: 500 s x 5
 
 
+def test_estimate_of_a_recipe_whose_budget_is_under_the_step_floor_uses_its_own_budget_runs(fid):
+    r = fid.parse_recipe("t", recipe(steps=30, batch=8))
+
+    def run(arm, steps, train_s):
+        return {"experiment": "t", "arm": arm, "steps": steps, "batch": 8, "eval_size": 500, "seconds": 0.0,
+                "metrics": {"train_s": train_s, "eval_s": 10.0}}
+
+    runs = [run("clip", 30, 90.0), run("gap", 30, 120.0), run("clip", 5, 1.0), run("gap", 50, 1.0)]
+    # the 5- and 50-step runs are below the floor and not the budget: ignored; 30 steps is the budget: used as is
+    assert fid.arm_seconds(r, runs) == {"clip": pytest.approx(100.0), "gap": pytest.approx(130.0)}
+    assert fid.estimate_seconds(r, runs, seeds=3) == pytest.approx(3 * 230.0)
+    assert fid.estimate_seconds(r, runs[2:], seeds=3) is None
+
+
 def test_estimate_prefers_runs_on_this_machine_type_and_not_on_an_overloaded_machine(fid):
     r = fid.parse_recipe("t", recipe(steps=1000, batch=8))
     here, other = ("AMD EPYC", "AVX512"), ("AMD EPYC", "AVX2")
