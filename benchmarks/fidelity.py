@@ -1455,11 +1455,11 @@ def arm_seconds(recipe: Recipe, runs: Sequence[dict], precision: str | None = No
     """Projected seconds of one run of each arm at the recipe's default budget: the median over its recorded runs at
     its batch, of the budget's own steps or of at least ESTIMATE_MIN_STEPS (a shorter run, scaled, would project its
     start-up), the training seconds scaled to the budget's steps (the evaluation seconds added as measured). Of an
-    arm's runs, only the most telling are used: those at the budget
-    itself where it has any (a function arm's time need not scale with its steps: it may reuse a base model that an
-    earlier run trained), then of those the ones made on ``machine`` (CPU model and vector ISA, this machine's by
-    default: the same CPU name covers machines whose speeds differ several-fold), then the ones not made on an
-    overloaded machine (``_overloaded``). Arms without such a run are missing."""
+    arm's runs, only the most telling are used: those at the budget itself where it has any (a function arm's time
+    need not scale with its steps: it may reuse a base model that an earlier run trained), then of those the ones
+    made on ``machine`` (CPU model and vector ISA, this machine's by default: the same CPU name covers machines
+    whose speeds differ several-fold), then the ones not made on an overloaded machine (``_overloaded``). Arms
+    without such a run are missing."""
     machine = this_machine() if machine is None else machine
     per_arm: dict[str, list[tuple[tuple[bool, bool, bool], float]]] = {}
     for r in runs:
@@ -1485,10 +1485,11 @@ def arm_seconds(recipe: Recipe, runs: Sequence[dict], precision: str | None = No
     return out
 
 
-def estimate_seconds(recipe: Recipe, runs: Sequence[dict], seeds: int, precision: str | None = None) -> float | None:
-    """Projected time of ``seeds`` seeds of every arm at the recipe's default budget (see ``arm_seconds``); None
-    without a measured run of every arm."""
-    per_arm = arm_seconds(recipe, runs, precision)
+def estimate_seconds(recipe: Recipe, runs: Sequence[dict], seeds: int, precision: str | None = None,
+                     per_arm: dict[str, float] | None = None) -> float | None:
+    """Projected time of ``seeds`` seeds of every arm at the recipe's default budget (see ``arm_seconds``; pass its
+    result as ``per_arm`` where the caller has it already); None without a measured run of every arm."""
+    per_arm = arm_seconds(recipe, runs, precision) if per_arm is None else per_arm
     if set(per_arm) != set(recipe.arms):
         return None
     return seeds * sum(per_arm.values())
@@ -1695,14 +1696,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = load_results(a.out / "fidelity.json")["runs"]
         total, lengths = 0.0, []
         for r in recipes:
-            s = estimate_seconds(r, runs, len(a.seeds), a.precision)
+            per_arm = arm_seconds(r, runs, a.precision)
+            s = estimate_seconds(r, runs, len(a.seeds), a.precision, per_arm=per_arm)
             print(f"{r.name:14s} " + (f"{s / 3600:6.2f} h" if s is not None else
                                       f"  no run of every arm at batch {r.batch} with {r.steps} or >= "
                                       f"{ESTIMATE_MIN_STEPS} steps"))
             total += s or 0.0
             if s is not None:  # a recipe that shares artifacts runs as one unit per budget, in one worker
-                lengths += [s] if r.shares_artifacts else [v for arm, v in arm_seconds(r, runs, a.precision).items()
-                                                           if arm in r.arms for _ in a.seeds]
+                lengths += [s] if r.shares_artifacts else [v for arm, v in per_arm.items() if arm in r.arms
+                                                           for _ in a.seeds]
         print(f"{'total':14s} {total / 3600:6.2f} h (experiments with a measured run only)")
         if a.jobs > 1:
             print(f"{'--jobs ' + str(a.jobs):14s} {longest_first(lengths, a.jobs) / 3600:6.2f} h of wall-clock, "

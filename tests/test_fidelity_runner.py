@@ -798,6 +798,9 @@ def test_estimate_of_a_recipe_whose_budget_is_under_the_step_floor_uses_its_own_
     assert fid.arm_seconds(r, runs) == {"clip": pytest.approx(100.0), "gap": pytest.approx(130.0)}
     assert fid.estimate_seconds(r, runs, seeds=3) == pytest.approx(3 * 230.0)
     assert fid.estimate_seconds(r, runs[2:], seeds=3) is None
+    # a caller that has arm_seconds' result already passes it instead of the runs being read again
+    assert fid.estimate_seconds(r, [], seeds=3, per_arm=fid.arm_seconds(r, runs)) == pytest.approx(3 * 230.0)
+    assert fid.estimate_seconds(r, runs, seeds=3, per_arm={"clip": 100.0}) is None  # gap missing from per_arm
 
 
 def test_estimate_prefers_runs_on_this_machine_type_and_not_on_an_overloaded_machine(fid):
