@@ -1703,8 +1703,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       f"{ESTIMATE_MIN_STEPS} steps"))
             total += s or 0.0
             if s is not None:  # a recipe that shares artifacts runs as one unit per budget, in one worker
-                lengths += [s] if r.shares_artifacts else [v for arm, v in per_arm.items() if arm in r.arms
-                                                           for _ in a.seeds]
+                lengths += [s] if r.shares_artifacts else [v for v in per_arm.values() for _ in a.seeds]
         print(f"{'total':14s} {total / 3600:6.2f} h (experiments with a measured run only)")
         if a.jobs > 1:
             print(f"{'--jobs ' + str(a.jobs):14s} {longest_first(lengths, a.jobs) / 3600:6.2f} h of wall-clock, "
