@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import copy
 import dataclasses
 import datetime as _dt
@@ -1140,7 +1141,7 @@ def _run_locked(recipes, seeds, out: Path, steps, batch, eval_size: int, threads
             "between its runs)")
         scratch = tempfile.mkdtemp(prefix="fidelity-unit-")
         try:
-            with _pool(1) as pool:
+            with _stoppable_pool(1) as pool:
                 results = pool.submit(*_unit_call(unit, out, eval_size, threads, scratch)).result()
         finally:  # the worker removes it too, unless it was killed
             shutil.rmtree(scratch, ignore_errors=True)
@@ -1161,6 +1162,34 @@ def _pool(workers: int):
                            "needs Python 3.11 or later (ProcessPoolExecutor's max_tasks_per_child)")
     return concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                                   max_tasks_per_child=1)
+
+
+@contextlib.contextmanager
+def _stoppable_pool(workers: int):
+    """``_pool(workers)`` whose workers stop with the runner: a ``kill`` (SIGTERM) of this process or Ctrl-C, or any
+    exception out of the ``with`` block, terminates the runs in flight instead of waiting for them (their results
+    would be lost anyway). Without this, SIGTERM's default action leaves the workers running on, orphaned, and
+    the interpreter's exit after an exception waits for every run in flight to end (``shutdown()`` forgets them).
+    On a clean exit the pool is shut down normally."""
+    # a `kill` becomes SystemExit, so that the except clause below runs (only the main thread may set handlers)
+    on_main = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _exit_on_signal) if on_main else None
+    pool = _pool(workers)
+    try:
+        yield pool
+    except BaseException:
+        # ProcessPoolExecutor has no public way to stop running calls before Python 3.14's terminate_workers()
+        workers_now = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in workers_now:
+            proc.terminate()
+        for proc in workers_now:
+            proc.join(timeout=10)
+        raise
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+    pool.shutdown()
 
 
 def _unit_call(unit: Sequence[Task], out: Path, eval_size: int, threads: int, scratch: str) -> tuple:
@@ -1260,51 +1289,34 @@ def _run_parallel_locked(recipes, seeds, out: Path, steps, batch, eval_size: int
     failed: list[tuple[list[Task], BaseException]] = []
     left = sum(known)
     done_runs = 0
-    # a `kill` of this process stops the workers too (SystemExit runs the except clause below; the default action
-    # of SIGTERM would leave them running on, orphaned)
-    on_main = threading.current_thread() is threading.main_thread()
-    old_term = signal.signal(signal.SIGTERM, _exit_on_signal) if on_main else None
-    pool = _pool(workers)
     scratch = {id(u): tempfile.mkdtemp(prefix="fidelity-unit-") for u in order}
     try:
-        futures = {pool.submit(*_unit_call(u, out, eval_size, threads, scratch[id(u)])): u for u in order}
-        for fut in concurrent.futures.as_completed(futures):
-            u = futures[fut]
-            shutil.rmtree(scratch[id(u)], ignore_errors=True)  # the worker removes it too, unless it was killed
-            done_runs += len(u)
-            left -= est[id(u)] or 0.0
-            what = u[0].label if len(u) == 1 else f"{u[0].recipe.name}: unit of {len(u)} runs"
-            tag = f"[{done_runs}/{n_runs}] {what}"
-            try:
-                results = fut.result()
-            except BrokenProcessPool as e:
-                raise RuntimeError(f"{tag}: a worker process died ({e}); was it killed for memory? The finished runs "
-                                   f"are in {path}; rerun the same command with fewer --jobs") from e
-            except Exception as e:  # one failed unit: the others go on, and are saved
-                failed.append((u, e))
-                log(f"{tag}: FAILED: {type(e).__name__}: {e}")
-                continue
-            store_unit(path, data, results, u[0].recipe.shares_artifacts, log)
-            for t, (record, _) in zip(u, results):
-                log(f"{tag}{'' if len(u) == 1 else ': ' + t.label}: {record['seconds']:.0f} s  "
-                    f"{_summary(record['metrics'])}" +
-                    (f"  (about {max(left, 0.0) / workers / 60:.0f} min left)" if known else ""))
-    except BaseException:  # Ctrl-C, a dead worker: stop the runs in flight too (their results would be lost anyway)
-        # ProcessPoolExecutor has no public way to stop running calls before Python 3.14's terminate_workers();
-        # without this, the interpreter's exit would wait for every run in flight to end (shutdown() forgets them)
-        workers_now = list((getattr(pool, "_processes", None) or {}).values())
-        pool.shutdown(wait=False, cancel_futures=True)
-        for proc in workers_now:
-            proc.terminate()
-        for proc in workers_now:
-            proc.join(timeout=10)
+        with _stoppable_pool(workers) as pool:
+            futures = {pool.submit(*_unit_call(u, out, eval_size, threads, scratch[id(u)])): u for u in order}
+            for fut in concurrent.futures.as_completed(futures):
+                u = futures[fut]
+                shutil.rmtree(scratch[id(u)], ignore_errors=True)
+                done_runs += len(u)
+                left -= est[id(u)] or 0.0
+                what = u[0].label if len(u) == 1 else f"{u[0].recipe.name}: unit of {len(u)} runs"
+                tag = f"[{done_runs}/{n_runs}] {what}"
+                try:
+                    results = fut.result()
+                except BrokenProcessPool as e:
+                    raise RuntimeError(f"{tag}: a worker process died ({e}); was it killed for memory? The finished "
+                                       f"runs are in {path}; rerun the same command with fewer --jobs") from e
+                except Exception as e:  # one failed unit: the others go on, and are saved
+                    failed.append((u, e))
+                    log(f"{tag}: FAILED: {type(e).__name__}: {e}")
+                    continue
+                store_unit(path, data, results, u[0].recipe.shares_artifacts, log)
+                for t, (record, _) in zip(u, results):
+                    log(f"{tag}{'' if len(u) == 1 else ': ' + t.label}: {record['seconds']:.0f} s  "
+                        f"{_summary(record['metrics'])}" +
+                        (f"  (about {max(left, 0.0) / workers / 60:.0f} min left)" if known else ""))
+    finally:  # each worker removes its own too, unless it was killed
         for where in scratch.values():
             shutil.rmtree(where, ignore_errors=True)
-        raise
-    finally:
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
-    pool.shutdown()
     if failed:
         labels = [(u[0].label if len(u) == 1 else f"{u[0].recipe.name} (unit of {len(u)} runs)", e) for u, e in failed]
         kind = "units" if shared else "runs"

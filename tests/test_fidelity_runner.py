@@ -847,15 +847,18 @@ import fidelity
 
 if __name__ == "__main__":
     raw = {{"claim": "c", "paper": "p", "paper_budget": "pb", "machine_budget": "mb", "steps": 10, "batch": 8,
-            "baseline": "a", "metrics": {{"m": {{"direction": "increase"}}}},
+            "baseline": "a", "metrics": {{"m": {{"direction": "increase"}}}}, "shares_artifacts": {shares!r},
             "arms": {{"a": {{"function": "fid_slow_probe:arm", "params": {{"marks": {marks!r}}}}},
                      "b": {{"function": "fid_slow_probe:arm", "params": {{"marks": {marks!r}}}}}}}}}
-    fidelity.run([fidelity.parse_recipe("t", raw)], [0], Path({out!r}), jobs=2)
+    fidelity.run([fidelity.parse_recipe("t", raw)], [0], Path({out!r}), jobs={jobs!r})
 '''
 
 
 @pytest.mark.skipif(not Path("/proc/self").exists(), reason="reads worker processes from /proc (Linux)")
-def test_a_killed_parallel_runner_stops_its_workers(tmp_path):
+@pytest.mark.parametrize("jobs, shares, started", [(2, False, 2), (1, True, 1)], ids=["two-workers", "one-unit-jobs-1"])
+def test_a_killed_runner_stops_its_workers(tmp_path, jobs, shares, started):
+    """--jobs 2 runs the two arms in two workers; with --jobs 1, a recipe that shares artifacts still runs its unit
+    (both arms, one after the other) in one worker process: a `kill` of the runner stops the workers either way."""
     import signal
     import subprocess
     import time
@@ -868,14 +871,14 @@ def test_a_killed_parallel_runner_stops_its_workers(tmp_path):
     (modules / "fid_slow_probe.py").write_text(SLOW_MODULE)
     script = tmp_path / "go.py"
     script.write_text(KILLED_SCRIPT.format(modules=str(modules), benchmarks=str(BENCHMARKS), marks=str(marks),
-                                           out=str(tmp_path / "out")))
+                                           out=str(tmp_path / "out"), jobs=jobs, shares=shares))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
-        while len(list(marks.iterdir())) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        while len(list(marks.iterdir())) < started and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.2)
         pids = [int(p.name.split("-")[0]) for p in marks.iterdir()]
-        assert len(pids) == 2, "both workers should have started a run"
+        assert len(pids) == started, "each worker should have started a run"
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 128 + signal.SIGTERM
