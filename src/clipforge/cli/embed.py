@@ -33,9 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="images: run the image tower through torch.compile with frozen weights, compiled once for "
                         "--batch-size (the last batch is padded). The first batch pays the compilation (10-45 s for "
-                        "ViT-B-32 on 2 cores); after that ViT-B-32 images ran 1.08-1.40x the eager speed on a CPU with "
-                        "AMX (docs/performance.md, \"Compiled image tower\"). Falls back to eager, with a warning, "
-                        "where compilation fails. Worth it for collections of thousands of images")
+                        "ViT-B-32 on 2 cores); after that ViT-B-32 images ran 1.03-1.17x the (fused) eager speed on a "
+                        "CPU with AMX, but 1.01-1.06x in bf16 and 0.74-0.85x in fp32 on an AVX-512 CPU without AMX "
+                        "(docs/performance.md, \"Fused inference layers\"): measure on your machine. Falls back to "
+                        "eager, with a warning, where compilation fails")
     p.add_argument(
         "--skip-bad", action="store_true", help="skip unreadable images (they are listed) instead of stopping"
     )
