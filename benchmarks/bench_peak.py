@@ -5,7 +5,12 @@ training step of the ``tiny`` model actually runs (M = batch x tokens = 128 x 65
 K/N = width 128 and MLP width 512), at a mid-size width (512 / 2048), and at large square
 sizes where the GEMM kernels reach their best. A matmul of [M, K] x [K, N] is 2*M*K*N FLOPs.
 
-    python benchmarks/bench_peak.py [--threads 2] [--repeats 5]
+    python benchmarks/bench_peak.py [--threads 2] [--repeats 5] [--shapes training|inference]
+
+``--shapes inference`` times the linear layers of ViT-B-32 inference instead (width 768 / MLP 3072 for images at
+batch 32 and 1, 50 tokens each; width 512 / MLP 2048 for a batch of 256 texts of about 18 tokens) and adds the
+memory read rate of one pass over a 256 MB tensor: the ceilings ``bench_inference.py``'s rates are compared with
+in docs/performance.md.
 
 Prints a markdown table with the median GFLOP/s (and min..max over repeats) per shape and
 dtype. "Achieved peak" is the best single run of the table, whatever the shape (other jobs
@@ -34,6 +39,29 @@ SHAPES = [
     ("square 2048", 2048, 2048, 2048),
     ("square 4096", 4096, 4096, 4096),
 ]
+
+INFERENCE_SHAPES = [
+    ("ViT-B-32 image qkv, batch 32 (1600x768 @ 768x2304)", 32 * 50, 768, 2304),
+    ("ViT-B-32 image mlp fc1, batch 32 (1600x768 @ 768x3072)", 32 * 50, 768, 3072),
+    ("ViT-B-32 image mlp fc2, batch 32 (1600x3072 @ 3072x768)", 32 * 50, 3072, 768),
+    ("ViT-B-32 image mlp fc1, batch 1 (50x768 @ 768x3072)", 50, 768, 3072),
+    ("ViT-B-32 text mlp fc1, 256 texts (4608x512 @ 512x2048)", 256 * 18, 512, 2048),
+    ("ViT-B-32 text mlp fc2, 256 texts (4608x2048 @ 2048x512)", 256 * 18, 2048, 512),
+]
+
+
+def read_bytes_per_s(threads: int, repeats: int, megabytes: int = 256) -> list[float]:
+    """Bytes per second of one ``sum`` over a float32 tensor of ``megabytes`` (far larger than the caches): the
+    rate at which weights that do not fit in cache can be streamed, what bounds a batch-1 forward."""
+    torch.set_num_threads(threads)
+    x = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
+    x.sum()
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        runs.append(x.numel() * 4 / (time.perf_counter() - t0))
+    return sorted(runs)
 
 
 def gemm_flops_per_s(m: int, k: int, n: int, dtype: torch.dtype, min_seconds: float = 0.3) -> float:
@@ -72,8 +100,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--shapes", choices=["training", "inference"], default="training",
+                    help="training: tiny's and a width-512 model's training GEMMs and large squares (default); "
+                         "inference: ViT-B-32's inference linear layers, plus the memory read rate")
     args = ap.parse_args()
-    rows = measure(args.threads, args.repeats)
+    rows = measure(args.threads, args.repeats, SHAPES if args.shapes == "training" else INFERENCE_SHAPES)
     print(f"\nthreads={args.threads} repeats={args.repeats} torch={torch.__version__}\n")
     print("| GEMM | dtype | GFLOP/s median | min..max |")
     print("|---|---|---:|---|")
@@ -82,6 +113,10 @@ def main() -> None:
     for dt in ("bfloat16", "float32"):
         best = max(r["max"] for r in rows if r["dtype"] == dt)
         print(f"achieved peak {dt}: {best / 1e9:.0f} GFLOP/s")
+    if args.shapes == "inference":
+        reads = read_bytes_per_s(args.threads, args.repeats)
+        print(f"memory read (sum over 256 MB of float32): median {reads[len(reads) // 2] / 1e9:.1f} GB/s "
+              f"({reads[0] / 1e9:.1f}..{reads[-1] / 1e9:.1f})")
 
 
 if __name__ == "__main__":
