@@ -17,6 +17,7 @@ clipforge must refuse the files that do not say which model they are, load the o
 OpenCLIP's ids.
 """
 import json
+import shutil
 import subprocess
 import textwrap
 
@@ -86,7 +87,8 @@ def anchor(tmp_path_factory):
     r = subprocess.run([str(python), "-c", SCRIPT, str(out), json.dumps(JOBS), json.dumps(TEXTS), RUN_NAME],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    return out
+    yield out
+    shutil.rmtree(out, ignore_errors=True)  # 5.7 GB of checkpoints: not kept for the rest of the session
 
 
 def check(model, tokenizer, io, tol=1e-5):
