@@ -1497,11 +1497,10 @@ def arm_seconds(recipe: Recipe, runs: Sequence[dict], precision: str | None = No
     return out
 
 
-def estimate_seconds(recipe: Recipe, runs: Sequence[dict], seeds: int, precision: str | None = None,
-                     per_arm: dict[str, float] | None = None) -> float | None:
-    """Projected time of ``seeds`` seeds of every arm at the recipe's default budget (see ``arm_seconds``; pass its
-    result as ``per_arm`` where the caller has it already); None without a measured run of every arm."""
-    per_arm = arm_seconds(recipe, runs, precision) if per_arm is None else per_arm
+def estimate_seconds(recipe: Recipe, per_arm: Mapping[str, float], seeds: int) -> float | None:
+    """Projected time of ``seeds`` seeds of every arm at the recipe's default budget, from ``per_arm`` (what
+    ``arm_seconds`` returns: one measured source, so the runs and precision behind it are the caller's one choice);
+    None without a measured run of every arm."""
     if set(per_arm) != set(recipe.arms):
         return None
     return seeds * sum(per_arm.values())
@@ -1709,7 +1708,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         total, lengths = 0.0, []
         for r in recipes:
             per_arm = arm_seconds(r, runs, a.precision)
-            s = estimate_seconds(r, runs, len(a.seeds), a.precision, per_arm=per_arm)
+            s = estimate_seconds(r, per_arm, len(a.seeds))
             print(f"{r.name:14s} " + (f"{s / 3600:6.2f} h" if s is not None else
                                       f"  no run of every arm at batch {r.batch} with {r.steps} or >= "
                                       f"{ESTIMATE_MIN_STEPS} steps"))

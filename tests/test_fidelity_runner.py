@@ -404,8 +404,8 @@ def test_estimate_projects_measured_seconds_per_step(fid):
 
     runs = [run("clip", 200, 400.0), run("gap", 200, 600.0, eval_s=3.0, eval_size=50), run("clip", 5, 40.0)]
     # clip: 2 s/step x 1000 + 30 s; gap: 3 s/step x 1000 + 3 s x 500 / 50; the 5-step run is ignored
-    assert fid.estimate_seconds(r, runs, seeds=3) == pytest.approx(3 * ((2000 + 30) + (3000 + 30)))
-    assert fid.estimate_seconds(r, runs[:1], seeds=3) is None  # no run of the gap arm
+    assert fid.estimate_seconds(r, fid.arm_seconds(r, runs), seeds=3) == pytest.approx(3 * ((2000 + 30) + (3000 + 30)))
+    assert fid.estimate_seconds(r, fid.arm_seconds(r, runs[:1]), seeds=3) is None  # no run of the gap arm
 
 
 def test_an_arm_that_returns_no_number_for_a_metric_stops_the_run(fid, monkeypatch, tmp_path):
@@ -796,11 +796,9 @@ def test_estimate_of_a_recipe_whose_budget_is_under_the_step_floor_uses_its_own_
     runs = [run("clip", 30, 90.0), run("gap", 30, 120.0), run("clip", 5, 1.0), run("gap", 50, 1.0)]
     # the 5- and 50-step runs are below the floor and not the budget: ignored; 30 steps is the budget: used as is
     assert fid.arm_seconds(r, runs) == {"clip": pytest.approx(100.0), "gap": pytest.approx(130.0)}
-    assert fid.estimate_seconds(r, runs, seeds=3) == pytest.approx(3 * 230.0)
-    assert fid.estimate_seconds(r, runs[2:], seeds=3) is None
-    # a caller that has arm_seconds' result already passes it instead of the runs being read again
-    assert fid.estimate_seconds(r, [], seeds=3, per_arm=fid.arm_seconds(r, runs)) == pytest.approx(3 * 230.0)
-    assert fid.estimate_seconds(r, runs, seeds=3, per_arm={"clip": 100.0}) is None  # gap missing from per_arm
+    assert fid.estimate_seconds(r, fid.arm_seconds(r, runs), seeds=3) == pytest.approx(3 * 230.0)
+    assert fid.estimate_seconds(r, fid.arm_seconds(r, runs[2:]), seeds=3) is None
+    assert fid.estimate_seconds(r, {"clip": 100.0}, seeds=3) is None  # no measured gap arm
 
 
 def test_estimate_prefers_runs_on_this_machine_type_and_not_on_an_overloaded_machine(fid):
