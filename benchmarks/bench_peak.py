@@ -9,8 +9,9 @@ sizes where the GEMM kernels reach their best. A matmul of [M, K] x [K, N] is 2*
 
 ``--shapes inference`` times the linear layers of ViT-B-32 inference instead (width 768 / MLP 3072 for images at
 batch 32 and 1, 50 tokens each; width 512 / MLP 2048 for a batch of 256 texts of about 18 tokens) and adds the
-memory read rate of one pass over a 256 MB tensor: the ceilings ``bench_inference.py``'s rates are compared with
-in docs/performance.md.
+memory read rate of one pass over a 256 MB tensor and the rate at which the text tower's 48 linear layers read
+their weights for a single short text (6 rows; ``F.linear`` and oneDNN's prepacked layer, what ``to_inference`` runs):
+the ceilings ``bench_inference.py``'s rates are compared with in docs/performance.md.
 
 Prints a markdown table with the median GFLOP/s (and min..max over repeats) per shape and
 dtype. "Achieved peak" is the best single run of the table, whatever the shape (other jobs
@@ -62,6 +63,36 @@ def read_bytes_per_s(threads: int, repeats: int, megabytes: int = 256) -> list[f
         x.sum()
         runs.append(x.numel() * 4 / (time.perf_counter() - t0))
     return sorted(runs)
+
+
+def text_tower_weight_bytes_per_s(threads: int, repeats: int, rows: int = 6,
+                                  dtype: torch.dtype = torch.bfloat16) -> dict[str, list[float]]:
+    """Weight bytes per second of ViT-B-32's 12 text blocks (qkv, out, fc1, fc2: 48 distinct weights, 75.5 MB in
+    bf16, more than the caches hold) applied one after the other to ``rows`` token rows, as one short text at batch 1
+    runs them: per kernel, the sorted rates of ``repeats`` passes. Such a pass does ~2 x rows FLOPs per weight it
+    reads, so it is bound by how fast the kernel streams weights, not by arithmetic."""
+    torch.set_num_threads(threads)
+    shapes = [(1536, 512), (512, 512), (2048, 512), (512, 2048)] * 12  # (out, in) of each layer, in order
+    weights = [torch.randn(o, i).to(dtype) for o, i in shapes]
+    biases = [torch.randn(o).to(dtype) for o, _ in shapes]
+    xs = [torch.randn(rows, i).to(dtype) for _, i in shapes]
+    nbytes = sum(w.numel() * w.element_size() for w in weights)
+    kernels = {"F.linear": lambda: [F.linear(x, w, b) for x, w, b in zip(xs, weights, biases)]}
+    if torch.backends.mkldnn.is_available():
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in weights]
+        kernels["oneDNN prepacked"] = lambda: [torch.ops.mkldnn._linear_pointwise(x, p, b, "none", [], "")
+                                                for x, p, b in zip(xs, packed, biases)]
+    out = {}
+    for name, run in kernels.items():
+        for _ in range(2):
+            run()
+        runs = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run()
+            runs.append(nbytes / (time.perf_counter() - t0))
+        out[name] = sorted(runs)
+    return out
 
 
 def gemm_flops_per_s(m: int, k: int, n: int, dtype: torch.dtype, min_seconds: float = 0.3) -> float:
@@ -117,6 +148,9 @@ def main() -> None:
         reads = read_bytes_per_s(args.threads, args.repeats)
         print(f"memory read (sum over 256 MB of float32): median {reads[len(reads) // 2] / 1e9:.1f} GB/s "
               f"({reads[0] / 1e9:.1f}..{reads[-1] / 1e9:.1f})")
+        for name, runs in text_tower_weight_bytes_per_s(args.threads, max(args.repeats, 5)).items():
+            print(f"text tower weights, one 6-token text, bf16, {name}: median {runs[len(runs) // 2] / 1e9:.1f} GB/s "
+                  f"({runs[0] / 1e9:.1f}..{runs[-1] / 1e9:.1f}; 75.5 MB per pass)")
 
 
 if __name__ == "__main__":
