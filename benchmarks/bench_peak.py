@@ -56,12 +56,19 @@ def read_bytes_per_s(threads: int, repeats: int, megabytes: int = 256) -> list[f
     rate at which weights that do not fit in cache can be streamed, what bounds a batch-1 forward."""
     torch.set_num_threads(threads)
     x = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
-    x.sum()
+    return _sorted_rates(x.sum, x.numel() * 4, repeats, warmup=1)
+
+
+def _sorted_rates(run, nbytes: int, repeats: int, warmup: int) -> list[float]:
+    """Bytes per second of ``repeats`` timed calls of ``run`` (each reading ``nbytes``) after ``warmup`` untimed
+    ones, sorted."""
+    for _ in range(warmup):
+        run()
     runs = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        x.sum()
-        runs.append(x.numel() * 4 / (time.perf_counter() - t0))
+        run()
+        runs.append(nbytes / (time.perf_counter() - t0))
     return sorted(runs)
 
 
@@ -82,17 +89,7 @@ def text_tower_weight_bytes_per_s(threads: int, repeats: int, rows: int = 6,
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in weights]
         kernels["oneDNN prepacked"] = lambda: [torch.ops.mkldnn._linear_pointwise(x, p, b, "none", [], "")
                                                 for x, p, b in zip(xs, packed, biases)]
-    out = {}
-    for name, run in kernels.items():
-        for _ in range(2):
-            run()
-        runs = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            run()
-            runs.append(nbytes / (time.perf_counter() - t0))
-        out[name] = sorted(runs)
-    return out
+    return {name: _sorted_rates(run, nbytes, repeats, warmup=2) for name, run in kernels.items()}
 
 
 def gemm_flops_per_s(m: int, k: int, n: int, dtype: torch.dtype, min_seconds: float = 0.3) -> float:
@@ -133,7 +130,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--shapes", choices=["training", "inference"], default="training",
                     help="training: tiny's and a width-512 model's training GEMMs and large squares (default); "
-                         "inference: ViT-B-32's inference linear layers, plus the memory read rate")
+                         "inference: ViT-B-32's inference linear layers, plus the memory read rate and the text "
+                         "tower's weight-streaming rate for one short text")
     args = ap.parse_args()
     rows = measure(args.threads, args.repeats, SHAPES if args.shapes == "training" else INFERENCE_SHAPES)
     print(f"\nthreads={args.threads} repeats={args.repeats} torch={torch.__version__}\n")
