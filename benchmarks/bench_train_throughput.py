@@ -31,6 +31,12 @@ matmuls; elementwise work is not counted, as usual for MFU). OpenCLIP trains the
 architecture, so the same count applies to it. ``--peak`` measures the machine's achieved
 GEMM peak (benchmarks/bench_peak.py) in the same run and prints MFU = achieved FLOP/s /
 peak FLOP/s against the bf16 peak for bf16 rows and the fp32 peak for fp32 rows.
+
+Memory allocator: clipforge trains with the glibc malloc settings every ``clipforge`` command applies
+(``clipforge.allocator.configure``: freed blocks kept for the next step); ``--system-malloc`` trains it with
+glibc's defaults instead. OpenCLIP runs with glibc's defaults, as ``open_clip_train`` does, unless
+``--openclip-tuned-malloc`` gives its process the same settings. ``benchmarks/bench_allocator.py`` measures
+the settings alone, alternating processes with and without them.
 """
 from __future__ import annotations
 
@@ -131,6 +137,32 @@ def run_clipforge(spec: dict, texts: list, precision: str, steps: int, compile: 
         make_opt = lambda m: torch.optim.AdamW(build_optimizer(m.m, 1e-4, 0.1, (0.9, 0.98), 1e-6).param_groups,
                                                fused=True)
     return time_steps(Wrap(model).train(), clip_loss, images, texts, steps, precision, make_opt)
+
+
+MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "CLIPFORGE_MALLOC")
+
+
+def openclip_env(tuned_malloc: bool) -> dict:
+    """The environment of OpenCLIP's process: glibc's malloc defaults (what ``open_clip_train`` runs with), or
+    clipforge's settings (``clipforge.allocator``'s values, which glibc reads from these variables at start-up)."""
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
+    if tuned_malloc:
+        from clipforge.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD
+
+        env.update(MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), MALLOC_TRIM_THRESHOLD_=str(TRIM_THRESHOLD))
+    return env
+
+
+def with_page_faults(run, steps: int) -> dict:
+    """``run()`` (a ``run_*`` call) with the process's minor page faults per step (warm-up steps included) and
+    its peak resident memory so far."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    samples_per_s, _ = run()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"samples_per_s": samples_per_s, "minor_faults_per_step": (usage.ru_minflt - before) / (steps + 3),
+            "peak_rss_mb": usage.ru_maxrss / 1024}
 
 
 def run_openclip(spec: dict, texts: list, precision: str, steps: int) -> tuple[float, float]:
@@ -245,18 +277,29 @@ def main() -> None:
     ap.add_argument("--dense-adamw", action="store_true",
                     help="add a clipforge row with torch's fused AdamW (the token table updated densely)")
     ap.add_argument("--peak", action="store_true", help="measure the GEMM peak (bench_peak.py) and print MFU")
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="train clipforge with glibc's malloc defaults, not the settings clipforge's commands apply")
+    ap.add_argument("--openclip-tuned-malloc", action="store_true",
+                    help="give OpenCLIP's process clipforge's malloc settings too (default: glibc's)")
     ap.add_argument("--_impl", choices=["clipforge", "openclip"], help=argparse.SUPPRESS)
     ap.add_argument("--_spec", help=argparse.SUPPRESS)
     ap.add_argument("--_texts", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
+    if args._impl != "openclip":
+        sys.path.insert(0, str(ROOT / "src"))
+        if not args.system_malloc:
+            from clipforge import allocator
+
+            allocator.configure()  # what every clipforge command does first (CLIPFORGE_MALLOC=system: nothing)
     import torch
 
     torch.set_num_threads(args.threads)
-    if args._impl == "openclip":  # child process inside the OpenCLIP venv
+    if args._impl:  # a child process (OpenCLIP's inside its venv): one library, JSON on the last line
         spec = json.loads(args._spec)
         texts = torch.load(args._texts)
-        out = {p: run_openclip(spec, texts, p, args.steps)[0] for p in args.precision}
+        run = run_openclip if args._impl == "openclip" else run_clipforge
+        out = {p: with_page_faults(lambda p=p: run(spec, texts, p, args.steps), args.steps) for p in args.precision}
         print(json.dumps(out))
         return
 
@@ -308,9 +351,10 @@ def main() -> None:
                     ],
                     capture_output=True,
                     text=True,
+                    env=openclip_env(args.openclip_tuned_malloc),
                 )
                 if res.returncode == 0:
-                    results[(p, "OpenCLIP")].append(json.loads(res.stdout.strip().splitlines()[-1])[p])
+                    results[(p, "OpenCLIP")].append(json.loads(res.stdout.strip().splitlines()[-1])[p]["samples_per_s"])
                 else:
                     print(res.stderr[-2000:], file=sys.stderr)
     Path(texts_file.name).unlink()
@@ -322,6 +366,8 @@ def main() -> None:
         f"steps={args.steps} texts={args.texts} "
         f"repeats={args.repeats} threads={args.threads} torch={torch.__version__}"
     )
+    print(f"malloc: clipforge {'glibc defaults' if args.system_malloc else 'clipforge.allocator settings'}, "
+          f"OpenCLIP {'clipforge.allocator settings' if args.openclip_tuned_malloc else 'glibc defaults'}")
     print(f"training FLOPs per sample (forward + backward, FlopCounterMode): {flops / 1e9:.3f} GFLOP")
     if peak:
         print(

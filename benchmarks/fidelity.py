@@ -543,7 +543,8 @@ def this_machine() -> tuple[str, str]:
 
 
 def environment(threads: int) -> dict:
-    """Where a run ran: host, CPU model, cores, threads, torch, Python, git commit, load average, time."""
+    """Where a run ran: host, CPU model, cores, threads, torch, Python, git commit, load average, the malloc
+    settings of the environment (``clipforge.allocator``), time."""
     import torch
 
     cpu, capability = this_machine()
@@ -560,6 +561,8 @@ def environment(threads: int) -> dict:
             "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
             "python": platform.python_version(), "commit": git("rev-parse", "HEAD"),
             "dirty": bool(status) if status is not None else None, "load_average": list(os.getloadavg()),
+            "malloc": {k: os.environ[k] for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+                       if k in os.environ} or "glibc defaults",
             "started": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
@@ -1735,6 +1738,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.jobs * a.threads > cores:
             print(f"note: --jobs {a.jobs} x --threads {a.threads} asks for more threads than the {cores} cores here; "
                   "the runs will slow each other down", file=sys.stderr)
+        from clipforge import allocator
+
+        allocator.configure()  # as `clipforge train` runs (freed memory kept for reuse; no number changes); the
+        # --jobs workers inherit it through the environment, and environment() records it
         try:
             run(recipes, a.seeds, a.out, a.steps, a.batch, a.eval_size, a.threads, rerun_stale=a.rerun_stale,
                 precision=a.precision, jobs=a.jobs)

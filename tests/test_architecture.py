@@ -24,7 +24,7 @@ from pathlib import Path
 import clipforge
 
 LAYERS: list[tuple[str, ...]] = [
-    ("registry", "images", "metrics", "locking", "errors"),
+    ("registry", "images", "metrics", "locking", "errors", "allocator"),
     ("tokenizer", "transforms"),
     ("models", "losses", "data"),  # the library core
     ("interop",),
