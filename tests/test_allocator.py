@@ -101,3 +101,16 @@ def test_a_bad_switch_is_one_line_from_the_cli(monkeypatch, capsys):
     monkeypatch.setenv("CLIPFORGE_MALLOC", "fast")
     assert cli_main.main(["train", "steps=1"]) == 2
     assert "CLIPFORGE_MALLOC='fast' is not a choice" in capsys.readouterr().err
+
+
+def test_the_training_benchmark_runs_openclip_with_glibc_defaults_unless_asked(monkeypatch):
+    from benchhelpers import load_benchmark
+
+    btt = load_benchmark("bench_train_throughput.py")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "33554432")  # as configure() leaves clipforge's own process
+    monkeypatch.setenv("CLIPFORGE_MALLOC", "tuned")
+    plain = btt.openclip_env(tuned_malloc=False)
+    assert not {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "CLIPFORGE_MALLOC"} & set(plain)
+    tuned = btt.openclip_env(tuned_malloc=True)
+    assert (tuned["MALLOC_MMAP_THRESHOLD_"], tuned["MALLOC_TRIM_THRESHOLD_"]) == (
+        str(allocator.MMAP_THRESHOLD), str(allocator.TRIM_THRESHOLD))
