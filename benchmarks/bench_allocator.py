@@ -34,11 +34,11 @@ import bench_train_throughput as btt  # noqa: E402  (sibling module: model spec,
 
 def child(impl: str, tuned: bool, spec: dict, texts_file: str, args, python: str) -> dict | None:
     """One training process; None (its stderr printed) when it failed."""
-    env = btt.openclip_env(tuned) if impl == "openclip" else {**os.environ, "CLIPFORGE_MALLOC": "tuned" if tuned
-                                                               else "system"}
+    # OpenCLIP gets the settings through glibc's variables; clipforge's child starts without them and its own
+    # allocator.configure() decides, by CLIPFORGE_MALLOC
+    env = btt.openclip_env(tuned and impl == "openclip")
     if impl == "clipforge":
-        for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
-            env.pop(k, None)  # the child's own configure() decides
+        env["CLIPFORGE_MALLOC"] = "tuned" if tuned else "system"
     cmd = [python, str(HERE / "bench_train_throughput.py"), "--_impl", impl, "--_spec", json.dumps(spec),
            "--_texts", texts_file, "--batch", str(args.batch), "--steps", str(args.steps), "--threads",
            str(args.threads), "--precision", *args.precision]
@@ -104,9 +104,9 @@ def main() -> None:
         for impl, _ in impls:
             pairs = [(a[p]["samples_per_s"], b[p]["samples_per_s"])
                      for a, b in zip(results[(impl, True)], results[(impl, False)]) if a and b]
+            r = sorted(a / b for a, b in pairs)
             for tuned in (True, False):
                 runs = [o[p] for o in results[(impl, tuned)] if o]
-                r = sorted(a / b for a, b in pairs)
                 ratio = f"{r[len(r) // 2]:.2f}x ({r[0]:.2f}..{r[-1]:.2f})" if tuned and r else ""
                 name = "clipforge" if impl == "clipforge" else "OpenCLIP"
                 print(f"| {p} | {name} | {'clipforge settings' if tuned else 'glibc defaults'} | "

@@ -139,17 +139,15 @@ def run_clipforge(spec: dict, texts: list, precision: str, steps: int, compile: 
     return time_steps(Wrap(model).train(), clip_loss, images, texts, steps, precision, make_opt)
 
 
-MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "CLIPFORGE_MALLOC")
-
-
 def openclip_env(tuned_malloc: bool) -> dict:
-    """The environment of OpenCLIP's process: glibc's malloc defaults (what ``open_clip_train`` runs with), or
-    clipforge's settings (``clipforge.allocator``'s values, which glibc reads from these variables at start-up)."""
-    env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
-    if tuned_malloc:
-        from clipforge.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD
+    """The environment of OpenCLIP's process: this one's without any malloc setting (glibc's defaults, what
+    ``open_clip_train`` runs with), or with clipforge's (``clipforge.allocator.GLIBC_ENV``, which glibc reads at
+    start-up)."""
+    from clipforge.allocator import ENV_SWITCH, GLIBC_ENV
 
-        env.update(MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), MALLOC_TRIM_THRESHOLD_=str(TRIM_THRESHOLD))
+    env = {k: v for k, v in os.environ.items() if k not in GLIBC_ENV and k != ENV_SWITCH}
+    if tuned_malloc:
+        env.update({k: str(v) for k, v in GLIBC_ENV.items()})
     return env
 
 

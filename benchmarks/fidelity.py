@@ -547,6 +547,8 @@ def environment(threads: int) -> dict:
     settings of the environment (``clipforge.allocator``), time."""
     import torch
 
+    from clipforge.allocator import GLIBC_ENV
+
     cpu, capability = this_machine()
 
     def git(*args: str) -> str | None:
@@ -561,8 +563,7 @@ def environment(threads: int) -> dict:
             "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
             "python": platform.python_version(), "commit": git("rev-parse", "HEAD"),
             "dirty": bool(status) if status is not None else None, "load_average": list(os.getloadavg()),
-            "malloc": {k: os.environ[k] for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
-                       if k in os.environ} or "glibc defaults",
+            "malloc": {k: os.environ[k] for k in GLIBC_ENV if k in os.environ} or "glibc defaults",
             "started": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 

@@ -40,7 +40,8 @@ MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bi
 TRIM_THRESHOLD = 2**31 - 1  # mallopt's value is a C int
 _M_TRIM_THRESHOLD = -1  # <malloc.h>
 _M_MMAP_THRESHOLD = -3
-_GLIBC_ENV = {"MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD, "MALLOC_TRIM_THRESHOLD_": TRIM_THRESHOLD}
+# the variables glibc reads at start-up, with the values configure() sets (for the processes started from here)
+GLIBC_ENV = {"MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD, "MALLOC_TRIM_THRESHOLD_": TRIM_THRESHOLD}
 
 
 @dataclass(frozen=True)
@@ -49,14 +50,12 @@ class AllocatorSettings:
 
     applied: bool
     reason: str = ""
-    mmap_threshold: int | None = None
-    trim_threshold: int | None = None
 
 
 def _already_set(env: dict[str, str]) -> str | None:
     """The malloc settings the environment gives, other than this module's own (set by an earlier call, or
     inherited from the process that started this one)."""
-    given = [k for k, v in _GLIBC_ENV.items() if k in env and env[k] != str(v)]
+    given = [k for k, v in GLIBC_ENV.items() if k in env and env[k] != str(v)]
     if "glibc.malloc." in env.get("GLIBC_TUNABLES", ""):
         given.append("GLIBC_TUNABLES (glibc.malloc.*)")
     return ", ".join(given) or None
@@ -92,8 +91,8 @@ def configure(env: dict[str, str] | None = None) -> AllocatorSettings:
     ok = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     if not ok:
         return AllocatorSettings(False, "glibc refused the malloc settings (mallopt returned 0): defaults kept")
-    for key, value in _GLIBC_ENV.items():  # processes started from here (spawned workers, launched ranks)
+    for key, value in GLIBC_ENV.items():  # processes started from here (spawned workers, launched ranks)
         env[key] = str(value)
     log.debug("malloc: mmap threshold %d, trim threshold %d (CLIPFORGE_MALLOC=system to keep glibc's defaults)",
               MMAP_THRESHOLD, TRIM_THRESHOLD)
-    return AllocatorSettings(True, "", MMAP_THRESHOLD, TRIM_THRESHOLD)
+    return AllocatorSettings(True)
