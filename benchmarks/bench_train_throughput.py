@@ -12,8 +12,12 @@ fp32 and in bf16 autocast, on the same threads. OpenCLIP runs in its own venv
 
 Prints a markdown table of samples/s (median over --repeats runs, min..max beside it; the
 runs of the two libraries alternate so that the load of a shared machine hits both alike)
-and the clipforge/OpenCLIP ratio. ``--compile`` adds a clipforge row with the towers under
-torch.compile (``CLIPConfig.compile``) and reports its compilation time (the first step).
+and the clipforge/OpenCLIP ratio. Every run is a fresh process of its own, clipforge's as well
+as OpenCLIP's: on the development VMs a process's speed can settle in a slow or a fast mode
+(e.g. bf16 ``tiny`` at ~390 or ~470 samples/s), and runs inside one process would give one
+library a single draw. ``--compile`` adds a clipforge row with the towers under
+torch.compile (``CLIPConfig.compile``) and reports its compilation time (the first step of
+its first process).
 The "vs OpenCLIP" column is the median of the per-repeat ratios (repeat i of clipforge over repeat i of
 OpenCLIP), min..max beside it.
 
@@ -41,6 +45,7 @@ the settings alone, alternating processes with and without them.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -153,14 +158,14 @@ def openclip_env(tuned_malloc: bool) -> dict:
 
 def with_page_faults(run, steps: int) -> dict:
     """``run()`` (a ``run_*`` call) with the process's minor page faults per step (warm-up steps included) and
-    its peak resident memory so far."""
+    its peak resident memory so far, and the seconds of its first step (the compilation, when compiled)."""
     import resource
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    samples_per_s, _ = run()
+    samples_per_s, first = run()
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return {"samples_per_s": samples_per_s, "minor_faults_per_step": (usage.ru_minflt - before) / (steps + 3),
-            "peak_rss_mb": usage.ru_maxrss / 1024}
+    return {"samples_per_s": samples_per_s, "first_step_s": first,
+            "minor_faults_per_step": (usage.ru_minflt - before) / (steps + 3), "peak_rss_mb": usage.ru_maxrss / 1024}
 
 
 def run_openclip(spec: dict, texts: list, precision: str, steps: int) -> tuple[float, float]:
@@ -296,7 +301,10 @@ def main() -> None:
     if args._impl:  # a child process (OpenCLIP's inside its venv): one library, JSON on the last line
         spec = json.loads(args._spec)
         texts = torch.load(args._texts)
-        run = run_openclip if args._impl == "openclip" else run_clipforge
+        if args._impl == "openclip":
+            run = run_openclip
+        else:  # --compile / --dense-adamw pick the clipforge variant this process trains
+            run = functools.partial(run_clipforge, compile=args.compile, dense_adamw=args.dense_adamw)
         out = {p: with_page_faults(lambda p=p: run(spec, texts, p, args.steps), args.steps) for p in args.precision}
         print(json.dumps(out))
         return
@@ -310,51 +318,35 @@ def main() -> None:
 
         peak = achieved_peak(args.threads)
     anchor = None if args.no_openclip else anchor_python()
-    impls = ["clipforge"] + (["clipforge compile=true"] if args.compile else []) \
-        + (["clipforge dense AdamW"] if args.dense_adamw else []) + (["OpenCLIP"] if anchor else [])
+    # implementation -> (python, child flags, environment)
+    impls = {"clipforge": (sys.executable, [], dict(os.environ))}
+    if args.compile:
+        impls["clipforge compile=true"] = (sys.executable, ["--compile"], dict(os.environ))
+    if args.dense_adamw:
+        impls["clipforge dense AdamW"] = (sys.executable, ["--dense-adamw"], dict(os.environ))
+    if anchor:
+        impls["OpenCLIP"] = (str(anchor), [], openclip_env(args.openclip_tuned_malloc))
     texts = make_texts(spec, args.batch, args.texts, args.steps + 3)  # 3 warmup steps
     texts_file = tempfile.NamedTemporaryFile(suffix=".pt", delete=False)
-    torch.save(texts, texts_file.name)  # the same token batches for OpenCLIP's process
+    torch.save(texts, texts_file.name)  # the same token batches for every process
     results = {(p, impl): [] for p in args.precision for impl in impls}
     compile_seconds = {}
     for p in args.precision:
         for _ in range(args.repeats):  # alternate the libraries so that a shared machine's load hits both alike
-            results[(p, "clipforge")].append(run_clipforge(spec, texts, p, args.steps)[0])
-            if args.dense_adamw:
-                results[(p, "clipforge dense AdamW")].append(run_clipforge(spec, texts, p, args.steps,
-                                                                           dense_adamw=True)[0])
-            if args.compile:
-                sps, first = run_clipforge(spec, texts, p, args.steps, compile=True)
-                results[(p, "clipforge compile=true")].append(sps)
-                compile_seconds.setdefault(p, first)  # later repeats reuse the compiled graphs
-            if anchor is not None:
-                res = subprocess.run(
-                    [
-                        str(anchor),
-                        __file__,
-                        "--_impl",
-                        "openclip",
-                        "--_spec",
-                        json.dumps(spec),
-                        "--_texts",
-                        texts_file.name,
-                        "--batch",
-                        str(args.batch),
-                        "--steps",
-                        str(args.steps),
-                        "--threads",
-                        str(args.threads),
-                        "--precision",
-                        p,
-                    ],
-                    capture_output=True,
-                    text=True,
-                    env=openclip_env(args.openclip_tuned_malloc),
-                )
-                if res.returncode == 0:
-                    results[(p, "OpenCLIP")].append(json.loads(res.stdout.strip().splitlines()[-1])[p]["samples_per_s"])
-                else:
-                    print(res.stderr[-2000:], file=sys.stderr)
+            for impl, (python, flags, env) in impls.items():
+                cmd = [python, __file__, "--_impl", "openclip" if impl == "OpenCLIP" else "clipforge", *flags,
+                       "--_spec", json.dumps(spec), "--_texts", texts_file.name, "--batch", str(args.batch),
+                       "--steps", str(args.steps), "--threads", str(args.threads), "--precision", p]
+                if args.system_malloc and impl != "OpenCLIP":
+                    cmd.append("--system-malloc")
+                res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if res.returncode != 0:
+                    print(f"{impl} ({p}) failed:\n{res.stderr[-2000:]}", file=sys.stderr)
+                    continue
+                out = json.loads(res.stdout.strip().splitlines()[-1])[p]
+                results[(p, impl)].append(out["samples_per_s"])
+                if flags == ["--compile"]:
+                    compile_seconds.setdefault(p, out["first_step_s"])  # later processes may read inductor's disk cache
     Path(texts_file.name).unlink()
     v, t = spec["vision"], spec["text"]
     print(
