@@ -13,9 +13,10 @@ fp32 and in bf16 autocast, on the same threads. OpenCLIP runs in its own venv
 Prints a markdown table of samples/s (median over --repeats runs, min..max beside it; the
 runs of the two libraries alternate so that the load of a shared machine hits both alike)
 and the clipforge/OpenCLIP ratio. Every run is a fresh process of its own, clipforge's as well
-as OpenCLIP's: on the development VMs a process's speed can settle in a slow or a fast mode
-(e.g. bf16 ``tiny`` at ~390 or ~470 samples/s), and runs inside one process would give one
-library a single draw. ``--compile`` adds a clipforge row with the towers under
+as OpenCLIP's, so both start each run alike (nothing cached from an earlier repeat). The
+development VMs' speed drifts by up to ~30% from one few-second window to the next
+(``bench_speed_modes.py``), so short alternating runs and the per-repeat ratios' spread are
+what to read, not a single run. ``--compile`` adds a clipforge row with the towers under
 torch.compile (``CLIPConfig.compile``) and reports its compilation time (the first step of
 its first process).
 The "vs OpenCLIP" column is the median of the per-repeat ratios (repeat i of clipforge over repeat i of
