@@ -11,7 +11,8 @@ fp32 and in bf16 autocast, on the same threads. OpenCLIP runs in its own venv
         [--texts random|random-stream|shapes] [--dense-adamw]
 
 Prints a markdown table of samples/s (median over --repeats runs, min..max beside it; the
-runs of the two libraries alternate so that the load of a shared machine hits both alike)
+runs of the two libraries alternate, each repeat starting with the next implementation, so that
+the load of a shared machine hits both alike)
 and the clipforge/OpenCLIP ratio. Every run is a fresh process of its own, clipforge's as well
 as OpenCLIP's, so both start each run alike (nothing cached from an earlier repeat). The
 development VMs' speed drifts by up to ~30% from one few-second window to the next
@@ -333,8 +334,10 @@ def main() -> None:
     results = {(p, impl): [] for p in args.precision for impl in impls}
     compile_seconds = {}
     for p in args.precision:
-        for _ in range(args.repeats):  # alternate the libraries so that a shared machine's load hits both alike
-            for impl, (python, flags, env) in impls.items():
+        for r in range(args.repeats):  # alternate the libraries so that a shared machine's load hits both alike
+            names = list(impls)
+            for impl in names[r % len(names):] + names[:r % len(names)]:  # each repeat starts with the next one
+                python, flags, env = impls[impl]
                 cmd = [python, __file__, "--_impl", "openclip" if impl == "OpenCLIP" else "clipforge", *flags,
                        "--_spec", json.dumps(spec), "--_texts", texts_file.name, "--batch", str(args.batch),
                        "--steps", str(args.steps), "--threads", str(args.threads), "--precision", p]
@@ -343,6 +346,7 @@ def main() -> None:
                 res = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if res.returncode != 0:
                     print(f"{impl} ({p}) failed:\n{res.stderr[-2000:]}", file=sys.stderr)
+                    results[(p, impl)].append(None)  # keeps repeat i of every implementation at index i
                     continue
                 out = json.loads(res.stdout.strip().splitlines()[-1])[p]
                 results[(p, impl)].append(out["samples_per_s"])
@@ -372,11 +376,12 @@ def main() -> None:
     for p in args.precision:
         oc = results.get((p, "OpenCLIP"))
         for impl in impls:
-            vals = results[(p, impl)]
+            vals = [v for v in results[(p, impl)] if v is not None]
             if not vals:
                 continue
             med = _median(vals)
-            ratios = sorted(a / b for a, b in zip(vals, oc or []))  # repeat i against repeat i
+            # repeat i against repeat i, where both ran
+            ratios = sorted(a / b for a, b in zip(results[(p, impl)], oc or []) if a is not None and b is not None)
             ratio = (f"{_median(ratios):.2f}x" + (f" ({ratios[0]:.2f}..{ratios[-1]:.2f})" if len(ratios) > 1 else "")
                      if ratios else "n/a")
             achieved = med * flops
