@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -39,14 +38,7 @@ def child(impl: str, tuned: bool, spec: dict, texts_file: str, args, python: str
     env = btt.openclip_env(tuned and impl == "openclip")
     if impl == "clipforge":
         env["CLIPFORGE_MALLOC"] = "tuned" if tuned else "system"
-    cmd = [python, str(HERE / "bench_train_throughput.py"), "--_impl", impl, "--_spec", json.dumps(spec),
-           "--_texts", texts_file, "--batch", str(args.batch), "--steps", str(args.steps), "--threads",
-           str(args.threads), "--precision", *args.precision]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if res.returncode != 0:
-        print(res.stderr[-2000:], file=sys.stderr)
-        return None
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return btt.run_child(python, impl, spec, texts_file, args.batch, args.steps, args.threads, args.precision, env)
 
 
 def _summary(values: list[float], fmt: str = ".1f") -> str:

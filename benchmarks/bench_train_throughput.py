@@ -242,6 +242,20 @@ def make_texts(spec: dict, batch: int, kind: str, n: int) -> list:
     raise ValueError(f"unknown --texts '{kind}'; choose random, random-stream or shapes")
 
 
+def run_child(python: str, impl: str, spec: dict, texts_file: str, batch: int, steps: int, threads: int,
+              precisions: list[str], env: dict, flags: list[str] | tuple = ()) -> dict | None:
+    """One training process of this script's child mode (``impl`` "clipforge" or "openclip", under ``python``, with
+    ``env``; ``flags``: --compile, --dense-adamw, --system-malloc): its JSON, per precision what ``with_page_faults``
+    returns; None, its stderr printed, when it failed."""
+    cmd = [python, __file__, "--_impl", impl, *flags, "--_spec", json.dumps(spec), "--_texts", texts_file,
+           "--batch", str(batch), "--steps", str(steps), "--threads", str(threads), "--precision", *precisions]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        print(f"{impl} ({' '.join(precisions)}) failed:\n{res.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def anchor_python() -> Path | None:
     """The OpenCLIP venv's python: CLIPFORGE_OPENCLIP_PYTHON (as .ci/run sets it), else ../.anchor-openclip, built
     there with the anchor script when missing."""
@@ -338,19 +352,16 @@ def main() -> None:
             names = list(impls)
             for impl in names[r % len(names):] + names[:r % len(names)]:  # each repeat starts with the next one
                 python, flags, env = impls[impl]
-                cmd = [python, __file__, "--_impl", "openclip" if impl == "OpenCLIP" else "clipforge", *flags,
-                       "--_spec", json.dumps(spec), "--_texts", texts_file.name, "--batch", str(args.batch),
-                       "--steps", str(args.steps), "--threads", str(args.threads), "--precision", p]
                 if args.system_malloc and impl != "OpenCLIP":
-                    cmd.append("--system-malloc")
-                res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                if res.returncode != 0:
-                    print(f"{impl} ({p}) failed:\n{res.stderr[-2000:]}", file=sys.stderr)
+                    flags = [*flags, "--system-malloc"]
+                out = run_child(python, "openclip" if impl == "OpenCLIP" else "clipforge", spec, texts_file.name,
+                                args.batch, args.steps, args.threads, [p], env, flags)
+                if out is None:
                     results[(p, impl)].append(None)  # keeps repeat i of every implementation at index i
                     continue
-                out = json.loads(res.stdout.strip().splitlines()[-1])[p]
+                out = out[p]
                 results[(p, impl)].append(out["samples_per_s"])
-                if flags == ["--compile"]:
+                if "--compile" in flags:
                     compile_seconds.setdefault(p, out["first_step_s"])  # later processes may read inductor's disk cache
     Path(texts_file.name).unlink()
     v, t = spec["vision"], spec["text"]
