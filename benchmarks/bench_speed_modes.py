@@ -53,12 +53,7 @@ def child(args) -> None:
     before, times = cpu_times(), []
     for i in range(args.steps):
         t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-            out = model(images, texts[i % len(texts)])
-        loss = clip_loss(out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        btt.train_step(model, clip_loss, opt, images, texts[i % len(texts)], args.precision)
         times.append(time.perf_counter() - t0)
         if (i + 1) % args.window == 0:
             now = cpu_times()

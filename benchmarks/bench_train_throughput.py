@@ -88,28 +88,32 @@ def train_flops_per_sample(spec: dict, batch: int = 8) -> float:
     return counter.get_total_flops() / batch
 
 
+def train_step(model, loss_fn, opt, images, texts, precision: str) -> None:
+    """One optimizer step as every training benchmark here takes it: the forward under bf16 autocast for "bf16"
+    (``model`` returns (image features, text features, logit scale), or clipforge's output dict), the loss in
+    fp32, backward, the optimizer's step, gradients set to None."""
+    import torch
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        out = model(images, texts)
+    if isinstance(out, dict):
+        out = out["image_features"], out["text_features"], out["logit_scale"]
+    img, txt, scale = out
+    loss_fn(img.float(), txt.float(), scale.float()).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def time_steps(
     model, loss_fn, images, text_batches, steps: int, precision: str, make_opt, warmup: int = 3
 ) -> tuple[float, float]:
     """(samples/s of the median step, seconds of the first step: the compilation when compiled); step i trains on
     ``text_batches[i % len(text_batches)]``."""
-    import torch
-
     opt = make_opt(model)
-    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else None
     times = []
     for i in range(warmup + steps):
-        texts = text_batches[i % len(text_batches)]
         t0 = time.perf_counter()
-        if ctx:
-            with ctx():
-                img, txt, scale = model(images, texts)
-        else:
-            img, txt, scale = model(images, texts)
-        loss = loss_fn(img.float(), txt.float(), scale.float())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(model, loss_fn, opt, images, text_batches[i % len(text_batches)], precision)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
         if i == 0:
@@ -127,23 +131,14 @@ def run_clipforge(spec: dict, texts: list, precision: str, steps: int, compile: 
 
     model = CLIP(CLIPConfig.from_dict({**spec, "compile": compile}))
 
-    class Wrap(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, images, texts):
-            out = self.m(images, texts)
-            return out["image_features"], out["text_features"], out["logit_scale"]
-
     from clipforge.train.optim import build_optimizer
 
     images = make_images(spec, texts[0].shape[0])
-    make_opt = lambda m: build_optimizer(m.m, 1e-4, 0.1, (0.9, 0.98), 1e-6)  # what clipforge train uses
+    make_opt = lambda m: build_optimizer(m, 1e-4, 0.1, (0.9, 0.98), 1e-6)  # what clipforge train uses
     if dense_adamw:  # the same groups in torch's own fused AdamW: every row of the token table every step
-        make_opt = lambda m: torch.optim.AdamW(build_optimizer(m.m, 1e-4, 0.1, (0.9, 0.98), 1e-6).param_groups,
+        make_opt = lambda m: torch.optim.AdamW(build_optimizer(m, 1e-4, 0.1, (0.9, 0.98), 1e-6).param_groups,
                                                fused=True)
-    return time_steps(Wrap(model).train(), clip_loss, images, texts, steps, precision, make_opt)
+    return time_steps(model.train(), clip_loss, images, texts, steps, precision, make_opt)
 
 
 def openclip_env(tuned_malloc: bool) -> dict:

@@ -148,7 +148,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from bench_train_throughput import make_images, make_texts, model_spec
+    from bench_train_throughput import make_images, make_texts, model_spec, train_step
     from torch.profiler import ProfilerActivity, profile
 
     import clipforge.models.transformer as transformer
@@ -164,11 +164,7 @@ def main() -> None:
     images, texts = make_images(spec, args.batch), make_texts(spec, args.batch, args.texts, 1)[0]
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-            out = model(images, texts)
-        clip_loss(out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float()).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(model, clip_loss, opt, images, texts, args.precision)
 
     for _ in range(3):
         step()
