@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -684,6 +685,7 @@ def test_bad_prepare_entries_name_the_problem(fid, prep_module):
 
 PAR_MODULE = '''
 import os
+import subprocess
 from pathlib import Path
 
 
@@ -773,6 +775,22 @@ def test_longest_first_schedule_by_hand(fid):
     assert fid.longest_first([], 3) == 0
 
 
+def test_estimate_says_when_shared_base_models_may_be_missing_from_it(fid):
+    arms = {"zs": {"function": "bench_adapt:fidelity_arm", "params": {"method": "zero-shot"}},
+            "tip": {"function": "bench_adapt:fidelity_arm", "params": {"method": "tip"}}}
+    metrics = {"test": {"direction": "increase"}}
+    shared = fid.parse_recipe("t", recipe(measures=[], baseline="zs", metrics=metrics, arms=arms,
+                                          shares_artifacts=True))
+    assert "base model" in fid.estimate_caveat(shared)
+    alone = fid.parse_recipe("t", recipe(measures=[], baseline="zs", metrics=metrics, arms=arms))
+    assert fid.estimate_caveat(alone) == ""
+    assert fid.estimate_caveat(fid.parse_recipe("t", recipe(shares_artifacts=True))) == ""  # training arms only
+    out = subprocess.run([sys.executable, str(fid.__file__), "adapt_prompts", "--estimate"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "base model" in out.stdout.splitlines()[0], out.stdout
+
+
 def test_estimate_uses_runs_at_the_budget_itself_where_an_arm_has_them(fid):
     r = fid.parse_recipe("t", recipe(steps=1000, batch=8))
 
@@ -823,6 +841,7 @@ def test_estimate_prefers_runs_on_this_machine_type_and_not_on_an_overloaded_mac
 
 SLOW_MODULE = '''
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -894,6 +913,7 @@ def test_a_killed_runner_stops_its_workers(tmp_path, jobs, shares, started):
 
 UNIT_MODULE = '''
 import os
+import subprocess
 import tempfile
 from pathlib import Path
 
