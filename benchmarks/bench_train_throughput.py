@@ -192,18 +192,10 @@ def run_openclip(spec: dict, texts: list, precision: str, steps: int) -> tuple[f
     model = open_clip.CLIP(**cfg)
     loss = open_clip.ClipLoss()
 
-    class Wrap(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, images, texts):
-            img, txt, scale = self.m(images, texts)
-            return img, txt, scale
-
     images = make_images(spec, texts[0].shape[0])
     make_opt = lambda m: torch.optim.AdamW(m.parameters(), lr=1e-4)  # what open_clip_train uses (default foreach)
-    return time_steps(Wrap(model).train(), lambda a, b, s: loss(a, b, s), images, texts, steps, precision, make_opt)
+    # open_clip.CLIP returns (image features, text features, logit scale), which train_step takes as it is
+    return time_steps(model.train(), loss, images, texts, steps, precision, make_opt)
 
 
 def make_images(spec: dict, batch: int):
