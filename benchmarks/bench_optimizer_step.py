@@ -32,20 +32,17 @@ def _summary(values: list[float]) -> str:
 
 def measure(spec: dict, batch: int, steps: int, precision: str, kind: str, warmup: int = 4) -> dict:
     import torch
-    from bench_train_throughput import make_images, make_texts
+    from bench_train_throughput import clipforge_optimizer, make_images, make_texts
 
     from clipforge.losses import clip_loss
     from clipforge.models import CLIP, CLIPConfig
-    from clipforge.train.optim import build_optimizer
 
     texts, images = make_texts(spec, batch, kind, warmup + steps), make_images(spec, batch)
     arms = {}
     for name in ("row-wise", "dense"):
         torch.manual_seed(0)
         model = CLIP(CLIPConfig.from_dict(spec)).train()
-        opt = build_optimizer(model, 1e-4, 0.1, (0.9, 0.98), 1e-6)
-        if name == "dense":
-            opt = torch.optim.AdamW(opt.param_groups, fused=True)
+        opt = clipforge_optimizer(model, dense_adamw=name == "dense")
         arms[name] = (model, opt, [], [])
     for i in range(warmup + steps):
         for name in ("row-wise", "dense") if i % 2 == 0 else ("dense", "row-wise"):

@@ -41,13 +41,12 @@ def child(args) -> None:
 
     from clipforge.losses import clip_loss
     from clipforge.models import CLIP, CLIPConfig
-    from clipforge.train.optim import build_optimizer
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     spec = btt.model_spec(args.model)
     model = CLIP(CLIPConfig.from_dict({**spec, "compile": False})).train()
-    opt = build_optimizer(model, 1e-4, 0.1, (0.9, 0.98), 1e-6)
+    opt = btt.clipforge_optimizer(model)
     images = btt.make_images(spec, args.batch)
     texts = btt.make_texts(spec, args.batch, "shapes", 8)
     before, times = cpu_times(), []

@@ -148,19 +148,18 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from bench_train_throughput import make_images, make_texts, model_spec, train_step
+    from bench_train_throughput import clipforge_optimizer, make_images, make_texts, model_spec, train_step
     from torch.profiler import ProfilerActivity, profile
 
     import clipforge.models.transformer as transformer
     from clipforge.losses import clip_loss
     from clipforge.models import CLIP, CLIPConfig
-    from clipforge.train.optim import build_optimizer
 
     if args.sdpa:
         transformer.use_short_attention = lambda x, mask: False
     spec = model_spec(args.model, json.loads(args.overrides))
     model = CLIP(CLIPConfig.from_dict(spec)).train()
-    opt = build_optimizer(model, 1e-4, 0.1, (0.9, 0.98), 1e-6)
+    opt = clipforge_optimizer(model)
     images, texts = make_images(spec, args.batch), make_texts(spec, args.batch, args.texts, 1)[0]
 
     def step():
