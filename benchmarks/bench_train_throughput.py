@@ -18,8 +18,9 @@ as OpenCLIP's, so both start each run alike (nothing cached from an earlier repe
 development VMs' speed drifts by up to ~30% from one few-second window to the next
 (``bench_speed_modes.py``), so short alternating runs and the per-repeat ratios' spread are
 what to read, not a single run. ``--compile`` adds a clipforge row with the towers under
-torch.compile (``CLIPConfig.compile``) and reports its compilation time (the first step of
-its first process).
+torch.compile (``CLIPConfig.compile``) and an OpenCLIP row with its whole model under torch.compile (what
+``open_clip_train --torchcompile`` does), reports their compilation times (the first step of each one's first
+process) and the ratio of the two compiled rows.
 The "vs OpenCLIP" column is the median of the per-repeat ratios (repeat i of clipforge over repeat i of
 OpenCLIP), min..max beside it.
 
@@ -173,7 +174,9 @@ def with_page_faults(run, steps: int) -> dict:
             "minor_faults_per_step": (usage.ru_minflt - before) / (steps + 3), "peak_rss_mb": usage.ru_maxrss / 1024}
 
 
-def run_openclip(spec: dict, texts: list, precision: str, steps: int) -> tuple[float, float]:
+def run_openclip(spec: dict, texts: list, precision: str, steps: int, compile: bool = False) -> tuple[float, float]:
+    """OpenCLIP's ``CLIP`` with ``ClipLoss`` and torch's AdamW, as ``open_clip_train`` sets them up; ``compile``:
+    the whole model under ``torch.compile``, as its ``--torchcompile`` does."""
     import open_clip
     import torch
 
@@ -199,6 +202,8 @@ def run_openclip(spec: dict, texts: list, precision: str, steps: int) -> tuple[f
     }
     model = open_clip.CLIP(**cfg)
     loss = open_clip.ClipLoss()
+    if compile:
+        model = torch.compile(model)  # open_clip_train --torchcompile: torch.compile(original_model)
 
     images = make_images(spec, texts[0].shape[0])
     make_opt = lambda m: torch.optim.AdamW(m.parameters(), lr=1e-4)  # what open_clip_train uses (default foreach)
@@ -284,7 +289,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
-    ap.add_argument("--compile", action="store_true", help="add a clipforge row with compile=true")
+    ap.add_argument("--compile", action="store_true",
+                    help="add rows with clipforge compile=true and OpenCLIP under torch.compile")
     ap.add_argument("--no-openclip", action="store_true")
     ap.add_argument("--texts", default="random", choices=["random", "random-stream", "shapes"],
                     help="token batches: one reused random batch, fresh random ones, or shapes captions")
@@ -313,7 +319,7 @@ def main() -> None:
         spec = json.loads(args._spec)
         texts = torch.load(args._texts)
         if args._impl == "openclip":
-            run = run_openclip
+            run = functools.partial(run_openclip, compile=args.compile)
         else:  # --compile / --dense-adamw pick the clipforge variant this process trains
             run = functools.partial(run_clipforge, compile=args.compile, dense_adamw=args.dense_adamw)
         out = {p: with_page_faults(lambda p=p: run(spec, texts, p, args.steps), args.steps) for p in args.precision}
@@ -337,6 +343,8 @@ def main() -> None:
         impls["clipforge dense AdamW"] = (sys.executable, ["--dense-adamw"], dict(os.environ))
     if anchor:
         impls["OpenCLIP"] = (str(anchor), [], openclip_env(args.openclip_tuned_malloc))
+        if args.compile:
+            impls["OpenCLIP torch.compile"] = (str(anchor), ["--compile"], openclip_env(args.openclip_tuned_malloc))
     texts = make_texts(spec, args.batch, args.texts, args.steps + 3)  # 3 warmup steps
     texts_file = tempfile.NamedTemporaryFile(suffix=".pt", delete=False)
     torch.save(texts, texts_file.name)  # the same token batches for every process
@@ -347,17 +355,17 @@ def main() -> None:
             names = list(impls)
             for impl in names[r % len(names):] + names[:r % len(names)]:  # each repeat starts with the next one
                 python, flags, env = impls[impl]
-                if args.system_malloc and impl != "OpenCLIP":
+                if args.system_malloc and not impl.startswith("OpenCLIP"):
                     flags = [*flags, "--system-malloc"]
-                out = run_child(python, "openclip" if impl == "OpenCLIP" else "clipforge", spec, texts_file.name,
-                                args.batch, args.steps, args.threads, [p], env, flags)
+                out = run_child(python, "openclip" if impl.startswith("OpenCLIP") else "clipforge", spec,
+                                texts_file.name, args.batch, args.steps, args.threads, [p], env, flags)
                 if out is None:
                     results[(p, impl)].append(None)  # keeps repeat i of every implementation at index i
                     continue
                 out = out[p]
                 results[(p, impl)].append(out["samples_per_s"])
-                if "--compile" in flags:
-                    compile_seconds.setdefault(p, out["first_step_s"])  # later processes may read inductor's disk cache
+                if "--compile" in flags:  # later processes may read inductor's disk cache
+                    compile_seconds.setdefault((p, impl), out["first_step_s"])
     Path(texts_file.name).unlink()
     v, t = spec["vision"], spec["text"]
     print(
@@ -374,8 +382,8 @@ def main() -> None:
         print(
             f"achieved GEMM peak: bf16 {peak['bfloat16'] / 1e9:.0f} GFLOP/s, fp32 {peak['float32'] / 1e9:.0f} GFLOP/s"
         )
-    for p, secs in compile_seconds.items():
-        print(f"compile=true, {p}: first step (compilation) {secs:.1f} s")
+    for (p, impl), secs in compile_seconds.items():
+        print(f"{impl}, {p}: first step (compilation) {secs:.1f} s")
     print()
     print("| precision | implementation | samples/s median (min..max) | vs OpenCLIP | achieved GFLOP/s | MFU |")
     print("|---|---|---|---|---|---|")
@@ -393,6 +401,13 @@ def main() -> None:
             achieved = med * flops
             mfu = f"{100 * achieved / peak['bfloat16' if p == 'bf16' else 'float32']:.1f}%" if peak else "n/a"
             print(f"| {p} | {impl} | {_summary(vals)} | {ratio} | {achieved / 1e9:.1f} | {mfu} |")
+    for p in args.precision:  # compiled against compiled, repeat i against repeat i
+        ratios = sorted(a / b for a, b in zip(results.get((p, "clipforge compile=true"), []),
+                                              results.get((p, "OpenCLIP torch.compile"), []))
+                        if a is not None and b is not None)
+        if ratios:
+            print(f"\n{p}: clipforge compile=true vs OpenCLIP torch.compile: {_median(ratios):.2f}x"
+                  + (f" ({ratios[0]:.2f}..{ratios[-1]:.2f})" if len(ratios) > 1 else ""))
 
 
 if __name__ == "__main__":
