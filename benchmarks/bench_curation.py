@@ -28,16 +28,33 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 SOURCES = ("openclipart", "emoji")
+# The builds of the source corpora the recipe's recorded runs used: another build changes the pool and the test
+# splits, so the numbers of different builds do not pair. openclipart: 4,000 drawings rendered at 64 px
+# (`clipforge data build openclipart --limit 4000 --image-size 64`); emoji: the builder's defaults.
+BUILDS = {"openclipart": {"limit": 4000, "image_size": 64}, "emoji": {"limit": None, "image_size": 128}}
 
 
 def _source(name: str) -> Path:
-    from clipforge.data.shards import MANIFEST, corpus_root
+    """The shard directory of corpus ``name`` built as :data:`BUILDS` says: the data home's ``name`` when its
+    manifest records that build, else ``name-<limit>-<size>px`` beside it, built there once (openclipart: about
+    2 minutes; a missing Debian package fails naming the apt-get command)."""
+    from clipforge.data.corpora import get_builder
+    from clipforge.data.shards import MANIFEST, corpus_root, read_manifest
+    from clipforge.locking import exclusive_lock
 
+    build = BUILDS[name]
     root = corpus_root(name)
-    if not (root / MANIFEST).exists():
-        raise FileNotFoundError(f"the {name} corpus is not built at {root}: run `clipforge data build {name}` "
-                                f"(or set CLIPFORGE_DATA to where it is built)")
-    return root
+    if (root / MANIFEST).exists():
+        manifest = read_manifest(root)
+        if all(manifest.get(k) == v for k, v in build.items()):
+            return root
+    own = root.with_name(f"{name}-{build['limit'] or 'all'}-{build['image_size']}px")
+    # the curated and the uncurated arm may prepare at the same time in two worker processes
+    with exclusive_lock(root.with_name(f".{own.name}.lock"), f"the {own.name} corpus build", timeout=1800):
+        if not (own / MANIFEST).exists():
+            print(f"building the {name} corpus as the curation recipe needs it ({build}) into {own} (once)")
+            get_builder(name)(own, progress=False, **build)
+    return own
 
 
 def _train_entries(root: Path) -> list:

@@ -4,6 +4,8 @@ the uncurated set is a random subset of the pool of exactly the curated size wit
 from __future__ import annotations
 
 import io
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,8 @@ def bench():
     return load_benchmark("bench_curation.py")
 
 
-def _corpus(root: Path, view: str, train: list[str], test: list[str]) -> None:
+def _corpus(root: Path, view: str, train: list[str], test: list[str], build: dict) -> None:
+    """A toy shard set at ``root`` whose manifest records ``build`` (limit, image_size) as a real build's does."""
     from PIL import Image
 
     from clipforge.data.shards import ShardSample, ShardSetWriter
@@ -31,17 +34,18 @@ def _corpus(root: Path, view: str, train: list[str], test: list[str]) -> None:
         keys = [f"{split}{i:03d}" for i in range(len(caps))]
         samples = {k: ShardSample(k, png(i), [c], {view: i % 2}) for i, (k, c) in enumerate(zip(keys, caps))}
         w.write_split(split, keys, lambda ks, s=samples: (s[k] for k in ks))
-    w.finish(root.name, {view: {"classes": ["a", "b"], "templates": ["a {}."]}})
+    w.finish(root.name, {view: {"classes": ["a", "b"], "templates": ["a {}."]}}, info=build)
 
 
 @pytest.fixture
-def corpora(tmp_path, monkeypatch):
-    """Two toy corpora named openclipart and emoji in a data home: a head entry ('cat') and a tail."""
+def corpora(bench, tmp_path, monkeypatch):
+    """Two toy corpora named openclipart and emoji in a data home, built as the recipe needs them: a head entry
+    ('cat') and a tail."""
     home = tmp_path / "home"
     oc = [f"a cat drawing {i}" for i in range(24)] + ["a dog", "a tree", "nothing matches"]
     em = ["red apple", "dog face", "grinning face"] + [f"cat face {i}" for i in range(6)]
-    _corpus(home / "openclipart", "category", oc, ["a test house"])
-    _corpus(home / "emoji", "group", em, ["star", "car"])
+    _corpus(home / "openclipart", "category", oc, ["a test house"], bench.BUILDS["openclipart"])
+    _corpus(home / "emoji", "group", em, ["star", "car"], bench.BUILDS["emoji"])
     monkeypatch.setenv("CLIPFORGE_DATA", str(home))
     return home, oc, em
 
@@ -74,7 +78,26 @@ def test_curated_and_uncurated_sets(bench, corpora, tmp_path):
         bench.curation_set(tmp_path / "out", "random", t=4)
 
 
-def test_a_missing_corpus_names_the_build_command(bench, tmp_path, monkeypatch):
-    monkeypatch.setenv("CLIPFORGE_DATA", str(tmp_path / "empty"))
-    with pytest.raises(FileNotFoundError, match="clipforge data build openclipart"):
-        bench.curation_set(tmp_path / "out", "curated", t=4)
+def test_a_corpus_of_another_build_is_built_again_beside_it_once(bench, corpora, monkeypatch):
+    """The data home's emoji is the recipe's build and is used; its openclipart is not (rendered at 128 px from every
+    drawing, as a plain `clipforge data build openclipart` makes it), so the recipe's build (4,000 drawings at
+    64 px) is made once beside it, and a missing one likewise."""
+    import clipforge.data.corpora as corpora_module
+    from clipforge.data.shards import MANIFEST
+
+    home = corpora[0]
+    manifest = json.loads((home / "openclipart" / MANIFEST).read_text())
+    (home / "openclipart" / MANIFEST).write_text(json.dumps({**manifest, "limit": None, "image_size": 128}))
+    calls = []
+
+    def fake_builder(out, progress=True, **build):
+        calls.append((Path(out).name, build))
+        _corpus(Path(out), "category", ["a cat"], ["a house"], build)
+
+    monkeypatch.setattr(corpora_module, "get_builder", lambda name: fake_builder)
+    assert bench._source("emoji") == home / "emoji"
+    assert bench._source("openclipart") == bench._source("openclipart") == home / "openclipart-4000-64px"
+    assert calls == [("openclipart-4000-64px", {"limit": 4000, "image_size": 64})]
+    shutil.rmtree(home / "emoji")
+    assert bench._source("emoji") == home / "emoji-all-128px"
+    assert calls[1:] == [("emoji-all-128px", {"limit": None, "image_size": 128})]
