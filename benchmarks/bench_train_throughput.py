@@ -139,7 +139,6 @@ def clipforge_optimizer(model, dense_adamw: bool = False):
 
 def run_clipforge(spec: dict, texts: list, precision: str, steps: int, compile: bool = False,
                   dense_adamw: bool = False) -> tuple[float, float]:
-
     from clipforge.losses import clip_loss
     from clipforge.models import CLIP, CLIPConfig
 
