@@ -685,7 +685,6 @@ def test_bad_prepare_entries_name_the_problem(fid, prep_module):
 
 PAR_MODULE = '''
 import os
-import subprocess
 from pathlib import Path
 
 
@@ -841,7 +840,6 @@ def test_estimate_prefers_runs_on_this_machine_type_and_not_on_an_overloaded_mac
 
 SLOW_MODULE = '''
 import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -877,7 +875,6 @@ def test_a_killed_runner_stops_its_workers(tmp_path, jobs, shares, started):
     """--jobs 2 runs the two arms in two workers; with --jobs 1, a recipe that shares artifacts still runs its unit
     (both arms, one after the other) in one worker process: a `kill` of the runner stops the workers either way."""
     import signal
-    import subprocess
     import time
 
     from benchhelpers import BENCHMARKS
@@ -913,7 +910,6 @@ def test_a_killed_runner_stops_its_workers(tmp_path, jobs, shares, started):
 
 UNIT_MODULE = '''
 import os
-import subprocess
 import tempfile
 from pathlib import Path
 
