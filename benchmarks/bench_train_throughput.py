@@ -277,6 +277,15 @@ def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
+def _paired_ratio(these: list, those: list) -> str:
+    """The median of the per-repeat ratios (repeat i of ``these`` over repeat i of ``those``, where both ran; a
+    failed run is None) with their min..max, or "" when no repeat has both."""
+    ratios = sorted(a / b for a, b in zip(these, those) if a is not None and b is not None)
+    if not ratios:
+        return ""
+    return f"{_median(ratios):.2f}x" + (f" ({ratios[0]:.2f}..{ratios[-1]:.2f})" if len(ratios) > 1 else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny")
@@ -393,20 +402,15 @@ def main() -> None:
             if not vals:
                 continue
             med = _median(vals)
-            # repeat i against repeat i, where both ran
-            ratios = sorted(a / b for a, b in zip(results[(p, impl)], oc or []) if a is not None and b is not None)
-            ratio = (f"{_median(ratios):.2f}x" + (f" ({ratios[0]:.2f}..{ratios[-1]:.2f})" if len(ratios) > 1 else "")
-                     if ratios else "n/a")
+            ratio = _paired_ratio(results[(p, impl)], oc or []) or "n/a"
             achieved = med * flops
             mfu = f"{100 * achieved / peak['bfloat16' if p == 'bf16' else 'float32']:.1f}%" if peak else "n/a"
             print(f"| {p} | {impl} | {_summary(vals)} | {ratio} | {achieved / 1e9:.1f} | {mfu} |")
-    for p in args.precision:  # compiled against compiled, repeat i against repeat i
-        ratios = sorted(a / b for a, b in zip(results.get((p, "clipforge compile=true"), []),
-                                              results.get((p, "OpenCLIP torch.compile"), []))
-                        if a is not None and b is not None)
-        if ratios:
-            print(f"\n{p}: clipforge compile=true vs OpenCLIP torch.compile: {_median(ratios):.2f}x"
-                  + (f" ({ratios[0]:.2f}..{ratios[-1]:.2f})" if len(ratios) > 1 else ""))
+    for p in args.precision:  # compiled against compiled
+        ratio = _paired_ratio(results.get((p, "clipforge compile=true"), []),
+                              results.get((p, "OpenCLIP torch.compile"), []))
+        if ratio:
+            print(f"\n{p}: clipforge compile=true vs OpenCLIP torch.compile: {ratio}")
 
 
 if __name__ == "__main__":
