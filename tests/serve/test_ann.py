@@ -159,6 +159,48 @@ def test_incremental_adds_extend_the_trained_index_until_it_is_outgrown(tmp_path
     json.dumps(rec3)  # the record goes into manifest.json
 
 
+def nearly_parallel(n: int, d: int = 128, seed: int = 0) -> np.ndarray:
+    """300 unit vectors around one direction (mean pairwise cosine ~0.98, as a randomly initialized
+    model's embeddings) and noisy copies of them up to ``n`` (noise of norm 0.5, as bench_serve_load's
+    ``--pad-to``): close to isotropic noise around one direction, where HNSW's recall stalls (0.905 at
+    efSearch 1024 on 20,000 of them here; 0.65 on 100,000)."""
+    rng = np.random.default_rng(seed)
+    u = rng.standard_normal(d)
+    base = u / np.linalg.norm(u) + 0.013 * rng.standard_normal((300, d))
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    x = base[np.arange(n) % 300] + (0.5 / np.sqrt(d)) * rng.standard_normal((n, d))
+    x[:300] = base
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+
+
+def test_auto_replaces_an_hnsw_that_misses_the_recall_target_by_ivf(tmp_path, caplog):
+    x = nearly_parallel(22_000)
+    requested = {"index": "auto", "max_memory": None, "recall_target": 0.95}
+    caplog.set_level(logging.INFO, logger="clipforge.serve.index")
+    index, record = update_ann(tmp_path, x[:20_000], None, requested)
+    assert ann.choose_index(20_000, 128).kind == "hnsw"  # what auto picks before tuning
+    assert record["spec"]["kind"] == "ivf" and index.ntotal == 20_000, record
+    assert record["fallback"]["from"] == "hnsw" and record["fallback"]["recall_at_10"] < 0.95, record["fallback"]
+    assert record["tuned_recall_at_10"] >= 0.95 and "hnsw reached recall@10" in record["spec"]["reason"]
+    assert "building IVF128,Flat instead" in caplog.text
+    json.dumps(record)
+    # on other queries than the tuning's, against the float64 reference, the fallback's recall holds
+    q = fresh_queries(x[:20_000])
+    got = AnnBackend(index, x[:20_000], record).search(q, 10)[1]
+    assert ann.recall_at(got, exact_ids(x[:20_000], q)) >= 0.9
+    # the same data indexed with --index hnsw by name keeps the graph and records its shortfall
+    h_index, h_record = update_ann(tmp_path / "named", x[:20_000], None, {**requested, "index": "hnsw"})
+    assert h_record["spec"]["kind"] == "hnsw" and "fallback" not in h_record
+    assert h_record["tuned_recall_at_10"] < 0.95 and h_record["search"] == {"ef_search": ann.EF_SEARCHES[-1]}
+    # adding rows extends the IVF index: the graph is not built and tuned again
+    faiss.write_index(index, str(tmp_path / ann.ANN_FILE))
+    caplog.clear()
+    grown, rec2 = update_ann(tmp_path, x, record, requested)
+    assert rec2["spec"]["kind"] == "ivf" and rec2["trained_on"] == 20_000 and grown.ntotal == 22_000
+    assert rec2["fallback"] == record["fallback"]
+    assert "added 2000 vectors to the trained ivf index" in caplog.text and "HNSW32" not in caplog.text
+
+
 def test_index_command_stores_the_choice_and_serve_uses_it(model_dir, image_dir, tmp_path, capsys, caplog):
     from clipforge.cli.main import main
     from clipforge.serve import Searcher, open_index

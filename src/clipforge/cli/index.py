@@ -28,7 +28,9 @@ what is written (INDEX_DIR):
 index types (--index; faiss for all but flat):
   auto    (default) chosen from the collection size and --max-memory: flat below 20,000 images;
           hnsw below 1,000,000 when its graph and vectors fit; ivf when the float32 vectors fit;
-          else ivfpq with the largest code that fits; the choice and why are logged and stored
+          else ivfpq with the largest code that fits; the choice and why are logged and stored.
+          An hnsw whose tuning misses --recall-target even at efSearch 1024 (embeddings close to
+          noise around one direction) is replaced by ivf, which can always reach it
   flat    exact search (faiss IndexFlatIP, or numpy without faiss)
   ivf     inverted lists of float32 vectors (exact scores within the lists probed)
   ivfpq   inverted lists of product-quantized codes, shortlist re-scored from embeddings.npy

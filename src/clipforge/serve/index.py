@@ -731,12 +731,62 @@ def update_ann(root: Path, embeddings: np.ndarray, old: dict[str, Any] | None,
     ``old``: the record of the stored ``ann.faiss`` whose rows are still rows ``0..old['count']``
     of ``embeddings`` (None after a rebuild or when rows were dropped). Returns ``(None, record)``
     for a flat choice (nothing stored).
+
+    With ``--index auto``, an HNSW graph whose tuning cannot reach the recall target even at the
+    largest efSearch (data close to isotropic noise, where graph search does worst) is replaced by
+    IVF-Flat, which probing every list makes exact and so always reaches it; the record's
+    ``fallback`` says why, and later updates of the index stay with IVF instead of building the
+    graph again. An HNSW index asked for by name is kept, with a warning.
     """
     from . import ann as annlib
 
     n, d = embeddings.shape
     spec = annlib.choose_index(n, d, requested["max_memory"], requested["index"])
+    auto_hnsw = requested["index"] == "auto" and spec.kind == "hnsw"
+    fallback = (old or {}).get("fallback") if auto_hnsw else None
+    if fallback:
+        spec = _ivf_instead_of_hnsw(n, d, requested, f"an earlier build's hnsw missed the recall target "
+                                                     f"({fallback['recall_at_10']:.3f} at ef_search "
+                                                     f"{fallback['ef_search']})") or spec
     log.info("index %s: %s", root, spec.reason)
+    index, record = _build_or_extend(root, embeddings, old, requested, spec)
+    tuning = _tune(root, index, record, embeddings, requested)
+    if auto_hnsw and spec.kind == "hnsw" and tuning.recall < requested["recall_target"]:
+        why = (f"hnsw reached recall@10 {tuning.recall:.3f} < the target {requested['recall_target']} even at "
+               f"ef_search {tuning.value}")
+        ivf = _ivf_instead_of_hnsw(n, d, requested, why)
+        if ivf is not None:
+            log.warning("index %s: %s: building %s instead (exact when every list is probed)", root, why,
+                        ivf.factory())
+            fallback = {"from": "hnsw", "recall_at_10": round(tuning.recall, 4), "ef_search": tuning.value,
+                        "tuning": record["tuning"], "build_seconds": record["build_seconds"]}
+            index, record = _build_or_extend(root, embeddings, None, requested, ivf)
+            tuning = _tune(root, index, record, embeddings, requested)
+    if fallback and record["spec"]["kind"] == "ivf":
+        record["fallback"] = fallback
+    return index, record
+
+
+def _ivf_instead_of_hnsw(n: int, d: int, requested: dict[str, Any], why: str):
+    """The IVF-Flat spec that replaces an auto-chosen HNSW (None when it does not fit the budget)."""
+    from . import ann as annlib
+
+    try:
+        ivf = annlib.choose_index(n, d, requested["max_memory"], "ivf")
+    except annlib.IndexBudgetError:
+        log.warning("index: %s, and IVF-Flat does not fit --max-memory either: keeping hnsw", why)
+        return None
+    reason = f"auto: ivf ({ivf.factory()}) for {n:,} vectors of dimension {d}; {why}"
+    return annlib.AnnSpec(**{**ivf.to_dict(), "reason": reason})
+
+
+def _build_or_extend(root: Path, embeddings: np.ndarray, old: dict[str, Any] | None, requested: dict[str, Any],
+                     spec) -> tuple[Any, dict[str, Any]]:
+    """``spec``'s index over ``embeddings``: the stored one of ``old`` with the new rows added when it is the
+    same type and has not been outgrown, else a new one. ``(None, record)`` for flat."""
+    from . import ann as annlib
+
+    n = embeddings.shape[0]
     record: dict[str, Any] = {"spec": spec.to_dict(), "requested": requested, "count": n}
     if spec.kind == "flat":
         return None, record
@@ -768,13 +818,23 @@ def update_ann(root: Path, embeddings: np.ndarray, old: dict[str, Any] | None,
         index = annlib.build(embeddings, spec)
         record["trained_on"] = n
     record["build_seconds"] = round(time.perf_counter() - t0, 2)
+    return index, record
+
+
+def _tune(root: Path, index, record: dict[str, Any], embeddings: np.ndarray, requested: dict[str, Any]):
+    """Tune the search parameter of a built index into ``record`` (nothing for flat); returns the tuning."""
+    from . import ann as annlib
     from .search import AnnBackend
 
-    backend = AnnBackend(index, embeddings, record)
-    tuning = annlib.tune(index, spec.kind, embeddings, backend.search, target=requested["recall_target"])
+    if index is None:
+        return annlib.Tuning("exact", 0, 1.0)
+    kind = record["spec"]["kind"]
+    tuning = annlib.tune(index, kind, embeddings, AnnBackend(index, embeddings, record).search,
+                         target=requested["recall_target"])
     record["search"] = {tuning.param: tuning.value}
     record["tuned_recall_at_10"] = round(tuning.recall, 4)
     record["tuning"] = {str(k): v for k, v in tuning.tried.items()}
-    log.info("index %s: %s=%d reaches recall@10 %.3f against exact search on %d queries", root, tuning.param,
-             tuning.value, tuning.recall, min(annlib.TUNE_QUERIES, n))
-    return index, record
+    log.info("index %s: %s=%d %s recall@10 %.3f against exact search on %d queries", root, tuning.param,
+             tuning.value, "reaches" if tuning.recall >= requested["recall_target"] else "gives only",
+             tuning.recall, min(annlib.TUNE_QUERIES, embeddings.shape[0]))
+    return tuning
