@@ -9,9 +9,15 @@ concurrent asyncio clients (httpx), each picking its next request at random from
 - ``similar``: ``GET /search/similar/ID``, k=10
 - ``thumb``: ``GET /image/ID?size=S`` with a random id and size (so most are decoded, not cached)
 
-Reported per client count and kind: requests, p50 and p99 latency (ms), errors (any answer but
-200, counted by status, and failed connections), and the server's RSS before the first level,
-after each level, and its peak (VmHWM), from ``/proc/PID/status``.
+Reported per client count and kind: requests, p50 and p99 latency (ms) as the clients see it, the
+server's own time for the same requests (the ``took_ms`` its JSON answers carry: from the handler's
+start to its answer, so batching waits and search included, HTTP and queueing before the handler
+not; thumbnails carry none), errors (any answer but 200, counted by status, and failed
+connections), the CPU seconds the clients (this process) and the server (all its processes) used
+during the level, and the server's RSS before the first level, after each level, and its peak
+(VmHWM), from ``/proc/PID/status``. The clients share the machine with the server: where the two
+latencies differ by more than the server's time, the requests waited in HTTP handling, in a queue
+or for a CPU.
 
 Without ``--index``, the index is built first: ``--images`` shapes renders (``--image-size``
 px) embedded by ``tiny`` with random weights (latency does not depend on what a model learned).
@@ -79,6 +85,20 @@ def rss_mb(pid: int) -> dict[str, float]:
         except OSError:
             continue
     return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and every process below it, from ``/proc/PID/stat``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in _descendants(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14 and 15 of proc(5))
+    return total
 
 
 def build_index(root: Path, n: int, image_size: int) -> Path:
@@ -179,7 +199,7 @@ async def run_level(base: str, clients: int, requests: int, max_seconds: float, 
     mix = MIX if mix is None else mix
     kinds = list(mix)
     plan = rng.choices(kinds, weights=[mix[k] for k in kinds], k=requests)
-    results: dict[str, list] = defaultdict(list)  # kind -> [(seconds, status)]
+    results: dict[str, list] = defaultdict(list)  # kind -> [(seconds, status, server ms or None)]
     next_i = 0
     deadline = time.monotonic() + max_seconds
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -202,11 +222,15 @@ async def run_level(base: str, clients: int, requests: int, max_seconds: float, 
                 kind = plan[next_i]
                 next_i += 1
                 t0 = time.perf_counter()
+                server_ms = None
                 try:
-                    status = (await one(kind, r)).status_code
+                    answer = await one(kind, r)
+                    status = answer.status_code
+                    if status == 200 and kind != "thumb":
+                        server_ms = answer.json().get("took_ms")
                 except httpx.HTTPError as e:
                     status = type(e).__name__
-                results[kind].append((time.perf_counter() - t0, status))
+                results[kind].append((time.perf_counter() - t0, status, server_ms))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(client(c) for c in range(clients)))
@@ -298,8 +322,11 @@ def main() -> None:
             before = rss_mb(server.pid)
             rows, rss_rows = [], [["before", f"{before['VmRSS']:.0f}", f"{before['VmHWM']:.0f}"]]
             for clients in args.clients:
+                cpu0, server_cpu0 = os.times(), cpu_seconds(server.pid)
                 results, took = asyncio.run(run_level(base, clients, args.requests, args.max_seconds, count, uploads,
                                                       captions, seed=args.seed + clients, mix=args.mix))
+                cpu1, server_cpu = os.times(), cpu_seconds(server.pid) - server_cpu0
+                client_cpu = cpu1.user + cpu1.system - cpu0.user - cpu0.system
                 after = rss_mb(server.pid)
                 rss_rows.append([f"after {clients} clients", f"{after['VmRSS']:.0f}", f"{after['VmHWM']:.0f}"])
                 total = sum(len(v) for v in results.values())
@@ -307,12 +334,16 @@ def main() -> None:
                     res = results.get(kind, [])
                     if not res:
                         continue
-                    ms = np.array([t for t, _ in res]) * 1000
-                    errors = Counter(str(s) for _, s in res if s != 200)
+                    ms = np.array([t for t, _, _ in res]) * 1000
+                    own = np.array([m for _, _, m in res if m is not None], dtype=float)
+                    errors = Counter(str(s) for _, s, _ in res if s != 200)
                     rows.append([str(clients), kind, str(len(res)), f"{np.percentile(ms, 50):.0f}",
                                  f"{np.percentile(ms, 99):.0f}",
+                                 f"{np.percentile(own, 50):.0f} / {np.percentile(own, 99):.0f}" if len(own) else "",
                                  ", ".join(f"{n} x {s}" for s, n in sorted(errors.items())) or "0"])
-                rows.append([str(clients), "**all**", str(total), "", "", f"{total / took:.1f} req/s in {took:.1f} s"])
+                rows.append([str(clients), "**all**", str(total), "", "", "",
+                             f"{total / took:.1f} req/s in {took:.1f} s; CPU s: clients {client_cpu:.1f}, "
+                             f"server {server_cpu:.1f}"])
         finally:
             server.terminate()
             try:
@@ -322,7 +353,7 @@ def main() -> None:
     print(f"\nclipforge serve over {count} images ({health['backend']} search, {health['dim']}-d), mix "
           + ",".join(f"{k}={w:g}" for k, w in args.mix.items()) + ", "
           f"{platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end\n")
-    print(table(rows, ["clients", "kind", "requests", "p50 ms", "p99 ms", "errors (non-200)"]))
+    print(table(rows, ["clients", "kind", "requests", "p50 ms", "p99 ms", "server p50 / p99 ms", "errors (non-200)"]))
     print()
     print(table(rss_rows, ["server (all its processes)", "RSS MB", "peak RSS MB"]))
 

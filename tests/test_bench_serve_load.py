@@ -52,6 +52,46 @@ def test_rss_counts_the_server_and_every_process_below_it(load):
         tree.wait(10)
 
 
+SPIN = """
+import subprocess, sys, time
+kid = subprocess.Popen([sys.executable, "-c", "import time\\nt = time.process_time()\\n"
+                        "while time.process_time() - t < 0.6: pass\\nprint('spun', flush=True)\\ntime.sleep(60)"],
+                       stdout=subprocess.PIPE, text=True)
+kid.stdout.readline()
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc")
+def test_cpu_seconds_count_the_server_and_every_process_below_it(load, monkeypatch):
+    """A sleeping parent whose child burned 0.6 s of CPU: the tree's CPU time includes the child's, and for this
+    process alone /proc agrees with getrusage (os.times)."""
+    import time
+
+    tree = subprocess.Popen([sys.executable, "-c", SPIN], stdout=subprocess.PIPE, text=True)
+    pids = [tree.pid]
+    try:
+        assert tree.stdout.readline().strip() == "ready"
+        pids = load._descendants(tree.pid)
+        assert len(pids) == 2
+        assert 0.6 <= load.cpu_seconds(tree.pid) < 0.6 + 1.5  # the child's spin plus two interpreters' start-up
+    finally:
+        for pid in reversed(pids):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        tree.wait(10)
+    # this process alone (other tests may have left processes below it): /proc's utime + stime against getrusage's
+    monkeypatch.setattr(load, "_descendants", lambda pid: [pid])
+    t = time.process_time()
+    while time.process_time() - t < 0.3:
+        pass
+    mine = os.times()
+    assert load.cpu_seconds(os.getpid()) == pytest.approx(mine.user + mine.system, abs=0.05)
+
+
 def test_a_padded_index_gets_the_approximate_index_it_asks_for(load, tmp_path):
     """pad_index(ann="hnsw") stores an HNSW index over every padded row: the Searcher serves it, and its top 10
     agree with exact top 10 computed here with numpy over the padded embeddings."""
