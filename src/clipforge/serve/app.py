@@ -38,6 +38,7 @@ Searcher) works without the ``serve`` extra installed.
 """
 # no ``from __future__ import annotations`` here: FastAPI reads the route signatures' annotations at
 # runtime, and the fastapi types are imported inside create_app, out of reach of string annotations
+import asyncio
 import hashlib
 import json
 import logging
@@ -196,6 +197,12 @@ class TextBatcher:
         self.stats = {"queries": 0, "forwards": 0, "largest": 0}
 
     def search(self, text: str, k: int):
+        """The hits of ``text`` (blocks the calling thread until its batch is answered)."""
+        return self.submit(text, k).result()
+
+    def submit(self, text: str, k: int) -> Future:
+        """Queue ``text`` for the next batch; the future gets its hits (``await asyncio.wrap_future(...)`` on an
+        event loop, so that no thread waits for it)."""
         if not isinstance(text, str) or not text.strip():
             raise ValueError("the text query is empty")
         with self._start:
@@ -204,7 +211,7 @@ class TextBatcher:
                 self._thread.start()
         future: Future = Future()
         self._queue.put((text, k, future))
-        return future.result()
+        return future
 
     def _loop(self) -> None:
         while True:
@@ -311,11 +318,14 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES, thu
                 if search_batcher else None}
 
     @app.get("/search")
-    def search_text(q: str = Query(..., min_length=1, max_length=1000, description="the text query"),
-                    k: int = Query(10, ge=1, le=MAX_K, description="number of results")):
+    async def search_text(q: str = Query(..., min_length=1, max_length=1000, description="the text query"),
+                          k: int = Query(10, ge=1, le=MAX_K, description="number of results")):
         t0 = time.perf_counter()
         try:
-            hits = batcher.search(q, k) if batcher is not None else searcher.text(q, k)
+            if batcher is not None:  # the event loop awaits the batch: no worker thread is held per waiting query
+                hits = await asyncio.wrap_future(batcher.submit(q, k))
+            else:
+                hits = await run_in_threadpool(searcher.text, q, k)
         except ValueError as e:
             raise HTTPException(400, str(e)) from None
         return hits_json(hits, q, k, t0)
