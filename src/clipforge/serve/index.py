@@ -750,6 +750,8 @@ def update_ann(root: Path, embeddings: np.ndarray, old: dict[str, Any] | None,
                                                      f"{fallback['ef_search']})") or spec
     log.info("index %s: %s", root, spec.reason)
     index, record = _build_or_extend(root, embeddings, old, requested, spec)
+    if index is None:  # flat: searched exactly, nothing to tune
+        return None, record
     tuning = _tune(root, index, record, embeddings, requested)
     if auto_hnsw and spec.kind == "hnsw" and tuning.recall < requested["recall_target"]:
         why = (f"hnsw reached recall@10 {tuning.recall:.3f} < the target {requested['recall_target']} even at "
@@ -822,12 +824,10 @@ def _build_or_extend(root: Path, embeddings: np.ndarray, old: dict[str, Any] | N
 
 
 def _tune(root: Path, index, record: dict[str, Any], embeddings: np.ndarray, requested: dict[str, Any]):
-    """Tune the search parameter of a built index into ``record`` (nothing for flat); returns the tuning."""
+    """Tune the search parameter of a built (not flat) index into ``record``; returns the tuning."""
     from . import ann as annlib
     from .search import AnnBackend
 
-    if index is None:
-        return annlib.Tuning("exact", 0, 1.0)
     kind = record["spec"]["kind"]
     tuning = annlib.tune(index, kind, embeddings, AnnBackend(index, embeddings, record).search,
                          target=requested["recall_target"])
