@@ -137,3 +137,38 @@ def test_caption_sources_and_negatives_pass_through_convert(tmp_path):
                                   "short_tags": ["circle", "red"], "negative_descriptions": ["no square"]}
     assert source_negatives(a) == {"color": ["a blue circle"], "description": ["no square"]}
     assert "caption_sources" not in items["plain"] and "negatives" not in items["plain"]
+
+
+def test_a_label_column_of_names_becomes_a_view_of_sorted_class_names(tmp_path):
+    """``label`` = ``cat`` / ``dog`` (not indices): every row kept, the view's classes are the sorted distinct names
+    and each sample's label is its name's index; an empty cell gives no label; a column mixing digits and names
+    is all names; integer columns beside it are read as before."""
+    items = make_items(7, size=12)
+    (tmp_path / "img").mkdir()
+    names = ["dog", "cat", "bird", "cat", "", "dog", "7"]
+    lines = ["image,caption,label,label_parity"]
+    for it, name in zip(items, names):
+        (tmp_path / "img" / f"{it['key']}.png").write_bytes(encode_png(it["image"]))
+        lines.append(f"img/{it['key']}.png,{it['captions'][0]},{name},{it['labels']['parity']}")
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    manifest = convert(tmp_path / "m.csv", tmp_path / "out", progress=False)
+    assert manifest["total"] == 7
+    classes = manifest["label_views"]["label"]["classes"]
+    assert classes == ["7", "bird", "cat", "dog"]
+    assert manifest["label_views"]["parity"]["classes"] == ["0", "1"]
+    ds = ShardDataset(tmp_path / "out", split="train")
+    by_caption = {ds[i]["captions"][0]: ds[i]["labels"] for i in range(len(ds))}
+    for it, name in zip(items, names):
+        labels = by_caption[it["captions"][0]]
+        assert labels["parity"] == it["labels"]["parity"]
+        assert ("label" not in labels) if name == "" else classes[labels["label"]] == name
+
+
+def test_a_source_with_no_usable_record_is_refused_before_anything_is_written(tmp_path, capsys):
+    (tmp_path / "m.csv").write_text("image,caption\nnowhere/a.png,a cat\nnowhere/b.png,a dog\n")
+    with pytest.raises(ValueError, match=r"no usable record.*missing_image': 2.*nowhere/a.png.*image paths"):
+        convert(tmp_path / "m.csv", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    assert main(["data", "convert", str(tmp_path / "m.csv"), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no usable record" in err

@@ -136,9 +136,10 @@ def _summary(root: Path) -> str:
     views = ", ".join(f"{v} ({len(spec['classes'])} classes)" for v, spec in manifest["label_views"].items())
     lines.append(f"label views: {views}")
     if stats:
-        c = stats["captions"]
-        lines.append(f"captions per image: mean {c['per_image']['mean']}, max {c['per_image']['max']}; "
-                     f"caption length: mean {c['characters']['mean']} characters, {c['words']['mean']} words")
+        c = stats.get("captions") or {}
+        if c.get("per_image", {}).get("n"):  # a shard set with no sample has no means to show
+            lines.append(f"captions per image: mean {c['per_image']['mean']}, max {c['per_image']['max']}; "
+                         f"caption length: mean {c['characters']['mean']} characters, {c['words']['mean']} words")
         lines.append(f"skipped: {stats.get('skipped') or 'none'}")
         if "leakage" in stats:
             lk = stats["leakage"]

@@ -51,7 +51,9 @@ Print the full config with --print-config.
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.epilog = HELP
+    from .train_data import OWN_DATA_HELP
+
+    p.epilog = HELP + OWN_DATA_HELP
     p.add_argument("--config", help="YAML file with training config fields")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--no-eval", action="store_true", help="skip evaluation (at eval_every and at the end)")
@@ -77,15 +79,19 @@ def run(args) -> int:
     from ..train.config import to_yaml
     from ..train.distributed import is_main_process
     from .common import eval_rows, table
+    from .train_data import convert_own_data, evaluate_shard_set
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(to_yaml(cfg))
         return 0
+    cfg = convert_own_data(cfg, progress=cfg.progress)  # data.dataset=csv:FILE and the like: shards converted once
     # functools.partial, not lambdas: with distributed.nproc > 1 they travel to the started processes by pickling
     evaluate = None
     if not args.no_eval and cfg.data.dataset == "shapes":
         evaluate = functools.partial(evaluate_shapes, size=cfg.data.eval_size)
+    elif not args.no_eval and cfg.data.dataset == "shards":
+        evaluate = functools.partial(evaluate_shard_set, root=cfg.data.root, size=cfg.data.eval_size)
     elif not args.no_eval:
         evaluate = functools.partial(evaluate_corpora, dataset=cfg.data.dataset, size=cfg.data.eval_size)
     result = train(cfg, evaluate=evaluate)
