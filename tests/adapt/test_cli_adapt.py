@@ -131,3 +131,50 @@ def test_adapt_bad_gopro_views_is_one_clear_error(capsys):
     assert main(["adapt", "no-such-run", "--method", "gopro", "--gopro-views", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "at least 2 augmented views" in err and "--gopro" in err
+
+
+def _own_labelled_data(root, per_class=20):
+    """Colored discs with a manifest whose label column holds class names."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    lines = ["image,caption,label"]
+    for name, rgb in {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220)}.items():
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.full((36, 36, 3), 255, np.uint8)
+            y, x = rng.integers(8, 28, size=2)
+            yy, xx = np.mgrid[:36, :36]
+            pixels[(yy - y) ** 2 + (xx - x) ** 2 < 40] = rgb
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+            lines.append(f"{name}/{i}.png,a {name} disc,{name}")
+    (root / "m.csv").write_text("\n".join(lines) + "\n")
+    return root / "m.csv"
+
+
+def test_adapt_on_your_own_data_converted_into_a_shard_set(tiny_cfg, tmp_path, capsys):
+    """``--dataset shards --data-root DIR``: support sets from the shard set's train split, accuracy on its test split,
+    the class names those of the manifest's label column; a shard set without the three splits, a missing
+    --data-root and a folder that is not a shard set are one line each."""
+    from clipforge.data.convert import convert
+    from clipforge.train import train
+
+    train(tiny_cfg)
+    src = _own_labelled_data(tmp_path / "src")
+    manifest = convert(src, tmp_path / "shards", val_fraction=0.25, test_fraction=0.25, progress=False)
+    out = tmp_path / "adapt"
+    assert main(["adapt", tiny_cfg.out_dir, "--dataset", "shards", "--data-root", str(tmp_path / "shards"),
+                 "--method", "tip", "gda", "--shots", "2", "--out", str(out), "--quiet"]) == 0
+    res = json.loads((out / "adapt.json").read_text())
+    assert res["classnames"] == ["blue", "green", "red"] and res["view"] == "label"
+    assert res["n"]["test"] <= manifest["splits"]["test"]["count"] and res["n"]["test"] > 0
+    assert 0.0 <= res["shots"]["2"]["tip"]["test"] <= 1.0
+    capsys.readouterr()
+    convert(src, tmp_path / "train_only", progress=False)
+    for extra, words in (([], "give it with --data-root"),
+                         (["--data-root", str(tmp_path / "train_only")], "convert again with --val-fraction"),
+                         (["--data-root", str(tmp_path / "src")], "is not a shard set")):
+        assert main(["adapt", tiny_cfg.out_dir, "--dataset", "shards", *extra, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err, err

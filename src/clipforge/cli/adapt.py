@@ -75,8 +75,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "cuda:N or mps")
     p.add_argument("--method", nargs="+", default=["tip-f"], choices=[*METHODS, "all"], metavar="METHOD",
                    help=f"one or more of {', '.join(METHODS)}, or all (default tip-f)")
-    p.add_argument("--dataset", default="shapes", help="shapes (default) or a built corpus: openclipart, emoji")
-    p.add_argument("--data-root", help="where the corpus was built (default $CLIPFORGE_DATA/NAME)")
+    p.add_argument("--dataset", default="shapes",
+                   help="shapes (default), a built corpus (openclipart, emoji), or shards with --data-root DIR: your "
+                        "own labelled data converted by 'clipforge data convert SRC --out DIR --val-fraction 0.25 "
+                        "--test-fraction 0.25' (support sets from train, selection on val, accuracy on test)")
+    p.add_argument("--data-root", help="where the corpus was built (default $CLIPFORGE_DATA/NAME), or the shard "
+                                       "directory of --dataset shards")
     p.add_argument("--view", help="label view to classify (default: the dataset's default, 'shape' on shapes)")
     p.add_argument(
         "--shots", nargs="+", type=int, default=[16], help="support images per class; several give a curve (default 16)"
@@ -155,6 +159,24 @@ def summary_rows(results: dict) -> list[list]:
     return rows
 
 
+def _check_shard_set(root: str | None) -> None:
+    """``--dataset shards``: a shard directory with the three splits the experiment reads, else one clear line."""
+    from ..data.shards import MANIFEST, read_manifest
+    from ..errors import ConfigError
+
+    if not root:
+        raise ConfigError("--dataset shards reads a shard directory: give it with --data-root DIR (written by "
+                          "'clipforge data convert SRC --out DIR --val-fraction 0.25 --test-fraction 0.25')")
+    if not (Path(root) / MANIFEST).is_file():
+        raise ConfigError(f"{root} is not a shard set (no {MANIFEST}); write one with 'clipforge data convert SRC "
+                          f"--out {root} --val-fraction 0.25 --test-fraction 0.25'")
+    have = [s for s, info in read_manifest(root)["splits"].items() if info.get("count")]
+    missing = [s for s in ("train", "val", "test") if s not in have]
+    if missing:
+        raise ConfigError(f"{root} has the splits {have} but adapt needs train (support sets), val (selection) and "
+                          f"test (accuracy); convert again with --val-fraction and --test-fraction (e.g. 0.25 each)")
+
+
 def run(args) -> int:
     import dataclasses
     import json
@@ -174,6 +196,8 @@ def run(args) -> int:
     from .common import dump_json, quiet_logger, table
 
     device = resolve_device(args.device)  # an absent GPU is named before anything loads
+    if args.dataset == "shards":
+        _check_shard_set(args.data_root)
     methods = tuple(METHODS) if "all" in args.method else tuple(dict.fromkeys(args.method))
     init = None if args.coop_ctx_init.lower() == "none" else args.coop_ctx_init
     for name in ("tmm_epochs", "gopro_epochs", "coop_epochs"):
