@@ -138,3 +138,26 @@ def test_train_help_teaches_own_data(capsys):
         main(["train", "--help"])
     out = capsys.readouterr().out
     assert "data.dataset=csv:pairs.csv" in out and "clipforge data convert" in out
+
+
+def test_eval_without_dataset_evaluates_what_the_run_trained_on(tmp_path, monkeypatch, capsys):
+    """``clipforge eval RUN`` for a run trained on its own data reads the run's shard set (its val split here, the
+    conversion holding no test split) instead of shapes; ``--dataset`` given still wins."""
+    from clipforge.cli.evaluate import run_default_datasets
+
+    monkeypatch.setenv("CLIPFORGE_DATA", str(tmp_path / "home"))
+    csv = _pictures(tmp_path)
+    run = tmp_path / "a"
+    assert main(["train", f"out_dir={run}", f"data.dataset=csv:{csv}", *SMALL]) == 0
+    root = _config(run)["data"]["root"]
+    assert run_default_datasets(str(run)) == ([f"shards:{root}"], "val")
+    assert run_default_datasets(str(tmp_path / "nowhere")) == (["shapes"], None)
+    capsys.readouterr()
+    assert main(["eval", str(run), "--quiet", "--no-cache", "--json", "--tasks", "zero_shot,retrieval"]) == 0
+    captured = capsys.readouterr()
+    res = json.loads(captured.out.strip().splitlines()[-1])
+    assert res["dataset"] == f"shards:{root}" and set(res["retrieval"]) == {"val"}
+    assert "no --dataset: evaluating on the held-out data" in captured.err
+    assert main(["eval", str(run), "--quiet", "--no-cache", "--json", "--tasks", "zero_shot", "--size", "20",
+                 "--dataset", "shapes"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["dataset"] == "shapes"

@@ -143,6 +143,23 @@ def test_diagnostics():
     assert same["modality_gap"] < 0.3 and 0.3 < same["modality_classifier_accuracy"] < 0.7  # indistinguishable
 
 
+def test_modality_classifier_on_a_handful_of_samples_uses_fewer_folds_or_none():
+    """3 image-text pairs: 3 stratified folds, the same number sklearn's cross_val_score gives on the same order
+    (what ``clipforge eval`` on a small val split used to die on: 5 folds > 3 samples); one pair: None."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g) + 2
+    x = np.concatenate([F.normalize(img.double(), dim=-1).numpy(), F.normalize(txt.double(), dim=-1).numpy()])
+    y = np.array([0.0] * 3 + [1.0] * 3)
+    order = np.random.default_rng(0).permutation(6)
+    want = cross_val_score(LogisticRegression(max_iter=1000), x[order], y[order], cv=3).mean()
+    assert embedding_diagnostics(img, txt)["modality_classifier_accuracy"] == pytest.approx(want)
+    one = embedding_diagnostics(img[:1], txt[:1])
+    assert one["modality_classifier_accuracy"] is None and one["uniformity_image"] is None and one["modality_gap"] > 0
+
+
 def test_degenerate_embeddings_get_chance_not_a_crash():
     """All image embeddings equal: OOD AUROC 0.5, count choice at chance, no perfect scores."""
     img = F.normalize(torch.ones(20, 4), dim=-1)

@@ -10,6 +10,7 @@ clipforge eval runs/a --dataset imagefolder:photos/ --dataset csv:pairs.csv --da
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from .common import add_load_arguments, load_options
@@ -51,7 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     g = p.add_argument_group("your own data (imagefolder:, wds:, csv:, jsonl:, parquet:, shards: specs)")
-    g.add_argument("--split", default="test", help="the split of wds:/shards: datasets to evaluate (default test)")
+    g.add_argument("--split", help="the split of wds:/shards: datasets to evaluate (default test; val for a run "
+                                    "trained on its own data whose shard set has no test split)")
     g.add_argument("--templates", default="openai_imagenet",
                    help="prompt templates where the dataset has none: openai_imagenet (80, default), openai_short (7), "
                         "simple ('a photo of a {c}.'), or a file with one template per line ({c} marks the class name)")
@@ -89,8 +91,9 @@ def summary_rows(results: dict) -> list[list]:
         rows.append([f"zero-shot {view}, GRAIN descriptions (alpha {r['alpha']:g})", "top-1", r["top1"], ""])
     if "diagnostics" in results:
         d = results["diagnostics"]
-        rows += [["embedding space", "modality gap", d["modality_gap"], ""],
-                 ["embedding space", "modality classifier accuracy", d["modality_classifier_accuracy"], 0.5]]
+        rows.append(["embedding space", "modality gap", d["modality_gap"], ""])
+        if d.get("modality_classifier_accuracy") is not None:  # None: too few samples to cross-validate
+            rows.append(["embedding space", "modality classifier accuracy", d["modality_classifier_accuracy"], 0.5])
     for view, r in results.get("linear_probe", {}).items():
         rows.append([f"linear probe {view} ({r['num_classes']} classes)", "top-1", r["top1"], 1 / r["num_classes"]])
         if "top1_heldout_pairs" in r:
@@ -134,6 +137,30 @@ def _options(args):
 
     return SpecOptions(split=args.split, templates=args.templates, classnames=args.classnames,
                        label_column=args.label_column, image_column=args.image_column)
+
+
+def run_default_datasets(model: str) -> tuple[list[str], str | None]:
+    """What ``--dataset`` left out means: for a run directory, the held-out data of what it trained on (``shapes``,
+    its built corpora, or ``shards:ROOT`` of a shard set, e.g. the one ``data.dataset=csv:FILE`` converted, with its
+    ``test`` split, else ``val``) and that split; ``(["shapes"], None)`` otherwise."""
+    import yaml
+
+    from ..data.shards import MANIFEST, read_manifest
+    from ..evaluation.datasets import is_builtin
+
+    config = Path(model) / "config.yaml"
+    if not config.is_file():
+        return ["shapes"], None
+    data = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
+    dataset, root = str(data.get("dataset") or "shapes"), data.get("root")
+    if dataset == "shards" and root and (Path(root) / MANIFEST).is_file():
+        splits = read_manifest(root)["splits"]
+        split = next((s for s in ("test", "val") if (splits.get(s) or {}).get("count")), None)
+        if split is not None:
+            return [f"shards:{root}"], split
+    elif not root and all(is_builtin(part) for part in dataset.split("+")):
+        return dataset.split("+"), None
+    return ["shapes"], None
 
 
 def _read_specs(specs: list[str], args) -> tuple[dict, object, object]:
@@ -205,7 +232,11 @@ def run(args) -> int:
     from ..interop import load
     from .common import dump_json, table
 
-    specs = args.dataset or ["shapes"]
+    specs, split = (args.dataset, None) if args.dataset else run_default_datasets(args.model)
+    if not args.dataset and specs != ["shapes"]:
+        print(f"no --dataset: evaluating on the held-out data of what {args.model} trained on: {', '.join(specs)}"
+              f"{f' (split {args.split or split})' if split else ''}", file=sys.stderr)
+    args.split = args.split or split or "test"
     if len(set(specs)) != len(specs):
         raise ValueError(f"--dataset names the same dataset twice ({specs}); give each once")
     if args.batch_size < 1 or args.workers < 0:

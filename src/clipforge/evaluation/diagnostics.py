@@ -50,12 +50,17 @@ def modality_separability(image_features: Tensor, text_features: Tensor, folds: 
 
 
 def embedding_diagnostics(image_features: Tensor, text_features: Tensor) -> dict:
+    """The embedding-space numbers of the suite's ``diagnostics`` task. The modality classifier is cross-validated
+    with at most 5 folds and no more folds than either side has samples (a stratified fold needs one of each); with
+    fewer than 2 on a side it is None (nothing to cross-validate), as is the uniformity of a single embedding."""
+    folds = min(5, len(image_features), len(text_features))
     return {
         "modality_gap": modality_gap(image_features, text_features),
-        "uniformity_image": uniformity(image_features),
-        "uniformity_text": uniformity(text_features),
+        "uniformity_image": uniformity(image_features) if len(image_features) > 1 else None,  # needs a pair
+        "uniformity_text": uniformity(text_features) if len(text_features) > 1 else None,
         "alignment": alignment(image_features, text_features),
         "effective_rank_image": effective_rank(image_features),
         "effective_rank_text": effective_rank(text_features),
-        "modality_classifier_accuracy": modality_separability(image_features, text_features),
+        "modality_classifier_accuracy": modality_separability(image_features, text_features, folds=folds)
+        if folds >= 2 else None,
     }
