@@ -36,7 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-root", help="where the corpus was built (default $CLIPFORGE_DATA/NAME or ~/.cache/clipforge/data/NAME)"
     )
-    p.add_argument("--size", type=int, default=500, help="samples per evaluation split (default 500)")
+    p.add_argument("--size", type=int, default=500,
+                   help="shapes and built corpora: samples per evaluation split (default 500); the specs of your own "
+                        "data (imagefolder:, csv:, shards:, ...) are evaluated whole, as CLIP_benchmark does")
     p.add_argument("--grain-alpha", type=float, metavar="ALPHA",
                    help="shapes only, for a run that trained the grain loss term: also score the zero-shot views with "
                    "GRAIN's region-grounded class descriptions, ALPHA x image-class score + (1 - ALPHA) x description "
