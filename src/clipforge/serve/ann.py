@@ -318,6 +318,8 @@ def tune(index, kind: str, vectors: np.ndarray, search, target: float = RECALL_T
     """The smallest nprobe / efSearch whose recall@k against exact search reaches ``target``.
 
     ``search(queries, k)`` is the backend's search (with its re-ranking), so what is tuned is what is served.
+    When no value reaches ``target`` the largest is returned with the recall it gave: the caller says what the miss
+    means (``clipforge index`` warns, or replaces an auto-chosen HNSW graph by IVF-Flat and says that instead).
     """
     q = tuning_queries(vectors)
     truth = exact_topk(vectors, q, k)
@@ -335,7 +337,6 @@ def tune(index, kind: str, vectors: np.ndarray, search, target: float = RECALL_T
         tried[v] = round(r, 4)
         if r >= target:
             return Tuning(param, v, r, tried)
-    log.warning("%s: recall@%d %.3f below the target %.2f even at %s=%d", kind, k, r, target, param, values[-1])
     return Tuning(param, values[-1], r, tried)
 
 
