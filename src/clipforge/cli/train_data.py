@@ -149,5 +149,7 @@ def evaluate_shard_set(model, tokenizer, root: str, size: int) -> dict[str, Any]
     tasks = [t for t, needs in (("zero_shot", test.labels), ("retrieval", test.captions)) if needs is not None]
     if not tasks:
         return {}
-    res = run_user_suite(model, tokenizer, data, tasks=tasks, cache_dir=None, progress=False, workers=0).results
+    device = str(next(model.parameters()).device)  # where the run trains (the batches follow the model)
+    res = run_user_suite(model, tokenizer, data, tasks=tasks, cache_dir=None, progress=False, workers=0,
+                         device=device).results
     return {task: res[task] for task in tasks if "skipped" not in res[task]}  # retrieval's key names the split
