@@ -24,16 +24,17 @@ VAL_FRACTION = 0.05  # held out as val for the evaluation at the end of the run
 MIN_STORED_SIZE = 256  # px, the shortest side a converted image keeps (more when the model's input is larger)
 CHECKPOINT_STORED_SIZE = 384  # init_from: the input size is the checkpoint's (224-384 px for CLIP/SigLIP releases)
 
-OWN_DATA_HELP = """\
+OWN_DATA_HELP = """
 Your own data (the --dataset prefixes of clipforge eval):
-  data.dataset=csv:pairs.csv  or tsv:, jsonl:, parquet: (columns image, caption..., optional label...),
-  data.dataset=imagefolder:DIR (images with a .txt caption beside each; subfolders become the label view
-  'folder'), data.dataset=wds:DIR (webdataset .tar shards, e.g. img2dataset's output)
-                             converted once into shards under $CLIPFORGE_DATA/converted (or data.root=DIR):
-                             5% held out as val by a hash of each record, images center-cropped to 256 px
-                             (or the model's input size when larger); the run trains on the rest and evaluates
-                             on val at the end. Other choices: clipforge data convert SRC --out DIR [flags],
-                             then data.dataset=shards data.root=DIR
+  data.dataset=csv:pairs.csv a manifest (also tsv:, jsonl:, parquet:) with the columns image, caption...
+                             and optionally label... (class indices or names)
+  data.dataset=imagefolder:DIR
+                             images with a .txt caption beside each; subfolders become the label view 'folder'
+  data.dataset=wds:DIR       webdataset .tar shards (e.g. img2dataset's output, or DIR/train/*.tar)
+Each is converted once into shards under $CLIPFORGE_DATA/converted (or data.root=DIR): 5% held out as val by a
+hash of each record, images center-cropped to 256 px (or the model's input size when larger); the run trains on
+the rest and evaluates on val at the end. Other choices: clipforge data convert SRC --out DIR [flags], then
+data.dataset=shards data.root=DIR.
 """
 
 
