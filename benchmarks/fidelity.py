@@ -7,6 +7,7 @@
     python benchmarks/fidelity.py NAME ... --time          # seconds per step of each training arm, steps in 30 min
     python benchmarks/fidelity.py NAME|all --estimate      # projected time from the runs already recorded
     python benchmarks/fidelity.py --merge A.json B.json    # add runs made elsewhere (other machines, sessions)
+    python benchmarks/fidelity.py --stale [NAME ...]       # which recorded runs the tree's edits take off the code
     python benchmarks/fidelity.py NAME|all --rerun-stale   # rerun the runs whose code changed since
     python benchmarks/fidelity.py all --jobs 16            # 16 runs side by side (one per core), longest first
 
@@ -969,6 +970,23 @@ def code_states(data: Mapping, shared: Collection[str]) -> dict[int, tuple[str, 
     return out
 
 
+def stale_summary(data: Mapping, shared: Collection[str]) -> tuple[dict[str, int], dict[str, int]]:
+    """What the tree's edits take from the verdicts: ``(runs not on the current code by recipe, changed units by
+    the number of runs that ran them)``, a run counting when it ran edited code itself or shares a unit with one
+    that did (:func:`code_states`); runs recorded without a code manifest are left out."""
+    from collections import Counter
+
+    recipes: Counter[str] = Counter()
+    units: Counter[str] = Counter()
+    states = code_states(data, shared)
+    for r in data["runs"]:
+        state, files = states[id(r)]
+        if state in ("changed", "unit"):
+            recipes[r["experiment"]] += 1
+            units.update(files if state == "changed" else [])
+    return recipes, units
+
+
 def shared_recipes(directory: Path = RECIPES) -> set[str]:
     """The names of the shipped recipes that share artifacts (read from their YAML, without importing their
     modules)."""
@@ -1669,6 +1687,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--merge", type=Path, nargs="+", metavar="FILE",
                     help="add the runs of these fidelity.json files to OUT/fidelity.json (duplicates skipped), "
                          "then regenerate the report")
+    ap.add_argument("--stale", action="store_true",
+                    help="the recorded runs (by recipe) that ran code edited since, and the edited units they ran: "
+                         "run it before and after an edit of src/ or benchmarks/ to see which verdicts it would "
+                         "take off the current code (a changed signature or module constant counts for every run "
+                         "that imported the module)")
     ap.add_argument("--estimate", action="store_true",
                     help="print the projected time of the named experiments at their "
                     "default budgets and the given seeds, from the runs in OUT/fidelity.json")
@@ -1681,7 +1704,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         all_names = recipe_names()
         names = all_names if (not a.names or a.names == ["all"]) else a.names
-        if not a.names and not (a.report_only or a.list or a.estimate or a.time or a.merge):
+        if not a.names and not (a.report_only or a.list or a.estimate or a.time or a.merge or a.stale):
             ap.error("name an experiment or 'all' (see --list)")
         if (a.steps is not None and a.steps < 1) or (a.batch is not None and a.batch < 1) or a.eval_size < 1:
             ap.error("--steps, --batch and --eval-size must be positive")
@@ -1717,6 +1740,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{t['steps_in_30_min']} steps in 30 min (median of {t['windows']} windows; {a.threads} threads, "
                       f"load average {t['load_average']:.1f})",
                       flush=True)
+        return 0
+    if a.stale:
+        data = load_results(a.out / "fidelity.json")
+        if a.names and a.names != ["all"]:  # else every recorded run, of a shipped recipe or not
+            data = {**data, "runs": [r for r in data["runs"] if r["experiment"] in set(a.names)]}
+        by_recipe, by_unit = stale_summary(data, shared_recipes())
+        total = sum(by_recipe.values())
+        print(f"{total} of {len(data['runs'])} recorded runs are not on the current code" + (":" if total else ""))
+        for name, n in sorted(by_recipe.items()):
+            print(f"  {name:30s} {n:4d}")
+        if by_unit:
+            print("edited units, by the runs that ran them:")
+            for unit, n in sorted(by_unit.items(), key=lambda kv: (-kv[1], kv[0])):
+                print(f"  {n:4d}  {unit}")
         return 0
     if a.estimate:
         runs = load_results(a.out / "fidelity.json")["runs"]

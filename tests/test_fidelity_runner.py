@@ -438,9 +438,9 @@ def test_merge_adds_runs_from_other_files_once(fid, tmp_path):
         fid.merge_results(out, [tmp_path / "bad.json"])
 
 
-def test_runs_record_the_files_they_executed_and_edits_make_them_stale(fid, monkeypatch, tmp_path):
+def test_runs_record_the_files_they_executed_and_edits_make_them_stale(fid, monkeypatch, tmp_path, capsys):
     """A run records the source files its code executed (not the ones merely imported); editing one of them marks
-    the run as run on changed code in the report, and --rerun-stale reruns just that run."""
+    the run as run on changed code in the report and in ``--stale``, and --rerun-stale reruns just that run."""
     src = tmp_path / "repo" / "src"
     src.mkdir(parents=True)
     (src / "used.py").write_text("def f():\n    return 0.5\n")
@@ -474,6 +474,10 @@ def test_runs_record_the_files_they_executed_and_edits_make_them_stale(fid, monk
     report = fid.markdown([r], data)
     assert "3 ran code edited since (src/used.py::f)" in report and "(3 on changed code)" in report
 
+    assert fid.stale_summary(data, set()) == ({"t": 3}, {"src/used.py::f": 3})
+    assert fid.main(["--stale", "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("3 of 6 recorded runs are not on the current code") and "3  src/used.py::f" in printed
     fid.run([r], [0, 1, 2], tmp_path / "out", eval_size=500, log=lambda m: None)  # plain rerun: nothing recomputed
     assert len(calls) == 6
     data = fid.run([r], [0, 1, 2], tmp_path / "out", eval_size=500, log=lambda m: None, rerun_stale=True)
