@@ -140,7 +140,7 @@ def test_train_help_teaches_own_data(capsys):
     assert "data.dataset=csv:pairs.csv" in out and "clipforge data convert" in out
 
 
-def test_eval_without_dataset_evaluates_what_the_run_trained_on(tmp_path, monkeypatch, capsys):
+def test_eval_without_dataset_evaluates_what_the_run_trained_on(tmp_path, monkeypatch, capsys, caplog):
     """``clipforge eval RUN`` for a run trained on its own data reads the run's shard set (its val split here, the
     conversion holding no test split) instead of shapes; ``--dataset`` given still wins."""
     from clipforge.cli.evaluate import run_default_datasets
@@ -152,6 +152,12 @@ def test_eval_without_dataset_evaluates_what_the_run_trained_on(tmp_path, monkey
     root = _config(run)["data"]["root"]
     assert run_default_datasets(str(run)) == ([f"shards:{root}"], "val")
     assert run_default_datasets(str(tmp_path / "nowhere")) == (["shapes"], None)
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    (gone / "config.yaml").write_text(f"data:\n  dataset: shards\n  root: {tmp_path / 'deleted'}\n")
+    with caplog.at_level("WARNING", logger="clipforge.cli.evaluate"):
+        assert run_default_datasets(str(gone)) == (["shapes"], None)
+    assert "no held-out split to evaluate here: evaluating on shapes" in caplog.text
     capsys.readouterr()
     assert main(["eval", str(run), "--quiet", "--no-cache", "--json", "--tasks", "zero_shot,retrieval"]) == 0
     captured = capsys.readouterr()

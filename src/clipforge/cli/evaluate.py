@@ -162,6 +162,12 @@ def run_default_datasets(model: str) -> tuple[list[str], str | None]:
             return [f"shards:{root}"], split
     elif not root and all(is_builtin(part) for part in dataset.split("+")):
         return dataset.split("+"), None
+    if dataset != "shapes":
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "%s trained on data.dataset=%s%s, which has no held-out split to evaluate here: evaluating on shapes "
+            "(name the data with --dataset)", model, dataset, f" at {root}" if root else "")
     return ["shapes"], None
 
 
