@@ -167,3 +167,29 @@ def test_eval_without_dataset_evaluates_what_the_run_trained_on(tmp_path, monkey
     assert main(["eval", str(run), "--quiet", "--no-cache", "--json", "--tasks", "zero_shot", "--size", "20",
                  "--dataset", "shapes"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["dataset"] == "shapes"
+
+
+def test_a_shard_set_larger_than_the_default_train_size_trains_on_all_of_it(tmp_path, caplog):
+    """``data.train_size`` keeps a seeded subset of a shard set; left at its default (20,000) below the train split's
+    size it is raised to that size, set explicitly it is kept with a warning; streaming and smaller sets unchanged."""
+    import dataclasses
+
+    from clipforge.cli.train_data import fit_train_size
+    from clipforge.train import load_config
+
+    root = tmp_path / "big"
+    root.mkdir()
+    (root / "manifest.json").write_text(json.dumps({"splits": {"train": {"count": 30_000}, "val": {"count": 10}}}))
+    cfg = load_config(None, ["data.dataset=shards", f"data.root={root}"])
+    assert cfg.data.train_size == 20_000
+    assert fit_train_size(cfg).data.train_size == 30_000
+    explicit = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_size=5_000))
+    with caplog.at_level("WARNING", logger="clipforge.cli.train_data"):
+        assert fit_train_size(explicit).data.train_size == 5_000
+    assert "data.train_size=30000 uses them all" in caplog.text
+    streaming = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, streaming=True))
+    assert fit_train_size(streaming) is streaming
+    (root / "manifest.json").write_text(json.dumps({"splits": {"train": {"count": 300}}}))
+    assert fit_train_size(cfg) is cfg
+    shapes = load_config(None, [])
+    assert fit_train_size(shapes) is shapes

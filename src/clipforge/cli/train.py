@@ -79,13 +79,14 @@ def run(args) -> int:
     from ..train.config import to_yaml
     from ..train.distributed import is_main_process
     from .common import eval_rows, table
-    from .train_data import convert_own_data, evaluate_shard_set
+    from .train_data import convert_own_data, evaluate_shard_set, fit_train_size
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(to_yaml(cfg))
         return 0
     cfg = convert_own_data(cfg, progress=cfg.progress)  # data.dataset=csv:FILE and the like: shards converted once
+    cfg = fit_train_size(cfg)  # a shard set trains on all of its train split unless data.train_size says otherwise
     # functools.partial, not lambdas: with distributed.nproc > 1 they travel to the started processes by pickling
     evaluate = None
     if not args.no_eval and cfg.data.dataset == "shapes":

@@ -124,6 +124,28 @@ def convert_own_data(cfg, progress: bool = True):
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset="shards", root=str(out)))
 
 
+def fit_train_size(cfg):
+    """``cfg`` with ``data.train_size`` raised to the shard set's train split when it is a map-style run on a shard
+    set larger than the default 20,000 (``data.train_size`` keeps a seeded subset of that many samples: right for
+    the procedural ``shapes``, a silent cut of the user's own data); a value set below the split's size is kept,
+    with a warning saying how much of the data it leaves out. Streaming runs read every shard anyway."""
+    from ..data.shards import read_manifest
+    from ..train.config import DataConfig
+
+    if cfg.data.dataset != "shards" or not cfg.data.root or cfg.data.streaming:
+        return cfg
+    count = int((read_manifest(cfg.data.root)["splits"].get("train") or {}).get("count", 0))
+    if count <= cfg.data.train_size:
+        return cfg
+    if cfg.data.train_size != DataConfig().train_size:
+        log.warning("data.train_size=%d trains on a seeded subset of the %d samples of %s's train split; "
+                    "data.train_size=%d uses them all", cfg.data.train_size, count, cfg.data.root, count)
+        return cfg
+    log.info("data.train_size: %d, the train split of %s (the default 20000 would keep a subset)", count,
+             cfg.data.root)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_size=count))
+
+
 def evaluate_shard_set(model, tokenizer, root: str, size: int) -> dict[str, Any]:
     """Zero-shot (the first label view, when there is one) and retrieval on a shard set's ``test`` split, else its
     ``val`` split, at most ``size`` samples of it (a seeded choice); ``{}`` with a log line when it has neither."""
