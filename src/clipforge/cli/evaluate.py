@@ -147,8 +147,9 @@ def run_default_datasets(model: str) -> tuple[list[str], str | None]:
     ``test`` split, else ``val``) and that split; ``(["shapes"], None)`` otherwise."""
     import yaml
 
-    from ..data.shards import MANIFEST, read_manifest
+    from ..data.shards import MANIFEST
     from ..evaluation.datasets import is_builtin
+    from .train_data import held_out_split
 
     config = Path(model) / "config.yaml"
     if not config.is_file():
@@ -156,8 +157,7 @@ def run_default_datasets(model: str) -> tuple[list[str], str | None]:
     data = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
     dataset, root = str(data.get("dataset") or "shapes"), data.get("root")
     if dataset == "shards" and root and (Path(root) / MANIFEST).is_file():
-        splits = read_manifest(root)["splits"]
-        split = next((s for s in ("test", "val") if (splits.get(s) or {}).get("count")), None)
+        split = held_out_split(root)
         if split is not None:
             return [f"shards:{root}"], split
     elif not root and all(is_builtin(part) for part in dataset.split("+")):

@@ -19,7 +19,6 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-SOURCE_PREFIXES = ("csv", "tsv", "jsonl", "parquet", "imagefolder", "wds")
 VAL_FRACTION = 0.05  # held out as val for the evaluation at the end of the run
 MIN_STORED_SIZE = 256  # px, the shortest side a converted image keeps (more when the model's input is larger)
 CHECKPOINT_STORED_SIZE = 384  # init_from: the input size is the checkpoint's (224-384 px for CLIP/SigLIP releases)
@@ -39,9 +38,12 @@ data.dataset=shards data.root=DIR.
 
 
 def source_spec(dataset: str) -> tuple[str, Path] | None:
-    """``(prefix, path)`` when ``data.dataset`` names the user's own data, else None."""
+    """``(prefix, path)`` when ``data.dataset`` names the user's own data (a prefix of ``clipforge eval --dataset``
+    other than ``shards:``, which training names ``data.dataset=shards data.root=DIR``), else None."""
+    from ..evaluation.datasets import PREFIXES
+
     prefix, sep, rest = dataset.partition(":")
-    if not sep or prefix not in SOURCE_PREFIXES:
+    if not sep or prefix not in PREFIXES or prefix == "shards":
         return None
     return prefix, Path(rest).expanduser()
 
@@ -146,17 +148,23 @@ def fit_train_size(cfg):
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_size=count))
 
 
+def held_out_split(root: str) -> str | None:
+    """The split of a shard set that evaluation reads: ``test``, else ``val``; None when it has neither."""
+    from ..data.shards import read_manifest
+
+    splits = read_manifest(root)["splits"]
+    return next((s for s in ("test", "val") if (splits.get(s) or {}).get("count")), None)
+
+
 def evaluate_shard_set(model, tokenizer, root: str, size: int) -> dict[str, Any]:
     """Zero-shot (the first label view, when there is one) and retrieval on a shard set's ``test`` split, else its
     ``val`` split, at most ``size`` samples of it (a seeded choice); ``{}`` with a log line when it has neither."""
     import numpy as np
 
-    from ..data.shards import read_manifest
     from ..evaluation.datasets import SpecOptions, load_eval_data
     from ..evaluation.user_suite import run_user_suite
 
-    splits = read_manifest(root)["splits"]
-    split = next((s for s in ("test", "val") if splits.get(s, {}).get("count")), None)
+    split = held_out_split(root)
     if split is None:
         log.warning("%s has no test or val split: no evaluation at the end of the run (clipforge eval RUN "
                     "--dataset SPEC evaluates it on other data)", root)
