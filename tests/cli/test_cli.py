@@ -23,6 +23,49 @@ def test_each_command_has_help(cmd, capsys):
     assert "usage: clipforge " + cmd in capsys.readouterr().out
 
 
+def _command_parsers():
+    """(name, parser) of every command and every ``data`` action."""
+    import argparse
+
+    from clipforge.cli.main import build_parser
+
+    def subparsers(parser):
+        return next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
+
+    for name, parser in subparsers(build_parser()).items():
+        yield name, parser
+        for action, sub in subparsers(parser).items():
+            yield f"{name} {action}", sub
+
+
+def test_every_option_says_what_it_does_and_its_default():
+    """`clipforge COMMAND --help` teaches: no option without a help text, and an option whose default is a
+    value (not None or a flag's False) shows it, in the help text or appended by the formatter."""
+    import argparse
+
+    missing, no_default = [], []
+    for name, parser in _command_parsers():
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if not action.option_strings or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                continue
+            flag = f"{name} {action.option_strings[-1]}"
+            if not action.help:
+                missing.append(flag)
+            shown = formatter._get_help_string(action)
+            if action.default is not None and action.default is not False and "default" not in shown.lower():
+                no_default.append(flag)
+    assert not missing, f"options without help: {missing}"
+    assert not no_default, f"options whose default --help does not show: {no_default}"
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        main(["upcycle", "--help"])
+    assert "experts E per MoE layer (default 4)" in " ".join(out.getvalue().split())
+
+
 def test_console_script_installed():
     """The ``clipforge`` script pip wrote next to this interpreter runs (``python -m`` would bypass the entry point)."""
     import shutil

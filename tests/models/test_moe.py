@@ -210,3 +210,25 @@ def test_cli_upcycle(tmp_path, capsys):
     save_model(create_model("mobileclip-tiny", seed=0), tmp_path / "mobile")
     assert main(["upcycle", str(tmp_path / "mobile"), "--out", str(tmp_path / "x"), "--quiet"]) == 2
     assert "FFN layers" in capsys.readouterr().err
+
+
+def test_cli_upcycle_logs_each_progress_line_once_and_quiet_silences_them(tmp_path, capsys):
+    """The progress lines go through clipforge's console handler alone: a separate process (where pytest's own
+    root handlers do not hide a second handler) prints each once; ``--quiet`` leaves only the result line."""
+    import subprocess
+    import sys
+
+    from clipforge.cli.main import main
+
+    save_model(create_model("tiny", seed=0, **SMALL), tmp_path / "dense")
+    args = ["upcycle", str(tmp_path / "dense"), "--experts", "2", "--top-k", "1", "--stage-steps", "1",
+            "--train-size", "32", "--batch-size", "8", "--clusters", "2"]
+    done = subprocess.run([sys.executable, "-m", "clipforge.cli.main", *args, "--out", str(tmp_path / "a")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = (done.stdout + done.stderr).splitlines()
+    progress = [line for line in lines if line.startswith("multiplet stage 1 step 1/1")]
+    assert len(progress) == 1, lines
+    assert main([*args, "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert "multiplet stage 1" not in out + err and "2 experts, top-1" in out

@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=int, default=32, help="tokens per caption, start and end included (default 32)")
     p.add_argument("--size", type=int, default=500, help="images taken from --dataset (default 500)")
     p.add_argument("--seed", type=int, default=12345, help="--dataset seed, and MacCap's noise seed (default 12345)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--out", required=True, help="output .jsonl file, one record per image")
     add_load_arguments(p)
 

@@ -43,11 +43,11 @@ def add_shapes_training_arguments(p: argparse.ArgumentParser, steps: int, batch_
                                   lr_help: str | None = None) -> None:
     """The training-loop options of the commands that train on ``shapes`` scenes with a frozen partner
     (``train-diffusion``, ``diffusion-feedback``): steps, batch size, learning rate, scenes, seed, ``--quiet``."""
-    p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--batch-size", type=int, default=batch_size)
-    p.add_argument("--lr", type=float, default=lr, help=lr_help)
+    p.add_argument("--steps", type=int, default=steps, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=batch_size, help="shapes scenes per step")
+    p.add_argument("--lr", type=float, default=lr, help=lr_help or "AdamW learning rate")
     p.add_argument("--train-size", type=int, default=4096, help="shapes train scenes (default 4096)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the scenes, their order and new weights")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 

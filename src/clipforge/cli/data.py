@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -23,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..data.corpora import BUILDERS
 
     sub = p.add_subparsers(dest="data_command", metavar="ACTION")
-    b = sub.add_parser("build", help="render a corpus from installed packages into shards",
+    action = functools.partial(sub.add_parser, formatter_class=p.formatter_class)  # defaults shown as in `data`
+    b = action("build", help="render a corpus from installed packages into shards",
                        description="render a corpus from installed packages into train/val/test webdataset shards")
     b.add_argument("name", choices=sorted(BUILDERS), help="the corpus")
     b.add_argument("--out", help="shard directory (default: $CLIPFORGE_DATA/NAME or ~/.cache/clipforge/data/NAME)")
@@ -35,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="near duplicates: 128-bit dHash Hamming distance at most this (default 8); "
                         "groups of them touching train go to train")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
-    c = sub.add_parser("convert", help="convert a manifest, image folder or shards into a shard directory",
+    c = action("convert", help="convert a manifest, image folder or shards into a shard directory",
                        description="convert anything the format readers read (CSV/TSV/JSONL/Parquet manifest, "
                                    "image folder with .txt captions, webdataset .tar or folder of them) into "
                                    "webdataset shards with manifest.json and stats.json; rerun to resume")
@@ -51,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="image folders: label view 'folder' = the first-level folder")
     c.add_argument("--name", help="dataset name in the manifest (default: the source's name)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
-    e = sub.add_parser("export-wds", help="write an image folder, manifest or shard directory in CLIP_benchmark's "
+    e = action("export-wds", help="write an image folder, manifest or shard directory in CLIP_benchmark's "
                                           "webdataset layout",
                        description="write SRC as DIR/<split>/{0..N-1}.tar + nshards.txt, classnames.txt, "
                                    "zeroshot_classification_templates.txt (classification) or dataset_type.txt "
@@ -67,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="templates written where the source has none: openai_imagenet, openai_short, simple or a file")
     e.add_argument("--max-count", type=int, default=10_000, help="samples per tar shard (default 10000)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
-    u = sub.add_parser("curate", help="MetaCLIP curation: a balanced subset of a shard set's train split",
+    u = action("curate", help="MetaCLIP curation: a balanced subset of a shard set's train split",
                        description="MetaCLIP curation (Xu et al., 'Demystifying CLIP Data', 2023) of SRC's train "
                                    "split: keep the samples whose captions contain a metadata entry (substring match), "
                                    "then balance: a sample matching entry e is kept with probability t/count(e) "
@@ -87,7 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     u.add_argument("--word-boundary", action="store_true",
                    help="match whole words only (default: substrings, as MetaCLIP: 'cat' matches 'category')")
     u.add_argument("--shard-size-mb", type=float, default=64, help="target size of one shard in MB (default 64)")
-    k = sub.add_parser("cluster", help="MLCD's offline step: k-means centers of a trained model's image features",
+    k = action("cluster", help="MLCD's offline step: k-means centers of a trained model's image features",
                        description="embed the training images with a trained model (once, offline), cluster the "
                                    "features into K centers and store centers and features with the model's and the "
                                    "data's identity; train with loss='{clip: 1, mlcd: {clusters: FILE}}'")
@@ -100,12 +102,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     k.add_argument("--iters", type=int, default=20, help="k-means iterations (default 20)")
     k.add_argument("--cluster-seed", type=int, default=0, help="seed of the k-means start (default 0)")
     k.add_argument("--out", help="the cluster file (default: next to the data for shard datasets)")
-    i = sub.add_parser(
+    i = action(
         "info", help="summarize a built shard directory", description="summarize a built shard directory"
     )
     i.add_argument("dir", help="a shard directory, or the name of a corpus in the data home")
     i.add_argument("--json", action="store_true", help="print manifest and stats as one JSON object")
-    r = sub.add_parser("reinforce", help="write MobileCLIP's reinforced dataset: K stored augmentations, synthetic "
+    r = action("reinforce", help="write MobileCLIP's reinforced dataset: K stored augmentations, synthetic "
                                          "captions and teacher embeddings per augmentation and caption",
                        description="write MobileCLIP's reinforced dataset (train with data.reinforced=DIR and a "
                                    "distillation term, e.g. loss={clip: 1.0, distill_kl: 1.0})")

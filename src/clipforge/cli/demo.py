@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-size", type=int, default=500, help="samples per evaluation split (default 500)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="autocast precision (default auto: bf16 where this CPU has fast bf16 kernels, else fp32)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the model's initialization and the data order")
     p.add_argument("--json", action="store_true", help="print one JSON object with the results as the last line")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

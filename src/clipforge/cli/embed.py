@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out", required=True, help="output file: .npy (array [N, d]) or .parquet (columns: item, embedding)"
     )
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="images or texts per forward pass")
     p.add_argument("--device", default="auto",
                    help="where the model runs: auto (a GPU when there is one, else the CPU; default), cpu, cuda, "
                         "cuda:N or mps")

@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-entities", type=int, default=16, help="entities per fine-tuning batch (default 16)")
     p.add_argument("--per-entity", type=int, default=4, help="records per entity in a batch (default 4)")
     p.add_argument("--temperature", type=float, default=0.1, help="supervised contrastive temperature (default 0.1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the fine-tuning batches")
     p.add_argument("--save-model", metavar="DIR", help="save the fine-tuned model here (clipforge model directory)")
     add_load_arguments(p)
 

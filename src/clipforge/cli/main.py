@@ -69,12 +69,24 @@ Run 'clipforge COMMAND --help' for the options of one command.
 """
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Epilogs kept as written (they hold examples), and every option's help ends with its default unless the
+    help already names one; defaults that mean "not given" (None, False) are not shown."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if not action.option_strings or unset or text == argparse.SUPPRESS or "default" in text.lower():
+            return text
+        return f"{text} (default %(default)s)" if text else "default %(default)s"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clipforge",
         description="clipforge: contrastive language-image pre-training (CLIP) and the methods that improved it.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     from clipforge import __version__
 
@@ -82,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(
-            name, help=help_text, description=help_text, formatter_class=argparse.RawDescriptionHelpFormatter
+            name, help=help_text, description=help_text, formatter_class=HelpFormatter
         )
         p.set_defaults(_module=module)
         importlib.import_module(module).add_arguments(p)

