@@ -58,6 +58,19 @@ def test_broken_yaml_config_names_the_file(capsys, tmp_path):
     assert str(bad) in err and "YAML" in err
 
 
+def test_a_config_file_given_as_an_override_points_to_config(capsys, tmp_path):
+    """`clipforge train configs/x.yaml steps=10`: one line naming --config, before anything is trained."""
+    config = tmp_path / "x.yaml"
+    config.write_text("steps: 5\n")
+    for given in (str(config), "configs/missing.yml"):
+        assert main(["train", given, "steps=10", f"out_dir={tmp_path / 'run'}"]) == 2
+        err = capsys.readouterr().err
+        assert f"--config: clipforge train --config {given}" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+    assert main(["train", "steps", "--print-config"]) == 2
+    assert "overrides must look like key=value, got ['steps']" in capsys.readouterr().err
+
+
 def test_shards_without_root_names_the_setting_and_a_real_command(capsys, tmp_path):
     err = one_line_error(capsys, ["train", "data.dataset=shards", f"out_dir={tmp_path / 'run'}", "steps=1"])
     assert "data.root" in err and "clipforge data build shards" not in err and "clipforge data convert" in err

@@ -74,6 +74,9 @@ def evaluate_corpora(model, tokenizer, dataset: str, size: int) -> dict:
 
 
 def run(args) -> int:
+    from pathlib import Path
+
+    from ..errors import ConfigError
     from ..evaluation import evaluate_shapes
     from ..train import load_config, train
     from ..train.config import to_yaml
@@ -81,6 +84,10 @@ def run(args) -> int:
     from .common import eval_rows, table
     from .train_data import convert_own_data, evaluate_shard_set, fit_train_size
 
+    files = [o for o in args.overrides if "=" not in o and (o.endswith((".yaml", ".yml")) or Path(o).is_file())]
+    if files:  # `clipforge train configs/x.yaml`: the file is a config, given with --config
+        raise ConfigError(f"'{files[0]}' is not a key=value override; to train from a config file give it with "
+                          f"--config: clipforge train --config {files[0]} [key=value ...]")
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(to_yaml(cfg))
