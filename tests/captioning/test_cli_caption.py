@@ -69,6 +69,9 @@ def test_model_without_decoder_and_empty_folder(small_clip, coca_dir, tmp_path, 
     assert main(["caption", str(coca_dir), "--images", str(tmp_path / "empty"),
                  "--out", str(tmp_path / "x.jsonl")]) == 2
     assert "no images found" in capsys.readouterr().err
+    assert main(["caption", str(coca_dir), "--images", str(tmp_path / "nowhere.png"),
+                 "--out", str(tmp_path / "x.jsonl")]) == 2
+    assert "--images: '" in capsys.readouterr().err
     assert main(["caption", str(plain), "--images", str(tmp_path), "--method", "maccap",
                  "--out", str(tmp_path / "x.jsonl")]) == 2
     assert "needs a MacCap decoder directory" in capsys.readouterr().err

@@ -15,7 +15,14 @@ from clipforge.data.shapes import ShapesGenerator
 from clipforge.errors import ConfigError, MissingInputError
 from clipforge.evaluation.datasets import ImageRef
 from clipforge.interop import load
-from clipforge.serve.embed import Collection, collect_dataset, collect_images, embed_local, read_pixels
+from clipforge.serve.embed import (
+    IMAGE_SUFFIXES,
+    Collection,
+    collect_dataset,
+    collect_images,
+    embed_local,
+    read_pixels,
+)
 
 
 @pytest.fixture
@@ -81,6 +88,17 @@ def test_bad_collections_and_specs_are_one_clear_error(tmp_path):
         collect_dataset("shapes")
     with pytest.raises(ValueError, match="does not exist"):
         collect_dataset(f"imagefolder:{tmp_path / 'nowhere'}")
+    with pytest.raises(MissingInputError, match=r"--images: '.*nowhere\.png' does not exist"):
+        collect_images([str(tmp_path / "empty"), str(tmp_path / "nowhere.png")])
+
+
+def test_an_image_named_twice_is_embedded_once(folder):
+    """A file given on its own and again inside its folder (or as another spelling of its path) is one row, at
+    its first mention."""
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    first = files[3]
+    col = collect_images([str(first), str(folder), str(folder / ".." / folder.name / first.relative_to(folder))])
+    assert col.keys == [str(first)] + [str(f) for f in files if f != first]
 
 
 def test_engine_ray_refuses_texts_and_devices(model_dir, folder, tmp_path, capsys):

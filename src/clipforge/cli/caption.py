@@ -36,26 +36,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_load_arguments(p)
 
 
-def image_files(paths: list[str], suffixes) -> list[Path]:
-    """The given files, and the images under the given directories (recursively, sorted)."""
-    out = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out.extend(sorted(q for q in p.rglob("*") if q.suffix.lower() in suffixes and q.is_file()))
-        else:
-            out.append(p)
-    return out
-
-
 def _batches(args, transform, image_size: int):
     """Yield (ids, pixels [B, 3, H, W], references or None, scenes or None); second value: the total count."""
     import torch
 
     if args.images:
         from ..images import load_image
-        from ..serve.embed import IMAGE_SUFFIXES
+        from ..serve.embed import IMAGE_SUFFIXES, image_paths
 
-        files = image_files(args.images, IMAGE_SUFFIXES)
+        files = image_paths(args.images)
         if not files:
             raise ValueError(f"no images found in {' '.join(args.images)} "
                              f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))}); "

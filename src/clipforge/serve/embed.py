@@ -60,14 +60,27 @@ class Collection:
         return h.hexdigest()
 
 
-def collect_images(paths: Sequence[str]) -> Collection:
-    """The given image files, and the images under the given folders (recursively, sorted), keyed by path."""
+def image_paths(paths: Sequence[str]) -> list[Path]:
+    """The given image files, and the images under the given folders (recursively, sorted), each once (by its
+    resolved path, first mention kept: ``a.png folder/`` with a.png in folder/ gives it once). A path that does
+    not exist is refused before anything is loaded."""
     files: list[Path] = []
+    seen: set[Path] = set()
     for p in map(Path, paths):
-        if p.is_dir():
-            files.extend(sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file()))
-        else:
-            files.append(p)
+        if not p.exists():
+            raise MissingInputError(f"--images: '{p}' does not exist; give image files or folders that hold images")
+        found = sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file()) \
+            if p.is_dir() else [p]
+        for f in found:
+            if f.resolve() not in seen:
+                seen.add(f.resolve())
+                files.append(f)
+    return files
+
+
+def collect_images(paths: Sequence[str]) -> Collection:
+    """The images of :func:`image_paths`, keyed by path."""
+    files = image_paths(paths)
     if not files:
         raise MissingInputError(f"no images found in {' '.join(map(str, paths))} (looked for "
                                 f"{', '.join(sorted(IMAGE_SUFFIXES))}); give a folder that holds images, or "
