@@ -296,7 +296,9 @@ def test_cluster_command_and_mlcd_training_on_offline_labels(tiny_cfg, tmp_path,
     train(teacher)
     out = tmp_path / "clusters.pt"
     assert main(["data", "cluster", teacher.out_dir, "--k", "6", "--out", str(out)]) == 0
-    assert "6 centers of 64 shapes training images" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "6 centers of 64 shapes training images" in printed
+    assert "computed on: data.dataset=shapes data.train_size=64 data.seed=0\n" in printed  # what to train with
     record = torch.load(out, weights_only=True)
     assert record["data"] == {"dataset": "shapes", "size": 64, "seed": 0, "root": None, "samples": 64}
     assert len(record["model"]["sha256"]) == 64 and record["model"]["source"] == teacher.out_dir

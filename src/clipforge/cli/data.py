@@ -293,6 +293,8 @@ def _cluster(args) -> int:
     print(f"{args.k} centers of {len(dataset)} {data.dataset} training images (model {run}, sha256 "
           f"{fingerprint[:12]}), cluster sizes {min(sizes)}..{max(sizes)}, "
           f"in {time.perf_counter() - t0:.1f} s -> {path}")
-    print(f"train with loss='{{clip: 1.0, mlcd: {{weight: 1.0, clusters: {path}}}}}' and the same data.dataset, "
-          "data.train_size and data.seed")
+    same = f"data.dataset={data.dataset} data.train_size={data.train_size} data.seed={data.seed}" + (
+        f" data.root={data.root}" if data.root else "")
+    print(f"train with loss='{{clip: 1.0, mlcd: {{weight: 1.0, clusters: {path}}}}}' and the data it was computed "
+          f"on: {same}")
     return 0
