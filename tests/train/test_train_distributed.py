@@ -406,6 +406,35 @@ def test_gradient_overlap_launches_full_buckets_during_backward(tmp_path, monkey
         torch_dist.destroy_process_group()
 
 
+def test_a_multi_process_run_shows_no_warning_about_the_gathers_torch_name(tmp_path, monkeypatch):
+    """torch 2.13 renamed the differentiable all-gather that losses/gather.py calls (the old name, needed by
+    older torch, warns); every process of a multi-process run passes _world_from_env, which keeps that one
+    FutureWarning from the user and no other."""
+    import warnings
+
+    import torch.distributed as torch_dist
+
+    from clipforge.losses.gather import gather
+    from clipforge.train.distributed import _world_from_env
+
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT="1").items():
+        monkeypatch.setenv(key, value)
+    torch_dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            assert _world_from_env(1) == (0, 1, 0)
+            x = torch.randn(3, 4, requires_grad=True)
+            y = gather(x, 0, 2)  # world_size > 1 takes the collective (here over a group of one)
+            y.sum().backward()
+            warnings.warn("an unrelated deprecation", FutureWarning)
+        assert torch.equal(y, x) and torch.equal(x.grad, torch.ones(3, 4))
+        assert [str(w.message) for w in seen if issubclass(w.category, FutureWarning)] == ["an unrelated deprecation"]
+    finally:
+        torch_dist.destroy_process_group()
+
+
 def _crash_on_rank_one() -> str:
     """Rank 0 returns; rank 1 dies of a segmentation fault, as a crash in native code would (no Python exception)."""
     if os.environ["RANK"] == "1":
