@@ -18,7 +18,12 @@ SMALL = ["--steps", "2", "--batch-size", "4", "--train-size", "16", "--eval-size
 def test_three_stages_write_loadable_embedders(capsys, tmp_path):
     lm = make_tiny_lm(tmp_path / "lm")
     assert main(["lvlm-train", "--stage", "caption", "--lm", str(lm), "--out", str(tmp_path / "cap"), *SMALL]) == 0
-    assert "held-out caption loss" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.count("held-out caption loss") == 1 and "caption step" not in out  # --quiet: the result alone
+    assert main(["lvlm-train", "--stage", "caption", "--lm", str(lm), "--out", str(tmp_path / "cap2"),
+                 *SMALL[:-1]]) == 0
+    out = capsys.readouterr().out
+    assert "caption step 2/2" in out and out.count("held-out caption loss") == 1  # with progress lines: once
     assert main(["lvlm-train", "--stage", "discriminative", "--init-from", str(tmp_path / "cap"),
                  "--soft-prompt-tokens", "2", "--lora-rank", "2", "--out", str(tmp_path / "disc"), *SMALL]) == 0
     assert main(["lvlm-train", "--stage", "unime", "--init-from", str(tmp_path / "cap"), "--teacher", str(lm),

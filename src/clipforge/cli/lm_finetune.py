@@ -49,6 +49,7 @@ def run(args) -> int:
         lora_alpha=args.lora_alpha, lora_targets=tuple(t.strip() for t in args.lora_targets.split(",")), seed=args.seed)
     with quiet_logger("clipforge", args.quiet):  # progress lines through clipforge's console handler (main.py)
         report = caption_contrast(cfg, args.out)
-    print(f"caption contrast, {cfg.steps} steps: held-out pair accuracy {report['pair_accuracy_before']:.3f} -> "
-          f"{report['pair_accuracy_after']:.3f} ({report['held_out_pairs']} pairs); saved to {args.out}")
+    if args.quiet:  # otherwise the training's own last progress line said this already
+        print(f"caption contrast, {cfg.steps} steps: held-out pair accuracy {report['pair_accuracy_before']:.3f} "
+              f"-> {report['pair_accuracy_after']:.3f} ({report['held_out_pairs']} pairs); saved to {args.out}")
     return 0

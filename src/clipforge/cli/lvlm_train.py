@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 EPILOG = """\
 stages (clipforge/train/lvlm.py):
@@ -59,9 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from ..train.lvlm import LVLMTrainConfig, train_lvlm
+    from .common import quiet_logger
 
-    # progress lines through clipforge's console handler (cli/main.py); --quiet silences this module's
-    logging.getLogger("clipforge.train.lvlm").setLevel(logging.WARNING if args.quiet else logging.NOTSET)
     cfg = LVLMTrainConfig(
         stage=args.stage, lm=args.lm, gguf_file=args.gguf, layers=args.layers, model=args.model,
         init_from=args.init_from, dataset=args.dataset, train_size=args.train_size, eval_size=args.eval_size,
@@ -71,7 +69,9 @@ def run(args) -> int:
         teacher=args.teacher, teacher_gguf_file=args.teacher_gguf, teacher_layers=args.teacher_layers,
         kd_steps=args.kd_steps, kd_temperature=args.kd_temperature, temperature=args.temperature,
         hard_negatives=args.hard_negatives, fn_beta=args.fn_beta)
-    report = train_lvlm(cfg, args.out)
-    print(f"lvlm {cfg.stage}, {cfg.steps} steps: held-out caption loss {report['val_caption_loss_before']:.3f} -> "
-          f"{report['val_caption_loss_after']:.3f}; saved to {args.out}")
+    with quiet_logger("clipforge", args.quiet):  # progress lines through clipforge's console handler (main.py)
+        report = train_lvlm(cfg, args.out)
+    if args.quiet:  # otherwise the training's own last progress line said this already
+        print(f"lvlm {cfg.stage}, {cfg.steps} steps: held-out caption loss {report['val_caption_loss_before']:.3f} "
+              f"-> {report['val_caption_loss_after']:.3f}; saved to {args.out}")
     return 0
