@@ -8,7 +8,7 @@ from tests.cli.test_cli_errors import one_line_error
 from tests.reference.tiny_lm import make_tiny_lm
 
 
-def test_lm_finetune_writes_the_embedder_and_reports_pair_accuracy(capsys, tmp_path):
+def test_lm_finetune_writes_the_embedder_and_reports_pair_accuracy(capsys, tmp_path, recwarn):
     lm = make_tiny_lm(tmp_path / "lm")
     argv = ["lm-finetune", str(lm), "--out", str(tmp_path / "out"), "--steps", "2", "--batch-size", "8",
             "--train-size", "64", "--eval-size", "32", "--context-length", "16", "--quiet"]
@@ -20,6 +20,7 @@ def test_lm_finetune_writes_the_embedder_and_reports_pair_accuracy(capsys, tmp_p
     assert main(argv[:-1]) == 0  # without --quiet: progress lines, and the result said once
     out = capsys.readouterr().out
     assert "caption contrast step 2/2" in out and out.count("held-out pair accuracy") == 1
+    assert not [str(w.message) for w in recwarn if "is_gradient_checkpointing" in str(w.message)]  # peft's, not ours
 
 
 def test_lm_finetune_bad_inputs_are_one_line(capsys, tmp_path):
