@@ -69,6 +69,27 @@ def test_cli_export_errors_are_one_line(tmp_path, capsys):
     assert main(["export", str(tmp_path / "missing"), "--to", "hf", "--out", str(tmp_path / "x")]) == 2
 
 
+def test_cli_export_never_writes_over_what_is_there_unasked(tmp_path, capsys):
+    """--out that holds files (a photo folder, another model) is refused before the model loads, its files untouched;
+    --overwrite writes into it (same names replaced, the rest kept); a file as --out is one line too."""
+    save_model(clipforge.create_model("tiny", seed=0), tmp_path / "run")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "config.json").write_text("{}")  # a file an HF export also writes
+    (photos / "a.png").write_bytes(b"png")
+    args = ["export", str(tmp_path / "run"), "--to", "hf", "--out", str(photos)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "is not empty (a.png, config.json)" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert (photos / "config.json").read_text() == "{}" and not (photos / "model.safetensors").exists()
+    assert main([*args, "--overwrite"]) == 0
+    assert (photos / "config.json").read_text() != "{}" and (photos / "a.png").read_bytes() == b"png"
+    assert main(["export", str(tmp_path / "run"), "--to", "clipforge", "--out", str(photos / "a.png")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["export", str(tmp_path / "run"), "--to", "clipforge", "--out", str(tmp_path / "empty")]) == 0
+
+
 @pytest.mark.parametrize("arch", ["tiny", "siglip-like"])
 def test_onnx_parity(tmp_path, arch):
     pytest.importorskip("onnx")
