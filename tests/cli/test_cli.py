@@ -66,6 +66,32 @@ def test_every_option_says_what_it_does_and_its_default():
     assert "experts E per MoE layer (default 4)" in " ".join(out.getvalue().split())
 
 
+@pytest.mark.parametrize("argv", [
+    ["export", "MODEL", "--to", "clipforge", "--out", "OUT"],
+    ["upcycle", "MODEL", "--out", "OUT"],
+    ["pivot", "MODEL", "--text-file", "MODEL", "--out", "OUT"],
+    ["lm-finetune", "MODEL", "--out", "OUT"],
+    ["lvlm-train", "--stage", "caption", "--lm", "MODEL", "--out", "OUT"],
+    ["train-diffusion", "MODEL", "--out", "OUT"],
+    ["diffusion-feedback", "MODEL", "--diffusion", "MODEL", "--method", "diva", "--out", "OUT"],
+    ["link", "RECORDS", "--model", "MODEL", "--out", "links.csv", "--finetune", "RECORDS", "--save-model", "OUT"],
+], ids=lambda argv: argv[0])
+def test_commands_that_write_a_model_directory_refuse_one_that_holds_files(argv, tmp_path, capsys):
+    """Checked first, before the (here missing) model is read: a folder of the user's is never mixed with or
+    replaced by a model's files unless --overwrite says so."""
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    argv = [str(out) if a == "OUT" else str(tmp_path / "missing") if a in ("MODEL", "RECORDS") else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{out} is not empty (config.json)" in err and "--overwrite" in err, err
+    assert main([*argv, "--overwrite"]) == 2  # now past the check: the missing model is what stops it
+    err = capsys.readouterr().err
+    assert "is not empty" not in err and "missing" in err, err
+    assert (out / "config.json").read_text() == "{}"
+
+
 def test_console_script_installed():
     """The ``clipforge`` script pip wrote next to this interpreter runs (``python -m`` would bypass the entry point)."""
     import shutil

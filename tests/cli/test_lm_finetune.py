@@ -17,7 +17,9 @@ def test_lm_finetune_writes_the_embedder_and_reports_pair_accuracy(capsys, tmp_p
     assert "held-out pair accuracy" in out and str(tmp_path / "out") in out
     report = json.loads((tmp_path / "out" / "caption_contrast.json").read_text())
     assert len(report["losses"]) == 2 and (tmp_path / "out" / "config.json").exists()
-    assert main(argv[:-1]) == 0  # without --quiet: progress lines, and the result said once
+    assert main(argv[:-1]) == 2  # the first run's model is not replaced unasked
+    assert "is not empty" in capsys.readouterr().err
+    assert main([*argv[:-1], "--overwrite"]) == 0  # without --quiet: progress lines, and the result said once
     out = capsys.readouterr().out
     assert "caption contrast step 2/2" in out and out.count("held-out pair accuracy") == 1
     assert not [str(w.message) for w in recwarn if "is_gradient_checkpointing" in str(w.message)]  # peft's, not ours

@@ -198,5 +198,7 @@ def test_cli_pivot_then_embed_and_load(tmp_path, capsys):
     with torch.no_grad():
         ref = model.encode_text(tok(["ein roter Kreis", "un cercle rouge"])).numpy()
     assert emb.shape == (2, clip.cfg.embed_dim) and np.allclose(emb, ref, atol=1e-6)
-    assert main(["pivot", str(tmp_path / "clip"), "--texts", "emoji", "--out", str(out)]) == 2
+    assert main(["pivot", str(tmp_path / "clip"), "--texts", "emoji", "--out", str(tmp_path / "other")]) == 2
     assert "corpus:NAME" in capsys.readouterr().err
+    assert main(["pivot", str(tmp_path / "clip"), "--texts", "corpus:emoji", "--out", str(out)]) == 2
+    assert "is not empty" in capsys.readouterr().err  # the pivot written above is not replaced unasked

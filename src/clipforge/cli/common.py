@@ -23,6 +23,33 @@ def quiet_logger(name: str, quiet: bool = True) -> Iterator[None]:
         logger.setLevel(level)
 
 
+def add_overwrite_argument(p: argparse.ArgumentParser, flag: str = "--out") -> None:
+    """``--overwrite`` for a command that writes a model directory to ``flag`` (:func:`check_output_dir`)."""
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"write into a {flag} directory that is not empty (files of the same name are replaced, "
+                        "others are left as they are)")
+
+
+def check_output_dir(path: str | None, overwrite: bool, flag: str = "--out") -> None:
+    """Refuse ``path`` as the directory a command writes a model into when it is a file, or a directory that
+    holds files and ``overwrite`` is off (a photo folder, another model's directory: writing would mix files in or
+    replace config and weights of the same name). Called before the model loads, so nothing is lost or wasted."""
+    from pathlib import Path
+
+    from ..errors import ConfigError
+
+    if path is None:
+        return
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"{flag} {target} is a file, not a directory: choose another path")
+    present = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
+    if present and not overwrite:
+        shown = ", ".join(present[:3]) + (f" and {len(present) - 3} more" if len(present) > 3 else "")
+        raise ConfigError(f"{flag} {target} is not empty ({shown}); writing there would replace files of the same "
+                          "name. Give a new or empty directory, or add --overwrite to write into it anyway")
+
+
 def add_load_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``clipforge.load`` that every command reading a model offers."""
     g = p.add_argument_group("loading the model (clipforge.load)")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_shapes_training_arguments, step_logger
+from .common import add_overwrite_argument, add_shapes_training_arguments, check_output_dir, step_logger
 
 EPILOG = """\
 methods (clipforge.train.diffusion_feedback):
@@ -24,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--diffusion", required=True, help="a directory written by clipforge train-diffusion")
     p.add_argument("--method", required=True, help="diva or un2clip")
     p.add_argument("--out", required=True, help="output model directory (clipforge.load / clipforge eval)")
+    add_overwrite_argument(p)
     add_shapes_training_arguments(p, steps=200, batch_size=32, lr=1e-5,
                                   lr_help="image tower learning rate (default 1e-5)")
     p.add_argument("--projection-lr", type=float, default=1e-3, help="diva's projection learning rate")
@@ -37,6 +38,7 @@ def run(args) -> int:
     from ..models.diffusion import load_diffusion
     from ..train.diffusion_feedback import FeedbackConfig, check_pair, diffusion_feedback
 
+    check_output_dir(args.out, args.overwrite)  # before anything loads or trains
     log = logging.getLogger("clipforge.cli.diffusion_feedback")
     cfg = FeedbackConfig(method=args.method, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          projection_lr=args.projection_lr, train_size=args.train_size, seed=args.seed).validate()

@@ -8,9 +8,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from .common import add_load_arguments, load_options
+from .common import add_load_arguments, add_overwrite_argument, check_output_dir, load_options
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,9 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--to", required=True, choices=["hf", "onnx", "clipforge"], help="output format")
     p.add_argument("--out", required=True, help="output directory: new or empty, or an earlier export's with "
                                                 "--overwrite")
-    p.add_argument("--overwrite", action="store_true",
-                   help="write into a directory that is not empty (files of the same name are replaced, others are "
-                        "left as they are)")
+    add_overwrite_argument(p)
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="with --to onnx: int8 weights by onnxruntime dynamic quantization (about 4x smaller; "
                         "inference only, see docs/performance.md for its speed and accuracy change)")
@@ -34,14 +31,7 @@ def run(args) -> int:
 
     if args.quantize and args.to != "onnx":
         raise ConfigError(f"--quantize {args.quantize} applies to --to onnx only, not --to {args.to}")
-    target = Path(args.out)
-    if target.exists() and not target.is_dir():
-        raise ConfigError(f"--out {target} is a file, not a directory: choose another path")
-    present = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
-    if present and not args.overwrite:  # checked before the model loads: nothing of the user's is replaced
-        shown = ", ".join(present[:3]) + (f" and {len(present) - 3} more" if len(present) > 3 else "")
-        raise ConfigError(f"--out {target} is not empty ({shown}); an export would replace files of the same name "
-                          "there. Give a new or empty directory, or add --overwrite to write into it anyway")
+    check_output_dir(args.out, args.overwrite)  # before the model loads: nothing of the user's is replaced
     model, _, _ = load(args.source, **load_options(args))
     if args.to == "hf":
         out = export_hf(model, args.out)

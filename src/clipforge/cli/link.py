@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import add_load_arguments, load_options
+from .common import add_load_arguments, add_overwrite_argument, check_output_dir, load_options
 
 EPILOG = """\
 records: a .jsonl (one object per line) or .csv file with the fields
@@ -54,6 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.1, help="supervised contrastive temperature (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fine-tuning batches")
     p.add_argument("--save-model", metavar="DIR", help="save the fine-tuned model here (clipforge model directory)")
+    add_overwrite_argument(p, "--save-model")
     add_load_arguments(p)
 
 
@@ -65,6 +66,7 @@ def run(args) -> int:
     from ..interop import load
     from ..metrics import adjusted_rand_index, pairwise_linkage_metrics
 
+    check_output_dir(args.save_model, args.overwrite, "--save-model")  # before anything loads or trains
     out = Path(args.out)
     if out.suffix != ".csv":
         raise ValueError(f"--out must end in .csv, got '{out.name}'")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_overwrite_argument, check_output_dir
+
 EPILOG = """\
 how it works (Huang et al., 2024, LLM2CLIP): two captions of the same image are a positive pair, the
 other images' captions in the batch the negatives (CLIP's InfoNCE over captions, temperature --temperature);
@@ -19,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = EPILOG
     p.add_argument("lm", help="a Hugging Face causal LM directory (with --gguf: the directory of that GGUF file)")
     p.add_argument("--out", required=True, help="output directory: the fine-tuned LM and its tokenizer")
+    add_overwrite_argument(p)
     p.add_argument("--gguf", default=None, help="a GGUF file in the LM directory (read with transformers + gguf)")
     p.add_argument("--layers", type=int, default=None, help="keep the LM's first N decoder layers (default: all)")
     p.add_argument("--dataset", default="shapes", help="the corpus whose captions of one image are the pairs")
@@ -42,6 +45,7 @@ def run(args) -> int:
     from ..train.llm2clip import CaptionContrastConfig, caption_contrast
     from .common import quiet_logger
 
+    check_output_dir(args.out, args.overwrite)  # before anything loads or trains
     cfg = CaptionContrastConfig(
         lm=args.lm, gguf_file=args.gguf, layers=args.layers, dataset=args.dataset, train_size=args.train_size,
         eval_size=args.eval_size, steps=args.steps, batch_size=args.batch_size, lr=args.lr,

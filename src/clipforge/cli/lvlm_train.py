@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_overwrite_argument, check_output_dir
+
 EPILOG = """\
 stages (clipforge/train/lvlm.py):
   caption         next-token loss over shapes captions with the image tokens prefixed (LLaVA-style)
@@ -26,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage", required=True, choices=("caption", "discriminative", "unime"),
                    help="which training stage (below)")
     p.add_argument("--out", required=True, help="output model directory")
+    add_overwrite_argument(p)
     p.add_argument("--lm", default="", help="a Hugging Face causal LM directory (a new LVLM)")
     p.add_argument("--gguf", default=None, help="a GGUF file in the LM directory")
     p.add_argument("--layers", type=int, default=None, help="keep the LM's first N decoder layers (default: all)")
@@ -60,6 +63,7 @@ def run(args) -> int:
     from ..train.lvlm import LVLMTrainConfig, train_lvlm
     from .common import quiet_logger
 
+    check_output_dir(args.out, args.overwrite)  # before anything loads or trains
     cfg = LVLMTrainConfig(
         stage=args.stage, lm=args.lm, gguf_file=args.gguf, layers=args.layers, model=args.model,
         init_from=args.init_from, dataset=args.dataset, train_size=args.train_size, eval_size=args.eval_size,

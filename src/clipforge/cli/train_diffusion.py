@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_shapes_training_arguments, step_logger
+from .common import add_overwrite_argument, add_shapes_training_arguments, check_output_dir, step_logger
 
 EPILOG = """\
 the generator DIVA and un^2CLIP post-train a CLIP image tower through (clipforge diffusion-feedback):
@@ -20,6 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = EPILOG
     p.add_argument("model", help="the CLIP whose embeddings condition the generator (anything clipforge.load reads)")
     p.add_argument("--out", required=True, help="output directory (diffusion.json + diffusion.safetensors)")
+    add_overwrite_argument(p)
     p.add_argument("--condition", default="image", help="image (unCLIP-style, for un2clip) or text (for diva)")
     add_shapes_training_arguments(p, steps=600, batch_size=64, lr=2e-3)
     p.add_argument("--image-size", type=int, default=32, help="generator resolution, a multiple of 4 (default 32)")
@@ -36,6 +37,7 @@ def run(args) -> int:
     from ..models.diffusion import DiffusionConfig, save_diffusion
     from ..train.diffusion_feedback import DiffusionTrainConfig, train_diffusion
 
+    check_output_dir(args.out, args.overwrite)  # before anything loads or trains
     log = logging.getLogger("clipforge.cli.train_diffusion")
     cfg = DiffusionTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, train_size=args.train_size,
                                image_size=args.image_size, channels=args.channels, timesteps=args.timesteps,

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_overwrite_argument, check_output_dir
+
 EPILOG = """\
 how it works (Zhang et al., 2024, CLIP-MoE): every FFN of the upcycled transformer blocks becomes a
 mixture of E experts with a top-k router. With --stage-steps N the experts differ: for each stage
@@ -21,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = EPILOG
     p.add_argument("model", help="the dense CLIP: a run or model directory (anything clipforge.load reads)")
     p.add_argument("--out", required=True, help="output model directory (clipforge.load / clipforge train init_from=)")
+    add_overwrite_argument(p)
     p.add_argument("--experts", type=int, default=4, help="experts E per MoE layer")
     p.add_argument("--top-k", type=int, default=2, help="experts each token is routed to")
     p.add_argument("--towers", default="vision,text", help="which towers' FFNs to upcycle (default: vision,text)")
@@ -41,6 +44,7 @@ def run(args) -> int:
     from ..train.upcycle import MultipletConfig, diversified_multiplet
     from .common import quiet_logger
 
+    check_output_dir(args.out, args.overwrite)  # before anything loads or trains
     towers = tuple(t.strip() for t in args.towers.split(","))
     cfg = MultipletConfig(experts=args.experts, top_k=args.top_k, towers=towers,
                           layers=args.layers, stage_steps=args.stage_steps, clusters=args.clusters,
