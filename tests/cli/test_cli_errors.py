@@ -170,6 +170,34 @@ def test_non_utf8_captions_in_csv_are_counted(tmp_path):
     assert stats.skipped == {"bad_caption_encoding": 1} and "m.csv:2" in stats.examples["bad_caption_encoding"][0]
 
 
+def test_a_fresh_run_into_an_earlier_runs_out_dir_is_refused(capsys, tmp_path):
+    """Without resume, a second run into an out_dir with checkpoints would replace its metrics and mix its
+    checkpoints with the earlier ones (resume=latest then takes the newest step, perhaps the earlier run's)."""
+    run = f"out_dir={tmp_path / 'run'}"
+    assert main(["train", "--no-eval", run, "steps=2", *TINY]) == 0
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    err = one_line_error(capsys, ["train", "--no-eval", run, "steps=1", *TINY])
+    assert "holds an earlier run (" in err and "the last step_0000002)" in err and "resume=latest" in err
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+    assert main(["train", "--no-eval", run, "steps=3", "resume=latest", *TINY]) == 0  # continuing it is fine
+
+
+def test_overrides_may_follow_the_options(capsys):
+    """`clipforge train steps=5 --no-eval lr=0.002`: key=value words after an option are overrides too (argparse
+    alone calls them unrecognized); other strays are still named."""
+    assert main(["train", "steps=5", "--print-config", "lr=0.002", "batch_size=16"]) == 0
+    printed = capsys.readouterr().out
+    assert "\nsteps: 5\n" in printed and "\nlr: 0.002\n" in printed and "\nbatch_size: 16\n" in printed
+    with pytest.raises(SystemExit):
+        main(["train", "steps=5", "--print-config", "--bogus", "lr=0.002"])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --bogus" in err and "lr=0.002" not in err
+    with pytest.raises(SystemExit):
+        main(["embed", "run", "--texts", "a", "--out", "x.npy", "k=v"])  # other commands: no such thing
+    assert "unrecognized arguments: k=v" in capsys.readouterr().err
+
+
 def test_cli_shows_the_settings_a_resume_changes(capsys, tmp_path):
     run = f"out_dir={tmp_path / 'run'}"
     assert main(["train", "--no-eval", run, "steps=4", "stop_at=2", "lr=0.002", *TINY]) == 0

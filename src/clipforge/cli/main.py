@@ -153,7 +153,14 @@ def user_error(e: BaseException) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # `clipforge train steps=10 --no-eval resume=latest`: argparse ends the key=value positionals at the first
+    # option and calls what follows it unrecognized; key=value words anywhere in a train command are overrides
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "command", None) == "train":
+        args.overrides = [*args.overrides, *(e for e in extra if "=" in e and not e.startswith("-"))]
+        extra = [e for e in extra if e.startswith("-") or "=" not in e]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "command", None):
         parser.print_help()
         return 0

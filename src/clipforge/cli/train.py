@@ -79,6 +79,7 @@ def run(args) -> int:
     from ..errors import ConfigError
     from ..evaluation import evaluate_shapes
     from ..train import load_config, train
+    from ..train.checkpoint import list_checkpoints
     from ..train.config import to_yaml
     from ..train.distributed import is_main_process
     from .common import eval_rows, table
@@ -92,6 +93,11 @@ def run(args) -> int:
     if args.print_config:
         print(to_yaml(cfg))
         return 0
+    earlier = [] if cfg.resume else list_checkpoints(cfg.out_dir)
+    if earlier:  # a fresh run would replace its metrics and mix its checkpoints in (resume=latest takes the newest)
+        raise ConfigError(f"out_dir {cfg.out_dir} holds an earlier run ({len(earlier)} checkpoint(s), the last "
+                          f"{earlier[-1].name}): continue it with resume=latest, start this run in another out_dir, "
+                          "or delete that directory to replace the run")
     cfg = convert_own_data(cfg, progress=cfg.progress)  # data.dataset=csv:FILE and the like: shards converted once
     cfg = fit_train_size(cfg)  # a shard set trains on all of its train split unless data.train_size says otherwise
     # functools.partial, not lambdas: with distributed.nproc > 1 they travel to the started processes by pickling
