@@ -9,6 +9,7 @@ import argparse
 import importlib
 import logging
 import sys
+import warnings
 
 COMMANDS = {
     "demo": (
@@ -165,8 +166,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     configure_logging(json_output=bool(getattr(args, "json", False)))
-    import warnings
-
     # peft reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model in LoRA
     # (lm-finetune, lvlm-train, COSMO and LLM2CLIP towers); the warning concerns those two libraries, not the user
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
