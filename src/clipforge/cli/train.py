@@ -74,8 +74,6 @@ def evaluate_corpora(model, tokenizer, dataset: str, size: int) -> dict:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
     from ..errors import ConfigError
     from ..evaluation import evaluate_shapes
     from ..train import load_config, train
@@ -84,12 +82,12 @@ def run(args) -> int:
     from ..train.distributed import is_main_process
     from .common import eval_rows, table
     from .train_data import convert_own_data, evaluate_shard_set, fit_train_size
+    from .train_overrides import check_config_file_given, check_split_values, rejoin_brace_expansion
 
-    files = [o for o in args.overrides if "=" not in o and (o.endswith((".yaml", ".yml")) or Path(o).is_file())]
-    if files:  # `clipforge train configs/x.yaml`: the file is a config, given with --config
-        raise ConfigError(f"'{files[0]}' is not a key=value override; to train from a config file give it with "
-                          f"--config: clipforge train --config {files[0]} [key=value ...]")
-    cfg = load_config(args.config, args.overrides)
+    overrides = rejoin_brace_expansion(args.overrides)  # loss={clip:1.0,siglip:0.5} as bash hands it over
+    check_split_values(overrides)  # loss={clip: 1.0} unquoted
+    check_config_file_given(overrides)  # clipforge train configs/x.yaml
+    cfg = load_config(args.config, overrides)
     if args.print_config:
         print(to_yaml(cfg))
         return 0
