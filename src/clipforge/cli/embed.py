@@ -12,7 +12,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                  "(Hugging Face/OpenCLIP/OpenAI checkpoints, a uCLIP pivot directory)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument(
-        "--images", nargs="+", help="image files or directories (searched for .png/.jpg/.jpeg/.webp/.bmp/.gif)"
+        "--images", nargs="+",
+        help="image files or directories (searched recursively for .png/.jpg/.jpeg/.webp/.bmp/.gif/.tif/.tiff)"
     )
     src.add_argument("--dataset", metavar="SPEC",
                      help="the images of a dataset spec as clipforge eval reads it: imagefolder:DIR, wds:DIR, "
