@@ -428,7 +428,7 @@ def test_a_multi_process_run_shows_no_warning_about_the_gathers_torch_name(tmp_p
             x = torch.randn(3, 4, requires_grad=True)
             y = gather(x, 0, 2)  # world_size > 1 takes the collective (here over a group of one)
             y.sum().backward()
-            warnings.warn("an unrelated deprecation", FutureWarning)
+            warnings.warn("an unrelated deprecation", FutureWarning, stacklevel=1)
         assert torch.equal(y, x) and torch.equal(x.grad, torch.ones(3, 4))
         assert [str(w.message) for w in seen if issubclass(w.category, FutureWarning)] == ["an unrelated deprecation"]
     finally:
