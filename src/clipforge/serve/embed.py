@@ -72,8 +72,9 @@ def image_paths(paths: Sequence[str]) -> list[Path]:
         found = sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file()) \
             if p.is_dir() else [p]
         for f in found:
-            if f.resolve() not in seen:
-                seen.add(f.resolve())
+            real = f.resolve()
+            if real not in seen:
+                seen.add(real)
                 files.append(f)
     return files
 
