@@ -62,8 +62,9 @@ class Collection:
 
 def image_paths(paths: Sequence[str]) -> list[Path]:
     """The given image files, and the images under the given folders (recursively, sorted), each once (by its
-    resolved path, first mention kept: ``a.png folder/`` with a.png in folder/ gives it once). A path that does
-    not exist is refused before anything is loaded."""
+    path with the given folder, or a given file's folder, resolved, first mention kept: ``a.png folder/`` with a.png
+    in folder/ gives it once; a symlink inside a folder stays an image of its own, as `clipforge index` keeps it).
+    A path that does not exist is refused before anything is loaded."""
     files: list[Path] = []
     seen: set[Path] = set()
     for p in map(Path, paths):
@@ -71,8 +72,9 @@ def image_paths(paths: Sequence[str]) -> list[Path]:
             raise MissingInputError(f"--images: '{p}' does not exist; give image files or folders that hold images")
         found = sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file()) \
             if p.is_dir() else [p]
+        root = p.resolve() if p.is_dir() else p.parent.resolve()
         for f in found:
-            real = f.resolve()
+            real = root / (f.relative_to(p) if p.is_dir() else p.name)
             if real not in seen:
                 seen.add(real)
                 files.append(f)

@@ -354,12 +354,22 @@ def scan_folders(paths: Sequence[str | os.PathLike]) -> tuple[list[Candidate], l
 
     Returns the candidates and the resolved roots (for dropping rows of deleted files).
     """
-    from .embed import image_paths  # the walk `clipforge embed` and `caption` use: existence checked, each once
-
-    files = [f.resolve() for f in image_paths(paths)]
-    roots = [Path(p).resolve() for p in paths]
-    out = []
+    files: list[Path] = []
+    roots: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise FileNotFoundError(f"--images: '{p}' does not exist")
+        p = p.resolve()
+        roots.append(p)
+        if p.is_dir():
+            files.extend(sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file()))
+        else:
+            files.append(p)
+    out, seen = [], set()
     for f in files:
+        if f in seen:
+            continue
+        seen.add(f)
         st = f.stat()
         caption = None
         sidecar = f.with_suffix(".txt")
