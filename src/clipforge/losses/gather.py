@@ -11,17 +11,18 @@ from torch import Tensor
 
 
 def gather(x: Tensor, rank: int = 0, world_size: int = 1) -> Tensor:
-    """Concatenate ``x`` ([B, ...]) from all processes along dim 0, keeping gradients."""
+    """Concatenate ``x`` ([B, ...]) from all processes along dim 0, keeping gradients (each process's rows get
+    the gradient summed over all processes: :class:`clipforge.losses.all_gather.AllGatherWithGrad`, which replaces
+    torch's functional all-gather here because that one crashed with several gathers in flight on gloo)."""
     if world_size <= 1:
         return x
     import torch.distributed as dist
-    from torch.distributed import _functional_collectives as fc
+
+    from .all_gather import AllGatherWithGrad
 
     if not dist.is_initialized():
         raise RuntimeError("world_size > 1 but torch.distributed is not initialized")
-    # torch's recommended replacement for the deprecated torch.distributed.nn.all_gather:
-    # differentiable, its backward reduce-scatters (sums) the gradients back to each process.
-    return fc.all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
+    return AllGatherWithGrad.apply(x)
 
 
 def local_offset(batch_size: int, rank: int) -> int:

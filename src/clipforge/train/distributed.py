@@ -315,14 +315,6 @@ def check_batch_split(batch_size: int, accum_steps: int, world_size: int) -> Non
 
 
 def _world_from_env(nproc: int) -> tuple[int, int, int]:
-    import warnings
-
-    # Every process of a multi-process run passes here, whoever started it (launch() or torchrun). torch 2.13
-    # renamed the differentiable all-gather that losses/gather.py calls (all_gather_tensor_autograd is now an
-    # alias of all_gather_single_autograd, the same function) and warns on the old name, which torch 2.11-2.12
-    # still need: nothing a user can act on, so it is not shown.
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\._functional_collectives\.all_gather_tensor_"
-                            r"autograd` is deprecated", category=FutureWarning)
     missing = [k for k in ENV_KEYS if k not in os.environ]
     endpoint = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k in missing]
     if endpoint and not set(missing) - set(endpoint):
