@@ -75,9 +75,9 @@ def _sorted_rates(run, nbytes: int, repeats: int, warmup: int) -> list[float]:
 def text_tower_weight_bytes_per_s(threads: int, repeats: int, rows: int = 6,
                                   dtype: torch.dtype = torch.bfloat16) -> dict[str, list[float]]:
     """Weight bytes per second of ViT-B-32's 12 text blocks (qkv, out, fc1, fc2: 48 distinct weights, 75.5 MB in
-    bf16, more than the caches hold) applied one after the other to ``rows`` token rows, as one short text at batch 1
-    runs them: per kernel, the sorted rates of ``repeats`` passes. Such a pass does ~2 x rows FLOPs per weight it
-    reads, so it is bound by how fast the kernel streams weights, not by arithmetic."""
+    bf16, 151 MB in fp32, more than the caches hold) applied one after the other to ``rows`` token rows, as one short
+    text at batch 1 runs them: per kernel, the sorted rates of ``repeats`` passes. Such a pass does ~2 x rows FLOPs
+    per weight it reads, so it is bound by how fast the kernel streams weights, not by arithmetic."""
     torch.set_num_threads(threads)
     shapes = [(1536, 512), (512, 512), (2048, 512), (512, 2048)] * 12  # (out, in) of each layer, in order
     weights = [torch.randn(o, i).to(dtype) for o, i in shapes]
@@ -146,9 +146,13 @@ def main() -> None:
         reads = read_bytes_per_s(args.threads, args.repeats)
         print(f"memory read (sum over 256 MB of float32): median {reads[len(reads) // 2] / 1e9:.1f} GB/s "
               f"({reads[0] / 1e9:.1f}..{reads[-1] / 1e9:.1f})")
-        for name, runs in text_tower_weight_bytes_per_s(args.threads, max(args.repeats, 5)).items():
-            print(f"text tower weights, one 6-token text, bf16, {name}: median {runs[len(runs) // 2] / 1e9:.1f} GB/s "
-                  f"({runs[0] / 1e9:.1f}..{runs[-1] / 1e9:.1f}; 75.5 MB per pass)")
+        # the dtype a text runs in here: bf16 where oneDNN has native bf16 kernels; on an AVX2-only CPU fp32 (bf16
+        # is several times slower there, and oneDNN's prepacked bf16 layer refuses to run at all)
+        bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        dtype, label, mb = (torch.bfloat16, "bf16", 75.5) if bf16 else (torch.float32, "fp32", 151.0)
+        for name, runs in text_tower_weight_bytes_per_s(args.threads, max(args.repeats, 5), dtype=dtype).items():
+            print(f"text tower weights, one 6-token text, {label}, {name}: median {runs[len(runs) // 2] / 1e9:.1f} "
+                  f"GB/s ({runs[0] / 1e9:.1f}..{runs[-1] / 1e9:.1f}; {mb} MB per pass)")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipforge.models import create_model
-from clipforge.models.fused_inference import FusedLinear, _kernels_check, fuse_for_inference, unfuse
+from clipforge.models.fused_inference import (
+    AVX2_FP32_MAX_ROWS,
+    FusedLinear,
+    _kernels_check,
+    fuse_for_inference,
+    row_limit,
+    unfuse,
+)
 
 needs_kernels = pytest.mark.skipif(_kernels_check(torch.float32) is not None,
                                    reason="oneDNN's fused linear is unavailable in this PyTorch")
@@ -53,6 +60,35 @@ def test_fused_linear_is_linear_then_activation(act):
     torch.testing.assert_close(flat, y.detach().reshape(18, 40), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="unknown activation 'relu'"):
         FusedLinear(lin, "relu")
+
+
+@needs_kernels
+def test_inputs_of_more_than_max_rows_take_the_plain_operators(monkeypatch):
+    lin = nn.Linear(24, 40)
+    layer = FusedLinear(lin, "gelu", max_rows=8)
+    kernel_calls = []
+    real = layer._kernel_weight
+    monkeypatch.setattr(layer, "_kernel_weight", lambda: (kernel_calls.append(1), real())[1])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for shape, fused in (((2, 4, 24), True), ((8, 24), True), ((3, 3, 24), False), ((9, 24), False)):
+            x = torch.randn(*shape, generator=g)
+            y = x.matmul(lin.weight.T) + lin.bias
+            expected = 0.5 * y * (1 + torch.erf(y / 2**0.5))  # exact GELU, the formula
+            before = len(kernel_calls)
+            torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+            assert (len(kernel_calls) > before) == fused, shape  # 8 rows fused, 9 rows plain
+    assert "max_rows=8" in repr(layer) and "max_rows" not in repr(FusedLinear(lin))
+
+
+@needs_kernels
+def test_the_row_limit_applies_to_fp32_on_cpus_without_avx512(monkeypatch):
+    for capability, limit in (("AVX2", AVX2_FP32_MAX_ROWS), ("DEFAULT", AVX2_FP32_MAX_ROWS), ("AVX512", None)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert row_limit(torch.float32) == limit and row_limit(torch.bfloat16) is None, capability
+        model = create_model("tiny", seed=0).to_inference()
+        layers = [m for m in model.modules() if type(m) is FusedLinear]
+        assert layers and all(m.max_rows == limit for m in layers), capability
 
 
 @needs_kernels

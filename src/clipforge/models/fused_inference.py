@@ -18,6 +18,14 @@ the same names; the reordered copy is a cache that is neither saved nor copied),
 and ``torch.compile`` :class:`FusedLinear` runs ``F.linear`` and the activation (inductor's freezing makes the
 same fused kernels from them for the compiled encoder). Only CPU models in float32 or bfloat16 are fused, bf16
 only where oneDNN has native bf16 kernels (AVX-512 BF16 or AMX).
+
+On a CPU without AVX-512 (AVX2 only) oneDNN's fp32 linear is faster than ``F.linear`` only for short inputs: in
+fp32 with two threads on an AVX2-only AMD EPYC (thirtieth session, each layer of ViT-B-32 timed fused and plain
+in alternation, 5 pairs) it was 1.16-2.10x faster at 6 to 64 rows and mostly 1.0-1.2x up to 160, but 0.91-1.00x
+at 200 rows and 0.74-0.98x at 400 to 4,608 (an image batch of 32 is 1,600 rows; the first MLP layer with its GELU
+lost most, 0.74x). There a fused layer hands inputs of more than :data:`AVX2_FP32_MAX_ROWS` rows to ``F.linear``
+(``FusedLinear.max_rows``); with AVX-512 the fused layer won at batch 32 too (docs/performance.md) and has no
+limit.
 """
 from __future__ import annotations
 
@@ -33,6 +41,7 @@ from .transformer import Attention, Block
 log = logging.getLogger(__name__)
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+AVX2_FP32_MAX_ROWS = 160  # above this many rows F.linear beats oneDNN's fp32 linear on AVX2-only CPUs (docstring)
 # activation -> (oneDNN post-op, its algorithm): the activations the kernel applies exactly as PyTorch does
 _POST_OPS = {"none": ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
 
@@ -46,14 +55,16 @@ def _plain_operators() -> bool:
 class FusedLinear(nn.Module):
     """``act(x @ weight.T + bias)`` in one oneDNN call (module docstring); ``act`` is ``"none"``, ``"gelu"``
     (exact, erf) or ``"gelu_tanh"``. Holds the ``weight`` and ``bias`` parameters of the ``nn.Linear`` it
-    replaces (same state-dict keys and tensors)."""
+    replaces (same state-dict keys and tensors). ``max_rows``: inputs of more rows (all dimensions but the last)
+    take the plain operators, where they are faster on this CPU (None: no limit; :func:`fuse_for_inference` sets
+    it from :func:`row_limit`)."""
 
-    def __init__(self, linear: nn.Linear, act: str = "none"):
+    def __init__(self, linear: nn.Linear, act: str = "none", max_rows: int | None = None):
         super().__init__()
         if act not in _POST_OPS:
             raise ValueError(f"FusedLinear: unknown activation '{act}'; use one of {sorted(_POST_OPS)}")
         self.weight, self.bias = linear.weight, linear.bias
-        self.act = act
+        self.act, self.max_rows = act, max_rows
         self._packed: tuple | None = None  # (weight version, data pointer, reordered weight): a cache
 
     def __getstate__(self) -> dict:
@@ -76,13 +87,14 @@ class FusedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if (x.device.type != "cpu" or x.dtype != self.weight.dtype or x.dtype not in _KERNEL_DTYPES or x.requires_grad
-                or _plain_operators()):
+                or _plain_operators() or (self.max_rows is not None and x.numel() > self.max_rows * x.shape[-1])):
             return self.plain(x)
         attr, algorithm = _POST_OPS[self.act]
         return torch.ops.mkldnn._linear_pointwise(x, self._kernel_weight(), self.bias, attr, [], algorithm)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}, act={self.act}"
+        limit = "" if self.max_rows is None else f", max_rows={self.max_rows}"
+        return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}, act={self.act}{limit}"
 
 
 def _activation_name(act: nn.Module) -> str | None:
@@ -114,6 +126,15 @@ def _kernels_check(dtype: torch.dtype) -> str | None:
     return None
 
 
+def row_limit(dtype: torch.dtype) -> int | None:
+    """The ``max_rows`` of the fused layers for ``dtype`` on this CPU: :data:`AVX2_FP32_MAX_ROWS` for fp32 where
+    torch reports no AVX-512 (AVX2 and below, and CPUs of other architectures, where it was not measured), None
+    otherwise (module docstring)."""
+    if dtype == torch.float32 and torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return AVX2_FP32_MAX_ROWS
+    return None
+
+
 def fuse_for_inference(model: nn.Module) -> int:
     """Swap the linear layers of every transformer block of ``model`` (in place) for :class:`FusedLinear`;
     returns how many blocks were fused. 0, with the model plain, for a model off the CPU or in a dtype other than
@@ -128,20 +149,21 @@ def fuse_for_inference(model: nn.Module) -> int:
         log.warning("fused inference layers not used (%s): embedding with the plain layers, same results, "
                     "slower", why)
         return 0
-    fused = 0
+    fused, rows = 0, row_limit(param.dtype)
     for block in [m for m in model.modules() if type(m) is Block]:
         attn = block.attn
         if type(attn) is Attention and type(attn.in_proj) is nn.Linear:
-            attn.in_proj, attn.out_proj = FusedLinear(attn.in_proj), FusedLinear(attn.out_proj)
+            attn.in_proj = FusedLinear(attn.in_proj, max_rows=rows)
+            attn.out_proj = FusedLinear(attn.out_proj, max_rows=rows)
         mlp = block.mlp
         if (isinstance(mlp, nn.Sequential) and len(mlp) == 3 and type(mlp[0]) is nn.Linear
                 and type(mlp[2]) is nn.Linear):
             act = _activation_name(mlp[1])
             if act is not None:  # the activation moves into the first layer's kernel; Identity keeps the indices
-                mlp[0], mlp[1] = FusedLinear(mlp[0], act), nn.Identity()
+                mlp[0], mlp[1] = FusedLinear(mlp[0], act, max_rows=rows), nn.Identity()
             else:  # QuickGELU and others stay their own module after the first layer
-                mlp[0] = FusedLinear(mlp[0])
-            mlp[2] = FusedLinear(mlp[2])
+                mlp[0] = FusedLinear(mlp[0], max_rows=rows)
+            mlp[2] = FusedLinear(mlp[2], max_rows=rows)
         fused += 1
     return fused
 
