@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import datetime
 import os
-import queue as queue_module
-import time
 import traceback
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from reference.distributed import free_port
+from reference.distributed import collect_from_processes
 
 from clipforge.losses.gather import gather, local_offset
 
@@ -53,36 +50,12 @@ def _worker(rank: int, port: int, queue) -> None:
         dist.destroy_process_group()
 
 
-def _run() -> dict[int, list]:
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    results: dict[int, list] = {}
-    deadline = time.monotonic() + 300
-    while len(results) < WORLD and time.monotonic() < deadline:
-        try:
-            rank, out = queue.get(timeout=2)
-        except queue_module.Empty:
-            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-            assert not dead, f"a process died without a result (exit codes {dead}: negative = killed by that signal)"
-            continue
-        assert not isinstance(out, str), f"rank {rank} failed:\n{out}"
-        results[rank] = out
-    assert len(results) == WORLD, f"only ranks {sorted(results)} reported within 300 s"
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
-    return results
-
-
 def test_many_gathers_in_flight_match_one_process():
     """200 steps of 12 gathers each, all issued before the loss reads any (torch 2.13's asynchronous functional
     all-gather corrupted the heap in this pattern on gloo; see AllGatherWithGrad). Reference: one process with
     the whole batch, where the gathered tensors are the full feature tensors; the sum of the ranks' losses is
     the whole-batch loss and each rank's rows get the whole-batch gradient."""
-    results = _run()
+    results = collect_from_processes(_worker, WORLD)
     for step in range(STEPS):
         leaves = [f.clone().requires_grad_() for f in _features(step)]
         full = [2.0 * x for x in leaves]

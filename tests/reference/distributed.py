@@ -65,24 +65,30 @@ def run_terms_across_processes(module_name: str) -> dict[int, list]:
 
 
 def _run_once(module_name: str) -> dict[int, list]:
-    spec = importlib.import_module(module_name)
+    return collect_from_processes(_worker, importlib.import_module(module_name).WORLD, module_name)
+
+
+def collect_from_processes(target, world: int, *args) -> dict[int, object]:
+    """Start ``world`` spawned processes running ``target(rank, port, queue, *args)`` (a free port for their
+    rendezvous) and return rank -> what each put on the queue as ``(rank, result)``; a process that puts a string
+    (its traceback) fails the caller with it, one that dies without a word fails it with its exit code."""
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, queue, module_name)) for r in range(spec.WORLD)]
+    procs = [ctx.Process(target=target, args=(r, port, queue, *args)) for r in range(world)]
     for p in procs:
         p.start()
-    results: dict[int, list] = {}
+    results: dict[int, object] = {}
     deadline = time.monotonic() + 300  # generous on a loaded 2-core machine; a dead rank is noticed at once
-    while len(results) < spec.WORLD and time.monotonic() < deadline:
+    while len(results) < world and time.monotonic() < deadline:
         try:
             rank, out = queue.get(timeout=2)
         except queue_module.Empty:
             dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-            assert not dead, f"a worker died without a result (exit codes {dead})"
+            assert not dead, f"a worker died without a result (exit codes {dead}: negative = killed by that signal)"
             continue
         assert not isinstance(out, str), f"rank {rank} failed:\n{out}"
         results[rank] = out
-    assert len(results) == spec.WORLD, f"only ranks {sorted(results)} reported within 300 s"
+    assert len(results) == world, f"only ranks {sorted(results)} reported within 300 s"
     for p in procs:
         p.join(timeout=30)
         assert p.exitcode == 0
