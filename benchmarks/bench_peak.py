@@ -146,10 +146,11 @@ def main() -> None:
         reads = read_bytes_per_s(args.threads, args.repeats)
         print(f"memory read (sum over 256 MB of float32): median {reads[len(reads) // 2] / 1e9:.1f} GB/s "
               f"({reads[0] / 1e9:.1f}..{reads[-1] / 1e9:.1f})")
+        from clipforge.train.device import cpu_has_fast_bf16
+
         # the dtype a text runs in here: bf16 where oneDNN has native bf16 kernels; on an AVX2-only CPU fp32 (bf16
         # is several times slower there, and oneDNN's prepacked bf16 layer refuses to run at all)
-        bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        dtype, label, mb = (torch.bfloat16, "bf16", 75.5) if bf16 else (torch.float32, "fp32", 151.0)
+        dtype, label, mb = (torch.bfloat16, "bf16", 75.5) if cpu_has_fast_bf16() else (torch.float32, "fp32", 151.0)
         for name, runs in text_tower_weight_bytes_per_s(args.threads, max(args.repeats, 5), dtype=dtype).items():
             print(f"text tower weights, one 6-token text, {label}, {name}: median {runs[len(runs) // 2] / 1e9:.1f} "
                   f"GB/s ({runs[0] / 1e9:.1f}..{runs[-1] / 1e9:.1f}; {mb} MB per pass)")
