@@ -7,6 +7,26 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+_config = []  # pytest's config, once pytest_configure has run
+
+
+def pytest_configure(config):
+    _config.append(config)
+
+
+def pytest_runtest_logreport(report):
+    """Under CI (CI=true) a failure's traceback is printed as soon as the test fails, not only in the summary at
+    the end: a run that CI stops at its time limit never reaches that summary, and a failure that later tests
+    trip over (a hang, a machine out of memory) would otherwise leave nothing but an F in the progress line."""
+    if not report.failed or os.environ.get("CI") != "true" or not _config:
+        return
+    terminal = _config[-1].pluginmanager.get_plugin("terminalreporter")
+    if terminal is not None:
+        terminal.write_line("")
+        terminal.write_sep("_", f"FAILED {report.nodeid} (in {report.when}, after {report.duration:.1f} s)")
+        terminal.write_line(report.longreprtext[-8000:])
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path):
     """A very small training config: seconds per run, not minutes."""
