@@ -1,6 +1,6 @@
 """The machine's achieved GEMM FLOP/s in bf16 and fp32: the ceiling for training throughput.
 
-Times ``torch.matmul`` (and ``F.linear``, which is what ``nn.Linear`` calls) at the shapes a
+Times ``F.linear`` (what ``nn.Linear`` calls; fp32 also as oneDNN's linear kernel) at the shapes a
 training step of the ``tiny`` model actually runs (M = batch x tokens = 128 x 65 image tokens,
 K/N = width 128 and MLP width 512), at a mid-size width (512 / 2048), and at large square
 sizes where the GEMM kernels reach their best. A matmul of [M, K] x [K, N] is 2*M*K*N FLOPs.
@@ -92,16 +92,23 @@ def text_tower_weight_bytes_per_s(threads: int, repeats: int, rows: int = 6,
     return {name: _sorted_rates(run, nbytes, repeats, warmup=2) for name, run in kernels.items()}
 
 
-def gemm_flops_per_s(m: int, k: int, n: int, dtype: torch.dtype, min_seconds: float = 0.3) -> float:
-    """Best-of-a-burst FLOP/s of F.linear(x [m,k], w [n,k]) (the nn.Linear call) for one timing run."""
+def _onednn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+
+def gemm_flops_per_s(m: int, k: int, n: int, dtype: torch.dtype, min_seconds: float = 0.3,
+                     kernel: str = "torch") -> float:
+    """Best-of-a-burst FLOP/s of F.linear(x [m,k], w [n,k]) (the nn.Linear call) for one timing run; ``kernel``
+    "onednn": oneDNN's linear instead (what clipforge.models.onednn_linear trains fp32 with where it is faster)."""
     x = torch.randn(m, k, dtype=dtype)
     w = torch.randn(n, k, dtype=dtype)
+    linear = _onednn_linear if kernel == "onednn" else F.linear
     for _ in range(3):  # warm the kernel selection / packing caches
-        F.linear(x, w)
+        linear(x, w)
     iters, elapsed = 0, 0.0
     t0 = time.perf_counter()
     while elapsed < min_seconds:
-        F.linear(x, w)
+        linear(x, w)
         iters += 1
         elapsed = time.perf_counter() - t0
     return 2.0 * m * k * n * iters / elapsed
@@ -111,15 +118,22 @@ def measure(threads: int, repeats: int, shapes=SHAPES) -> list[dict]:
     torch.set_num_threads(threads)
     rows = []
     for label, m, k, n in shapes:
-        for dtype in (torch.bfloat16, torch.float32):
-            runs = sorted(gemm_flops_per_s(m, k, n, dtype) for _ in range(repeats))
-            rows.append({"shape": label, "dtype": str(dtype).split(".")[-1], "median": runs[len(runs) // 2],
+        # fp32 twice: torch's own GEMM (MKL) and oneDNN's linear, which is the faster one on some CPUs (twice as
+        # fast on a Zen 5 EPYC); bf16 linears are oneDNN's already
+        for dtype, kernel in ((torch.bfloat16, "torch"), (torch.float32, "torch"), (torch.float32, "onednn")):
+            if kernel == "onednn" and not torch.backends.mkldnn.is_available():
+                continue
+            runs = sorted(gemm_flops_per_s(m, k, n, dtype, kernel=kernel) for _ in range(repeats))
+            name = str(dtype).split(".")[-1]
+            rows.append({"shape": label, "dtype": name, "kernel": kernel,
+                         "label": name + (" (oneDNN)" if kernel == "onednn" else ""), "median": runs[len(runs) // 2],
                          "min": runs[0], "max": runs[-1]})
     return rows
 
 
 def achieved_peak(threads: int = 2, repeats: int = 3) -> dict[str, float]:
-    """{'bfloat16': FLOP/s, 'float32': FLOP/s}: the best run over all SHAPES (load only lowers a run)."""
+    """{'bfloat16': FLOP/s, 'float32': FLOP/s}: the best run over all SHAPES and both fp32 kernels (load only
+    lowers a run)."""
     rows = measure(threads, repeats)
     return {dt: max(r["max"] for r in rows if r["dtype"] == dt) for dt in ("bfloat16", "float32")}
 
@@ -138,10 +152,12 @@ def main() -> None:
     print("| GEMM | dtype | GFLOP/s median | min..max |")
     print("|---|---|---:|---|")
     for r in rows:
-        print(f"| {r['shape']} | {r['dtype']} | {r['median'] / 1e9:.0f} | {r['min'] / 1e9:.0f}..{r['max'] / 1e9:.0f} |")
+        print(f"| {r['shape']} | {r['label']} | {r['median'] / 1e9:.0f} | {r['min'] / 1e9:.0f}..{r['max'] / 1e9:.0f} |")
     for dt in ("bfloat16", "float32"):
         best = max(r["max"] for r in rows if r["dtype"] == dt)
         print(f"achieved peak {dt}: {best / 1e9:.0f} GFLOP/s")
+    torch_fp32 = max(r["max"] for r in rows if r["dtype"] == "float32" and r["kernel"] == "torch")
+    print(f"  (float32 through torch's own GEMM, F.linear: {torch_fp32 / 1e9:.0f} GFLOP/s)")
     if args.shapes == "inference":
         reads = read_bytes_per_s(args.threads, args.repeats)
         print(f"memory read (sum over 256 MB of float32): median {reads[len(reads) // 2] / 1e9:.1f} GB/s "

@@ -8,7 +8,7 @@ fp32 and in bf16 autocast, on the same threads. OpenCLIP runs in its own venv
 
     python benchmarks/bench_train_throughput.py [--batch 128] [--steps 20] [--threads 2] [--repeats 3]
         [--compile] [--overrides '{"vision": {"width": 512, "heads": 8}}'] [--peak]
-        [--texts random|random-stream|shapes] [--dense-adamw]
+        [--texts random|random-stream|shapes] [--dense-adamw] [--onednn-linear]
 
 Prints a markdown table of samples/s (median over --repeats runs, min..max beside it; the
 runs of the two libraries alternate, each repeat starting with the next implementation, so that
@@ -30,7 +30,10 @@ reuses one batch of tokens drawn uniformly from the vocabulary every step (~2,50
 ``random-stream`` draws fresh uniform tokens every step, the worst case (within ~20 steps most rows have
 been touched and the table takes the dense step); ``shapes`` tokenizes a fresh batch of captions of the
 ``shapes`` dataset every step, what ``tiny`` trains on (a few dozen distinct tokens). ``--dense-adamw``
-adds a clipforge row with torch's plain fused AdamW, the update the row-wise one replaces.
+adds a clipforge row with torch's plain fused AdamW, the update the row-wise one replaces. ``--onednn-linear``
+adds a clipforge row whose fp32 linear layers and their gradients run as oneDNN kernels
+(``clipforge.models.onednn_linear``, what ``clipforge train --fp32-linear onednn`` does); ``--peak`` counts
+oneDNN's fp32 linear in the fp32 peak too, whichever of the two is faster on the CPU.
 
 Model FLOPs per sample are counted with ``torch.utils.flop_counter.FlopCounterMode`` over
 one forward + backward of the clipforge model (GEMMs, the patch projection and attention
@@ -138,15 +141,17 @@ def clipforge_optimizer(model, dense_adamw: bool = False):
 
 
 def run_clipforge(spec: dict, texts: list, precision: str, steps: int, compile: bool = False,
-                  dense_adamw: bool = False) -> tuple[float, float]:
+                  dense_adamw: bool = False, onednn_linear: bool = False) -> tuple[float, float]:
     from clipforge.losses import clip_loss
     from clipforge.models import CLIP, CLIPConfig
+    from clipforge.models.onednn_linear import onednn_fp32_linears
 
     model = CLIP(CLIPConfig.from_dict({**spec, "compile": compile}))
 
     images = make_images(spec, texts[0].shape[0])
     make_opt = lambda m: clipforge_optimizer(m, dense_adamw)
-    return time_steps(model.train(), clip_loss, images, texts, steps, precision, make_opt)
+    with onednn_fp32_linears(onednn_linear and precision == "fp32"):  # what clipforge train --fp32-linear onednn does
+        return time_steps(model.train(), clip_loss, images, texts, steps, precision, make_opt)
 
 
 def openclip_env(tuned_malloc: bool) -> dict:
@@ -304,6 +309,9 @@ def main() -> None:
                     help="token batches: one reused random batch, fresh random ones, or shapes captions")
     ap.add_argument("--dense-adamw", action="store_true",
                     help="add a clipforge row with torch's fused AdamW (the token table updated densely)")
+    ap.add_argument("--onednn-linear", action="store_true",
+                    help="add a clipforge row whose fp32 linear layers run as oneDNN kernels (clipforge train "
+                         "--fp32-linear onednn; bf16 rows are unchanged by it)")
     ap.add_argument("--peak", action="store_true", help="measure the GEMM peak (bench_peak.py) and print MFU")
     ap.add_argument("--system-malloc", action="store_true",
                     help="train clipforge with glibc's malloc defaults, not the settings clipforge's commands apply")
@@ -329,7 +337,8 @@ def main() -> None:
         if args._impl == "openclip":
             run = functools.partial(run_openclip, compile=args.compile)
         else:  # --compile / --dense-adamw pick the clipforge variant this process trains
-            run = functools.partial(run_clipforge, compile=args.compile, dense_adamw=args.dense_adamw)
+            run = functools.partial(run_clipforge, compile=args.compile, dense_adamw=args.dense_adamw,
+                                    onednn_linear=args.onednn_linear)
         out = {p: with_page_faults(lambda p=p: run(spec, texts, p, args.steps), args.steps) for p in args.precision}
         print(json.dumps(out))
         return
@@ -349,6 +358,8 @@ def main() -> None:
         impls["clipforge compile=true"] = (sys.executable, ["--compile"], dict(os.environ))
     if args.dense_adamw:
         impls["clipforge dense AdamW"] = (sys.executable, ["--dense-adamw"], dict(os.environ))
+    if args.onednn_linear:
+        impls["clipforge oneDNN fp32 linears"] = (sys.executable, ["--onednn-linear"], dict(os.environ))
     if anchor:
         impls["OpenCLIP"] = (str(anchor), [], openclip_env(args.openclip_tuned_malloc))
         if args.compile:

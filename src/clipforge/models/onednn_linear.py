@@ -1,0 +1,143 @@
+"""fp32 linear layers through oneDNN for training on CPUs where torch's own fp32 GEMM (Intel MKL) is the slower one.
+
+torch runs an fp32 ``F.linear`` and its gradients as MKL GEMMs on the CPU; bf16 ones, and every fp32 layer of
+:mod:`clipforge.models.fused_inference`, run as oneDNN kernels. On an AMD EPYC of the Zen 5 generation (family 26,
+AVX-512 on full 512-bit units) MKL's fp32 GEMM reached 190-225 GFLOP/s on 2 cores at the shapes of a training step
+while oneDNN's reached 480-510 for the forward product and 300-380 for the two gradient products (thirty-first
+session, ``benchmarks/bench_onednn_linear.py``); on an AVX2-only EPYC oneDNN's fp32 linear lost to MKL's above
+about 160 rows (fused_inference's module docstring). So the switch is measured, not assumed: :func:`onednn_is_faster`
+times both on this CPU, and :func:`onednn_fp32_linears` routes ``F.linear`` through :class:`OneDNNLinear` only
+where it won.
+
+The three products of a linear layer ``y = x W^T + b`` (x: [M, K], W: [N, K]), each one oneDNN linear
+(``torch.ops.mkldnn._linear_pointwise(a, w, bias)`` = ``a w^T + bias``):
+
+- forward ``y = x W^T + b``;
+- input gradient ``dx = dy W``: a linear with the weight ``W^T`` (a [K, N] copy of the weight, small);
+- weight gradient ``dW = dy^T x``: oneDNN was fastest with the smaller of N and K as the output rows, so
+  ``(x^T dy)^T`` where K <= N and ``dy^T x`` otherwise (transposed views, no copies of the activations);
+- bias gradient ``db = sum of dy over rows``.
+
+Same arithmetic as ``F.linear`` in fp32 (no reduced precision: results agree to fp32 rounding, the sums in another
+order); tests ``tests/models/test_onednn_linear.py`` check values and all three gradients against ``F.linear``
+in float64.
+
+The switch is a :class:`torch.overrides.TorchFunctionMode`, so the model code is unchanged: ``F.linear`` calls on
+fp32 CPU tensors outside autocast take this path, everything else (bf16, autocast, other devices, float64, other
+functions) runs as before. ``clipforge train`` turns it on for fp32 training in one process where
+:func:`onednn_is_faster` says so; from Python, ``with onednn_fp32_linears(): train(cfg)``.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+log = logging.getLogger(__name__)
+
+MIN_SPEEDUP = 1.3  # onednn_is_faster: oneDNN must beat F.linear by this much on every product timed
+
+
+def _onednn_linear(a: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``a w^T + bias`` as one oneDNN kernel (a: [M, K], w: [N, K])."""
+    return torch.ops.mkldnn._linear_pointwise(a, w, bias, "none", [], "")
+
+
+class OneDNNLinear(torch.autograd.Function):
+    """``F.linear(x, weight, bias)`` with the forward product and both gradient products as oneDNN kernels
+    (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        if not rows.is_contiguous():
+            rows = rows.contiguous()
+        ctx.save_for_backward(rows, weight)
+        ctx.has_bias, ctx.in_shape = bias is not None, x.shape
+        out = _onednn_linear(rows, weight, bias)
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        rows, weight = ctx.saved_tensors
+        g = grad.reshape(-1, weight.shape[0])
+        if not g.is_contiguous():
+            g = g.contiguous()
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = _onednn_linear(g, weight.t().contiguous()).view(ctx.in_shape)
+        if ctx.needs_input_grad[1]:
+            n, k = weight.shape
+            dw = _onednn_linear(rows.t(), g.t()).t().contiguous() if k <= n else _onednn_linear(g.t(), rows.t())
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = g.sum(0)
+        return dx, dw, db
+
+
+def _takes_onednn_path(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    return (x.dtype == weight.dtype == torch.float32 and x.device.type == weight.device.type == "cpu"
+            and x.dim() >= 2 and weight.dim() == 2 and (bias is None or bias.dtype == torch.float32)
+            and not torch.is_autocast_enabled("cpu") and x.numel() > 0)
+
+
+class _OneDNNLinearMode(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x = args[0] if args else kwargs["input"]
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if _takes_onednn_path(x, weight, bias):
+                return OneDNNLinear.apply(x, weight, bias)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def onednn_fp32_linears(enabled: bool = True) -> Iterator[None]:
+    """Inside: fp32 ``F.linear`` on the CPU runs as :class:`OneDNNLinear` (module docstring); ``enabled=False``
+    changes nothing. In this thread only (as every TorchFunctionMode); processes started inside do not inherit it."""
+    if not enabled:
+        yield
+        return
+    with _OneDNNLinearMode():
+        yield
+
+
+@functools.cache
+def onednn_is_faster(rows: int = 4096, width: int = 256, repeats: int = 5) -> bool:
+    """Whether oneDNN's fp32 linear beats ``F.linear`` on this CPU by :data:`MIN_SPEEDUP` for each of a training
+    step's three products (forward, input gradient, weight gradient) at ``rows`` x ``width`` -> 2 * ``width``:
+    timed here, alternating, best of ``repeats`` (about 0.1 s once per process; cached)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, width, generator=gen)
+    w = torch.randn(2 * width, width, generator=gen)
+    g = torch.randn(rows, 2 * width, generator=gen)
+    pairs = [  # (torch's product, oneDNN's) for the forward, the input gradient and the weight gradient
+        (lambda: F.linear(x, w), lambda: _onednn_linear(x, w)),
+        (lambda: g @ w, lambda: _onednn_linear(g, w.t().contiguous())),
+        (lambda: g.t() @ x, lambda: _onednn_linear(x.t(), g.t()).t().contiguous()),
+    ]
+    try:
+        for plain, fast in pairs:
+            best = [float("inf"), float("inf")]
+            for _ in range(repeats):
+                for i, fn in enumerate((plain, fast)):
+                    t = time.perf_counter()
+                    fn()
+                    best[i] = min(best[i], time.perf_counter() - t)
+            if best[0] < MIN_SPEEDUP * best[1]:
+                log.debug("oneDNN fp32 linear not faster here (%.2fx)", best[0] / best[1])
+                return False
+    except RuntimeError as e:  # a build without the oneDNN linear op
+        log.debug("oneDNN fp32 linear unavailable: %s", e)
+        return False
+    return True
