@@ -3,8 +3,10 @@
 torch runs an fp32 ``F.linear`` and its gradients as MKL GEMMs on the CPU; bf16 ones, and every fp32 layer of
 :mod:`clipforge.models.fused_inference`, run as oneDNN kernels. On an AMD EPYC of the Zen 5 generation (family 26,
 AVX-512 on full 512-bit units) MKL's fp32 GEMM reached 190-225 GFLOP/s on 2 cores at the shapes of a training step
-while oneDNN's reached 480-510 for the forward product and 300-380 for the two gradient products (thirty-first
-session, ``benchmarks/bench_onednn_linear.py``); on an AVX2-only EPYC oneDNN's fp32 linear lost to MKL's above
+while oneDNN's reached 380-500 for the forward product (``benchmarks/bench_peak.py``, its oneDNN fp32 column)
+and 300-380 for the two gradient products (a one-off timing, thirty-first session), and fp32 training of ``tiny``
+went from 1.21x to 1.81x OpenCLIP's samples/s (``bench_train_throughput.py --onednn-linear``, docs/performance.md);
+on an AVX2-only EPYC oneDNN's fp32 linear lost to MKL's above
 about 160 rows (fused_inference's module docstring). So the switch is measured, not assumed: :func:`onednn_is_faster`
 times both on this CPU, and :func:`onednn_fp32_linears` routes ``F.linear`` through :class:`OneDNNLinear` only
 where it won.
