@@ -92,17 +92,16 @@ def text_tower_weight_bytes_per_s(threads: int, repeats: int, rows: int = 6,
     return {name: _sorted_rates(run, nbytes, repeats, warmup=2) for name, run in kernels.items()}
 
 
-def _onednn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-
-
 def gemm_flops_per_s(m: int, k: int, n: int, dtype: torch.dtype, min_seconds: float = 0.3,
                      kernel: str = "torch") -> float:
     """Best-of-a-burst FLOP/s of F.linear(x [m,k], w [n,k]) (the nn.Linear call) for one timing run; ``kernel``
     "onednn": oneDNN's linear instead (what clipforge.models.onednn_linear trains fp32 with where it is faster)."""
     x = torch.randn(m, k, dtype=dtype)
     w = torch.randn(n, k, dtype=dtype)
-    linear = _onednn_linear if kernel == "onednn" else F.linear
+    if kernel == "onednn":
+        from clipforge.models.onednn_linear import onednn_linear_kernel as linear
+    else:
+        linear = F.linear
     for _ in range(3):  # warm the kernel selection / packing caches
         linear(x, w)
     iters, elapsed = 0, 0.0

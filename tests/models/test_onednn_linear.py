@@ -133,8 +133,8 @@ def test_the_command_trains_through_onednn_when_asked(tmp_path, monkeypatch):
     from clipforge.cli.main import main
 
     calls = []
-    kernel = onednn_linear._onednn_linear
-    monkeypatch.setattr(onednn_linear, "_onednn_linear", lambda *a: calls.append(1) or kernel(*a))
+    kernel = onednn_linear.onednn_linear_kernel
+    monkeypatch.setattr(onednn_linear, "onednn_linear_kernel", lambda *a: calls.append(1) or kernel(*a))
     small = ["model_overrides={embed_dim: 32, vision: {image_size: 32, patch_size: 8, width: 32, layers: 1, heads: 2}, "
              "text: {context_length: 16, width: 32, layers: 1, heads: 2}}", "data.train_size=32", "batch_size=16",
              "steps=2", "warmup_steps=1", "progress=false", "precision=fp32", "save_every=0"]

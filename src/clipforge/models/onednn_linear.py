@@ -47,8 +47,8 @@ log = logging.getLogger(__name__)
 MIN_SPEEDUP = 1.3  # onednn_is_faster: oneDNN must beat F.linear by this much on every product timed
 
 
-def _onednn_linear(a: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``a w^T + bias`` as one oneDNN kernel (a: [M, K], w: [N, K])."""
+def onednn_linear_kernel(a: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``a w^T + bias`` as one oneDNN kernel (a: [M, K], w: [N, K]); also what ``benchmarks/bench_peak.py`` times."""
     return torch.ops.mkldnn._linear_pointwise(a, w, bias, "none", [], "")
 
 
@@ -58,26 +58,25 @@ class OneDNNLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        if not rows.is_contiguous():
-            rows = rows.contiguous()
+        rows = x.reshape(-1, x.shape[-1]).contiguous()  # the same tensor where it is contiguous already
         ctx.save_for_backward(rows, weight)
         ctx.has_bias, ctx.in_shape = bias is not None, x.shape
-        out = _onednn_linear(rows, weight, bias)
+        out = onednn_linear_kernel(rows, weight, bias)
         return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         rows, weight = ctx.saved_tensors
-        g = grad.reshape(-1, weight.shape[0])
-        if not g.is_contiguous():
-            g = g.contiguous()
+        g = grad.reshape(-1, weight.shape[0]).contiguous()
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = _onednn_linear(g, weight.t().contiguous()).view(ctx.in_shape)
+            dx = onednn_linear_kernel(g, weight.t().contiguous()).view(ctx.in_shape)
         if ctx.needs_input_grad[1]:
             n, k = weight.shape
-            dw = _onednn_linear(rows.t(), g.t()).t().contiguous() if k <= n else _onednn_linear(g.t(), rows.t())
+            if k <= n:  # the smaller dimension as oneDNN's output rows (module docstring)
+                dw = onednn_linear_kernel(rows.t(), g.t()).t().contiguous()
+            else:
+                dw = onednn_linear_kernel(g.t(), rows.t())
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = g.sum(0)
         return dx, dw, db
@@ -124,9 +123,9 @@ def onednn_is_faster(rows: int = 4096, width: int = 256, repeats: int = 5) -> bo
     w = torch.randn(2 * width, width, generator=gen)
     g = torch.randn(rows, 2 * width, generator=gen)
     pairs = [  # (torch's product, oneDNN's) for the forward, the input gradient and the weight gradient
-        (lambda: F.linear(x, w), lambda: _onednn_linear(x, w)),
-        (lambda: g @ w, lambda: _onednn_linear(g, w.t().contiguous())),
-        (lambda: g.t() @ x, lambda: _onednn_linear(x.t(), g.t()).t().contiguous()),
+        (lambda: F.linear(x, w), lambda: onednn_linear_kernel(x, w)),
+        (lambda: g @ w, lambda: onednn_linear_kernel(g, w.t().contiguous())),
+        (lambda: g.t() @ x, lambda: onednn_linear_kernel(x.t(), g.t()).t().contiguous()),
     ]
     try:
         for plain, fast in pairs:
