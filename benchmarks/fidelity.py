@@ -8,7 +8,7 @@
     python benchmarks/fidelity.py NAME|all --estimate      # projected time from the runs already recorded
     python benchmarks/fidelity.py --merge A.json B.json    # add runs made elsewhere (other machines, sessions)
     python benchmarks/fidelity.py --stale [NAME ...]       # which recorded runs the tree's edits take off the code
-    python benchmarks/fidelity.py NAME|all --rerun-stale   # rerun the runs whose code changed since
+    python benchmarks/fidelity.py NAME|all --rerun-stale   # rerun the runs whose code changed since (any seed)
     python benchmarks/fidelity.py all --jobs 16            # 16 runs side by side (one per core), longest first
 
 Every experiment is a recipe, ``benchmarks/fidelity/NAME.yaml``, one per claim: the paper and its budget, the
@@ -870,18 +870,70 @@ def save_results(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def plan(recipes: Sequence[Recipe], seeds: Sequence[int], steps: int | None = None,
+DEFAULT_SEEDS = (0, 1, 2)
+
+
+def plan(recipes: Sequence[Recipe], seeds: Sequence[int] | None, steps: int | None = None,
          batch: int | None = None) -> list[tuple[Recipe, str, int, int, int]]:
-    """Seed-major order: every arm of every recipe at seed 0, then seed 1, ..."""
-    return [(r, arm, seed, steps or r.steps, batch or r.batch) for seed in seeds for r in recipes for arm in r.arms]
+    """Seed-major order: every arm of every recipe at seed 0, then seed 1, ... (``seeds`` None: DEFAULT_SEEDS)."""
+    return [(r, arm, seed, steps or r.steps, batch or r.batch) for seed in (DEFAULT_SEEDS if seeds is None else seeds)
+            for r in recipes for arm in r.arms]
 
 
-def run(recipes: Sequence[Recipe], seeds: Sequence[int], out: Path, steps: int | None = None, batch: int | None = None,
-        eval_size: int = 500, threads: int = 1, log: Callable[[str], None] = print, rerun_stale: bool = False,
-        precision: str | None = None, jobs: int = 1) -> dict:
+def stale_entries(recipes: Sequence[Recipe], data: Mapping, planned: Collection[tuple], seeds: Sequence[int] | None,
+                  steps: int | None, batch: int | None, eval_size: int, precision: str | None,
+                  states: Mapping[int, tuple[str, list[str]]]) -> tuple[list[tuple], list[str]]:
+    """What ``--rerun-stale`` adds to a plan: the recorded runs of ``recipes`` not on the current code that the
+    plan lacks because they ran another seed (reached when ``seeds`` is None, i.e. no ``--seeds`` was given) or
+    another budget (reached unless ``steps`` / ``batch`` name one), as plan entries in seed-major order; and why
+    each stale run that no invocation with these settings can reproduce was left out (its recipe changed since it
+    ran, or it ran with another ``--precision`` or ``--eval-size``)."""
+    by_name = {r.name: r for r in recipes}
+    extra: dict[tuple, tuple] = {}
+    left_out: list[str] = []
+    for run_ in data["runs"]:
+        recipe = by_name.get(run_["experiment"])
+        if recipe is None or states[id(run_)][0] == "current":
+            continue
+        arm, seed, st, bt = run_["arm"], run_["seed"], run_["steps"], run_["batch"]
+        if (seeds is not None and seed not in seeds) or (steps is not None and st != steps) or (
+                batch is not None and bt != batch):
+            continue
+        where = f"{recipe.name} / {arm} / seed {seed} ({st} steps x {bt})"
+        flags = f"--seeds {seed}" + (f" --steps {st}" if st != recipe.steps else "") + (
+            f" --batch {bt}" if bt != recipe.batch else "")
+        if run_["eval_size"] != eval_size:
+            left_out.append(f"{where}: evaluated on {run_['eval_size']} samples "
+                            f"(--eval-size {run_['eval_size']} {flags})")
+            continue
+        if arm not in recipe.arms:
+            left_out.append(f"{where}: the recipe has no arm '{arm}' any more")
+            continue
+        override = recipe.precision_override(arm, precision)
+        if run_.get("precision") != override:
+            trained = run_.get("precision") or recipe.arm_precision(arm)
+            left_out.append(f"{where}: trained in {trained} (--precision {trained} {flags})")
+            continue
+        if recipe.fingerprint(arm, st, bt, eval_size, override) != run_["fingerprint"]:
+            left_out.append(f"{where}: its recipe changed since it ran")
+            continue
+        entry = (recipe, arm, seed, st, bt)
+        key = (recipe.name, arm, seed, st, bt)
+        if key not in planned:
+            extra.setdefault(key, entry)
+    order = {r.name: i for i, r in enumerate(recipes)}
+    ranked = sorted(extra.values(), key=lambda e: (e[2], order[e[0].name], list(e[0].arms).index(e[1]), e[3], e[4]))
+    return ranked, left_out
+
+
+def run(recipes: Sequence[Recipe], seeds: Sequence[int] | None, out: Path, steps: int | None = None,
+        batch: int | None = None, eval_size: int = 500, threads: int = 1, log: Callable[[str], None] = print,
+        rerun_stale: bool = False, precision: str | None = None, jobs: int = 1) -> dict:
     """Run every missing (recipe, arm, seed) and append it to ``out/fidelity.json`` as soon as it ends; with
     ``rerun_stale`` also the recorded runs whose executed code has changed since or was not recorded (the new run
-    replaces the old one); ``precision`` trains every training arm in fp32 or bf16 instead of its recipe's.
+    replaces the old one; with ``seeds`` None, stale runs of every recorded seed, and with ``steps`` / ``batch``
+    None, of every recorded budget: see ``stale_entries``); ``seeds`` None plans DEFAULT_SEEDS; ``precision``
+    trains every training arm in fp32 or bf16 instead of its recipe's.
 
     ``jobs`` > 1 runs the runs side by side in that many worker processes of ``threads`` torch threads each, longest
     first (by the recorded runs), instead of one after the other in plan order; each run is the same computation
@@ -1047,13 +1099,22 @@ def classify(entry: tuple, data: Mapping, path: Path, eval_size: int, rerun_stal
     return task
 
 
-def plan_tasks(recipes: Sequence[Recipe], seeds: Sequence[int], data: Mapping, path: Path, steps, batch,
-               eval_size: int, rerun_stale: bool, precision: str | None) -> list[Task]:
-    """Every task of the plan, classified (see ``classify``); in a recipe that shares artifacts, the tasks of one
-    budget run together or not at all: if one of them has to run, they all do."""
+def plan_tasks(recipes: Sequence[Recipe], seeds: Sequence[int] | None, data: Mapping, path: Path, steps, batch,
+               eval_size: int, rerun_stale: bool, precision: str | None,
+               log: Callable[[str], None] | None = None) -> list[Task]:
+    """Every task of the plan, classified (see ``classify``), with ``rerun_stale`` also the stale recorded runs
+    of other seeds and budgets (see ``stale_entries``; ``log`` hears about those it cannot rerun); in a recipe that
+    shares artifacts, the tasks of one budget run together or not at all: if one of them has to run, they all do."""
     states = code_states(data, {r.name for r in recipes if r.shares_artifacts})
-    tasks = [classify(e, data, path, eval_size, rerun_stale, precision, states)
-             for e in plan(recipes, seeds, steps, batch)]
+    entries = plan(recipes, seeds, steps, batch)
+    if rerun_stale:
+        extra, left_out = stale_entries(recipes, data, {(e[0].name,) + e[1:] for e in entries}, seeds, steps,
+                                        batch, eval_size, precision, states)
+        entries += extra
+        if left_out and log is not None:
+            log(f"{len(left_out)} stale recorded runs cannot be rerun with these settings:\n" +
+                "\n".join(f"  {why}" for why in left_out))
+    tasks = [classify(e, data, path, eval_size, rerun_stale, precision, states) for e in entries]
     for unit in units_of(tasks):
         why = next((t for t in unit if t.run), None)
         if why is None or len(unit) == 1:
@@ -1143,7 +1204,7 @@ def _run_locked(recipes, seeds, out: Path, steps, batch, eval_size: int, threads
                 rerun_stale: bool = False, precision: str | None = None) -> dict:
     path = out / "fidelity.json"
     data = load_results(path)
-    tasks = plan_tasks(recipes, seeds, data, path, steps, batch, eval_size, rerun_stale, precision)
+    tasks = plan_tasks(recipes, seeds, data, path, steps, batch, eval_size, rerun_stale, precision, log)
     index = {id(t): i for i, t in enumerate(tasks, 1)}
     for t in tasks:
         if t.note and not t.run:
@@ -1286,7 +1347,7 @@ def _run_parallel_locked(recipes, seeds, out: Path, steps, batch, eval_size: int
 
     path = out / "fidelity.json"
     data = load_results(path)
-    tasks = plan_tasks(recipes, seeds, data, path, steps, batch, eval_size, rerun_stale, precision)
+    tasks = plan_tasks(recipes, seeds, data, path, steps, batch, eval_size, rerun_stale, precision, log)
     _skipped_log(tasks, path, log)
     units = units_of([t for t in tasks if t.run])
     if not units:
@@ -1661,7 +1722,9 @@ def write_report(recipes: Sequence[Recipe], out: Path, docs: Path | None) -> str
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("names", nargs="*", help="experiments (recipe names) or 'all'")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+",
+                    help="seeds to run (default: 0 1 2; with --rerun-stale and no --seeds, the stale runs of every "
+                    "recorded seed are rerun too)")
     ap.add_argument("--steps", type=int, help="steps per run (default: each recipe's budget)")
     ap.add_argument("--batch", type=int, help="batch size (default: each recipe's)")
     ap.add_argument("--eval-size", type=int, default=500, help="held-out samples per evaluation split (verdicts in the "
@@ -1680,7 +1743,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--docs", type=Path, help="also replace the generated section of this markdown file")
     ap.add_argument("--rerun-stale", action="store_true",
                     help="also rerun recorded runs whose executed source files have changed since (or were not "
-                    "recorded); the new run replaces the old one")
+                    "recorded), of every recorded seed and budget unless --seeds, --steps or --batch narrow it; "
+                    "the new run replaces the old one")
     ap.add_argument("--report-only", action="store_true",
                     help="regenerate the markdown from OUT/fidelity.json, train nothing")
     ap.add_argument("--list", action="store_true", help="list the experiments and their default budgets")
@@ -1710,7 +1774,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ap.error("--steps, --batch and --eval-size must be positive")
         if a.jobs < 1 or a.threads < 1:
             ap.error("--jobs and --threads must be at least 1")
-        if len(set(a.seeds)) != len(a.seeds):
+        if a.seeds is not None and len(set(a.seeds)) != len(a.seeds):
             ap.error(f"--seeds repeats a seed: {a.seeds}")
         recipes = [load_recipe(n) for n in names]
     except RecipeError as e:
@@ -1760,13 +1824,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         total, lengths = 0.0, []
         for r in recipes:
             per_arm = arm_seconds(r, runs, a.precision)
-            s = estimate_seconds(r, per_arm, len(a.seeds))
+            s = estimate_seconds(r, per_arm, len(a.seeds or DEFAULT_SEEDS))
             print(f"{r.name:14s} " + (f"{s / 3600:6.2f} h" if s is not None else
                                       f"  no run of every arm at batch {r.batch} with {r.steps} or >= "
                                       f"{ESTIMATE_MIN_STEPS} steps") + estimate_caveat(r))
             total += s or 0.0
             if s is not None:  # a recipe that shares artifacts runs as one unit per budget, in one worker
-                lengths += [s] if r.shares_artifacts else [v for v in per_arm.values() for _ in a.seeds]
+                lengths += [s] if r.shares_artifacts else [v for v in per_arm.values()
+                                                            for _ in (a.seeds or DEFAULT_SEEDS)]
         print(f"{'total':14s} {total / 3600:6.2f} h (experiments with a measured run only)")
         if a.jobs > 1:
             print(f"{'--jobs ' + str(a.jobs):14s} {longest_first(lengths, a.jobs) / 3600:6.2f} h of wall-clock, "

@@ -499,6 +499,60 @@ def test_runs_record_the_files_they_executed_and_edits_make_them_stale(fid, monk
         x["metrics"] for x in fresh["runs"] if x["arm"] == "gap"]  # the current runs replaced the stale ones
 
 
+def test_rerun_stale_reaches_stale_runs_of_other_seeds_and_budgets(fid, monkeypatch, tmp_path):
+    """Runs recorded at extra seeds or another budget (``--seeds 3 4``, ``--steps 20``) are rerun by a plain
+    ``--rerun-stale`` once their code changes; ``--seeds`` / ``--steps`` narrow it; a stale run that these settings
+    cannot reproduce (another ``--precision``) is named with the flag that would, not silently skipped."""
+    src = tmp_path / "repo" / "src"
+    src.mkdir(parents=True)
+    (src / "used_b.py").write_text("def f():\n    return 1.0\n")
+    monkeypatch.setattr(fid, "REPO", tmp_path / "repo")
+    monkeypatch.setattr(fid, "CODE_ROOTS", (src,))
+    monkeypatch.syspath_prepend(str(src))
+    import used_b
+
+    calls = []
+
+    def fake(rc, arm, seed, steps, batch, eval_size, precision=None):
+        calls.append((arm.name, seed, steps, precision))
+        scale = used_b.f() if arm.name == "gap" else 1.0
+        return {"gap": (0.5 if arm.name == "clip" else 0.2) * scale + seed / 1000, "object_top1": 0.3,
+                "train_s": 1.0, "eval_s": 0.5}
+
+    monkeypatch.setattr(fid, "train_and_measure", fake)
+    r = fid.parse_recipe("t", recipe())
+    out = tmp_path / "out"
+    quiet = {"eval_size": 500, "log": lambda m: None}
+    fid.run([r], [0, 1, 2], out, **quiet)
+    fid.run([r], [3, 4], out, **quiet)
+    fid.run([r], [0], out, steps=20, **quiet)
+    assert len(calls) == 12
+    (src / "used_b.py").write_text("def f():\n    return 0.5\n")  # the gap arm's code changes: 6 of 12 stale
+    data = fid.load_results(out / "fidelity.json")
+    assert fid.stale_summary(data, set())[0] == {"t": 6}
+
+    del calls[:]
+    fid.run([r], [0, 1, 2], out, rerun_stale=True, **quiet)  # --seeds given: seeds 3 and 4 are not reached
+    assert calls == [("gap", s, 10, None) for s in (0, 1, 2)] + [("gap", 0, 20, None)]
+    del calls[:]
+    fid.run([r], None, out, steps=10, rerun_stale=True, **quiet)  # --steps given: only that budget, every seed
+    assert calls == [("gap", 3, 10, None), ("gap", 4, 10, None)]
+    data = fid.load_results(out / "fidelity.json")
+    assert len(data["runs"]) == 12 and all(fid.code_state(x, data)[0] == "current" for x in data["runs"])
+
+    fid.run([r], [5], out, precision="fp32", **quiet)  # a budget of its own: trained in fp32, not the arm's bf16
+    (src / "used_b.py").write_text("def f():\n    return 0.25\n")
+    del calls[:]
+    logged = []
+    fid.run([r], None, out, rerun_stale=True, eval_size=500, log=logged.append)
+    assert sorted(calls) == sorted([("gap", s, 10, None) for s in (0, 1, 2, 3, 4)] + [("gap", 0, 20, None)])
+    said = [m for m in logged if "cannot be rerun with these settings" in m]
+    assert len(said) == 1 and "t / gap / seed 5 (10 steps x 8): trained in fp32 (--precision fp32 --seeds 5)" in said[0]
+    del calls[:]
+    fid.run([r], [5], out, rerun_stale=True, precision="fp32", **quiet)  # what the message says to run
+    assert calls == [("gap", 5, 10, "fp32")]
+
+
 UNITS_V1 = '''"""A module."""
 SCALE = 2.0
 
