@@ -147,3 +147,14 @@ def test_unknown_format_lists_known_ones(tmp_path):
         clipforge.load(tmp_path / "d")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         clipforge.load(tmp_path / "nothing-here")
+
+
+def test_a_model_name_given_to_load_points_to_create_model(tmp_path, monkeypatch):
+    """``clipforge.load('ViT-B-32')`` (an OpenCLIP habit: a name loads pretrained weights) says that a name is an
+    architecture and how to build it; the name it suggests does build."""
+    monkeypatch.chdir(tmp_path)  # no file called ViT-B-32 here
+    with pytest.raises(FileNotFoundError) as err:
+        clipforge.load("ViT-B-32")
+    msg = str(err.value)
+    assert "'ViT-B-32' does not exist" in msg and "clipforge.create_model(NAME)" in msg and "hf-hub:ORG/NAME" in msg
+    assert "ViT-B-32" in clipforge.list_models() and "tiny" in clipforge.list_models()

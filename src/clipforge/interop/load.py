@@ -71,7 +71,11 @@ RUN_NAME = re.compile(r"^\d{4}_\d{2}_\d{2}-\d{2}_\d{2}_\d{2}-model_(?P<model>.+?
 
 
 def _formats_help() -> str:
-    return "; ".join(f"{k}: {v}" for k, v in FORMATS.items())
+    # the model-name note lives here, not in FORMATS, so that it reaches every message that lists the formats
+    return "; ".join(f"{k}: {v}" for k, v in FORMATS.items()) + (
+        ". A model name such as 'ViT-B-32' or 'tiny' is an architecture, not weights: clipforge.create_model(NAME) "
+        "builds it untrained (clipforge.list_models() names them), and pretrained weights load from a file, a "
+        "directory or 'hf-hub:ORG/NAME'")
 
 
 @dataclass
