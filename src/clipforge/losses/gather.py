@@ -2,7 +2,8 @@
 
 With ``world_size == 1`` every function returns its input unchanged, so terms are written
 once and work both on one CPU and under ``torch.distributed``. Gradients flow through the
-gather (``torch.distributed.nn.all_gather``), which is what the global loss needs: every
+gather (:class:`clipforge.losses.all_gather.AllGatherWithGrad`, a blocking all-gather whose backward
+sums each process's rows' gradients over all processes), which is what the global loss needs: every
 process's features receive gradient from every other process's logits.
 """
 from __future__ import annotations
