@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from .common import add_load_arguments, load_options
+from .fp32_linear_option import add_fp32_linear_argument, fp32_linears
 
 METHOD_HELP = """\
 methods (--method, several allowed; 'all' runs every one):
@@ -73,6 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto",
                    help="where the model runs: auto (a GPU when there is one, else the CPU; default), cpu, cuda, "
                         "cuda:N or mps")
+    add_fp32_linear_argument(p, "encoding and fitting the adapters (CoOp and its kin backpropagate through the "
+                                "frozen text tower)")
     p.add_argument("--method", nargs="+", default=["tip-f"], choices=[*METHODS, "all"], metavar="METHOD",
                    help=f"one or more of {', '.join(METHODS)}, or all (default tip-f)")
     p.add_argument("--dataset", default="shapes",
@@ -245,7 +248,7 @@ def run(args) -> int:
     )
     model, tokenizer, _ = load(args.model, **load_options(args))
     model.to(device)
-    with quiet_logger("clipforge", args.quiet or args.json):
+    with quiet_logger("clipforge", args.quiet or args.json), fp32_linears(args.fp32_linear, str(device)):
         results, adapters = run_adaptation(model, tokenizer, cfg)
     results["model"] = str(args.model)
     if args.out:

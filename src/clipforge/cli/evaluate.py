@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .common import add_load_arguments, load_options
+from .fp32_linear_option import add_fp32_linear_argument, fp32_linears
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -80,6 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: encode under bf16 autocast")
     g.add_argument("--device", default="auto", help="where the model runs for your own data: auto (a GPU when there "
                    "is one, else the CPU; default), cpu, cuda, cuda:N or mps (the built-in suites run on the CPU)")
+    add_fp32_linear_argument(g, "encoding (and the linear probe's and adapters' training)")
     add_load_arguments(p)
 
 
@@ -266,13 +268,14 @@ def run(args) -> int:
     user_data, train, ood = _read_specs(specs, args)
     model, tokenizer, transform = load(args.model, **load_options(args))
     cache = None if args.no_cache else (args.cache_dir or DEFAULT_ROOT)
-    per_dataset = {spec: _evaluate_one(spec, user_data.get(spec), train, ood, model, tokenizer, transform, args, cache,
-                                       tasks) for spec in specs}
-    if region_tokens is not None:
-        from ..evaluation.descriptions import evaluate_grain_shapes
+    with fp32_linears(args.fp32_linear):  # acts on fp32 CPU calls only: bf16 autocast and GPUs run as they did
+        per_dataset = {spec: _evaluate_one(spec, user_data.get(spec), train, ood, model, tokenizer, transform, args,
+                                           cache, tasks) for spec in specs}
+        if region_tokens is not None:
+            from ..evaluation.descriptions import evaluate_grain_shapes
 
-        per_dataset["shapes"][0]["grain_descriptions"] = evaluate_grain_shapes(
-            model.cpu(), region_tokens, tokenizer, size=args.size, seed=args.seed, alpha=args.grain_alpha)
+            per_dataset["shapes"][0]["grain_descriptions"] = evaluate_grain_shapes(
+                model.cpu(), region_tokens, tokenizer, size=args.size, seed=args.seed, alpha=args.grain_alpha)
     src = Path(args.model)
     if args.out:
         out = Path(args.out)

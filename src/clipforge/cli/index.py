@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from .common import add_load_arguments, load_options
+from .fp32_linear_option import add_fp32_linear_argument, fp32_linears
 
 EPILOG = """\
 examples:
@@ -103,6 +104,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto",
                    help="where the model runs: auto (a GPU when there is one, else the CPU; default), cpu, cuda, "
                         "cuda:N or mps")
+    add_fp32_linear_argument(p, "embedding the images (and, with --describe, captioning them)")
     add_load_arguments(p)
 
 
@@ -160,11 +162,12 @@ def run(args) -> int:
         print(f"warning: skipped unreadable image: {reason}", file=sys.stderr)
 
     try:
-        report = build_index(model, preprocess, args.out, candidates, model_source=args.model, folder_roots=roots,
-                             source=source, dtype=args.dtype, batch_size=args.batch_size, rebuild=args.rebuild,
-                             commit_every=args.commit_every, progress=not args.quiet, on_skip=warn,
-                             lock_timeout=args.wait, index_kind=args.index_kind, max_memory=args.max_memory,
-                             recall_target=args.recall_target, manifest_extra=extra)
+        with fp32_linears(args.fp32_linear, str(device)):
+            report = build_index(model, preprocess, args.out, candidates, model_source=args.model, folder_roots=roots,
+                                 source=source, dtype=args.dtype, batch_size=args.batch_size, rebuild=args.rebuild,
+                                 commit_every=args.commit_every, progress=not args.quiet, on_skip=warn,
+                                 lock_timeout=args.wait, index_kind=args.index_kind, max_memory=args.max_memory,
+                                 recall_target=args.recall_target, manifest_extra=extra)
     except LockHeld as e:
         hint = "" if args.wait > 0 else "; or rerun with --wait SECONDS to add to the index once it is free"
         print(f"clipforge index: error: {e}{hint}", file=sys.stderr)
