@@ -67,11 +67,15 @@ def _kind(fn) -> str:
 
 def test_the_switch_takes_fp32_cpu_linears_only():
     """Inside ``onednn_fp32_linears()`` an fp32 nn.Linear runs OneDNNLinear; float64, bf16 and autocast keep
-    torch's path (autocast's bf16 output included), and ``enabled=False`` changes nothing."""
+    torch's path (autocast's bf16 output included), and so do inputs of fewer than MIN_ROWS rows (a token decoded
+    at a time), however they are shaped; ``enabled=False`` changes nothing."""
     lin = torch.nn.Linear(16, 8)
-    x = torch.randn(4, 16)
+    x = torch.randn(onednn_linear.MIN_ROWS, 16)
     with onednn_fp32_linears():
         assert _kind(lambda: lin(x)) == "OneDNNLinearBackward"
+        assert _kind(lambda: lin(x.view(2, -1, 16))) == "OneDNNLinearBackward"  # rows counted over leading dims
+        assert "OneDNN" not in _kind(lambda: lin(x[:-1]))
+        assert "OneDNN" not in _kind(lambda: lin(x[:1].view(1, 1, 16)))
         assert _kind(lambda: F.linear(x, weight=lin.weight)) == "OneDNNLinearBackward"  # keyword arguments
         assert "OneDNN" not in _kind(lambda: lin.double()(x.double()))
         lin.float()

@@ -25,9 +25,10 @@ order); tests ``tests/models/test_onednn_linear.py`` check values and all three 
 in float64.
 
 The switch is a :class:`torch.overrides.TorchFunctionMode`, so the model code is unchanged: ``F.linear`` calls on
-fp32 CPU tensors outside autocast take this path, everything else (bf16, autocast, other devices, float64, other
-functions) runs as before. ``clipforge train`` turns it on for fp32 training in one process where
-:func:`onednn_is_faster` says so; from Python, ``with onednn_fp32_linears(): train(cfg)``.
+fp32 CPU tensors outside autocast with at least :data:`MIN_ROWS` rows take this path, everything else (bf16,
+autocast, other devices, float64, fewer rows, other functions) runs as before. ``clipforge train`` turns it on for
+fp32 training in one process where :func:`onednn_is_faster` says so, and ``clipforge eval``, ``index`` and
+``adapt`` for their fp32 work (``--fp32-linear``); from Python, ``with onednn_fp32_linears(): train(cfg)``.
 """
 from __future__ import annotations
 
@@ -45,6 +46,9 @@ from torch.overrides import TorchFunctionMode
 log = logging.getLogger(__name__)
 
 MIN_SPEEDUP = 1.3  # onednn_is_faster: oneDNN must beat F.linear by this much on every product timed
+# fewer rows than this stay on F.linear: a single row (one token decoded at a time, one query) ran at 0.6-1.0x of
+# F.linear through oneDNN on the Zen 5 EPYC (widths 512-2048, one thread), 4 rows at 1.0-1.4x, 16 at 1.5-3.8x
+MIN_ROWS = 8
 
 
 def onednn_linear_kernel(a: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -85,7 +89,7 @@ class OneDNNLinear(torch.autograd.Function):
 def _takes_onednn_path(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     return (x.dtype == weight.dtype == torch.float32 and x.device.type == weight.device.type == "cpu"
             and x.dim() >= 2 and weight.dim() == 2 and (bias is None or bias.dtype == torch.float32)
-            and not torch.is_autocast_enabled("cpu") and x.numel() > 0)
+            and not torch.is_autocast_enabled("cpu") and x.numel() > 0 and x.numel() // x.shape[-1] >= MIN_ROWS)
 
 
 class _OneDNNLinearMode(TorchFunctionMode):
