@@ -81,7 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: encode under bf16 autocast")
     g.add_argument("--device", default="auto", help="where the model runs for your own data: auto (a GPU when there "
                    "is one, else the CPU; default), cpu, cuda, cuda:N or mps (the built-in suites run on the CPU)")
-    add_fp32_linear_argument(g, "encoding (and the linear probe's and adapters' training)")
+    add_fp32_linear_argument(p, "encoding (and the linear probe's and adapters' training), on every dataset,")
     add_load_arguments(p)
 
 
