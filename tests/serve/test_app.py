@@ -114,37 +114,3 @@ def test_real_server_on_localhost(searcher):
             assert [h["id"] for h in json.loads(r.read())["results"]] == [h.id for h in searcher.text("a blue star", 3)]
         with urllib.request.urlopen(f"{base}/", timeout=10) as r:
             assert b'id="search-form"' in r.read()
-
-
-def test_served_queries_run_the_inference_model_and_match_the_loaded_one(searcher, monkeypatch):
-    """``clipforge serve`` prepares the query encoder as ``clipforge embed`` does (``CLIP.to_inference``: frozen,
-    fused CPU layers); text and image searches through it find what the loaded model finds, scores within 1e-5."""
-    uvicorn = pytest.importorskip("uvicorn")
-    from pathlib import Path
-
-    import torch
-    from fastapi.testclient import TestClient
-
-    from clipforge.cli import serve as serve_cli
-    from clipforge.models.fused_inference import FusedLinear
-
-    apps, served = [], []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
-    real = serve_cli.query_ready
-    monkeypatch.setattr(serve_cli, "query_ready", lambda s: served.append(real(s)) or served[-1])
-    assert main(["serve", str(searcher.root), "--backend", "numpy"]) == 0
-    model = served[0].model
-    assert model.inference_dtype == torch.float32 and not any(p.requires_grad for p in model.parameters())
-    if torch.backends.mkldnn.is_available():
-        assert any(isinstance(m, FusedLinear) for m in model.modules())
-    assert searcher.model.inference_dtype is None  # the fixture's eager searcher, the reference
-    client = TestClient(apps[0])
-    image = Path(searcher.data.meta["path"][3]).read_bytes()
-    for got, want in (
-        (client.get("/search", params={"q": "two blue squares", "k": 5}).json()["results"],
-         searcher.text("two blue squares", 5)),
-        (client.post("/search/image", params={"k": 5}, files={"file": ("q.png", image, "image/png")}).json()["results"],
-         searcher.image(image, 5)),
-    ):
-        assert [h["id"] for h in got] == [h.id for h in want]
-        assert [h["score"] for h in got] == pytest.approx([h.score for h in want], abs=1e-5)

@@ -125,7 +125,7 @@ def run(args) -> int:
                             text_batch_wait_ms=args.batch_wait_ms, search_batch=args.search_batch)}
     # built here even for several workers: a bad index, model or option fails now, with its message, not in N
     # processes at once
-    searcher = query_ready(Searcher(**settings["searcher"]))
+    searcher = Searcher(**settings["searcher"])
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding {args.host}: the search API has no authentication and serves the indexed images "
               "to anyone who can reach this port", file=sys.stderr)
@@ -157,18 +157,4 @@ def worker_app():
     if not raw:
         raise RuntimeError(f"{WORKER_SETTINGS} is not set: worker_app is started by `clipforge serve --workers N`")
     settings = json.loads(raw)
-    return create_app(query_ready(Searcher(**settings["searcher"])), **settings["app"])
-
-
-def query_ready(searcher):
-    """``searcher`` with its query encoder prepared as ``clipforge embed`` prepares a model: a clipforge CLIP on
-    the CPU goes through ``CLIP.to_inference()`` in its own dtype (frozen, and on the CPU the fused oneDNN layers
-    of :mod:`clipforge.models.fused_inference`: 2-4.6x transformers' fp32 text and image rates on a Zen 5 EPYC,
-    docs/performance.md), after the Searcher has checked the weights against the index's hash (the state dict is
-    unchanged by it). Description indexes and models without ``to_inference`` (a uCLIP pivot) are served as
-    loaded. Query embeddings agree with the loaded model's to float rounding."""
-    model = searcher.model
-    if (searcher.index_kind != "describe" and hasattr(model, "to_inference")
-            and all(p.device.type == "cpu" for p in model.parameters())):
-        model.to_inference()
-    return searcher
+    return create_app(Searcher(**settings["searcher"]), **settings["app"])
