@@ -40,8 +40,8 @@ def use_onednn(choice: str, device: str = "cpu", precision: str = "fp32") -> boo
     if choice == "torch" or torch.device(device).type != "cpu" or precision != "fp32":
         return False
     use = choice == "onednn" or onednn_is_faster()
-    if use:
-        log.info("fp32 linear layers run as oneDNN kernels (--fp32-linear %s)", choice)
+    if use:  # debug, not info: these commands' stdout is their results (a --quiet index prints nothing else)
+        log.debug("fp32 linear layers run as oneDNN kernels (--fp32-linear %s)", choice)
     return use
 
 
