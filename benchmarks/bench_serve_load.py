@@ -17,7 +17,9 @@ connections), the CPU seconds the clients (this process) and the server (all its
 during the level, and the server's RSS before the first level, after each level, and its peak
 (VmHWM), from ``/proc/PID/status``. The clients share the machine with the server: where the two
 latencies differ by more than the server's time, the requests waited in HTTP handling, in a queue
-or for a CPU.
+or for a CPU. ``--trace CSV`` writes every request (start time in its level, latency, the server's
+time) to see when the slow ones happen. The clients' process freezes its start-up objects
+(:func:`gc.freeze`) before the levels, so that its own garbage collections do not count as latency.
 
 Without ``--index``, the index is built first: ``--images`` shapes renders (``--image-size``
 px) embedded by ``tiny`` with random weights (latency does not depend on what a model learned).
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import io
 import json
 import os
@@ -199,9 +202,10 @@ async def run_level(base: str, clients: int, requests: int, max_seconds: float, 
     mix = MIX if mix is None else mix
     kinds = list(mix)
     plan = rng.choices(kinds, weights=[mix[k] for k in kinds], k=requests)
-    results: dict[str, list] = defaultdict(list)  # kind -> [(seconds, status, server ms or None)]
+    results: dict[str, list] = defaultdict(list)  # kind -> [(seconds, status, server ms or None, start s)]
     next_i = 0
     deadline = time.monotonic() + max_seconds
+    level_t0 = time.perf_counter()
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
 
     async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as http:
@@ -230,7 +234,7 @@ async def run_level(base: str, clients: int, requests: int, max_seconds: float, 
                         server_ms = answer.json().get("took_ms")
                 except httpx.HTTPError as e:
                     status = type(e).__name__
-                results[kind].append((time.perf_counter() - t0, status, server_ms))
+                results[kind].append((time.perf_counter() - t0, status, server_ms, t0 - level_t0))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(client(c) for c in range(clients)))
@@ -278,6 +282,9 @@ def main() -> None:
     ap.add_argument("--mix", type=parse_mix, default=MIX,
                     help="request kinds and weights, e.g. text=1 for text queries only (default "
                          + ",".join(f"{k}={w:g}" for k, w in MIX.items()) + ")")
+    ap.add_argument("--trace", type=Path, metavar="CSV",
+                    help="write one row per request (clients, kind, start s into the level, latency ms, server ms, "
+                         "status) to this CSV, to see when slow requests happen")
     ap.add_argument("--serve-args", nargs=argparse.REMAINDER, default=[],
                     help="more clipforge serve options, e.g. --decode-workers 4 (last on the line)")
     args = ap.parse_args()
@@ -319,8 +326,14 @@ def main() -> None:
             health = httpx.get(f"{base}/health", timeout=10).json()
             # one request of each kind, so that first-call costs are not in the numbers
             asyncio.run(run_level(base, 1, len(MIX) * 3, 30, count, uploads, captions, seed=99))
+            # The load generator's own full garbage collections (it imported torch and built the index: ~100-130 ms
+            # each, measured with gc.callbacks) would stall every client's reading of its answer and count as
+            # server latency; freeze what it holds now, as `clipforge serve` does for itself.
+            gc.collect()
+            gc.freeze()
             before = rss_mb(server.pid)
             rows, rss_rows = [], [["before", f"{before['VmRSS']:.0f}", f"{before['VmHWM']:.0f}"]]
+            trace = [] if args.trace else None
             for clients in args.clients:
                 cpu0, server_cpu0 = os.times(), cpu_seconds(server.pid)
                 results, took = asyncio.run(run_level(base, clients, args.requests, args.max_seconds, count, uploads,
@@ -330,13 +343,16 @@ def main() -> None:
                 after = rss_mb(server.pid)
                 rss_rows.append([f"after {clients} clients", f"{after['VmRSS']:.0f}", f"{after['VmHWM']:.0f}"])
                 total = sum(len(v) for v in results.values())
+                if trace is not None:
+                    trace += [(clients, kind, f"{start:.4f}", f"{sec * 1000:.2f}", "" if own is None else own, status)
+                              for kind, res in results.items() for sec, status, own, start in res]
                 for kind in args.mix:
                     res = results.get(kind, [])
                     if not res:
                         continue
-                    ms = np.array([t for t, _, _ in res]) * 1000
-                    own = np.array([m for _, _, m in res if m is not None], dtype=float)
-                    errors = Counter(str(s) for _, s, _ in res if s != 200)
+                    ms = np.array([t for t, *_ in res]) * 1000
+                    own = np.array([m for _, _, m, _ in res if m is not None], dtype=float)
+                    errors = Counter(str(s) for _, s, *_ in res if s != 200)
                     rows.append([str(clients), kind, str(len(res)), f"{np.percentile(ms, 50):.0f}",
                                  f"{np.percentile(ms, 99):.0f}",
                                  f"{np.percentile(own, 50):.0f} / {np.percentile(own, 99):.0f}" if len(own) else "",
@@ -344,6 +360,13 @@ def main() -> None:
                 rows.append([str(clients), "**all**", str(total), "", "", "",
                              f"{total / took:.1f} req/s in {took:.1f} s; CPU s: clients {client_cpu:.1f}, "
                              f"server {server_cpu:.1f}"])
+            if trace is not None:
+                import csv
+
+                with open(args.trace, "w", newline="") as f:
+                    w = csv.writer(f)
+                    w.writerow(["clients", "kind", "start_s", "latency_ms", "server_ms", "status"])
+                    w.writerows(sorted(trace, key=lambda row: (row[0], float(row[2]))))
         finally:
             server.terminate()
             try:
