@@ -1,14 +1,16 @@
 """Whole ``clipforge`` commands from two source trees, alternating: wall time, peak RSS and training rate.
 
-    python benchmarks/bench_command_startup.py --baseline-src /path/to/other/checkout/src [--repeats 5] \
-        [--long-steps 300]
+    python benchmarks/bench_commands_ab.py --baseline-src /path/to/other/checkout/src [--repeats 5] \
+        [--commands train-2 eval index] [--model tiny] [--images 128] [--long-steps 300]
 
 Each repeat runs every command once with this checkout's ``src`` and once with ``--baseline-src`` (the order
 alternates from one repeat to the next), each as a fresh ``python -m clipforge.cli.main`` process:
 
 - ``train-2``: ``clipforge train --no-eval model=tiny steps=2 batch_size=32``: mostly start-up (imports, the
   model, the shapes data, one checkpoint);
-- ``eval``: ``clipforge eval`` of a random ``tiny`` on the quick suite at ``--size 64`` (no report, no cache);
+- ``eval``: ``clipforge eval`` of a random ``--model`` on the quick suite at ``--size 64`` (no report, no cache);
+- ``index``: ``clipforge index`` of a random ``--model`` over ``--images`` shapes renders (256 px), float32, into a
+  new index each time;
 - ``train-N`` (with ``--long-steps N``): ``clipforge train --no-eval model=tiny steps=N batch_size=128
   precision=bf16``, whose own samples/s line is reported too (steady-state speed, where start-up matters little).
 
@@ -56,6 +58,10 @@ def main() -> None:
     ap.add_argument("--baseline-src", type=Path, required=True,
                     help="the src directory of the checkout to compare with (e.g. a `git worktree` of an older commit)")
     ap.add_argument("--repeats", type=int, default=5, help="runs of each command per side (default 5)")
+    ap.add_argument("--commands", nargs="+", choices=("train-2", "eval", "index"), default=["train-2", "eval"],
+                    help="the commands to time (default train-2 eval)")
+    ap.add_argument("--model", default="tiny", help="the random model eval and index run (default tiny)")
+    ap.add_argument("--images", type=int, default=128, help="images the index command embeds (default 128)")
     ap.add_argument("--long-steps", type=int, default=0, metavar="N",
                     help="also time a bf16 training run of N steps (default: no)")
     args = ap.parse_args()
@@ -66,13 +72,26 @@ def main() -> None:
         import clipforge
         from clipforge.models import save_model
 
-        model = save_model(clipforge.create_model("tiny", seed=0), tmp / "model")
+        model = save_model(clipforge.create_model(args.model, seed=0), tmp / "model")
+        images = tmp / "images"
+        if "index" in args.commands:
+            from PIL import Image
+
+            from clipforge.data.shapes import ShapesGenerator
+
+            images.mkdir()
+            gen = ShapesGenerator("val", seed=0, image_size=256)
+            for i in range(args.images):
+                Image.fromarray(gen.sample(i).image).save(images / f"{i:05d}.png")
         commands = {
             "train-2": lambda out: ["train", "--no-eval", "model=tiny", "steps=2", "batch_size=32", f"out_dir={out}",
                                     "save_every=100000"],
             "eval": lambda out: ["eval", str(model), "--suite", "quick", "--size", "64", "--no-report", "--no-cache",
                                  "--quiet", "--out", str(out)],
+            "index": lambda out: ["index", str(model), "--images", str(images), "--out", str(out), "--quiet",
+                                  "--dtype", "float32"],
         }
+        commands = {name: make for name, make in commands.items() if name in args.commands}
         if args.long_steps:
             commands[f"train-{args.long_steps}"] = lambda out: [
                 "train", "--no-eval", "model=tiny", f"steps={args.long_steps}", "batch_size=128", "precision=bf16",
