@@ -174,7 +174,9 @@ def freeze_loaded_objects() -> None:
     holds the GIL for 130-190 ms (measured with ``gc.callbacks`` in a server of 100,000 items, Zen 5 EPYC) and
     every request in flight waits: those pauses were the text queries' p99 in ``bench_serve_load.py``. After the
     freeze a full collection walks only what was made since, about 2 ms there. Objects made while serving are
-    collected as before; what the freeze keeps is what the process holds until it exits anyway. Done here, in the
+    collected as before. A frozen object that later becomes unreachable is still freed by reference counting; only
+    a reference cycle among frozen objects would stay, and what was loaded before serving (the model, the index,
+    the routes) is held until the process exits anyway. Done here, in the
     process that serves, and not in ``create_app``: freezing is process-wide, and an application built in a test
     or a notebook must not change its host's collector."""
     gc.collect()
