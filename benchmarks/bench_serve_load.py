@@ -205,7 +205,6 @@ async def run_level(base: str, clients: int, requests: int, max_seconds: float, 
     results: dict[str, list] = defaultdict(list)  # kind -> [(seconds, status, server ms or None, start s)]
     next_i = 0
     deadline = time.monotonic() + max_seconds
-    level_t0 = time.perf_counter()
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
 
     async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as http:
@@ -236,9 +235,29 @@ async def run_level(base: str, clients: int, requests: int, max_seconds: float, 
                     status = type(e).__name__
                 results[kind].append((time.perf_counter() - t0, status, server_ms, t0 - level_t0))
 
-        t0 = time.perf_counter()
+        level_t0 = t0 = time.perf_counter()  # the requests' start times in the trace count from here
         await asyncio.gather(*(client(c) for c in range(clients)))
         return results, time.perf_counter() - t0
+
+
+TRACE_COLUMNS = ["clients", "kind", "start_s", "latency_ms", "server_ms", "status"]
+
+
+def trace_rows(clients: int, results: dict[str, list]) -> list[tuple]:
+    """One ``--trace`` row per request of a level's ``results`` (as :func:`run_level` returns them), in the order
+    the requests started."""
+    rows = [(clients, kind, f"{start:.4f}", f"{sec * 1000:.2f}", "" if own is None else own, status)
+            for kind, res in results.items() for sec, status, own, start in res]
+    return sorted(rows, key=lambda row: float(row[2]))
+
+
+def write_trace(path: Path, rows: list[tuple]) -> None:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(TRACE_COLUMNS)
+        w.writerows(rows)
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:
@@ -344,8 +363,7 @@ def main() -> None:
                 rss_rows.append([f"after {clients} clients", f"{after['VmRSS']:.0f}", f"{after['VmHWM']:.0f}"])
                 total = sum(len(v) for v in results.values())
                 if trace is not None:
-                    trace += [(clients, kind, f"{start:.4f}", f"{sec * 1000:.2f}", "" if own is None else own, status)
-                              for kind, res in results.items() for sec, status, own, start in res]
+                    trace += trace_rows(clients, results)
                 for kind in args.mix:
                     res = results.get(kind, [])
                     if not res:
@@ -361,12 +379,7 @@ def main() -> None:
                              f"{total / took:.1f} req/s in {took:.1f} s; CPU s: clients {client_cpu:.1f}, "
                              f"server {server_cpu:.1f}"])
             if trace is not None:
-                import csv
-
-                with open(args.trace, "w", newline="") as f:
-                    w = csv.writer(f)
-                    w.writerow(["clients", "kind", "start_s", "latency_ms", "server_ms", "status"])
-                    w.writerows(sorted(trace, key=lambda row: (row[0], float(row[2]))))
+                write_trace(args.trace, trace)
         finally:
             server.terminate()
             try:

@@ -135,3 +135,43 @@ def test_ann_without_padding_is_refused(load, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["bench_serve_load.py", "--ann", "hnsw", "--index", "somewhere"])
     with pytest.raises(SystemExit, match="--pad-to"):
         load.main()
+
+
+def test_the_trace_has_one_row_per_request_with_its_start_latency_and_server_time(load, tmp_path):
+    """--trace: run_level against a stand-in server (JSON answers carrying took_ms), then the CSV it writes."""
+    import asyncio
+    import csv
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Answer(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"took_ms": 1.5, "results": []}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        results, seconds = asyncio.run(load.run_level(base, 3, 12, 30, 5, [], ["a red circle"], seed=0,
+                                                      mix={"text": 1, "similar": 1}))
+    finally:
+        server.shutdown()
+    rows = load.trace_rows(3, results)
+    load.write_trace(tmp_path / "trace.csv", rows)
+    with open(tmp_path / "trace.csv", newline="") as f:
+        read = list(csv.DictReader(f))
+    assert len(read) == 12 and list(read[0]) == load.TRACE_COLUMNS
+    starts = [float(r["start_s"]) for r in read]
+    assert starts == sorted(starts) and 0 <= starts[0] and starts[-1] < seconds
+    assert all(r["clients"] == "3" and r["status"] == "200" and r["server_ms"] == "1.5" for r in read)
+    assert all(0 < float(r["latency_ms"]) < seconds * 1000 for r in read)
+    assert {r["kind"] for r in read} <= {"text", "similar"}
