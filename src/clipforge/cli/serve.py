@@ -176,8 +176,8 @@ def freeze_loaded_objects() -> None:
     freeze a full collection walks only what was made since, about 2 ms there. Objects made while serving are
     collected as before. A frozen object that later becomes unreachable is still freed by reference counting; only
     a reference cycle among frozen objects would stay, and what was loaded before serving (the model, the index,
-    the routes) is held until the process exits anyway. Done here, in the
-    process that serves, and not in ``create_app``: freezing is process-wide, and an application built in a test
-    or a notebook must not change its host's collector."""
+    the routes) is held until the process exits anyway. Done here, in the process that serves, and not in
+    ``create_app``: freezing is process-wide, and an application built in a test or a notebook must not change its
+    host's collector."""
     gc.collect()
     gc.freeze()
