@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 
 from clipforge.cli.main import main
+from clipforge.data.image_files import IMAGE_SUFFIXES
 from clipforge.data.shapes import ShapesGenerator
 from clipforge.errors import ConfigError, MissingInputError
 from clipforge.evaluation.datasets import ImageRef
 from clipforge.interop import load
 from clipforge.serve.embed import (
-    IMAGE_SUFFIXES,
     Collection,
     collect_dataset,
     collect_images,

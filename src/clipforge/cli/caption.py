@@ -41,8 +41,9 @@ def _batches(args, transform, image_size: int):
     import torch
 
     if args.images:
+        from ..data.image_files import IMAGE_SUFFIXES
         from ..images import load_image
-        from ..serve.embed import IMAGE_SUFFIXES, image_paths
+        from ..serve.embed import image_paths
 
         files = image_paths(args.images)
         if not files:

@@ -26,7 +26,8 @@ Formats
 - **Image folders** (:func:`iter_image_folder`): ``a/b/cat1.jpg`` with a sidecar ``a/b/cat1.txt``
   holding one caption per line; optionally the first folder level is a label view ``folder``.
 - **WebDataset shards** (:func:`iter_webdataset`): ``.tar`` files read with the ``webdataset``
-  package; a sample is ``KEY.jpg`` or ``KEY.png`` plus ``KEY.json`` with ``captions`` (list),
+  package; a sample is an image (``KEY.jpg``, ``KEY.png``, any key of
+  :data:`clipforge.data.image_files.WDS_IMAGE_KEYS`) plus ``KEY.json`` with ``captions`` (list),
   ``label`` (int, or ``{view: int}``), ``labels`` (``{view: int}``) and ``split``; optionally
   ``regions`` (boxes and region captions), caption sources (``caption_sources``, or the fields
   ``rewrites``, ``synthetic``, ``short_tags``, ``negative_descriptions``) and typed ``negatives``,
@@ -52,8 +53,8 @@ import numpy as np
 import torch
 
 from ..images import ImageLoadError, load_image
+from .image_files import WDS_IMAGE_KEYS, find_images
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 MANIFEST_EXTENSIONS = (".csv", ".tsv", ".jsonl", ".parquet")
 SKIP_REASONS = ("missing_image", "corrupt_image", "no_caption", "bad_row", "bad_shard", "bad_caption_encoding")
 
@@ -321,7 +322,7 @@ def iter_image_folder(root: str | os.PathLike, stats: ReadStats | None = None,
     """
     root = Path(root)
     stats = stats if stats is not None else ReadStats()
-    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    images = find_images(root)
     classes = sorted({p.relative_to(root).parts[0] for p in images if len(p.relative_to(root).parts) > 1})
     for p in images:
         rel = p.relative_to(root)
@@ -343,8 +344,7 @@ def iter_image_folder(root: str | os.PathLike, stats: ReadStats | None = None,
 def image_folder_classes(root: str | os.PathLike) -> list[str]:
     """The class names of the ``folder`` label view of :func:`iter_image_folder`."""
     root = Path(root)
-    return sorted({p.relative_to(root).parts[0] for p in root.rglob("*")
-                   if p.suffix.lower() in IMAGE_EXTENSIONS and len(p.relative_to(root).parts) > 1})
+    return sorted({p.relative_to(root).parts[0] for p in find_images(root) if len(p.relative_to(root).parts) > 1})
 
 
 def write_image_folder(root: str | os.PathLike, items: Iterable[dict[str, Any]]) -> Path:
@@ -460,9 +460,9 @@ def iter_webdataset(source: str | os.PathLike | Sequence[str | os.PathLike], sta
                 continue
             if split is not None and meta.get("split") != split:
                 continue
-            image = next((sample[e] for e in ("png", "jpg", "jpeg", "webp") if e in sample), None)
+            image = next((sample[e] for e in WDS_IMAGE_KEYS if e in sample), None)
             if image is None:
-                stats.skip("missing_image", f"{key}: no png/jpg member")
+                stats.skip("missing_image", f"{key}: no image member ({'/'.join(WDS_IMAGE_KEYS)})")
                 continue
             labels = decode_labels(meta)
             if labels is None:

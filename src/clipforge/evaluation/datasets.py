@@ -36,12 +36,12 @@ from pathlib import Path
 from typing import Any
 
 from ..data.formats import (
-    IMAGE_EXTENSIONS,
     ReadStats,
     as_label,
     clean_captions,
     manifest_rows,
 )
+from ..data.image_files import IMAGE_SUFFIXES, WDS_IMAGE_KEYS, find_images
 from .templates import (
     PromptError,
     read_classnames,
@@ -52,7 +52,6 @@ from .templates import (
 
 PREFIXES = ("imagefolder", "wds", "csv", "tsv", "jsonl", "parquet", "shards")
 BUILTIN = ("shapes", "openclipart", "emoji")
-WDS_IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")
 
 
 class DatasetSpecError(ValueError):
@@ -220,7 +219,7 @@ def read_imagefolder(spec: str, root: Path, options: SpecOptions) -> EvalData:
     stats = ReadStats()
     refs, keys, labels = [], [], []
     for c, name in enumerate(classes):
-        files = sorted(p for p in (root / name).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = find_images(root / name)
         if not files:
             stats.skip("empty_class", f"{name}: no images in {root / name}")
         for p in files:
@@ -233,7 +232,7 @@ def read_imagefolder(spec: str, root: Path, options: SpecOptions) -> EvalData:
             labels.append(c)
             stats.read += 1
     if not refs:
-        raise DatasetSpecError(f"--dataset {spec!r}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the class "
+        raise DatasetSpecError(f"--dataset {spec!r}: no images ({', '.join(IMAGE_SUFFIXES)}) in the class "
                                f"folders of {root}; add images to {root}/<class name>/")
     names_file = Path(options.classnames) if options.classnames else root / "classnames.txt"
     if options.classnames or names_file.is_file():
@@ -286,7 +285,7 @@ def _wds_split(spec: str, root: Path, split: str, options: SpecOptions, retrieva
                         samples[key] = {}
                         order.append(key)
                     ext = ext.lower()
-                    if ext in WDS_IMAGE_EXTENSIONS and "image" not in samples[key]:
+                    if ext in WDS_IMAGE_KEYS and "image" not in samples[key]:
                         samples[key]["image"] = ImageRef(str(path), m.offset_data, m.size)
                     elif ext in ("cls", "txt"):
                         samples[key][ext] = tar.extractfile(m).read()
@@ -295,7 +294,7 @@ def _wds_split(spec: str, root: Path, split: str, options: SpecOptions, retrieva
         for key in order:
             s, name = samples[key], f"{split}/{i}.tar:{key}"
             if "image" not in s:
-                stats.skip("missing_image", f"{name}: no {'/'.join(WDS_IMAGE_EXTENSIONS)} member")
+                stats.skip("missing_image", f"{name}: no {'/'.join(WDS_IMAGE_KEYS)} member")
                 continue
             if s["image"].size == 0:
                 stats.skip("corrupt_image", f"{name}: zero bytes")

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.image_files import IMAGE_SUFFIXES, find_images
 from ..errors import ConfigError, MissingInputError
 from ..evaluation.datasets import ImageRef, SpecOptions, is_builtin, load_eval_data
 from ..images import ImageLoadError, load_image
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 SKIP_BAD_HINT = "pass --skip-bad to skip unreadable images"
 
 
@@ -70,8 +70,7 @@ def image_paths(paths: Sequence[str]) -> list[Path]:
     for p in map(Path, paths):
         if not p.exists():
             raise MissingInputError(f"--images: '{p}' does not exist; give image files or folders that hold images")
-        found = sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file()) \
-            if p.is_dir() else [p]
+        found = find_images(p) if p.is_dir() else [p]
         root = p.resolve() if p.is_dir() else p.parent.resolve()
         for f in found:
             real = root / (f.relative_to(p) if p.is_dir() else p.name)
@@ -209,5 +208,5 @@ def write_embeddings(out: str | Path, keys: Sequence[str], embeddings: np.ndarra
     return out
 
 
-__all__ = ["IMAGE_SUFFIXES", "Collection", "EmbedResult", "collect_dataset", "collect_images", "embed_local",
+__all__ = ["Collection", "EmbedResult", "collect_dataset", "collect_images", "embed_local",
            "output_path", "prepare_model", "read_pixels", "write_embeddings"]

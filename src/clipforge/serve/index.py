@@ -43,6 +43,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ..data.image_files import find_images
 from .ann import ANN_FILE, KINDS, RECALL_TARGET, choose_index, parse_memory
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,6 @@ FORMAT = "clipforge-index-1"
 MANIFEST = "manifest.json"
 EMBEDDINGS = "embeddings.npy"
 METADATA = "metadata.parquet"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 COLUMNS = ("key", "kind", "path", "offset", "length", "mtime_ns", "ext", "caption", "description")
 
 
@@ -362,7 +362,7 @@ def scan_folders(paths: Sequence[str | os.PathLike]) -> tuple[list[Candidate], l
         p = p.resolve()
         roots.append(p)
         if p.is_dir():
-            files.extend(sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file()))
+            files.extend(find_images(p))
         else:
             files.append(p)
     out, seen = [], set()
