@@ -434,7 +434,8 @@ def iter_webdataset(source: str | os.PathLike | Sequence[str | os.PathLike], sta
     """Items of webdataset shards (a .tar, a list of them, or a folder of them), read with ``webdataset``.
 
     ``split`` keeps only samples whose json states that split. A shard that cannot be read to
-    its end is counted once as ``bad_shard``; the samples read before the damage are kept.
+    its end is counted once as ``bad_shard``; the samples read before the damage are kept. A sample's image is its
+    member with a key of :data:`~clipforge.data.image_files.WDS_IMAGE_KEYS`, the first in that order if it has two.
     """
     import webdataset as wds
 

@@ -247,6 +247,9 @@ def read_imagefolder(spec: str, root: Path, options: SpecOptions) -> EvalData:
 
 # ------------------------------------------------------------------------------ CLIP_benchmark webdataset
 def _wds_split(spec: str, root: Path, split: str, options: SpecOptions, retrieval: bool) -> EvalSplit:
+    """One split of CLIP_benchmark's webdataset layout, as byte ranges into its tars (nothing is decoded here); a
+    sample's image is its first member, in the tar's order, with a key of
+    :data:`~clipforge.data.image_files.WDS_IMAGE_KEYS`."""
     folder = root / split
     nfile = folder / "nshards.txt"
     if not nfile.is_file():
