@@ -1,7 +1,8 @@
 """Whole ``clipforge`` commands from two source trees, alternating: wall time, peak RSS and training rate.
 
     python benchmarks/bench_commands_ab.py --baseline-src /path/to/other/checkout/src [--repeats 5] \
-        [--commands train-2 eval index] [--model tiny] [--images 128] [--long-steps 300]
+        [--commands train-2 eval index] [--model tiny] [--images 128] [--long-steps 300 [--long-precision fp32]
+        [--long-overrides distributed.nproc=2 ...]]
 
 Each repeat runs every command once with this checkout's ``src`` and once with ``--baseline-src`` (the order
 alternates from one repeat to the next), each as a fresh ``python -m clipforge.cli.main`` process:
@@ -12,7 +13,8 @@ alternates from one repeat to the next), each as a fresh ``python -m clipforge.c
 - ``index``: ``clipforge index`` of a random ``--model`` over ``--images`` shapes renders (256 px), float32, into a
   new index each time;
 - ``train-N`` (with ``--long-steps N``): ``clipforge train --no-eval model=tiny steps=N batch_size=128
-  precision=bf16``, whose own samples/s line is reported too (steady-state speed, where start-up matters little).
+  precision=bf16`` (``--long-precision``; more ``key=value`` overrides with ``--long-overrides``), whose own
+  samples/s line is reported too (steady-state speed, where start-up matters little).
 
 Reported per command and side: median wall seconds (min..max), median peak RSS of the process (``ru_maxrss`` from
 ``os.wait4``), the samples/s the training commands print, and the median (min..max) of the per-repeat ratios
@@ -64,6 +66,10 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=128, help="images the index command embeds (default 128)")
     ap.add_argument("--long-steps", type=int, default=0, metavar="N",
                     help="also time a bf16 training run of N steps (default: no)")
+    ap.add_argument("--long-precision", choices=("bf16", "fp32"), default="bf16",
+                    help="the precision of the --long-steps run (default bf16)")
+    ap.add_argument("--long-overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="more config overrides of the --long-steps run, e.g. distributed.nproc=2")
     args = ap.parse_args()
     sides = {"this tree": HERE, "baseline": args.baseline_src.resolve()}
     with tempfile.TemporaryDirectory(prefix="bench_startup_") as tmp:
@@ -94,8 +100,8 @@ def main() -> None:
         commands = {name: make for name, make in commands.items() if name in args.commands}
         if args.long_steps:
             commands[f"train-{args.long_steps}"] = lambda out: [
-                "train", "--no-eval", "model=tiny", f"steps={args.long_steps}", "batch_size=128", "precision=bf16",
-                f"out_dir={out}", "save_every=100000"]
+                "train", "--no-eval", "model=tiny", f"steps={args.long_steps}", "batch_size=128",
+                f"precision={args.long_precision}", f"out_dir={out}", "save_every=100000", *args.long_overrides]
         results = {(c, s): [] for c in commands for s in sides}
         for r in range(args.repeats):
             order = list(sides) if r % 2 == 0 else list(reversed(sides))

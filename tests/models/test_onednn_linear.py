@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from clipforge.models import onednn_linear
-from clipforge.models.onednn_linear import OneDNNLinear, onednn_fp32_linears, onednn_is_faster
+from clipforge.models.onednn_linear import OneDNNLinear, onednn_fp32_linears, onednn_is_faster, onednn_linears_active
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 
@@ -116,7 +116,7 @@ def test_training_with_onednn_linears_follows_torchs_run(tiny_cfg, tmp_path):
 
 def test_clipforge_train_chooses_the_path(tiny_cfg, monkeypatch):
     """``--fp32-linear``: 'torch' never, 'onednn' for fp32 CPU runs in this process, 'auto' as the speed check
-    says; never for bf16, compiled towers or processes that distributed.nproc starts."""
+    says, also for a run whose processes distributed.nproc starts; never for bf16 or compiled towers."""
     from clipforge.cli.train_fp32_linear import use_onednn_linears
     from clipforge.train import DistributedConfig
 
@@ -128,7 +128,45 @@ def test_clipforge_train_chooses_the_path(tiny_cfg, monkeypatch):
     assert not use_onednn_linears(dataclasses.replace(tiny_cfg, precision="bf16"), "onednn")
     compiled = dataclasses.replace(tiny_cfg, model_overrides={**tiny_cfg.model_overrides, "compile": True})
     assert not use_onednn_linears(compiled, "onednn")
-    assert not use_onednn_linears(dataclasses.replace(tiny_cfg, distributed=DistributedConfig(nproc=2)), "onednn")
+    assert use_onednn_linears(dataclasses.replace(tiny_cfg, distributed=DistributedConfig(nproc=2)), "onednn")
+
+
+def test_the_switch_knows_when_it_is_on():
+    assert not onednn_linears_active()
+    with onednn_fp32_linears():
+        with onednn_fp32_linears(False):
+            assert onednn_linears_active()  # a disabled inner switch leaves the outer one on
+        with onednn_fp32_linears():
+            pass
+        assert onednn_linears_active()
+    assert not onednn_linears_active()
+
+
+def _how_a_linear_runs() -> tuple[bool, str]:
+    """In a started rank: whether the switch is on, and which autograd node an fp32 linear's output comes from."""
+    x = torch.randn(16, 8, requires_grad=True)
+    return onednn_linears_active(), type(F.linear(x, torch.randn(4, 8)).grad_fn).__name__
+
+
+def test_started_ranks_take_the_switch_of_the_thread_that_launched_them():
+    """distributed.nproc's processes run their linears through oneDNN exactly when the launching thread did."""
+    from clipforge.train.distributed import launch
+
+    with onednn_fp32_linears():
+        assert launch(_how_a_linear_runs, 2) == (True, "OneDNNLinearBackward")
+    off, node = launch(_how_a_linear_runs, 2)
+    assert not off and node != "OneDNNLinearBackward"
+
+
+def test_two_started_ranks_with_onednn_linears_follow_torchs_two_rank_run(tiny_cfg, tmp_path):
+    """distributed.nproc=2, fp32: the same losses with the switch on as without it (fp32 rounding only)."""
+    from clipforge.train import DistributedConfig, train
+
+    cfg = dataclasses.replace(tiny_cfg, steps=3, save_every=0, distributed=DistributedConfig(nproc=2))
+    plain = train(dataclasses.replace(cfg, out_dir=str(tmp_path / "plain")))
+    with onednn_fp32_linears():
+        fast = train(dataclasses.replace(cfg, out_dir=str(tmp_path / "fast")))
+    assert fast.losses == pytest.approx(plain.losses, rel=1e-4, abs=1e-5)
 
 
 def test_the_command_trains_through_onednn_when_asked(tmp_path, monkeypatch):

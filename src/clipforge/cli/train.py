@@ -61,8 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fp32 training on the CPU: 'onednn' runs the linear layers and their gradients as oneDNN "
                         "kernels (same fp32 arithmetic; 1.4x the throughput of torch's own GEMMs on a Zen 5 EPYC, "
                         "docs/performance.md), 'torch' keeps torch's, 'auto' (default) times both once and takes "
-                        "oneDNN where it is at least 1.3x faster on this CPU. Not applied to bf16 runs, "
-                        "model_overrides.compile=true, or the processes distributed.nproc starts")
+                        "oneDNN where it is at least 1.3x faster on this CPU (in every process distributed.nproc "
+                        "starts too). Not applied to bf16 runs or model_overrides.compile=true")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=500 lr=5e-4")
 
 

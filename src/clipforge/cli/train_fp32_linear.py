@@ -8,16 +8,16 @@ log = logging.getLogger(__name__)
 
 
 def use_onednn_linears(cfg, choice: str = "auto") -> bool:
-    """Whether this process trains with :func:`clipforge.models.onednn_linear.onednn_fp32_linears`: not compiled,
-    and not a run whose processes are started here (they would not inherit the switch); then the device, the
-    precision and ``choice`` decide as for the other commands (:func:`clipforge.cli.fp32_linear_option.use_onednn`:
-    fp32 on the CPU, 'auto' where :func:`~clipforge.models.onednn_linear.onednn_is_faster` says so)."""
+    """Whether this run trains with :func:`clipforge.models.onednn_linear.onednn_fp32_linears`: not compiled;
+    then the device, the precision and ``choice`` decide as for the other commands
+    (:func:`clipforge.cli.fp32_linear_option.use_onednn`: fp32 on the CPU, 'auto' where
+    :func:`~clipforge.models.onednn_linear.onednn_is_faster` says so). The processes that ``distributed.nproc``
+    starts take the same choice (:func:`clipforge.train.distributed.launch`)."""
     from ..train.device import device_plan
-    from ..train.distributed import launched
     from .fp32_linear_option import use_onednn
 
     compiled = bool(cfg.model_overrides.get("compile"))  # model_overrides.compile=true: torch.compile's own kernels
-    if choice == "torch" or compiled or (cfg.distributed.nproc > 1 and not launched()):
+    if choice == "torch" or compiled:
         return False
     plan = device_plan(cfg.device, cfg.precision)
     use = use_onednn(choice, str(plan.device), plan.effective_precision)

@@ -27,14 +27,16 @@ in float64.
 The switch is a :class:`torch.overrides.TorchFunctionMode`, so the model code is unchanged: ``F.linear`` calls on
 fp32 CPU tensors outside autocast with at least :data:`MIN_ROWS` rows take this path, everything else (bf16,
 autocast, other devices, float64, fewer rows, other functions) runs as before. ``clipforge train`` turns it on for
-fp32 training in one process where :func:`onednn_is_faster` says so, and ``clipforge eval``, ``index`` and
-``adapt`` for their fp32 work (``--fp32-linear``); from Python, ``with onednn_fp32_linears(): train(cfg)``.
+fp32 training where :func:`onednn_is_faster` says so (in every rank that ``distributed.nproc`` starts too), and
+``clipforge eval``, ``index`` and ``adapt`` for their fp32 work (``--fp32-linear``); from Python,
+``with onednn_fp32_linears(): train(cfg)``.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import logging
+import threading
 import time
 from collections.abc import Iterator
 
@@ -49,6 +51,7 @@ MIN_SPEEDUP = 1.3  # onednn_is_faster: oneDNN must beat F.linear by this much on
 # fewer rows than this stay on F.linear: a single row (one token decoded at a time, one query) ran at 0.6-1.0x of
 # F.linear through oneDNN on the Zen 5 EPYC (widths 512-2048, one thread), 4 rows at 1.0-1.4x, 16 at 1.5-3.8x
 MIN_ROWS = 8
+_SWITCH = threading.local()  # .depth: how many onednn_fp32_linears(True) this thread is inside
 
 
 def onednn_linear_kernel(a: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -107,12 +110,29 @@ class _OneDNNLinearMode(TorchFunctionMode):
 @contextlib.contextmanager
 def onednn_fp32_linears(enabled: bool = True) -> Iterator[None]:
     """Inside: fp32 ``F.linear`` on the CPU runs as :class:`OneDNNLinear` (module docstring); ``enabled=False``
-    changes nothing. In this thread only (as every TorchFunctionMode); processes started inside do not inherit it."""
+    changes nothing. In this thread only (as every TorchFunctionMode). A new process does not inherit it by itself;
+    the ranks that :func:`clipforge.train.distributed.launch` starts (``distributed.nproc``) enter it when their
+    parent was inside (:func:`onednn_linears_active`)."""
     if not enabled:
         yield
         return
-    with _OneDNNLinearMode():
-        yield
+    _SWITCH.depth = getattr(_SWITCH, "depth", 0) + 1
+    try:
+        with _OneDNNLinearMode():
+            yield
+    finally:
+        _SWITCH.depth -= 1
+
+
+def onednn_linears_active() -> bool:
+    """Whether this thread is inside :func:`onednn_fp32_linears` (enabled)."""
+    return getattr(_SWITCH, "depth", 0) > 0
+
+
+def call_with_onednn_linears(fn, *args):
+    """``fn(*args)`` inside :func:`onednn_fp32_linears`: what a started process runs to take its launcher's switch."""
+    with onednn_fp32_linears():
+        return fn(*args)
 
 
 @functools.cache

@@ -471,7 +471,13 @@ def launch(fn: Callable, nproc: int, *args) -> Any:
     environment torchrun would give them, on a free port of 127.0.0.1) and return rank 0's
     result. When a process fails, the others get ``GRACE_SECONDS`` to report (a consistent stop,
     such as a diverged loss, reaches every rank at once) and are then stopped; the first error
-    reported is raised here, with the process's traceback as its cause."""
+    reported is raised here, with the process's traceback as its cause. Called inside
+    :func:`~clipforge.models.onednn_linear.onednn_fp32_linears`, every process runs ``fn`` inside it too (a
+    TorchFunctionMode does not cross into a new process by itself)."""
+    from ..models.onednn_linear import call_with_onednn_linears, onednn_linears_active  # only launches need it
+
+    if onednn_linears_active():
+        fn, args = call_with_onednn_linears, (fn, *args)
     try:
         pickle.dumps((fn, args))
     except Exception as e:  # noqa: BLE001
