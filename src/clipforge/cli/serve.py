@@ -99,6 +99,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="server processes sharing the port, each with its own model and index copy (default 1; "
                         "up to the number of cores; see below)")
+    p.add_argument("--keep-alive", type=int, default=KEEP_ALIVE_SECONDS, metavar="SECONDS",
+                   help=f"how long an idle client connection stays open (default {KEEP_ALIVE_SECONDS}). uvicorn's own "
+                        "default, 5 s, is also httpx's and many clients' pool expiry: a client that reuses a "
+                        "connection at the moment the server closes it gets a ReadError; keep this above your "
+                        "clients' and load balancer's idle timeouts")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (info: one line per request)")
     add_load_arguments(p)  # the same loading options the index was built with (--model-name, --trust-pickle, ...)
@@ -113,7 +118,7 @@ def run(args) -> int:
     from ..serve.search import Searcher
 
     for name in ("max_upload_mb", "max_image_pixels", "decode_workers", "max_uploads", "max_labels",
-                 "max_label_chars", "text_batch", "search_batch", "workers"):
+                 "max_label_chars", "text_batch", "search_batch", "workers", "keep_alive"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -137,16 +142,21 @@ def run(args) -> int:
     if args.workers == 1:
         app = create_app(searcher, **settings["app"])
         freeze_loaded_objects()
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=args.keep_alive)
         return 0
     del searcher  # each worker loads its own
     # uvicorn starts workers from an import string; they read their settings from the environment it passes on
     os.environ[WORKER_SETTINGS] = json.dumps(settings)
     uvicorn.run(f"{__name__}:worker_app", factory=True, workers=args.workers, host=args.host, port=args.port,
-                log_level=args.log_level)
+                log_level=args.log_level, timeout_keep_alive=args.keep_alive)
     return 0
 
 
+# seconds an idle keep-alive connection stays open: above the 5 s after which httpx (and many HTTP clients) drop idle
+# pooled connections, so the server is never the side that closes a connection a client is about to reuse (with
+# uvicorn's default of 5 s both sides expire together, and one request in 12,000 of a load test failed with a
+# ReadError); nginx's default keepalive_timeout is the same 75 s
+KEEP_ALIVE_SECONDS = 75
 WORKER_SETTINGS = "CLIPFORGE_SERVE_WORKER"  # JSON of one worker's Searcher and create_app arguments
 
 
