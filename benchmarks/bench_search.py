@@ -31,6 +31,11 @@ query at a time (batch 1, the backend's ``search`` as ``clipforge serve`` calls 
 re-ranking included).
 
     nice python benchmarks/bench_search.py --ann 1000000 --max-memory 512MB --types ivfpq ivf
+
+``--vectors FILE.npy``: the same measurements over given vectors (``real_text_vectors.py`` writes a real
+encoder's embeddings of real sentences), the last ``--queries`` rows held out as the queries.
+
+    python benchmarks/bench_search.py --vectors /tmp/changelog-minilm.npy --max-memory 64MB --types flat ivf ivfpq hnsw
 """
 from __future__ import annotations
 
@@ -89,23 +94,47 @@ def clip_like(path: Path, n: int, d: int, seed: int = 0) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
 
+def real_vectors(path: Path, source: Path, queries: int, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of the ``.npy`` at ``source`` (e.g. from real_text_vectors.py), L2-normalized: its last ``queries``
+    rows as the queries (not in the collection), the others (at most ``limit``) written to ``path`` as the float16
+    memory-mapped collection."""
+    src = np.load(source, mmap_mode="r")
+    if src.ndim != 2 or len(src) <= queries:
+        raise SystemExit(f"--vectors {source}: need a 2-d array with more than {queries} rows, got shape {src.shape}")
+    n = len(src) - queries if not limit else min(limit, len(src) - queries)
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, src.shape[1]))
+    for s in range(0, n, 50_000):
+        block = np.asarray(src[s:min(s + 50_000, n)], dtype=np.float32)
+        out[s:s + len(block)] = block / np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
+    out.flush()
+    del out
+    q = np.asarray(src[len(src) - queries:], dtype=np.float32)
+    return np.load(path, mmap_mode="r"), q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+
+
 def run_ann(args) -> None:
     import faiss
 
     from clipforge.serve import ann
     from clipforge.serve.search import AnnBackend, FaissBackend
 
-    n, d = args.ann, args.dim
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, faiss {faiss.__version__} "
-          f"threads {faiss.omp_get_max_threads()}; N={n:,} d={d} float16 memory-mapped, clustered (CLIP-like); "
-          f"k=10, {args.queries} timed queries at batch 1; load average {os.getloadavg()[0]:.1f} at start", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         t0 = time.perf_counter()
-        x = clip_like(Path(tmp) / "embeddings.npy", n, d)
-        print(f"  generated in {time.perf_counter() - t0:.0f} s; auto would choose: "
+        if args.vectors:
+            x, q = real_vectors(Path(tmp) / "embeddings.npy", args.vectors, args.queries, args.ann)
+            what = f"the rows of {args.vectors.name}, the last {args.queries} held out as queries"
+        else:
+            x = clip_like(Path(tmp) / "embeddings.npy", args.ann, args.dim)
+            q = ann.tuning_queries(x, args.queries, seed=99)  # other queries than the build-time tuning's (seed 1)
+            what = "clustered (CLIP-like)"
+        n, d = x.shape
+        print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, faiss {faiss.__version__} "
+              f"threads {faiss.omp_get_max_threads()}; N={n:,} d={d} float16 memory-mapped, {what}; "
+              f"k=10, {args.queries} timed queries at batch 1; load average {os.getloadavg()[0]:.1f} at start",
+              flush=True)
+        print(f"  prepared in {time.perf_counter() - t0:.0f} s; auto would choose: "
               f"{ann.choose_index(n, d, args.max_memory).reason}", flush=True)
-        q = ann.tuning_queries(x, args.queries, seed=99)  # other queries than the build-time tuning's (seed 1)
         t0 = time.perf_counter()
         truth = ann.exact_topk(x, q, args.k)
         print(f"  exact reference for {len(q)} queries in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -172,13 +201,16 @@ def main() -> None:
     p.add_argument("--model", help="a trained model (default: tiny with random weights)")
     p.add_argument("--ann", type=int, metavar="N", help="search over millions: N synthetic vectors, per index type")
     p.add_argument("--dim", type=int, default=512, help="--ann: dimension (default 512)")
+    p.add_argument("--vectors", type=Path, metavar="FILE.npy",
+                   help="search over these vectors instead of synthetic ones (real_text_vectors.py writes real "
+                        "ones): the last --queries rows are the queries, the rest (at most --ann N) the collection")
     p.add_argument("--types", nargs="+", default=["flat", "ivf", "ivfpq", "hnsw"],
                    choices=["flat", "ivf", "ivfpq", "hnsw"], help="--ann: index types to measure")
     p.add_argument("--max-memory", default="512MB", help="--ann: the ivfpq budget (default 512MB, 25%% of 1M x 512 "
                                                            "float32)")
     p.add_argument("--tmp", default=None, help="--ann: where the embeddings file goes (default the system's)")
     args = p.parse_args()
-    if args.ann:
+    if args.ann or args.vectors:
         run_ann(args)
         return
 
