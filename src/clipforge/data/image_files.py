@@ -28,7 +28,7 @@ def is_image_file(path: str | os.PathLike) -> bool:
 def find_images(root: str | os.PathLike) -> list[Path]:
     """The image files under the folder ``root``, recursively (:meth:`pathlib.Path.rglob`), sorted by path;
     files only, so a folder named ``x.png`` is not one."""
-    return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return sorted(p for p in Path(root).rglob("*") if is_image_file(p) and p.is_file())
 
 
 __all__ = ["IMAGE_SUFFIXES", "WDS_IMAGE_KEYS", "is_image_file", "find_images"]
