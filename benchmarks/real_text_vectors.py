@@ -60,9 +60,13 @@ def main() -> None:
     print(f"{len(lines):,} distinct changelog lines; embedding {len(texts):,}", flush=True)
     encode = sentence_encoder(f"hf:{minilm_l6_path()}|batch_size={args.batch}|max_length=64")
     out = np.lib.format.open_memmap(args.out, mode="w+", dtype=np.float16, shape=(len(texts), encode.dim))
+    # encoded shortest first, so that a batch pads to about its own length (most lines are far below 64 tokens),
+    # each row written back to its place in the shuffled order
+    by_length = np.argsort([len(t) for t in texts], kind="stable")
     t0, chunk = time.perf_counter(), 8192
     for s in range(0, len(texts), chunk):
-        out[s:s + chunk] = encode(texts[s:s + chunk]).numpy()
+        rows = by_length[s:s + chunk]
+        out[rows] = encode([texts[i] for i in rows]).numpy()
         done = min(s + chunk, len(texts))
         print(f"  {done:,} / {len(texts):,} ({done / (time.perf_counter() - t0):.0f} sentences/s)", flush=True)
     out.flush()
