@@ -1103,8 +1103,10 @@ def plan_tasks(recipes: Sequence[Recipe], seeds: Sequence[int] | None, data: Map
                eval_size: int, rerun_stale: bool, precision: str | None,
                log: Callable[[str], None] | None = None) -> list[Task]:
     """Every task of the plan, classified (see ``classify``), with ``rerun_stale`` also the stale recorded runs
-    of other seeds and budgets (see ``stale_entries``; ``log`` hears about those it cannot rerun); in a recipe that
-    shares artifacts, the tasks of one budget run together or not at all: if one of them has to run, they all do."""
+    of other seeds and budgets (see ``stale_entries``; ``log`` hears about those it cannot rerun, and about planned
+    runs that rerun nothing: new seeds or budgets, such as the recipe's default steps at another ``--eval-size``);
+    in a recipe that shares artifacts, the tasks of one budget run together or not at all: if one of them has to
+    run, they all do."""
     states = code_states(data, {r.name for r in recipes if r.shares_artifacts})
     entries = plan(recipes, seeds, steps, batch)
     if rerun_stale:
@@ -1124,6 +1126,12 @@ def plan_tasks(recipes: Sequence[Recipe], seeds: Sequence[int] | None, data: Map
                 t.run = True
                 t.note = (f"rerunning with its unit ({t.recipe.name} shares artifacts between its runs; "
                           f"{why.arm} / seed {why.seed} runs)")
+    new = [t for t in tasks if t.run and not t.note]  # no recorded run of this key: nothing stale to redo
+    if rerun_stale and new and log is not None:
+        budgets = sorted({f"{t.recipe.name} {t.steps} steps x {t.batch}" + (f" {t.override}" if t.override else "")
+                          for t in new})
+        log(f"note: {len(new)} planned run(s) are new, not reruns ({'; '.join(budgets)}; evaluation size "
+            f"{eval_size}); to rerun only what is stale, name its budget with --steps (and --seeds)")
     return tasks
 
 

@@ -553,6 +553,22 @@ def test_rerun_stale_reaches_stale_runs_of_other_seeds_and_budgets(fid, monkeypa
     assert calls == [("gap", 5, 10, "fp32")]
 
 
+def test_rerun_stale_says_which_planned_runs_are_new_not_reruns(fid, monkeypatch, tmp_path):
+    """``--rerun-stale`` without ``--steps`` also plans the recipe's default budget: where nothing is recorded there
+    (here: runs were recorded at 20 steps only) those runs are new, and the plan says so before running them."""
+    monkeypatch.setattr(fid, "train_and_measure", lambda rc, arm, seed, steps, batch, eval_size, precision=None: {
+        "gap": 0.5 if arm.name == "clip" else 0.2, "object_top1": 0.3, "train_s": 1.0, "eval_s": 0.5})
+    r = fid.parse_recipe("t", recipe())
+    out = tmp_path / "out"
+    fid.run([r], [0, 1], out, steps=20, eval_size=500, log=lambda m: None)
+    logged = []
+    fid.run([r], [0, 1], out, steps=20, rerun_stale=True, eval_size=500, log=logged.append)
+    assert not [m for m in logged if "are new, not reruns" in m]  # all recorded and current: nothing new
+    fid.run([r], None, out, rerun_stale=True, eval_size=500, log=logged.append)
+    said = [m for m in logged if "are new, not reruns" in m]
+    assert len(said) == 1 and said[0].startswith("note: 6 planned run(s)") and "t 10 steps x 8" in said[0]
+
+
 UNITS_V1 = '''"""A module."""
 SCALE = 2.0
 
