@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import socket
 import threading
 import time
 
@@ -33,12 +32,6 @@ async def _app(scope, receive, send):
     await receive()
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
     await send({"type": "http.response.body", "body": b"ok"})
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def _client(url: str, wait_s: float) -> str | None:
@@ -64,7 +57,9 @@ def race(keep_alive: float, clients: int, spread_ms: float) -> collections.Count
     import httpx
     import uvicorn
 
-    port = _free_port()
+    from clipforge.train.distributed import free_port
+
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(_app, host="127.0.0.1", port=port, log_level="error",
                                            timeout_keep_alive=keep_alive))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipforge.data.formats import image_folder_classes, iter_image_folder, iter_webdataset
+from clipforge.data.formats import add_tar_member, image_folder_classes, iter_image_folder, iter_webdataset
 from clipforge.data.image_files import IMAGE_SUFFIXES, WDS_IMAGE_KEYS, find_images, is_image_file
 from clipforge.evaluation.datasets import load_eval_data
 from clipforge.images import load_image
@@ -106,19 +106,13 @@ def test_a_tiff_in_an_image_folder_trains_with_its_own_pixels(tree):
     assert items["dogs/c"]["captions"] == ["caption of dogs/c.tif"]
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
 @pytest.mark.parametrize("suffix", [".tif", ".bmp", ".gif"])
 def test_webdataset_training_shards_read_every_listed_image_member(tmp_path, suffix):
     arr = _pixels(3)
     shard = tmp_path / "000000.tar"
     with tarfile.open(shard, "w") as tar:
-        _add(tar, f"s0{suffix}", _encode(arr, PIL_FORMAT[suffix]))
-        _add(tar, "s0.json", json.dumps({"captions": ["a red square"]}).encode())
+        add_tar_member(tar, f"s0{suffix}", _encode(arr, PIL_FORMAT[suffix]))
+        add_tar_member(tar, "s0.json", json.dumps({"captions": ["a red square"]}).encode())
     items = list(iter_webdataset(shard))
     assert [it["key"] for it in items] == ["s0"]
     assert np.array_equal(items[0]["image"].permute(1, 2, 0).numpy(), arr)
@@ -131,8 +125,8 @@ def test_clip_benchmark_shards_for_eval_read_a_tiff_member(tmp_path):
     (root / "classnames.txt").write_text("square\ncircle\n")
     with tarfile.open(root / "test" / "0.tar", "w") as tar:
         for i, label in enumerate([1, 0]):
-            _add(tar, f"s{i}.tiff", _encode(_pixels(i), "TIFF"))
-            _add(tar, f"s{i}.cls", f"{label}\n".encode())
+            add_tar_member(tar, f"s{i}.tiff", _encode(_pixels(i), "TIFF"))
+            add_tar_member(tar, f"s{i}.cls", f"{label}\n".encode())
     data = load_eval_data(f"wds:{root}")
     assert data.test.keys == ["test/0.tar:s0", "test/0.tar:s1"] and data.test.labels == [1, 0]
     assert np.array_equal(np.asarray(load_image(data.test.refs[0].read())), _pixels(0))
