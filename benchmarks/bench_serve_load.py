@@ -42,7 +42,6 @@ import json
 import os
 import platform
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -53,12 +52,6 @@ from pathlib import Path
 import numpy as np
 
 MIX = {"text": 0.4, "upload": 0.2, "similar": 0.2, "thumb": 0.2}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _descendants(pid: int) -> list[int]:
@@ -318,6 +311,7 @@ def main() -> None:
         elif args.ann != "flat":
             raise SystemExit("--ann builds the search index of a padded index; give --pad-to N too")
         from clipforge.serve import open_index
+        from clipforge.train.distributed import free_port
 
         count = len(open_index(index))
         print(f"index {index}: {count} images (ready in {time.perf_counter() - t0:.1f} s)", file=sys.stderr)

@@ -1,15 +1,10 @@
 """A real uvicorn server on 127.0.0.1 for the tests that need a socket (bounded start-up, stopped on exit)."""
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from clipforge.train.distributed import free_port
 
 
 class LocalServer:
@@ -18,7 +13,7 @@ class LocalServer:
     def __init__(self, app):
         import uvicorn
 
-        self.port = _free_port()
+        self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

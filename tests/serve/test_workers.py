@@ -8,10 +8,10 @@ import sys
 import time
 
 import pytest
-from servehelpers import _free_port
 
 from clipforge.cli.main import main
 from clipforge.serve import Searcher
+from clipforge.train.distributed import free_port
 
 
 def _get(url: str, path: str, **params):
@@ -54,7 +54,7 @@ def test_two_worker_processes_give_the_same_answers_and_a_dead_one_is_replaced(m
     out = tmp_path / "idx"
     assert main(["index", str(model_dir), "--images", str(image_dir), "--out", str(out), "--quiet"]) == 0
     expected = [(h.id, round(h.score, 5)) for h in Searcher(out, backend="numpy").text("a red circle", 4)]
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "clipforge.cli.main", "serve", str(out), "--port", str(port),
                                "--workers", "2", "--backend", "numpy", "--log-level", "warning"],
