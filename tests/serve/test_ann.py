@@ -91,6 +91,33 @@ def test_rows_beyond_the_ann_index_are_searched_exactly(data):
     assert (i >= 15_000).any()
 
 
+def test_ivfpq_rescores_a_shortlist_of_200_or_four_times_k(built, data):
+    """The product-quantized index is asked for max(200, 4(k + 1)) candidates, and what comes back is the exact top k
+    of that shortlist: the reference re-scores faiss's own shortlist in float64 here."""
+    index, record = built["ivfpq"]
+    asked = []
+
+    class Spy:
+        ntotal = index.ntotal
+
+        def search(self, q, k):
+            asked.append(k)
+            return index.search(q, k)
+
+    backend = AnnBackend(index, data, record)
+    q = fresh_queries(data, 8)
+    for k, short in ((10, 200), (1, 200), (60, 244)):
+        asked.clear()
+        backend.index = Spy()
+        s, i = backend.search(q, k)
+        assert asked == [short]
+        _, cand = index.search(q, short)
+        for r in range(len(q)):
+            exact = data[cand[r]].astype(np.float64) @ q[r].astype(np.float64)
+            want = cand[r][np.argsort(-exact, kind="stable")[:k]]
+            assert set(i[r].tolist()) == set(want.tolist())
+
+
 GB, MB = 1 << 30, 1 << 20
 
 

@@ -157,7 +157,7 @@ class AnnBackend:
 
     Rows the index does not cover yet (``count`` in its manifest record is smaller than the
     collection: an interrupted build committed new rows) are searched exactly and merged. An
-    ``ivfpq`` shortlist of ``max(100, 4k)`` candidates is re-scored exactly from the stored
+    ``ivfpq`` shortlist of ``max(200, 4k)`` candidates is re-scored exactly from the stored
     (memory-mapped) embeddings, so scores are the same cosines the exact backends return.
     ``nprobe`` / ``ef_search``: the search parameter (default: the one tuned at build time).
     """
