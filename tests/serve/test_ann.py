@@ -116,6 +116,8 @@ def test_ivfpq_rescores_a_shortlist_of_200_or_four_times_k(built, data):
             exact = data[cand[r]].astype(np.float64) @ q[r].astype(np.float64)
             want = cand[r][np.argsort(-exact, kind="stable")[:k]]
             assert set(i[r].tolist()) == set(want.tolist())
+    with pytest.raises(ValueError, match="shortlist must be >= 1"):
+        AnnBackend(index, data, record, shortlist=0)
 
 
 GB, MB = 1 << 30, 1 << 20

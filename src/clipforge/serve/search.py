@@ -157,16 +157,19 @@ class AnnBackend:
 
     Rows the index does not cover yet (``count`` in its manifest record is smaller than the
     collection: an interrupted build committed new rows) are searched exactly and merged. An
-    ``ivfpq`` shortlist of ``max(200, 4k)`` candidates is re-scored exactly from the stored
+    ``ivfpq`` shortlist of ``max(shortlist, 4k)`` candidates is re-scored exactly from the stored
     (memory-mapped) embeddings, so scores are the same cosines the exact backends return.
     ``nprobe`` / ``ef_search``: the search parameter (default: the one tuned at build time).
+    ``shortlist``: the least number of ``ivfpq`` candidates re-scored (default ``RERANK_MIN``, 200).
     """
 
     def __init__(self, index, vectors: np.ndarray, record: dict[str, Any], nprobe: int | None = None,
-                 ef_search: int | None = None):
+                 ef_search: int | None = None, shortlist: int = RERANK_MIN):
         from .ann import set_search_param
 
-        self.index, self.vectors, self.record = index, vectors, record
+        if shortlist < 1:
+            raise ValueError(f"shortlist must be >= 1, got {shortlist}")
+        self.index, self.vectors, self.record, self.shortlist = index, vectors, record, int(shortlist)
         self.kind = record["spec"]["kind"]
         self.name = f"faiss-{self.kind}"
         self.covered = int(index.ntotal)
@@ -190,7 +193,7 @@ class AnnBackend:
         if k <= 0:
             return np.zeros((q.shape[0], 0), np.float32), np.zeros((q.shape[0], 0), np.int64)
         kk = min(k + 1, n)
-        short = min(max(RERANK_MIN, 4 * kk), self.covered) if self.kind == "ivfpq" else min(kk, self.covered)
+        short = min(max(self.shortlist, 4 * kk), self.covered) if self.kind == "ivfpq" else min(kk, self.covered)
         s, i = self.index.search(q, short) if short > 0 else (np.zeros((len(q), 0), np.float32),
                                                               np.zeros((len(q), 0), np.int64))
         i = i.astype(np.int64)
