@@ -54,7 +54,8 @@ PQ_POINTS_PER_CENTROID = 64  # each PQ part trains on at most 64 x 256 points (f
 MIN_TRAIN_PQ = 1_000  # below this many vectors a product quantizer cannot be trained (256 centroids per part)
 # ivfpq shortlist: max(RERANK_MIN, 4k) candidates re-scored exactly. On 869,228 real sentence embeddings (MiniLM,
 # IVF1024,PQ96x8, nprobe 64) 100 candidates held recall@10 at 0.949 of IVF-Flat's 0.958 at the same nprobe, 200 at
-# 0.956 (400: 0.957) for about 0.1-0.3 ms more per query (docs/performance.md, "A real encoder's embeddings")
+# 0.956 (400: 0.957) for about 0.2 ms more per query there, 0.4-0.6 ms on 1M x 512 synthetic vectors
+# (docs/performance.md, "All 869,428 changelog lines"; benchmarks/bench_search_shortlist.py sweeps it)
 RERANK_MIN = 200
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 EF_SEARCHES = (16, 32, 64, 128, 256, 512, 1024)
