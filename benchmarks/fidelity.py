@@ -1039,6 +1039,44 @@ def stale_summary(data: Mapping, shared: Collection[str]) -> tuple[dict[str, int
     return recipes, units
 
 
+def of_current_recipe(recipe: Recipe, run: Mapping) -> bool:
+    """Whether ``run`` (of ``recipe``) ran the recipe as it is now: its arm still exists and the fingerprint of its
+    budget is the one recorded. Runs of a superseded version stay in the results file as history; no verdict
+    counts them, and ``--rerun-stale`` plans new runs beside them rather than reruns of them."""
+    return run["arm"] in recipe.arms and run["fingerprint"] == recipe.fingerprint(
+        run["arm"], run["steps"], run["batch"], run["eval_size"], run.get("precision"))
+
+
+def stale_lines(data: Mapping, shared: Collection[str], recipes: Mapping[str, Recipe]) -> list[str]:
+    """What ``--stale`` prints: the runs not on the current code by recipe (``stale_summary``), how many of them
+    ran a superseded version of their recipe (of the ``recipes`` given; runs of other recipes are not classed), and
+    the edited units by the runs that ran them."""
+    by_recipe, by_unit = stale_summary(data, shared)
+    states = code_states(data, shared)
+    old: dict[str, int] = {}
+    for r in data["runs"]:
+        recipe = recipes.get(r["experiment"])
+        if states[id(r)][0] in ("changed", "unit") and recipe is not None and not of_current_recipe(recipe, r):
+            old[r["experiment"]] = old.get(r["experiment"], 0) + 1
+    total, superseded = sum(by_recipe.values()), sum(old.values())
+    lines = [f"{total} of {len(data['runs'])} recorded runs are not on the current code" + (
+        f" ({superseded} of them ran a superseded version of their recipe: no verdict counts those, and "
+        "--rerun-stale plans new runs beside them, not reruns)" if superseded else "") + (":" if total else "")]
+    for name, n in sorted(by_recipe.items()):
+        lines.append(f"  {name:30s} {n:4d}" + (f"  ({old[name]} of a superseded recipe)" if old.get(name) else ""))
+    if by_unit:
+        lines.append("edited units, by the runs that ran them:")
+        for unit, n in sorted(by_unit.items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(f"  {n:4d}  {unit}")
+    return lines
+
+
+def shipped_recipes(names: Collection[str], directory: Path = RECIPES) -> dict[str, Recipe]:
+    """The shipped recipes among ``names``, loaded (a name with no recipe file is left out)."""
+    shipped = set(recipe_names(directory))
+    return {n: load_recipe(n, directory) for n in sorted(set(names) & shipped)}
+
+
 def shared_recipes(directory: Path = RECIPES) -> set[str]:
     """The names of the shipped recipes that share artifacts (read from their YAML, without importing their
     modules)."""
@@ -1477,10 +1515,7 @@ def analyse(recipe: Recipe, runs: Sequence[dict]) -> list[dict]:
     runs."""
     groups: dict[tuple[int, int, int, str | None], dict[str, dict[int, dict]]] = {}
     for r in runs:
-        if r["experiment"] != recipe.name or r["arm"] not in recipe.arms:
-            continue
-        if r["fingerprint"] != recipe.fingerprint(r["arm"], r["steps"], r["batch"], r["eval_size"],
-                                                  r.get("precision")):
+        if r["experiment"] != recipe.name or not of_current_recipe(recipe, r):
             continue  # a run of an older version of the recipe
         key = (r["steps"], r["batch"], r["eval_size"], r.get("precision"))
         groups.setdefault(key, {}).setdefault(r["arm"], {})[r["seed"]] = r
@@ -1817,15 +1852,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = load_results(a.out / "fidelity.json")
         if a.names and a.names != ["all"]:  # else every recorded run, of a shipped recipe or not
             data = {**data, "runs": [r for r in data["runs"] if r["experiment"] in set(a.names)]}
-        by_recipe, by_unit = stale_summary(data, shared_recipes())
-        total = sum(by_recipe.values())
-        print(f"{total} of {len(data['runs'])} recorded runs are not on the current code" + (":" if total else ""))
-        for name, n in sorted(by_recipe.items()):
-            print(f"  {name:30s} {n:4d}")
-        if by_unit:
-            print("edited units, by the runs that ran them:")
-            for unit, n in sorted(by_unit.items(), key=lambda kv: (-kv[1], kv[0])):
-                print(f"  {n:4d}  {unit}")
+        recipes_now = shipped_recipes({r["experiment"] for r in data["runs"]})
+        print("\n".join(stale_lines(data, shared_recipes(), recipes_now)))
         return 0
     if a.estimate:
         runs = load_results(a.out / "fidelity.json")["runs"]

@@ -385,6 +385,27 @@ def test_stale_runs_of_an_edited_recipe_are_not_judged(fid, monkeypatch, tmp_pat
     assert groups[0]["comparisons"]["gap"]["overall"] == "insufficient seeds"
 
 
+def test_stale_says_which_stale_runs_ran_a_superseded_recipe(fid, monkeypatch, tmp_path):
+    """``--stale`` counts runs whose recorded code changed; of those, runs of a recipe version since edited (here the
+    gap arm's loss) are named apart: no verdict counts them (``analyse`` leaves them out) and no rerun replaces them."""
+    r = fid.parse_recipe("t", recipe())
+    monkeypatch.setattr(fid, "train_and_measure", lambda rc, arm, seed, *a: fake_metrics(arm.name, seed))
+    data = fid.run([r], [0, 1, 2], tmp_path, eval_size=500, log=lambda m: None)
+    for cid in {run["env"]["code"] for run in data["runs"]}:
+        data["code"][cid] = {"src/clipforge/gone_since.py": "0123456789abcdef"}  # a file the runs ran is gone
+    edited = recipe()
+    edited["arms"]["gap"] = {"train": {"loss": {"clip": 1.0, "uniformity": 1.0, "alignment": 1.0}}}
+    lines = fid.stale_lines(data, set(), {"t": fid.parse_recipe("t", edited)})
+    assert lines[0].startswith("6 of 6 recorded runs are not on the current code (3 of them ran a superseded "
+                               "version of their recipe")
+    assert lines[1].split() == ["t", "6", "(3", "of", "a", "superseded", "recipe)"]
+    assert lines[2:] == ["edited units, by the runs that ran them:", "     6  src/clipforge/gone_since.py"]
+    assert [fid.of_current_recipe(fid.parse_recipe("t", edited), run) for run in data["runs"]].count(False) == 3
+    # the recipe as it was: every stale run is a plain rerun candidate, and a recipe not given is not classed
+    assert fid.stale_lines(data, set(), {"t": r})[0] == "6 of 6 recorded runs are not on the current code:"
+    assert fid.stale_lines(data, set(), {})[1].split() == ["t", "6"]
+
+
 def test_a_second_runner_on_the_same_directory_is_refused(fid, monkeypatch, tmp_path):
     from clipforge.locking import LockHeld, exclusive_lock
 
