@@ -1462,10 +1462,10 @@ def merge_results(out: Path, files: Sequence[Path], shared: Collection[str] | No
     already present is kept, not duplicated, unless the present one ran code that has changed since (or was not
     recorded) and the incoming one ran the code as it is now: then the incoming run replaces it (a
     ``--rerun-stale`` made elsewhere). Runs of a recipe that shares artifacts come in by units (see ``unit_key``):
-    an incoming unit is added whole, replaces the present units it overlaps when they are not on the current code
-    and it is (their other runs go too), or is skipped whole. ``shared``: the recipes that share artifacts (default:
-    the shipped ones). Returns the counts added, replaced, skipped and dropped (present runs of a replaced unit
-    that the incoming one lacks) per file."""
+    an incoming unit is added whole, replaces the present units it overlaps when any of them is not on the current
+    code and it is (their other runs go too, current ones included), or is skipped whole. ``shared``: the recipes
+    that share artifacts (default: the shipped ones). Returns the counts added, replaced, skipped and dropped
+    (present runs of a replaced unit that the incoming one lacks) per file."""
     from clipforge.locking import exclusive_lock
 
     shared = shared_recipes() if shared is None else set(shared)
@@ -1493,9 +1493,11 @@ def merge_results(out: Path, files: Sequence[Path], shared: Collection[str] | No
                     added += len(members)
                     continue
                 hit = {unit_key(r, is_shared) for r in present}
-                present_current = any(states[id(r)][0] == "current" for r in data["runs"]
-                                      if id(r) in states and unit_key(r, is_shared) in hit)
-                if not present_current and all(code_state(r, data)[0] == "current" for r in members):
+                # one stale run among the units it overlaps is enough: an incoming unit on the current code then
+                # replaces them all, current ones included (their runs are current in the incoming unit too)
+                present_stale = any(states[id(r)][0] != "current" for r in data["runs"]
+                                    if id(r) in states and unit_key(r, is_shared) in hit)
+                if present_stale and all(code_state(r, data)[0] == "current" for r in members):
                     gone = replace_unit(data, members, is_shared)
                     replaced += len(present)
                     added += len(members) - len(present)

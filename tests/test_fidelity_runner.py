@@ -1138,6 +1138,19 @@ def test_units_are_judged_and_merged_whole(fid, monkeypatch, tmp_path):
     assert sorted((x["arm"], x["seed"], x["env"].get("unit")) for x in got if x["experiment"] == "s") == [
         ("adapter", 0, "u3"), ("base", 0, "u3"), ("x", 5, "u2")]  # u1's seed 1 went with it; u4 came in whole or not
 
+    # a unit overlapping a current unit (u2, seed 5) and a stale one (u6, seed 7) replaces both: a stale run among the
+    # units it overlaps is enough when it is on the current code itself
+    fid.save_results(out / "fidelity.json", {"version": 1, "runs": got + [run("s", "x", 7, "old", "u6")]})
+    both = tmp_path / "both.json"
+    fid.save_results(both, {"version": 1, "runs": [run("s", "x", 5, "new", "u7"), run("s", "x", 7, "new", "u7")]})
+    assert fid.merge_results(out, [both], shared={"s", "old_s"}) == {
+        str(both): {"added": 0, "replaced": 2, "skipped": 0, "dropped": 0}}
+    got = fid.load_results(out / "fidelity.json")["runs"]
+    assert sorted((x["arm"], x["seed"], x["env"].get("unit")) for x in got if x["experiment"] == "s") == [
+        ("adapter", 0, "u3"), ("base", 0, "u3"), ("x", 5, "u7"), ("x", 7, "u7")]
+    # the same unit again finds only current units: skipped whole, as u4 was
+    assert fid.merge_results(out, [both], shared={"s", "old_s"})[str(both)]["skipped"] == 2
+
 
 def test_shipped_recipes_whose_modules_keep_state_between_calls_share_artifacts(fid):
     """A recipe whose function arms' modules (or the benchmark modules they import) cache anything between calls,
