@@ -1022,15 +1022,17 @@ def code_states(data: Mapping, shared: Collection[str]) -> dict[int, tuple[str, 
     return out
 
 
-def stale_summary(data: Mapping, shared: Collection[str]) -> tuple[dict[str, int], dict[str, int]]:
+def stale_summary(data: Mapping, shared: Collection[str],
+                  states: Mapping[int, tuple[str, list[str]]] | None = None) -> tuple[dict[str, int], dict[str, int]]:
     """What the tree's edits take from the verdicts: ``(runs not on the current code by recipe, changed units by
     the number of runs that ran them)``, a run counting when it ran edited code itself or shares a unit with one
-    that did (:func:`code_states`); runs recorded without a code manifest are left out."""
+    that did (:func:`code_states`; ``states``: those already computed); runs recorded without a code manifest are
+    left out."""
     from collections import Counter
 
     recipes: Counter[str] = Counter()
     units: Counter[str] = Counter()
-    states = code_states(data, shared)
+    states = code_states(data, shared) if states is None else states
     for r in data["runs"]:
         state, files = states[id(r)]
         if state in ("changed", "unit"):
@@ -1051,8 +1053,8 @@ def stale_lines(data: Mapping, shared: Collection[str], recipes: Mapping[str, Re
     """What ``--stale`` prints: the runs not on the current code by recipe (``stale_summary``), how many of them
     ran a superseded version of their recipe (of the ``recipes`` given; runs of other recipes are not classed), and
     the edited units by the runs that ran them."""
-    by_recipe, by_unit = stale_summary(data, shared)
     states = code_states(data, shared)
+    by_recipe, by_unit = stale_summary(data, shared, states)
     old: dict[str, int] = {}
     for r in data["runs"]:
         recipe = recipes.get(r["experiment"])
