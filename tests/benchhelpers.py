@@ -18,3 +18,24 @@ def load_benchmark(filename: str, module_name: str | None = None) -> ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def tiny_clip_training_step(batch: int = 3):
+    """One forward + backward of an untrained ``tiny`` CLIP with the CLIP loss on ``batch`` random images and texts,
+    as a function of no arguments: a training step for the tests of the step profilers."""
+    import torch
+
+    from clipforge.losses import clip_loss
+    from clipforge.models import CLIP, CLIPConfig, get_model_config
+
+    spec = get_model_config("tiny").to_dict()
+    model = CLIP(CLIPConfig.from_dict(spec)).train()
+    images = torch.randn(batch, 3, spec["vision"]["image_size"], spec["vision"]["image_size"])
+    texts = torch.randint(1, 400, (batch, spec["text"]["context_length"]))
+    texts[:, 7] = spec["text"]["eot_token_id"]
+
+    def step():
+        out = model(images, texts)
+        clip_loss(out["image_features"], out["text_features"], out["logit_scale"]).backward()
+
+    return step

@@ -2,26 +2,15 @@
 from __future__ import annotations
 
 import torch
-from benchhelpers import load_benchmark
+from benchhelpers import load_benchmark, tiny_clip_training_step
 from torch.utils.flop_counter import FlopCounterMode
-
-from clipforge.losses import clip_loss
-from clipforge.models import CLIP, CLIPConfig, get_model_config
 
 
 def test_the_recorded_gemms_of_a_training_step_hold_the_flops_flop_counter_counts():
     """Every GEMM call of one forward + backward of a small CLIP is recorded once, with shapes whose FLOPs add up
     to torch's own FlopCounterMode count for the same step; the strides are the operands' own (some transposed)."""
     bench = load_benchmark("bench_step_gemms.py")
-    spec = get_model_config("tiny").to_dict()
-    model = CLIP(CLIPConfig.from_dict(spec)).train()
-    images = torch.randn(3, 3, spec["vision"]["image_size"], spec["vision"]["image_size"])
-    texts = torch.randint(1, 400, (3, spec["text"]["context_length"]))
-    texts[:, 7] = spec["text"]["eot_token_id"]
-
-    def step():
-        out = model(images, texts)
-        clip_loss(out["image_features"], out["text_features"], out["logit_scale"]).backward()
+    step = tiny_clip_training_step()
 
     with FlopCounterMode(display=False) as counter:
         step()

@@ -2,13 +2,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from benchhelpers import load_benchmark
+from benchhelpers import load_benchmark, tiny_clip_training_step
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
-
-from clipforge.losses import clip_loss
-from clipforge.models import CLIP, CLIPConfig, get_model_config
 
 
 def test_gemm_flops_of_each_operator_by_hand():
@@ -25,15 +21,7 @@ def test_the_gemms_of_a_training_step_hold_the_flops_flop_counter_counts():
     """The GEMM table's FLOPs of one forward + backward of a small CLIP equal what torch's own FlopCounterMode
     counts for the same step (which is also what bench_train_throughput's MFU divides by)."""
     prof = load_benchmark("profile_train_step.py")
-    spec = get_model_config("tiny").to_dict()
-    model = CLIP(CLIPConfig.from_dict(spec)).train()
-    images = torch.randn(3, 3, spec["vision"]["image_size"], spec["vision"]["image_size"])
-    texts = torch.randint(1, 400, (3, spec["text"]["context_length"]))
-    texts[:, 7] = spec["text"]["eot_token_id"]
-
-    def step():
-        out = model(images, texts)
-        clip_loss(out["image_features"], out["text_features"], out["logit_scale"]).backward()
+    step = tiny_clip_training_step()
 
     with FlopCounterMode(display=False) as counter:
         step()
