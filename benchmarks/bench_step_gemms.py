@@ -14,6 +14,9 @@ with the same shapes and strides, and again with contiguous operands, alternatin
 (median of 5 calls each). The table has, per distinct GEMM, its rate in the step, alone with the same strides,
 and alone with contiguous operands; the last line sums the step's GEMM time three ways. The contiguous column
 does not count the copies that would make the operands contiguous: it bounds what a different layout could save.
+``--precision fp32`` records torch's own fp32 GEMMs, the path of ``clipforge train --fp32-linear torch``; the oneDNN
+linears that ``clipforge train`` takes for fp32 where they are faster (``clipforge.models.onednn_linear``) are not
+``mm`` calls and are not recorded.
 
 ``--weight-gradients`` also times the ways to compute a linear layer's weight gradient ``dW = dy^T x``
 (dy: [M, N], x: [M, K]) at the shapes of the step's linear layers: ``mm(dy^T, x)`` (autograd's), ``mm(x^T, dy)^T``,
