@@ -87,19 +87,28 @@ def median_call(fn, calls: int = 5) -> float:
     return sorted(times)[calls // 2]
 
 
+def alternating_medians(fns: dict, repeats: int) -> dict[str, float]:
+    """Seconds of one call of each function of ``fns`` (label -> function of no arguments): one warm-up call each
+    (oneDNN builds its kernels on the first call of a shape), then ``repeats`` rounds that call each in turn, each
+    round's time the median of 5 calls; the median over rounds."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {label: [] for label in fns}
+    for _ in range(repeats):
+        for label, fn in fns.items():
+            times[label].append(median_call(fn))
+    return {label: sorted(t)[repeats // 2] for label, t in times.items()}
+
+
 def replay(func, operands: tuple, kwargs: dict, repeats: int, seed: int = 0) -> tuple[float, float]:
-    """Seconds of one call of ``func`` alone: (operands with the recorded strides, contiguous operands), each the
-    median over ``repeats`` alternating rounds of the median of 5 calls."""
+    """Seconds of one call of ``func`` alone: (operands with the recorded strides, contiguous operands), timed
+    alternately (:func:`alternating_medians`)."""
     gen = torch.Generator().manual_seed(seed)
     strided = [strided_like(*op, generator=gen) for op in operands]
     dense = [t.contiguous() for t in strided]
-    for args in (strided, dense):  # warm-up: oneDNN builds its kernels on the first call of a shape
-        func(*args, **kwargs)
-    same, contiguous = [], []
-    for _ in range(repeats):
-        same.append(median_call(lambda: func(*strided, **kwargs)))
-        contiguous.append(median_call(lambda: func(*dense, **kwargs)))
-    return sorted(same)[repeats // 2], sorted(contiguous)[repeats // 2]
+    got = alternating_medians({"same": lambda: func(*strided, **kwargs),
+                               "contiguous": lambda: func(*dense, **kwargs)}, repeats)
+    return got["same"], got["contiguous"]
 
 
 def weight_gradient_products(dy: torch.Tensor, x: torch.Tensor) -> dict:
@@ -203,13 +212,8 @@ def main() -> None:
                 header = list(products)
                 print("| M x N x K | " + " | ".join(header) + " |")
                 print("|---|" + "---:|" * len(header))
-            times = {label: [] for label in products}
-            for fn in products.values():
-                fn()
-            for _ in range(args.repeats):
-                for label, fn in products.items():
-                    times[label].append(median_call(fn))
-            rates = [2 * m * n * k / sorted(times[label])[args.repeats // 2] / 1e9 for label in header]
+            seconds = alternating_medians(products, args.repeats)
+            rates = [2 * m * n * k / seconds[label] / 1e9 for label in header]
             print(f"| {m}x{n}x{k} | " + " | ".join(f"{r:.0f}" for r in rates) + " |")
 
 
