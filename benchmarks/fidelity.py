@@ -9,6 +9,7 @@
     python benchmarks/fidelity.py --merge A.json B.json    # add runs made elsewhere (other machines, sessions)
     python benchmarks/fidelity.py --stale [NAME ...]       # which recorded runs the tree's edits take off the code
     python benchmarks/fidelity.py NAME|all --rerun-stale   # rerun the runs whose code changed since (any seed)
+    python benchmarks/fidelity.py NAME --rerun-stale --arms A B --estimate   # only arms A and B; how long it takes
     python benchmarks/fidelity.py all --jobs 16            # 16 runs side by side (one per core), longest first
 
 Every experiment is a recipe, ``benchmarks/fidelity/NAME.yaml``, one per claim: the paper and its budget, the
@@ -874,20 +875,23 @@ DEFAULT_SEEDS = (0, 1, 2)
 
 
 def plan(recipes: Sequence[Recipe], seeds: Sequence[int] | None, steps: int | None = None,
-         batch: int | None = None) -> list[tuple[Recipe, str, int, int, int]]:
-    """Seed-major order: every arm of every recipe at seed 0, then seed 1, ... (``seeds`` None: DEFAULT_SEEDS)."""
+         batch: int | None = None, arms: Collection[str] | None = None) -> list[tuple[Recipe, str, int, int, int]]:
+    """Seed-major order: every arm of every recipe at seed 0, then seed 1, ... (``seeds`` None: DEFAULT_SEEDS;
+    ``arms`` None: every arm, else only the recipes' arms of these names)."""
     return [(r, arm, seed, steps or r.steps, batch or r.batch) for seed in (DEFAULT_SEEDS if seeds is None else seeds)
-            for r in recipes for arm in r.arms]
+            for r in recipes for arm in r.arms if arms is None or arm in arms]
 
 
 def stale_entries(recipes: Sequence[Recipe], data: Mapping, planned: Collection[tuple], seeds: Sequence[int] | None,
                   steps: int | None, batch: int | None, eval_size: int, precision: str | None,
-                  states: Mapping[int, tuple[str, list[str]]]) -> tuple[list[tuple], list[str]]:
-    """What ``--rerun-stale`` adds to a plan: the recorded runs of ``recipes`` not on the current code that the
-    plan lacks because they ran another seed (reached when ``seeds`` is None, i.e. no ``--seeds`` was given) or
-    another budget (reached unless ``steps`` / ``batch`` name one), as plan entries in seed-major order; and why
-    each stale run that no invocation with these settings can reproduce was left out (its recipe changed since it
-    ran, or it ran with another ``--precision`` or ``--eval-size``)."""
+                  states: Mapping[int, tuple[str, list[str]]],
+                  arms: Collection[str] | None = None) -> tuple[list[tuple], list[str]]:
+    """What ``--rerun-stale`` adds to a plan: the recorded runs of ``recipes`` (of ``arms`` only, unless None) not
+    on the current code that the plan lacks because they ran another seed (reached when ``seeds`` is None, i.e. no
+    ``--seeds`` was given) or another budget (reached unless ``steps`` / ``batch`` name one), as plan entries in
+    seed-major order; and why each stale run that no invocation with these settings can reproduce was left out (its
+    recipe changed since it ran, or it ran with another ``--precision`` or ``--eval-size``), with the flags of the
+    invocation that would rerun it."""
     by_name = {r.name: r for r in recipes}
     extra: dict[tuple, tuple] = {}
     left_out: list[str] = []
@@ -897,11 +901,11 @@ def stale_entries(recipes: Sequence[Recipe], data: Mapping, planned: Collection[
             continue
         arm, seed, st, bt = run_["arm"], run_["seed"], run_["steps"], run_["batch"]
         if (seeds is not None and seed not in seeds) or (steps is not None and st != steps) or (
-                batch is not None and bt != batch):
+                batch is not None and bt != batch) or (arms is not None and arm not in arms):
             continue
         where = f"{recipe.name} / {arm} / seed {seed} ({st} steps x {bt})"
         flags = f"--seeds {seed}" + (f" --steps {st}" if st != recipe.steps else "") + (
-            f" --batch {bt}" if bt != recipe.batch else "")
+            f" --batch {bt}" if bt != recipe.batch else "") + f" --arms {arm}"
         if run_["eval_size"] != eval_size:
             left_out.append(f"{where}: evaluated on {run_['eval_size']} samples "
                             f"(--eval-size {run_['eval_size']} {flags})")
@@ -928,8 +932,10 @@ def stale_entries(recipes: Sequence[Recipe], data: Mapping, planned: Collection[
 
 def run(recipes: Sequence[Recipe], seeds: Sequence[int] | None, out: Path, steps: int | None = None,
         batch: int | None = None, eval_size: int = 500, threads: int = 1, log: Callable[[str], None] = print,
-        rerun_stale: bool = False, precision: str | None = None, jobs: int = 1) -> dict:
-    """Run every missing (recipe, arm, seed) and append it to ``out/fidelity.json`` as soon as it ends; with
+        rerun_stale: bool = False, precision: str | None = None, jobs: int = 1,
+        arms: Collection[str] | None = None) -> dict:
+    """Run every missing (recipe, arm, seed) and append it to ``out/fidelity.json`` as soon as it ends (of ``arms``
+    only, unless None: ``--arms``); with
     ``rerun_stale`` also the recorded runs whose executed code has changed since or was not recorded (the new run
     replaces the old one; with ``seeds`` None, stale runs of every recorded seed, and with ``steps`` / ``batch``
     None, of every recorded budget: see ``stale_entries``); ``seeds`` None plans DEFAULT_SEEDS; ``precision``
@@ -956,8 +962,8 @@ def run(recipes: Sequence[Recipe], seeds: Sequence[int] | None, out: Path, steps
     with exclusive_lock(out, "fidelity results directory"):  # a second runner on the same --out stops here
         if jobs > 1:
             return _run_parallel_locked(recipes, seeds, out, steps, batch, eval_size, threads, jobs, log, rerun_stale,
-                                        precision)
-        return _run_locked(recipes, seeds, out, steps, batch, eval_size, threads, log, rerun_stale, precision)
+                                        precision, arms)
+        return _run_locked(recipes, seeds, out, steps, batch, eval_size, threads, log, rerun_stale, precision, arms)
 
 
 def slow_bf16_arms(recipes: Sequence[Recipe], precision: str | None, fast_bf16: bool | None = None) -> list[str]:
@@ -1141,17 +1147,18 @@ def classify(entry: tuple, data: Mapping, path: Path, eval_size: int, rerun_stal
 
 def plan_tasks(recipes: Sequence[Recipe], seeds: Sequence[int] | None, data: Mapping, path: Path, steps, batch,
                eval_size: int, rerun_stale: bool, precision: str | None,
-               log: Callable[[str], None] | None = None) -> list[Task]:
-    """Every task of the plan, classified (see ``classify``), with ``rerun_stale`` also the stale recorded runs
-    of other seeds and budgets (see ``stale_entries``; ``log`` hears about those it cannot rerun, and about planned
-    runs that rerun nothing: new seeds or budgets, such as the recipe's default steps at another ``--eval-size``);
+               log: Callable[[str], None] | None = None, arms: Collection[str] | None = None) -> list[Task]:
+    """Every task of the plan (of ``arms`` only, unless None), classified (see ``classify``), with ``rerun_stale``
+    also the stale recorded runs of other seeds and budgets (see ``stale_entries``; ``log`` hears about those it
+    cannot rerun, and about planned runs that rerun nothing: new seeds, budgets or arms, such as the recipe's default
+    steps at another ``--eval-size`` or the arms never trained at another ``--precision``);
     in a recipe that shares artifacts, the tasks of one budget run together or not at all: if one of them has to
     run, they all do."""
     states = code_states(data, {r.name for r in recipes if r.shares_artifacts})
-    entries = plan(recipes, seeds, steps, batch)
+    entries = plan(recipes, seeds, steps, batch, arms)
     if rerun_stale:
         extra, left_out = stale_entries(recipes, data, {(e[0].name,) + e[1:] for e in entries}, seeds, steps,
-                                        batch, eval_size, precision, states)
+                                        batch, eval_size, precision, states, arms)
         entries += extra
         if left_out and log is not None:
             log(f"{len(left_out)} stale recorded runs cannot be rerun with these settings:\n" +
@@ -1171,7 +1178,8 @@ def plan_tasks(recipes: Sequence[Recipe], seeds: Sequence[int] | None, data: Map
         budgets = sorted({f"{t.recipe.name} {t.steps} steps x {t.batch}" + (f" {t.override}" if t.override else "")
                           for t in new})
         log(f"note: {len(new)} planned run(s) are new, not reruns ({'; '.join(budgets)}; evaluation size "
-            f"{eval_size}); to rerun only what is stale, name its budget with --steps (and --seeds)")
+            f"{eval_size}); to rerun only what is stale, name its budget with --steps (and --seeds) and its arms "
+            "with --arms")
     return tasks
 
 
@@ -1249,10 +1257,10 @@ def _skipped_log(tasks: Sequence[Task], path: Path, log: Callable[[str], None]) 
 
 
 def _run_locked(recipes, seeds, out: Path, steps, batch, eval_size: int, threads: int, log,
-                rerun_stale: bool = False, precision: str | None = None) -> dict:
+                rerun_stale: bool = False, precision: str | None = None, arms: Collection[str] | None = None) -> dict:
     path = out / "fidelity.json"
     data = load_results(path)
-    tasks = plan_tasks(recipes, seeds, data, path, steps, batch, eval_size, rerun_stale, precision, log)
+    tasks = plan_tasks(recipes, seeds, data, path, steps, batch, eval_size, rerun_stale, precision, log, arms)
     index = {id(t): i for i, t in enumerate(tasks, 1)}
     for t in tasks:
         if t.note and not t.run:
@@ -1384,26 +1392,35 @@ def task_seconds(task: Task, runs: Sequence[dict], cache: dict | None = None) ->
     return None if s is None else s * task.steps / task.recipe.steps
 
 
+def unit_seconds(units: Sequence[Sequence[Task]], runs: Sequence[dict]) -> list[float | None]:
+    """The projected seconds of each unit (see ``units_of``): the sum of its tasks' ``task_seconds``; None where a
+    task's arm has no recorded run to project from."""
+    cache: dict = {}
+    out: list[float | None] = []
+    for unit in units:
+        secs = [task_seconds(t, runs, cache) for t in unit]
+        out.append(None if any(s is None for s in secs) else sum(secs))
+    return out
+
+
 def _exit_on_signal(signum, frame):
     raise SystemExit(128 + signum)
 
 
 def _run_parallel_locked(recipes, seeds, out: Path, steps, batch, eval_size: int, threads: int, jobs: int, log,
-                         rerun_stale: bool = False, precision: str | None = None) -> dict:
+                         rerun_stale: bool = False, precision: str | None = None,
+                         arms: Collection[str] | None = None) -> dict:
     import concurrent.futures
     from concurrent.futures.process import BrokenProcessPool
 
     path = out / "fidelity.json"
     data = load_results(path)
-    tasks = plan_tasks(recipes, seeds, data, path, steps, batch, eval_size, rerun_stale, precision, log)
+    tasks = plan_tasks(recipes, seeds, data, path, steps, batch, eval_size, rerun_stale, precision, log, arms)
     _skipped_log(tasks, path, log)
     units = units_of([t for t in tasks if t.run])
     if not units:
         return data
-    cache: dict = {}
-    task_est = {id(t): task_seconds(t, data["runs"], cache) for u in units for t in u}
-    est = {id(u): (None if any(task_est[id(t)] is None for t in u) else sum(task_est[id(t)] for t in u))
-           for u in units}
+    est = dict(zip(map(id, units), unit_seconds(units, data["runs"])))
     known = [s for s in est.values() if s is not None]
     # longest first, so that no long unit starts last; units never measured (no estimate) go first of all
     order = sorted(units, key=lambda u: -(est[id(u)] if est[id(u)] is not None else math.inf))
@@ -1766,6 +1783,32 @@ def write_report(recipes: Sequence[Recipe], out: Path, docs: Path | None) -> str
     return section
 
 
+def print_plan_estimate(recipes: Sequence[Recipe], a: argparse.Namespace) -> int:
+    """``--estimate --rerun-stale``: per recipe, the runs this invocation would run without ``--estimate`` (stale
+    reruns and missing runs) and their projected time (``unit_seconds``); the total and, with ``--jobs``, the
+    wall-clock of the units scheduled longest first over all recipes, as the runner schedules them."""
+    path = a.out / "fidelity.json"
+    data = load_results(path)
+    known: list[float] = []
+    for r in recipes:
+        tasks = [t for t in plan_tasks([r], a.seeds, data, path, a.steps, a.batch, a.eval_size, True, a.precision,
+                                       print, a.arms) if t.run]
+        units = units_of(tasks)
+        secs = unit_seconds(units, data["runs"])
+        reruns = sum(1 for t in tasks if t.note)
+        what = f"{len(tasks)} runs ({reruns} reruns, {len(tasks) - reruns} new)" if tasks else "nothing to run"
+        missing = sum(len(u) for u, s in zip(units, secs) if s is None)
+        known += [s for s in secs if s is not None]
+        print(f"{r.name:14s} {sum(s for s in secs if s is not None) / 3600:6.2f} h  {what}" +
+              (f"; {missing} without a recorded run of their arm at this precision and batch, not counted"
+               if missing else "") + estimate_caveat(r))
+    print(f"{'total':14s} {sum(known) / 3600:6.2f} h (runs with a recorded run of their arm only)")
+    if a.jobs > 1:
+        print(f"{'--jobs ' + str(a.jobs):14s} {longest_first(known, a.jobs) / 3600:6.2f} h of wall-clock, "
+              f"longest first (one unit is {max(known, default=0) / 3600:.2f} h at most)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("names", nargs="*", help="experiments (recipe names) or 'all'")
@@ -1782,6 +1825,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "(e.g. --jobs 16 on 16 cores), longest first (the runs of a recipe that shares artifacts run "
                     "together in one worker); the results are those of a sequential run. With "
                     "--estimate: also the wall-clock on that many workers")
+    ap.add_argument("--arms", nargs="+", metavar="ARM",
+                    help="run only these arms of the named experiments (default: every arm), e.g. the two arms "
+                    "whose fp32 runs are stale: --rerun-stale --precision fp32 --arms clip improved")
     ap.add_argument("--precision", choices=("fp32", "bf16"),
                     help="train every training arm in this precision instead of its recipe's (e.g. fp32 on a CPU "
                     "without fast bf16 kernels, where bf16 is several times slower); such runs are their own "
@@ -1804,8 +1850,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "take off the current code (a changed signature or module constant counts for every run "
                          "that imported the module)")
     ap.add_argument("--estimate", action="store_true",
-                    help="print the projected time of the named experiments at their "
-                    "default budgets and the given seeds, from the runs in OUT/fidelity.json")
+                    help="print the projected time of the named experiments at their default budgets and the "
+                    "given seeds, from the runs in OUT/fidelity.json; with --rerun-stale, of the runs that this "
+                    "invocation would run (stale reruns and missing runs, narrowed by --seeds, --steps, --batch, "
+                    "--arms, --precision)")
     ap.add_argument("--time", action="store_true",
                     help="measure the seconds per step of every training arm of the named experiments at their batch "
                     "(one short run each, see --time-steps) and the steps that fit in 30 minutes")
@@ -1824,6 +1872,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.seeds is not None and len(set(a.seeds)) != len(a.seeds):
             ap.error(f"--seeds repeats a seed: {a.seeds}")
         recipes = [load_recipe(n) for n in names]
+        if a.arms is not None:
+            known = sorted({arm for r in recipes for arm in r.arms})
+            unknown = [arm for arm in a.arms if arm not in known]
+            if unknown:
+                ap.error(f"--arms: no arm {', '.join(map(repr, unknown))} in {', '.join(r.name for r in recipes)}; "
+                         f"their arms: {', '.join(known)}")
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -1859,6 +1913,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         recipes_now = shipped_recipes({r["experiment"] for r in data["runs"]})
         print("\n".join(stale_lines(data, shared_recipes(), recipes_now)))
         return 0
+    if a.estimate and a.rerun_stale:
+        return print_plan_estimate(recipes, a)
     if a.estimate:
         runs = load_results(a.out / "fidelity.json")["runs"]
         total, lengths = 0.0, []
@@ -1898,7 +1954,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # --jobs workers inherit it through the environment, and environment() records it
         try:
             run(recipes, a.seeds, a.out, a.steps, a.batch, a.eval_size, a.threads, rerun_stale=a.rerun_stale,
-                precision=a.precision, jobs=a.jobs)
+                precision=a.precision, jobs=a.jobs, arms=a.arms)
         except RuntimeError as e:
             if a.jobs == 1:
                 raise

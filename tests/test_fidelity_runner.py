@@ -568,10 +568,74 @@ def test_rerun_stale_reaches_stale_runs_of_other_seeds_and_budgets(fid, monkeypa
     fid.run([r], None, out, rerun_stale=True, eval_size=500, log=logged.append)
     assert sorted(calls) == sorted([("gap", s, 10, None) for s in (0, 1, 2, 3, 4)] + [("gap", 0, 20, None)])
     said = [m for m in logged if "cannot be rerun with these settings" in m]
-    assert len(said) == 1 and "t / gap / seed 5 (10 steps x 8): trained in fp32 (--precision fp32 --seeds 5)" in said[0]
+    assert len(said) == 1 and ("t / gap / seed 5 (10 steps x 8): trained in fp32 (--precision fp32 --seeds 5 "
+                               "--arms gap)") in said[0]
     del calls[:]
     fid.run([r], [5], out, rerun_stale=True, precision="fp32", **quiet)  # what the message says to run
     assert calls == [("gap", 5, 10, "fp32")]
+
+
+def test_arms_narrow_the_plan_and_estimate_rerun_stale_projects_only_what_would_run(fid, monkeypatch, tmp_path,
+                                                                                    capsys):
+    """``--arms`` plans only the named arms, new runs and stale reruns alike (an fp32 rerun of two arms of a recipe
+    whose other arms never ran in fp32 must not train those); ``--estimate --rerun-stale`` projects the runs that
+    the same invocation would run, from the recorded seconds of their arms, not the whole recipe."""
+    src = tmp_path / "repo" / "src"
+    src.mkdir(parents=True)
+    (src / "used_arms.py").write_text("def f():\n    return 1.0\n")
+    monkeypatch.setattr(fid, "REPO", tmp_path / "repo")
+    monkeypatch.setattr(fid, "CODE_ROOTS", (src,))
+    monkeypatch.syspath_prepend(str(src))
+    import used_arms
+
+    calls = []
+
+    def fake(rc, arm, seed, steps, batch, eval_size, precision=None):
+        calls.append((arm.name, seed, precision))
+        scale = used_arms.f() if arm.name == "gap" else 1.0
+        return {"gap": (0.5 if arm.name == "clip" else 0.2) * scale, "object_top1": 0.3,
+                "train_s": 100.0 if arm.name == "clip" else 340.0, "eval_s": 10.0}
+
+    monkeypatch.setattr(fid, "train_and_measure", fake)
+    r = fid.parse_recipe("t", recipe())
+    monkeypatch.setattr(fid, "load_recipe", lambda name: r)
+    out = tmp_path / "out"
+    quiet = {"eval_size": 500, "log": lambda m: None}
+    fid.run([r], [0, 1, 2], out, **quiet)
+    fid.run([r], [0, 1], out, precision="fp32", arms=["gap"], **quiet)  # one arm only, in fp32
+    assert calls[6:] == [("gap", 0, "fp32"), ("gap", 1, "fp32")]
+    (src / "used_arms.py").write_text("def f():\n    return 0.5\n")  # every gap run is stale now: 3 bf16, 2 fp32
+
+    def estimate(*flags):
+        assert fid.main(["t", "--estimate", "--rerun-stale", "--out", str(out), *flags]) == 0
+        return capsys.readouterr().out.splitlines()
+
+    # bf16: the 3 stale gap runs, 340 s of training + 10 s of evaluation each; on 2 workers 350 + 350 | 350
+    got = estimate("--jobs", "2")
+    line = next(x for x in got if x.startswith("t "))
+    assert line.split()[:7] == ["t", "0.29", "h", "3", "runs", "(3", "reruns,"], got
+    assert got[-1].split()[:5] == ["--jobs", "2", "0.19", "h", "of"], got
+    assert "(--precision fp32 --seeds 1 --arms gap)" in "\n".join(got)  # the fp32 ones need their own invocation
+    # fp32, every arm: the 2 stale gap runs and 4 new runs (gap seed 2, projected from gap's fp32 runs; clip's 3
+    # never ran in fp32, so nothing to project them from)
+    got = estimate("--precision", "fp32")
+    note = next(x for x in got if "are new, not reruns" in x)
+    assert note.startswith("note: 4 planned run(s)") and "--arms" in note, got
+    line = next(x for x in got if x.startswith("t "))
+    assert line.split()[1] == "0.29" and "6 runs (2 reruns, 4 new); 3 without a recorded run" in line, got
+    got = estimate("--precision", "fp32", "--arms", "gap", "--seeds", "0", "1")  # exactly the stale fp32 runs
+    line = next(x for x in got if x.startswith("t "))
+    assert line.split()[1] == "0.19" and "2 runs (2 reruns, 0 new)" in line, got
+
+    del calls[:]
+    fid.run([r], [0, 1], out, rerun_stale=True, precision="fp32", arms=["gap"], **quiet)
+    assert calls == [("gap", 0, "fp32"), ("gap", 1, "fp32")]  # no clip run, no new seed
+    del calls[:]
+    fid.run([r], None, out, rerun_stale=True, arms=["clip"], **quiet)  # the stale runs are gap's: nothing to do
+    assert calls == []
+    with pytest.raises(SystemExit):
+        fid.main(["t", "--estimate", "--arms", "clop", "--out", str(out)])
+    assert "no arm 'clop' in t; their arms: clip, gap" in capsys.readouterr().err
 
 
 def test_rerun_stale_says_which_planned_runs_are_new_not_reruns(fid, monkeypatch, tmp_path):
