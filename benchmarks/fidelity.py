@@ -885,16 +885,23 @@ def plan(recipes: Sequence[Recipe], seeds: Sequence[int] | None, steps: int | No
 def stale_entries(recipes: Sequence[Recipe], data: Mapping, planned: Collection[tuple], seeds: Sequence[int] | None,
                   steps: int | None, batch: int | None, eval_size: int, precision: str | None,
                   states: Mapping[int, tuple[str, list[str]]],
-                  arms: Collection[str] | None = None) -> tuple[list[tuple], list[str]]:
+                  arms: Collection[str] | None = None) -> tuple[list[tuple], list[tuple[int, str]]]:
     """What ``--rerun-stale`` adds to a plan: the recorded runs of ``recipes`` (of ``arms`` only, unless None) not
     on the current code that the plan lacks because they ran another seed (reached when ``seeds`` is None, i.e. no
     ``--seeds`` was given) or another budget (reached unless ``steps`` / ``batch`` name one), as plan entries in
     seed-major order; and why each stale run that no invocation with these settings can reproduce was left out (its
-    recipe changed since it ran, or it ran with another ``--precision`` or ``--eval-size``), with the flags of the
-    invocation that would rerun it."""
+    recipe changed since it ran, or it ran with another ``--precision`` or ``--eval-size``): one line per recipe,
+    budget and reason, with the number of runs it stands for and the flags of the invocation that would rerun
+    them (its arms and seeds; the invocation skips those of its runs that are current)."""
     by_name = {r.name: r for r in recipes}
     extra: dict[tuple, tuple] = {}
-    left_out: list[str] = []
+    groups: dict[tuple, tuple[dict, dict, list]] = {}  # (recipe, steps, batch, reason, flag) -> arms, seeds, runs
+
+    def leave_out(reason: str, flag: str = "") -> None:
+        arms_, seeds_, runs_ = groups.setdefault((recipe.name, st, bt, reason, flag), ({}, {}, []))
+        arms_[arm] = seeds_[seed] = None  # dicts as ordered sets
+        runs_.append(run_)
+
     for run_ in data["runs"]:
         recipe = by_name.get(run_["experiment"])
         if recipe is None or states[id(run_)][0] == "current":
@@ -903,23 +910,19 @@ def stale_entries(recipes: Sequence[Recipe], data: Mapping, planned: Collection[
         if (seeds is not None and seed not in seeds) or (steps is not None and st != steps) or (
                 batch is not None and bt != batch) or (arms is not None and arm not in arms):
             continue
-        where = f"{recipe.name} / {arm} / seed {seed} ({st} steps x {bt})"
-        flags = f"--seeds {seed}" + (f" --steps {st}" if st != recipe.steps else "") + (
-            f" --batch {bt}" if bt != recipe.batch else "") + f" --arms {arm}"
         if run_["eval_size"] != eval_size:
-            left_out.append(f"{where}: evaluated on {run_['eval_size']} samples "
-                            f"(--eval-size {run_['eval_size']} {flags})")
+            leave_out(f"evaluated on {run_['eval_size']} samples", f"--eval-size {run_['eval_size']}")
             continue
         if arm not in recipe.arms:
-            left_out.append(f"{where}: the recipe has no arm '{arm}' any more")
+            leave_out("the recipe has no such arm any more")
             continue
         override = recipe.precision_override(arm, precision)
         if run_.get("precision") != override:
             trained = run_.get("precision") or recipe.arm_precision(arm)
-            left_out.append(f"{where}: trained in {trained} (--precision {trained} {flags})")
+            leave_out(f"trained in {trained}", f"--precision {trained}")
             continue
         if recipe.fingerprint(arm, st, bt, eval_size, override) != run_["fingerprint"]:
-            left_out.append(f"{where}: its recipe changed since it ran")
+            leave_out("its recipe changed since it ran")
             continue
         entry = (recipe, arm, seed, st, bt)
         key = (recipe.name, arm, seed, st, bt)
@@ -927,6 +930,16 @@ def stale_entries(recipes: Sequence[Recipe], data: Mapping, planned: Collection[
             extra.setdefault(key, entry)
     order = {r.name: i for i, r in enumerate(recipes)}
     ranked = sorted(extra.values(), key=lambda e: (e[2], order[e[0].name], list(e[0].arms).index(e[1]), e[3], e[4]))
+    left_out = []
+    for (name, st, bt, reason, flag), (arms_, seeds_, runs_) in groups.items():
+        a_, s_ = ", ".join(arms_), " ".join(map(str, seeds_))
+        line = (f"{name} / {a_} / seed{'s' if len(seeds_) > 1 else ''} {s_} ({st} steps x {bt}), {len(runs_)} "
+                f"run{'s' if len(runs_) > 1 else ''}: {reason}")
+        if flag:
+            recipe = by_name[name]
+            line += (f" ({flag} --seeds {s_}" + (f" --steps {st}" if st != recipe.steps else "") +
+                     (f" --batch {bt}" if bt != recipe.batch else "") + f" --arms {' '.join(arms_)})")
+        left_out.append((len(runs_), line))
     return ranked, left_out
 
 
@@ -1161,8 +1174,8 @@ def plan_tasks(recipes: Sequence[Recipe], seeds: Sequence[int] | None, data: Map
                                         batch, eval_size, precision, states, arms)
         entries += extra
         if left_out and log is not None:
-            log(f"{len(left_out)} stale recorded runs cannot be rerun with these settings:\n" +
-                "\n".join(f"  {why}" for why in left_out))
+            log(f"{sum(n for n, _ in left_out)} stale recorded runs cannot be rerun with these settings:\n" +
+                "\n".join(f"  {why}" for _, why in left_out))
     tasks = [classify(e, data, path, eval_size, rerun_stale, precision, states) for e in entries]
     for unit in units_of(tasks):
         why = next((t for t in unit if t.run), None)

@@ -568,8 +568,8 @@ def test_rerun_stale_reaches_stale_runs_of_other_seeds_and_budgets(fid, monkeypa
     fid.run([r], None, out, rerun_stale=True, eval_size=500, log=logged.append)
     assert sorted(calls) == sorted([("gap", s, 10, None) for s in (0, 1, 2, 3, 4)] + [("gap", 0, 20, None)])
     said = [m for m in logged if "cannot be rerun with these settings" in m]
-    assert len(said) == 1 and ("t / gap / seed 5 (10 steps x 8): trained in fp32 (--precision fp32 --seeds 5 "
-                               "--arms gap)") in said[0]
+    assert len(said) == 1 and ("t / gap / seed 5 (10 steps x 8), 1 run: trained in fp32 (--precision fp32 "
+                               "--seeds 5 --arms gap)") in said[0]
     del calls[:]
     fid.run([r], [5], out, rerun_stale=True, precision="fp32", **quiet)  # what the message says to run
     assert calls == [("gap", 5, 10, "fp32")]
@@ -615,7 +615,10 @@ def test_arms_narrow_the_plan_and_estimate_rerun_stale_projects_only_what_would_
     line = next(x for x in got if x.startswith("t "))
     assert line.split()[:7] == ["t", "0.29", "h", "3", "runs", "(3", "reruns,"], got
     assert got[-1].split()[:5] == ["--jobs", "2", "0.19", "h", "of"], got
-    assert "(--precision fp32 --seeds 1 --arms gap)" in "\n".join(got)  # the fp32 ones need their own invocation
+    said = "\n".join(got)  # the stale fp32 runs need their own invocation: one line names it
+    assert "2 stale recorded runs cannot be rerun" in said, got
+    assert ("t / gap / seeds 0 1 (10 steps x 8), 2 runs: trained in fp32 (--precision fp32 --seeds 0 1 "
+            "--arms gap)") in said
     # fp32, every arm: the 2 stale gap runs and 4 new runs (gap seed 2, projected from gap's fp32 runs; clip's 3
     # never ran in fp32, so nothing to project them from)
     got = estimate("--precision", "fp32")
