@@ -1657,13 +1657,15 @@ def arm_seconds(recipe: Recipe, runs: Sequence[dict], precision: str | None = No
     return out
 
 
-def estimate_seconds(recipe: Recipe, per_arm: Mapping[str, float], seeds: int) -> float | None:
-    """Projected time of ``seeds`` seeds of every arm at the recipe's default budget, from ``per_arm`` (what
-    ``arm_seconds`` returns: one measured source, so the runs and precision behind it are the caller's one choice);
-    None without a measured run of every arm."""
-    if set(per_arm) != set(recipe.arms):
+def estimate_seconds(recipe: Recipe, per_arm: Mapping[str, float], seeds: int,
+                     arms: Collection[str] | None = None) -> float | None:
+    """Projected time of ``seeds`` seeds of every arm (of ``arms`` only, unless None) at the recipe's default
+    budget, from ``per_arm`` (what ``arm_seconds`` returns: one measured source, so the runs and precision behind it
+    are the caller's one choice); None without a measured run of every such arm."""
+    wanted = [arm for arm in recipe.arms if arms is None or arm in arms]
+    if not set(wanted) <= set(per_arm):
         return None
-    return seeds * sum(per_arm.values())
+    return seeds * sum(per_arm[arm] for arm in wanted)
 
 
 def estimate_caveat(recipe: Recipe) -> str:
@@ -1839,7 +1841,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "together in one worker); the results are those of a sequential run. With "
                     "--estimate: also the wall-clock on that many workers")
     ap.add_argument("--arms", nargs="+", metavar="ARM",
-                    help="run only these arms of the named experiments (default: every arm), e.g. the two arms "
+                    help="run (and --time, --estimate) only these arms of the named experiments (default: every "
+                    "arm), e.g. the two arms "
                     "whose fp32 runs are stale: --rerun-stale --precision fp32 --arms clip improved")
     ap.add_argument("--precision", choices=("fp32", "bf16"),
                     help="train every training arm in this precision instead of its recipe's (e.g. fp32 on a CPU "
@@ -1907,6 +1910,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         timed: dict[str, dict] = {}  # the same arm in several recipes (clip at batch 128) is timed once
         for r in recipes:
             for arm in r.arms.values():
+                if a.arms is not None and arm.name not in a.arms:
+                    continue
                 if not arm.is_training:
                     print(f"{r.name:14s} {arm.name:14s} function arm, not timed here (see --estimate after a run)")
                     continue
@@ -1932,8 +1937,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = load_results(a.out / "fidelity.json")["runs"]
         total, lengths = 0.0, []
         for r in recipes:
-            per_arm = arm_seconds(r, runs, a.precision)
-            s = estimate_seconds(r, per_arm, len(a.seeds or DEFAULT_SEEDS))
+            per_arm = {k: v for k, v in arm_seconds(r, runs, a.precision).items() if a.arms is None or k in a.arms}
+            s = estimate_seconds(r, per_arm, len(a.seeds or DEFAULT_SEEDS), a.arms)
             print(f"{r.name:14s} " + (f"{s / 3600:6.2f} h" if s is not None else
                                       f"  no run of every arm at batch {r.batch} with {r.steps} or >= "
                                       f"{ESTIMATE_MIN_STEPS} steps") + estimate_caveat(r))

@@ -630,6 +630,11 @@ def test_arms_narrow_the_plan_and_estimate_rerun_stale_projects_only_what_would_
     line = next(x for x in got if x.startswith("t "))
     assert line.split()[1] == "0.19" and "2 runs (2 reruns, 0 new)" in line, got
 
+    assert fid.main(["t", "--estimate", "--arms", "gap", "--out", str(out)]) == 0  # the whole budget, of gap only
+    assert capsys.readouterr().out.split()[:3] == ["t", "0.29", "h"]
+    assert fid.estimate_seconds(r, {"clip": 100.0}, 3, arms=["clip"]) == pytest.approx(300.0)
+    assert fid.estimate_seconds(r, {"clip": 100.0}, 3) is None  # every arm: gap has no measured run
+
     del calls[:]
     fid.run([r], [0, 1], out, rerun_stale=True, precision="fp32", arms=["gap"], **quiet)
     assert calls == [("gap", 0, "fp32"), ("gap", 1, "fp32")]  # no clip run, no new seed
