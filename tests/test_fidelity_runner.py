@@ -2,6 +2,7 @@
 rules on synthetic clear / null / reversed effects, recipe validation, resumable seed-major runs and the report."""
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -520,17 +521,24 @@ def test_runs_record_the_files_they_executed_and_edits_make_them_stale(fid, monk
         x["metrics"] for x in fresh["runs"] if x["arm"] == "gap"]  # the current runs replaced the stale ones
 
 
+def traced_module(fid, monkeypatch, tmp_path, name: str):
+    """A module ``name`` whose ``f()`` returns 1.0, in a temporary source root that the runner traces, imported: a
+    run that calls it records it, and rewriting it takes those runs off the current code. (module, its path)."""
+    src = tmp_path / "repo" / "src"
+    src.mkdir(parents=True)
+    path = src / f"{name}.py"
+    path.write_text("def f():\n    return 1.0\n")
+    monkeypatch.setattr(fid, "REPO", tmp_path / "repo")
+    monkeypatch.setattr(fid, "CODE_ROOTS", (src,))
+    monkeypatch.syspath_prepend(str(src))
+    return importlib.import_module(name), path
+
+
 def test_rerun_stale_reaches_stale_runs_of_other_seeds_and_budgets(fid, monkeypatch, tmp_path):
     """Runs recorded at extra seeds or another budget (``--seeds 3 4``, ``--steps 20``) are rerun by a plain
     ``--rerun-stale`` once their code changes; ``--seeds`` / ``--steps`` narrow it; a stale run that these settings
     cannot reproduce (another ``--precision``) is named with the flag that would, not silently skipped."""
-    src = tmp_path / "repo" / "src"
-    src.mkdir(parents=True)
-    (src / "used_b.py").write_text("def f():\n    return 1.0\n")
-    monkeypatch.setattr(fid, "REPO", tmp_path / "repo")
-    monkeypatch.setattr(fid, "CODE_ROOTS", (src,))
-    monkeypatch.syspath_prepend(str(src))
-    import used_b
+    used_b, path = traced_module(fid, monkeypatch, tmp_path, "used_b")
 
     calls = []
 
@@ -548,7 +556,7 @@ def test_rerun_stale_reaches_stale_runs_of_other_seeds_and_budgets(fid, monkeypa
     fid.run([r], [3, 4], out, **quiet)
     fid.run([r], [0], out, steps=20, **quiet)
     assert len(calls) == 12
-    (src / "used_b.py").write_text("def f():\n    return 0.5\n")  # the gap arm's code changes: 6 of 12 stale
+    path.write_text("def f():\n    return 0.5\n")  # the gap arm's code changes: 6 of 12 stale
     data = fid.load_results(out / "fidelity.json")
     assert fid.stale_summary(data, set())[0] == {"t": 6}
 
@@ -562,7 +570,7 @@ def test_rerun_stale_reaches_stale_runs_of_other_seeds_and_budgets(fid, monkeypa
     assert len(data["runs"]) == 12 and all(fid.code_state(x, data)[0] == "current" for x in data["runs"])
 
     fid.run([r], [5], out, precision="fp32", **quiet)  # a budget of its own: trained in fp32, not the arm's bf16
-    (src / "used_b.py").write_text("def f():\n    return 0.25\n")
+    path.write_text("def f():\n    return 0.25\n")
     del calls[:]
     logged = []
     fid.run([r], None, out, rerun_stale=True, eval_size=500, log=logged.append)
@@ -580,13 +588,7 @@ def test_arms_narrow_the_plan_and_estimate_rerun_stale_projects_only_what_would_
     """``--arms`` plans only the named arms, new runs and stale reruns alike (an fp32 rerun of two arms of a recipe
     whose other arms never ran in fp32 must not train those); ``--estimate --rerun-stale`` projects the runs that
     the same invocation would run, from the recorded seconds of their arms, not the whole recipe."""
-    src = tmp_path / "repo" / "src"
-    src.mkdir(parents=True)
-    (src / "used_arms.py").write_text("def f():\n    return 1.0\n")
-    monkeypatch.setattr(fid, "REPO", tmp_path / "repo")
-    monkeypatch.setattr(fid, "CODE_ROOTS", (src,))
-    monkeypatch.syspath_prepend(str(src))
-    import used_arms
+    used_arms, path = traced_module(fid, monkeypatch, tmp_path, "used_arms")
 
     calls = []
 
@@ -604,7 +606,7 @@ def test_arms_narrow_the_plan_and_estimate_rerun_stale_projects_only_what_would_
     fid.run([r], [0, 1, 2], out, **quiet)
     fid.run([r], [0, 1], out, precision="fp32", arms=["gap"], **quiet)  # one arm only, in fp32
     assert calls[6:] == [("gap", 0, "fp32"), ("gap", 1, "fp32")]
-    (src / "used_arms.py").write_text("def f():\n    return 0.5\n")  # every gap run is stale now: 3 bf16, 2 fp32
+    path.write_text("def f():\n    return 0.5\n")  # every gap run is stale now: 3 bf16, 2 fp32
 
     def estimate(*flags):
         assert fid.main(["t", "--estimate", "--rerun-stale", "--out", str(out), *flags]) == 0
