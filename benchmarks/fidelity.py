@@ -895,13 +895,7 @@ def stale_entries(recipes: Sequence[Recipe], data: Mapping, planned: Collection[
     them (its arms and seeds; the invocation skips those of its runs that are current)."""
     by_name = {r.name: r for r in recipes}
     extra: dict[tuple, tuple] = {}
-    groups: dict[tuple, tuple[dict, dict, list]] = {}  # (recipe, steps, batch, reason, flag) -> arms, seeds, runs
-
-    def leave_out(reason: str, flag: str = "") -> None:
-        arms_, seeds_, runs_ = groups.setdefault((recipe.name, st, bt, reason, flag), ({}, {}, []))
-        arms_[arm] = seeds_[seed] = None  # dicts as ordered sets
-        runs_.append(run_)
-
+    groups: dict[tuple, list[dict]] = {}  # (recipe, steps, batch, reason, flag) -> the runs left out for it
     for run_ in data["runs"]:
         recipe = by_name.get(run_["experiment"])
         if recipe is None or states[id(run_)][0] == "current":
@@ -910,19 +904,19 @@ def stale_entries(recipes: Sequence[Recipe], data: Mapping, planned: Collection[
         if (seeds is not None and seed not in seeds) or (steps is not None and st != steps) or (
                 batch is not None and bt != batch) or (arms is not None and arm not in arms):
             continue
+        why: tuple[str, str] | None = None  # (reason, the flag of an invocation that would rerun it)
+        override = recipe.precision_override(arm, precision) if arm in recipe.arms else None
         if run_["eval_size"] != eval_size:
-            leave_out(f"evaluated on {run_['eval_size']} samples", f"--eval-size {run_['eval_size']}")
-            continue
-        if arm not in recipe.arms:
-            leave_out("the recipe has no such arm any more")
-            continue
-        override = recipe.precision_override(arm, precision)
-        if run_.get("precision") != override:
+            why = (f"evaluated on {run_['eval_size']} samples", f"--eval-size {run_['eval_size']}")
+        elif arm not in recipe.arms:
+            why = ("the recipe has no such arm any more", "")
+        elif run_.get("precision") != override:
             trained = run_.get("precision") or recipe.arm_precision(arm)
-            leave_out(f"trained in {trained}", f"--precision {trained}")
-            continue
-        if recipe.fingerprint(arm, st, bt, eval_size, override) != run_["fingerprint"]:
-            leave_out("its recipe changed since it ran")
+            why = (f"trained in {trained}", f"--precision {trained}")
+        elif recipe.fingerprint(arm, st, bt, eval_size, override) != run_["fingerprint"]:
+            why = ("its recipe changed since it ran", "")
+        if why is not None:
+            groups.setdefault((recipe.name, st, bt) + why, []).append(run_)
             continue
         entry = (recipe, arm, seed, st, bt)
         key = (recipe.name, arm, seed, st, bt)
@@ -931,7 +925,8 @@ def stale_entries(recipes: Sequence[Recipe], data: Mapping, planned: Collection[
     order = {r.name: i for i, r in enumerate(recipes)}
     ranked = sorted(extra.values(), key=lambda e: (e[2], order[e[0].name], list(e[0].arms).index(e[1]), e[3], e[4]))
     left_out = []
-    for (name, st, bt, reason, flag), (arms_, seeds_, runs_) in groups.items():
+    for (name, st, bt, reason, flag), runs_ in groups.items():
+        arms_, seeds_ = dict.fromkeys(r["arm"] for r in runs_), dict.fromkeys(r["seed"] for r in runs_)  # in order
         a_, s_ = ", ".join(arms_), " ".join(map(str, seeds_))
         line = (f"{name} / {a_} / seed{'s' if len(seeds_) > 1 else ''} {s_} ({st} steps x {bt}), {len(runs_)} "
                 f"run{'s' if len(runs_) > 1 else ''}: {reason}")
@@ -1804,17 +1799,18 @@ def print_plan_estimate(recipes: Sequence[Recipe], a: argparse.Namespace) -> int
     wall-clock of the units scheduled longest first over all recipes, as the runner schedules them."""
     path = a.out / "fidelity.json"
     data = load_results(path)
-    known: list[float] = []
+    tasks = [t for t in plan_tasks(recipes, a.seeds, data, path, a.steps, a.batch, a.eval_size, True, a.precision,
+                                   print, a.arms) if t.run]
+    units = units_of(tasks)  # a unit is of one recipe
+    secs = unit_seconds(units, data["runs"])
+    known = [s for s in secs if s is not None]
     for r in recipes:
-        tasks = [t for t in plan_tasks([r], a.seeds, data, path, a.steps, a.batch, a.eval_size, True, a.precision,
-                                       print, a.arms) if t.run]
-        units = units_of(tasks)
-        secs = unit_seconds(units, data["runs"])
-        reruns = sum(1 for t in tasks if t.note)
-        what = f"{len(tasks)} runs ({reruns} reruns, {len(tasks) - reruns} new)" if tasks else "nothing to run"
-        missing = sum(len(u) for u, s in zip(units, secs) if s is None)
-        known += [s for s in secs if s is not None]
-        print(f"{r.name:14s} {sum(s for s in secs if s is not None) / 3600:6.2f} h  {what}" +
+        mine = [(u, s) for u, s in zip(units, secs) if u[0].recipe is r]
+        n = sum(len(u) for u, _ in mine)
+        reruns = sum(1 for u, _ in mine for t in u if t.note)
+        what = f"{n} runs ({reruns} reruns, {n - reruns} new)" if n else "nothing to run"
+        missing = sum(len(u) for u, s in mine if s is None)
+        print(f"{r.name:14s} {sum(s for _, s in mine if s is not None) / 3600:6.2f} h  {what}" +
               (f"; {missing} without a recorded run of their arm at this precision and batch, not counted"
                if missing else "") + estimate_caveat(r))
     print(f"{'total':14s} {sum(known) / 3600:6.2f} h (runs with a recorded run of their arm only)")
