@@ -15,8 +15,8 @@ three give the same normalized embeddings (max |difference| printed; it stops ab
 Each library runs in the way its users call it, with weights cast once to the dtype (no autocast):
 
 - clipforge: ``model.to_inference(dtype)``, then ``encode_image(pixels)`` and ``encode_text(ids)`` with
-  ids as ``clipforge.tokenize`` returns them (padded to 77); the text tower trims and length-buckets
-  the batch itself (see clipforge/models/text.py);
+  ids as ``clipforge.tokenize`` returns them (padded to 77); the text tower runs each text only up to its
+  end-of-text token, a batch of texts packed (see clipforge/models/text.py and packed_text.py);
 - transformers: ``CLIPModel.from_pretrained(dir, torch_dtype=dtype)`` (SDPA attention), then
   ``get_image_features`` and ``get_text_features(input_ids, attention_mask)`` with the ids padded to the
   longest text of the batch, as ``CLIPTokenizer(..., padding=True)`` returns them;
@@ -36,6 +36,10 @@ and eager clipforge.
 ``--unfused`` adds a column for every cell: the same clipforge model with the fused inference layers undone
 (``clipforge.models.fused_inference.unfuse``: ``F.linear``, a separate GELU and SDPA attention, what ``to_inference``
 ran before the fused layers), with the ratio of the fused model to it.
+
+``--unpacked`` adds a column for text cells: the same clipforge model with packed text inference undone
+(``clipforge.models.packed_text.unpack_text_towers``: the batch sorted by length and cut per bucket of 32
+texts at the bucket's longest, what ``to_inference`` ran before packing), with the ratio of the packed model to it.
 
 Timing: within each repeat, every (dtype, input, batch) cell runs the three libraries one after
 the other, in an order that rotates between repeats, so that a shared machine's load hits all
@@ -183,6 +187,7 @@ def timed_calls(fn, x, calls: int) -> list[float]:
 
 COMPILED = "clipforge compiled"
 UNFUSED = "clipforge unfused"
+UNPACKED = "clipforge unpacked"
 
 
 def compiled_encoder(cf, pixels, name: str, dtype: str):
@@ -269,8 +274,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["ViT-B-32"])
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["fp32", "bf16"])
-    p.add_argument("--image-batches", nargs="+", type=int, default=[1, 32])
-    p.add_argument("--text-batches", nargs="+", type=int, default=[1, 256])
+    p.add_argument("--image-batches", nargs="*", type=int, default=[1, 32], help="none: no image cells")
+    p.add_argument("--text-batches", nargs="*", type=int, default=[1, 256], help="none: no text cells")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--calls", type=int, default=1, help="timed calls per library per cell and repeat")
     p.add_argument("--threads", type=int, default=1)
@@ -281,6 +286,9 @@ def main() -> None:
                    help="also time clipforge's compiled image encoder (clipforge embed --compile) on image cells")
     p.add_argument("--unfused", action="store_true",
                    help="also time clipforge's model with the fused inference layers undone (an A/B of the fusion)")
+    p.add_argument("--unpacked", action="store_true",
+                   help="also time clipforge's model with packed text inference undone on text cells (an A/B of "
+                        "the packing)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -300,7 +308,8 @@ def main() -> None:
         tmp = Path(tmp)
         for name in a.models:
             model, hf_dir, oc_weights = build(name, tmp)
-            pixels, ids = make_inputs(model, max(a.image_batches), max(a.text_batches), tmp / "inputs.pt")
+            pixels, ids = make_inputs(model, max([4, *a.image_batches]), max([8, *a.text_batches]),  # parity: 4 and 8
+                                      tmp / "inputs.pt")
             lengths = (ids.argmax(dim=1) + 1).tolist()
             print(f"{name}: text lengths in tokens min {min(lengths)} median {statistics.median(lengths)} "
                   f"max {max(lengths)}", flush=True)
@@ -315,6 +324,13 @@ def main() -> None:
 
                     plain = clipforge.create_model(name, seed=0).to_inference(torch_dtype[dt])
                     print(f"{name} {dt}: {unfuse(plain)} blocks unfused for the {UNFUSED} column", flush=True)
+                bucketed = None
+                if a.unpacked:
+                    from clipforge.models.packed_text import unpack_text_towers
+
+                    bucketed = clipforge.create_model(name, seed=0).to_inference(torch_dtype[dt])
+                    print(f"{name} {dt}: {unpack_text_towers(bucketed)} text tower unpacked for the {UNPACKED} "
+                          "column", flush=True)
                 hf = CLIPModel.from_pretrained(hf_dir, dtype=torch_dtype[dt], attn_implementation="sdpa").eval()
                 hf.requires_grad_(False)
                 if worker:
@@ -337,6 +353,8 @@ def main() -> None:
                 cells = [("image", b) for b in a.image_batches] + [("text", b) for b in a.text_batches]
                 for kind, batch in cells:
                     libs = ["clipforge", "transformers", "OpenCLIP"] + ([UNFUSED] if plain is not None else [])
+                    if bucketed is not None and kind == "text":
+                        libs.append(UNPACKED)
                     if a.compile and kind == "image":
                         libs.append(COMPILED)
                         compiled = compiled_encoder(cf, pixels[:batch], name, dt)
@@ -346,8 +364,8 @@ def main() -> None:
                         for lib in order:
                             if lib == COMPILED:
                                 secs = timed_calls(compiled, pixels[:batch], a.calls)
-                            elif lib in ("clipforge", UNFUSED):
-                                m = cf if lib == "clipforge" else plain
+                            elif lib in ("clipforge", UNFUSED, UNPACKED):
+                                m = {"clipforge": cf, UNFUSED: plain, UNPACKED: bucketed}[lib]
                                 x = pixels[:batch] if kind == "image" else ids[:batch]
                                 fn = m.encode_image if kind == "image" else m.encode_text
                                 secs = timed_calls(fn, x, a.calls)
@@ -375,12 +393,15 @@ def main() -> None:
                     if per.get(UNFUSED):
                         row["clipforge vs unfused"] = statistics.median(
                             c / o for c, o in zip(per["clipforge"], per[UNFUSED]))
+                    if per.get(UNPACKED):
+                        row["clipforge vs unpacked"] = statistics.median(
+                            c / o for c, o in zip(per["clipforge"], per[UNPACKED]))
                     if per.get(COMPILED):
                         row["compiled vs clipforge"] = statistics.median(
                             c / o for c, o in zip(per[COMPILED], per["clipforge"]))
                     results.append(row)
                     print(json.dumps(row), flush=True)
-                cf = hf = plain = None  # free this dtype's models before the next are built
+                cf = hf = plain = bucketed = None  # free this dtype's models before the next are built
     if worker:
         worker.close()
     unit = {"image": "images/s", "text": "texts/s"}
@@ -412,6 +433,14 @@ def main() -> None:
             rates = [f"{r[k]['median']:.1f} ({r[k]['min']:.1f}..{r[k]['max']:.1f})" for k in ("clipforge", UNFUSED)]
             print(f"| {r['model']} | {r['dtype']} | {unit[r['input']]} | {r['batch']} | " + " | ".join(rates)
                   + f" | {r['clipforge vs unfused']:.2f}x |")
+    unpacked_rows = [r for r in results if UNPACKED in r]
+    if unpacked_rows:
+        print("\n| model | dtype | batch | clipforge (packed) | clipforge unpacked | packed vs unpacked |")
+        print("|---|---|---:|---:|---:|---:|")
+        for r in unpacked_rows:
+            rates = [f"{r[k]['median']:.1f} ({r[k]['min']:.1f}..{r[k]['max']:.1f})" for k in ("clipforge", UNPACKED)]
+            print(f"| {r['model']} | {r['dtype']} | {r['batch']} | " + " | ".join(rates)
+                  + f" | {r['clipforge vs unpacked']:.2f}x |")
     print(f"\nload average at end {os.getloadavg()[0]:.1f}")
     if a.json:
         Path(a.json).write_text(json.dumps({"threads": a.threads, "load_average_start": load[0], "rows": results},

@@ -70,11 +70,13 @@ class CLIP(nn.Module):
         ``encode_image`` / ``encode_text`` then cast their pixel input to that dtype; for bf16 and fp16
         they return float32 embeddings (normalized in float32). Returns ``self``; ``train()`` raises afterwards.
         On CPU the transformer blocks then run fused oneDNN kernels (bias and GELU inside the linear layers'
-        kernels, batched-matmul attention for short sequences: :mod:`clipforge.models.fused_inference`); the
-        state dict is unchanged."""
+        kernels: :mod:`clipforge.models.fused_inference`), and a causal text tower runs a batch of texts packed,
+        its linear layers on real tokens only (:mod:`clipforge.models.packed_text`); the state dict is
+        unchanged."""
         # imported here, not at the top: a new module-level import would count as a change to code every recorded
         # training run executed (benchmarks/fidelity.py's code record), and only inference needs it
         from .fused_inference import fuse_for_inference
+        from .packed_text import pack_text_towers
 
         dtype = _parse_dtype(dtype) if dtype is not None else next(self.parameters()).dtype
         self.eval()
@@ -82,6 +84,7 @@ class CLIP(nn.Module):
         self.to(dtype)
         self.inference_dtype = dtype
         fuse_for_inference(self)
+        pack_text_towers(self)
         return self
 
     def train(self, mode: bool = True) -> CLIP:
