@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from test_inference import SMALL, _ids, _padded_reference
 
-from clipforge.models import create_model
+from clipforge.models import create_model, packed_text
 from clipforge.models.packed_text import PackedTextTransformer, pack_text_towers, packable, unpack_text_towers
 from clipforge.models.text import BUCKET_ROWS, TextTransformer
 
@@ -27,7 +27,10 @@ def _one_by_one(model, ids, embeddings=None):
 
 
 @pytest.mark.parametrize("batch", [2, 7, BUCKET_ROWS, 2 * BUCKET_ROWS + 37])
-def test_packed_text_forward_equals_each_text_alone_through_the_padded_pass_in_float64(batch):
+@pytest.mark.parametrize("pack_rows", [packed_text.PACK_ROWS, 40])
+def test_packed_text_forward_equals_each_text_alone_through_the_padded_pass_in_float64(batch, pack_rows,
+                                                                                         monkeypatch):
+    monkeypatch.setattr(packed_text, "PACK_ROWS", pack_rows)  # 40: groups of a few texts, one text alone at times
     model = create_model("tiny", **SMALL, seed=0).to_inference(torch.float64)
     assert type(model.text) is PackedTextTransformer
     ids = _ids(batch, seed=batch)
@@ -98,3 +101,9 @@ def test_only_plain_causal_towers_are_packed_and_gradients_take_the_padded_path(
     features.sum().backward()
     assert model.text.token_embedding.weight.grad is not None
     torch.testing.assert_close(features.detach(), _one_by_one(model, ids), rtol=1e-10, atol=1e-12)
+
+
+def test_groups_hold_at_most_the_row_budget_and_a_long_text_alone():
+    assert packed_text._groups([5, 4, 3, 3], 8) == [(0, 1), (1, 3), (3, 4)]
+    assert packed_text._groups([10, 2], 8) == [(0, 1), (1, 2)]  # a text over the budget still runs, alone
+    assert packed_text._groups([3, 3, 2], 8) == [(0, 3)]

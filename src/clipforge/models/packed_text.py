@@ -10,7 +10,8 @@ is cut at 37 while its texts average 17 tokens: more than half the work is paddi
 :class:`PackedTextTransformer` (what :meth:`CLIP.to_inference` makes of a plain causal text tower)
 lays the batch out as one [T, width] matrix of its T real tokens, text after text in length order,
 so the LayerNorms, the linear layers, the GELU and the residual adds see no padding at all, in one
-GEMM per layer for the whole batch. Only attention needs the texts apart: per bucket of
+GEMM per layer for up to :data:`PACK_ROWS` tokens (a larger batch runs in groups of texts that fill
+it). Only attention needs the texts apart: per bucket of
 ``BUCKET_ROWS`` texts the q, k, v rows are gathered into a [texts, n, 3 width] block cut at the
 bucket's longest text, run through ``F.scaled_dot_product_attention`` with the causal mask, and the
 real rows gathered back. A position after a text's end (in the block only) repeats the text's last
@@ -33,6 +34,12 @@ from torch import Tensor, nn
 from .text import BUCKET_ROWS, TextTransformer
 from .transformer import Attention, Block
 
+# Tokens per packed group. The linear layers' rate is flat in the row count up to about 2,200 rows and then falls
+# for fp32 where an output outgrows the cache: oneDNN's fp32 GELU layer of ViT-B-32's text MLP (512 -> 2048) ran
+# at 423-438 GFLOP/s from 300 to 2,200 rows and at 302 at 4,368 (a batch of 256 captions), on a 2-core Zen 5 EPYC
+# (thirty-eighth session, docs/performance.md "Packed text inference"); bf16 stayed at 840-950 throughout.
+PACK_ROWS = 2048
+
 
 class PackedTextTransformer(TextTransformer):
     """A :class:`TextTransformer` whose gradient-free, trimmed forward runs packed (module docstring).
@@ -47,26 +54,43 @@ class PackedTextTransformer(TextTransformer):
 
 def packed_forward(tower: TextTransformer, ids: Tensor, lengths: Tensor, embeddings: Tensor | None) -> Tensor:
     """The pooled, projected features [B, output_dim] of ``ids`` [B, L] whose texts end at ``lengths`` - 1,
-    computed on the real tokens only (module docstring)."""
+    computed on the real tokens only (module docstring), in groups of at most :data:`PACK_ROWS` tokens."""
     order = torch.argsort(lengths, descending=True, stable=True)
-    sorted_lengths = lengths[order]
-    n_max = int(sorted_lengths[0])
-    positions = torch.arange(n_max, device=ids.device)
-    real = positions < sorted_lengths[:, None]  # [B, n_max], text-major: the packed rows in order
-    if embeddings is None:
-        x = tower.token_embedding(ids[order, :n_max][real])
-    else:
-        x = embeddings[order, :n_max][real]
-    x = x + tower.positional_embedding[:n_max].to(x.dtype)[positions.expand_as(real)[real]]
-    ends = torch.cumsum(sorted_lengths, 0)  # the row after each text's last token
-    buckets = _attention_buckets(sorted_lengths, ends - sorted_lengths)
-    for block in tower.transformer.blocks:
-        x = x + _packed_attention(block.attn, block.ln_1(x), buckets)
-        x = x + block.mlp(block.ln_2(x))
-    pooled = tower.project(tower.ln_final(x[ends - 1]))
+    ids, lengths = ids[order], lengths[order]
+    embeddings = embeddings[order] if embeddings is not None else None
+    parts = [_packed_group(tower, ids[a:b], lengths[a:b], embeddings[a:b] if embeddings is not None else None)
+             for a, b in _groups(lengths.tolist(), PACK_ROWS)]
+    pooled = torch.cat(parts) if len(parts) > 1 else parts[0]
     out = torch.empty_like(pooled)
     out[order] = pooled
     return out
+
+
+def _groups(lengths: list[int], rows: int) -> list[tuple[int, int]]:
+    """Consecutive spans [a, b) of texts holding at most ``rows`` tokens together (one text at least)."""
+    spans, start, total = [], 0, 0
+    for i, n in enumerate(lengths):
+        if total + n > rows and i > start:
+            spans.append((start, i))
+            start, total = i, 0
+        total += n
+    spans.append((start, len(lengths)))
+    return spans
+
+
+def _packed_group(tower: TextTransformer, ids: Tensor, lengths: Tensor, embeddings: Tensor | None) -> Tensor:
+    """:func:`packed_forward` of texts already in descending order of length, packed as one [T, width] matrix."""
+    n_max = int(lengths[0])
+    positions = torch.arange(n_max, device=ids.device)
+    real = positions < lengths[:, None]  # [B, n_max], text-major: the packed rows in order
+    x = tower.token_embedding(ids[:, :n_max][real]) if embeddings is None else embeddings[:, :n_max][real]
+    x = x + tower.positional_embedding[:n_max].to(x.dtype)[positions.expand_as(real)[real]]
+    ends = torch.cumsum(lengths, 0)  # the row after each text's last token
+    buckets = _attention_buckets(lengths, ends - lengths)
+    for block in tower.transformer.blocks:
+        x = x + _packed_attention(block.attn, block.ln_1(x), buckets)
+        x = x + block.mlp(block.ln_2(x))
+    return tower.project(tower.ln_final(x[ends - 1]))
 
 
 def _attention_buckets(lengths: Tensor, starts: Tensor) -> list[tuple[int, int, Tensor, Tensor]]:
