@@ -185,6 +185,19 @@ def timed_calls(fn, x, calls: int) -> list[float]:
     return out
 
 
+def print_ab_table(results: list, other: str, this: str, ratio: str, unit: dict) -> None:
+    """The rows timed with the ``other`` clipforge column (``--unfused``, ``--unpacked``): both rates and the ratio."""
+    rows = [r for r in results if other in r]
+    if not rows:
+        return
+    print(f"\n| model | dtype | input | batch | clipforge ({this}) | {other} | {this} vs {other.split()[-1]} |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        rates = [f"{r[k]['median']:.1f} ({r[k]['min']:.1f}..{r[k]['max']:.1f})" for k in ("clipforge", other)]
+        print(f"| {r['model']} | {r['dtype']} | {unit[r['input']]} | {r['batch']} | " + " | ".join(rates)
+              + f" | {r[ratio]:.2f}x |")
+
+
 COMPILED = "clipforge compiled"
 UNFUSED = "clipforge unfused"
 UNPACKED = "clipforge unpacked"
@@ -425,22 +438,8 @@ def main() -> None:
                       ("compiled vs clipforge", "compiled vs transformers", "compiled vs OpenCLIP")]
             rate = f"{v['median']:.1f} ({v['min']:.1f}..{v['max']:.1f})"
             print(f"| {r['model']} | {r['dtype']} | {r['batch']} | {rate} | " + " | ".join(ratios) + " |")
-    unfused_rows = [r for r in results if UNFUSED in r]
-    if unfused_rows:
-        print("\n| model | dtype | input | batch | clipforge (fused) | clipforge unfused | fused vs unfused |")
-        print("|---|---|---|---:|---:|---:|---:|")
-        for r in unfused_rows:
-            rates = [f"{r[k]['median']:.1f} ({r[k]['min']:.1f}..{r[k]['max']:.1f})" for k in ("clipforge", UNFUSED)]
-            print(f"| {r['model']} | {r['dtype']} | {unit[r['input']]} | {r['batch']} | " + " | ".join(rates)
-                  + f" | {r['clipforge vs unfused']:.2f}x |")
-    unpacked_rows = [r for r in results if UNPACKED in r]
-    if unpacked_rows:
-        print("\n| model | dtype | batch | clipforge (packed) | clipforge unpacked | packed vs unpacked |")
-        print("|---|---|---:|---:|---:|---:|")
-        for r in unpacked_rows:
-            rates = [f"{r[k]['median']:.1f} ({r[k]['min']:.1f}..{r[k]['max']:.1f})" for k in ("clipforge", UNPACKED)]
-            print(f"| {r['model']} | {r['dtype']} | {r['batch']} | " + " | ".join(rates)
-                  + f" | {r['clipforge vs unpacked']:.2f}x |")
+    print_ab_table(results, UNFUSED, "fused", "clipforge vs unfused", unit)
+    print_ab_table(results, UNPACKED, "packed", "clipforge vs unpacked", unit)
     print(f"\nload average at end {os.getloadavg()[0]:.1f}")
     if a.json:
         Path(a.json).write_text(json.dumps({"threads": a.threads, "load_average_start": load[0], "rows": results},
