@@ -107,3 +107,13 @@ def test_groups_hold_at_most_the_row_budget_and_a_long_text_alone():
     assert packed_text._groups([5, 4, 3, 3], 8) == [(0, 1), (1, 3), (3, 4)]
     assert packed_text._groups([10, 2], 8) == [(0, 1), (1, 2)]  # a text over the budget still runs, alone
     assert packed_text._groups([3, 3, 2], 8) == [(0, 3)]
+
+
+def test_bad_shapes_get_the_padded_paths_messages():
+    model = create_model("tiny", **SMALL, seed=0).to_inference(torch.float64)
+    with torch.no_grad(), pytest.raises(ValueError, match="exceeds the model's context length 24"):
+        ids = torch.cat([_ids(3, seed=0), torch.zeros(3, 2, dtype=torch.long)], dim=1)
+        ids[0] = torch.arange(1, 27)  # 26 tokens and no end-of-text token: longer than the context
+        model.text(ids)
+    with torch.no_grad(), pytest.raises(ValueError, match="do not match ids"):
+        model.text(_ids(3, seed=0), torch.zeros(3, 24, 16, dtype=torch.float64))

@@ -3,7 +3,7 @@
 The text tower without gradients already runs each text only up to its end-of-text token
 (:mod:`clipforge.models.text`): a batch is cut at its longest text, a large batch is sorted by length
 and cut per bucket of ``BUCKET_ROWS`` texts. Each bucket still pads its shorter texts to its longest,
-and every linear layer (about 98% of a text's FLOPs at CLIP's widths: 24 w^2 per token and layer
+and every linear layer (more than 98% of a text's FLOPs at CLIP's widths: 24 w^2 per token and layer
 against 4 n w for attention) runs on those padding rows too. A batch of 32 captions of 5 to 37 tokens
 is cut at 37 while its texts average 17 tokens: more than half the work is padding.
 
@@ -46,9 +46,12 @@ class PackedTextTransformer(TextTransformer):
     Made by :func:`pack_text_towers` from a plain causal tower; everything else is its parent's."""
 
     def forward_trimmed(self, ids: Tensor, embeddings: Tensor | None = None) -> Tensor:
+        bad = ids.shape[1] > self.cfg.context_length or (
+            embeddings is not None and embeddings.shape != (*ids.shape, self.cfg.width))
         lengths = self.eot_index(ids) + 1
-        if ids.shape[0] == 1 or bool(lengths.min() == lengths.max()):
-            return super().forward_trimmed(ids, embeddings)  # one cut has no padding
+        if bad or ids.shape[0] == 1 or bool(lengths.min() == lengths.max()):
+            # one cut has no padding; bad shapes get the parent's error messages, which say how to fix them
+            return super().forward_trimmed(ids, embeddings)
         return packed_forward(self, ids, lengths, embeddings)
 
 
