@@ -13,6 +13,11 @@ memory read rate of one pass over a 256 MB tensor and the rate at which the text
 their weights for a single short text (6 rows; ``F.linear`` and oneDNN's prepacked layer, what ``to_inference`` runs):
 the ceilings ``bench_inference.py``'s rates are compared with in docs/performance.md.
 
+``--shapes packed-rows`` times the prepacked oneDNN layers that ``to_inference`` runs (``FusedLinear``) for
+ViT-B-32's text tower (qkv 512 -> 1536, MLP 512 -> 2048 with its GELU, 2048 -> 512) at growing row counts, up to
+the 4,368 tokens of 256 captions packed into one matrix: how many rows a packed group can hold before a layer's
+rate falls (``clipforge.models.packed_text.PACK_ROWS``).
+
 Prints a markdown table with the median GFLOP/s (and min..max over repeats) per shape and
 dtype. "Achieved peak" is the best single run of the table, whatever the shape (other jobs
 on a shared machine only ever lower a run, so the best one is the closest to the ceiling) (on this CPU the
@@ -49,6 +54,41 @@ INFERENCE_SHAPES = [
     ("ViT-B-32 text mlp fc1, 256 texts (4608x512 @ 512x2048)", 256 * 18, 512, 2048),
     ("ViT-B-32 text mlp fc2, 256 texts (4608x2048 @ 2048x512)", 256 * 18, 2048, 512),
 ]
+
+
+PACKED_ROWS = (300, 600, 1100, 2200, 4368)
+PACKED_LAYERS = [("text qkv", 512, 1536, "none"), ("text mlp fc1 + GELU", 512, 2048, "gelu"),
+                 ("text mlp fc2", 2048, 512, "none")]
+
+
+def packed_rows_flops_per_s(threads: int, repeats: int) -> list[dict]:
+    """Per text-tower layer, dtype and row count (:data:`PACKED_ROWS`): the median (min..max) FLOP/s of
+    ``FusedLinear`` over ``repeats`` bursts of calls lasting at least 0.2 s each."""
+    from torch import nn
+
+    from clipforge.models.fused_inference import FusedLinear
+
+    torch.set_num_threads(threads)
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for label, k, n, act in PACKED_LAYERS:
+            layer = FusedLinear(nn.Linear(k, n).to(dtype), act)
+            for m in PACKED_ROWS:
+                x = torch.randn(m, k).to(dtype)
+                runs = []
+                with torch.no_grad():
+                    for _ in range(2):  # the weight's reorder and the kernel's selection
+                        layer(x)
+                    for _ in range(repeats):
+                        iters, t0 = 0, time.perf_counter()
+                        while (elapsed := time.perf_counter() - t0) < 0.2:
+                            layer(x)
+                            iters += 1
+                        runs.append(2.0 * m * k * n * iters / elapsed)
+                runs.sort()
+                rows.append({"layer": label, "dtype": str(dtype).split(".")[-1], "rows": m,
+                             "median": runs[len(runs) // 2], "min": runs[0], "max": runs[-1]})
+    return rows
 
 
 def read_bytes_per_s(threads: int, repeats: int, megabytes: int = 256) -> list[float]:
@@ -141,11 +181,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--shapes", choices=["training", "inference"], default="training",
+    ap.add_argument("--shapes", choices=["training", "inference", "packed-rows"], default="training",
                     help="training: tiny's and a width-512 model's training GEMMs and large squares (default); "
                          "inference: ViT-B-32's inference linear layers, plus the memory read rate and the text "
-                         "tower's weight-streaming rate for one short text")
+                         "tower's weight-streaming rate for one short text; packed-rows: the text tower's "
+                         "prepacked layers at 300 to 4,368 rows (packed text inference's group size)")
     args = ap.parse_args()
+    if args.shapes == "packed-rows":
+        print(f"\nthreads={args.threads} repeats={args.repeats} torch={torch.__version__}\n")
+        print("| layer | dtype | rows | GFLOP/s median | min..max |")
+        print("|---|---|---:|---:|---|")
+        for r in packed_rows_flops_per_s(args.threads, args.repeats):
+            print(f"| {r['layer']} | {r['dtype']} | {r['rows']} | {r['median'] / 1e9:.0f} | "
+                  f"{r['min'] / 1e9:.0f}..{r['max'] / 1e9:.0f} |")
+        return
     rows = measure(args.threads, args.repeats, SHAPES if args.shapes == "training" else INFERENCE_SHAPES)
     print(f"\nthreads={args.threads} repeats={args.repeats} torch={torch.__version__}\n")
     print("| GEMM | dtype | GFLOP/s median | min..max |")

@@ -36,8 +36,9 @@ from .transformer import Attention, Block
 
 # Tokens per packed group. The linear layers' rate is flat in the row count up to about 2,200 rows and then falls
 # for fp32 where an output outgrows the cache: oneDNN's fp32 GELU layer of ViT-B-32's text MLP (512 -> 2048) ran
-# at 423-438 GFLOP/s from 300 to 2,200 rows and at 302 at 4,368 (a batch of 256 captions), on a 2-core Zen 5 EPYC
-# (thirty-eighth session, docs/performance.md "Packed text inference"); bf16 stayed at 840-950 throughout.
+# at 383-408 GFLOP/s from 300 to 2,200 rows and at 268 at 4,368 (a batch of 256 captions) on a 2-core Zen 5 EPYC
+# (`python benchmarks/bench_peak.py --shapes packed-rows`, docs/performance.md "Packed text inference"); the other
+# layers, and every bf16 layer, stayed flat.
 PACK_ROWS = 2048
 
 
