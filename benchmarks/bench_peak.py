@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -75,19 +76,11 @@ def packed_rows_flops_per_s(threads: int, repeats: int) -> list[dict]:
             layer = FusedLinear(nn.Linear(k, n).to(dtype), act)
             for m in PACKED_ROWS:
                 x = torch.randn(m, k).to(dtype)
-                runs = []
                 with torch.no_grad():
                     for _ in range(2):  # the weight's reorder and the kernel's selection
                         layer(x)
-                    for _ in range(repeats):
-                        iters, t0 = 0, time.perf_counter()
-                        while (elapsed := time.perf_counter() - t0) < 0.2:
-                            layer(x)
-                            iters += 1
-                        runs.append(2.0 * m * k * n * iters / elapsed)
-                runs.sort()
-                rows.append({"layer": label, "dtype": str(dtype).split(".")[-1], "rows": m,
-                             "median": runs[len(runs) // 2], "min": runs[0], "max": runs[-1]})
+                    runs = [2.0 * m * k * n * calls_per_s(partial(layer, x), 0.2) for _ in range(repeats)]
+                rows.append({"layer": label, "dtype": str(dtype).split(".")[-1], "rows": m, **spread(runs)})
     return rows
 
 
@@ -144,13 +137,24 @@ def gemm_flops_per_s(m: int, k: int, n: int, dtype: torch.dtype, min_seconds: fl
         linear = F.linear
     for _ in range(3):  # warm the kernel selection / packing caches
         linear(x, w)
+    return 2.0 * m * k * n * calls_per_s(lambda: linear(x, w), min_seconds)
+
+
+def calls_per_s(call, min_seconds: float) -> float:
+    """Calls per second of ``call`` over a burst of calls lasting at least ``min_seconds``."""
     iters, elapsed = 0, 0.0
     t0 = time.perf_counter()
     while elapsed < min_seconds:
-        linear(x, w)
+        call()
         iters += 1
         elapsed = time.perf_counter() - t0
-    return 2.0 * m * k * n * iters / elapsed
+    return iters / elapsed
+
+
+def spread(runs: list[float]) -> dict[str, float]:
+    """{"median", "min", "max"} of the rates of repeated runs."""
+    runs = sorted(runs)
+    return {"median": runs[len(runs) // 2], "min": runs[0], "max": runs[-1]}
 
 
 def measure(threads: int, repeats: int, shapes=SHAPES) -> list[dict]:
@@ -162,11 +166,10 @@ def measure(threads: int, repeats: int, shapes=SHAPES) -> list[dict]:
         for dtype, kernel in ((torch.bfloat16, "torch"), (torch.float32, "torch"), (torch.float32, "onednn")):
             if kernel == "onednn" and not torch.backends.mkldnn.is_available():
                 continue
-            runs = sorted(gemm_flops_per_s(m, k, n, dtype, kernel=kernel) for _ in range(repeats))
+            runs = [gemm_flops_per_s(m, k, n, dtype, kernel=kernel) for _ in range(repeats)]
             name = str(dtype).split(".")[-1]
             rows.append({"shape": label, "dtype": name, "kernel": kernel,
-                         "label": name + (" (oneDNN)" if kernel == "onednn" else ""), "median": runs[len(runs) // 2],
-                         "min": runs[0], "max": runs[-1]})
+                         "label": name + (" (oneDNN)" if kernel == "onednn" else ""), **spread(runs)})
     return rows
 
 

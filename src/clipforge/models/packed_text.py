@@ -49,9 +49,10 @@ class PackedTextTransformer(TextTransformer):
     def forward_trimmed(self, ids: Tensor, embeddings: Tensor | None = None) -> Tensor:
         bad = ids.shape[1] > self.cfg.context_length or (
             embeddings is not None and embeddings.shape != (*ids.shape, self.cfg.width))
+        if bad or ids.shape[0] == 1:  # bad shapes get the parent's error messages, which say how to fix them
+            return super().forward_trimmed(ids, embeddings)
         lengths = self.eot_index(ids) + 1
-        if bad or ids.shape[0] == 1 or bool(lengths.min() == lengths.max()):
-            # one cut has no padding; bad shapes get the parent's error messages, which say how to fix them
+        if bool(lengths.min() == lengths.max()):  # one cut has no padding
             return super().forward_trimmed(ids, embeddings)
         return packed_forward(self, ids, lengths, embeddings)
 
